@@ -1,0 +1,169 @@
+"""Crash-safe output directories.
+
+Every command writes into a temporary *sibling* of its output (``.NAME.deltaport-tmp-PID-XXXX``) and
+only renames it into place once complete and verified. With ``overwrite=True`` an existing output is
+swapped atomically (Linux ``renameat2(RENAME_EXCHANGE)``; elsewhere rename-old-away, rename-new-in,
+delete-old), so at every moment either the previous output or the new, complete one is at ``out``.
+
+A run killed with SIGKILL leaves its temp folder behind; the next run on the same output removes
+leftovers whose process is gone (and restores an ``old`` folder stranded between the two renames of
+the non-atomic fallback), logging what it did.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import logging
+import os
+import secrets
+import shutil
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from deltaport.errors import OutputError
+
+LOG = logging.getLogger(__name__)
+
+TMP_TAG = ".deltaport-tmp-"
+OLD_TAG = ".deltaport-old-"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _leftovers(out: Path, tag: str) -> list[tuple[Path, int]]:
+    prefix = f".{out.name}{tag}"
+    found = []
+    if not out.parent.is_dir():
+        return found
+    for p in out.parent.iterdir():
+        if p.name.startswith(prefix):
+            try:
+                pid = int(p.name[len(prefix):].split("-")[0])
+            except ValueError:
+                continue
+            found.append((p, pid))
+    return found
+
+
+def cleanup_leftovers(out: str | Path) -> list[str]:
+    """Remove temp folders of dead runs next to ``out``; restore a stranded previous output.
+
+    Returns a list of human-readable actions taken (also logged as warnings).
+    """
+    out = Path(out).absolute()
+    actions = []
+    for p, pid in _leftovers(out, OLD_TAG):
+        if _pid_alive(pid) and pid != os.getpid():
+            continue
+        if not out.exists():
+            os.rename(p, out)
+            actions.append(f"restored previous output {out} from {p.name} (a run was killed mid-swap)")
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+            actions.append(f"removed stale previous-output folder {p}")
+    for p, pid in _leftovers(out, TMP_TAG):
+        if _pid_alive(pid) and pid != os.getpid():
+            LOG.warning("another deltaport process (pid %d) is writing %s; leaving %s alone", pid, out, p)
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        actions.append(f"removed temporary folder {p} left by a killed run (pid {pid})")
+    for a in actions:
+        LOG.warning(a)
+    return actions
+
+
+def check_output_location(out: str | Path, inputs: Iterable[str | Path] = ()) -> Path:
+    """Refuse an output that is, contains, or lies inside an input directory."""
+    out = Path(out).absolute().resolve()
+    for inp in inputs:
+        if inp is None:
+            continue
+        ip = Path(inp)
+        if not ip.exists():
+            continue
+        ip = ip.absolute().resolve()
+        ip_dir = ip if ip.is_dir() else ip.parent
+        if out == ip_dir or ip_dir in out.parents:
+            raise OutputError(
+                f"output {out} is inside input {ip_dir}; deltaport never writes into an input directory. "
+                "Choose an output path outside every input."
+            )
+        if out in ip_dir.parents:
+            raise OutputError(
+                f"output {out} contains input {ip_dir}; writing (or --overwrite) there could destroy an input. "
+                "Choose another output path."
+            )
+    return out
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE). False if unsupported."""
+    if not hasattr(os, "uname") or os.uname().sysname != "Linux":
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    AT_FDCWD, RENAME_EXCHANGE = -100, 2
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    rc = fn(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE)
+    return rc == 0
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out: str | Path, *, overwrite: bool = False, inputs: Iterable[str | Path] = ()) -> Iterator[Path]:
+    """Yield a fresh temporary sibling of ``out``; move it to ``out`` when the block completes.
+
+    On any exception (including KeyboardInterrupt) the temporary folder is removed and ``out`` is
+    left as it was. Raises :class:`OutputError` when ``out`` exists and ``overwrite`` is false, or when
+    ``out`` is/contains/is inside one of ``inputs``.
+    """
+    out = check_output_location(out, inputs)
+    cleanup_leftovers(out)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"output {out} exists and is not a directory; remove it or choose another path")
+    if out.exists() and not overwrite:
+        raise OutputError(f"output {out} already exists; pass --overwrite to replace it (the new output is "
+                          "completed first, then swapped in) or choose another path")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}{TMP_TAG}{os.getpid()}-{secrets.token_hex(4)}"
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync_dir(tmp)
+    if out.exists():
+        if _exchange(tmp, out):  # tmp now holds the old output
+            _fsync_dir(out.parent)
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            old = out.parent / f".{out.name}{OLD_TAG}{os.getpid()}-{secrets.token_hex(4)}"
+            os.rename(out, old)
+            os.rename(tmp, out)
+            _fsync_dir(out.parent)
+            shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, out)
+        _fsync_dir(out.parent)
