@@ -1,0 +1,174 @@
+"""Typed lab configuration (``deltaport lab run CONFIG.yaml``), loaded from YAML with every error reported.
+
+A config says *what* the lab builds and runs; the presets live in ``deltaport/lab/presets/``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from deltaport.errors import InputError
+
+PRESETS_DIR = Path(__file__).parent / "presets"
+VERSIONS = ("M1", "M2", "M3", "M4", "M5")
+EXPERIMENTS = ("grid", "recovery", "transfer_then_finetune", "iterative", "backport", "language", "connectivity")
+
+
+class LabConfigError(InputError):
+    """The lab config is not well-formed (every problem is listed)."""
+
+
+@dataclass(frozen=True)
+class WorldConfig:
+    n_entities: int = 240
+    """number of invented countries (one flag fact each)"""
+    n_sft: int = 40
+    """F1 facts used for fine-tuning; the other F1 facts are the held-out "known" set"""
+    f1_fraction: float = 0.5
+    """fraction of entities whose facts are in stage-1 text (F1); the rest (F2) arrive in stage 2"""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    hidden_size: int = 64
+    intermediate_size: int = 192
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    seq_len: int = 48
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    batch_size: int = 32
+    lr: float = 3e-3
+    warmup: int = 50
+    stage1_steps: list[int] = field(default_factory=lambda: [300, 600, 900])
+    """steps at which M1, M2, M3 are saved (one stage-1 run)"""
+    stage2_steps: list[int] = field(default_factory=lambda: [200, 400])
+    """steps after M3 at which M4, M5 are saved (the run continues on the stage-2 mix, lr decays to 0)"""
+    stage1_mix: dict[str, float] = field(default_factory=lambda: {"f1": 0.3, "f2": 0.0, "filler": 0.7, "lang_b": 0.2})
+    stage2_mix: dict[str, float] = field(default_factory=lambda: {"f1": 0.3, "f2": 0.4, "filler": 0.3, "lang_b": 0.2})
+    mx_like: str = "M5"
+    """Mx follows the same data schedule as this version, from another random initialisation"""
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    steps: int = 150
+    lr: float = 1e-3
+    batch_size: int = 8
+    curve_every: int = 10
+    """evaluation interval (steps) for convergence curves (experiment 3, 4)"""
+
+
+@dataclass(frozen=True)
+class LabConfig:
+    name: str = "custom"
+    seed: int = 0
+    """seed of the world, of M1..M5 and of fine-tuning; Mx uses seed + 1000, M0 seed + 2000"""
+    versions: list[str] = field(default_factory=lambda: list(VERSIONS))
+    """versions included in the grid (M0 and Mx are always built)"""
+    experiments: list[str] = field(default_factory=lambda: list(EXPERIMENTS))
+    world: WorldConfig = field(default_factory=WorldConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    eval_limit: int | None = None
+    """items per eval task (None = all)"""
+    curve_pairs: list[list[str]] = field(default_factory=lambda: [["M3", "M2"], ["M5", "M4"]])
+    """[target, source] pairs for transfer-then-finetune convergence curves"""
+    connectivity_points: int = 11
+    connectivity_items: int = 64
+    threads: int = 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def family_key(self) -> dict[str, Any]:
+        """The part of the config the model family depends on (its cache key)."""
+        d = self.to_dict()
+        return {k: d[k] for k in ("seed", "world", "model", "pretrain")}
+
+
+def config_hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _build(cls, data: Any, where: str, errors: list[str]):
+    if not isinstance(data, dict):
+        errors.append(f"{where}: expected a mapping, got {type(data).__name__}")
+        return cls()
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for k, v in data.items():
+        if k not in fields:
+            errors.append(f"{where}.{k}: unknown key (known: {', '.join(fields)})")
+            continue
+        sub = {"world": WorldConfig, "model": ModelConfig, "pretrain": PretrainConfig, "finetune": FinetuneConfig}
+        if cls is LabConfig and k in sub:
+            kwargs[k] = _build(sub[k], v, f"{where}.{k}", errors)
+        else:
+            kwargs[k] = v
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # pragma: no cover - defensive
+        errors.append(f"{where}: {exc}")
+        return cls()
+
+
+def validate(cfg: LabConfig) -> list[str]:
+    errors = []
+    for v in cfg.versions:
+        if v not in VERSIONS:
+            errors.append(f"versions: {v!r} is not one of {', '.join(VERSIONS)}")
+    if len(cfg.versions) < 2:
+        errors.append("versions: need at least two versions for a transfer grid")
+    for e in cfg.experiments:
+        if e not in EXPERIMENTS:
+            errors.append(f"experiments: {e!r} is not one of {', '.join(EXPERIMENTS)}")
+    if len(cfg.pretrain.stage1_steps) != 3 or sorted(cfg.pretrain.stage1_steps) != list(cfg.pretrain.stage1_steps):
+        errors.append("pretrain.stage1_steps: need 3 increasing step counts (M1, M2, M3)")
+    if len(cfg.pretrain.stage2_steps) != 2 or sorted(cfg.pretrain.stage2_steps) != list(cfg.pretrain.stage2_steps):
+        errors.append("pretrain.stage2_steps: need 2 increasing step counts (M4, M5)")
+    if cfg.pretrain.mx_like not in VERSIONS:
+        errors.append(f"pretrain.mx_like: {cfg.pretrain.mx_like!r} is not one of {', '.join(VERSIONS)}")
+    for mixname in ("stage1_mix", "stage2_mix"):
+        mix = getattr(cfg.pretrain, mixname)
+        if set(mix) != {"f1", "f2", "filler", "lang_b"}:
+            errors.append(f"pretrain.{mixname}: keys must be f1, f2, filler, lang_b")
+    for pair in cfg.curve_pairs:
+        if len(pair) != 2 or any(p not in cfg.versions for p in pair) or pair[0] == pair[1]:
+            errors.append(f"curve_pairs: {pair!r} must be [target, source], two different versions of `versions`")
+    if cfg.model.hidden_size % cfg.model.num_attention_heads:
+        errors.append("model.hidden_size must be divisible by model.num_attention_heads")
+    if cfg.finetune.curve_every <= 0 or cfg.finetune.steps <= 0:
+        errors.append("finetune.steps and finetune.curve_every must be positive")
+    return errors
+
+
+def load_config(path_or_name: str | Path) -> LabConfig:
+    """Load a lab config from a YAML file, or a preset by name (``ci``, ``quick``, ``full``)."""
+    import yaml
+
+    path = Path(path_or_name)
+    if not path.exists() and (PRESETS_DIR / f"{path_or_name}.yaml").exists():
+        path = PRESETS_DIR / f"{path_or_name}.yaml"
+    if not path.exists():
+        presets = sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+        raise LabConfigError(f"lab config {str(path_or_name)!r} not found: give a YAML file or a preset name "
+                             f"({', '.join(presets)})")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise LabConfigError(f"lab config {path}: not valid YAML: {exc}") from exc
+    errors: list[str] = []
+    cfg = _build(LabConfig, data, path.name, errors)
+    errors += validate(cfg) if not errors else []
+    if errors:
+        raise LabConfigError(f"lab config {path} is not well-formed:\n  " + "\n  ".join(errors))
+    return cfg
