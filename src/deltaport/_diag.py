@@ -1,0 +1,314 @@
+"""Shared plumbing of the diagnostics (connectivity, similarity, check): loading causal LMs and text,
+turning text into a fixed token sample, measuring mean token NLL, progress bars and atomic report files.
+
+Nothing here prints; errors are :mod:`deltaport.errors` classes that name the input and what to do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import random
+import secrets
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from deltaport.errors import CheckpointError, InputError, OutputError
+
+LOG = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float64": torch.float64,
+           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return _DTYPES[str(dtype).lower()]
+    except KeyError:
+        raise InputError(f"unknown dtype {dtype!r}; use one of float32, float64, bfloat16, float16") from None
+
+
+# ----------------------------------------------------------------------------------------------- progress
+
+
+@contextlib.contextmanager
+def progress_bar(enabled: bool, total: int, description: str) -> Iterator[Any]:
+    """A rich progress bar (to stderr) when ``enabled``; otherwise a no-op with the same ``advance``."""
+
+    class _Null:
+        def advance(self, n: int = 1) -> None:
+            pass
+
+    if not enabled:
+        yield _Null()
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    prog = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=Console(stderr=True), transient=False)
+
+    class _Bar:
+        def __init__(self) -> None:
+            self.task = prog.add_task(description, total=total)
+
+        def advance(self, n: int = 1) -> None:
+            prog.advance(self.task, n)
+
+    with prog:
+        yield _Bar()
+
+
+# ----------------------------------------------------------------------------------------------- models
+
+
+def model_label(spec: Any) -> str:
+    if isinstance(spec, torch.nn.Module):
+        return getattr(getattr(spec, "config", None), "_name_or_path", "") or f"<in-memory {type(spec).__name__}>"
+    return str(spec)
+
+
+def load_causal_lm(spec: Any, *, dtype: torch.dtype = torch.float32, device: str = "cpu") -> torch.nn.Module:
+    """``spec`` (a local HF directory or hub id) loaded with ``AutoModelForCausalLM`` in eval mode.
+
+    An ``nn.Module`` is returned as is (never modified, moved or cast).
+    """
+    if isinstance(spec, torch.nn.Module):
+        return spec
+    from transformers import AutoModelForCausalLM
+
+    src = str(spec)
+    p = Path(src).expanduser()
+    if p.exists() and not p.is_dir():
+        raise CheckpointError(f"{src} is a file; pass the model directory (with config.json) that contains it")
+    if not p.exists() and (src.startswith((".", "/", "~")) or src.count("/") != 1):
+        raise CheckpointError(f"no such model directory: {src} (and it is not a hub id of the form org/name)")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(p) if p.exists() else src, dtype=dtype)
+    except (OSError, ValueError, KeyError) as exc:
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+        hint = " (HF_HUB_OFFLINE is set: download it first or pass a local directory)" if offline else ""
+        raise CheckpointError(f"cannot load {src} as a causal LM with transformers: {exc}{hint}") from None
+    return model.to(device).eval()
+
+
+def load_tokenizer(spec: Any) -> Any:
+    """The tokenizer saved with ``spec`` (a directory/hub id, or a module whose config names one)."""
+    from transformers import AutoTokenizer
+
+    src = model_label(spec) if isinstance(spec, torch.nn.Module) else str(spec)
+    if not src or src.startswith("<in-memory"):
+        raise InputError("the model was passed in memory and has no path to load its tokenizer from; "
+                         "pass tokenizer=... (a tokenizer or a directory) or pre-tokenized data (lists of ids)")
+    try:
+        return AutoTokenizer.from_pretrained(src)
+    except (OSError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"cannot load a tokenizer from {src}: {exc}; pass tokenizer=... or "
+                              "pre-tokenized data") from None
+
+
+def named_params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters by name, tied parameters once (``named_parameters`` de-duplicates shared storage)."""
+    return dict(model.named_parameters())
+
+
+def check_same_architecture(pa: dict[str, torch.Tensor], pb: dict[str, torch.Tensor], la: str, lb: str) -> None:
+    from deltaport.errors import PlanError
+
+    missing = sorted(set(pa) - set(pb))
+    extra = sorted(set(pb) - set(pa))
+    if missing or extra:
+        raise PlanError(
+            f"{la} and {lb} do not have the same parameters: only in the first: {missing[:5]}"
+            f"{' ...' if len(missing) > 5 else ''}; only in the second: {extra[:5]}{' ...' if len(extra) > 5 else ''}. "
+            "Interpolation needs two models of the same architecture.")
+    for n, t in pa.items():
+        if t.shape != pb[n].shape:
+            raise PlanError(f"parameter {n!r} has shape {tuple(t.shape)} in {la} but {tuple(pb[n].shape)} in {lb}; "
+                            "interpolation needs identical shapes (same architecture and vocabulary size)")
+
+
+def num_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in named_params(model).values())
+
+
+# ----------------------------------------------------------------------------------------------- text
+
+
+def load_texts(data: str | Path | Sequence[Any]) -> list[Any]:
+    """Documents from a JSONL file (``{"text": ...}`` per line) or a list of strings / lists of token ids."""
+    if isinstance(data, (str, Path)):
+        path = Path(data)
+        if not path.is_file():
+            raise InputError(f"data file {path} does not exist; pass a JSONL file with one {{\"text\": ...}} per line")
+        docs: list[Any] = []
+        with open(path, encoding="utf-8") as f:
+            for i, line in enumerate(f, 1):
+                line = line.strip()
+                if not line:
+                    continue
+                try:
+                    obj = json.loads(line)
+                except ValueError as exc:
+                    raise InputError(f"{path}:{i} is not valid JSON ({exc}); each line must be {{\"text\": ...}}") from None
+                if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+                    raise InputError(f"{path}:{i} has no string field \"text\"; each line must be {{\"text\": ...}}")
+                docs.append(obj["text"])
+        if not docs:
+            raise InputError(f"data file {path} has no documents")
+        return docs
+    docs = list(data)
+    if not docs:
+        raise InputError("no documents given (empty data list)")
+    for i, d in enumerate(docs):
+        if not isinstance(d, str) and not (isinstance(d, (list, tuple)) and all(isinstance(x, int) for x in d)):
+            raise InputError(f"data item {i} is {type(d).__name__}; expected a string or a list of token ids")
+    return docs
+
+
+def token_sample(docs: Sequence[Any], tokenizer: Any, *, max_tokens: int, seed: int, block_len: int) -> torch.Tensor:
+    """A deterministic sample of ``max_tokens`` tokens cut into blocks of ``block_len`` (last one shorter).
+
+    Documents are shuffled with ``random.Random(seed)``, tokenised without special tokens, joined with
+    the tokenizer's eos id (if any) and concatenated until ``max_tokens`` tokens are collected.
+    Returns a list of 1-D LongTensors.
+    """
+    if max_tokens < 2:
+        raise InputError(f"max_tokens must be at least 2 (got {max_tokens})")
+    order = list(range(len(docs)))
+    random.Random(seed).shuffle(order)
+    eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
+    ids: list[int] = []
+    for i in order:
+        d = docs[i]
+        if isinstance(d, str):
+            if tokenizer is None:
+                raise InputError("text data needs a tokenizer; pass tokenizer=... or lists of token ids")
+            toks = tokenizer(d, add_special_tokens=False)["input_ids"]
+        else:
+            toks = list(d)
+        ids.extend(toks)
+        if eos is not None:
+            ids.append(eos)
+        if len(ids) >= max_tokens:
+            break
+    ids = ids[:max_tokens]
+    if len(ids) < 2:
+        raise InputError("the data gives fewer than 2 tokens; pass more text")
+    t = torch.tensor(ids, dtype=torch.long)
+    blocks = list(t.split(block_len))
+    if len(blocks) > 1 and blocks[-1].numel() < 2:  # a 1-token tail predicts nothing
+        blocks = blocks[:-1]
+    return blocks
+
+
+@torch.no_grad()
+def mean_nll(model: torch.nn.Module, blocks: list[torch.Tensor], *, batch_tokens: int = 8192) -> float:
+    """Mean next-token negative log-likelihood (nats/token) of ``model`` over ``blocks``.
+
+    Deterministic for a given model, sample and batching; the model's training flag is restored.
+    """
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total = torch.zeros((), dtype=torch.float64)
+    count = 0
+    try:
+        i = 0
+        while i < len(blocks):
+            n = blocks[i].numel()
+            j = i
+            while j < len(blocks) and blocks[j].numel() == n and (j - i + 1) * n <= max(batch_tokens, n):
+                j += 1
+            batch = torch.stack(blocks[i:j]).to(device)
+            logits = model(input_ids=batch, use_cache=False).logits
+            lp = torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1), reduction="sum")
+            total += lp.double().cpu()
+            count += batch[:, 1:].numel()
+            i = j
+    finally:
+        model.train(was_training)
+    loss = float(total / count)
+    if loss != loss or loss in (float("inf"), float("-inf")):
+        from deltaport.errors import NumericalError
+
+        raise NumericalError("the loss is NaN/Inf on the text sample: the model's logits are not finite")
+    return loss
+
+
+# ----------------------------------------------------------------------------------------------- outputs
+
+
+def _tmp_sibling(path: Path) -> Path:
+    return path.parent / f".{path.name}.deltaport-tmp-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def check_output_file(path: str | Path, overwrite: bool = True) -> Path:
+    path = Path(path)
+    if path.exists() and path.is_dir():
+        raise OutputError(f"output {path} is a directory; pass a file name")
+    if path.exists() and not overwrite:
+        raise OutputError(f"output {path} already exists; pass --overwrite or choose another path")
+    return path
+
+
+def write_json(path: str | Path, obj: Any, *, overwrite: bool = True) -> Path:
+    """Write ``obj`` as JSON to a temporary sibling, then rename it to ``path``."""
+    path = check_output_file(path, overwrite)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_sibling(path)
+    try:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def save_figure(fig: Any, path: str | Path, *, overwrite: bool = True) -> Path:
+    """Save a matplotlib figure atomically (format from the suffix, default PNG) and close it."""
+    import matplotlib.pyplot as plt
+
+    path = check_output_file(path, overwrite)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_sibling(path)
+    fmt = path.suffix.lstrip(".").lower() or "png"
+    try:
+        fig.savefig(tmp, format=fmt, dpi=120, bbox_inches="tight")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        plt.close(fig)
+    return path
+
+
+def pyplot():
+    """matplotlib.pyplot with the non-interactive Agg backend."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def ensure_inputs_unwritten(out: Path, inputs: Iterable[Any]) -> None:
+    """Refuse to write a report inside an input model directory."""
+    out = Path(out).absolute().resolve()
+    for inp in inputs:
+        if isinstance(inp, (str, Path)) and Path(inp).is_dir():
+            d = Path(inp).absolute().resolve()
+            if d == out.parent or d in out.parents:
+                raise OutputError(f"output {out} is inside input model directory {d}; deltaport never writes into "
+                                  "an input. Choose another path.")

@@ -1,0 +1,164 @@
+"""``deltaport diff | apply | transfer | inspect``: parse options, call one library function, print a summary."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+Opt = typer.Option
+
+# shared option declarations (same names on every command)
+_SCALE = Opt(1.0, "--scale", help="λ: out = target + λ·Δ (paper: 1.0)")
+_VOCAB = Opt("error", "--vocab-policy", help="embedding/lm_head row-count mismatch: error | pad (official script: zero rows) | align (match rows by token string)")
+_SHAPE = Opt("error", "--shape-policy", help="other shape/key mismatches: error | skip (transfer only matching tensors, paper App. B.3)")
+_KEYMAP = Opt(None, "--key-map", help="YAML {target_name_regex: source_name_replacement} for renamed modules")
+_INCLUDE = Opt(None, "--include", help="regex; only matching tensors get Δ (repeatable)")
+_EXCLUDE = Opt(None, "--exclude", help="regex; matching tensors get no Δ (repeatable)")
+_SCALEMAP = Opt(None, "--scale-map", help="YAML {tensor_name_regex: λ}, first match wins")
+_COMPUTE = Opt("auto", "--compute-dtype", help="auto (float32 for 16-bit inputs, float64 if any input is float32) | float32 | float64")
+_OUTDT = Opt(None, "--out-dtype", help="output dtype (default: the target's dtype per tensor)")
+_CONFIG = Opt("target", "--config-from", help="config.json source: target | source-finetuned (default target: keeps the target's RoPE/context settings)")
+_TOK = Opt("target", "--tokenizer-from", help="tokenizer source: target | source-finetuned")
+_CHAT = Opt("source-finetuned", "--chat-template-from", help="chat template source (eos/pad ids and generation_config follow it): target | source-finetuned")
+_SHARD = Opt("5GB", "--shard-size", help="maximum shard size, e.g. 5GB, 500MB")
+_OVER = Opt(False, "--overwrite", help="replace an existing output (the new one is completed first, then swapped in)")
+_DRY = Opt(False, "--dry-run", help="print the plan (from headers only) and write nothing")
+_PICKLE = Opt(False, "--allow-pickle", help="accept pickled .bin/.pt weights (loaded with torch.load(weights_only=True))")
+_STRICT = Opt(False, "--strict", help="fail on NaN/Inf in inputs (default: warn)")
+_THREADS = Opt(None, "--threads", help="torch threads for the arithmetic (default: torch's)")
+_QUIET = Opt(False, "--quiet", "-q", help="no progress bar")
+_JSON = Opt(False, "--json", help="print the result as JSON on stdout")
+
+
+def _summary(res, as_json: bool, dry_run: bool) -> None:
+    if dry_run:
+        if as_json:
+            print(json.dumps({"plan": res.plan.summary(), "skipped": res.plan.skipped, "warnings": res.plan.warnings}, indent=2))
+        else:
+            print(res.plan.describe())
+        return
+    if as_json:
+        print(json.dumps({"output": str(res.output), "summary": res.plan.summary(), "skipped": res.plan.skipped,
+                          "timings": res.timings}, indent=2))
+        return
+    s = res.plan.summary()
+    err = sys.stderr
+    err.write(f"wrote {res.output}: {s['tensors']} tensors ({s['by_kind']}), {s['output_bytes'] / 1e6:.1f} MB, "
+              f"compute {s['compute_dtype']}, {res.timings.get('total', 0):.2f} s\n")
+    for sk in res.plan.skipped:
+        err.write(f"  skipped {sk['name']}: {sk['reason']}\n")
+    for w in res.plan.warnings:
+        err.write(f"  warning: {w}\n")
+    if res.stats and res.stats.nonfinite_inputs:
+        err.write(f"  warning: NaN/Inf in inputs of {len(res.stats.nonfinite_inputs)} tensor(s): {res.stats.nonfinite_inputs[:5]}\n")
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("transfer")
+    def transfer_cmd(
+        source_base: str = Opt(..., "--source-base", help="m_s: the source base model (dir or hub id)"),
+        source_finetuned: str = Opt(..., "--source-finetuned", help="m'_s: the source fine-tuned model (or a PEFT LoRA adapter dir)"),
+        target_base: str = Opt(..., "--target-base", help="m_t: the new base model"),
+        output: Path = Opt(..., "-o", "--output", help="output model directory"),
+        scale: float = _SCALE, vocab_policy: str = _VOCAB, shape_policy: str = _SHAPE,
+        key_map: Optional[Path] = _KEYMAP, include: Optional[list[str]] = _INCLUDE, exclude: Optional[list[str]] = _EXCLUDE,
+        scale_map: Optional[Path] = _SCALEMAP, compute_dtype: str = _COMPUTE, out_dtype: Optional[str] = _OUTDT,
+        config_from: str = _CONFIG, tokenizer_from: str = _TOK, chat_template_from: str = _CHAT,
+        shard_size: str = _SHARD, overwrite: bool = _OVER, dry_run: bool = _DRY, allow_pickle: bool = _PICKLE,
+        strict: bool = _STRICT, threads: Optional[int] = _THREADS, quiet: bool = _QUIET, as_json: bool = _JSON,
+    ):
+        """Fine-tuning transfer in one pass: OUT = target_base + λ·(source_finetuned − source_base)."""
+        from deltaport.ops import transfer
+
+        res = transfer(source_base, source_finetuned, target_base, output, scale=scale, vocab_policy=vocab_policy,
+                       shape_policy=shape_policy, key_map=key_map, include=include, exclude=exclude, scale_map=scale_map,
+                       compute_dtype=compute_dtype, out_dtype=out_dtype, config_from=config_from,
+                       tokenizer_from=tokenizer_from, chat_template_from=chat_template_from, shard_size=shard_size,
+                       overwrite=overwrite, dry_run=dry_run, allow_pickle=allow_pickle, strict=strict, threads=threads,
+                       progress=not quiet and not as_json)
+        _summary(res, as_json, dry_run)
+
+    @app.command("diff")
+    def diff_cmd(
+        base: str = Opt(..., "--base", help="the base model (dir or hub id)"),
+        finetuned: str = Opt(..., "--finetuned", help="the fine-tuned model (or a PEFT LoRA adapter dir)"),
+        output: Path = Opt(..., "-o", "--output", help="output delta directory"),
+        delta_dtype: Optional[str] = Opt(None, "--delta-dtype", help="stored Δ dtype (default exact: float32 for 16-bit models, float64 for float32 models); bfloat16/float16/float32 are smaller but lossy"),
+        vocab_policy: str = _VOCAB, shape_policy: str = _SHAPE, key_map: Optional[Path] = _KEYMAP,
+        include: Optional[list[str]] = _INCLUDE, exclude: Optional[list[str]] = _EXCLUDE, compute_dtype: str = _COMPUTE,
+        shard_size: str = _SHARD, overwrite: bool = _OVER, dry_run: bool = _DRY, allow_pickle: bool = _PICKLE,
+        strict: bool = _STRICT, threads: Optional[int] = _THREADS, quiet: bool = _QUIET, as_json: bool = _JSON,
+    ):
+        """Store Δ = finetuned − base as a delta directory."""
+        from deltaport.ops import diff
+
+        res = diff(base, finetuned, output, delta_dtype=delta_dtype, vocab_policy=vocab_policy, shape_policy=shape_policy,
+                   key_map=key_map, include=include, exclude=exclude, compute_dtype=compute_dtype, shard_size=shard_size,
+                   overwrite=overwrite, dry_run=dry_run, allow_pickle=allow_pickle, strict=strict, threads=threads,
+                   progress=not quiet and not as_json)
+        _summary(res, as_json, dry_run)
+
+    @app.command("apply")
+    def apply_cmd(
+        delta: str = typer.Argument(..., help="delta directory made by `deltaport diff`"),
+        to: str = Opt(..., "--to", help="the target base model"),
+        output: Path = Opt(..., "-o", "--output", help="output model directory"),
+        scale: float = _SCALE, vocab_policy: str = _VOCAB, shape_policy: str = _SHAPE,
+        key_map: Optional[Path] = _KEYMAP, include: Optional[list[str]] = _INCLUDE, exclude: Optional[list[str]] = _EXCLUDE,
+        scale_map: Optional[Path] = _SCALEMAP, compute_dtype: str = _COMPUTE, out_dtype: Optional[str] = _OUTDT,
+        config_from: str = _CONFIG, tokenizer_from: str = _TOK, chat_template_from: str = _CHAT,
+        shard_size: str = _SHARD, overwrite: bool = _OVER, dry_run: bool = _DRY,
+        force: bool = Opt(False, "--force", help="apply even if the target's structure differs from the delta's base (recorded in provenance)"),
+        allow_pickle: bool = _PICKLE, strict: bool = _STRICT, threads: Optional[int] = _THREADS, quiet: bool = _QUIET,
+        as_json: bool = _JSON,
+    ):
+        """Apply a stored delta: OUT = to + λ·Δ."""
+        from deltaport.ops import apply
+
+        res = apply(delta, to, output, scale=scale, vocab_policy=vocab_policy, shape_policy=shape_policy, key_map=key_map,
+                    include=include, exclude=exclude, scale_map=scale_map, compute_dtype=compute_dtype, out_dtype=out_dtype,
+                    config_from=config_from, tokenizer_from=tokenizer_from, chat_template_from=chat_template_from,
+                    shard_size=shard_size, overwrite=overwrite, dry_run=dry_run, force=force, allow_pickle=allow_pickle,
+                    strict=strict, threads=threads, progress=not quiet and not as_json)
+        _summary(res, as_json, dry_run)
+
+    @app.command("inspect")
+    def inspect_cmd(
+        path: str = typer.Argument(..., help="model or delta directory, or hub id"),
+        as_json: bool = _JSON,
+        allow_pickle: bool = _PICKLE,
+        tensors: bool = Opt(False, "--tensors", help="list every tensor (always included with --json)"),
+    ):
+        """Show a model or delta: tensors, dtypes, sizes, config, provenance (headers only)."""
+        from deltaport.inspect import inspect
+
+        info = inspect(path, allow_pickle=allow_pickle, tensors=True)
+        if as_json:
+            print(json.dumps(info, indent=2, default=str))
+            return
+        from rich.console import Console
+        from rich.table import Table
+
+        con = Console()
+        con.print(f"[bold]{info['path']}[/bold]  kind={info['kind']}  revision={info['revision']}")
+        con.print(f"{info['num_tensors']} tensors, {info['num_parameters']:,} parameters, {info['total_bytes'] / 1e6:.1f} MB in "
+                  f"{len(info['files'])} file(s); structure {info['structure_signature'][:16]}")
+        for dt, v in info["dtypes"].items():
+            con.print(f"  {dt}: {v['tensors']} tensors, {v['bytes'] / 1e6:.1f} MB")
+        if info["config"]:
+            con.print("config: " + ", ".join(f"{k}={v}" for k, v in info["config"].items()))
+        if info["provenance"]:
+            p = info["provenance"]
+            con.print(f"provenance: {p.get('operation')} ({p.get('formula')}), deltaport {p.get('deltaport_version')}, "
+                      f"scale {p.get('scale', '-')}, {len(p.get('skipped') or [])} skipped")
+            for role, rec in (p.get("inputs") or {}).items():
+                con.print(f"  {role}: {rec.get('source')} (revision {rec.get('revision')})")
+        if tensors:
+            t = Table("name", "dtype", "shape", "file")
+            for row in info["tensors"]:
+                t.add_row(row["name"], row["dtype"], str(row["shape"]), row["file"])
+            con.print(t)

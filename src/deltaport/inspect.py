@@ -1,0 +1,42 @@
+"""``inspect``: what a model or delta directory holds, from headers only."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from deltaport.io.checkpoint import dtype_name, open_checkpoint
+
+
+def inspect(path, *, allow_pickle: bool = False, tensors: bool = True) -> dict[str, Any]:
+    """Describe a checkpoint: kind, files, tensor count/bytes by dtype, config summary, provenance.
+
+    Reads headers only (pickled checkpoints are refused unless ``allow_pickle``)."""
+    ck = open_checkpoint(path, allow_pickle=allow_pickle)
+    by_dtype: Counter = Counter()
+    bytes_by_dtype: Counter = Counter()
+    for s in ck.tensors.values():
+        by_dtype[dtype_name(s.dtype)] += 1
+        bytes_by_dtype[dtype_name(s.dtype)] += s.nbytes
+    cfg = ck.config or {}
+    info: dict[str, Any] = {
+        "path": str(ck.dir),
+        "source": ck.source,
+        "kind": ck.kind,
+        "revision": ck.revision,
+        "files": [f.name for f in ck.files],
+        "num_tensors": len(ck.tensors),
+        "total_bytes": ck.total_bytes(),
+        "num_parameters": sum(s.numel for s in ck.tensors.values()),
+        "dtypes": {k: {"tensors": by_dtype[k], "bytes": bytes_by_dtype[k]} for k in sorted(by_dtype)},
+        "structure_signature": ck.structure_signature(),
+        "config": {k: cfg.get(k) for k in ("model_type", "architectures", "vocab_size", "hidden_size", "num_hidden_layers",
+                                          "tie_word_embeddings", "rope_theta", "rope_scaling", "max_position_embeddings")
+                   if k in cfg} if cfg else None,
+        "lora": ck.lora,
+        "provenance": ck.provenance,
+    }
+    if tensors:
+        info["tensors"] = [{"name": s.name, "dtype": dtype_name(s.dtype), "shape": list(s.shape), "file": s.file.name}
+                           for s in ck.tensors.values()]
+    return info

@@ -1,0 +1,399 @@
+"""One resolver for every checkpoint layout: local dir or hub id; single or sharded safetensors;
+pickled ``.bin`` (opt-in); PEFT LoRA adapters; deltaport delta dirs.
+
+Only headers are read here. Safetensors headers are validated by the safetensors library itself
+(``safe_open``), then their JSON is read (plain ``json``, never pickle/eval) for the byte offsets the
+streaming engine needs. Errors name the file and what to do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from deltaport.errors import CheckpointError
+
+LOG = logging.getLogger(__name__)
+
+#: safetensors dtype code -> torch dtype
+ST_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
+}
+TORCH_TO_ST = {v: k for k, v in ST_DTYPES.items()}
+FLOAT_DTYPES = {torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2}
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+PROVENANCE_NAME = "deltaport.json"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+(@[\w.\-/]+)?$")
+
+
+def dtype_name(dt: torch.dtype) -> str:
+    return str(dt).replace("torch.", "")
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    names = {"float32": torch.float32, "fp32": torch.float32, "float64": torch.float64, "fp64": torch.float64,
+             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    try:
+        return names[name.lower()]
+    except KeyError:
+        raise CheckpointError(f"unknown dtype {name!r}; use one of float32, float64, bfloat16, float16") from None
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Where one tensor lives: file, dtype, shape and absolute byte range."""
+
+    name: str
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # absolute offset of the first byte in ``file``
+    end: int
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+    @property
+    def rows(self) -> int:
+        return self.shape[0] if self.shape else 1
+
+    @property
+    def row_elems(self) -> int:
+        return self.numel // self.rows if self.rows else 0
+
+
+def read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
+    """Validate ``path`` with the safetensors library and return (header dict, data start offset)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise CheckpointError(f"cannot read shard {path}: {exc}") from None
+    if size < 8:
+        raise CheckpointError(f"shard {path} is truncated ({size} bytes; a safetensors file starts with an "
+                              "8-byte header length). Re-download the file.")
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n > size - 8:
+            raise CheckpointError(f"shard {path}: header length {n} runs past the end of the file ({size} bytes); "
+                                  "the file is truncated or not a safetensors file. Re-download it.")
+        if n > 100_000_000:
+            raise CheckpointError(f"shard {path}: header length {n} is implausibly large; the file is corrupt.")
+        raw = f.read(n)
+    try:  # the library is the authority on validity (offsets, overlaps, dtypes, sizes)
+        with safe_open(str(path), framework="pt") as sf:
+            lib_keys = set(sf.keys())
+    except SafetensorError as exc:
+        raise CheckpointError(f"shard {path} is not a valid safetensors file: {exc}. Re-download or "
+                              "re-export this shard.") from None
+    except Exception as exc:  # noqa: BLE001 - anything the binding raises on a broken file
+        raise CheckpointError(f"shard {path} could not be opened by safetensors: {exc}") from None
+    try:
+        header = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"shard {path}: header is not valid JSON ({exc})") from None
+    if not isinstance(header, dict) or set(k for k in header if k != "__metadata__") != lib_keys:
+        raise CheckpointError(f"shard {path}: header does not match what safetensors reads; the file is corrupt")
+    data_start = 8 + n
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        s, e = info["data_offsets"]
+        if data_start + e > size:
+            raise CheckpointError(f"shard {path}: tensor {name!r} ends at byte {data_start + e} past the end of the "
+                                  f"file ({size} bytes); the shard is truncated. Re-download it.")
+    return header, data_start
+
+
+@dataclass
+class Checkpoint:
+    """A model (or delta) checkpoint, known from its headers only."""
+
+    dir: Path
+    source: str  # what the user passed (path or hub id)
+    kind: str  # "safetensors" | "pickle" | "lora" | "delta"
+    tensors: dict[str, TensorSpec] = field(default_factory=dict)
+    files: list[Path] = field(default_factory=list)
+    config: dict[str, Any] | None = None
+    revision: str | None = None
+    provenance: dict[str, Any] | None = None  # deltaport.json for delta dirs
+    lora: dict[str, Any] | None = None  # adapter_config for LoRA adapters
+    _memory: dict[str, torch.Tensor] | None = None  # pickled checkpoints are loaded into memory
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.tensors)
+
+    def spec(self, name: str) -> TensorSpec:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise CheckpointError(f"tensor {name!r} is not in {self.source}") from None
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """Read one whole tensor (a copy)."""
+        spec = self.spec(name)
+        if self._memory is not None:
+            return self._memory[name].clone()
+        from deltaport.io.reader import read_tensor
+
+        return read_tensor(spec)
+
+    def memory_tensor(self, name: str) -> torch.Tensor | None:
+        return None if self._memory is None else self._memory[name]
+
+    def structure_signature(self) -> str:
+        """sha256 over sorted (name, dtype, shape): what ``apply`` checks a target against."""
+        return structure_signature({n: (s.dtype, s.shape) for n, s in self.tensors.items()})
+
+    def header_fingerprint(self) -> dict[str, Any]:
+        files = {}
+        for f in self.files:
+            st = f.stat()
+            files[f.name] = {"size": st.st_size}
+        return {"structure": self.structure_signature(), "files": files, "num_tensors": len(self.tensors)}
+
+    def total_bytes(self) -> int:
+        return sum(s.nbytes for s in self.tensors.values())
+
+
+def structure_signature(entries: dict[str, tuple[torch.dtype, tuple[int, ...]]]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(entries):
+        dt, shape = entries[name]
+        h.update(f"{name}\0{dtype_name(dt)}\0{list(shape)}\n".encode())
+    return h.hexdigest()
+
+
+def content_hash(path: str | Path, *, allow_pickle: bool = False) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes (sorted by name): what caches key on.
+
+    Independent of sharding and header layout: the same weights give the same hash.
+    """
+    ck = open_checkpoint(path, allow_pickle=allow_pickle)
+    h = hashlib.sha256()
+    for name in sorted(ck.tensors):
+        spec = ck.tensors[name]
+        h.update(f"{name}\0{dtype_name(spec.dtype)}\0{list(spec.shape)}\n".encode())
+        if ck._memory is not None:
+            t = ck._memory[name].contiguous()
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            continue
+        with open(spec.file, "rb") as f:
+            f.seek(spec.start)
+            left = spec.nbytes
+            while left:
+                chunk = f.read(min(left, 1 << 24))
+                if not chunk:
+                    raise CheckpointError(f"{spec.file} ended early while reading {name!r}")
+                h.update(chunk)
+                left -= len(chunk)
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------
+# resolution
+
+
+def resolve_dir(source: str | Path, *, revision: str | None = None) -> tuple[Path, str | None]:
+    """A local directory, or a hub id (``org/name`` or ``org/name@rev``) resolved via huggingface_hub.
+
+    Hub ids work from the local cache with ``HF_HUB_OFFLINE=1``. Returns (directory, revision).
+    """
+    s = str(source)
+    p = Path(s).expanduser()
+    if p.is_dir():
+        return p, None
+    if p.exists():
+        raise CheckpointError(f"{s} is a file; pass the model directory that contains it")
+    if not _HUB_ID.match(s) or s.startswith((".", "/")):
+        raise CheckpointError(f"no such model directory: {s} (and it is not a hub id of the form org/name)")
+    repo_id, _, rev = s.partition("@")
+    rev = rev or revision
+    try:
+        from huggingface_hub import snapshot_download
+
+        path = snapshot_download(
+            repo_id=repo_id,
+            revision=rev,
+            allow_patterns=["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model", "*.txt", "*.tiktoken"],
+        )
+    except Exception as exc:  # noqa: BLE001 - huggingface_hub raises many types (offline, 404, auth)
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+        hint = ("it is not in the local cache and HF_HUB_OFFLINE is set; download it first "
+                f"(`huggingface-cli download {repo_id}`) or pass a local directory") if offline else \
+            "check the id, your network and HF_TOKEN for gated models"
+        raise CheckpointError(f"cannot resolve hub id {s!r}: {type(exc).__name__}: {exc}; {hint}") from None
+    path = Path(path)
+    return path, path.name if path.parent.name == "snapshots" else rev
+
+
+def _read_json(path: Path, what: str) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{what} {path} is not valid JSON ({exc}); fix or re-download it") from None
+
+
+def _load_config(d: Path, required: bool) -> dict | None:
+    p = d / "config.json"
+    if not p.exists():
+        if required:
+            raise CheckpointError(f"{d} has no config.json; a Hugging Face model directory needs one "
+                                  "(copy it from the model's repo)")
+        return None
+    cfg = _read_json(p, "config")
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"config {p} must be a JSON object")
+    return cfg
+
+
+def _specs_from_file(path: Path) -> dict[str, TensorSpec]:
+    header, data_start = read_safetensors_header(path)
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dt = ST_DTYPES[info["dtype"]]
+        except KeyError:
+            raise CheckpointError(f"shard {path}: tensor {name!r} has unsupported dtype {info['dtype']}") from None
+        s, e = info["data_offsets"]
+        out[name] = TensorSpec(name, path, dt, tuple(int(x) for x in info["shape"]), data_start + s, data_start + e)
+    return out
+
+
+def _sharded(d: Path, index_path: Path) -> tuple[dict[str, TensorSpec], list[Path]]:
+    index = _read_json(index_path, "index")
+    wm = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(wm, dict) or not wm:
+        raise CheckpointError(f"index {index_path} has no weight_map; re-download it")
+    files = []
+    for fname in dict.fromkeys(wm.values()):
+        if not isinstance(fname, str) or "/" in fname or "\\" in fname or fname.startswith("."):
+            raise CheckpointError(f"index {index_path} names an invalid shard file {fname!r}")
+        f = d / fname
+        if not f.is_file():
+            raise CheckpointError(f"index {index_path} names shard {fname} which is missing from {d}; "
+                                  "the download is incomplete - re-download the missing shard")
+        files.append(f)
+    tensors: dict[str, TensorSpec] = {}
+    for f in files:
+        for name, spec in _specs_from_file(f).items():
+            if name in tensors:
+                raise CheckpointError(f"tensor {name!r} appears in two shards ({tensors[name].file.name} and "
+                                      f"{f.name}) of {d}; the checkpoint is inconsistent")
+            tensors[name] = spec
+    for name, fname in wm.items():
+        if name not in tensors:
+            raise CheckpointError(f"index {index_path} maps tensor {name!r} to {fname}, but no shard contains it")
+        if tensors[name].file.name != fname:
+            raise CheckpointError(f"index {index_path} maps tensor {name!r} to {fname}, but it is in "
+                                  f"{tensors[name].file.name}; the index and shards disagree - re-download")
+    extra = set(tensors) - set(wm)
+    if extra:
+        raise CheckpointError(f"shards of {d} contain tensors the index {index_path.name} does not list: "
+                              f"{sorted(extra)[:5]}; the index and shards disagree - re-download")
+    return {n: tensors[n] for n in sorted(tensors)}, files
+
+
+def _pickled(d: Path, allow_pickle: bool) -> tuple[dict[str, TensorSpec], list[Path], dict[str, torch.Tensor]]:
+    bins = sorted(d.glob("pytorch_model*.bin")) + sorted(d.glob("*.pt")) + sorted(d.glob("adapter_model.bin"))
+    if not allow_pickle:
+        raise CheckpointError(
+            f"{d} holds only pickled weights ({', '.join(b.name for b in bins)}); pickle can execute code. "
+            "Convert to safetensors, or pass --allow-pickle to load them with torch.load(weights_only=True)."
+        )
+    index = d / "pytorch_model.bin.index.json"
+    if index.exists():
+        wm = _read_json(index, "index").get("weight_map", {})
+        bins = [d / f for f in dict.fromkeys(wm.values())]
+        for b in bins:
+            if not b.is_file():
+                raise CheckpointError(f"index {index} names missing file {b.name}; re-download it")
+    mem: dict[str, torch.Tensor] = {}
+    for b in bins:
+        try:
+            sd = torch.load(b, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as exc:  # noqa: BLE001 - weights_only refusal, corrupt zip, ...
+            raise CheckpointError(f"cannot load {b} with torch.load(weights_only=True): {exc}") from None
+        if not isinstance(sd, dict):
+            raise CheckpointError(f"{b} does not hold a state dict")
+        for k, v in sd.items():
+            if not isinstance(v, torch.Tensor):
+                continue
+            if k in mem:
+                raise CheckpointError(f"tensor {k!r} appears in two files of {d}")
+            mem[k] = v.contiguous()
+    specs = {k: TensorSpec(k, b, v.dtype, tuple(v.shape), 0, v.numel() * v.element_size()) for k, v in sorted(mem.items())}
+    return specs, bins, mem
+
+
+def open_checkpoint(source: str | Path, *, allow_pickle: bool = False, revision: str | None = None,
+                    require_config: bool = False) -> Checkpoint:
+    """Resolve ``source`` and read its headers (never tensor bytes, except for pickled files)."""
+    d, rev = resolve_dir(source, revision=revision)
+    prov_path = d / PROVENANCE_NAME
+    provenance = _read_json(prov_path, "provenance") if prov_path.exists() else None
+    kind = "safetensors"
+    memory = None
+    lora = None
+    if (d / "adapter_config.json").exists():
+        lora = _read_json(d / "adapter_config.json", "adapter config")
+        kind = "lora"
+        f = d / "adapter_model.safetensors"
+        if f.exists():
+            tensors, files = _specs_from_file(f), [f]
+        elif (d / "adapter_model.bin").exists():
+            tensors, files, memory = _pickled(d, allow_pickle)
+        else:
+            raise CheckpointError(f"LoRA adapter {d} has adapter_config.json but no adapter_model.safetensors")
+    elif (d / INDEX_NAME).exists():
+        tensors, files = _sharded(d, d / INDEX_NAME)
+    elif (d / SINGLE_NAME).exists():
+        tensors, files = _specs_from_file(d / SINGLE_NAME), [d / SINGLE_NAME]
+    else:
+        st = sorted(d.glob("*.safetensors"))
+        if len(st) == 1:
+            tensors, files = _specs_from_file(st[0]), st
+        elif len(st) > 1:
+            raise CheckpointError(f"{d} has {len(st)} safetensors files but no {INDEX_NAME}; "
+                                  "the index is missing - re-download it")
+        elif list(d.glob("pytorch_model*.bin")) or list(d.glob("*.pt")):
+            tensors, files, memory = _pickled(d, allow_pickle)
+            kind = "pickle"
+        else:
+            raise CheckpointError(f"{d} contains no weights (no model.safetensors, {INDEX_NAME} or "
+                                  "pytorch_model*.bin); is it a model directory?")
+    if kind != "pickle" and list(d.glob("pytorch_model*.bin")):
+        LOG.info("%s has both .safetensors and .bin weights; using safetensors, ignoring .bin", d)
+    if provenance and provenance.get("kind") == "delta":
+        kind = "delta"
+    config = _load_config(d, required=require_config and kind in ("safetensors", "pickle"))
+    if not tensors:
+        raise CheckpointError(f"{d} contains no tensors")
+    return Checkpoint(dir=d, source=str(source), kind=kind, tensors=tensors, files=files, config=config,
+                      revision=rev, provenance=provenance, lora=lora, _memory=memory)

@@ -1,0 +1,58 @@
+"""Reading tensor bytes into reused buffers with ``os.preadv`` (no mmap: mapped pages would count
+towards the process's resident memory and grow with model size)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from deltaport.errors import CheckpointError
+from deltaport.io.checkpoint import TensorSpec
+
+
+class FilePool:
+    """Open file descriptors, one per shard, closed together."""
+
+    def __init__(self) -> None:
+        self._fds: dict[str, int] = {}
+
+    def fd(self, path) -> int:
+        key = str(path)
+        if key not in self._fds:
+            try:
+                self._fds[key] = os.open(key, os.O_RDONLY)
+            except OSError as exc:
+                raise CheckpointError(f"cannot open shard {key}: {exc}") from None
+        return self._fds[key]
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def pread_into(fd: int, buf: torch.Tensor, offset: int, nbytes: int, what: str) -> None:
+    """Fill ``buf[:nbytes]`` (a uint8 tensor) from ``fd`` at ``offset``."""
+    mv = memoryview(buf.numpy())[:nbytes]
+    got = 0
+    while got < nbytes:
+        n = os.preadv(fd, [mv[got:]], offset + got)
+        if n == 0:
+            raise CheckpointError(f"{what}: file ended early (wanted {nbytes} bytes at offset {offset}); "
+                                  "the shard is truncated - re-download it")
+        got += n
+
+
+def read_tensor(spec: TensorSpec) -> torch.Tensor:
+    buf = torch.empty(spec.nbytes, dtype=torch.uint8)
+    with FilePool() as pool:
+        if spec.nbytes:
+            pread_into(pool.fd(spec.file), buf, spec.start, spec.nbytes, f"{spec.file}:{spec.name}")
+    return buf.view(spec.dtype).reshape(spec.shape) if spec.nbytes else torch.empty(spec.shape, dtype=spec.dtype)

@@ -1,0 +1,175 @@
+"""A small streaming safetensors writer: the header is computed from the plan up front, then tensor
+bytes are appended as they are produced, shard by shard, never holding a whole tensor.
+
+Layout follows the safetensors spec (8-byte little-endian header length, JSON header padded with
+spaces to 8 bytes, then the data) and Hugging Face sharding conventions (``model.safetensors`` for
+one shard, else ``model-0000i-of-0000N.safetensors`` + ``model.safetensors.index.json``). Within a
+shard tensors are ordered by (decreasing item size, name), as the safetensors library orders them,
+so every tensor is aligned to its item size.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from deltaport.errors import DiskError, RuntimeFailure
+from deltaport.io.checkpoint import INDEX_NAME, SINGLE_NAME, TORCH_TO_ST, read_safetensors_header
+
+
+@dataclass
+class OutEntry:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n * torch.empty((), dtype=self.dtype).element_size()
+
+
+def parse_size(size: str | int) -> int:
+    if isinstance(size, int):
+        return size
+    s = size.strip().upper().replace("IB", "B")
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "B": 1}
+    for u, m in units.items():
+        if s.endswith(u):
+            return int(float(s[: -len(u)]) * m)
+    return int(s)
+
+
+def _disk_error(exc: OSError, path: Path) -> DiskError:
+    why = {errno.ENOSPC: "disk full", errno.EFBIG: "file size limit reached", errno.EDQUOT: "disk quota exceeded"}
+    return DiskError(f"writing {path} failed: {why.get(exc.errno, exc.strerror)} ({exc}); free space or choose "
+                     "another output location. The partial output was removed.")
+
+
+class ShardedWriter:
+    """Write ``entries`` into shards of at most ``shard_size`` bytes (a bigger tensor gets its own shard)."""
+
+    def __init__(self, out_dir: Path, entries: list[OutEntry], shard_size: int, metadata: dict[str, str] | None = None):
+        self.out_dir = Path(out_dir)
+        meta = {"format": "pt", **(metadata or {})}
+        shards: list[list[OutEntry]] = []
+        cur: list[OutEntry] = []
+        cur_bytes = 0
+        for e in entries:
+            if cur and cur_bytes + e.nbytes > shard_size:
+                shards.append(cur)
+                cur, cur_bytes = [], 0
+            cur.append(e)
+            cur_bytes += e.nbytes
+        if cur or not shards:
+            shards.append(cur)
+        n = len(shards)
+        self.shards = []
+        for i, group in enumerate(shards):
+            fname = SINGLE_NAME if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            group = sorted(group, key=lambda e: (-torch.empty((), dtype=e.dtype).element_size(), e.name))
+            header: dict = {"__metadata__": meta}
+            off = 0
+            for e in group:
+                header[e.name] = {"dtype": TORCH_TO_ST[e.dtype], "shape": list(e.shape), "data_offsets": [off, off + e.nbytes]}
+                off += e.nbytes
+            raw = json.dumps(header, separators=(",", ":")).encode()
+            raw += b" " * (-len(raw) % 8)
+            self.shards.append({"file": fname, "entries": group, "header": raw, "data_bytes": off})
+        self.order = [e for s in self.shards for e in s["entries"]]  # the order tensors must be produced in
+        self._shard_of = {e.name: i for i, s in enumerate(self.shards) for e in s["entries"]}
+        self._fd: int | None = None
+        self._cur_shard = -1
+        self._expect: tuple[str, int] | None = None
+
+    # -- streaming ---------------------------------------------------------------------------------
+    def _open_shard(self, i: int) -> None:
+        self._close_shard()
+        s = self.shards[i]
+        path = self.out_dir / s["file"]
+        try:
+            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            self._write_all(struct.pack("<Q", len(s["header"])) + s["header"], path)
+        except OSError as exc:
+            raise _disk_error(exc, path) from None
+        self._cur_shard = i
+
+    def _write_all(self, data, path: Path) -> None:
+        mv = memoryview(data).cast("B")
+        while mv:
+            try:
+                n = os.write(self._fd, mv)
+            except OSError as exc:
+                raise _disk_error(exc, path) from None
+            mv = mv[n:]
+
+    def _close_shard(self) -> None:
+        if self._fd is not None:
+            path = self.out_dir / self.shards[self._cur_shard]["file"]
+            try:
+                os.fsync(self._fd)
+            except OSError as exc:
+                raise _disk_error(exc, path) from None
+            finally:
+                os.close(self._fd)
+                self._fd = None
+
+    def begin(self, name: str, nbytes: int) -> None:
+        i = self._shard_of[name]
+        if i != self._cur_shard:
+            if i != self._cur_shard + 1:
+                raise RuntimeFailure(f"internal: tensor {name} produced out of order")
+            self._open_shard(i)
+        self._expect = (name, nbytes)
+
+    def write(self, data: torch.Tensor | bytes) -> None:
+        if isinstance(data, torch.Tensor):
+            data = data.contiguous().view(torch.uint8).numpy()
+        self._write_all(data, self.out_dir / self.shards[self._cur_shard]["file"])
+
+    def abort(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def finalize(self) -> dict[str, str]:
+        """Close the last shard, write the index (if sharded), re-open and verify every shard."""
+        if self._cur_shard != len(self.shards) - 1:  # empty trailing shards (no tensors) still get written
+            for i in range(self._cur_shard + 1, len(self.shards)):
+                self._open_shard(i)
+        self._close_shard()
+        weight_map = {e.name: s["file"] for s in self.shards for e in s["entries"]}
+        if len(self.shards) > 1:
+            total = sum(s["data_bytes"] for s in self.shards)
+            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+            path = self.out_dir / INDEX_NAME
+            try:
+                path.write_text(json.dumps(index, indent=2) + "\n")
+            except OSError as exc:
+                raise _disk_error(exc, path) from None
+        self.verify()
+        return weight_map
+
+    def verify(self) -> None:
+        for s in self.shards:
+            path = self.out_dir / s["file"]
+            want = 8 + len(s["header"]) + s["data_bytes"]
+            got = path.stat().st_size
+            if got != want:
+                raise RuntimeFailure(f"verification failed: {path} has {got} bytes, expected {want}")
+            header, _ = read_safetensors_header(path)
+            names = {k for k in header if k != "__metadata__"}
+            if names != {e.name for e in s["entries"]}:
+                raise RuntimeFailure(f"verification failed: tensors in {path} differ from the plan")
+            for e in s["entries"]:
+                h = header[e.name]
+                if h["dtype"] != TORCH_TO_ST[e.dtype] or tuple(h["shape"]) != tuple(e.shape):
+                    raise RuntimeFailure(f"verification failed: {e.name} in {path} has wrong dtype/shape")

@@ -1,0 +1,265 @@
+"""The lab's steps, each one call into deltaport's library, cached by the content of its inputs.
+
+``Steps`` owns a run directory::
+
+    RUN_DIR/models/<name>/     fine-tuned and merged models (HF dirs + provenance)
+    RUN_DIR/deltas/<name>/     Δ = FT(M) − M, written by deltaport.diff
+    RUN_DIR/cache/*.json       evaluation / connectivity / check records, keyed by content hashes
+    RUN_DIR/tasks/             the lm-eval local tasks
+
+A model directory carries ``lab_key.json``: the hash of its inputs' weights and the step's
+parameters. A directory whose key matches is reused; otherwise it is rebuilt (atomically).
+
+Which implementation ran each kind of step is recorded in ``Steps.backends`` ("deltaport.X" or
+"fallback: ..."), and the report prints it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from deltaport.lab.store import JsonCache, atomic_dir, model_hash, step_key
+
+LOG = logging.getLogger(__name__)
+
+
+def _library(name: str):
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        LOG.warning("deltaport library module %s unavailable (%s); the lab uses its labelled fallback", name, exc)
+        return None
+
+
+class Steps:
+    def __init__(self, run_dir: Path, tokenizer, tasks: dict[str, Path], *, seed: int = 0,
+                 tick: Callable[[str], None] | None = None):
+        self.run_dir = Path(run_dir)
+        self.tok = tokenizer
+        self.tasks = tasks
+        self.seed = seed
+        self.cache = JsonCache(self.run_dir / "cache")
+        self.backends: dict[str, str] = {}
+        self.timings: dict[str, float] = {}
+        self.tick = tick or (lambda label: None)
+        self._models: dict[str, Any] = {}
+
+    # ------------------------------------------------------------ helpers
+    def _timed(self, kind: str, t0: float) -> None:
+        self.timings[kind] = self.timings.get(kind, 0.0) + time.perf_counter() - t0
+
+    def _cached_dir(self, path: Path, key: str) -> bool:
+        f = path / "lab_key.json"
+        return f.exists() and json.loads(f.read_text()).get("key") == key
+
+    def _mark(self, path: Path, key: str, info: dict) -> None:
+        (path / "lab_key.json").write_text(json.dumps({"key": key, **info}, indent=1, sort_keys=True, default=str))
+
+    def load(self, path: Path):
+        """An in-memory model for ``path`` (cached per content hash)."""
+        from transformers import AutoModelForCausalLM
+
+        h = model_hash(path)
+        if h not in self._models:
+            if len(self._models) > 64:
+                self._models.clear()
+            self._models[h] = AutoModelForCausalLM.from_pretrained(path).eval()
+        return self._models[h]
+
+    # ------------------------------------------------------------ diff / apply
+    def delta(self, base: Path, finetuned: Path, name: str) -> Path:
+        """Δ = finetuned − base, written by ``deltaport.diff``."""
+        out = self.run_dir / "deltas" / name
+        key = step_key("diff", base=model_hash(base), finetuned=model_hash(finetuned))
+        if self._cached_dir(out, key):
+            return out
+        t0 = time.perf_counter()
+        ops = _library("deltaport.ops")
+        if ops is not None:
+            ops.diff(base, finetuned, out, overwrite=True)
+            self.backends["diff"] = "deltaport.diff"
+        else:
+            self._fallback_arith(out, {"f": finetuned, "b": base}, lambda t: t["f"] - t["b"], like=finetuned)
+            self.backends["diff"] = "fallback: lab float64 arithmetic"
+        self._mark(out, key, {"base": str(base), "finetuned": str(finetuned)})
+        self._timed("diff", t0)
+        return out
+
+    def apply(self, delta: Path, target: Path, name: str, *, scale: float = 1.0) -> Path:
+        """``target + scale·Δ``, written by ``deltaport.apply``."""
+        out = self.run_dir / "models" / name
+        key = step_key("apply", delta=model_hash(delta), target=model_hash(target), scale=scale)
+        if self._cached_dir(out, key):
+            return out
+        t0 = time.perf_counter()
+        ops = _library("deltaport.ops")
+        if ops is not None:
+            ops.apply(delta, target, out, scale=scale, overwrite=True)
+            self.backends["apply"] = "deltaport.apply"
+        else:
+            self._fallback_arith(out, {"d": delta, "t": target}, lambda t: t["t"] + scale * t["d"], like=target)
+            self.backends["apply"] = "fallback: lab float64 arithmetic"
+        self._mark(out, key, {"delta": str(delta), "target": str(target), "scale": scale})
+        self._timed("apply", t0)
+        return out
+
+    def _fallback_arith(self, out: Path, inputs: dict[str, Path], fn, like: Path) -> None:
+        import shutil
+
+        from safetensors.torch import load_file, save_file
+
+        tensors = {k: load_file(str(p / "model.safetensors")) for k, p in inputs.items()}
+        first = next(iter(tensors.values()))
+        result = {n: fn({k: t[n].double() for k, t in tensors.items()}).to(first[n].dtype) for n in first}
+        with atomic_dir(out) as tmp:
+            save_file(result, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            for f in like.iterdir():
+                if f.is_file() and not f.name.endswith(".safetensors") and not f.name.startswith(("lab_", "deltaport")):
+                    shutil.copy(f, tmp / f.name)
+
+    # ------------------------------------------------------------ fine-tuning
+    def finetune(self, init: Path, records: list[dict], name: str, *, steps: int, lr: float, batch_size: int,
+                 curve_task: str | None = None, curve_every: int = 0, data_label: str = "sft") -> tuple[Path, list]:
+        """Fine-tune ``init`` on chat ``records`` with ``deltaport.finetune``; returns (path, curve).
+
+        ``curve`` is ``[(step, heldout score), ...]`` when ``curve_task`` is given (evaluated every
+        ``curve_every`` steps, step 0 included).
+        """
+        out = self.run_dir / "models" / name
+        key = step_key("finetune", init=model_hash(init), data=records, steps=steps, lr=lr, bs=batch_size,
+                       seed=self.seed)
+        curve_key = step_key("curve", ft=key, task=curve_task, every=curve_every)
+        if self._cached_dir(out, key) and (curve_task is None or self.cache.get(curve_key) is not None):
+            return out, (self.cache.get(curve_key) or {}).get("curve", [])
+        t0 = time.perf_counter()
+        curve: list = []
+        ft = _library("deltaport.finetune")
+        if ft is not None:
+            kwargs: dict[str, Any] = dict(steps=steps, lr=lr, batch_size=batch_size, seed=self.seed, overwrite=True,
+                                          progress=False)
+            if curve_task:
+                kwargs.update(eval_every=curve_every, eval_tasks=[str(self.tasks[curve_task])])
+            res = ft.finetune(str(init), records, str(out), **kwargs)
+            curve = _curve_from_evals(getattr(res, "evals", None) or [], curve_task)
+            if curve_task and not any(s == 0 for s, _ in curve):
+                curve.insert(0, (0, self.score(init, curve_task)))
+            self.backends["finetune"] = "deltaport.finetune"
+        else:
+            import copy
+
+            from deltaport.lab import fallback
+
+            model = copy.deepcopy(self.load(init))
+            items = self._items(curve_task) if curve_task else []
+
+            def cb(step, m):
+                curve.append((step, fallback.score(m, self.tok, items)))
+
+            fallback.sft(model, self.tok, records, steps=steps, lr=lr, batch_size=batch_size, seed=self.seed,
+                         callback=cb if curve_task else None, every=curve_every)
+            with atomic_dir(out) as tmp:
+                model.save_pretrained(tmp, safe_serialization=True)
+                self.tok.save_pretrained(tmp)
+                (tmp / "lab_provenance.json").write_text(json.dumps(
+                    {"init": str(init), "steps": steps, "lr": lr, "batch_size": batch_size, "seed": self.seed,
+                     "data": data_label, "n_records": len(records), "builder": "deltaport.lab.fallback.sft"},
+                    indent=1))
+            self.backends["finetune"] = "fallback: lab AdamW loop (deltaport.finetune not importable)"
+        self._mark(out, key, {"init": str(init), "steps": steps, "lr": lr, "data": data_label})
+        if curve_task:
+            self.cache.put(curve_key, {"curve": curve})
+        self._timed("finetune", t0)
+        self.tick(f"finetune {name}")
+        return out, curve
+
+    # ------------------------------------------------------------ evaluation
+    def _items(self, task: str) -> list[dict]:
+        path = Path(str(self.tasks[task]).replace(".yaml", ".jsonl"))
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def score(self, model: Path, task: str, *, limit: int | None = None) -> float:
+        """Exact match of ``model`` on lab task ``task`` through ``deltaport.evaluate`` (cached)."""
+        return self.scores({model.name: model}, [task], limit=limit)[model.name][task]
+
+    def scores(self, models: dict[str, Path], tasks: list[str], *, limit: int | None = None) -> dict[str, dict[str, float]]:
+        """``{name: {task: exact_match}}`` for several models; only uncached (model, task) pairs run."""
+        out: dict[str, dict[str, float]] = {n: {} for n in models}
+        todo: dict[str, Path] = {}
+        keys = {}
+        for n, p in models.items():
+            for t in tasks:
+                k = step_key("eval", model=model_hash(p), task=t, items=_file_hash(self.tasks[t]), limit=limit)
+                keys[(n, t)] = k
+                rec = self.cache.get(k)
+                if rec is None:
+                    todo[n] = p
+                else:
+                    out[n][t] = rec["exact_match"]
+        if not todo:
+            return out
+        t0 = time.perf_counter()
+        ev = _library("deltaport.evaluate")
+        if ev is not None:
+            res = ev.evaluate({n: (self.load(p), self.tok) for n, p in todo.items()},
+                              [str(self.tasks[t]) for t in tasks], limit=limit, device="cpu", batch_size=64,
+                              seed=self.seed, progress=False)
+            for n in todo:
+                for t in tasks:
+                    out[n][t] = _exact_match(res["results"][n], t)
+            self.backends["eval"] = "deltaport.evaluate (lm-eval local task)"
+        else:
+            from deltaport.lab import fallback
+
+            for n, p in todo.items():
+                for t in tasks:
+                    items = self._items(t)[:limit] if limit else self._items(t)
+                    out[n][t] = fallback.score(self.load(p), self.tok, items)
+            self.backends["eval"] = "fallback: lab greedy exact match (deltaport.evaluate not importable)"
+        for n in todo:
+            for t in tasks:
+                self.cache.put(keys[(n, t)], {"exact_match": out[n][t], "model": str(todo[n]), "task": t})
+        self._timed("eval", t0)
+        self.tick(f"eval {len(todo)} model(s)")
+        return out
+
+
+def _file_hash(path: Path) -> str:
+    import hashlib
+
+    p = Path(str(path).replace(".yaml", ".jsonl"))
+    return hashlib.sha256(p.read_bytes() + Path(path).read_bytes()).hexdigest()[:16]
+
+
+def _exact_match(task_results: dict, task: str) -> float:
+    """The exact-match value of ``task`` in one model's results (metric keys look like
+    ``exact_match,<filter>``)."""
+    from deltaport.errors import RuntimeFailure
+
+    for tname, metrics in task_results.items():
+        if Path(tname).stem == task or tname == task or tname.endswith(task):
+            for k, v in metrics.items():
+                if k.startswith("exact_match") and "stderr" not in k:
+                    return float(v)
+    raise RuntimeFailure(f"lab: no exact_match for task {task!r} in evaluation results {task_results!r}")
+
+
+def _curve_from_evals(evals: Any, task: str | None) -> list:
+    """Normalise ``FinetuneResult.evals`` into ``[(step, score)]``."""
+    curve = []
+    if not task:
+        return curve
+    items = evals.items() if isinstance(evals, dict) else enumerate(evals)
+    for k, e in items:
+        step = e.get("step", k) if isinstance(e, dict) else k
+        res = e.get("results", e) if isinstance(e, dict) else e
+        try:
+            curve.append((int(step), _exact_match(res, task)))
+        except Exception:  # noqa: BLE001 - a record without this task
+            continue
+    return sorted(curve)

@@ -1,0 +1,270 @@
+"""The three operations: :func:`transfer` (m_t + λ·(m'_s − m_s), one shot), :func:`diff` (Δ to disk)
+and :func:`apply` (m_t + λ·Δ from disk). Each one: open headers -> plan (every check) -> write into a
+temporary sibling (config/tokenizer first, then streamed shards) -> verify -> provenance -> rename.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import deltaport
+from deltaport.assets import SOURCES, check_config_against_plan, write_model_files
+from deltaport.engine import DEFAULT_CHUNK_ELEMS, Stats, execute
+from deltaport.errors import InputError
+from deltaport.io.atomic import atomic_output_dir
+from deltaport.io.checkpoint import PROVENANCE_NAME, Checkpoint, dtype_name, open_checkpoint
+from deltaport.io.writer import OutEntry, ShardedWriter, parse_size
+from deltaport.plan import Plan, make_policies, plan_apply, plan_diff, plan_transfer
+
+LOG = logging.getLogger(__name__)
+
+DEFAULT_SHARD_SIZE = "5GB"
+
+
+@dataclass
+class Result:
+    """What an operation did: the output path (None for a dry run), its plan, provenance and timings."""
+
+    output: Path | None
+    plan: Plan
+    provenance: dict[str, Any] = field(default_factory=dict)
+    stats: Stats | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def _input_record(ck: Checkpoint) -> dict[str, Any]:
+    return {"source": ck.source, "path": str(ck.dir.absolute()), "revision": ck.revision, "kind": ck.kind,
+            "fingerprint": ck.header_fingerprint()}
+
+
+def _policy_record(pol) -> dict[str, Any]:
+    return {
+        "vocab_policy": pol.vocab_policy, "shape_policy": pol.shape_policy,
+        "key_map": {p.pattern: r for p, r in pol.key_map}, "include": [p.pattern for p in pol.include],
+        "exclude": [p.pattern for p in pol.exclude], "scale_map": {p.pattern: s for p, s in pol.scale_map},
+        "compute_dtype": pol.compute_dtype, "out_dtype": pol.out_dtype or "target's dtype per tensor",
+    }
+
+
+def _write_provenance(out: Path, prov: dict[str, Any]) -> None:
+    (out / PROVENANCE_NAME).write_text(json.dumps(prov, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def _write_timings(output: Path, timings: dict[str, float], stats: Stats | None) -> None:
+    """Timings live beside the output (``OUT.timings.json``) so the output itself is byte-identical on rerun."""
+    rec = {"output": str(output), "seconds": timings}
+    if stats is not None:
+        rec.update(bytes_read=stats.bytes_read, bytes_written=stats.bytes_written, tensors=stats.tensors)
+    path = output.parent / f"{output.name}.timings.json"
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(rec, indent=2) + "\n")
+        os.replace(tmp, path)
+    except OSError as exc:  # timings are a nicety; never fail a finished run over them
+        LOG.warning("could not write timings to %s: %s", path, exc)
+
+
+def _run(plan: Plan, output: Path, *, inputs: list[Path], overwrite: bool, shard_size, progress: bool, threads,
+         strict: bool, provenance: dict[str, Any], write_files, chunk_elems: int, label: str) -> tuple[Stats, dict]:
+    t0 = time.perf_counter()
+    entries = [OutEntry(op.name, op.out_dtype, op.shape) for op in plan.ops]
+    with atomic_output_dir(output, overwrite=overwrite, inputs=inputs) as tmp:
+        files_record = write_files(tmp)
+        writer = ShardedWriter(tmp, entries, parse_size(shard_size), metadata={"producer": f"deltaport {deltaport.__version__}"})
+        t1 = time.perf_counter()
+        stats = execute(plan, writer, progress=progress, threads=threads, chunk_elems=chunk_elems, strict=strict, label=label)
+        writer.finalize()
+        provenance.update(files=files_record, nonfinite_inputs=stats.nonfinite_inputs)
+        _write_provenance(tmp, provenance)
+        t2 = time.perf_counter()
+    timings = {"plan_and_files": t1 - t0, "stream": t2 - t1, "total": time.perf_counter() - t0}
+    return stats, timings
+
+
+def _resolve_src(choice: str, flag: str, target: Path, source_ft: Path | None) -> Path:
+    if choice not in SOURCES:
+        raise InputError(f"{flag} must be one of {', '.join(SOURCES)}, not {choice!r}")
+    if choice == "target":
+        return target
+    if source_ft is None:
+        raise InputError(f"{flag} source-finetuned is not available here")
+    return source_ft
+
+
+def transfer(source_base, source_finetuned, target_base, output, *, scale: float = 1.0,
+             vocab_policy: str = "error", shape_policy: str = "error", key_map=None, include=None, exclude=None,
+             scale_map=None, compute_dtype: str = "auto", out_dtype: str | None = None,
+             config_from: str = "target", tokenizer_from: str = "target", chat_template_from: str = "source-finetuned",
+             shard_size: str | int = DEFAULT_SHARD_SIZE, overwrite: bool = False, dry_run: bool = False,
+             allow_pickle: bool = False, strict: bool = False, threads: int | None = None, progress: bool = False,
+             chunk_elems: int = DEFAULT_CHUNK_ELEMS) -> Result:
+    """Fine-tuning transfer: write ``target_base + scale·(source_finetuned − source_base)`` to ``output``.
+
+    Args:
+        source_base, source_finetuned, target_base: local HF model dirs or hub ids (``org/name[@rev]``).
+            ``source_finetuned`` may be a PEFT LoRA adapter dir (Δ = scaling·B@A).
+        output: output directory (written to a temporary sibling, renamed when complete).
+        scale: λ (paper: 1.0). ``scale_map`` overrides it per tensor-name regex.
+        vocab_policy: ``error`` | ``pad`` (official script) | ``align`` (rows matched by token string).
+        shape_policy: ``error`` | ``skip`` (transfer only shape-matching tensors, paper App. B.3).
+        config_from / tokenizer_from / chat_template_from: ``target`` | ``source-finetuned``.
+
+    Returns:
+        :class:`Result`. Raises :class:`~deltaport.errors.InputError` subclasses for bad input (before any
+        tensor byte is read where possible) and :class:`~deltaport.errors.RuntimeFailure` subclasses.
+
+    Example:
+        >>> deltaport.transfer("meta-llama/Meta-Llama-3-8B", "meta-llama/Meta-Llama-3-8B-Instruct",
+        ...                    "meta-llama/Llama-3.1-8B", "llama3.1-plus-delta3.0")  # doctest: +SKIP
+    """
+    pol = make_policies(scale=scale, vocab_policy=vocab_policy, shape_policy=shape_policy, key_map=key_map,
+                        include=include, exclude=exclude, scale_map=scale_map, compute_dtype=compute_dtype, out_dtype=out_dtype)
+    sb = open_checkpoint(source_base, allow_pickle=allow_pickle)
+    sf = open_checkpoint(source_finetuned, allow_pickle=allow_pickle)
+    tb = open_checkpoint(target_base, allow_pickle=allow_pickle, require_config=True)
+    for who, ck in (("source base", sb), ("target base", tb)):
+        if ck.kind in ("lora", "delta"):
+            raise InputError(f"the {who} {ck.source} is a {ck.kind} directory, not a model; pass a full model")
+    if sf.kind == "delta":
+        raise InputError(f"{sf.source} is a deltaport delta; use `deltaport apply {sf.source} --to TARGET`")
+    sf_files_dir = sf.dir
+    if sf.kind == "lora" and not (sf.dir / "config.json").exists():
+        sf_files_dir = sb.dir  # an adapter ships no config; its base's files stand in for it
+    config_src = _resolve_src(config_from, "--config-from", tb.dir, sf_files_dir)
+    tok_src = _resolve_src(tokenizer_from, "--tokenizer-from", tb.dir, sf.dir if sf.kind != "lora" else sf_files_dir)
+    chat_src = _resolve_src(chat_template_from, "--chat-template-from", tb.dir, sf.dir)
+    plan = plan_transfer(sb, sf, tb, pol)
+    if dry_run:
+        return Result(None, plan)
+    output = Path(output)
+    prov = {
+        "deltaport_version": deltaport.__version__, "kind": "model", "operation": "transfer",
+        "formula": "target_base + scale * (source_finetuned - source_base)",
+        "inputs": {"source_base": _input_record(sb), "source_finetuned": _input_record(sf), "target_base": _input_record(tb)},
+        "scale": pol.scale, "policies": _policy_record(pol), "compute_dtype": dtype_name(plan.compute_dtype),
+        "choices": {"config_from": config_from, "tokenizer_from": tokenizer_from, "chat_template_from": chat_template_from},
+        "skipped": plan.skipped, "warnings": plan.warnings, "summary": plan.summary(), "lora": plan.info.get("lora"),
+    }
+
+    def files(tmp: Path):
+        rec = write_model_files(tmp, config_src=config_src, tokenizer_src=tok_src, chat_src=chat_src,
+                                vocab_rows=plan.vocab_rows, out_dtype=_uniform_dtype(plan) if out_dtype else None)
+        rec["config_check"] = check_config_against_plan(tmp, {op.name: op.shape for op in plan.ops})
+        return rec
+
+    stats, timings = _run(plan, output, inputs=[sb.dir, sf.dir, tb.dir], overwrite=overwrite, shard_size=shard_size,
+                          progress=progress, threads=threads, strict=strict, provenance=prov, write_files=files,
+                          chunk_elems=chunk_elems, label="transfer")
+    _write_timings(output, timings, stats)
+    return Result(output, plan, prov, stats, timings)
+
+
+def _uniform_dtype(plan: Plan):
+    dts = {op.out_dtype for op in plan.ops}
+    return dts.pop() if len(dts) == 1 else None
+
+
+def diff(base, finetuned, output, *, delta_dtype: str | None = None, vocab_policy: str = "error",
+         shape_policy: str = "error", key_map=None, include=None, exclude=None, compute_dtype: str = "auto",
+         shard_size: str | int = DEFAULT_SHARD_SIZE, overwrite: bool = False, dry_run: bool = False,
+         allow_pickle: bool = False, strict: bool = False, threads: int | None = None, progress: bool = False,
+         chunk_elems: int = DEFAULT_CHUNK_ELEMS) -> Result:
+    """Store ``Δ = finetuned − base`` as a delta directory (safetensors + ``deltaport.json``).
+
+    The default Δ dtype is exact: float32 for bf16/fp16 models (2× the size of the model), float64 for
+    float32 models (2×), so ``apply(diff(F, B), to=B) == F`` bit for bit. ``delta_dtype`` ``bfloat16``/
+    ``float16``/``float32`` gives a smaller, lossy delta. The finetuned model's config, tokenizer and chat
+    template are kept in ``source_finetuned/`` so ``apply`` can offer the same ``--*-from`` choices.
+    """
+    pol = make_policies(vocab_policy=vocab_policy, shape_policy=shape_policy, key_map=key_map, include=include,
+                        exclude=exclude, compute_dtype=compute_dtype)
+    sb = open_checkpoint(base, allow_pickle=allow_pickle)
+    sf = open_checkpoint(finetuned, allow_pickle=allow_pickle)
+    if sb.kind in ("lora", "delta"):
+        raise InputError(f"--base {sb.source} is a {sb.kind} directory, not a model")
+    if sf.kind == "delta":
+        raise InputError(f"--finetuned {sf.source} is already a deltaport delta")
+    plan = plan_diff(sb, sf, pol, delta_dtype=delta_dtype)
+    if dry_run:
+        return Result(None, plan)
+    output = Path(output)
+    base_tensors = {n: [dtype_name(s.dtype), list(s.shape)] for n, s in sb.tensors.items()}
+    prov = {
+        "deltaport_version": deltaport.__version__, "kind": "delta", "operation": "diff",
+        "formula": "finetuned - base",
+        "inputs": {"base": _input_record(sb), "finetuned": _input_record(sf)},
+        "base": {"source": sb.source, "structure": sb.structure_signature(), "tensors": base_tensors,
+                 "tied_word_embeddings": bool((sb.config or {}).get("tie_word_embeddings"))},
+        "delta_dtype": {"requested": delta_dtype or "auto (exact)", "chosen": sorted({dtype_name(op.out_dtype) for op in plan.ops})},
+        "policies": _policy_record(pol), "compute_dtype": dtype_name(plan.compute_dtype),
+        "skipped": plan.skipped, "warnings": plan.warnings, "summary": plan.summary(), "lora": plan.info.get("lora"),
+    }
+    files_src = sf.dir if (sf.dir / "config.json").exists() else sb.dir
+
+    def files(tmp: Path):
+        sub = tmp / "source_finetuned"
+        sub.mkdir()
+        rec = write_model_files(sub, config_src=files_src, tokenizer_src=sf.dir if sf.kind != "lora" else files_src, chat_src=sf.dir)
+        return {"source_finetuned_files": rec}
+
+    stats, timings = _run(plan, output, inputs=[sb.dir, sf.dir], overwrite=overwrite, shard_size=shard_size,
+                          progress=progress, threads=threads, strict=strict, provenance=prov, write_files=files,
+                          chunk_elems=chunk_elems, label="diff")
+    _write_timings(output, timings, stats)
+    return Result(output, plan, prov, stats, timings)
+
+
+def apply(delta, to, output, *, scale: float = 1.0, vocab_policy: str = "error", shape_policy: str = "error",
+          key_map=None, include=None, exclude=None, scale_map=None, compute_dtype: str = "auto",
+          out_dtype: str | None = None, config_from: str = "target", tokenizer_from: str = "target",
+          chat_template_from: str = "source-finetuned", shard_size: str | int = DEFAULT_SHARD_SIZE,
+          overwrite: bool = False, dry_run: bool = False, force: bool = False, allow_pickle: bool = False,
+          strict: bool = False, threads: int | None = None, progress: bool = False,
+          chunk_elems: int = DEFAULT_CHUNK_ELEMS) -> Result:
+    """Write ``to + scale·Δ`` where Δ is a ``deltaport diff`` directory.
+
+    The target must have the structure (tensor names, shapes, dtypes) of the base the delta was made
+    on; ``force=True`` applies to matching tensors anyway and records that in provenance.
+    """
+    pol = make_policies(scale=scale, vocab_policy=vocab_policy, shape_policy=shape_policy, key_map=key_map,
+                        include=include, exclude=exclude, scale_map=scale_map, compute_dtype=compute_dtype, out_dtype=out_dtype)
+    dk = open_checkpoint(delta)
+    tb = open_checkpoint(to, allow_pickle=allow_pickle, require_config=True)
+    if tb.kind in ("lora", "delta"):
+        raise InputError(f"--to {tb.source} is a {tb.kind} directory, not a model")
+    plan = plan_apply(dk, tb, pol, force=force)
+    if dry_run:
+        return Result(None, plan)
+    src_files = dk.dir / "source_finetuned"
+    src_files = src_files if src_files.is_dir() else None
+    config_src = _resolve_src(config_from, "--config-from", tb.dir, src_files)
+    tok_src = _resolve_src(tokenizer_from, "--tokenizer-from", tb.dir, src_files)
+    chat_src = _resolve_src(chat_template_from, "--chat-template-from", tb.dir, src_files or tb.dir)
+    output = Path(output)
+    prov = {
+        "deltaport_version": deltaport.__version__, "kind": "model", "operation": "apply",
+        "formula": "target_base + scale * delta",
+        "inputs": {"delta": _input_record(dk), "target_base": _input_record(tb)},
+        "delta_provenance": {k: dk.provenance.get(k) for k in ("inputs", "delta_dtype", "policies")},
+        "scale": pol.scale, "policies": _policy_record(pol), "compute_dtype": dtype_name(plan.compute_dtype),
+        "choices": {"config_from": config_from, "tokenizer_from": tokenizer_from, "chat_template_from": chat_template_from},
+        "forced": plan.info.get("forced"), "skipped": plan.skipped, "warnings": plan.warnings, "summary": plan.summary(),
+    }
+
+    def files(tmp: Path):
+        rec = write_model_files(tmp, config_src=config_src, tokenizer_src=tok_src, chat_src=chat_src,
+                                vocab_rows=plan.vocab_rows, out_dtype=_uniform_dtype(plan) if out_dtype else None)
+        rec["config_check"] = check_config_against_plan(tmp, {op.name: op.shape for op in plan.ops})
+        return rec
+
+    stats, timings = _run(plan, output, inputs=[dk.dir, tb.dir], overwrite=overwrite, shard_size=shard_size,
+                          progress=progress, threads=threads, strict=strict, provenance=prov, write_files=files,
+                          chunk_elems=chunk_elems, label="apply")
+    _write_timings(output, timings, stats)
+    return Result(output, plan, prov, stats, timings)

@@ -1,0 +1,641 @@
+"""Plans: decide, from headers only, what every output tensor is made of.
+
+A :class:`Plan` lists one :class:`TensorOp` per output tensor (``out = [c] + λ·(a − b)`` with
+optional row maps for vocabulary policies), the tensors skipped and why, and warnings. Every
+problem found is collected and reported at once (:class:`~deltaport.errors.PlanError`), before a
+single tensor byte is read.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from deltaport.errors import InputError, PlanError
+from deltaport.io.checkpoint import FLOAT_DTYPES, Checkpoint, TensorSpec, dtype_name
+
+LOG = logging.getLogger(__name__)
+
+VOCAB_POLICIES = ("error", "pad", "align")
+SHAPE_POLICIES = ("error", "skip")
+EMBED_PATTERNS = (r"(^|\.)embed_tokens\.weight$", r"(^|\.)lm_head\.weight$", r"(^|\.)wte\.weight$",
+                  r"(^|\.)embed_out\.weight$", r"(^|\.)word_embeddings\.weight$", r"(^|\.)output\.weight$",
+                  r"(^|\.)embeddings\.weight$")
+
+
+def is_vocab_tensor(name: str) -> bool:
+    return any(re.search(p, name) for p in EMBED_PATTERNS)
+
+
+@dataclass
+class Term:
+    """One input of an output tensor. ``rowmap`` (for vocab ``align``) maps output row -> input row
+    (-1 = zeros). Without a rowmap, output element i reads input element i, zeros past the input's end
+    (which is exactly zero-padding rows, since tensors are row-major)."""
+
+    ck: Checkpoint
+    spec: TensorSpec
+    rowmap: torch.Tensor | None = None
+
+
+@dataclass
+class LoraTerm:
+    """Δ = scaling · B @ A, from a PEFT adapter."""
+
+    a: TensorSpec
+    b: TensorSpec
+    ck: Checkpoint
+    scaling: float
+
+
+@dataclass
+class TensorOp:
+    name: str
+    shape: tuple[int, ...]
+    out_dtype: torch.dtype
+    kind: str  # "copy" (target bytes) | "delta" (out = [base] + scale * (plus - minus))
+    base: Term | None = None
+    plus: Term | None = None
+    minus: Term | None = None
+    lora: LoraTerm | None = None
+    scale: float = 1.0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * torch.empty((), dtype=self.out_dtype).element_size()
+
+    def inputs(self) -> list[Term]:
+        return [t for t in (self.base, self.plus, self.minus) if t is not None]
+
+
+@dataclass
+class Plan:
+    operation: str  # transfer | diff | apply
+    ops: list[TensorOp]
+    compute_dtype: torch.dtype
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    vocab_rows: int | None = None  # rows of the output embedding if a vocab policy changed them
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def total_out_bytes(self) -> int:
+        return sum(op.nbytes for op in self.ops)
+
+    @property
+    def total_in_bytes(self) -> int:
+        return sum(t.spec.nbytes for op in self.ops for t in op.inputs())
+
+    def summary(self) -> dict[str, Any]:
+        kinds: dict[str, int] = {}
+        for op in self.ops:
+            kinds[op.kind] = kinds.get(op.kind, 0) + 1
+        return {
+            "operation": self.operation,
+            "tensors": len(self.ops),
+            "by_kind": kinds,
+            "skipped": len(self.skipped),
+            "compute_dtype": dtype_name(self.compute_dtype),
+            "output_bytes": self.total_out_bytes,
+            "input_bytes": self.total_in_bytes,
+        }
+
+    def describe(self) -> str:
+        """Human-readable plan (``--dry-run``)."""
+        lines = [f"plan: {self.operation}, {len(self.ops)} output tensors, compute dtype {dtype_name(self.compute_dtype)}, "
+                 f"reads {self.total_in_bytes / 1e6:.1f} MB, writes {self.total_out_bytes / 1e6:.1f} MB"]
+        for op in self.ops:
+            scale = f" x{op.scale:g}" if op.kind == "delta" else ""
+            notes = f"  [{'; '.join(op.notes)}]" if op.notes else ""
+            lines.append(f"  {op.kind:5s}{scale:7s} {op.name} {list(op.shape)} {dtype_name(op.out_dtype)}{notes}")
+        for s in self.skipped:
+            lines.append(f"  skipped: {s['name']}: {s['reason']}")
+        for w in self.warnings:
+            lines.append(f"  warning: {w}")
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
+# options
+
+
+@dataclass
+class Policies:
+    scale: float = 1.0
+    vocab_policy: str = "error"
+    shape_policy: str = "error"
+    key_map: list[tuple[re.Pattern, str]] = field(default_factory=list)
+    include: list[re.Pattern] = field(default_factory=list)
+    exclude: list[re.Pattern] = field(default_factory=list)
+    scale_map: list[tuple[re.Pattern, float]] = field(default_factory=list)
+    compute_dtype: str = "auto"
+    out_dtype: str | None = None
+
+    def validate(self) -> None:
+        if self.vocab_policy not in VOCAB_POLICIES:
+            raise InputError(f"--vocab-policy must be one of {', '.join(VOCAB_POLICIES)}, not {self.vocab_policy!r}")
+        if self.shape_policy not in SHAPE_POLICIES:
+            raise InputError(f"--shape-policy must be one of {', '.join(SHAPE_POLICIES)}, not {self.shape_policy!r}")
+        if self.compute_dtype not in ("auto", "float32", "float64"):
+            raise InputError(f"--compute-dtype must be auto, float32 or float64, not {self.compute_dtype!r}")
+        for x in [self.scale] + [s for _, s in self.scale_map]:
+            if x != x or x in (float("inf"), float("-inf")):
+                raise InputError(f"scale {x} is not finite")
+
+    def scale_for(self, name: str) -> float:
+        for pat, s in self.scale_map:
+            if pat.search(name):
+                return s
+        return self.scale
+
+    def selected(self, name: str) -> bool:
+        if self.include and not any(p.search(name) for p in self.include):
+            return False
+        return not any(p.search(name) for p in self.exclude)
+
+    def map_key(self, name: str) -> str:
+        for pat, repl in self.key_map:
+            if pat.search(name):
+                return pat.sub(repl, name)
+        return name
+
+
+def _compile(regex: str, flag: str) -> re.Pattern:
+    try:
+        return re.compile(regex)
+    except re.error as exc:
+        raise InputError(f"{flag}: invalid regular expression {regex!r}: {exc}") from None
+
+
+def _load_yaml(path: str | Path, flag: str) -> Any:
+    import yaml
+
+    p = Path(path)
+    try:
+        return yaml.safe_load(p.read_text())
+    except OSError as exc:
+        raise InputError(f"{flag}: cannot read {p}: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise InputError(f"{flag}: {p} is not valid YAML: {exc}") from None
+
+
+def make_policies(*, scale: float = 1.0, vocab_policy: str = "error", shape_policy: str = "error",
+                  key_map: str | Path | dict | None = None, include: list[str] | None = None,
+                  exclude: list[str] | None = None, scale_map: str | Path | dict | None = None,
+                  compute_dtype: str = "auto", out_dtype: str | None = None) -> Policies:
+    """Build validated :class:`Policies` from CLI-shaped options (YAML paths or dicts for the maps).
+
+    ``key_map``: ``{target_name_regex: source_name_replacement}`` (``re.sub`` syntax, first match wins).
+    ``scale_map``: ``{tensor_name_regex: λ}`` (first match wins, others use ``scale``).
+    """
+    km = _load_yaml(key_map, "--key-map") if isinstance(key_map, (str, Path)) else key_map
+    sm = _load_yaml(scale_map, "--scale-map") if isinstance(scale_map, (str, Path)) else scale_map
+    if km is not None and not isinstance(km, dict):
+        raise InputError("--key-map must be a YAML mapping {target_regex: source_replacement}")
+    if sm is not None and not isinstance(sm, dict):
+        raise InputError("--scale-map must be a YAML mapping {regex: scale}")
+    scale_items = []
+    for k, v in (sm or {}).items():
+        try:
+            scale_items.append((_compile(str(k), "--scale-map"), float(v)))
+        except (TypeError, ValueError):
+            raise InputError(f"--scale-map: scale for {k!r} must be a number, got {v!r}") from None
+    pol = Policies(
+        scale=float(scale), vocab_policy=vocab_policy, shape_policy=shape_policy,
+        key_map=[(_compile(str(k), "--key-map"), str(v)) for k, v in (km or {}).items()],
+        include=[_compile(r, "--include") for r in include or []],
+        exclude=[_compile(r, "--exclude") for r in exclude or []],
+        scale_map=scale_items, compute_dtype=compute_dtype, out_dtype=out_dtype,
+    )
+    pol.validate()
+    return pol
+
+
+def choose_compute_dtype(policy: str, dtypes: set[torch.dtype]) -> torch.dtype:
+    """``auto``: float32 when every input is 16-bit (exact for the identities), float64 when any input
+    is float32/float64 (float32 arithmetic on float32 inputs would round ``b + (a - b)`` away from ``a``)."""
+    if policy == "float64":
+        return torch.float64
+    if policy == "float32":
+        return torch.float32
+    wide = {torch.float32, torch.float64}
+    return torch.float64 if dtypes & wide else torch.float32
+
+
+def _tied(ck: Checkpoint) -> bool:
+    cfg = ck.config or {}
+    tie = cfg.get("tie_word_embeddings")
+    if tie is None and isinstance(cfg.get("text_config"), dict):
+        tie = cfg["text_config"].get("tie_word_embeddings")
+    return bool(tie) if tie is not None else False
+
+
+def _embed_name(ck: Checkpoint) -> str | None:
+    for n in ck.tensors:
+        if re.search(r"(^|\.)embed_tokens\.weight$", n):
+            return n
+    return None
+
+
+def _source_name(ck: Checkpoint, name: str) -> tuple[str | None, str | None]:
+    """Find ``name`` in ``ck``; a missing lm_head of a tied checkpoint resolves to its input embedding."""
+    if name in ck.tensors:
+        return name, None
+    if re.search(r"(^|\.)lm_head\.weight$", name) and _tied(ck):
+        emb = _embed_name(ck)
+        if emb:
+            return emb, f"{ck.source} ties lm_head to {emb}; its Δ is used once"
+    return None, None
+
+
+# --------------------------------------------------------------------------------------------------
+# vocabulary alignment
+
+
+def load_vocab(directory: Path) -> dict[str, int]:
+    """token string -> id, through transformers (never trust_remote_code)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(directory), trust_remote_code=False)
+    except Exception as exc:  # noqa: BLE001
+        raise PlanError(f"--vocab-policy align needs the tokenizer of {directory}, which failed to load: {exc}") from None
+    return dict(tok.get_vocab())
+
+
+def align_rowmap(src_vocab: dict[str, int], tgt_vocab: dict[str, int], tgt_rows: int, src_rows: int) -> tuple[torch.Tensor, int]:
+    """Output (target) row j -> source row of the same token string, -1 for target-only tokens."""
+    m = torch.full((tgt_rows,), -1, dtype=torch.int64)
+    shared = 0
+    for tok, j in tgt_vocab.items():
+        i = src_vocab.get(tok)
+        if i is not None and 0 <= j < tgt_rows and 0 <= i < src_rows:
+            m[j] = i
+            shared += 1
+    return m, shared
+
+
+# --------------------------------------------------------------------------------------------------
+# planners
+
+
+class _Problems:
+    def __init__(self, what: str):
+        self.what = what
+        self.items: list[str] = []
+
+    def add(self, msg: str) -> None:
+        self.items.append(msg)
+
+    def raise_if_any(self) -> None:
+        if self.items:
+            n = len(self.items)
+            shown = self.items[:20]
+            more = f"\n  ... and {n - 20} more" if n > 20 else ""
+            raise PlanError(f"{self.what}: {n} problem(s) found before reading any weights:\n  " + "\n  ".join(shown) + more)
+
+
+def _out_dtype(pol: Policies, default: torch.dtype) -> torch.dtype:
+    if pol.out_dtype in (None, "", "auto", "target"):
+        return default
+    from deltaport.io.checkpoint import parse_dtype
+
+    return parse_dtype(pol.out_dtype)
+
+
+def _check_dtypes(name: str, specs: list[tuple[str, TensorSpec]], probs: _Problems) -> bool:
+    """True when all are floating point. Mixed float/non-float cannot be combined."""
+    floats = [s.dtype in FLOAT_DTYPES for _, s in specs]
+    if all(floats):
+        return True
+    if not any(floats):
+        return False
+    desc = ", ".join(f"{who} {dtype_name(s.dtype)}" for who, s in specs)
+    probs.add(f"{name}: dtypes cannot be combined ({desc}); a difference needs floating-point tensors on "
+              "every side. Exclude it with --exclude, or fix the checkpoint that stores it as an integer.")
+    return False
+
+
+def plan_transfer(sb: Checkpoint, sf: Checkpoint, tb: Checkpoint, pol: Policies) -> Plan:
+    """Plan ``out = tb + λ·(sf − sb)`` over the target's tensors."""
+    probs = _Problems("cannot plan the transfer")
+    plan = Plan("transfer", [], torch.float32)
+    dtypes: set[torch.dtype] = set()
+    used_src: set[str] = set()
+    align_maps: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    if sf.kind == "lora":
+        return _plan_lora_transfer(sb, sf, tb, pol)
+
+    def vocab_maps():
+        if "maps" not in align_maps:
+            src_vocab = load_vocab(sf.dir)
+            base_vocab = load_vocab(sb.dir)
+            tgt_vocab = load_vocab(tb.dir)
+            align_maps["maps"] = (src_vocab, base_vocab, tgt_vocab)
+        return align_maps["maps"]
+
+    for name, c in tb.tensors.items():
+        src = pol.map_key(name)
+        a_name, note_a = _source_name(sf, src)
+        b_name, note_b = _source_name(sb, src)
+        if a_name is None or b_name is None:
+            where = " and ".join(w for w, n in (("source-finetuned", a_name), ("source-base", b_name)) if n is None)
+            msg = f"{name}" + (f" (mapped to {src})" if src != name else "") + f" is in the target but not in {where}"
+            if pol.shape_policy == "skip":
+                plan.skipped.append({"name": name, "reason": msg})
+                plan.ops.append(TensorOp(name, c.shape, _out_dtype(pol, c.dtype), "copy", base=Term(tb, c), notes=["not in source: copied from target"]))
+            else:
+                probs.add(msg + "; use --key-map for renamed modules or --shape-policy skip to copy it from the target")
+            continue
+        used_src.update({a_name, b_name})
+        a, b = sf.tensors[a_name], sb.tensors[b_name]
+        out_dtype = _out_dtype(pol, c.dtype)
+        notes = [n for n in (note_a, note_b) if n]
+        if not _check_dtypes(name, [("source-base", b), ("source-finetuned", a), ("target", c)], probs):
+            if a.dtype in FLOAT_DTYPES or c.dtype in FLOAT_DTYPES:
+                continue
+            plan.ops.append(TensorOp(name, c.shape, c.dtype, "copy", base=Term(tb, c), notes=["non-float: copied from target"]))
+            continue
+        if not pol.selected(name):
+            plan.ops.append(TensorOp(name, c.shape, out_dtype, "copy", base=Term(tb, c), notes=["not selected by --include/--exclude"]))
+            continue
+        scale = pol.scale_for(name)
+        shapes_equal = a.shape == b.shape == c.shape
+        if shapes_equal:
+            dtypes.update({a.dtype, b.dtype, c.dtype})
+            plan.ops.append(TensorOp(name, c.shape, out_dtype, "delta", Term(tb, c), Term(sf, a), Term(sb, b), scale=scale, notes=notes))
+            continue
+        rows_only = (len(a.shape) == len(b.shape) == len(c.shape) >= 1 and a.shape[1:] == b.shape[1:] == c.shape[1:])
+        if rows_only and is_vocab_tensor(name):
+            desc = f"source-base {list(b.shape)}, source-finetuned {list(a.shape)}, target {list(c.shape)}"
+            if pol.vocab_policy == "error":
+                probs.add(f"{name}: vocabulary sizes differ ({desc}). Choose --vocab-policy pad (official script: "
+                          "zero rows appended to the shorter models, new tokens get the fine-tuned rows) or "
+                          "--vocab-policy align (rows matched by token string using both tokenizers; "
+                          "target-only tokens get no Δ)")
+                continue
+            dtypes.update({a.dtype, b.dtype, c.dtype})
+            if pol.vocab_policy == "pad":
+                rows = max(a.shape[0], b.shape[0], c.shape[0])
+                shape = (rows, *c.shape[1:])
+                plan.vocab_rows = rows
+                plan.ops.append(TensorOp(name, shape, out_dtype, "delta", Term(tb, c), Term(sf, a), Term(sb, b), scale=scale,
+                                         notes=notes + [f"vocab pad: {desc} -> {rows} rows, missing rows are zeros"]))
+            else:  # align
+                src_vocab, base_vocab, tgt_vocab = vocab_maps()
+                amap, shared = align_rowmap(src_vocab, tgt_vocab, c.shape[0], a.shape[0])
+                bmap, _ = align_rowmap(src_vocab, tgt_vocab, c.shape[0], b.shape[0])
+                plan.ops.append(TensorOp(name, c.shape, out_dtype, "delta", Term(tb, c), Term(sf, a, amap), Term(sb, b, bmap), scale=scale,
+                                         notes=notes + [f"vocab align: {shared} of {c.shape[0]} target rows matched by token string; {desc}"]))
+            continue
+        msg = (f"{name}: shapes differ (source-base {list(b.shape)}, source-finetuned {list(a.shape)}, "
+               f"target {list(c.shape)})")
+        if pol.shape_policy == "skip":
+            plan.skipped.append({"name": name, "reason": msg})
+            plan.ops.append(TensorOp(name, c.shape, out_dtype, "copy", base=Term(tb, c), notes=["shape mismatch: copied from target"]))
+        else:
+            probs.add(msg + "; use --shape-policy skip to transfer only shape-matching tensors (paper App. B.3)")
+
+    # source tensors the target never asked for
+    for who, ck in (("source-finetuned", sf), ("source-base", sb)):
+        extra = [n for n in ck.tensors if n not in used_src and not _tied_alias(ck, n, tb)]
+        for n in extra:
+            msg = f"{n} is in the {who} but has no counterpart in the target"
+            if pol.shape_policy == "skip":
+                if not any(s["name"] == n for s in plan.skipped):
+                    plan.skipped.append({"name": n, "reason": msg})
+            else:
+                probs.add(msg + "; use --key-map for renamed modules or --shape-policy skip to leave it out")
+    # the two source models must agree with each other on shapes
+    for n in used_src:
+        if n in sf.tensors and n in sb.tensors and sf.tensors[n].shape != sb.tensors[n].shape and not is_vocab_tensor(n):
+            probs.add(f"{n}: source-base {list(sb.tensors[n].shape)} vs source-finetuned {list(sf.tensors[n].shape)}; "
+                      "the source pair must share shapes")
+    probs.raise_if_any()
+    plan.compute_dtype = choose_compute_dtype(pol.compute_dtype, dtypes)
+    if _tied(tb):
+        plan.warnings.append("target ties input/output embeddings: the shared matrix receives Δ once")
+    return plan
+
+
+def _tied_alias(ck: Checkpoint, name: str, tb: Checkpoint) -> bool:
+    """A source lm_head with no counterpart in a tied target is dropped on purpose (reported as skipped elsewhere)."""
+    return False
+
+
+def _plan_lora_transfer(sb: Checkpoint, sf: Checkpoint, tb: Checkpoint, pol: Policies) -> Plan:
+    """Finetuned side is a PEFT LoRA adapter: Δ(W) = scaling · B @ A for adapted modules, 0 elsewhere."""
+    probs = _Problems("cannot plan the LoRA transfer")
+    cfg = sf.lora or {}
+    r = cfg.get("r", 8)
+    alpha = cfg.get("lora_alpha", r)
+    scaling = alpha / (r ** 0.5) if cfg.get("use_rslora") else alpha / r
+    if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
+        probs.add(f"LoRA adapter {sf.dir}: rank_pattern/alpha_pattern are not supported yet; merge it with peft first")
+    loras: dict[str, dict[str, TensorSpec]] = {}
+    full: dict[str, TensorSpec] = {}
+    for n, spec in sf.tensors.items():
+        m = re.match(r"^(?:base_model\.model\.)?(.*)\.lora_([AB])(?:\.default)?\.weight$", n)
+        if m:
+            loras.setdefault(m.group(1) + ".weight", {})[m.group(2)] = spec
+            continue
+        m = re.match(r"^(?:base_model\.model\.)?(.*?)(?:\.modules_to_save(?:\.default)?)?(\.weight|\.bias)$", n)
+        if m and "modules_to_save" in n:
+            full[m.group(1) + m.group(2)] = spec
+            continue
+        probs.add(f"LoRA adapter tensor {n} is not a lora_A/lora_B/modules_to_save weight (DoRA and other variants "
+                  "are not supported; merge the adapter with peft and pass the merged model)")
+    plan = Plan("transfer", [], torch.float32)
+    dtypes: set[torch.dtype] = set()
+    for name, c in tb.tensors.items():
+        out_dtype = _out_dtype(pol, c.dtype)
+        src = pol.map_key(name)
+        if not pol.selected(name) or (src not in loras and src not in full):
+            notes = ["not adapted by the LoRA: Δ = 0, copied from target"] if pol.selected(name) else ["not selected"]
+            plan.ops.append(TensorOp(name, c.shape, out_dtype, "copy", base=Term(tb, c), notes=notes))
+            continue
+        scale = pol.scale_for(name)
+        if src in full:
+            if src not in sb.tensors or sb.tensors[src].shape != full[src].shape or c.shape != full[src].shape:
+                probs.add(f"{name}: modules_to_save weight does not match source base/target shapes")
+                continue
+            dtypes.update({c.dtype, full[src].dtype})
+            plan.ops.append(TensorOp(name, c.shape, out_dtype, "delta", Term(tb, c), Term(sf, full[src]), Term(sb, sb.tensors[src]), scale=scale, notes=["modules_to_save"]))
+            continue
+        ab = loras[src]
+        if set(ab) != {"A", "B"}:
+            probs.add(f"{name}: LoRA adapter has only lora_{''.join(ab)}")
+            continue
+        if (ab["B"].shape[0], ab["A"].shape[1]) != tuple(c.shape):
+            probs.add(f"{name}: LoRA B@A has shape {[ab['B'].shape[0], ab['A'].shape[1]]} but the target has {list(c.shape)}")
+            continue
+        dtypes.add(c.dtype)
+        plan.ops.append(TensorOp(name, c.shape, out_dtype, "delta", base=Term(tb, c), lora=LoraTerm(ab["A"], ab["B"], sf, scaling), scale=scale,
+                                 notes=[f"LoRA r={r} scaling={scaling:g}"]))
+    missing = (set(loras) | set(full)) - {pol.map_key(n) for n in tb.tensors}
+    for n in sorted(missing):
+        probs.add(f"LoRA adapts {n}, which the target does not have")
+    probs.raise_if_any()
+    plan.compute_dtype = choose_compute_dtype(pol.compute_dtype, dtypes)
+    plan.info["lora"] = {"r": r, "lora_alpha": alpha, "scaling": scaling, "use_rslora": bool(cfg.get("use_rslora"))}
+    return plan
+
+
+def delta_dtype_for(inputs: set[torch.dtype], requested: str | None) -> torch.dtype:
+    """Stored Δ dtype: exact by default (float32 for 16-bit inputs, float64 for float32 inputs)."""
+    if requested not in (None, "", "auto"):
+        from deltaport.io.checkpoint import parse_dtype
+
+        return parse_dtype(requested)
+    return torch.float64 if inputs & {torch.float32, torch.float64} else torch.float32
+
+
+def plan_diff(sb: Checkpoint, sf: Checkpoint, pol: Policies, delta_dtype: str | None = None) -> Plan:
+    """Plan ``Δ = sf − sb`` over the finetuned model's tensors (stored unscaled)."""
+    if sf.kind == "lora":
+        tmp = _plan_lora_transfer(sb, sf, sb, pol)  # Δ over the base's tensors
+        plan = Plan("diff", [], tmp.compute_dtype, info=tmp.info)
+        ddt = delta_dtype_for({o.base.spec.dtype for o in tmp.ops if o.base}, delta_dtype)
+        for op in tmp.ops:
+            if op.kind == "copy":
+                continue  # Δ = 0: not stored; apply copies the target for tensors absent from the delta
+            op.base, op.out_dtype, op.scale = None, ddt, 1.0
+            plan.ops.append(op)
+        return plan
+    probs = _Problems("cannot plan the diff")
+    plan = Plan("diff", [], torch.float32)
+    dtypes: set[torch.dtype] = set()
+    for name, a in sf.tensors.items():
+        src = pol.map_key(name)
+        b_name, note = _source_name(sb, src)
+        if b_name is None:
+            msg = f"{name} is in the finetuned model but not in the base"
+            if pol.shape_policy == "skip":
+                plan.skipped.append({"name": name, "reason": msg})
+            else:
+                probs.add(msg + "; use --key-map for renamed modules or --shape-policy skip to leave it out")
+            continue
+        b = sb.tensors[b_name]
+        if not _check_dtypes(name, [("base", b), ("finetuned", a)], probs):
+            if a.dtype in FLOAT_DTYPES or b.dtype in FLOAT_DTYPES:
+                continue
+            plan.skipped.append({"name": name, "reason": "non-float tensor: no Δ"})
+            continue
+        if not pol.selected(name):
+            plan.skipped.append({"name": name, "reason": "not selected by --include/--exclude"})
+            continue
+        if a.shape != b.shape:
+            rows_only = len(a.shape) == len(b.shape) >= 1 and a.shape[1:] == b.shape[1:]
+            desc = f"base {list(b.shape)}, finetuned {list(a.shape)}"
+            if rows_only and is_vocab_tensor(name) and pol.vocab_policy == "pad":
+                rows = max(a.shape[0], b.shape[0])
+                dtypes.update({a.dtype, b.dtype})
+                plan.vocab_rows = rows
+                plan.ops.append(TensorOp(name, (rows, *a.shape[1:]), a.dtype, "delta", None, Term(sf, a), Term(sb, b),
+                                         notes=[f"vocab pad: {desc}"]))
+                continue
+            if rows_only and is_vocab_tensor(name):
+                probs.add(f"{name}: vocabulary sizes differ ({desc}); use --vocab-policy pad for diff "
+                          "(align needs the target's tokenizer: use `deltaport transfer --vocab-policy align`)")
+                continue
+            if pol.shape_policy == "skip":
+                plan.skipped.append({"name": name, "reason": f"shapes differ ({desc})"})
+                continue
+            probs.add(f"{name}: shapes differ ({desc}); use --shape-policy skip to leave it out")
+            continue
+        dtypes.update({a.dtype, b.dtype})
+        plan.ops.append(TensorOp(name, a.shape, a.dtype, "delta", None, Term(sf, a), Term(sb, b), notes=[note] if note else []))
+    for n in sb.tensors:
+        if n not in {pol.map_key(x) for x in sf.tensors} and not (re.search(r"lm_head\.weight$", n) and _tied(sf)):
+            msg = f"{n} is in the base but not in the finetuned model"
+            if pol.shape_policy == "skip":
+                plan.skipped.append({"name": n, "reason": msg})
+            else:
+                probs.add(msg + "; use --shape-policy skip to leave it out")
+    probs.raise_if_any()
+    plan.compute_dtype = choose_compute_dtype(pol.compute_dtype, dtypes)
+    ddt = delta_dtype_for(dtypes, delta_dtype)
+    for op in plan.ops:
+        op.out_dtype = ddt
+    return plan
+
+
+def plan_apply(delta: Checkpoint, tb: Checkpoint, pol: Policies, *, force: bool = False) -> Plan:
+    """Plan ``out = tb + λ·Δ`` where Δ comes from a ``deltaport diff`` directory."""
+    prov = delta.provenance or {}
+    if prov.get("kind") != "delta":
+        raise PlanError(f"{delta.dir} is not a deltaport delta (no deltaport.json with kind 'delta'); "
+                        "create one with `deltaport diff --base B --finetuned F -o DELTA`")
+    probs = _Problems("cannot apply the delta")
+    plan = Plan("apply", [], torch.float32)
+    recorded = prov.get("base", {}).get("tensors", {})  # name -> [dtype, shape]
+    want_sig = prov.get("base", {}).get("structure")
+    got_sig = tb.structure_signature()
+    mismatch = []
+    if want_sig and want_sig != got_sig:
+        for n, (dt, shape) in recorded.items():
+            if n not in tb.tensors:
+                mismatch.append(f"{n} missing from target")
+            elif list(tb.tensors[n].shape) != list(shape) or dtype_name(tb.tensors[n].dtype) != dt:
+                mismatch.append(f"{n}: delta recorded {dt} {shape}, target has {dtype_name(tb.tensors[n].dtype)} {list(tb.tensors[n].shape)}")
+        for n in tb.tensors:
+            if n not in recorded:
+                mismatch.append(f"{n} in target but not in the delta's base")
+        if not mismatch:
+            mismatch.append("structure signature differs")
+        if not force:
+            shown = "\n  ".join(mismatch[:20])
+            raise PlanError(f"target {tb.source} does not match the structure the delta was made on "
+                            f"(base {prov.get('base', {}).get('source')}); {len(mismatch)} difference(s):\n  {shown}\n"
+                            "Use a target of the same architecture and size, or pass --force to apply to matching "
+                            "tensors anyway (recorded in provenance).")
+        plan.warnings.append(f"--force: target structure differs from the delta's base ({len(mismatch)} differences)")
+        plan.info["forced"] = mismatch[:50]
+    dtypes: set[torch.dtype] = set()
+    for name, c in tb.tensors.items():
+        out_dtype = _out_dtype(pol, c.dtype)
+        d_name, note = _source_name(delta, pol.map_key(name))
+        if d_name is None or not pol.selected(name) or c.dtype not in FLOAT_DTYPES:
+            why = "no Δ for this tensor" if d_name is None else ("not selected" if c.dtype in FLOAT_DTYPES else "non-float")
+            plan.ops.append(TensorOp(name, c.shape, out_dtype if c.dtype in FLOAT_DTYPES else c.dtype, "copy", base=Term(tb, c), notes=[why + ": copied from target"]))
+            continue
+        d = delta.tensors[d_name]
+        scale = pol.scale_for(name)
+        if d.shape != c.shape:
+            rows_only = len(d.shape) == len(c.shape) >= 1 and d.shape[1:] == c.shape[1:]
+            if rows_only and is_vocab_tensor(name) and (pol.vocab_policy == "pad" or prov.get("policies", {}).get("vocab_policy") == "pad"):
+                rows = max(d.shape[0], c.shape[0])
+                plan.vocab_rows = rows
+                dtypes.update({c.dtype, d.dtype})
+                plan.ops.append(TensorOp(name, (rows, *c.shape[1:]), out_dtype, "delta", Term(tb, c), Term(delta, d), None, scale=scale,
+                                         notes=[f"vocab pad: delta {list(d.shape)}, target {list(c.shape)}"]))
+                continue
+            msg = f"{name}: delta {list(d.shape)} vs target {list(c.shape)}"
+            if pol.shape_policy == "skip" or force:
+                plan.skipped.append({"name": name, "reason": msg})
+                plan.ops.append(TensorOp(name, c.shape, out_dtype, "copy", base=Term(tb, c), notes=["shape mismatch: copied"]))
+            else:
+                probs.add(msg + "; use --vocab-policy pad for vocabulary rows or --shape-policy skip")
+            continue
+        dtypes.update({c.dtype})
+        plan.ops.append(TensorOp(name, c.shape, out_dtype, "delta", Term(tb, c), Term(delta, d), None, scale=scale, notes=[note] if note else []))
+    probs.raise_if_any()
+    plan.compute_dtype = choose_compute_dtype(pol.compute_dtype, dtypes)
+    # the delta's own dtype must not be rounded before use: compute at least as wide as it
+    if any(op.plus is not None and op.plus.spec.dtype == torch.float64 for op in plan.ops):
+        plan.compute_dtype = torch.float64
+    return plan
