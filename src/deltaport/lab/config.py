@@ -82,6 +82,10 @@ class LabConfig:
     """items per eval task (None = all)"""
     curve_pairs: list[list[str]] = field(default_factory=lambda: [["M3", "M2"], ["M5", "M4"]])
     """[target, source] pairs for transfer-then-finetune convergence curves"""
+    ttf_all_pairs: bool = False
+    """transfer-then-finetune from every M_t + Δ_s (Table 4), not only the curve pairs"""
+    language_pair: list[str] | None = None
+    """[source, target] for the second-language experiment (default: the last two versions)"""
     connectivity_points: int = 11
     connectivity_items: int = 64
     threads: int = 1
@@ -144,6 +148,9 @@ def validate(cfg: LabConfig) -> list[str]:
     for pair in cfg.curve_pairs:
         if len(pair) != 2 or any(p not in cfg.versions for p in pair) or pair[0] == pair[1]:
             errors.append(f"curve_pairs: {pair!r} must be [target, source], two different versions of `versions`")
+    if cfg.language_pair is not None and (len(cfg.language_pair) != 2 or any(
+            p not in cfg.versions for p in cfg.language_pair)):
+        errors.append("language_pair: must be [source, target], two versions of `versions`")
     if cfg.model.hidden_size % cfg.model.num_attention_heads:
         errors.append("model.hidden_size must be divisible by model.num_attention_heads")
     if cfg.finetune.curve_every <= 0 or cfg.finetune.steps <= 0:

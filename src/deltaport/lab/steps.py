@@ -16,6 +16,7 @@ Which implementation ran each kind of step is recorded in ``Steps.backends`` ("d
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -27,6 +28,7 @@ from deltaport.lab.store import JsonCache, atomic_dir, model_hash, step_key
 LOG = logging.getLogger(__name__)
 
 
+@functools.lru_cache(maxsize=None)
 def _library(name: str):
     import importlib
 

@@ -1,0 +1,345 @@
+"""Write a lab run's outputs: ``results.json``, PNG figures and ``report.md``.
+
+The report puts the paper's numbers beside ours and states, claim by claim, whether the finding
+reproduced at this scale. The verdicts are computed from the numbers by fixed rules written here
+before the first full run (see ``CLAIMS``); nothing is tuned to the result.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+# --- the paper's numbers (docs/paper.md; GSM8K unless noted) -------------------------------------
+PAPER_T3 = {  # Table 3: rows = target, cols = source delta
+    "base": {"M1": 13.2, "M2": 19.4, "M3": 24.4, "M4": 64.5, "M5": 65.5},
+    "FT": {"M1": 45.1, "M2": 50.7, "M3": 60.4, "M4": 75.7, "M5": 75.5},
+    "M1": {"M2": 19.0, "M3": 14.3, "M4": 11.8, "M5": 11.9},
+    "M2": {"M1": 26.6, "M3": 25.0, "M4": 18.0, "M5": 16.0},
+    "M3": {"M1": 32.0, "M2": 39.8, "M4": 22.6, "M5": 24.0},
+    "M4": {"M1": 27.5, "M2": 25.9, "M3": 68.6, "M5": 72.9},
+    "M5": {"M1": 19.6, "M2": 17.3, "M3": 70.3, "M4": 77.1},
+}
+PAPER_T4 = {  # Table 4: FT(M_t + Δ_s)
+    "M1": {"M2": 50.1, "M3": 48.5, "M4": 48.2, "M5": 47.6},
+    "M2": {"M1": 56.9, "M3": 57.6, "M4": 56.7, "M5": 55.6},
+    "M3": {"M1": 62.8, "M2": 62.7, "M4": 63.7, "M5": 63.5},
+    "M4": {"M1": 77.8, "M2": 78.6, "M3": 77.6, "M5": 74.6},
+    "M5": {"M1": 78.6, "M2": 78.7, "M3": 77.1, "M4": 77.0},
+}
+PAPER_T6 = {"M3": {"base": 24.4, "dir": 62.7, "iter": 63.4, "ft": 60.4},
+            "M4": {"base": 64.5, "dir": 77.6, "iter": 77.4, "ft": 75.7},
+            "M5": {"base": 65.5, "dir": 77.0, "iter": 78.6, "ft": 75.5}}
+PAPER_T1 = "Llama 3.0 + Δ3.1 (backport) avg 53.0 vs 3.0 Instruct 49.8; Llama 3.1 + Δ3.0 (recycle) 51.2 vs 3.1 Instruct 55.2"
+PAPER_T2 = ("Malagasy: 3.0 Instruct 23.1, +FT 30.8, 3.1 Instruct 27.6, 3.1 Instruct + Δ 32.3; Turkish: 30.8 / 43.2 / "
+            "27.7 / 43.2; Sinhala (target already better): 23.3 / 29.0 / 33.0 / 32.3")
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.1f}"
+
+
+def _frac(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.0f} %"
+
+
+def _paper_recovery(t: str, s: str) -> float | None:
+    try:
+        b, f, m = PAPER_T3["base"][t], PAPER_T3["FT"][t], PAPER_T3[t][s]
+    except KeyError:
+        return None
+    return (m - b) / (f - b)
+
+
+def claims(r: dict) -> list[dict]:
+    """Fixed rules: each paper finding, whether our numbers show it, and the evidence."""
+    out = []
+    sc = r["scores"]
+    V = r["config"]["versions"]
+    chance = r["chance"]
+    g = r.get("grid")
+    if g:
+        last, prev = V[-1], V[-2]
+        rec = (sc[f"{last}+Δ{prev[1:]}"]["heldout"] - sc[last]["heldout"]) / max(
+            1e-9, sc[f"FT({last})"]["heldout"] - sc[last]["heldout"])
+        out.append({"claim": f"Recycling onto the strongest version recovers most of the fine-tuning gain "
+                             f"({last} + Δ{prev[1:]}; paper M5 + Δ4: 116 %)",
+                    "rule": "recovery ≥ 50 %", "ours": _frac(rec), "reproduced": rec >= 0.5})
+        mx = max(g["cells"]["Mx"].values())
+        out.append({"claim": "Transfer across an independent initialisation fails (Mx + Δ; the paper's "
+                             "premise of linear connectivity; TransFusion reports the same)",
+                    "rule": "max over s of Mx + Δ_s ≤ base(Mx) + 5 points",
+                    "ours": f"max {_pct(mx)} vs base {_pct(sc['Mx']['heldout'])}",
+                    "reproduced": mx <= sc["Mx"]["heldout"] + 0.05})
+        m0 = max(g["cells"]["M0"].values())
+        out.append({"claim": "Transfer onto a random initialisation fails (M0 + Δ, Table 8: at chance)",
+                    "rule": f"max over s of M0 + Δ_s ≤ chance ({_pct(chance)})", "ours": _pct(m0),
+                    "reproduced": m0 <= chance})
+        if len(V) >= 3:
+            first = V[0]
+            rf = r.get("recovery", {}).get("fraction", {})
+            weak = [x for x in rf.get(first, {}).values() if x is not None]
+            strong = [x for x in rf.get(last, {}).values() if x is not None]
+            if weak and strong:
+                out.append({"claim": "Weak (early) targets recover less of the gain than strong ones "
+                                     "(capability threshold, §4.2)",
+                            "rule": f"best recovery on {first} < best recovery on {last}",
+                            "ours": f"{_frac(max(weak))} vs {_frac(max(strong))}",
+                            "reproduced": max(weak) < max(strong)})
+    t = r.get("transfer_then_finetune")
+    if t:
+        for pair, d in t["steps_to_plain_final"].items():
+            a, b = d["first_step_transfer"], d["first_step_plain"]
+            ok = a is not None and (b is None or a < b)
+            out.append({"claim": f"Fine-tuning from {pair} reaches plain FT's final score in fewer steps "
+                                 "(Fig. 2; slides: ~1.2–3× fewer)",
+                        "rule": "first step reaching FT's final score: transfer-init < plain",
+                        "ours": f"{a} vs {b} steps", "reproduced": ok})
+    it = r.get("iterative")
+    if it and it["rows"]:
+        rows = it["rows"]
+        better = all(x["iter"] >= x["ft"] and x["dir"] >= x["ft"] for x in rows.values())
+        out.append({"claim": "Recycling-then-finetuning (Δ^dir and Δ^iter) ≥ plain FT at every link (Table 6)",
+                    "rule": "iter ≥ FT and dir ≥ FT for every version of the chain",
+                    "ours": "; ".join(f"{v}: iter {_pct(x['iter'])} dir {_pct(x['dir'])} FT {_pct(x['ft'])}"
+                                      for v, x in rows.items()), "reproduced": better})
+    bp = r.get("backport")
+    if bp and bp["rows"]:
+        gains_b = [x["backport"] - x["old_base"] for x in bp["rows"]]
+        gains_r = [x["recycle"] - x["new_base"] for x in bp["rows"]]
+        out.append({"claim": "Backporting gains more than recycling (Table 1: +16.5 vs +14.4 average)",
+                    "rule": "mean backport gain > mean recycle gain over adjacent pairs",
+                    "ours": f"{_pct(sum(gains_b) / len(gains_b))} vs {_pct(sum(gains_r) / len(gains_r))} points",
+                    "reproduced": sum(gains_b) > sum(gains_r)})
+    lg = r.get("language")
+    if lg:
+        rows = lg["rows"]
+        tgt = rows[f"FT({lg['target']})"]["heldout"]
+        merged = rows[f"FT({lg['target']})+Δb{lg['source'][1:]}"]["heldout"]
+        out.append({"claim": "A second-language fine-tune transfers to the next version's instruct model (Table 2)",
+                    "rule": "target instruct + Δ_lang > target instruct (language-b held-out items)",
+                    "ours": f"{_pct(merged)} vs {_pct(tgt)}", "reproduced": merged > tgt})
+    c = r.get("connectivity")
+    if c:
+        rho = c["spearman"].get("barrier_vs_gain")
+        out.append({"claim": "(not in the paper) The loss barrier between two bases predicts the transfer outcome",
+                    "rule": "Spearman(barrier, gain) ≤ −0.5", "ours": "–" if rho is None else f"{rho:+.2f}",
+                    "reproduced": rho is not None and rho <= -0.5})
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- figures
+def figures(r: dict, fig_dir: Path) -> dict[str, str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    out = {}
+    g = r.get("grid")
+    if g:
+        rows, cols = g["targets"], g["sources"]
+        import numpy as np
+
+        m = np.full((len(rows), len(cols)), np.nan)
+        for i, t in enumerate(rows):
+            for j, s in enumerate(cols):
+                if s in g["cells"][t]:
+                    m[i, j] = 100 * g["cells"][t][s]
+        fig, ax = plt.subplots(figsize=(1.1 * len(cols) + 2.5, 0.55 * len(rows) + 1.5))
+        im = ax.imshow(m, vmin=0, vmax=100, cmap="viridis")
+        ax.set_xticks(range(len(cols)), [f"+Δ{s[1:]}" for s in cols])
+        ax.set_yticks(range(len(rows)), [f"{t} (base {100 * g['base'][t]:.0f})" for t in rows])
+        for i in range(len(rows)):
+            for j in range(len(cols)):
+                if not np.isnan(m[i, j]):
+                    ax.text(j, i, f"{m[i, j]:.0f}", ha="center", va="center",
+                            color="white" if m[i, j] < 50 else "black", fontsize=8)
+        ax.set_title("held-out exact match of M_t + Δ_s (%)")
+        fig.colorbar(im, ax=ax, fraction=0.04)
+        fig.tight_layout()
+        p = fig_dir / "grid.png"
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        out["grid"] = str(p.relative_to(fig_dir.parent))
+    curves = r.get("curves") or {}
+    if curves:
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        for name, c in sorted(curves.items()):
+            if c:
+                xs, ys = zip(*c)
+                ax.plot(xs, [100 * y for y in ys], marker="o", ms=3, label=name,
+                        ls="--" if "+" not in name else "-")
+        ax.set_xlabel("fine-tuning step")
+        ax.set_ylabel("held-out exact match (%)")
+        ax.set_title("convergence: plain FT (dashed) vs transfer-then-finetune")
+        ax.legend(fontsize=7, ncol=2)
+        fig.tight_layout()
+        p = fig_dir / "convergence.png"
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        out["convergence"] = str(p.relative_to(fig_dir.parent))
+    c = r.get("connectivity")
+    if c:
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        for name, cv in sorted(c["curves"].items()):
+            ax.plot(cv["alphas"], cv["losses"], marker=".", label=f"{name} (barrier {cv['barrier']:.2f})",
+                    ls="--" if "Mx" in name else "-")
+        ax.set_xlabel("α  (0 = first model, 1 = second)")
+        ax.set_ylabel("text loss (nats/token)")
+        ax.set_title("loss along the straight line between two bases")
+        ax.legend(fontsize=6, ncol=2)
+        fig.tight_layout()
+        p = fig_dir / "connectivity.png"
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        out["connectivity"] = str(p.relative_to(fig_dir.parent))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- report
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def report_md(r: dict, figs: dict[str, str]) -> str:
+    cfg = r["config"]
+    V = cfg["versions"]
+    sc = r["scores"]
+    n = r["n_items"]
+    L = [f"# deltaport lab report: `{r['name']}`", "",
+         "Fine-tuning transfer (arXiv 2503.20110) reproduced on a family of tiny Llama models trained from "
+         "scratch on a synthetic world (docs/lab.md). Metric everywhere: greedy exact match (%) on "
+         f"**held-out** QA items ({n['known']} 'known' F1 facts + {n['new']} 'new' F2 facts the stage-1 models "
+         f"never read; fine-tuning saw {n['sft']} other F1 facts). Chance for a model that always answers "
+         f"some colour: {_pct(r['chance'])} %. Paper numbers are GSM8K on OLMo 2 7B (Tables 3–6) — compare "
+         "directions and shapes, not magnitudes.", ""]
+    L += ["## What reproduced", "", _table(["paper finding", "rule (fixed before the run)", "ours", "reproduced?"],
+                                           [[c["claim"], c["rule"], c["ours"], "yes" if c["reproduced"] else "**no**"]
+                                            for c in r["claims"]]), ""]
+    inv = r.get("invariants", {}).get("identity_Mi_plus_Di_equals_FT", {})
+    L += [f"Invariant M_i + Δ_i == FT(M_i), tensor-equal: "
+          + ", ".join(f"{v}: {'exact' if ok else 'NOT exact'}" for v, ok in inv.items()), ""]
+    g = r.get("grid")
+    if g:
+        L += ["## 1. Transfer grid (paper Table 3)", ""]
+        if "grid" in figs:
+            L += [f"![grid]({figs['grid']})", ""]
+        hdr = ["target \\ Δ from"] + [f"+Δ{s[1:]}" for s in g["sources"]] + ["base", "FT(M_t)"]
+        rows = []
+        for t in g["targets"]:
+            rows.append([t] + [_pct(g["cells"][t].get(s)) if s != t else "—" for s in g["sources"]]
+                        + [_pct(g["base"][t]), _pct(g["ft"].get(t))])
+        L += [_table(hdr, rows), ""]
+        prow = []
+        for t in ("M1", "M2", "M3", "M4", "M5"):
+            prow.append([t] + [str(PAPER_T3[t].get(s, "—")) for s in ("M1", "M2", "M3", "M4", "M5")]
+                        + [str(PAPER_T3["base"][t]), str(PAPER_T3["FT"][t])])
+        L += ["Paper, Table 3 (GSM8K, OLMo 2 7B checkpoints):", "",
+              _table(["target \\ Δ from", "+Δ1", "+Δ2", "+Δ3", "+Δ4", "+Δ5", "base", "FT(M_t)"], prow), "",
+              "Split scores (known F1 / new F2) of every model are in `results.json` (`scores`).", ""]
+        L += [_reading_grid(r), ""]
+    rec = r.get("recovery")
+    if rec:
+        L += ["## 2. Fraction of the fine-tuning gain recovered", "",
+              "(score(M_t+Δ_s) − score(M_t)) / (score(FT(M_t)) − score(M_t)); '–' where plain FT gains under "
+              f"{int(100 * rec['min_ft_gain'])} points. Paper value (from Table 3) in brackets.", ""]
+        rows = []
+        for t in V:
+            rows.append([t] + [("—" if s == t else f"{_frac(rec['fraction'][t].get(s))} "
+                                f"({_frac(_paper_recovery(t, s))})") for s in V])
+        L += [_table(["target \\ Δ from"] + [f"+Δ{s[1:]}" for s in V], rows), ""]
+    t = r.get("transfer_then_finetune")
+    if t:
+        L += ["## 3. Transfer-then-finetune vs plain fine-tuning (paper Table 4, Fig. 2)", ""]
+        if "convergence" in figs:
+            L += [f"![convergence]({figs['convergence']})", ""]
+        rows = []
+        for tg, row in sorted(t["table"].items()):
+            for s, v in sorted(row.items()):
+                rows.append([f"FT({tg} + Δ{s[1:]})", _pct(v), _pct(t["ft"].get(tg)),
+                             str(PAPER_T4.get(tg, {}).get(s, "–")), str(PAPER_T3["FT"].get(tg, "–"))])
+        L += [_table(["model", "ours", "FT(M_t) ours", "paper", "paper FT(M_t)"], rows), ""]
+        rows = [[p, _pct(d["start_transfer"]), _pct(d["start_plain"]), _pct(d["plain_final"]),
+                 str(d["first_step_transfer"]), str(d["first_step_plain"])]
+                for p, d in t["steps_to_plain_final"].items()]
+        L += [f"Steps to reach plain FT's final score (evaluated every {t['curve_every']} steps; "
+              f"{cfg['finetune']['steps']} steps in all). Paper (slides): M4+Δ3 at 10K of 30K, M5+Δ3 15K, M2+Δ1 15K, "
+              "M3+Δ2 25K.", "",
+              _table(["init", "score at step 0", "plain FT at step 0", "plain FT final", "first step (transfer init)",
+                      "first step (plain)"], rows), ""]
+    it = r.get("iterative")
+    if it and it["rows"]:
+        L += ["## 4. Iterative Δ^iter vs direct Δ^dir vs plain FT (Algorithm 1, Table 6)", ""]
+        rows = [[v, _pct(x["base"]), _pct(x["dir"]), _pct(x["iter"]), _pct(x["ft"]),
+                 " / ".join(str(PAPER_T6[v][k]) for k in ("dir", "iter", "ft")) if v in PAPER_T6 else "–"]
+                for v, x in it["rows"].items()]
+        L += [_table(["version", "base", "FT(M_i + Δ^dir)", "FT(M_i + Δ^iter)", "FT(M_i)", "paper dir / iter / FT"], rows),
+              "", f"Chain: {' → '.join(it['chain'])}. At the first link Δ^iter = Δ^dir by construction.", ""]
+    bp = r.get("backport")
+    if bp and bp["rows"]:
+        L += ["## 5. Backporting beside recycling (paper Table 1)", "",
+              _table(["pair (old, new)", "old base", "old + Δ_new (backport)", "FT(old)", "new base",
+                      "new + Δ_old (recycle)", "FT(new)"],
+                     [[f"{x['old']}, {x['new']}", _pct(x["old_base"]), _pct(x["backport"]), _pct(x["old_ft"]),
+                       _pct(x["new_base"]), _pct(x["recycle"]), _pct(x["new_ft"])] for x in bp["rows"]]),
+              "", f"Paper: {PAPER_T1}.", ""]
+    lg = r.get("language")
+    if lg:
+        L += ["## 6. Second-language fine-tune transferred to the next version (paper Table 2)", "",
+              f"'Instruct' models are FT(M) in language a; the language-b fine-tune continues FT({lg['source']}) on "
+              "the same facts asked and answered in language b (a token-substituted language present in "
+              "pretraining text); Δ_b is added to the next version's instruct model. Scores on language-b "
+              "held-out items.", "",
+              _table(["model", "known", "new", "held-out"],
+                     [[k, _pct(v["known"]), _pct(v["new"]), _pct(v["heldout"])] for k, v in lg["rows"].items()]),
+              "", f"Paper (Global MMLU): {PAPER_T2}.", ""]
+    c = r.get("connectivity")
+    if c:
+        L += ["## 7. Connectivity: loss barriers and `deltaport check` vs transfer outcome (not in the paper)", ""]
+        if "connectivity" in figs:
+            L += [f"![connectivity]({figs['connectivity']})", ""]
+        L += [_table(["pair", "barrier (nats)", "relative barrier", "loss A", "loss B"],
+                     [[k, f"{v['barrier']:.3f}", f"{v['relative_barrier']:.3f}", f"{v['loss_a']:.3f}",
+                       f"{v['loss_b']:.3f}"] for k, v in c["curves"].items()]), ""]
+        L += ["Spearman correlation with the transfer outcome (held-out gain of M_t + Δ_s over M_t) across "
+              f"{len(c['cells'])} grid cells (incl. Mx):", "",
+              _table(["predictor", "Spearman ρ"], [[k, "–" if v is None else f"{v:+.2f}"]
+                                                   for k, v in c["spearman"].items()]), ""]
+        if c["checks"]:
+            L += ["`deltaport check` verdicts per cell: " + ", ".join(
+                f"{k}: {v['verdict']}" for k, v in c["checks"].items()), ""]
+    L += ["## Run", "", f"Seeds: {json.dumps(r['seeds'])}.", "",
+          "Steps ran through: " + "; ".join(f"{k}: {v}" for k, v in sorted(r.get("backends", {}).items())) + ".", "",
+          "Timings (s): " + ", ".join(f"{k} {v}" for k, v in r.get("timings_s", {}).items()) + ".", ""]
+    return "\n".join(L)
+
+
+def _reading_grid(r: dict) -> str:
+    g = r["grid"]
+    V = r["config"]["versions"]
+    best = {t: max(g["cells"][t].items(), key=lambda kv: kv[1]) for t in V}
+    parts = ["**Reading.** "]
+    parts.append("Base models score near zero: they know the facts but have never seen the question format. "
+                 "Adding another version's Δ gives the format back where the two versions are close: ")
+    parts.append(", ".join(f"{t} is best with Δ{s[1:]} ({_pct(v)} vs FT {_pct(g['ft'][t])})" for t, (s, v) in best.items()))
+    parts.append(f". Mx (same data, other initialisation) gains at most {_pct(max(g['cells']['Mx'].values()))} and "
+                 f"M0 (random) at most {_pct(max(g['cells']['M0'].values()))}.")
+    return "".join(parts)
+
+
+def write_outputs(r: dict, run_dir: Path) -> None:
+    run_dir = Path(run_dir)
+    r["claims"] = claims(r)
+    figs = figures(r, run_dir / "figures")
+    r["figures"] = figs
+    tmp = run_dir / "results.json.tmp"
+    tmp.write_text(json.dumps(r, indent=1, sort_keys=True, default=str))
+    tmp.replace(run_dir / "results.json")
+    tmp = run_dir / "report.md.tmp"
+    tmp.write_text(report_md(r, figs))
+    tmp.replace(run_dir / "report.md")
