@@ -32,6 +32,7 @@ class Stats:
     tensors: int = 0
     seconds: float = 0.0
     nonfinite_inputs: list[str] = field(default_factory=list)
+    inexact_delta: dict[str, int] = field(default_factory=dict)  # diff: elements where base + Δ != finetuned
 
 
 def _isz(dt: torch.dtype) -> int:
@@ -239,10 +240,29 @@ class Engine:
                 out.copy_(acc)
                 if not torch.isfinite(out).all():
                     self._diagnose(op, e0, e1, row_elems)
+                if op.base is None and op.minus is not None and op.lora is None:
+                    self._verify_roundtrip(op, out, n)
             wt.q.put(("data", obuf, n * osz))
             wt.check()
             self._progress(n * osz)
         self.stats.tensors += 1
+
+    def _verify_roundtrip(self, op: TensorOp, out: torch.Tensor, n: int) -> None:
+        """diff: check that base + stored Δ rounds back to the finetuned value, element by element."""
+        a, b = op.plus.spec, op.minus.spec
+        if (op.plus.rowmap is not None or a.numel != op.numel or b.numel != op.numel
+                or op.plus.ck.memory_tensor(a.name) is not None or op.out_dtype == torch.float64):
+            return
+        bvals = self.bufs.get("minus:f", n, self.cd)
+        tmp = self.bufs.get("verify", n, self.cd)
+        tmp.copy_(out)
+        tmp.add_(bvals)
+        rt = self.bufs.get("verify2", n, a.dtype)
+        rt.copy_(tmp)
+        araw = self.bufs.get("plus:r", n * _isz(a.dtype), torch.uint8).view(a.dtype)
+        bad = int((rt != araw).sum()) - int((rt.isnan() & araw.isnan()).sum())
+        if bad:
+            self.stats.inexact_delta[op.name] = self.stats.inexact_delta.get(op.name, 0) + bad
 
     def _take(self, wt: _Writer, nbytes: int) -> torch.Tensor:
         while True:

@@ -81,6 +81,12 @@ def _run(plan: Plan, output: Path, *, inputs: list[Path], overwrite: bool, shard
         stats = execute(plan, writer, progress=progress, threads=threads, chunk_elems=chunk_elems, strict=strict, label=label)
         writer.finalize()
         provenance.update(files=files_record, nonfinite_inputs=stats.nonfinite_inputs)
+        if plan.operation == "diff":
+            provenance["inexact_delta_elements"] = stats.inexact_delta
+            if stats.inexact_delta:
+                LOG.warning("the stored Δ does not reproduce the finetuned model exactly for %d element(s) in %d tensor(s) "
+                            "(values that nearly cancel their base); use --delta-dtype float64 for an exact delta",
+                            sum(stats.inexact_delta.values()), len(stats.inexact_delta))
         _write_provenance(tmp, provenance)
         t2 = time.perf_counter()
     timings = {"plan_and_files": t1 - t0, "stream": t2 - t1, "total": time.perf_counter() - t0}

@@ -19,7 +19,7 @@ _KEYMAP = Opt(None, "--key-map", help="YAML {target_name_regex: source_name_repl
 _INCLUDE = Opt(None, "--include", help="regex; only matching tensors get Δ (repeatable)")
 _EXCLUDE = Opt(None, "--exclude", help="regex; matching tensors get no Δ (repeatable)")
 _SCALEMAP = Opt(None, "--scale-map", help="YAML {tensor_name_regex: λ}, first match wins")
-_COMPUTE = Opt("auto", "--compute-dtype", help="auto (float32 for 16-bit inputs, float64 if any input is float32) | float32 | float64")
+_COMPUTE = Opt("auto", "--compute-dtype", help="auto (= float64: exact identities) | float32 (faster, may differ by one ulp where a fine-tuned value cancels its base) | float64")
 _OUTDT = Opt(None, "--out-dtype", help="output dtype (default: the target's dtype per tensor)")
 _CONFIG = Opt("target", "--config-from", help="config.json source: target | source-finetuned (default target: keeps the target's RoPE/context settings)")
 _TOK = Opt("target", "--tokenizer-from", help="tokenizer source: target | source-finetuned")

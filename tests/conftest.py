@@ -1,0 +1,84 @@
+"""Shared test set-up: offline, one thread, tiny model families built on the fly."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+def tree_hash(path: str | Path) -> dict[str, str]:
+    """sha256 of every file under ``path`` (relative name -> digest)."""
+    path = Path(path)
+    out = {}
+    for p in sorted(path.rglob("*")):
+        if p.is_file():
+            out[str(p.relative_to(path))] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def load_sd(path: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors checkpoint dir, via the safetensors library."""
+    from safetensors.torch import load_file
+
+    sd = {}
+    for f in sorted(Path(path).glob("*.safetensors")):
+        sd.update(load_file(str(f)))
+    return sd
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """Integer view of a float tensor, for bit-for-bit comparison."""
+    return t.contiguous().view({1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+def assert_bit_equal(sd1: dict, sd2: dict, *, ignore_zero_sign: bool = False) -> None:
+    assert sorted(sd1) == sorted(sd2), (sorted(set(sd1) ^ set(sd2)))
+    for k in sd1:
+        a, b = sd1[k], sd2[k]
+        assert a.dtype == b.dtype and a.shape == b.shape, k
+        if ignore_zero_sign and a.is_floating_point():
+            a = torch.where(a == 0, torch.zeros_like(a), a)
+            b = torch.where(b == 0, torch.zeros_like(b), b)
+        assert torch.equal(bits(a), bits(b)), f"{k}: {(bits(a) != bits(b)).sum().item()} elements differ"
+
+
+_FAMILY_CACHE: dict = {}
+
+
+@pytest.fixture(scope="session")
+def family_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("families")
+
+
+@pytest.fixture(scope="session")
+def family(family_root):
+    """family(arch, dtype) -> {source_base, source_finetuned, target_base} dirs (several shards each).
+
+    source_finetuned = base + N(0, 1e-3) (a fine-tune-sized change), target = base + N(0, 5e-3)."""
+    from deltaport import testing as T
+
+    def make(arch: str = "llama", dtype: torch.dtype = torch.bfloat16):
+        key = (arch, dtype)
+        if key not in _FAMILY_CACHE:
+            root = family_root / f"{arch}-{str(dtype).replace('torch.', '')}"
+            base = T.make_model(arch, seed=0, dtype=dtype)
+            ft = T.perturbed(base, seed=1, scale=1e-3)
+            tgt = T.perturbed(base, seed=2, scale=5e-3)
+            paths = {}
+            for name, m in (("source_base", base), ("source_finetuned", ft), ("target_base", tgt)):
+                paths[name] = T.save(m, root / name)
+            _FAMILY_CACHE[key] = paths
+        return _FAMILY_CACHE[key]
+
+    return make

@@ -1,0 +1,173 @@
+"""The arithmetic identities, bit for bit, across architectures and dtypes; logits of loaded outputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import deltaport
+from deltaport.testing import ARCHS
+from conftest import assert_bit_equal, load_sd, tree_hash
+
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+def test_transfer_onto_source_base_reproduces_finetuned(family, tmp_path, arch, dtype):
+    p = family(arch, dtype)
+    before = {k: tree_hash(v) for k, v in p.items()}
+    deltaport.transfer(p["source_base"], p["source_finetuned"], p["source_base"], tmp_path / "out")
+    assert_bit_equal(load_sd(tmp_path / "out"), load_sd(p["source_finetuned"]))
+    assert {k: tree_hash(v) for k, v in p.items()} == before  # inputs untouched
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma", "phi3"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+def test_scale_zero_reproduces_target(family, tmp_path, arch, dtype):
+    p = family(arch, dtype)
+    deltaport.transfer(p["source_base"], p["source_finetuned"], p["target_base"], tmp_path / "out", scale=0.0)
+    assert_bit_equal(load_sd(tmp_path / "out"), load_sd(p["target_base"]))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "olmo2"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+def test_apply_of_diff_reproduces_finetuned(family, tmp_path, arch, dtype):
+    p = family(arch, dtype)
+    r = deltaport.diff(p["source_base"], p["source_finetuned"], tmp_path / "delta")
+    want = torch.float64 if dtype == torch.float32 else torch.float32
+    assert {t.dtype for t in load_sd(tmp_path / "delta").values()} == {want}  # the exact Δ dtype
+    assert r.provenance["inexact_delta_elements"] == {}
+    deltaport.apply(tmp_path / "delta", p["source_base"], tmp_path / "out")
+    assert_bit_equal(load_sd(tmp_path / "out"), load_sd(p["source_finetuned"]))
+
+
+def _hand_built(p, scale, compute=torch.float64):
+    b, a, c = (load_sd(p[k]) for k in ("source_base", "source_finetuned", "target_base"))
+    return {k: (c[k].to(compute) + (a[k].to(compute) - b[k].to(compute)) * scale).to(c[k].dtype) if scale != 1.0 else
+            (c[k].to(compute) + (a[k].to(compute) - b[k].to(compute))).to(c[k].dtype) for k in c}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_logits_equal_hand_built_state_dict(family, tmp_path, arch):
+    from transformers import AutoModelForCausalLM
+
+    p = family(arch, torch.bfloat16)
+    scale = 0.7
+    deltaport.transfer(p["source_base"], p["source_finetuned"], p["target_base"], tmp_path / "out", scale=scale)
+    want = _hand_built(p, scale)
+    assert_bit_equal(load_sd(tmp_path / "out"), want)
+    got_model = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    ref = AutoModelForCausalLM.from_pretrained(p["target_base"]).eval()
+    missing, unexpected = ref.load_state_dict(want, strict=False)
+    assert not unexpected
+    ids = torch.tensor([[2, 5, 9, 11, 30, 7, 3]])
+    with torch.no_grad():
+        l1, l2 = got_model(ids).logits, ref(ids).logits
+    assert torch.equal(l1, l2)
+    assert not torch.equal(l1, AutoModelForCausalLM.from_pretrained(p["target_base"])(ids).logits)
+
+
+def test_apply_equals_transfer(family, tmp_path):
+    p = family("mistral", torch.bfloat16)
+    deltaport.diff(p["source_base"], p["source_finetuned"], tmp_path / "delta")
+    deltaport.apply(tmp_path / "delta", p["target_base"], tmp_path / "a", scale=1.3)
+    deltaport.transfer(p["source_base"], p["source_finetuned"], p["target_base"], tmp_path / "t", scale=1.3)
+    assert_bit_equal(load_sd(tmp_path / "a"), load_sd(tmp_path / "t"))
+
+
+def test_tied_embeddings_receive_delta_once(family, tmp_path):
+    """Gemma ties lm_head to embed_tokens; Δ must be added once (the official script adds it twice)."""
+    from transformers import AutoModelForCausalLM
+
+    p = family("gemma", torch.float32)
+    assert "lm_head.weight" not in load_sd(p["target_base"])
+    deltaport.transfer(p["source_base"], p["source_finetuned"], p["target_base"], tmp_path / "out")
+    out = load_sd(tmp_path / "out")
+    assert "lm_head.weight" not in out
+    m = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    b, a, c = (load_sd(p[k])["model.embed_tokens.weight"].double() for k in ("source_base", "source_finetuned", "target_base"))
+    once = (c + (a - b)).float()
+    assert torch.equal(m.lm_head.weight.detach(), once)
+    assert torch.equal(m.model.embed_tokens.weight.detach(), once)
+    assert not torch.equal(once, (c + 2 * (a - b)).float())
+
+
+def test_output_independent_of_shard_size_and_rerun_byte_identical(family, tmp_path):
+    p = family("qwen2", torch.bfloat16)
+    args = (p["source_base"], p["source_finetuned"], p["target_base"])
+    deltaport.transfer(*args, tmp_path / "one", shard_size="1GB")
+    deltaport.transfer(*args, tmp_path / "many", shard_size="3KB")
+    deltaport.transfer(*args, tmp_path / "many2", shard_size="3KB")
+    assert len(list((tmp_path / "many").glob("*.safetensors"))) > 3
+    assert (tmp_path / "many" / "model.safetensors.index.json").exists()
+    assert_bit_equal(load_sd(tmp_path / "one"), load_sd(tmp_path / "many"))
+    assert tree_hash(tmp_path / "many") == tree_hash(tmp_path / "many2")
+
+
+def test_threads_and_chunking_do_not_change_bytes(family, tmp_path):
+    p = family("llama", torch.bfloat16)
+    args = (p["source_base"], p["source_finetuned"], p["target_base"])
+    deltaport.transfer(*args, tmp_path / "a", threads=1, chunk_elems=1 << 20)
+    deltaport.transfer(*args, tmp_path / "b", threads=2, chunk_elems=7)  # chunks split rows
+    assert tree_hash(tmp_path / "a") == tree_hash(tmp_path / "b")
+
+
+def test_written_files_readable_by_safetensors_library(family, tmp_path):
+    from safetensors import safe_open
+
+    p = family("phi3", torch.float16)
+    deltaport.transfer(p["source_base"], p["source_finetuned"], p["target_base"], tmp_path / "o", shard_size="4KB")
+    for f in (tmp_path / "o").glob("*.safetensors"):
+        with safe_open(str(f), framework="pt") as sf:
+            assert sf.metadata()["format"] == "pt"
+            for k in sf.keys():
+                t = sf.get_tensor(k)
+                assert t.data_ptr() % t.element_size() == 0
+
+
+# bf16 values whose magnitudes span 2^-30 .. 2^15 (45 binades, the documented exactness range of
+# float64 compute for bf16: the difference of two such values is exact in float64), plus zeros.
+finite_bf16 = st.one_of(
+    st.just(0.0), st.just(-0.0),
+    st.builds(lambda s, m, e: torch.tensor(s * m * 2.0 ** e).bfloat16().item(),
+              st.sampled_from([1.0, -1.0]), st.floats(1.0, 2.0, exclude_max=True), st.integers(-30, 14)),
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(finite_bf16, finite_bf16, finite_bf16), min_size=1, max_size=40))
+def test_engine_identity_property(tmp_path_factory, triples):
+    """Property: for arbitrary bf16 values, transfer onto the source base returns the finetuned bits
+    and λ = 0 returns the target bits (up to the sign of zero)."""
+    from safetensors.torch import save_file
+
+    from deltaport.engine import execute
+    from deltaport.io.checkpoint import open_checkpoint
+    from deltaport.io.writer import OutEntry, ShardedWriter
+    from deltaport.plan import make_policies, plan_transfer
+
+    d = tmp_path_factory.mktemp("prop")
+    a = torch.tensor([t[0] for t in triples], dtype=torch.bfloat16)
+    b = torch.tensor([t[1] for t in triples], dtype=torch.bfloat16)
+    c = torch.tensor([t[2] for t in triples], dtype=torch.bfloat16)
+    for name, t in (("a", a), ("b", b), ("c", c)):
+        (d / name).mkdir()
+        save_file({"w": t}, str(d / name / "model.safetensors"))
+    ck = {n: open_checkpoint(d / n) for n in "abc"}
+    for target, scale, want in ((ck["b"], 1.0, a), (ck["c"], 0.0, c)):
+        plan = plan_transfer(ck["b"], ck["a"], target, make_policies(scale=scale))
+        out = d / f"out{scale}"
+        out.mkdir()
+        w = ShardedWriter(out, [OutEntry(o.name, o.out_dtype, o.shape) for o in plan.ops], 1 << 30)
+        execute(plan, w)
+        w.finalize()
+        got = load_sd(out)["w"]
+        got0 = torch.where(got == 0, torch.zeros_like(got), got)
+        want0 = torch.where(want == 0, torch.zeros_like(want), want)
+        assert torch.equal(got0.view(torch.int16), want0.view(torch.int16))
+        import shutil
+
+        shutil.rmtree(out)
