@@ -131,13 +131,13 @@ def pretrain(init_seed: int, lang: Language, steps: int, *, stage: int = 1, data
     return train(m, text_batches(lang, stage), steps, seed=data_seed)
 
 
-def finetune(model, lang: Language, steps: int = 60, *, lr: float = 1e-3, seed: int = 0):
+def finetune(model, lang: Language, steps: int = 150, *, lr: float = 3e-3, seed: int = 0):
     import copy
 
     return train(copy.deepcopy(model), task_batches(lang), steps, lr=lr, seed=seed)
 
 
-def build_grid(root: str | Path, family_seed: int, *, steps: int = 400, ft_steps: int = 60, save: bool = True,
+def build_grid(root: str | Path, family_seed: int, *, steps: int = 400, ft_steps: int = 150, save: bool = True,
                **overrides) -> dict[str, object]:
     """Build one family (see the module docstring) under ``root``; returns name -> path (or model)."""
     from deltaport.testing import save as save_model

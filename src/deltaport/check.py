@@ -81,13 +81,13 @@ def classify(signals: dict[str, float], num_parameters: int, calibration: dict |
     for name in SIGNALS:
         th = calibration["signals"].get(name) or {}
         v = signals[name]
-        if th.get("likely_max") is None or th.get("unlikely_min") is None:
+        if th.get("likely_max") is None:
             grades[name] = "unused"
         elif v <= th["likely_max"]:
             grades[name] = "ok"
-        elif v >= th["unlikely_min"]:
+        elif th.get("unlikely_min") is not None and v >= th["unlikely_min"]:
             grades[name] = "bad"
-        else:
+        else:  # NaN lands here too: never "likely" on a value that cannot be compared
             grades[name] = "grey"
     used = [n for n in SIGNALS if grades[n] != "unused"]
     if not used:
@@ -95,8 +95,8 @@ def classify(signals: dict[str, float], num_parameters: int, calibration: dict |
 
     def say(n: str) -> str:
         th = calibration["signals"][n]
-        return (_SIGNAL_TEXT[n].format(v=signals[n]) +
-                f" (calibration: ≤ {th['likely_max']:.3g} where transfer worked, ≥ {th['unlikely_min']:.3g} where it failed)")
+        bad_at = "" if th.get("unlikely_min") is None else f", ≥ {th['unlikely_min']:.3g} flags failure"
+        return _SIGNAL_TEXT[n].format(v=signals[n]) + f" (calibration: ≤ {th['likely_max']:.3g} looks like working pairs{bad_at})"
 
     bad = [n for n in used if grades[n] == "bad"]
     grey = [n for n in used if grades[n] == "grey"]

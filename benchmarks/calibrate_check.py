@@ -1,0 +1,240 @@
+"""Calibrate the thresholds of ``deltaport check`` on a tiny model family, score them on another.
+
+    OMP_NUM_THREADS=1 python benchmarks/calibrate_check.py            # ~1-2 min on 1 thread
+
+Writes ``src/deltaport/_check_calibration.py`` (the thresholds the package ships) and
+``docs/check-calibration.md`` (the table behind them). Nothing here is hand-edited.
+
+Family (``deltaport._tinylineage.build_grid``, one per seed): v1 pretrained; v2 = v1 continued on the
+same data (within lineage); v3 = v2 continued on shifted data (cross-stage); v2x = same schedule from
+another init seed (independent seed); rand = random init; ft_<v> = <v> fine-tuned on a small task.
+Every ordered pair (source s, target t), s ≠ t, s trained, gives the three signals of ``check`` and
+the measured outcome: recovery = [T(m_t) − T(m_t + Δ_s)] / [T(m_t) − T(m'_t)] with T = task NLL of
+the answers and m'_t = t fine-tuned with the same recipe (1 = as good as fine-tuning the target).
+Label: "works" if recovery ≥ 0.5, "fails" if recovery < 0.2, else "partial".
+
+Thresholds (fitted on the calibration family only): for each signal, ``hi`` = the largest value seen
+on a working pair, ``f`` = the smallest value above ``hi`` seen on a failing pair. ``likely_max`` =
+hi + (f − hi)/3, ``unlikely_min`` = hi + 2(f − hi)/3 (no failing pair above hi: likely_max = 1.1·hi
+and the signal never says "unlikely" by itself). The verdict is "unlikely" if any signal is ≥ its
+unlikely_min, "likely" if all are ≤ likely_max, else "uncertain".
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import os
+import platform
+import pprint
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from deltaport import _tinylineage as TL  # noqa: E402
+from deltaport.check import SIGNALS, _add_delta_into, check, classify  # noqa: E402
+from deltaport import _diag  # noqa: E402
+
+SOURCES = ["v1", "v2", "v3", "v2x"]
+TARGETS = ["v1", "v2", "v3", "v2x", "rand"]
+KIND = {("v1", "v2"): "within lineage", ("v2", "v1"): "within lineage (backport)",
+        ("v1", "v3"): "cross-stage", ("v2", "v3"): "cross-stage", ("v3", "v1"): "cross-stage (backport)",
+        ("v3", "v2"): "cross-stage (backport)"}
+
+
+def kind_of(s: str, t: str) -> str:
+    if t == "rand":
+        return "random init"
+    if "v2x" in (s, t):
+        return "independent seed"
+    return KIND[(s, t)]
+
+
+def label(recovery: float) -> str:
+    return "works" if recovery >= 0.5 else "fails" if recovery < 0.2 else "partial"
+
+
+def measure_family(seed: int, steps: int, ft_steps: int, max_tokens: int) -> list[dict]:
+    models = TL.build_grid(None, seed, steps=steps, ft_steps=ft_steps, save=False)
+    lang = TL.Language(TL.tokenizer())
+    data = lang.docs(200, 1, seed=7777 + seed)  # held-out stage-1 text, as token ids
+    rows = []
+    for s in SOURCES:
+        for t in TARGETS:
+            if s == t:
+                continue
+            r = check(models[s], models[f"ft_{s}"], models[t], data, max_tokens=max_tokens, seed=0,
+                      calibration={})
+            tr = copy.deepcopy(models[f"ft_{s}"])
+            _add_delta_into(_diag.named_params(tr), _diag.named_params(models[s]), _diag.named_params(models[t]))
+            t_base, t_tr, t_ft = (TL.task_nll(m, lang) for m in (models[t], tr, models[f"ft_{t}"]))
+            recovery = (t_base - t_tr) / (t_base - t_ft)
+            rows.append({"family": seed, "source": s, "target": t, "kind": kind_of(s, t),
+                         **{k: r["signals"][k] for k in SIGNALS}, "barrier": r["signals"]["barrier"],
+                         "task_base": t_base, "task_transfer": t_tr, "task_ft": t_ft, "recovery": recovery,
+                         "label": label(recovery), "num_parameters": r["num_parameters"]})
+    return rows
+
+
+def fit(rows: list[dict]) -> dict:
+    signals = {}
+    for sig in SIGNALS:
+        good = [r[sig] for r in rows if r["label"] == "works"]
+        hi = max(good)
+        above = [r[sig] for r in rows if r["label"] == "fails" and r[sig] > hi]
+        if above:
+            f = min(above)
+            signals[sig] = {"likely_max": hi + (f - hi) / 3, "unlikely_min": hi + 2 * (f - hi) / 3,
+                            "max_working": hi, "min_failing_above": f}
+        else:
+            signals[sig] = {"likely_max": hi * 1.1 if hi > 0 else hi + 1e-3, "unlikely_min": None,
+                            "max_working": hi, "min_failing_above": None}
+    n = rows[0]["num_parameters"]
+    return {
+        "signals": signals,
+        "scale": {"num_parameters": [n // 10, n * 10],
+                  "rel_distance_max": 3 * max(r["rel_distance"] for r in rows)},
+        "source": "benchmarks/calibrate_check.py (tiny Llama lineage of deltaport._tinylineage, family "
+                  f"seed {rows[0]['family']}; table: docs/check-calibration.md)",
+    }
+
+
+def _fmt(v, nd=3):
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.{nd}f}"
+    return str(v)
+
+
+def table(rows: list[dict], calib: dict) -> list[str]:
+    out = ["| family | source → target | kind | rel. barrier | rel. distance | excess loss (rel.) | "
+           "recovery | outcome | verdict |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        verdict, _, _ = classify({k: r[k] for k in SIGNALS}, r["num_parameters"], calib)
+        r["verdict"] = verdict
+        out.append(f"| {r['family']} | {r['source']} → {r['target']} | {r['kind']} | {_fmt(r['relative_barrier'])} | "
+                   f"{_fmt(r['rel_distance'])} | {_fmt(r['excess_loss_rel'])} | {_fmt(r['recovery'], 2)} | "
+                   f"{r['label']} | {verdict} |")
+    return out
+
+
+def agreement(rows: list[dict]) -> tuple[int, int, int, int]:
+    """(right, wrong, hedged, total): 'likely' is right for a working pair, 'unlikely' for a failing one;
+    an 'uncertain' verdict or a partial outcome counts as hedged."""
+    ok = wrong = hedged = 0
+    for r in rows:
+        v, lab = r["verdict"], r["label"]
+        if v == "uncertain" or lab == "partial":
+            hedged += 1
+        elif (v == "likely") == (lab == "works"):
+            ok += 1
+        else:
+            wrong += 1
+    return ok, wrong, hedged, len(rows)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--calibrate-seed", type=int, default=0)
+    ap.add_argument("--score-seeds", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--ft-steps", type=int, default=150)
+    ap.add_argument("--max-tokens", type=int, default=2048)
+    ap.add_argument("--module", default=str(ROOT / "src/deltaport/_check_calibration.py"))
+    ap.add_argument("--doc", default=str(ROOT / "docs/check-calibration.md"))
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    cal_rows = measure_family(args.calibrate_seed, args.steps, args.ft_steps, args.max_tokens)
+    calib = fit(cal_rows)
+    score_rows = [r for sd in args.score_seeds for r in measure_family(sd, args.steps, args.ft_steps, args.max_tokens)]
+    elapsed = time.perf_counter() - t0
+    cal_table = table(cal_rows, calib)
+    score_table = table(score_rows, calib)
+    c_ok, c_wrong, c_h, c_n = agreement(cal_rows)
+    s_ok, s_wrong, s_h, s_n = agreement(score_rows)
+
+    cmd = "OMP_NUM_THREADS=1 python benchmarks/calibrate_check.py" + (" " + " ".join(argv) if argv else "")
+    mod = ['"""Thresholds of ``deltaport check``. GENERATED by benchmarks/calibrate_check.py - do not edit.',
+           "", f"Regenerate: ``{cmd}``; the table behind them is docs/check-calibration.md.", '"""', "",
+           f"CALIBRATION = {pprint.pformat(calib, width=110, sort_dicts=False)}", ""]
+    Path(args.module).write_text("\n".join(mod))
+
+    th_lines = ["| signal | max on a working pair | min failing pair above it | likely if ≤ | unlikely if ≥ |",
+                "|---|---|---|---|---|"]
+    for sig, th in calib["signals"].items():
+        th_lines.append(f"| `{sig}` | {_fmt(th['max_working'], 4)} | {_fmt(th['min_failing_above'], 4)} | "
+                        f"{_fmt(th['likely_max'], 4)} | {_fmt(th['unlikely_min'], 4)} |")
+    lo, hi = calib["scale"]["num_parameters"]
+    doc = [
+        "# `deltaport check`: calibration table",
+        "",
+        "GENERATED by `benchmarks/calibrate_check.py` — do not edit by hand. Regenerate with",
+        "",
+        f"    {cmd}",
+        "",
+        f"Run: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {elapsed:.0f} s, torch "
+        f"{torch.__version__}, 1 thread, {platform.machine()}.",
+        "",
+        "## What was measured",
+        "",
+        "A tiny model family built by `deltaport._tinylineage.build_grid` (tiny Llama, "
+        f"{cal_rows[0]['num_parameters']:,} parameters, vocabulary 64, a synthetic Markov-chain language): "
+        "`v1` pretrained; `v2` = `v1` continued on the same data (within lineage); `v3` = `v2` continued on "
+        "shifted data (cross-stage); `v2x` = the same schedule from another init seed (independent seed); "
+        "`rand` = random init. Each version is fine-tuned on a small task (`Q x A y .` with a fixed mapping).",
+        "For each ordered pair (source s, target t) the three signals of `deltaport check` are measured on "
+        f"{args.max_tokens} tokens of held-out stage-1 text, and the outcome is measured on the task: "
+        "recovery = [T(m_t) − T(m_t + Δ_s)] / [T(m_t) − T(m'_t)], T = task answer NLL, m'_t = the target "
+        "fine-tuned with the same recipe. Outcome: *works* (recovery ≥ 0.5), *fails* (< 0.2), *partial*.",
+        "",
+        "This family was built by the diagnostics helper (issue 4), not by the lab/demo issue's family "
+        "(`deltaport.lab`), which was not available when this was written; re-run against the lab family "
+        "once it exists.",
+        "",
+        f"## Thresholds (fitted on family {args.calibrate_seed})",
+        "",
+        *th_lines,
+        "",
+        "Rule: *unlikely* if any signal ≥ its `unlikely if ≥`; *likely* if every signal ≤ its `likely if ≤`; "
+        "otherwise *uncertain*. A signal with no `unlikely` threshold only decides between likely and uncertain.",
+        f"Calibrated scale: {lo:,}–{hi:,} parameters and relative distance ≤ "
+        f"{calib['scale']['rel_distance_max']:.3g}; outside it the verdict is *uncalibrated* (every real LLM "
+        "is outside it: the verdict for those is *uncalibrated* and the signals are reported for comparison "
+        "with this table).",
+        "",
+        f"## Calibration family (seed {args.calibrate_seed}) — the rule fitted here",
+        "",
+        *cal_table,
+        "",
+        f"Agreement: {c_ok} right, {c_wrong} wrong, {c_h} hedged (uncertain verdict or partial outcome) of {c_n}.",
+        "",
+        f"## Held-out families (seeds {', '.join(map(str, args.score_seeds))}) — scored with the thresholds above",
+        "",
+        *score_table,
+        "",
+        f"Agreement: {s_ok} right, {s_wrong} wrong, {s_h} hedged (uncertain verdict or partial outcome) of {s_n}.",
+        "",
+        "Caveats: one tiny architecture and scale; 16 pairs per family, so each threshold rests on a "
+        "handful of points; the task is a memorised mapping, not a benchmark. Treat the verdict as a cheap "
+        "first look, not a guarantee.",
+        "",
+    ]
+    Path(args.doc).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.doc).write_text("\n".join(doc))
+    print("\n".join(cal_table + [""] + score_table))
+    print(f"calibration agreement {c_ok}/{c_n} right, {c_wrong} wrong; held-out {s_ok}/{s_n} right, {s_wrong} wrong; "
+          f"{elapsed:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    sys.exit(main(sys.argv[1:]))

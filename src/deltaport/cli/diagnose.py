@@ -1,0 +1,103 @@
+"""``deltaport connectivity | similarity | check``: thin shells over the diagnostics library."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def _threads() -> None:
+    import os
+
+    import torch
+
+    n = os.environ.get("OMP_NUM_THREADS")
+    if n and n.isdigit():
+        torch.set_num_threads(int(n))
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("connectivity")
+    def connectivity_cmd(
+        a: str = typer.Argument(..., help="first model (θ(0)): local HF directory or hub id"),
+        b: str = typer.Argument(..., help="second model (θ(1)), same architecture as A"),
+        data: Path = typer.Option(..., "--data", help="JSONL with one {\"text\": ...} per line"),
+        output: Path = typer.Option(..., "-o", "--output", help="report JSON (written atomically)"),
+        points: int = typer.Option(11, "--points", help="number of α values in [0, 1], endpoints included"),
+        max_tokens: int = typer.Option(4096, "--max-tokens", help="size of the fixed token sample"),
+        seed: int = typer.Option(0, "--seed", help="shuffle seed of the sample"),
+        plot: Optional[Path] = typer.Option(None, "--plot", help="draw the curve to this PNG"),
+        device: str = typer.Option("cpu", "--device", help="torch device, e.g. cpu or cuda"),
+        dtype: str = typer.Option("float32", "--dtype", help="dtype models are loaded in"),
+        progress: bool = typer.Option(True, "--progress/--no-progress"),
+    ) -> None:
+        """Loss along θ(α) = (1−α)·A + α·B and the loss barrier (one interpolated model in memory)."""
+        _threads()
+        from deltaport import _diag
+        from deltaport.connectivity import connectivity, plot_curve
+
+        _diag.ensure_inputs_unwritten(output, [a, b])
+        rep = connectivity(a, b, data, points=points, max_tokens=max_tokens, seed=seed, device=device,
+                           dtype=dtype, progress=progress)
+        _diag.write_json(output, rep)
+        if plot:
+            plot_curve(rep, plot)
+        typer.echo(f"loss A {rep['loss_a']:.4f}  loss B {rep['loss_b']:.4f}  barrier {rep['barrier']:.4f} nats "
+                   f"at α={rep['barrier_alpha']:.2f} ({rep['relative_barrier']:.1%} of mean endpoint loss); "
+                   f"{rep['n_tokens']} tokens; report {output}" + (f", plot {plot}" if plot else ""))
+
+    @app.command("similarity")
+    def similarity_cmd(
+        source_base: str = typer.Option(..., "--source-base", help="m_s: the base the fine-tune started from"),
+        source_finetuned: str = typer.Option(..., "--source-finetuned", help="m'_s: the fine-tuned source"),
+        target_base: str = typer.Option(..., "--target-base", help="m_t: the new base"),
+        target_finetuned: Optional[str] = typer.Option(None, "--target-finetuned",
+                                                       help="m'_t, if it exists: adds cos(Δ_s, Δ_t)"),
+        output: Path = typer.Option(..., "-o", "--output", help="report JSON (written atomically)"),
+        plot: Optional[Path] = typer.Option(None, "--plot", help="per-layer heat map PNG"),
+        progress: bool = typer.Option(True, "--progress/--no-progress"),
+    ) -> None:
+        """Per-tensor and per-layer ‖m_t − m_s‖/‖m_s‖, ‖Δ_s‖ and cos(Δ_s, Δ_t) (streamed)."""
+        _threads()
+        from deltaport import _diag
+        from deltaport.similarity import plot_layers, similarity
+
+        _diag.ensure_inputs_unwritten(output, [source_base, source_finetuned, target_base, target_finetuned])
+        rep = similarity(source_base, source_finetuned, target_base, target_finetuned, progress=progress)
+        _diag.write_json(output, rep)
+        if plot:
+            plot_layers(rep, plot)
+        t = rep["total"]
+        cos = f"  cos(Δ_s, Δ_t) {t['cos']:.4f}" if t.get("cos") is not None else ""
+        typer.echo(f"‖m_t − m_s‖/‖m_s‖ {t['rel_distance']:.4g}  ‖Δ_s‖ {t['delta_norm']:.4g} "
+                   f"(‖Δ_s‖/‖m_s‖ {t['delta_rel']:.4g}){cos}; {len(rep['tensors'])} tensors"
+                   + (f", {len(rep['skipped'])} skipped (shape differs)" if rep["skipped"] else "")
+                   + f"; report {output}" + (f", plot {plot}" if plot else ""))
+
+    @app.command("check")
+    def check_cmd(
+        source_base: str = typer.Option(..., "--source-base", help="m_s: the base the fine-tune started from"),
+        source_finetuned: str = typer.Option(..., "--source-finetuned", help="m'_s: the fine-tuned source"),
+        target_base: str = typer.Option(..., "--target-base", help="m_t: the new base"),
+        data: Path = typer.Option(..., "--data", help="JSONL of general text, one {\"text\": ...} per line"),
+        output: Path = typer.Option(..., "-o", "--output", help="report JSON (written atomically)"),
+        max_tokens: int = typer.Option(2048, "--max-tokens", help="size of the fixed token sample"),
+        seed: int = typer.Option(0, "--seed", help="shuffle seed of the sample"),
+        device: str = typer.Option("cpu", "--device", help="torch device, e.g. cpu or cuda"),
+        progress: bool = typer.Option(True, "--progress/--no-progress"),
+    ) -> None:
+        """Will m_t + Δ_s work? Cheap signals and a verdict: likely | uncertain | unlikely | uncalibrated."""
+        _threads()
+        from deltaport import _diag
+        from deltaport.check import check
+
+        _diag.ensure_inputs_unwritten(output, [source_base, source_finetuned, target_base])
+        rep = check(source_base, source_finetuned, target_base, data, max_tokens=max_tokens, seed=seed,
+                    device=device, progress=progress)
+        _diag.write_json(output, rep)
+        s = rep["signals"]
+        typer.echo(f"verdict: {rep['verdict']}\n{rep['reason']}\n"
+                   f"relative barrier {s['relative_barrier']:.4f}  rel. distance {s['rel_distance']:.4f}  "
+                   f"excess loss (rel.) {s['excess_loss_rel']:+.4f}; report {output}")

@@ -1,0 +1,147 @@
+"""deltaport.check: signal identities, the verdict rule, the shipped calibration, scale limits, CLI."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from deltaport import testing as T
+from deltaport.check import SIGNALS, check, classify, load_calibration
+
+from conftest import tree_hash
+
+ROOT = Path(__file__).resolve().parents[1]
+WORDS = "the a of is what color flag red green blue yellow white black Q A : ? . , hello world".split()
+
+CAL = {
+    "signals": {
+        "relative_barrier": {"likely_max": 0.05, "unlikely_min": 0.1},
+        "rel_distance": {"likely_max": 0.4, "unlikely_min": 0.5},
+        "excess_loss_rel": {"likely_max": 0.2, "unlikely_min": None},
+    },
+    "scale": {"num_parameters": [1000, 100_000], "rel_distance_max": 3.0},
+}
+
+
+def sig(b=0.0, d=0.1, e=0.0):
+    return {"relative_barrier": b, "rel_distance": d, "excess_loss_rel": e}
+
+
+@pytest.fixture(scope="module")
+def fam(tmp_path_factory):
+    import random
+
+    root = tmp_path_factory.mktemp("check")
+    base = T.make_model("llama", seed=0)
+    paths = {
+        "sb": T.save(base, root / "sb"),
+        "sf": T.save(T.perturbed(base, seed=1, scale=0.01), root / "sf"),
+        "tb": T.save(T.perturbed(base, seed=2, scale=0.03), root / "tb"),
+    }
+    rng = random.Random(0)
+    data = root / "text.jsonl"
+    data.write_text("".join(json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(30))}) + "\n"
+                            for _ in range(60)))
+    paths["data"] = data
+    return paths
+
+
+def test_classify_rule():
+    assert classify(sig(), 5000, CAL)[0] == "likely"
+    assert classify(sig(b=0.07), 5000, CAL)[0] == "uncertain"
+    v, reason, grades = classify(sig(b=0.2), 5000, CAL)
+    assert v == "unlikely" and grades["relative_barrier"] == "bad" and "barrier" in reason
+    assert classify(sig(d=0.6), 5000, CAL)[0] == "unlikely"
+    assert classify(sig(e=0.3), 5000, CAL)[0] == "uncertain"  # no unlikely threshold: never "bad" alone
+    assert classify(sig(e=float("nan")), 5000, CAL)[0] == "uncertain"
+    v, reason, _ = classify(sig(), 5_000_000, CAL)
+    assert v == "uncalibrated" and "5,000,000" in reason
+    assert classify(sig(d=4.0), 5000, CAL)[0] == "uncalibrated"
+    assert classify(sig(), 5000, None)[0] == "uncalibrated"
+
+
+def test_target_equal_to_source_base_gives_exact_zero_signals(fam):
+    r = check(fam["sb"], fam["sf"], fam["sb"], fam["data"], max_tokens=512)
+    s = r["signals"]
+    assert s["rel_distance"] == 0.0 and s["barrier"] == 0.0
+    assert s["loss_target_base"] == s["loss_source_base"]
+    assert s["loss_transfer"] == s["loss_source_finetuned"]  # m_s + (m'_s − m_s) == m'_s exactly
+    assert s["excess_loss"] == 0.0
+    assert r["verdict"] == "likely"  # all-zero signals are inside any calibrated "works" range
+    assert r["curve"]["losses"][0] == s["loss_source_base"]
+
+
+def test_signals_are_consistent_and_inputs_untouched(fam):
+    before = {k: tree_hash(fam[k]) for k in ("sb", "sf", "tb")}
+    r = check(fam["sb"], fam["sf"], fam["tb"], fam["data"], max_tokens=512, seed=3)
+    s = r["signals"]
+    assert s["excess_loss"] == pytest.approx((s["loss_transfer"] - s["loss_target_base"])
+                                             - (s["loss_source_finetuned"] - s["loss_source_base"]), abs=1e-12)
+    assert s["relative_barrier"] == pytest.approx(s["barrier"] / ((s["loss_source_base"] + s["loss_target_base"]) / 2))
+    from conftest import load_sd
+
+    sb, tb = load_sd(fam["sb"]), load_sd(fam["tb"])
+    num = sum(float((tb[k].double() - sb[k].double()).pow(2).sum()) for k in sb) ** 0.5
+    den = sum(float(sb[k].double().pow(2).sum()) for k in sb) ** 0.5
+    assert s["rel_distance"] == pytest.approx(num / den, rel=1e-9)
+    assert r["verdict"] == classify(s, r["num_parameters"], load_calibration())[0]
+    assert r["verdict"] in ("likely", "uncertain", "unlikely", "uncalibrated") and r["reason"]
+    assert {k: tree_hash(fam[k]) for k in ("sb", "sf", "tb")} == before
+    r2 = check(fam["sb"], fam["sf"], fam["tb"], fam["data"], max_tokens=512, seed=3)
+    assert r2["signals"] == r["signals"]  # deterministic
+
+
+def test_in_memory_source_finetune_is_not_modified():
+    base = T.make_model("llama", seed=0)
+    ft = T.perturbed(base, seed=1, scale=0.01)
+    tgt = T.perturbed(base, seed=2, scale=0.01)
+    before = {k: v.clone() for k, v in ft.state_dict().items()}
+    ids = [[(i * 5 + j) % 60 + 3 for j in range(16)] for i in range(20)]
+    r = check(base, ft, tgt, ids, max_tokens=256)
+    assert r["signals"]["loss_transfer"] != r["signals"]["loss_source_finetuned"]
+    assert all(torch.equal(before[k], v) for k, v in ft.state_dict().items())
+
+
+def test_models_outside_the_calibrated_scale_get_no_verdict(tmp_path):
+    kw = dict(hidden_size=128, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2)
+    base = T.make_model("llama", seed=0, **kw)
+    ids = [[(i * 5 + j) % 60 + 3 for j in range(16)] for i in range(8)]
+    r = check(base, T.perturbed(base, 1, 0.01), T.perturbed(base, 2, 0.01), ids, max_tokens=128)
+    lo, hi = load_calibration()["scale"]["num_parameters"]
+    assert r["num_parameters"] > hi
+    assert r["verdict"] == "uncalibrated" and "parameters" in r["reason"]
+    assert set(SIGNALS) <= set(r["signals"])  # the numbers are still reported
+
+
+def test_shipped_calibration_is_well_formed_and_matches_the_doc():
+    cal = load_calibration()
+    assert cal is not None and set(cal["signals"]) == set(SIGNALS)
+    for th in cal["signals"].values():
+        assert th["likely_max"] is not None
+        assert th["unlikely_min"] is None or th["likely_max"] < th["unlikely_min"]
+    doc = (ROOT / "docs" / "check-calibration.md").read_text()
+    assert "GENERATED by `benchmarks/calibrate_check.py`" in doc
+    for name, th in cal["signals"].items():  # the doc shows the thresholds the package ships
+        row = next(line for line in doc.splitlines() if line.startswith(f"| `{name}` |"))
+        assert f"{th['likely_max']:.4f}" in row
+    assert re.search(r"Calibrated scale: [\d,]+–[\d,]+ parameters", doc)
+
+
+def test_cli_check(fam, tmp_path):
+    from deltaport.cli.main import main
+
+    out = tmp_path / "c.json"
+    rc = main(["check", "--source-base", str(fam["sb"]), "--source-finetuned", str(fam["sf"]),
+               "--target-base", str(fam["tb"]), "--data", str(fam["data"]), "-o", str(out), "--max-tokens", "256",
+               "--no-progress"])
+    assert rc == 0
+    rep = json.loads(out.read_text())
+    assert rep["verdict"] in ("likely", "uncertain", "unlikely", "uncalibrated")
+    assert set(SIGNALS) <= set(rep["signals"]) and rep["thresholds"]["signals"]
+    rc = main(["check", "--source-base", str(fam["sb"]), "--source-finetuned", str(fam["sf"]),
+               "--target-base", str(fam["tb"]), "--data", str(tmp_path / "none.jsonl"), "-o", str(out)])
+    assert rc == 2
