@@ -1,0 +1,106 @@
+"""``deltaport eval``: a thin shell over :func:`deltaport.evaluate.evaluate`."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def default_cache_dir() -> Path:
+    """``$DELTAPORT_CACHE/eval`` or ``$XDG_CACHE_HOME/deltaport/eval`` (``~/.cache/deltaport/eval``)."""
+    root = os.environ.get("DELTAPORT_CACHE")
+    if root:
+        return Path(root) / "eval"
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "deltaport" / "eval"
+
+
+def _batch_size(value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise typer.BadParameter(f"--batch-size must be an integer or 'auto', got {value!r}") from None
+
+
+def _limit(value: str | None) -> int | float | None:
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        try:
+            return float(value)
+        except ValueError:
+            raise typer.BadParameter(f"--limit must be a number, got {value!r}") from None
+
+
+def eval_command(
+    models: list[str] = typer.Argument(..., metavar="MODEL...", help="model directories or hub ids"),
+    tasks: Optional[str] = typer.Option(None, "--tasks", help="comma-separated lm-eval task names or task YAML paths"),
+    preset: Optional[str] = typer.Option(None, "--preset", help="llama3-instruct | olmo2-tulu3 | global-mmlu"),
+    languages: Optional[str] = typer.Option(None, "--languages", help="Global MMLU languages, e.g. mg,si,tr"),
+    limit: Optional[str] = typer.Option(None, "--limit", help="documents per task (N, or a fraction < 1)"),
+    device: str = typer.Option("auto", "--device", help="cpu | cuda | cuda:N | auto (cuda when available)"),
+    backend: str = typer.Option("hf", "--backend", help="hf | vllm (vllm: GPU only)"),
+    batch_size: str = typer.Option("8", "--batch-size", help="an integer or 'auto'"),
+    protocol: Optional[str] = typer.Option(
+        None, "--protocol", help="base | chat | both | auto (default: auto with --preset, else base)"),
+    num_fewshot: Optional[int] = typer.Option(None, "--num-fewshot", help="override every task's few-shot count"),
+    baseline: Optional[str] = typer.Option(None, "--baseline", help="a MODEL to show differences against"),
+    output: Path = typer.Option(..., "-o", "--output", help="results JSON"),
+    table: Optional[Path] = typer.Option(None, "--table", help="also write the Markdown comparison table here"),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="result cache (default ~/.cache/deltaport/eval)"),
+    no_cache: bool = typer.Option(False, "--no-cache", help="neither read nor write the result cache"),
+    seed: int = typer.Option(0, "--seed", help="lm-eval seeds (python, numpy, torch, few-shot sampling)"),
+    model_args: Optional[str] = typer.Option(
+        None, "--model-args", help="extra lm-eval model args, k=v,k=v (e.g. max_length=4096,tensor_parallel_size=2)"),
+) -> None:
+    """Evaluate models with lm-evaluation-harness (the paper's protocol) and compare them."""
+    from deltaport.evaluate import comparison_table, evaluate, write_json
+
+    margs = {}
+    for kv in (model_args or "").split(","):
+        if kv.strip():
+            k, sep, v = kv.partition("=")
+            if not sep:
+                raise typer.BadParameter(f"--model-args expects k=v pairs, got {kv!r}")
+            margs[k.strip()] = _coerce(v.strip())
+    if protocol is None:
+        protocol = "auto" if preset else "base"
+    res = evaluate(
+        models, tasks, limit=_limit(limit), device=device, backend=backend, batch_size=_batch_size(batch_size),
+        protocol=protocol, num_fewshot=num_fewshot, preset=preset,
+        cache_dir=None if no_cache else (cache_dir or default_cache_dir()), seed=seed, progress=True,
+        model_args=margs, languages=[x.strip() for x in languages.split(",")] if languages else None,
+    )
+    if baseline is not None and baseline not in res["results"]:
+        rows = [r for r in res["results"] if r.startswith(f"{baseline} [")]
+        baseline = rows[0] if rows else baseline
+    md = comparison_table(res, baseline=baseline)
+    res["table"] = md
+    write_json(output, res)
+    if table is not None:
+        from deltaport.evaluate import _atomic_write
+
+        _atomic_write(Path(table), md)
+    typer.echo(md, nl=False)
+    cached = sum(d.get("cached", False) for r in res["details"].values() for d in r.values())
+    total = sum(len(r) for r in res["details"].values())
+    typer.echo(f"wrote {output}" + (f" and {table}" if table else "") + f" ({cached}/{total} results from cache)")
+
+
+def _coerce(v: str):
+    for f in (int, float):
+        try:
+            return f(v)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(v.lower(), v)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("eval")(eval_command)

@@ -1,0 +1,242 @@
+"""deltaport.evaluate: lm-eval on tiny in-memory and on-disk models over local task YAML files."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from deltaport.errors import InputError
+from deltaport.evaluate import comparison_table, evaluate, resolve_tasks
+from deltaport.testing import make_model, make_tokenizer, perturbed, save
+
+DATA = Path(__file__).parent / "data" / "tiny_qa"
+QA = str(DATA / "tiny_qa.yaml")
+GEN = str(DATA / "tiny_gen.yaml")
+FACTS = json.loads((DATA / "facts.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return make_tokenizer(extra_words=list(FACTS))
+
+
+@pytest.fixture(scope="module")
+def rand_model():
+    return make_model("llama", seed=0)
+
+
+@pytest.fixture(scope="module")
+def trained_model(tok):
+    """The random model trained (plain AdamW, full-text loss) on the task's facts: it must score higher."""
+    torch.manual_seed(0)
+    m = make_model("llama", seed=0).train()
+    texts = [f"Q : what color is the flag of {c} ? A : {a}" for c, a in FACTS.items()]
+    enc = tok(texts, return_tensors="pt", add_special_tokens=False)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    for _ in range(120):
+        loss = m(**enc, labels=enc["input_ids"]).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return m.eval()
+
+
+def test_schema_and_determinism(rand_model, tok):
+    r1 = evaluate({"rand": (rand_model, tok)}, [QA, GEN], device="cpu")
+    r2 = evaluate({"rand": (rand_model, tok)}, [QA, GEN], device="cpu")
+    assert r1["results"] == r2["results"]
+    res = r1["results"]["rand"]
+    assert set(res) == {"tiny_qa", "tiny_gen"}
+    assert set(res["tiny_qa"]) == {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr"}
+    assert set(res["tiny_gen"]) == {"exact_match,first_word", "exact_match,first_word_stderr"}
+    for v in res["tiny_qa"].values():
+        assert 0.0 <= v <= 1.0
+    d = r1["details"]["rand"]["tiny_qa"]
+    assert d["n_samples"]["tiny_qa"]["effective"] == len(FACTS) and d["protocol"] == "base"
+    assert d["cached"] is False and d["apply_chat_template"] is False
+    assert r1["settings"]["device"] == "cpu" and r1["columns"]["tiny_qa"]["source"] == str(DATA / "tiny_qa.yaml")
+
+
+def test_trained_model_scores_higher(rand_model, trained_model, tok):
+    r = evaluate({"rand": (rand_model, tok), "trained": (trained_model, tok)}, [QA, GEN])
+    rand, trained = r["results"]["rand"], r["results"]["trained"]
+    assert trained["tiny_qa"]["acc"] >= rand["tiny_qa"]["acc"] + 0.3
+    assert trained["tiny_gen"]["exact_match,first_word"] >= rand["tiny_gen"]["exact_match,first_word"] + 0.3
+
+
+def test_disk_model_equals_in_memory_and_limit(rand_model, tok, tmp_path):
+    d = save(rand_model, tmp_path / "m", tokenizer=tok)
+    r = evaluate({"mem": (rand_model, tok), "disk": str(d)}, [QA], limit=5)
+    assert r["results"]["mem"] == r["results"]["disk"]
+    assert r["details"]["disk"]["tiny_qa"]["n_samples"]["tiny_qa"]["effective"] == 5
+
+
+def test_local_task_works_from_any_cwd_and_reports_missing_data(rand_model, tok, tmp_path, monkeypatch):
+    task_dir = tmp_path / "tasks"
+    shutil.copytree(DATA, task_dir)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    r = evaluate({"m": (rand_model, tok)}, [str(task_dir / "tiny_qa.yaml")])
+    assert r["results"]["m"]["tiny_qa"] == evaluate({"m": (rand_model, tok)}, [QA])["results"]["m"]["tiny_qa"]
+    (task_dir / "tiny_qa.jsonl").unlink()
+    with pytest.raises(InputError, match=r"tiny_qa\.jsonl.*not found.*relative to the YAML"):
+        evaluate({"m": (rand_model, tok)}, [str(task_dir / "tiny_qa.yaml")])
+
+
+def test_cache_reuses_only_unchanged(rand_model, tok, tmp_path, monkeypatch):
+    import lm_eval
+
+    calls = []
+    real = lm_eval.simple_evaluate
+
+    def counting(*a, **k):
+        calls.append(k["tasks"])
+        return real(*a, **k)
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", counting)
+    d = save(rand_model, tmp_path / "m", tokenizer=tok)
+    cache = tmp_path / "cache"
+    r1 = evaluate([str(d)], [QA], cache_dir=cache)
+    assert len(calls) == 1
+    r2 = evaluate([str(d)], [QA], cache_dir=cache)
+    assert len(calls) == 1 and r2["details"][str(d)]["tiny_qa"]["cached"] is True
+    assert r2["results"] == r1["results"]
+    evaluate([str(d)], [QA], cache_dir=cache, limit=4)  # a setting changed -> evaluated again
+    assert len(calls) == 2
+    d2 = save(perturbed(rand_model, seed=5), tmp_path / "m2", tokenizer=tok)
+    evaluate({"m2": str(d2), "m": str(d)}, [QA], cache_dir=cache)  # only the new weights run
+    assert len(calls) == 3
+    mem = evaluate({"x": (rand_model, tok)}, [QA], cache_dir=cache)  # same content in memory
+    assert len(calls) == 4 and mem["results"]["x"] == r1["results"][str(d)]
+    evaluate({"y": (rand_model, tok)}, [QA], cache_dir=cache)
+    assert len(calls) == 4
+
+
+def test_protocols(rand_model, tok):
+    r = evaluate({"m": (rand_model, tok)}, [QA], protocol="both")
+    assert set(r["results"]) == {"m [base]", "m [chat]"}
+    assert r["details"]["m [chat]"]["tiny_qa"]["apply_chat_template"] is True
+    assert evaluate({"m": (rand_model, tok)}, [QA], protocol="auto")["details"]["m"]["tiny_qa"]["protocol"] == "chat"
+    plain = make_tokenizer(extra_words=list(FACTS), chat_template=None)
+    with pytest.raises(InputError, match="no chat template"):
+        evaluate({"m": (rand_model, plain)}, [QA], protocol="chat")
+    r = evaluate({"m": (rand_model, plain)}, [QA], protocol="both")
+    assert r["results"]["m [base]"] and r["results"]["m [chat]"] == {}
+
+
+def test_bad_inputs(rand_model, tok):
+    with pytest.raises(InputError, match="unknown protocol"):
+        evaluate({"m": (rand_model, tok)}, [QA], protocol="instruct")
+    with pytest.raises(InputError, match="task file .*nope.yaml not found"):
+        evaluate({"m": (rand_model, tok)}, ["nope.yaml"])
+    with pytest.raises(InputError, match="no such model directory"):
+        evaluate(["/no/such/model"], [QA])
+    if not torch.cuda.is_available():
+        with pytest.raises(InputError, match="no CUDA"):
+            evaluate({"m": (rand_model, tok)}, [QA], device="cuda")
+    with pytest.raises(InputError, match="vllm"):
+        evaluate({"m": (rand_model, tok)}, [QA], backend="vllm", device="cpu")
+
+
+class _FakeTM:
+    def __init__(self, names):
+        self.all_tasks = list(names)
+
+
+def test_unknown_task_name_suggests():
+    from deltaport.evaluate import _check_known
+
+    specs = resolve_tasks(["gsm8k_cot_lama"])
+    with pytest.raises(InputError, match="did you mean gsm8k_cot_llama"):
+        _check_known(specs, _FakeTM(["gsm8k_cot_llama", "arc_easy"]))
+
+
+@pytest.mark.parametrize("preset,expected", [
+    ("llama3-instruct", [("gsm8k_cot_llama", 8), ("minerva_math", 4), ("arc_challenge_llama", 0),
+                         ("gpqa_main_cot_zeroshot", 0), ("mmlu_cot_llama", 0), ("ifeval", 0)]),
+    ("olmo2-tulu3", [("gsm8k_cot", 8), ("minerva_math", 4), ("arc_challenge", 5), ("gpqa_main_cot_zeroshot", 0),
+                     ("mmlu_cot_llama", 0), ("ifeval", 0), ("minerva_math500", 0), ("gpqa_diamond_cot_zeroshot", 0)]),
+    ("global-mmlu", [("global_mmlu_full_mg", 0), ("global_mmlu_full_si", 0), ("global_mmlu_full_tr", 0),
+                     ("global_mmlu_full_en", 0)]),
+])
+def test_presets_resolve_to_simple_evaluate_arguments(preset, expected, rand_model, tok, monkeypatch):
+    """Presets cannot run offline; check the exact arguments each task reaches simple_evaluate with."""
+    import lm_eval
+
+    import deltaport.evaluate as ev
+
+    seen = []
+
+    def fake(**k):
+        seen.append(k)
+        return {"results": {k["tasks"][0]: {"alias": "x", "acc,none": 0.5, "acc_stderr,none": 0.1}},
+                "n-samples": {}, "n-shot": {}, "versions": {}}
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", fake)
+    monkeypatch.setattr(ev, "_task_manager", lambda specs: _FakeTM([s.spec for s in specs]))
+    r = evaluate({"m": (rand_model, tok)}, None, preset=preset, protocol="both", seed=7)
+    got = [(k["tasks"][0], k["num_fewshot"]) for k in seen if not k["apply_chat_template"]]
+    assert got == expected
+    chat = [k for k in seen if k["apply_chat_template"]]
+    assert [k["fewshot_as_multiturn"] for k in chat] == [n > 0 for _, n in expected]
+    assert all(k["device"] == "cpu" and k["fewshot_random_seed"] == 7 and k["log_samples"] is False for k in seen)
+    assert list(r["results"]["m [chat]"]) == [t for t, _ in expected]
+    if preset == "llama3-instruct":
+        assert r["columns"]["ifeval"] == {"metric": "strict_loose_avg", "label": "IFEval", "source": None}
+    with pytest.raises(InputError, match="unknown eval preset"):
+        resolve_tasks(None, preset="llama4")
+
+
+def test_global_mmlu_languages_and_ifeval_average():
+    specs = resolve_tasks(None, preset="global-mmlu", languages=["de", "sw"])
+    assert [s.spec for s in specs] == ["global_mmlu_full_de", "global_mmlu_full_sw"]
+    with pytest.raises(InputError, match="no language"):
+        resolve_tasks(None, preset="global-mmlu", languages=["xx"])
+    from deltaport.evaluate import _add_derived
+
+    m = {"prompt_level_strict_acc": 0.5, "prompt_level_loose_acc": 0.6, "inst_level_strict_acc": 0.7,
+         "inst_level_loose_acc": 0.8}
+    _add_derived(m, resolve_tasks(None, preset="llama3-instruct")[-1].derived)
+    assert m["strict_loose_avg"] == pytest.approx(0.65)
+
+
+def test_comparison_table_exact():
+    res = {
+        "results": {
+            "base": {"a": {"acc": 0.25, "acc_stderr": 0.1}, "b": {"exact_match,flex": 0.5}},
+            "base+Δ": {"a": {"acc": 0.5, "acc_stderr": 0.1}, "b": {"exact_match,flex": 0.75}},
+            "half": {"a": {"acc": 0.5}},
+        },
+        "columns": {"a": {"metric": "acc", "label": "A"}, "b": {"metric": None, "label": "B"}},
+    }
+    assert comparison_table(res, baseline="base") == (
+        "| Model | A | B | Avg |\n"
+        "|---|---|---|---|\n"
+        "| **base** (baseline) | 25.0 | 50.0 | 37.5 |\n"
+        "| base+Δ | 50.0 (+25.0) | 75.0 (+25.0) | 62.5 (+25.0) |\n"
+        "| half | 50.0 (+25.0) | – | – |\n"
+        "\n"
+        "Metrics — A: acc ×100, B: exact_match,flex ×100. Differences are to base.\n"
+    )
+    with pytest.raises(InputError, match="baseline 'nope'"):
+        comparison_table(res, baseline="nope")
+
+
+def test_cli_eval(rand_model, tok, tmp_path):
+    from deltaport.cli.main import main
+
+    d = save(rand_model, tmp_path / "m", tokenizer=tok)
+    out, table = tmp_path / "r.json", tmp_path / "r.md"
+    rc = main(["eval", str(d), "--tasks", f"{QA},{GEN}", "--limit", "4", "--device", "cpu", "-o", str(out),
+               "--table", str(table), "--no-cache", "--baseline", str(d)])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    assert set(res["results"][str(d)]) == {"tiny_qa", "tiny_gen"}
+    assert table.read_text() == res["table"] and "(baseline)" in res["table"]
+    assert main(["eval", str(d), "--tasks", "no_such_task_xyz", "-o", str(tmp_path / "x.json"), "--no-cache"]) == 2
+    assert not (tmp_path / "x.json").exists()
