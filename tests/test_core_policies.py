@@ -280,3 +280,20 @@ def test_dry_run_reads_headers_only_and_writes_nothing(family, tmp_path, monkeyp
     r = deltaport.transfer(p["source_base"], p["source_finetuned"], p["target_base"], tmp_path / "o", dry_run=True)
     assert r.output is None and not (tmp_path / "o").exists() and list(tmp_path.iterdir()) == []
     assert "delta" in r.plan.describe()
+
+
+def test_lora_adapter_names_its_own_base(family, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    p = family("llama", torch.float32)
+    pm = get_peft_model(AutoModelForCausalLM.from_pretrained(p["source_base"]),
+                        LoraConfig(r=2, lora_alpha=2, target_modules=["o_proj"], init_lora_weights=False))
+    pm.save_pretrained(tmp_path / "adapter")
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(p["source_base"])
+    deltaport.transfer(None, tmp_path / "adapter", p["target_base"], tmp_path / "a")
+    deltaport.transfer(p["source_base"], tmp_path / "adapter", p["target_base"], tmp_path / "b")
+    assert tree_hash(tmp_path / "a") != {} and load_sd(tmp_path / "a").keys() == load_sd(tmp_path / "b").keys()
+    assert_bit_equal(load_sd(tmp_path / "a"), load_sd(tmp_path / "b"))
+    with pytest.raises(deltaport.InputError, match="--source-base is required"):
+        deltaport.transfer(None, p["source_finetuned"], p["target_base"], tmp_path / "c")

@@ -131,8 +131,8 @@ def transfer(source_base, source_finetuned, target_base, output, *, scale: float
     """
     pol = make_policies(scale=scale, vocab_policy=vocab_policy, shape_policy=shape_policy, key_map=key_map,
                         include=include, exclude=exclude, scale_map=scale_map, compute_dtype=compute_dtype, out_dtype=out_dtype)
-    sb = open_checkpoint(source_base, allow_pickle=allow_pickle)
     sf = open_checkpoint(source_finetuned, allow_pickle=allow_pickle)
+    sb = open_checkpoint(_base_of(source_base, sf, "--source-base"), allow_pickle=allow_pickle)
     tb = open_checkpoint(target_base, allow_pickle=allow_pickle, require_config=True)
     for who, ck in (("source base", sb), ("target base", tb)):
         if ck.kind in ("lora", "delta"):
@@ -171,6 +171,15 @@ def transfer(source_base, source_finetuned, target_base, output, *, scale: float
     return Result(output, plan, prov, stats, timings)
 
 
+def _base_of(base, finetuned: Checkpoint, flag: str):
+    """The source base: given explicitly, or a LoRA adapter's ``base_model_name_or_path``."""
+    if base is not None:
+        return base
+    if finetuned.kind == "lora" and (finetuned.lora or {}).get("base_model_name_or_path"):
+        return finetuned.lora["base_model_name_or_path"]
+    raise InputError(f"{flag} is required (only a PEFT LoRA adapter names its own base model)")
+
+
 def _uniform_dtype(plan: Plan):
     dts = {op.out_dtype for op in plan.ops}
     return dts.pop() if len(dts) == 1 else None
@@ -190,8 +199,8 @@ def diff(base, finetuned, output, *, delta_dtype: str | None = None, vocab_polic
     """
     pol = make_policies(vocab_policy=vocab_policy, shape_policy=shape_policy, key_map=key_map, include=include,
                         exclude=exclude, compute_dtype=compute_dtype)
-    sb = open_checkpoint(base, allow_pickle=allow_pickle)
     sf = open_checkpoint(finetuned, allow_pickle=allow_pickle)
+    sb = open_checkpoint(_base_of(base, sf, "--base"), allow_pickle=allow_pickle)
     if sb.kind in ("lora", "delta"):
         raise InputError(f"--base {sb.source} is a {sb.kind} directory, not a model")
     if sf.kind == "delta":

@@ -60,7 +60,7 @@ def _summary(res, as_json: bool, dry_run: bool) -> None:
 def register(app: typer.Typer) -> None:
     @app.command("transfer")
     def transfer_cmd(
-        source_base: str = Opt(..., "--source-base", help="m_s: the source base model (dir or hub id)"),
+        source_base: Optional[str] = Opt(None, "--source-base", help="m_s: the source base model (dir or hub id); defaults to a LoRA adapter's base_model_name_or_path"),
         source_finetuned: str = Opt(..., "--source-finetuned", help="m'_s: the source fine-tuned model (or a PEFT LoRA adapter dir)"),
         target_base: str = Opt(..., "--target-base", help="m_t: the new base model"),
         output: Path = Opt(..., "-o", "--output", help="output model directory"),
@@ -84,7 +84,7 @@ def register(app: typer.Typer) -> None:
 
     @app.command("diff")
     def diff_cmd(
-        base: str = Opt(..., "--base", help="the base model (dir or hub id)"),
+        base: Optional[str] = Opt(None, "--base", help="the base model (dir or hub id); defaults to a LoRA adapter's base_model_name_or_path"),
         finetuned: str = Opt(..., "--finetuned", help="the fine-tuned model (or a PEFT LoRA adapter dir)"),
         output: Path = Opt(..., "-o", "--output", help="output delta directory"),
         delta_dtype: Optional[str] = Opt(None, "--delta-dtype", help="stored Δ dtype (default exact: float32 for 16-bit models, float64 for float32 models); bfloat16/float16/float32 are smaller but lossy"),
