@@ -103,6 +103,7 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
         if n > 100_000_000:
             raise CheckpointError(f"shard {path}: header length {n} is implausibly large; the file is corrupt.")
         raw = f.read(n)
+    _check_not_truncated(path, raw, 8 + n, size)
     try:  # the library is the authority on validity (offsets, overlaps, dtypes, sizes)
         with safe_open(str(path), framework="pt") as sf:
             lib_keys = set(sf.keys())
@@ -126,6 +127,20 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
             raise CheckpointError(f"shard {path}: tensor {name!r} ends at byte {data_start + e} past the end of the "
                                   f"file ({size} bytes); the shard is truncated. Re-download it.")
     return header, data_start
+
+
+def _check_not_truncated(path: Path, raw: bytes, data_start: int, size: int) -> None:
+    """Name a truncated shard as such (the safetensors library only says the header is invalid).
+
+    Best effort on a header that parses; anything malformed is left to the library's validation."""
+    try:
+        header = json.loads(raw)
+        ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+    except Exception:  # noqa: BLE001 - malformed headers are reported by safe_open below
+        return
+    if ends and data_start + max(ends) > size:
+        raise CheckpointError(f"shard {path} is truncated: its header needs {data_start + max(ends)} bytes, the file has "
+                              f"{size}. The download or copy was cut short - re-download this shard.")
 
 
 @dataclass
