@@ -367,6 +367,25 @@ def _pickled(d: Path, allow_pickle: bool) -> tuple[dict[str, TensorSpec], list[P
     return specs, bins, mem
 
 
+def _check_bin_beside_safetensors(d: Path, tensors: dict[str, TensorSpec]) -> None:
+    """A dir with both safetensors and pickled ``.bin`` weights: safetensors are used and the ``.bin``
+    files are never unpickled. When a ``pytorch_model.bin.index.json`` lists different tensors, the
+    two copies disagree and it is unclear which one is the model: refuse."""
+    bins = sorted(b.name for b in d.glob("pytorch_model*.bin"))
+    bin_index = d / "pytorch_model.bin.index.json"
+    if bin_index.exists():
+        wm = _read_json(bin_index, "index")
+        wm = wm.get("weight_map") if isinstance(wm, dict) else None
+        if not isinstance(wm, dict) or set(wm) != set(tensors):
+            diff = sorted(set(wm or {}) ^ set(tensors))[:5]
+            raise CheckpointError(
+                f"{d} holds both safetensors and pickled weights ({', '.join(bins)}) and they disagree: "
+                f"{bin_index.name} lists different tensors (e.g. {diff}). It is unclear which is the model; remove the "
+                ".bin files (deltaport reads only the safetensors) or re-download the repository.")
+    LOG.warning("%s has both .safetensors and .bin weights (%s); reading the safetensors only, the .bin files are "
+                "ignored (never unpickled)", d, ", ".join(bins))
+
+
 def open_checkpoint(source: str | Path, *, allow_pickle: bool = False, revision: str | None = None,
                     require_config: bool = False) -> Checkpoint:
     """Resolve ``source`` and read its headers (never tensor bytes, except for pickled files)."""
@@ -404,7 +423,7 @@ def open_checkpoint(source: str | Path, *, allow_pickle: bool = False, revision:
             raise CheckpointError(f"{d} contains no weights (no model.safetensors, {INDEX_NAME} or "
                                   "pytorch_model*.bin); is it a model directory?")
     if kind != "pickle" and list(d.glob("pytorch_model*.bin")):
-        LOG.info("%s has both .safetensors and .bin weights; using safetensors, ignoring .bin", d)
+        _check_bin_beside_safetensors(d, tensors)
     if provenance and provenance.get("kind") == "delta":
         kind = "delta"
     config = _load_config(d, required=require_config and kind in ("safetensors", "pickle"))
