@@ -175,7 +175,7 @@ def load_config(path_or_name: str | Path) -> LabConfig:
         raise LabConfigError(f"lab config {path}: not valid YAML: {exc}") from exc
     errors: list[str] = []
     cfg = _build(LabConfig, data, path.name, errors)
-    errors += validate(cfg) if not errors else []
+    errors += validate(cfg)  # report every problem at once
     if errors:
         raise LabConfigError(f"lab config {path} is not well-formed:\n  " + "\n  ".join(errors))
     return cfg

@@ -116,7 +116,7 @@ def _pretrain_run(cfg: LabConfig, world: World, tok, root: Path, seed: int, name
     start = 0
     if state_path.exists():  # resume a killed run from its last saved checkpoint
         st = torch.load(state_path, weights_only=False)
-        if st["step"] <= end:
+        if st["step"] <= min(step_of[v] for v in todo):  # else: restart (deterministic, same weights)
             model.load_state_dict(st["model"])
             opt.load_state_dict(st["opt"])
             start = st["step"]

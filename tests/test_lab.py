@@ -1,0 +1,195 @@
+"""The lab (`deltaport lab run`, `deltaport demo`): structure and invariants, never research outcomes.
+
+The ``ci`` preset runs the whole pipeline (family, grid, recovery, transfer-then-finetune,
+Algorithm 1, backporting, second language, connectivity + check, report) in about a minute.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from deltaport.errors import InputError  # noqa: E402
+from deltaport.lab.config import LabConfig, ModelConfig, PretrainConfig, WorldConfig, load_config  # noqa: E402
+from deltaport.lab.world import (FLAG_TEMPLATES, Mix, make_tokenizer, make_world, sample_block,  # noqa: E402
+                                 sft_records)
+
+
+def _tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(Path(path).glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def ci_run(tmp_path_factory):
+    from deltaport.lab.run import run_lab
+
+    torch.set_num_threads(1)
+    run_dir = tmp_path_factory.mktemp("lab") / "run"
+    results = run_lab(load_config("ci"), run_dir)
+    return run_dir, results
+
+
+# ------------------------------------------------------------------ the world (fast)
+def test_world_is_deterministic_and_splits_are_disjoint():
+    a, b = make_world(64, 12, seed=3), make_world(64, 12, seed=3)
+    assert a.entities == b.entities and a.flag == b.flag
+    assert make_world(64, 12, seed=4).entities != a.entities
+    assert not set(a.sft) & set(a.known) and not set(a.sft) & set(a.new) and not set(a.known) & set(a.new)
+    assert set(a.sft) | set(a.known) == set(a.f1) and set(a.new) == set(a.f2)
+
+
+def test_stage1_text_never_states_an_f2_flag_nor_the_question():
+    w = make_world(64, 12, seed=0)
+    rng = random.Random(0)
+    f2 = set(w.f2)
+    colors_b = {"a": set(w.flag.values())}
+    blocks = [sample_block(w, Mix(f1=0.3, f2=0.0, filler=0.7, lang_b=0.2), rng, 48) for _ in range(300)]
+    words = [x for b in blocks for x in b]
+    assert "what" not in words and "?" not in words  # the QA format is never pretrained
+    flag_words = {"flag", "galfu"}  # language a and b
+    for block in blocks:
+        sentence: list[str] = []
+        for x in block[1:] + ["."]:
+            if x == ".":
+                if flag_words & set(sentence) and f2 & set(sentence):
+                    pytest.fail(f"stage-1 text states an F2 flag fact: {' '.join(sentence)!r}")
+                sentence = []
+            else:
+                sentence.append(x)
+    assert colors_b["a"]  # sanity: flags exist
+    assert len(FLAG_TEMPLATES) == 5
+
+
+def test_tokenizer_round_trips_and_chat_template_marks_generation():
+    w = make_world(64, 12, seed=0)
+    tok = make_tokenizer(w)
+    rec = sft_records(w)[0]
+    ids = tok.apply_chat_template(rec["messages"], tokenize=True, return_dict=True,
+                                  return_assistant_tokens_mask=True)
+    mask = ids["assistant_masks"]
+    answer_ids = [i for i, m in zip(ids["input_ids"], mask) if m]
+    assert tok.decode(answer_ids).split()[0] == rec["messages"][1]["content"]
+    assert tok.unk_token_id not in ids["input_ids"]
+    assert tok.eos_token and tok.pad_token
+
+
+def test_bad_config_lists_every_error(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("versions: [M1, M9]\nexperiments: [grid, nonsense]\nworld: {n_entities: 10, colour: 3}\n")
+    with pytest.raises(InputError) as ei:
+        load_config(bad)
+    msg = str(ei.value)
+    assert "M9" in msg and "nonsense" in msg and "colour" in msg
+    with pytest.raises(InputError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_family_resume_after_kill_is_bit_identical(tmp_path):
+    from deltaport.lab.family import build_family
+
+    cfg = LabConfig(world=WorldConfig(n_entities=24, n_sft=4),
+                    model=ModelConfig(hidden_size=16, intermediate_size=32, num_attention_heads=2, seq_len=24),
+                    pretrain=PretrainConfig(batch_size=4, warmup=2, stage1_steps=[4, 8, 12], stage2_steps=[4, 8],
+                                            mx_like="M1"))
+    ref = build_family(cfg, tmp_path / "ref")
+
+    def killer(label, done, total):
+        if label.endswith("seed 0") and done == 14:  # between M4's predecessor M3 (12) and M4 (16)
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        build_family(cfg, tmp_path / "resumed", progress=killer)
+    root = next((tmp_path / "resumed").iterdir())
+    assert (root / "M3" / "config.json").exists() and not (root / "M4").exists()
+    resumed = build_family(cfg, tmp_path / "resumed")
+    for name in ("M0", "M1", "M2", "M3", "M4", "M5", "Mx"):
+        a, b = _tensors(ref[name]), _tensors(resumed[name])
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+        assert json.loads((resumed[name] / "lab_provenance.json").read_text())["config"] == cfg.family_key()
+
+
+# ------------------------------------------------------------------ the whole pipeline (ci preset)
+@pytest.mark.slow
+def test_ci_identity_Mi_plus_Di_equals_FT_exactly(ci_run):
+    run_dir, results = ci_run
+    for v in results["config"]["versions"]:
+        merged = _tensors(run_dir / "models" / f"{v}+D{v[1:]}")
+        ft = _tensors(run_dir / "models" / f"FT-{v}")
+        assert merged.keys() == ft.keys()
+        for k in ft:
+            assert torch.equal(merged[k], ft[k]), f"{v}: {k} differs"
+        assert results["invariants"]["identity_Mi_plus_Di_equals_FT"][v] is True
+
+
+@pytest.mark.slow
+def test_ci_random_init_plus_delta_stays_at_chance(ci_run):
+    _, results = ci_run
+    assert set(results["grid"]["cells"]["M0"]) == set(results["config"]["versions"])
+    for s, v in results["grid"]["cells"]["M0"].items():
+        assert v <= results["chance"], f"M0 + Δ{s[1:]} scored {v}"
+
+
+@pytest.mark.slow
+def test_ci_outputs_exist_parse_and_follow_the_schema(ci_run):
+    import matplotlib.image as mpimg
+
+    run_dir, results = ci_run
+    on_disk = json.loads((run_dir / "results.json").read_text())
+    for key in ("schema", "config", "seeds", "scores", "grid", "recovery", "transfer_then_finetune", "iterative",
+                "backport", "language", "connectivity", "claims", "backends", "timings_s", "figures"):
+        assert key in on_disk, key
+    V = on_disk["config"]["versions"]
+    assert set(on_disk["grid"]["cells"]) == set(V) | {"Mx", "M0"}
+    for t, row in on_disk["grid"]["cells"].items():
+        assert t not in row and all(0.0 <= x <= 1.0 for x in row.values())
+    for name in ("grid", "convergence", "connectivity"):
+        img = mpimg.imread(run_dir / on_disk["figures"][name])
+        assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
+    report = (run_dir / "report.md").read_text()
+    for heading in ("## What reproduced", "## 1. Transfer grid", "## 2. Fraction", "## 3. Transfer-then-finetune",
+                    "## 4. Iterative", "## 5. Backporting", "## 6. Second-language", "## 7. Connectivity", "Seeds:"):
+        assert heading in report, heading
+    curve = on_disk["curves"]["FT(M5+Δ3)"]
+    steps = [s for s, _ in curve]
+    assert steps[0] == 0 and steps == sorted(steps) and steps[-1] == on_disk["config"]["finetune"]["steps"]
+    # provenance next to every artifact
+    for name, path in on_disk["family"].items():
+        assert (Path(path) / "lab_provenance.json").exists(), name
+    for d in (p for p in (run_dir / "deltas").iterdir() if p.is_dir()):
+        assert (d / "deltaport.json").exists() and (d / "lab_key.json").exists()
+
+
+@pytest.mark.slow
+def test_ci_rerun_reuses_every_artifact(ci_run):
+    from deltaport.lab.run import run_lab
+
+    run_dir, results = ci_run
+    stamps = {p: p.stat().st_mtime_ns for p in run_dir.glob("*/*/*.safetensors")}
+    stamps.update({p: p.stat().st_mtime_ns for p in run_dir.glob("family/*/*/*.safetensors")})
+    again = run_lab(load_config("ci"), run_dir)
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    assert again["grid"]["cells"] == results["grid"]["cells"]
+    assert again["timings_s"].get("steps.finetune", 0) == 0
+
+
+def test_cli_lab_run_rejects_a_bad_config(tmp_path):
+    from deltaport.cli.main import main
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("versions: [M7]\n")
+    assert main(["lab", "run", str(bad), "-o", str(tmp_path / "out"), "--no-progress"]) == 2
+    assert not (tmp_path / "out").exists()
