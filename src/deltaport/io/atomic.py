@@ -15,19 +15,29 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import errno
 import logging
 import os
 import secrets
 import shutil
+import signal
+import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from deltaport.errors import OutputError
+from deltaport.errors import DiskError, OutputError
 
 LOG = logging.getLogger(__name__)
 
 TMP_TAG = ".deltaport-tmp-"
 OLD_TAG = ".deltaport-old-"
+
+#: outputs this process has moved into place (the CLI uses it to word its message after a signal)
+COMMITTED: list[Path] = []
+
+_DISK_ERRNOS = {errno.ENOSPC: "disk full", errno.EFBIG: "file size limit reached",
+                errno.EDQUOT: "disk quota exceeded", errno.EROFS: "read-only file system", errno.EIO: "I/O error"}
+_SIGNALS = tuple(s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -106,19 +116,69 @@ def check_output_location(out: str | Path, inputs: Iterable[str | Path] = ()) ->
     return out
 
 
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE). False if unsupported."""
+def _renameat2(a: Path, b: Path, flags: int) -> bool | None:
+    """Linux renameat2; True on success, None when unsupported (not Linux, old libc/kernel/filesystem).
+
+    Raises OSError for real failures (for RENAME_NOREPLACE: EEXIST when ``b`` exists)."""
     if not hasattr(os, "uname") or os.uname().sysname != "Linux":
-        return False
+        return None
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
         fn = libc.renameat2
     except (OSError, AttributeError):
-        return False
-    AT_FDCWD, RENAME_EXCHANGE = -100, 2
+        return None
+    AT_FDCWD = -100
     fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    rc = fn(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE)
-    return rc == 0
+    rc = fn(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), flags)
+    if rc == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP if hasattr(errno, "ENOTSUP") else errno.EINVAL):
+        return None
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE). False if unsupported."""
+    try:
+        return bool(_renameat2(a, b, 2))  # RENAME_EXCHANGE
+    except OSError:
+        return False
+
+
+def _rename_noreplace(a: Path, b: Path) -> None:
+    """Rename ``a`` to ``b`` unless ``b`` exists (an output that appeared while we were writing)."""
+    try:
+        done = _renameat2(a, b, 1)  # RENAME_NOREPLACE
+    except FileExistsError:
+        done = False
+    except OSError as exc:
+        if exc.errno != errno.EEXIST:
+            raise
+        done = False
+    if done is None:  # unsupported: check-then-rename (a tiny race window)
+        if b.exists():
+            done = False
+        else:
+            os.rename(a, b)
+            done = True
+    if not done:
+        raise OutputError(f"output {b} appeared while deltaport was writing it (another process?); the new output "
+                          "was discarded. Pass --overwrite to replace it, or choose another path.")
+
+
+@contextlib.contextmanager
+def _signals_deferred():
+    """Hold SIGINT/SIGTERM/SIGHUP during the renames that commit an output; they are delivered
+    (and handled) right after, so a signal never lands between two renames."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -148,22 +208,41 @@ def atomic_output_dir(out: str | Path, *, overwrite: bool = False, inputs: Itera
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}{TMP_TAG}{os.getpid()}-{secrets.token_hex(4)}"
     tmp.mkdir()
+    committed = False
+    stranded: Path | None = None  # the previous output while it is moved aside (non-atomic fallback)
     try:
         yield tmp
-    except BaseException:
+        _fsync_dir(tmp)
+        with _signals_deferred():
+            if out.exists():
+                if not overwrite:
+                    raise OutputError(f"output {out} appeared while deltaport was writing it (another process?); "
+                                      "the new output was discarded. Pass --overwrite to replace it.")
+                if _exchange(tmp, out):  # tmp now holds the old output
+                    committed = True
+                    _fsync_dir(out.parent)
+                else:
+                    stranded = out.parent / f".{out.name}{OLD_TAG}{os.getpid()}-{secrets.token_hex(4)}"
+                    os.rename(out, stranded)
+                    os.rename(tmp, out)
+                    committed = True
+                    _fsync_dir(out.parent)
+                    tmp, stranded = stranded, None
+            else:
+                _rename_noreplace(tmp, out)
+                committed = True
+                _fsync_dir(out.parent)
+            COMMITTED.append(out)
+        shutil.rmtree(tmp, ignore_errors=True)  # the previous output, after an overwrite
+    except BaseException as exc:
+        # not committed: tmp is the partial new output; committed: tmp is the replaced previous output
         shutil.rmtree(tmp, ignore_errors=True)
+        if stranded is not None and not out.exists():
+            with contextlib.suppress(OSError):
+                os.rename(stranded, out)  # put the previous output back
+        if isinstance(exc, OSError) and exc.errno in _DISK_ERRNOS:
+            where = exc.filename or out
+            raise DiskError(f"writing {where} failed: {_DISK_ERRNOS[exc.errno]} ({exc.strerror}). The partial output "
+                            f"was removed{' and the previous output is unchanged' if out.exists() else ''}; free space "
+                            "or choose another output location.") from None
         raise
-    _fsync_dir(tmp)
-    if out.exists():
-        if _exchange(tmp, out):  # tmp now holds the old output
-            _fsync_dir(out.parent)
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            old = out.parent / f".{out.name}{OLD_TAG}{os.getpid()}-{secrets.token_hex(4)}"
-            os.rename(out, old)
-            os.rename(tmp, out)
-            _fsync_dir(out.parent)
-            shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, out)
-        _fsync_dir(out.parent)
