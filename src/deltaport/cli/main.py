@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import importlib
 import logging
+import signal
 import sys
+import threading
 
 import typer
 
@@ -45,34 +47,113 @@ def _register_all() -> None:
 _register_all()
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM/SIGHUP (or SIGINT) turned into an exception, so ``atomic_output_dir`` and every other
+    ``finally`` block run and the temporary output folder is removed before the process exits."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+_HANDLED_SIGNALS = tuple(s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None)
+
+
+def _install_signal_handlers() -> dict:
+    """Raise :class:`Interrupted` in the main thread on SIGINT/SIGTERM/SIGHUP; return the old handlers.
+
+    SIGKILL cannot be caught: its temporary folder is removed by the next run on the same output
+    (``deltaport.io.atomic.cleanup_leftovers``). Only possible from the main thread.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def handler(signum, frame):
+        raise Interrupted(signum)
+
+    old = {}
+    for s in _HANDLED_SIGNALS:
+        try:
+            old[s] = signal.signal(s, handler)
+        except (OSError, ValueError):  # pragma: no cover - unusual platforms
+            pass
+    return old
+
+
+def _restore_signal_handlers(old: dict) -> None:
+    for s, h in old.items():
+        try:
+            signal.signal(s, h if h is not None else signal.SIG_DFL)
+        except (OSError, ValueError):  # pragma: no cover
+            pass
+
+
+def _interrupted_message(signum: int) -> str:
+    from deltaport.io import atomic
+
+    name = signal.Signals(signum).name
+    if atomic.COMMITTED:
+        return (f"interrupted ({name}) after the output was complete: {atomic.COMMITTED[-1]} was written "
+                "and verified before the signal was handled\n")
+    return (f"interrupted ({name}): nothing was written - the temporary output folder was removed and any "
+            "existing output is unchanged\n")
+
+
+def _is_click_exception(exc: BaseException) -> bool:
+    classes = []
+    try:
+        from typer._click.exceptions import ClickException as VendoredClickException
+
+        classes.append(VendoredClickException)
+    except ImportError:
+        pass
+    try:
+        from click.exceptions import ClickException
+
+        classes.append(ClickException)
+    except ImportError:
+        pass
+    return isinstance(exc, tuple(classes))
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Console entry point: run the app, map deltaport errors to exit codes."""
+    """Console entry point: run the app, map deltaport errors to exit codes.
+
+    Exit codes: 0 ok, 2 bad input/usage (:class:`~deltaport.errors.InputError`), 1 runtime failure,
+    128+N when stopped by signal N (130 for SIGINT/Ctrl-C, 143 for SIGTERM) after cleaning up.
+    """
     from deltaport.errors import DeltaportError
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    old_handlers = _install_signal_handlers()
     try:
-        app(args=argv, standalone_mode=False)
+        rv = app(args=argv, standalone_mode=False)
+        if isinstance(rv, int) and not isinstance(rv, bool):  # click returns Exit codes in non-standalone mode
+            return rv
     except DeltaportError as exc:
         kind = type(exc).__name__
         sys.stderr.write(f"error ({kind}): {exc}\n")
         return exc.exit_code
     except typer.Exit as exc:
         return exc.exit_code
-    except SystemExit as exc:  # click usage errors arrive here in standalone_mode=False? (no: see below)
+    except SystemExit as exc:
         return int(exc.code or 0)
-    except KeyboardInterrupt:
-        sys.stderr.write("interrupted: no output was written (temporary files removed)\n")
-        return 130
-    except Exception as exc:  # click.UsageError & co.
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
+    except KeyboardInterrupt as exc:
+        signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+        sys.stderr.write(_interrupted_message(signum))
+        return 128 + int(signum)
+    except Exception as exc:  # click.UsageError & co. (typer >= 0.20 vendors click as typer._click)
+        if _is_click_exception(exc):
             exc.show()
             return 2
-        if isinstance(exc, click.exceptions.Abort):
-            sys.stderr.write("aborted\n")
-            return 130
+        if type(exc).__name__ == "Abort":  # click turns KeyboardInterrupt into Abort (cause kept)
+            cause = exc.__cause__ or exc.__context__
+            signum = cause.signum if isinstance(cause, Interrupted) else signal.SIGINT
+            sys.stderr.write(_interrupted_message(signum))
+            return 128 + int(signum)
         raise
+    finally:
+        _restore_signal_handlers(old_handlers)
     return 0
 
 
