@@ -1,0 +1,105 @@
+"""Every hostile case of ``hostile_cases.CASES`` for diff/apply/transfer/inspect, through the CLI entry
+point in-process: the exit code, the message, inputs byte-identical, no partial output, no leftovers,
+no foreign code run. (The later commands' cases run in ``benchmarks/reliability_report.py``.)"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+import hostile_cases as H
+
+CORE = [c for c in H.CASES if c.needs is None]
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory):
+    return H.build_pristine(tmp_path_factory.mktemp("pristine"))
+
+
+@pytest.mark.parametrize("c", CORE, ids=[re.sub(r"\W+", "-", c.name).strip("-")[:60] for c in CORE])
+def test_hostile_case(c, pristine, tmp_path):
+    pristine_before = {k: H.tree_hash(v) for k, v in pristine.items()}
+    o = H.run_case(c, H.Workspace(tmp_path / "ws", pristine))
+    assert o.ok, f"{c.name}: {o.problems}\nstderr:\n{o.stderr}"
+    assert o.inputs_intact
+    if o.rc != 0:  # an error names what is wrong: a path or a tensor, and the message is a deltaport error
+        assert re.match(r"error \((\w+)\): ", o.message), o.message
+    assert {k: H.tree_hash(v) for k, v in pristine.items()} == pristine_before
+
+
+def test_every_issue_case_is_in_the_catalogue():
+    """The issue's list of must-hold cases, each present (so the report table cannot silently lose one)."""
+    names = " | ".join(c.name for c in H.CASES)
+    for must in ("pickle-only model (.bin)", "(.pt)", "weights_only=True refuses", "trust_remote_code",
+                 "truncated shard", "header length past end of file", "header JSON invalid", "offsets overlapping",
+                 "offsets out of range", "index.json names a missing shard", "wrong shard", "duplicate tensor name",
+                 ".safetensors and .bin", "config.json missing", "config.json invalid", "key sets differ",
+                 "shape differs", "dtype differs", "apply: target shapes differ", "apply --force", "NaN in an input",
+                 "--strict", "produced by the arithmetic", "output exists, no --overwrite", "output == an input",
+                 "output inside an input", "--overwrite, new run fails"):
+        assert must in names, must
+
+
+def test_force_is_recorded_in_provenance(pristine, tmp_path):
+    ws = H.Workspace(tmp_path / "ws", pristine)
+    c = next(c for c in H.CASES if c.name.startswith("apply --force"))
+    o = H.run_case(c, ws)
+    assert o.ok, o.problems
+    prov = json.loads((ws.out() / "deltaport.json").read_text())
+    assert prov["forced"] and any("float32" in d for d in prov["forced"])
+    assert any("--force" in w for w in prov["warnings"])
+
+
+def test_nan_input_warns_and_is_recorded(pristine, tmp_path):
+    ws = H.Workspace(tmp_path / "ws", pristine)
+    c = next(c for c in H.CASES if c.name.startswith("NaN in an input (warns"))
+    o = H.run_case(c, ws)
+    assert o.ok, o.problems
+    assert "NaN/Inf in inputs" in o.stderr
+    prov = json.loads((ws.out() / "deltaport.json").read_text())
+    assert prov["nonfinite_inputs"] == ["model.layers.0.self_attn.q_proj.weight"]
+
+
+def test_overwrite_replaces_only_after_completion(pristine, tmp_path):
+    """--overwrite with a run that succeeds: the new output replaces the old one, no leftovers."""
+    ws = H.Workspace(tmp_path / "ws", pristine)
+    fam = ws.family()
+    out = ws.out()
+    rc, _, err = H.in_process_runner(H.transfer_argv(fam, out, "--scale", "0.5"))
+    assert rc == 0, err
+    old = H.tree_hash(out)
+    rc, _, err = H.in_process_runner(H.transfer_argv(fam, out, "--overwrite"))
+    assert rc == 0, err
+    new = H.tree_hash(out)
+    assert new != old and new["deltaport.json"] != old["deltaport.json"]
+    assert H.leftovers(out) == []
+
+
+#: deltaport's own files that may torch.load without weights_only=True, and why. Never a user checkpoint.
+ALLOWED_UNSAFE_LOAD = {
+    "lab/family.py": "the lab's own resume state (model + AdamW state) in its cache dir, written by the same run",
+}
+
+
+def test_no_code_path_sets_trust_remote_code_or_unpickles_unsafely():
+    """Static guard: the package never passes trust_remote_code=True, never calls torch.load without
+    weights_only=True, and never parses a header with eval/exec/pickle."""
+    src = Path(__file__).resolve().parents[1] / "src" / "deltaport"
+    bad = []
+    for f in sorted(src.rglob("*.py")):
+        text = f.read_text()
+        for i, line in enumerate(text.splitlines(), 1):
+            code = line.split("#", 1)[0]
+            if f.relative_to(src).as_posix() in ALLOWED_UNSAFE_LOAD and "torch.load(" in code:
+                continue
+            if re.search(r"trust_remote_code\s*=\s*True", code):
+                bad.append(f"{f.name}:{i}: {line.strip()}")
+            if re.search(r"\btorch\.load\(", code) and "weights_only=True" not in code:
+                bad.append(f"{f.name}:{i}: {line.strip()}")
+            if re.search(r"(?<![\w.])(eval|exec)\(|pickle\.loads?\(", code):
+                bad.append(f"{f.name}:{i}: {line.strip()}")
+    assert not bad, "\n".join(bad)
