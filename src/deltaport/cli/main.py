@@ -56,6 +56,8 @@ class Interrupted(KeyboardInterrupt):
         self.signum = signum
 
 
+_RECEIVED: list[int] = []  # signals handled during this main() call (typer turns the exception into Exit(130))
+
 _HANDLED_SIGNALS = tuple(s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None)
 
 
@@ -69,6 +71,7 @@ def _install_signal_handlers() -> dict:
         return {}
 
     def handler(signum, frame):
+        _RECEIVED.append(signum)
         raise Interrupted(signum)
 
     old = {}
@@ -125,9 +128,13 @@ def main(argv: list[str] | None = None) -> int:
     from deltaport.errors import DeltaportError
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    _RECEIVED.clear()
     old_handlers = _install_signal_handlers()
     try:
         rv = app(args=argv, standalone_mode=False)
+        if _RECEIVED:  # typer catches KeyboardInterrupt (ours included) and returns 130
+            sys.stderr.write(_interrupted_message(_RECEIVED[0]))
+            return 128 + int(_RECEIVED[0])
         if isinstance(rv, int) and not isinstance(rv, bool):  # click returns Exit codes in non-standalone mode
             return rv
     except DeltaportError as exc:
