@@ -1,17 +1,26 @@
-"""Calibrate the thresholds of ``deltaport check`` on a tiny model family, score them on another.
+"""Calibrate the thresholds of ``deltaport check`` on a tiny model family, score them on others.
 
-    OMP_NUM_THREADS=1 python benchmarks/calibrate_check.py            # ~1-2 min on 1 thread
+    OMP_NUM_THREADS=1 python benchmarks/calibrate_check.py              # lab family: ~15 min, 1 thread
+    OMP_NUM_THREADS=1 python benchmarks/calibrate_check.py --family tiny  # own tiny lineage: ~1 min
 
 Writes ``src/deltaport/_check_calibration.py`` (the thresholds the package ships) and
-``docs/check-calibration.md`` (the table behind them). Nothing here is hand-edited.
+``docs/check-calibration.md`` (the table behind them). Nothing there is hand-edited.
 
-Family (``deltaport._tinylineage.build_grid``, one per seed): v1 pretrained; v2 = v1 continued on the
-same data (within lineage); v3 = v2 continued on shifted data (cross-stage); v2x = same schedule from
-another init seed (independent seed); rand = random init; ft_<v> = <v> fine-tuned on a small task.
-Every ordered pair (source s, target t), s ≠ t, s trained, gives the three signals of ``check`` and
-the measured outcome: recovery = [T(m_t) − T(m_t + Δ_s)] / [T(m_t) − T(m'_t)] with T = task NLL of
-the answers and m'_t = t fine-tuned with the same recipe (1 = as good as fine-tuning the target).
-Label: "works" if recovery ≥ 0.5, "fails" if recovery < 0.2, else "partial".
+Families (one per seed; the first seed calibrates, the others are scored with its thresholds):
+
+* ``lab`` (default): the demo/lab issue's family (``deltaport.lab``, config
+  ``benchmarks/check-calibration-lab.yaml``): M1–M3 along one stage-1 run, M4–M5 continued on the
+  stage-2 mix, Mx = independent seed, M0 = random init; FT(M_i) = fine-tuned on the flag-colour QA
+  task. Built and scored by ``deltaport lab run`` (experiments grid + connectivity; cached in
+  ``--lab-dir``). Outcome of M_t + Δ_s: recovery = [EM(M_t+Δ_s) − EM(M_t)] / [EM(FT(M_s)) − EM(M_s)]
+  (held-out exact match; the share of the source fine-tune's gain the transfer delivers).
+* ``tiny``: ``deltaport._tinylineage.build_grid`` (v1; v2 = v1 continued; v3 = v2 on shifted data;
+  v2x = another init seed; rand). Outcome: recovery = [T(m_t) − T(m_t+Δ_s)] / [T(m_t) − T(m'_t)],
+  T = task answer NLL, m'_t = the target fine-tuned with the same recipe.
+
+Every ordered pair (source s, target t), s ≠ t, s trained, gives the three signals of ``check``
+(on a fixed text sample) and the outcome. Label: "works" if recovery ≥ 0.5, "fails" if < 0.2,
+else "partial".
 
 Thresholds (fitted on the calibration family only): for each signal, ``hi`` = the largest value seen
 on a working pair, ``f`` = the smallest value above ``hi`` seen on a failing pair. ``likely_max`` =
@@ -75,10 +84,65 @@ def measure_family(seed: int, steps: int, ft_steps: int, max_tokens: int) -> lis
             _add_delta_into(_diag.named_params(tr), _diag.named_params(models[s]), _diag.named_params(models[t]))
             t_base, t_tr, t_ft = (TL.task_nll(m, lang) for m in (models[t], tr, models[f"ft_{t}"]))
             recovery = (t_base - t_tr) / (t_base - t_ft)
-            rows.append({"family": seed, "source": s, "target": t, "kind": kind_of(s, t),
+            rows.append({"family": f"tiny {seed}", "source": s, "target": t, "kind": kind_of(s, t),
                          **{k: r["signals"][k] for k in SIGNALS}, "barrier": r["signals"]["barrier"],
                          "task_base": t_base, "task_transfer": t_tr, "task_ft": t_ft, "recovery": recovery,
                          "label": label(recovery), "num_parameters": r["num_parameters"]})
+    return rows
+
+
+LAB_CONFIG = ROOT / "benchmarks" / "check-calibration-lab.yaml"
+
+
+def lab_kind(s: str, t: str) -> str:
+    if t == "M0":
+        return "random init"
+    if "Mx" in (s, t):
+        return "independent seed"
+    stage = lambda v: 1 if v in ("M1", "M2", "M3") else 2  # noqa: E731
+    kind = "within lineage" if stage(s) == stage(t) else "cross-stage"
+    return kind + (" (backport)" if s > t else "")
+
+
+def measure_lab(seed: int, lab_dir: Path, max_tokens: int) -> list[dict]:
+    """Run (or reuse) the lab for ``seed``; measure check's signals on every grid cell incl. M0."""
+    import dataclasses
+    import json
+    import random
+
+    from deltaport.lab.config import load_config
+    from deltaport.lab.family import world_of
+    from deltaport.lab.run import run_lab
+    from deltaport.lab.world import Mix, sample_block
+
+    cfg = load_config(LAB_CONFIG)
+    cfg = dataclasses.replace(cfg, seed=seed, name=f"{cfg.name}-s{seed}")
+    run_dir = lab_dir / f"seed{seed}"
+    res_path = run_dir / "results.json"
+    if not res_path.exists():
+        run_lab(cfg, run_dir, progress=False)
+    res = json.loads(res_path.read_text())
+    world = world_of(cfg)
+    rng = random.Random(f"check-calibration-{seed}")
+    mix = Mix(**cfg.pretrain.stage2_mix)
+    texts = [" ".join(sample_block(world, mix, rng, cfg.model.seq_len)[1:]) for _ in range(cfg.connectivity_items)]
+    fam, models, grid, scores = res["family"], res["models"], res["grid"], res["scores"]
+    rows = []
+    V = list(cfg.versions)
+    for s in V:
+        ft_gain = scores[f"FT({s})"]["heldout"] - scores[s]["heldout"]
+        for t in V + ["Mx", "M0"]:
+            if s == t:
+                continue
+            r = check(fam[s], models[f"FT({s})"], fam[t], texts, max_tokens=max_tokens, seed=0, calibration={})
+            gain = grid["cells"][t][s] - grid["base"][t]
+            recovery = gain / ft_gain if ft_gain >= 0.05 else float("nan")
+            rows.append({"family": f"lab {seed}", "source": s, "target": t, "kind": lab_kind(s, t),
+                         **{k: r["signals"][k] for k in SIGNALS}, "barrier": r["signals"]["barrier"],
+                         "score_base": grid["base"][t], "score_transfer": grid["cells"][t][s],
+                         "source_ft_gain": ft_gain, "recovery": recovery,
+                         "label": label(recovery) if recovery == recovery else "partial",
+                         "num_parameters": r["num_parameters"]})
     return rows
 
 
@@ -100,8 +164,7 @@ def fit(rows: list[dict]) -> dict:
         "signals": signals,
         "scale": {"num_parameters": [n // 10, n * 10],
                   "rel_distance_max": 3 * max(r["rel_distance"] for r in rows)},
-        "source": "benchmarks/calibrate_check.py (tiny Llama lineage of deltaport._tinylineage, family "
-                  f"seed {rows[0]['family']}; table: docs/check-calibration.md)",
+        "source": f"benchmarks/calibrate_check.py (family {rows[0]['family']}; table: docs/check-calibration.md)",
     }
 
 
@@ -140,21 +203,59 @@ def agreement(rows: list[dict]) -> tuple[int, int, int, int]:
     return ok, wrong, hedged, len(rows)
 
 
+def _lab_text(rows, args) -> list[str]:
+    return [
+        "The demo/lab issue's model family (`deltaport.lab`, config `benchmarks/check-calibration-lab.yaml`, "
+        f"built and scored by `deltaport lab run`; tiny Llama, {rows[0]['num_parameters']:,} parameters, "
+        "word-level synthetic world): M1–M3 along one stage-1 run, M4–M5 continued on the stage-2 data mix, "
+        "Mx = the same schedule from another init seed, M0 = random init. FT(M_i) = M_i fine-tuned on the "
+        "flag-colour QA task. Kinds of pairs: within lineage (same stage), cross-stage (stage 1 ↔ 2), "
+        "independent seed (Mx), random init (M0 as target).",
+        "Outcome: recovery = [EM(M_t + Δ_s) − EM(M_t)] / [EM(FT(M_s)) − EM(M_s)] — the share of the source "
+        "fine-tune's held-out exact-match gain that the transfer delivers on the target.",
+    ]
+
+
+def _tiny_text(rows, args) -> list[str]:
+    return [
+        "A tiny model family built by `deltaport._tinylineage.build_grid` (tiny Llama, "
+        f"{rows[0]['num_parameters']:,} parameters, vocabulary 64, a synthetic Markov-chain language): "
+        "`v1` pretrained; `v2` = `v1` continued on the same data (within lineage); `v3` = `v2` continued on "
+        "shifted data (cross-stage); `v2x` = the same schedule from another init seed (independent seed); "
+        "`rand` = random init. Each version is fine-tuned on a small task (`Q x A y .` with a fixed mapping).",
+        "Outcome: recovery = [T(m_t) − T(m_t + Δ_s)] / [T(m_t) − T(m'_t)], T = task answer NLL, m'_t = the "
+        "target fine-tuned with the same recipe.",
+    ]
+
+
+FAMILY_TEXT = {"lab": _lab_text, "tiny": _tiny_text}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--family", choices=("lab", "tiny"), default="lab")
+    ap.add_argument("--lab-dir", default=str(ROOT / "runs" / "check-calibration"),
+                    help="where the lab runs are built and cached (resumable)")
     ap.add_argument("--calibrate-seed", type=int, default=0)
-    ap.add_argument("--score-seeds", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--score-seeds", type=int, nargs="+", default=None,
+                    help="families scored with the fitted thresholds (default: 1 for lab, 1 2 for tiny)")
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--ft-steps", type=int, default=150)
     ap.add_argument("--max-tokens", type=int, default=2048)
     ap.add_argument("--module", default=str(ROOT / "src/deltaport/_check_calibration.py"))
     ap.add_argument("--doc", default=str(ROOT / "docs/check-calibration.md"))
     args = ap.parse_args(argv)
+    if args.score_seeds is None:
+        args.score_seeds = [1] if args.family == "lab" else [1, 2]
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    cal_rows = measure_family(args.calibrate_seed, args.steps, args.ft_steps, args.max_tokens)
+    if args.family == "lab":
+        measure = lambda sd: measure_lab(sd, Path(args.lab_dir), args.max_tokens)  # noqa: E731
+    else:
+        measure = lambda sd: measure_family(sd, args.steps, args.ft_steps, args.max_tokens)  # noqa: E731
+    cal_rows = measure(args.calibrate_seed)
     calib = fit(cal_rows)
-    score_rows = [r for sd in args.score_seeds for r in measure_family(sd, args.steps, args.ft_steps, args.max_tokens)]
+    score_rows = [r for sd in args.score_seeds for r in measure(sd)]
     elapsed = time.perf_counter() - t0
     cal_table = table(cal_rows, calib)
     score_table = table(score_rows, calib)
@@ -185,21 +286,12 @@ def main(argv=None) -> int:
         "",
         "## What was measured",
         "",
-        "A tiny model family built by `deltaport._tinylineage.build_grid` (tiny Llama, "
-        f"{cal_rows[0]['num_parameters']:,} parameters, vocabulary 64, a synthetic Markov-chain language): "
-        "`v1` pretrained; `v2` = `v1` continued on the same data (within lineage); `v3` = `v2` continued on "
-        "shifted data (cross-stage); `v2x` = the same schedule from another init seed (independent seed); "
-        "`rand` = random init. Each version is fine-tuned on a small task (`Q x A y .` with a fixed mapping).",
+        *(FAMILY_TEXT[args.family](cal_rows, args)),
         "For each ordered pair (source s, target t) the three signals of `deltaport check` are measured on "
-        f"{args.max_tokens} tokens of held-out stage-1 text, and the outcome is measured on the task: "
-        "recovery = [T(m_t) − T(m_t + Δ_s)] / [T(m_t) − T(m'_t)], T = task answer NLL, m'_t = the target "
-        "fine-tuned with the same recipe. Outcome: *works* (recovery ≥ 0.5), *fails* (< 0.2), *partial*.",
+        f"{args.max_tokens} tokens of fixed text; the outcome label is *works* (recovery ≥ 0.5), *fails* "
+        "(< 0.2) or *partial*.",
         "",
-        "This family was built by the diagnostics helper (issue 4), not by the lab/demo issue's family "
-        "(`deltaport.lab`), which was not available when this was written; re-run against the lab family "
-        "once it exists.",
-        "",
-        f"## Thresholds (fitted on family {args.calibrate_seed})",
+        f"## Thresholds (fitted on family {cal_rows[0]['family']})",
         "",
         *th_lines,
         "",
@@ -210,20 +302,21 @@ def main(argv=None) -> int:
         "is outside it: the verdict for those is *uncalibrated* and the signals are reported for comparison "
         "with this table).",
         "",
-        f"## Calibration family (seed {args.calibrate_seed}) — the rule fitted here",
+        f"## Calibration family ({cal_rows[0]['family']}) — the rule fitted here",
         "",
         *cal_table,
         "",
         f"Agreement: {c_ok} right, {c_wrong} wrong, {c_h} hedged (uncertain verdict or partial outcome) of {c_n}.",
         "",
-        f"## Held-out families (seeds {', '.join(map(str, args.score_seeds))}) — scored with the thresholds above",
+        f"## Held-out famil{'y' if len(args.score_seeds) == 1 else 'ies'} ({args.family}, seed "
+        f"{', '.join(map(str, args.score_seeds))}) — scored with the thresholds above",
         "",
         *score_table,
         "",
         f"Agreement: {s_ok} right, {s_wrong} wrong, {s_h} hedged (uncertain verdict or partial outcome) of {s_n}.",
         "",
-        "Caveats: one tiny architecture and scale; 16 pairs per family, so each threshold rests on a "
-        "handful of points; the task is a memorised mapping, not a benchmark. Treat the verdict as a cheap "
+        f"Caveats: one tiny architecture and scale; {len(cal_rows)} pairs in the calibration family, so each "
+        "threshold rests on a handful of points; the task is tiny and synthetic. Treat the verdict as a cheap "
         "first look, not a guarantee.",
         "",
     ]

@@ -8,10 +8,15 @@ from typing import Optional
 import typer
 
 
-def _threads() -> None:
+def _setup(progress: bool) -> None:
+    """Threads from OMP_NUM_THREADS; transformers' own loading bars only when progress is on."""
     import os
 
     import torch
+    import transformers
+
+    if not progress:
+        transformers.utils.logging.disable_progress_bar()
 
     n = os.environ.get("OMP_NUM_THREADS")
     if n and n.isdigit():
@@ -34,7 +39,7 @@ def register(app: typer.Typer) -> None:
         progress: bool = typer.Option(True, "--progress/--no-progress"),
     ) -> None:
         """Loss along θ(α) = (1−α)·A + α·B and the loss barrier (one interpolated model in memory)."""
-        _threads()
+        _setup(progress)
         from deltaport import _diag
         from deltaport.connectivity import connectivity, plot_curve
 
@@ -60,7 +65,7 @@ def register(app: typer.Typer) -> None:
         progress: bool = typer.Option(True, "--progress/--no-progress"),
     ) -> None:
         """Per-tensor and per-layer ‖m_t − m_s‖/‖m_s‖, ‖Δ_s‖ and cos(Δ_s, Δ_t) (streamed)."""
-        _threads()
+        _setup(progress)
         from deltaport import _diag
         from deltaport.similarity import plot_layers, similarity
 
@@ -89,7 +94,7 @@ def register(app: typer.Typer) -> None:
         progress: bool = typer.Option(True, "--progress/--no-progress"),
     ) -> None:
         """Will m_t + Δ_s work? Cheap signals and a verdict: likely | uncertain | unlikely | uncalibrated."""
-        _threads()
+        _setup(progress)
         from deltaport import _diag
         from deltaport.check import check
 
