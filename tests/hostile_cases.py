@@ -791,9 +791,10 @@ _later("check", lambda ws, m, o: ["check", "--source-base", str(m), "--source-fi
 
 def first_message_line(err: str, out: str = "") -> str:
     lines = [ln.strip() for ln in (err + "\n" + out).splitlines() if ln.strip()]
-    for ln in lines:
-        if re.match(r"^(error|interrupted|aborted|Error|Usage|Traceback|WARNING|warning|wrote|plan:|╭)", ln):
-            return ln
+    for pattern in (r"^(error|interrupted|aborted)\b", r"^(Error|Usage|Traceback|╭)", r"^(WARNING|warning|wrote|plan:)"):
+        for ln in lines:
+            if re.match(pattern, ln):
+                return ln
     return lines[0] if lines else ""
 
 
