@@ -313,6 +313,9 @@ def finetune(model, data, output, *, recipe="quick", steps=None, lr=None, batch_
     if save_every is not None and save_every <= 0:
         raise InputError(f"save_every must be positive, got {save_every}")
     _, world = _world()
+    if world > 1 and eval_every is not None:
+        raise InputError("--eval-every evaluates the in-memory model in one process; in a multi-GPU run save "
+                         "checkpoints (--save-every) and evaluate them with `deltaport eval` instead")
     micro = micro_batch_size or max(1, min(batch_size // world, 8))
     if batch_size % (micro * world):
         raise InputError(f"effective batch {batch_size} is not a multiple of micro-batch {micro} × {world} "
