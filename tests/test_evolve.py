@@ -96,16 +96,24 @@ def test_algorithm1_bookkeeping_exact(versions, tmp_path):
 def test_resume_after_kill_never_recomputes(versions, tmp_path, monkeypatch):
     import deltaport.finetune as ftmod
 
+    from transformers import TrainerCallback
+
     chain = _chain(versions, ["iterative", "plain"], steps=2)
+    chain["finetune"]["save_every"] = 1  # trainer state after every step: a killed fine-tune resumes mid-way
     run = tmp_path / "run"
     real = ftmod.finetune
     calls, killed = [], []
 
+    class Kill(TrainerCallback):
+        def on_step_end(self, args, state, control, **k):
+            if state.global_step == 2:
+                raise KeyboardInterrupt
+
     def dying(*a, **k):
         calls.append(str(a[2]))
         if len(calls) == 3 and not killed:
-            killed.append(a[2])
-            raise KeyboardInterrupt  # the 3rd fine-tune of the first run is killed
+            killed.append(a[2])  # the 3rd fine-tune of the first run is killed at step 2 (state of step 1 saved)
+            return real(*a, callbacks=[Kill()], **k)
         return real(*a, **k)
 
     monkeypatch.setattr(ftmod, "finetune", dying)
@@ -121,11 +129,14 @@ def test_resume_after_kill_never_recomputes(versions, tmp_path, monkeypatch):
     res = run_chain(chain, run, resume=True)
     assert {n: tree_hash(run / "models" / n) for n in done} == before
     assert [Path(c).name for c in calls] == ["FT(M2)", "FT(M3+d(FT(M2+d(FT(M1)))))", "FT(M3)"]
+    prov = json.loads((run / "models" / "FT(M2)" / "deltaport.json").read_text())
+    assert prov["resumed_from_step"] == 1
+    assert not (run / "work").exists() or not any((run / "work").iterdir())
     assert "FT(M1)" not in res["computed"] and "FT(M3)" in res["computed"]
     calls.clear()
     again = run_chain(chain, run, resume=True)  # nothing left to do
     assert calls == [] and again["computed"] == [] and again["scores"] == res["scores"]
-    changed = dict(chain, finetune={"steps": 3, "lr": 3e-3, "batch_size": 4})
+    changed = dict(chain, finetune={"steps": 3, "lr": 3e-3, "batch_size": 4, "save_every": 1})
     with pytest.raises(InputError, match="different chain"):
         run_chain(changed, run, resume=True)
 

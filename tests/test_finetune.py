@@ -134,6 +134,32 @@ def test_lora_and_eval_every(base_dir, tok, tmp_path):
     assert (out / "checkpoints" / "step-2" / "adapter_model.safetensors").is_file()
 
 
+def test_killed_run_resumes_bit_identical(base_dir, tmp_path):
+    from transformers import TrainerCallback
+
+    kw = dict(steps=6, lr=3e-3, batch_size=4, save_every=3, eval_every=2, eval_tasks=[str(DATA / "tiny_qa.yaml")],
+              eval_limit=4)
+    ref = finetune(str(base_dir), str(SFT), tmp_path / "ref", **kw)
+
+    class Kill(TrainerCallback):
+        def on_step_end(self, args, state, control, **k):
+            if state.global_step == 5:
+                raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        finetune(str(base_dir), str(SFT), tmp_path / "out", resume=True, callbacks=[Kill()], **kw)
+    work = tmp_path / ".out.deltaport-work"
+    assert not (tmp_path / "out").exists() and (work / "trainer" / "checkpoint-3").is_dir()
+    r = finetune(str(base_dir), str(SFT), tmp_path / "out", resume=True, **kw)
+    assert r.provenance["resumed_from_step"] == 3 and not work.exists()
+    assert [e["loss"] for e in r.log] == [e["loss"] for e in ref.log] and r.evals == ref.evals
+    a, b = load_sd(tmp_path / "ref"), load_sd(tmp_path / "out")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "out" / "checkpoints" / "step-3" / "config.json").is_file()
+    with pytest.raises(InputError, match="needs save_every"):
+        finetune(str(base_dir), str(SFT), tmp_path / "x", resume=True, steps=2)
+
+
 def test_bad_data_is_reported_with_location(tmp_path):
     p = tmp_path / "d.jsonl"
     p.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n{oops\n')

@@ -20,7 +20,8 @@ Models are named by what they are, so shared work is done once: ``FT(M1)`` is M*
 and for i = 2 ``direct`` and ``iterative`` are the same model (Δ^iter_1 = Δ_1), as the paper notes.
 Every model, delta and evaluation is a folder/file under RUN_DIR written atomically (temporary sibling,
 then rename) with its provenance; ``resume=True`` skips everything already there, so a killed run
-continues where it stopped and never recomputes a finished step.
+continues where it stopped and never recomputes a finished step. With ``finetune.save_every`` the
+trainer state is saved every N steps, so even a fine-tune killed half-way continues from its last save.
 
 RUN_DIR layout::
 
@@ -280,6 +281,8 @@ class _Runner:
         ev = self.chain.eval
         eval_every = ft.pop("eval_every", None)
         eval_limit = ft.pop("eval_limit", ev.get("limit"))
+        if ft.get("save_every"):  # trainer state every save_every steps: a killed fine-tune resumes mid-way
+            ft.update(resume=True, work_dir=self.run / "work" / slug(model_id))
         t0 = time.time()
         res = finetune(str(init), self.chain.data, out, eval_every=eval_every,
                        eval_tasks=ev.get("tasks") if eval_every else None, eval_limit=eval_limit,

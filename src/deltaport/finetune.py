@@ -273,7 +273,7 @@ def finetune(model, data, output, *, recipe="quick", steps=None, lr=None, batch_
              eval_every=None, eval_tasks=None, eval_limit=None, seed=0, overwrite=False, progress=False,
              max_seq_length=None, callbacks=None, save_every=None, micro_batch_size=None, device=None,
              lora_r: int = 16, lora_alpha: int = 32, eval_protocol: str = "base", logging_steps=None,
-             chat_template: str | None = None) -> FinetuneResult:
+             chat_template: str | None = None, resume: bool = False, work_dir=None) -> FinetuneResult:
     """Fine-tune ``model`` on ``data`` (loss on assistant/completion tokens only) and save it to ``output``.
 
     Args:
@@ -292,6 +292,11 @@ def finetune(model, data, output, *, recipe="quick", steps=None, lr=None, batch_
         micro_batch_size: per-device batch; gradient accumulation makes up the effective ``batch_size``.
         device: ``cpu``, ``cuda`` or ``auto``/None (cuda when available).
         chat_template: a Jinja chat template (or ``"tulu"``) to use instead of the tokenizer's.
+        resume, work_dir: resumable training. With ``work_dir`` (default with ``resume``:
+            ``.OUTPUT.deltaport-work`` next to the output) the full trainer state (weights, optimizer,
+            scheduler, RNG) is saved there every ``save_every`` steps; ``resume=True`` continues from the
+            latest one (same settings required), ``resume=False`` starts afresh. The work dir is removed
+            once the output is complete.
     """
     t0 = time.time()
     if recipe not in RECIPES:
@@ -322,6 +327,18 @@ def finetune(model, data, output, *, recipe="quick", steps=None, lr=None, batch_
                          "process(es); change --batch-size or --micro-batch-size")
     accum = batch_size // (micro * world)
     device = _resolve_device(device)
+
+    work: Path | None = None
+    if resume or work_dir is not None:
+        if output is None:
+            raise InputError("resumable training (resume/work_dir) needs an output directory")
+        if not save_every:
+            raise InputError("resumable training needs save_every: the trainer state is saved every N steps")
+        work = Path(work_dir) if work_dir is not None else \
+            Path(output).absolute().parent / f".{Path(output).name}.deltaport-work"
+        if not resume and work.exists():
+            LOG.warning("starting afresh: removing the previous run's trainer state in %s", work)
+            shutil.rmtree(work)
 
     recs, data_info = load_records(data)
     if eval_tasks:  # fail on a bad task before any training
@@ -356,12 +373,23 @@ def finetune(model, data, output, *, recipe="quick", steps=None, lr=None, batch_
     tr_callbacks = [c for c in (callbacks or []) if isinstance(c, TrainerCallback)]
 
     with _output_dir(out_path, overwrite, inputs) as tmp:
-        trainer_dir = tmp / "_trainer"
+        trainer_dir = (work / "trainer") if work is not None else (tmp / "_trainer")
+        ck_root = (work / "checkpoints") if work is not None else (tmp / "checkpoints")
+        last_ck = None
+        if work is not None and resume and trainer_dir.is_dir():
+            from transformers.trainer_utils import get_last_checkpoint
+
+            last_ck = get_last_checkpoint(str(trainer_dir))
+        resumed_at = int(last_ck.rsplit("-", 1)[-1]) if last_ck else 0
+        if work is not None and resumed_at and (work / "evals.json").is_file():
+            evals.extend(e for e in json.loads((work / "evals.json").read_text()) if e["step"] <= resumed_at)
         cfg = SFTConfig(
             output_dir=str(trainer_dir), max_steps=steps, per_device_train_batch_size=micro,
             gradient_accumulation_steps=accum, learning_rate=lr, lr_scheduler_type=r.scheduler,
             warmup_steps=r.warmup_ratio, weight_decay=r.weight_decay, optim="adamw_torch", seed=seed, data_seed=seed,
-            logging_steps=logging_steps, save_strategy="no", report_to=[], use_cpu=device == "cpu",
+            logging_steps=logging_steps, report_to=[],
+            save_strategy="steps" if work is not None else "no", save_steps=save_every if work is not None else None,
+            save_total_limit=1 if work is not None else None, use_cpu=device == "cpu",
             bf16=use_bf16, max_length=max_seq_length, assistant_only_loss=loss_mode == "assistant_only",
             completion_only_loss=True if loss_mode == "completion_only" else None,
             disable_tqdm=not progress, dataset_num_proc=None, packing=False,
@@ -378,6 +406,8 @@ def finetune(model, data, output, *, recipe="quick", steps=None, lr=None, batch_
             last = step == steps
             eval_due = eval_every is not None and (step == 0 or step % eval_every == 0 or last)
             fn_due = bool(fn_callbacks) and (step == 0 or step % (eval_every or 1) == 0 or last)
+            if eval_due and any(e["step"] == step for e in evals):  # already done before a resume
+                eval_due = False
             if not (eval_due or fn_due):
                 return
             was_training = mdl.training
@@ -389,6 +419,8 @@ def finetune(model, data, output, *, recipe="quick", steps=None, lr=None, batch_
                     res = evaluate({f"step-{step}": (mdl, tok)}, eval_tasks, limit=eval_limit, device=device,
                                    protocol=eval_protocol, seed=seed)
                     evals.append({"step": step, "results": res["results"][f"step-{step}"]})
+                    if work is not None:
+                        (work / "evals.json").write_text(json.dumps(evals, default=str))
                 if fn_due:
                     with torch.no_grad():
                         for fn in fn_callbacks:
@@ -403,7 +435,7 @@ def finetune(model, data, output, *, recipe="quick", steps=None, lr=None, batch_
             def on_step_end(self, args, st, control, model=None, **kw):
                 step = st.global_step
                 if save_every and step % save_every == 0 and step != steps:
-                    _save_checkpoint(state["trainer"], tok, tmp / "checkpoints" / f"step-{step}")
+                    _save_checkpoint(state["trainer"], tok, ck_root / f"step-{step}")
                 run_evals(step, model)
 
         trainer = SFTTrainer(model=m, args=cfg, train_dataset=Dataset.from_list(rows), processing_class=tok,
@@ -414,7 +446,9 @@ def finetune(model, data, output, *, recipe="quick", steps=None, lr=None, batch_
 
             trainer.remove_callback(PrinterCallback)
         try:
-            out = trainer.train()
+            if last_ck:
+                LOG.warning("resuming training from %s (step %d of %d)", last_ck, resumed_at, steps)
+            out = trainer.train(resume_from_checkpoint=last_ck)
         except torch.cuda.OutOfMemoryError as exc:  # pragma: no cover - GPU only
             raise RuntimeFailure(f"out of GPU memory while training: {exc}; lower --micro-batch-size or "
                                  "--max-seq-length, use --lora, or launch multi-GPU with FSDP/DeepSpeed") from None
@@ -442,7 +476,10 @@ def finetune(model, data, output, *, recipe="quick", steps=None, lr=None, batch_
             del saved
         if rank == 0:
             tok.save_pretrained(str(tmp))
-        shutil.rmtree(trainer_dir, ignore_errors=True)
+        if work is None:
+            shutil.rmtree(trainer_dir, ignore_errors=True)
+        elif ck_root.is_dir():
+            shutil.copytree(ck_root, tmp / "checkpoints", dirs_exist_ok=True)
         prov = {
             "tool": "deltaport finetune",
             "deltaport_version": _version(),
@@ -458,6 +495,7 @@ def finetune(model, data, output, *, recipe="quick", steps=None, lr=None, batch_
                          "saved_dtype": str(save_dtype).replace("torch.", ""), "save_every": save_every,
                          "eval_every": eval_every, "eval_tasks": eval_tasks, "eval_limit": eval_limit},
             "train_loss": getattr(out, "training_loss", None),
+            "resumed_from_step": resumed_at or None,
             "time_s": round(time.time() - t0, 3),
         }
         if rank == 0:
@@ -465,6 +503,8 @@ def finetune(model, data, output, *, recipe="quick", steps=None, lr=None, batch_
             if evals:
                 (tmp / "evals.json").write_text(json.dumps(evals, indent=1, default=str) + "\n")
             (tmp / "deltaport.json").write_text(json.dumps(prov, indent=2, default=str) + "\n")
+    if work is not None and _world()[0] == 0:  # the output is complete and in place
+        shutil.rmtree(work, ignore_errors=True)
     return FinetuneResult(output=out_path.absolute() if out_path is not None else None, log=log, evals=evals,
                           provenance=prov, model=final, tokenizer=tok)
 

@@ -29,6 +29,8 @@ def finetune_command(
     device: str = typer.Option("auto", "--device", help="cpu | cuda | auto"),
     seed: int = typer.Option(0, "--seed"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing output (swapped in when complete)"),
+    resume: bool = typer.Option(False, "--resume", help="save the trainer state every --save-every steps (in "
+                                ".OUT.deltaport-work) and continue from it if a previous run was killed"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Fine-tune a model (transfer-then-finetune), loss on assistant tokens only."""
@@ -45,7 +47,7 @@ def finetune_command(
                  eval_every=eval_every, eval_tasks=tasks, eval_limit=eval_limit, seed=seed, overwrite=overwrite,
                  progress=progress, max_seq_length=max_seq_length, save_every=save_every,
                  micro_batch_size=micro_batch_size, device=device, lora_r=lora_r, lora_alpha=lora_alpha,
-                 chat_template=tmpl)
+                 chat_template=tmpl, resume=resume)
     first, last = (r.log[0], r.log[-1]) if r.log else ({}, {})
     typer.echo(f"wrote {r.output}: {last.get('step')} steps, loss {first.get('loss', float('nan')):.4f} -> "
                f"{last.get('loss', float('nan')):.4f}, {int(last.get('tokens') or 0)} tokens, "
