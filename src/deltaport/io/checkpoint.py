@@ -306,6 +306,10 @@ def _sharded(d: Path, index_path: Path) -> tuple[dict[str, TensorSpec], list[Pat
     wm = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(wm, dict) or not wm:
         raise CheckpointError(f"index {index_path} has no weight_map; re-download it")
+    bad = [v for v in wm.values() if not isinstance(v, str)]
+    if bad:
+        raise CheckpointError(f"index {index_path} names an invalid shard file {bad[0]!r} (not a file name); "
+                              "re-download the index")
     files = []
     for fname in dict.fromkeys(wm.values()):
         if not isinstance(fname, str) or "/" in fname or "\\" in fname or fname.startswith("."):
