@@ -12,8 +12,8 @@ Families (one per seed; the first seed calibrates, the others are scored with it
   ``benchmarks/check-calibration-lab.yaml``): M1–M3 along one stage-1 run, M4–M5 continued on the
   stage-2 mix, Mx = independent seed, M0 = random init; FT(M_i) = fine-tuned on the flag-colour QA
   task. Built and scored by ``deltaport lab run`` (experiments grid + connectivity; cached in
-  ``--lab-dir``). Outcome of M_t + Δ_s: recovery = [EM(M_t+Δ_s) − EM(M_t)] / [EM(FT(M_s)) − EM(M_s)]
-  (held-out exact match; the share of the source fine-tune's gain the transfer delivers).
+  ``--lab-dir``). Outcome of M_t + Δ_s: recovery = [EM(M_t+Δ_s) − EM(M_t)] / [EM(FT(M_t)) − EM(M_t)]
+  (held-out exact match; for Mx and M0, which the lab does not fine-tune, the source's gain).
 * ``tiny``: ``deltaport._tinylineage.build_grid`` (v1; v2 = v1 continued; v3 = v2 on shifted data;
   v2x = another init seed; rand). Outcome: recovery = [T(m_t) − T(m_t+Δ_s)] / [T(m_t) − T(m'_t)],
   T = task answer NLL, m'_t = the target fine-tuned with the same recipe.
@@ -24,8 +24,8 @@ else "partial".
 
 Thresholds (fitted on the calibration family only): for each signal, ``hi`` = the largest value seen
 on a working pair, ``f`` = the smallest value above ``hi`` seen on a failing pair. ``likely_max`` =
-hi + (f − hi)/3, ``unlikely_min`` = hi + 2(f − hi)/3 (no failing pair above hi: likely_max = 1.1·hi
-and the signal never says "unlikely" by itself). The verdict is "unlikely" if any signal is ≥ its
+hi + (f − hi)/3, ``unlikely_min`` = hi + 2(f − hi)/3. A signal with no failing pair above hi does
+not separate the outcomes on this family: it is reported but not used for the verdict. The verdict is "unlikely" if any signal is ≥ its
 unlikely_min, "likely" if all are ≤ likely_max, else "uncertain".
 """
 
@@ -126,21 +126,29 @@ def measure_lab(seed: int, lab_dir: Path, max_tokens: int) -> list[dict]:
     rng = random.Random(f"check-calibration-{seed}")
     mix = Mix(**cfg.pretrain.stage2_mix)
     texts = [" ".join(sample_block(world, mix, rng, cfg.model.seq_len)[1:]) for _ in range(cfg.connectivity_items)]
-    fam, models, grid, scores = res["family"], res["models"], res["grid"], res["scores"]
+    def where(p: str) -> str:  # the lab records paths relative to the directory it was run from
+        q = Path(p)
+        return str(q if q.is_absolute() or q.exists() else run_dir.resolve().parent / q)
+
+    fam = {k: where(v) for k, v in res["family"].items()}
+    models = {k: where(v) for k, v in res["models"].items()}
+    grid, scores = res["grid"], res["scores"]
     rows = []
     V = list(cfg.versions)
     for s in V:
-        ft_gain = scores[f"FT({s})"]["heldout"] - scores[s]["heldout"]
         for t in V + ["Mx", "M0"]:
             if s == t:
                 continue
             r = check(fam[s], models[f"FT({s})"], fam[t], texts, max_tokens=max_tokens, seed=0, calibration={})
             gain = grid["cells"][t][s] - grid["base"][t]
+            # the target's own fine-tuning gain; the lab does not fine-tune Mx / M0: the source's gain there
+            ft_of = t if f"FT({t})" in scores else s
+            ft_gain = scores[f"FT({ft_of})"]["heldout"] - scores[ft_of]["heldout"]
             recovery = gain / ft_gain if ft_gain >= 0.05 else float("nan")
             rows.append({"family": f"lab {seed}", "source": s, "target": t, "kind": lab_kind(s, t),
                          **{k: r["signals"][k] for k in SIGNALS}, "barrier": r["signals"]["barrier"],
                          "score_base": grid["base"][t], "score_transfer": grid["cells"][t][s],
-                         "source_ft_gain": ft_gain, "recovery": recovery,
+                         "ft_gain": ft_gain, "recovery": recovery,
                          "label": label(recovery) if recovery == recovery else "partial",
                          "num_parameters": r["num_parameters"]})
     return rows
@@ -150,15 +158,16 @@ def fit(rows: list[dict]) -> dict:
     signals = {}
     for sig in SIGNALS:
         good = [r[sig] for r in rows if r["label"] == "works"]
+        if not good:
+            raise SystemExit("no pair of the calibration family has a working transfer; nothing to calibrate on")
         hi = max(good)
         above = [r[sig] for r in rows if r["label"] == "fails" and r[sig] > hi]
         if above:
             f = min(above)
             signals[sig] = {"likely_max": hi + (f - hi) / 3, "unlikely_min": hi + 2 * (f - hi) / 3,
                             "max_working": hi, "min_failing_above": f}
-        else:
-            signals[sig] = {"likely_max": hi * 1.1 if hi > 0 else hi + 1e-3, "unlikely_min": None,
-                            "max_working": hi, "min_failing_above": None}
+        else:  # no failing pair above the working ones: the signal does not separate them; report it, don't use it
+            signals[sig] = {"likely_max": None, "unlikely_min": None, "max_working": hi, "min_failing_above": None}
     n = rows[0]["num_parameters"]
     return {
         "signals": signals,
@@ -211,8 +220,11 @@ def _lab_text(rows, args) -> list[str]:
         "Mx = the same schedule from another init seed, M0 = random init. FT(M_i) = M_i fine-tuned on the "
         "flag-colour QA task. Kinds of pairs: within lineage (same stage), cross-stage (stage 1 ↔ 2), "
         "independent seed (Mx), random init (M0 as target).",
-        "Outcome: recovery = [EM(M_t + Δ_s) − EM(M_t)] / [EM(FT(M_s)) − EM(M_s)] — the share of the source "
-        "fine-tune's held-out exact-match gain that the transfer delivers on the target.",
+        "Outcome: recovery = [EM(M_t + Δ_s) − EM(M_t)] / [EM(FT(M_t)) − EM(M_t)] — the share of the target's "
+        "own fine-tuning gain (held-out exact match) that the transfer delivers without training (the paper's "
+        "m'_t ≈ m_t + Δ_s). The lab does not fine-tune Mx and M0; for those targets the source's gain "
+        "EM(FT(M_s)) − EM(M_s) is the denominator. Recovery is undefined (counted *partial*) when the gain "
+        "is below 0.05.",
     ]
 
 
@@ -239,6 +251,8 @@ def main(argv=None) -> int:
     ap.add_argument("--calibrate-seed", type=int, default=0)
     ap.add_argument("--score-seeds", type=int, nargs="+", default=None,
                     help="families scored with the fitted thresholds (default: 1 for lab, 1 2 for tiny)")
+    ap.add_argument("--cross-seeds", type=int, nargs="*", default=None,
+                    help="families of the *other* kind scored with the fitted thresholds (default: tiny 1 for lab)")
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--ft-steps", type=int, default=150)
     ap.add_argument("--max-tokens", type=int, default=2048)
@@ -256,11 +270,19 @@ def main(argv=None) -> int:
     cal_rows = measure(args.calibrate_seed)
     calib = fit(cal_rows)
     score_rows = [r for sd in args.score_seeds for r in measure(sd)]
+    if args.cross_seeds is None:
+        args.cross_seeds = [1] if args.family == "lab" else []
+    other = "tiny" if args.family == "lab" else "lab"
+    cross_measure = ((lambda sd: measure_family(sd, args.steps, args.ft_steps, args.max_tokens)) if other == "tiny"
+                     else (lambda sd: measure_lab(sd, Path(args.lab_dir), args.max_tokens)))
+    cross_rows = [r for sd in args.cross_seeds for r in cross_measure(sd)]
     elapsed = time.perf_counter() - t0
     cal_table = table(cal_rows, calib)
     score_table = table(score_rows, calib)
     c_ok, c_wrong, c_h, c_n = agreement(cal_rows)
     s_ok, s_wrong, s_h, s_n = agreement(score_rows)
+    cross_table = table(cross_rows, calib) if cross_rows else []
+    x_ok, x_wrong, x_h, x_n = agreement(cross_rows) if cross_rows else (0, 0, 0, 0)
 
     cmd = "OMP_NUM_THREADS=1 python benchmarks/calibrate_check.py" + (" " + " ".join(argv) if argv else "")
     mod = ['"""Thresholds of ``deltaport check``. GENERATED by benchmarks/calibrate_check.py - do not edit.',
@@ -295,8 +317,11 @@ def main(argv=None) -> int:
         "",
         *th_lines,
         "",
-        "Rule: *unlikely* if any signal ≥ its `unlikely if ≥`; *likely* if every signal ≤ its `likely if ≤`; "
-        "otherwise *uncertain*. A signal with no `unlikely` threshold only decides between likely and uncertain.",
+        "Rule: *unlikely* if any signal ≥ its `unlikely if ≥`; *likely* if every used signal ≤ its `likely if ≤`; "
+        "otherwise *uncertain*. Thresholds sit one third and two thirds of the way across the gap between "
+        "the largest value on a working pair and the smallest larger value on a failing pair. A signal with "
+        "no failing pair above the working ones (–) does not separate the outcomes here: `check` reports it "
+        "but does not use it.",
         f"Calibrated scale: {lo:,}–{hi:,} parameters and relative distance ≤ "
         f"{calib['scale']['rel_distance_max']:.3g}; outside it the verdict is *uncalibrated* (every real LLM "
         "is outside it: the verdict for those is *uncalibrated* and the signals are reported for comparison "
@@ -315,6 +340,16 @@ def main(argv=None) -> int:
         "",
         f"Agreement: {s_ok} right, {s_wrong} wrong, {s_h} hedged (uncertain verdict or partial outcome) of {s_n}.",
         "",
+        *([f"## Out of family ({other}, seed {', '.join(map(str, args.cross_seeds))}) — the same thresholds on "
+           "a family of another design",
+           "",
+           *FAMILY_TEXT[other](cross_rows, args),
+           "",
+           *cross_table,
+           "",
+           f"Agreement: {x_ok} right, {x_wrong} wrong, {x_h} hedged of {x_n}. Thresholds fitted on one family "
+           "design need not hold for another: read the signals against the tables, not only the verdict.",
+           ""] if cross_rows else []),
         f"Caveats: one tiny architecture and scale; {len(cal_rows)} pairs in the calibration family, so each "
         "threshold rests on a handful of points; the task is tiny and synthetic. Treat the verdict as a cheap "
         "first look, not a guarantee.",
@@ -324,7 +359,7 @@ def main(argv=None) -> int:
     Path(args.doc).write_text("\n".join(doc))
     print("\n".join(cal_table + [""] + score_table))
     print(f"calibration agreement {c_ok}/{c_n} right, {c_wrong} wrong; held-out {s_ok}/{s_n} right, {s_wrong} wrong; "
-          f"{elapsed:.0f} s")
+          f"out-of-family {x_ok}/{x_n} right, {x_wrong} wrong; {elapsed:.0f} s")
     return 0
 
 

@@ -88,7 +88,7 @@ def load_causal_lm(spec: Any, *, dtype: torch.dtype = torch.float32, device: str
     p = Path(src).expanduser()
     if p.exists() and not p.is_dir():
         raise CheckpointError(f"{src} is a file; pass the model directory (with config.json) that contains it")
-    if not p.exists() and (src.startswith((".", "/", "~")) or src.count("/") != 1):
+    if not p.exists() and (src.startswith((".", "/", "~")) or src.count("/") > 1):
         raise CheckpointError(f"no such model directory: {src} (and it is not a hub id of the form org/name)")
     try:
         model = AutoModelForCausalLM.from_pretrained(str(p) if p.exists() else src, dtype=dtype)

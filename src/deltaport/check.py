@@ -19,6 +19,7 @@ model of the barrier curve, then m'_s, turned in place into m_t + Δ_s).
 
 from __future__ import annotations
 
+import gc
 import time
 from typing import Any
 
@@ -147,6 +148,7 @@ def check(source_base: Any, source_finetuned: Any, target_base: Any, data: Any, 
             tokenizer = None
     blocks = _prepare_tokens(source_base, m_s, data, tokenizer, max_tokens=max_tokens, seed=seed, block_len=None)
     curve = _curve(m_s, m_t, blocks, alphas_for(points), progress=progress)
+    gc.collect()  # the curve's interpolated model is gone before m'_s is loaded: three models at most
 
     m_f = _diag.load_causal_lm(source_finetuned, dtype=torch_dtype, device=device)
     if m_f is source_finetuned:  # never modify a caller's module: work on a copy
