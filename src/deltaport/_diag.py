@@ -173,7 +173,7 @@ def load_texts(data: str | Path | Sequence[Any]) -> list[Any]:
     return docs
 
 
-def token_sample(docs: Sequence[Any], tokenizer: Any, *, max_tokens: int, seed: int, block_len: int) -> torch.Tensor:
+def token_sample(docs: Sequence[Any], tokenizer: Any, *, max_tokens: int, seed: int, block_len: int) -> list[torch.Tensor]:
     """A deterministic sample of ``max_tokens`` tokens cut into blocks of ``block_len`` (last one shorter).
 
     Documents are shuffled with ``random.Random(seed)``, tokenised without special tokens, joined with
@@ -209,13 +209,22 @@ def token_sample(docs: Sequence[Any], tokenizer: Any, *, max_tokens: int, seed: 
     return blocks
 
 
+#: logits elements per forward pass (tokens × vocabulary): ~512 MB of float32 logits at most
+LOGITS_BUDGET = 1 << 27
+
+
 @torch.no_grad()
-def mean_nll(model: torch.nn.Module, blocks: list[torch.Tensor], *, batch_tokens: int = 8192) -> float:
+def mean_nll(model: torch.nn.Module, blocks: list[torch.Tensor], *, batch_tokens: int | None = None) -> float:
     """Mean next-token negative log-likelihood (nats/token) of ``model`` over ``blocks``.
 
-    Deterministic for a given model, sample and batching; the model's training flag is restored.
+    Blocks of equal length are batched up to ``batch_tokens`` tokens (default: 8192, fewer for large
+    vocabularies so the logits stay within :data:`LOGITS_BUDGET`). Deterministic for a given model,
+    sample and batching; the model's training flag is restored.
     """
     device = next(model.parameters()).device
+    if batch_tokens is None:
+        vocab = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None else 32000
+        batch_tokens = max(1, min(8192, LOGITS_BUDGET // vocab))
     was_training = model.training
     model.eval()
     total = torch.zeros((), dtype=torch.float64)
