@@ -22,7 +22,9 @@ from deltaport.plan import Plan, TensorOp, Term
 
 LOG = logging.getLogger(__name__)
 
-DEFAULT_CHUNK_ELEMS = 1 << 22  # 4M elements: 16 MB per float32 buffer
+# 512K elements: 2 MB per float32 buffer, so a chunk's working set (raw reads, three float32 operands, the
+# output) stays in this CPU's L3 cache; 4M-element chunks measured ~1.5x the CPU time (and +160 MB RSS)
+DEFAULT_CHUNK_ELEMS = 1 << 19
 
 
 @dataclass
@@ -37,6 +39,18 @@ class Stats:
 
 def _isz(dt: torch.dtype) -> int:
     return torch.empty((), dtype=dt).element_size()
+
+
+def _all_finite(x: torch.Tensor) -> bool:
+    """True iff every value of ``x`` is finite.
+
+    ``torch.isfinite(x).all()`` allocates a fresh bool tensor per call and ran at ~0.15 G elements/s here
+    (a third of the whole transfer's time); a sum runs at ~10 G elements/s and is finite only when every
+    value is (NaN and Inf propagate). A non-finite sum can also be an overflow of large finite values, so
+    that case falls back to the exact test."""
+    if torch.isfinite(x.sum()):
+        return True
+    return bool(torch.isfinite(x).all())
 
 
 class _Buffers:
@@ -92,15 +106,106 @@ class _Writer(threading.Thread):
         self.join()
 
 
+class _Prefetcher(threading.Thread):
+    """Reads the raw bytes of the next chunks while the main thread computes on the current one.
+
+    It walks the same (tensor, chunk) sequence as the main loop and, for every chunk, preads the inputs the
+    main thread would read itself (file-backed terms without a row map) into one of a few reused buffer
+    sets; ``os.preadv`` releases the GIL, so reading overlaps the arithmetic on the other core. Chunks
+    whose inputs are read another way get an empty set, which keeps the two sequences in step."""
+
+    def __init__(self, engine: "Engine", ops: list[TensorOp], depth: int = 2):
+        super().__init__(daemon=True, name="deltaport-reader")
+        self.engine = engine
+        self.ops = ops
+        self.q: queue.Queue = queue.Queue(maxsize=depth)
+        self.free: queue.Queue = queue.Queue()
+        self.nsets = 0
+        self.maxsets = depth + 2  # queued + the one in use + the one being filled
+        self.files = FilePool()
+        self.stopping = threading.Event()
+
+    def _take(self) -> _Buffers | None:
+        while not self.stopping.is_set():
+            try:
+                return self.free.get_nowait()
+            except queue.Empty:
+                if self.nsets < self.maxsets:
+                    self.nsets += 1
+                    return _Buffers()
+                try:
+                    return self.free.get(timeout=0.1)
+                except queue.Empty:
+                    continue
+        return None
+
+    def _put(self, item) -> bool:
+        while not self.stopping.is_set():
+            try:
+                self.q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def run(self) -> None:
+        try:
+            for op in self.ops:
+                reads = self.engine._prefetchable(op)
+                for e0, e1, _ in self.engine._chunks(op):
+                    raws: dict[str, torch.Tensor] = {}
+                    bufs = None
+                    if reads:
+                        bufs = self._take()
+                        if bufs is None:
+                            return
+                        for key, term in reads:
+                            spec = term.spec
+                            isz = _isz(spec.dtype)
+                            k = max(0, min(e1, spec.numel) - e0)
+                            if k:
+                                raw = bufs.get(key, k * isz, torch.uint8)
+                                pread_into(self.files.fd(spec.file), raw, spec.start + e0 * isz, k * isz,
+                                           f"{spec.file}:{spec.name}")
+                                raws[key] = raw
+                    if not self._put((op.name, e0, bufs, raws)):
+                        return
+            self._put(None)
+        except BaseException as exc:  # noqa: BLE001 - re-raised by the main thread at this chunk
+            self._put(exc)
+        finally:
+            self.files.close()
+
+    def next(self, name: str, e0: int) -> tuple[_Buffers | None, dict[str, torch.Tensor]]:
+        item = self.q.get()
+        if isinstance(item, BaseException):
+            raise item
+        if item is None or item[0] != name or item[1] != e0:
+            raise RuntimeFailure(f"internal: reader out of step at tensor {name} element {e0}")
+        return item[2], item[3]
+
+    def release(self, bufs: _Buffers | None) -> None:
+        if bufs is not None:
+            self.free.put(bufs)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.join()
+
+
 class Engine:
-    def __init__(self, plan: Plan, *, chunk_elems: int = DEFAULT_CHUNK_ELEMS, strict: bool = False):
+    def __init__(self, plan: Plan, *, chunk_elems: int = DEFAULT_CHUNK_ELEMS, strict: bool = False, prefetch: bool = True):
         self.plan = plan
+        self.prefetch = prefetch
         self.chunk = max(int(chunk_elems), 1)
         self.strict = strict
         self.cd = plan.compute_dtype
         self.bufs = _Buffers()
         self.files = FilePool()
         self.stats = Stats()
+        self._reader: _Prefetcher | None = None
+        self._pre: dict[str, torch.Tensor] = {}  # this chunk's prefetched raw bytes, by key
+        self._raw: dict[str, torch.Tensor] = {}  # the raw bytes _fill last converted, by key
 
     # -- reading -------------------------------------------------------------------------------------
     def _fill(self, key: str, term: Term, e0: int, e1: int, row_elems: int) -> torch.Tensor:
@@ -116,8 +221,11 @@ class Engine:
                 if mem is not None:
                     out[:k].copy_(mem.reshape(-1)[e0:e0 + k])
                 else:
-                    raw = self.bufs.get(key + ":r", k * isz, torch.uint8)
-                    pread_into(self.files.fd(spec.file), raw, spec.start + e0 * isz, k * isz, f"{spec.file}:{spec.name}")
+                    raw = self._pre.get(key)
+                    if raw is None:
+                        raw = self.bufs.get(key + ":r", k * isz, torch.uint8)
+                        pread_into(self.files.fd(spec.file), raw, spec.start + e0 * isz, k * isz, f"{spec.file}:{spec.name}")
+                    self._raw[key] = raw
                     self.stats.bytes_read += k * isz
                     out[:k].copy_(raw.view(spec.dtype))
             if k < n:
@@ -197,20 +305,39 @@ class Engine:
             "a wider --out-dtype, or exclude the tensor. No output was written."
         )
 
+    @staticmethod
+    def _raw_copy(op: TensorOp) -> bool:
+        return (op.kind == "copy" and op.base.rowmap is None and op.base.spec.dtype == op.out_dtype
+                and op.base.spec.numel == op.numel and op.base.ck.memory_tensor(op.base.spec.name) is None)
+
+    def _prefetchable(self, op: TensorOp) -> list[tuple[str, Term]]:
+        """The (key, term) pairs :meth:`_fill` reads from a file for every chunk of ``op`` (see _run_op)."""
+        if self._raw_copy(op) or op.out_dtype not in FLOAT_DTYPES:
+            return []
+        if op.kind == "copy" or op.scale == 0.0:
+            terms = [("base", op.base)]
+        else:
+            terms = [] if op.lora is not None else [("plus", op.plus), ("minus", op.minus)]
+            terms.append(("base", op.base))
+        return [(k, t) for k, t in terms
+                if t is not None and t.rowmap is None and t.ck.memory_tensor(t.spec.name) is None]
+
     def _run_op(self, op: TensorOp, wt: _Writer) -> None:
         wt.q.put(("begin", op.name, op.nbytes))
         osz = _isz(op.out_dtype)
-        raw_copy = (op.kind == "copy" and op.base.rowmap is None and op.base.spec.dtype == op.out_dtype
-                    and op.base.spec.numel == op.numel and op.base.ck.memory_tensor(op.base.spec.name) is None)
+        raw_copy = self._raw_copy(op)
         floating = op.out_dtype in FLOAT_DTYPES
         for e0, e1, row_elems in self._chunks(op):
             n = e1 - e0
+            pre_bufs = None
+            if self._reader is not None:
+                pre_bufs, self._pre = self._reader.next(op.name, e0)
             obuf = self._take(wt, n * osz)
             if raw_copy:
                 spec = op.base.spec
                 pread_into(self.files.fd(spec.file), obuf, spec.start + e0 * osz, n * osz, f"{spec.file}:{spec.name}")
                 self.stats.bytes_read += n * osz
-                if floating and not torch.isfinite(obuf[: n * osz].view(op.out_dtype)).all():
+                if floating and not _all_finite(obuf[: n * osz].view(op.out_dtype)):
                     self._diagnose(op, e0, e1, row_elems)
             elif not floating:  # non-float copy with a row map or from memory
                 src = op.base.ck.memory_tensor(op.base.spec.name)
@@ -238,10 +365,13 @@ class Engine:
                         acc = d
                 out = obuf[: n * osz].view(op.out_dtype)
                 out.copy_(acc)
-                if not torch.isfinite(out).all():
+                if not _all_finite(out):
                     self._diagnose(op, e0, e1, row_elems)
                 if op.base is None and op.minus is not None and op.lora is None:
                     self._verify_roundtrip(op, out, n)
+            if self._reader is not None:
+                self._pre = {}
+                self._reader.release(pre_bufs)
             wt.q.put(("data", obuf, n * osz))
             wt.check()
             self._progress(n * osz)
@@ -259,7 +389,7 @@ class Engine:
         tmp.add_(bvals)
         rt = self.bufs.get("verify2", n, a.dtype)
         rt.copy_(tmp)
-        araw = self.bufs.get("plus:r", n * _isz(a.dtype), torch.uint8).view(a.dtype)
+        araw = self._raw["plus"][: n * _isz(a.dtype)].view(a.dtype)
         bad = int((rt != araw).sum()) - int((rt.isnan() & araw.isnan()).sum())
         if bad:
             self.stats.inexact_delta[op.name] = self.stats.inexact_delta.get(op.name, 0) + bad
@@ -306,6 +436,9 @@ class Engine:
                             TimeRemainingColumn(), console=Console(stderr=True), transient=False)
             ctx = prog
             self._bar = (prog, prog.add_task(label or self.plan.operation, total=self.plan.total_out_bytes))
+        if self.prefetch:
+            self._reader = _Prefetcher(self, [ops[entry.name] for entry in writer.order])
+            self._reader.start()
         try:
             with ctx, torch.inference_mode():
                 for entry in writer.order:
@@ -317,6 +450,9 @@ class Engine:
             writer.abort()
             raise
         finally:
+            if self._reader is not None:
+                self._reader.stop()
+                self._reader = None
             self.files.close()
             torch.set_num_threads(old_threads)
         self.stats.bytes_written = wt.bytes

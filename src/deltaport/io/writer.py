@@ -48,6 +48,28 @@ def parse_size(size: str | int) -> int:
     return int(s)
 
 
+WRITEBACK_BYTES = 64 << 20  # start writing dirty pages to disk every this many bytes (see _start_writeback)
+
+
+def _load_sync_file_range():
+    """libc ``sync_file_range`` (Linux) or None: lets the writer start writeback without waiting for it."""
+    try:
+        import ctypes
+        import ctypes.util
+
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        fn = libc.sync_file_range
+        fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+        fn.restype = ctypes.c_int
+        return fn
+    except (OSError, AttributeError):
+        return None
+
+
+_SYNC_FILE_RANGE = _load_sync_file_range()
+_SYNC_FILE_RANGE_WRITE = 2
+
+
 def _disk_error(exc: OSError, path: Path) -> DiskError:
     why = {errno.ENOSPC: "disk full", errno.EFBIG: "file size limit reached", errno.EDQUOT: "disk quota exceeded"}
     return DiskError(f"writing {path} failed: {why.get(exc.errno, exc.strerror)} ({exc}); free space or choose "
@@ -87,6 +109,8 @@ class ShardedWriter:
         self.order = [e for s in self.shards for e in s["entries"]]  # the order tensors must be produced in
         self._shard_of = {e.name: i for i, s in enumerate(self.shards) for e in s["entries"]}
         self._fd: int | None = None
+        self._written = 0  # bytes written to the open shard
+        self._flushed = 0  # bytes of it whose writeback has been started
         self._cur_shard = -1
         self._expect: tuple[str, int] | None = None
 
@@ -97,6 +121,7 @@ class ShardedWriter:
         path = self.out_dir / s["file"]
         try:
             self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            self._written = self._flushed = 0
             self._write_all(struct.pack("<Q", len(s["header"])) + s["header"], path)
         except OSError as exc:
             raise _disk_error(exc, path) from None
@@ -110,6 +135,17 @@ class ShardedWriter:
             except OSError as exc:
                 raise _disk_error(exc, path) from None
             mv = mv[n:]
+            self._written += n
+        if self._written - self._flushed >= WRITEBACK_BYTES:
+            self._start_writeback()
+
+    def _start_writeback(self) -> None:
+        """Ask the kernel to start writing what we wrote so far, without waiting: the dirty pages then go
+        to disk while we compute, instead of all at once in the fsync that closes the shard (which would
+        otherwise wait for the whole shard to reach the disk). A hint only; errors surface at fsync."""
+        if _SYNC_FILE_RANGE is not None:
+            _SYNC_FILE_RANGE(self._fd, self._flushed, self._written - self._flushed, _SYNC_FILE_RANGE_WRITE)
+        self._flushed = self._written
 
     def _close_shard(self) -> None:
         if self._fd is not None:
