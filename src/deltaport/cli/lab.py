@@ -12,6 +12,13 @@ lab_app = typer.Typer(help="Reproduce the paper's controlled study on a tiny mod
 
 def _run(config: str, output: Path, resume: bool, progress: bool, threads: int | None) -> None:
     import dataclasses
+    import logging
+    import os
+
+    # the lab's own rich bars replace the per-call tqdm bars and lm-eval's per-call chatter
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    for name in ("lm_eval", "lm-eval", "datasets", "transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
     from deltaport.lab.config import load_config
     from deltaport.lab.run import run_lab

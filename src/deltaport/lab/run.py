@@ -301,36 +301,51 @@ class _Lab:
                 "curve_every": every, "ft": {t: self.scores[f"FT({t})"]["heldout"] for t in V}}
 
     def iterative(self, V: list[str]) -> dict:
-        """Algorithm 1 (Δ^iter) vs Δ^dir vs plain FT over the chain ``versions``."""
-        self.prog.note("iterative recycling-then-finetuning (Algorithm 1)")
-        every = self.cfg.finetune.curve_every
-        chain = list(V)
-        star = {chain[0]: self.models[f"FT({chain[0]})"]}
+        """Algorithm 1 (Δ^iter) vs Δ^dir vs plain FT over the chain ``versions``, run by ``deltaport.evolve``."""
+        self.prog.note("iterative recycling-then-finetuning (Algorithm 1, deltaport evolve)")
+        from deltaport.evolve import run_chain
+
+        from deltaport.lab.steps import _exact_match
+
+        data = self.run_dir / "tasks" / "sft.jsonl"
+        data.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+        f = self.cfg.finetune
+        chain = {"versions": [{"name": v, "path": str(self.fam[v].resolve())} for v in V], "data": str(data.resolve()),
+                 "finetune": {"steps": f.steps, "lr": f.lr, "batch_size": f.batch_size, "eval_every": f.curve_every,
+                              "seed": self.cfg.seed},
+                 "eval": {"tasks": [str(self.st.tasks["lab_known"].resolve()), str(self.st.tasks["lab_new"].resolve())],
+                          "limit": self.cfg.eval_limit},
+                 "strategies": ["iterative", "direct", "plain"]}
+        t0 = time.perf_counter()
+        out = run_chain(chain, self.run_dir / "evolve", resume=True)
+        self.st.timings["evolve"] = self.st.timings.get("evolve", 0.0) + time.perf_counter() - t0
+        self.st.backends["evolve"] = "deltaport.evolve.run_chain"
+        nk, nn = self.n_known, self.n_new
+
+        def heldout(metrics: dict) -> float:
+            k, n = _exact_match(metrics, "lab_known"), _exact_match(metrics, "lab_new")
+            return (k * nk + n * nn) / (nk + nn)
+
+        plan, scores = out["strategies"], out["scores"]
         rows: dict[str, dict[str, float]] = {}
-        for prev, cur in zip(chain, chain[1:]):
-            d_iter = self.st.delta(self.fam[prev], star[prev], f"Diter{prev[1:]}")
-            init = self.st.apply(d_iter, self.fam[cur], f"{cur}+Diter{prev[1:]}")
-            path, c = self.st.finetune(init, self.records, f"iter-{cur}", curve_task="lab_heldout", curve_every=every,
-                                       **self.ft_kw)
-            star[cur] = path
-            self.models[f"FT({cur}+Δiter{prev[1:]})"] = path
-            self.curves[f"FT({cur}+Δiter{prev[1:]})"] = c
-            dpath, cd = self.st.finetune(self.merge(cur, prev), self.records, f"FT-{cur}+{_d(prev)}",
-                                         curve_task="lab_heldout", curve_every=every, **self.ft_kw)
-            self.models[f"FT({cur}+Δ{prev[1:]})"] = dpath
-            self.curves[f"FT({cur}+Δ{prev[1:]})"] = cd
-        names = {}
-        for prev, cur in zip(chain, chain[1:]):
-            names[f"FT({cur}+Δiter{prev[1:]})"] = self.models[f"FT({cur}+Δiter{prev[1:]})"]
-            names[f"FT({cur}+Δ{prev[1:]})"] = self.models[f"FT({cur}+Δ{prev[1:]})"]
-        sc = self.score(names)
-        for prev, cur in zip(chain, chain[1:]):
-            rows[cur] = {"base": self.scores[cur]["heldout"],
-                         "dir": sc[f"FT({cur}+Δ{prev[1:]})"]["heldout"],
-                         "iter": sc[f"FT({cur}+Δiter{prev[1:]})"]["heldout"],
-                         "ft": self.scores[f"FT({cur})"]["heldout"]}
-        return {"chain": chain, "rows": rows, "identical_at_first_link": chain[1] if len(chain) > 1 else None,
-                "backend": "deltaport.diff/apply/finetune (Algorithm 1 steps)"}
+        for v in V[1:]:
+            rows[v] = {"base": self.scores[v]["heldout"],
+                       "dir": heldout(scores[plan["direct"][v]]), "iter": heldout(scores[plan["iterative"][v]]),
+                       "ft": heldout(scores[plan["plain"][v]]), "ft_lab": self.scores[f"FT({v})"]["heldout"]}
+        for strategy, per_v in (out.get("curves_data") or {}).items():
+            if strategy == "plain":
+                continue
+            for v, evals in per_v.items():
+                if v == V[0]:
+                    continue
+                label = f"FT({v}+Δ{'iter' if strategy == 'iterative' else 'dir'})"
+                try:
+                    self.curves[label] = sorted((int(e["step"]), heldout(e["results"])) for e in evals)
+                except Exception:  # noqa: BLE001 - a curve without both tasks is left out of the figure
+                    continue
+        return {"chain": V, "rows": rows, "identical_at_first_link": V[1] if len(V) > 1 else None,
+                "table_md": out.get("table"), "run_dir": str(self.run_dir / "evolve"),
+                "backend": "deltaport.evolve.run_chain (strategies iterative, direct, plain)"}
 
     def backport(self, V: list[str]) -> dict:
         """Backporting (newer Δ into older base) beside recycling, for every adjacent pair (Table 1)."""
