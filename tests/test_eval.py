@@ -143,6 +143,33 @@ def test_bad_inputs(rand_model, tok):
         evaluate({"m": (rand_model, tok)}, [QA], backend="vllm", device="cpu")
 
 
+def test_vllm_backend_arguments(tmp_path, rand_model, tok, monkeypatch):
+    """vLLM cannot run here: check what deltaport hands to lm-eval's VLLM model (untested on a GPU)."""
+    import importlib.util
+    import sys
+    import types
+
+    import deltaport.evaluate as ev
+
+    got = {}
+    fake = types.ModuleType("lm_eval.models.vllm_causallms")
+    fake.VLLM = lambda **k: got.update(k) or "vllm-lm"
+    monkeypatch.setitem(sys.modules, "lm_eval.models.vllm_causallms", fake)
+    real_find = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: object() if n == "vllm" else real_find(n, *a))
+    d = save(rand_model, tmp_path / "m", tokenizer=tok)
+    m = ev._normalise_models([str(d)])[0]
+    ev._prepare_model(m, None, need_fp=False)
+    lm = ev._build_lm(m, backend="vllm", device="cuda", batch_size="auto", seed=42,
+                      model_args={"tensor_parallel_size": 2, "max_model_len": 8192})
+    assert lm == "vllm-lm"
+    assert got == {"pretrained": str(d), "dtype": "auto", "seed": 42, "gpu_memory_utilization": 0.9,
+                   "batch_size": "auto", "tensor_parallel_size": 2, "max_model_len": 8192}
+    with pytest.raises(InputError, match="loads models from disk"):
+        ev._build_lm(ev._Model("x", (rand_model, tok)), backend="vllm", device="cuda", batch_size=8, seed=0,
+                     model_args={})
+
+
 class _FakeTM:
     def __init__(self, names):
         self.all_tasks = list(names)

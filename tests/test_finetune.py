@@ -134,6 +134,7 @@ def test_lora_and_eval_every(base_dir, tok, tmp_path):
     assert (out / "checkpoints" / "step-2" / "adapter_model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_bit_identical(base_dir, tmp_path):
     from transformers import TrainerCallback
 

@@ -416,9 +416,11 @@ def _parse_metrics(entry: dict) -> dict[str, float | None]:
         if parsed is None:
             continue
         name, is_err = parsed
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        try:
+            value = None if isinstance(value, (bool, str)) or value is None else float(value)
+        except (TypeError, ValueError):
             value = None
-        elif isinstance(value, float) and math.isnan(value):
+        if value is not None and math.isnan(value):
             value = None
         out[name + "_stderr" if is_err else name] = value
     for name in [k for k in out if not k.endswith("_stderr")]:
@@ -461,6 +463,7 @@ def evaluate(models, tasks, *, limit=None, device="cpu", backend="hf", batch_siz
         model_args: extra keyword arguments for the lm-eval model (HFLM / VLLM), e.g. ``max_length``,
             ``tensor_parallel_size``.
         languages: Global MMLU languages for ``preset="global-mmlu"``.
+        progress: accepted for symmetry with the other commands; lm-eval draws its own progress bars.
 
     Returns:
         ``{"results": {row: {task: {metric: value, metric + "_stderr": value}}}, "details": {row: {task:
