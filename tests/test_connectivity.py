@@ -187,3 +187,17 @@ def test_independent_seeds_show_a_clearly_larger_barrier_than_continued_training
     assert max(r_seed["loss_a"], r_seed["loss_b"], r_cont["loss_b"]) < 0.5 * math.log(64)
     assert r_seed["barrier"] > 0.05
     assert r_seed["barrier"] > 5 * r_cont["barrier"] + 0.02
+
+
+def test_bf16_models_interpolate_in_float32_with_exact_endpoints():
+    a = T.make_model("llama", seed=0, dtype=torch.bfloat16)
+    b = T.perturbed(a, seed=1, scale=0.05)
+    ids = [[(i * 7 + j) % 60 + 3 for j in range(20)] for i in range(10)]
+    r = connectivity(a, b, ids, points=3, max_tokens=150)
+    assert r["dtype"] == "bfloat16"
+    assert r["losses"][0] == r["loss_a"] and r["losses"][-1] == r["loss_b"]
+    dst = {k: torch.empty_like(v) for k, v in a.named_parameters()}
+    pa, pb = dict(a.named_parameters()), dict(b.named_parameters())
+    interpolate_into(dst, pa, pb, 0.5)
+    for k in dst:  # one rounding of the float32 midpoint
+        assert torch.equal(dst[k], torch.lerp(pa[k].float(), pb[k].float(), 0.5).to(torch.bfloat16))
