@@ -210,7 +210,8 @@ def test_presets_resolve_to_simple_evaluate_arguments(preset, expected, rand_mod
     got = [(k["tasks"][0], k["num_fewshot"]) for k in seen if not k["apply_chat_template"]]
     assert got == expected
     chat = [k for k in seen if k["apply_chat_template"]]
-    assert [k["fewshot_as_multiturn"] for k in chat] == [n > 0 for _, n in expected]
+    assert all(k["fewshot_as_multiturn"] for k in chat) and len(chat) == len(expected)
+    assert not any(k["fewshot_as_multiturn"] for k in seen if not k["apply_chat_template"])
     assert all(k["device"] == "cpu" and k["fewshot_random_seed"] == 7 and k["log_samples"] is False for k in seen)
     assert list(r["results"]["m [chat]"]) == [t for t, _ in expected]
     if preset == "llama3-instruct":

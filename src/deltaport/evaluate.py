@@ -589,7 +589,7 @@ def _run_one(lm_eval, m: _Model, ts: TaskSpec, proto: str, tm, *, limit, device,
         out = lm_eval.simple_evaluate(
             model=m.lm, tasks=[ts.spec], num_fewshot=ts.num_fewshot, limit=limit, device=device,
             batch_size=batch_size, task_manager=tm, apply_chat_template=chat,
-            fewshot_as_multiturn=chat and bool(ts.num_fewshot), log_samples=False,
+            fewshot_as_multiturn=chat, log_samples=False,
             random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
             verbosity=None,
         )
