@@ -28,48 +28,9 @@ _LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|block|layer|decoder\.layers)\.(
 
 
 def _open(spec: Any):
-    try:
-        from deltaport.io.checkpoint import open_checkpoint
-    except ImportError:  # core reader not installed: plain safetensors headers
-        return _SafetensorsDir(spec)
+    from deltaport.io.checkpoint import open_checkpoint
+
     return open_checkpoint(spec)
-
-
-class _SafetensorsDir:
-    """Minimal fallback reader (local directories only): names, spec(name).shape/.dtype, tensor(name)."""
-
-    def __init__(self, spec: Any):
-        import json
-
-        from safetensors import safe_open
-
-        from deltaport.errors import CheckpointError
-
-        self.source = str(spec)
-        d = Path(spec)
-        files = sorted(d.glob("*.safetensors")) if d.is_dir() else []
-        if not files:
-            raise CheckpointError(f"{spec} is not a directory with .safetensors weights")
-        self.config = json.loads((d / "config.json").read_text()) if (d / "config.json").exists() else None
-        self._where: dict[str, Any] = {}
-        self._handles = [safe_open(str(f), framework="pt") for f in files]
-        for h in self._handles:
-            for n in h.keys():
-                self._where[n] = h
-
-    @property
-    def names(self) -> list[str]:
-        return list(self._where)
-
-    def spec(self, name: str):
-        from types import SimpleNamespace
-
-        sl = self._where[name].get_slice(name)
-        dt = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
-        return SimpleNamespace(shape=tuple(sl.get_shape()), dtype=dt.get(sl.get_dtype(), torch.int64))
-
-    def tensor(self, name: str) -> torch.Tensor:
-        return self._where[name].get_tensor(name)
 
 
 def _tied(ck) -> bool:
