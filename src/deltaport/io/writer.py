@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from deltaport.errors import DiskError, RuntimeFailure
+from deltaport.errors import CheckpointError, DiskError, RuntimeFailure
 from deltaport.io.checkpoint import INDEX_NAME, SINGLE_NAME, TORCH_TO_ST, read_safetensors_header
 
 
@@ -201,7 +201,10 @@ class ShardedWriter:
             got = path.stat().st_size
             if got != want:
                 raise RuntimeFailure(f"verification failed: {path} has {got} bytes, expected {want}")
-            header, _ = read_safetensors_header(path)
+            try:
+                header, _ = read_safetensors_header(path)
+            except CheckpointError as exc:  # our own output: a write failure, not bad input
+                raise RuntimeFailure(f"verification failed: {exc}") from None
             names = {k for k in header if k != "__metadata__"}
             if names != {e.name for e in s["entries"]}:
                 raise RuntimeFailure(f"verification failed: tensors in {path} differ from the plan")
@@ -209,3 +212,26 @@ class ShardedWriter:
                 h = header[e.name]
                 if h["dtype"] != TORCH_TO_ST[e.dtype] or tuple(h["shape"]) != tuple(e.shape):
                     raise RuntimeFailure(f"verification failed: {e.name} in {path} has wrong dtype/shape")
+        self._verify_index()
+
+    def _verify_index(self) -> None:
+        """index <-> shards <-> sizes: the index read back names every tensor's shard and the total size."""
+        planned = {s["file"] for s in self.shards}
+        stray = {p.name for p in self.out_dir.glob("*.safetensors")} - planned
+        if stray:
+            raise RuntimeFailure(f"verification failed: unexpected weight files {sorted(stray)} in {self.out_dir}")
+        path = self.out_dir / INDEX_NAME
+        if len(self.shards) == 1:
+            if path.exists():
+                raise RuntimeFailure(f"verification failed: {path} exists beside a single {SINGLE_NAME}")
+            return
+        try:
+            index = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise RuntimeFailure(f"verification failed: cannot read back {path}: {exc}") from None
+        want_map = {e.name: s["file"] for s in self.shards for e in s["entries"]}
+        if not isinstance(index, dict) or index.get("weight_map") != want_map:
+            raise RuntimeFailure(f"verification failed: {path} does not match the shards written")
+        total = sum(s["data_bytes"] for s in self.shards)
+        if (index.get("metadata") or {}).get("total_size") != total:
+            raise RuntimeFailure(f"verification failed: {path} total_size is not {total}")
