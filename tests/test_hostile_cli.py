@@ -103,3 +103,65 @@ def test_no_code_path_sets_trust_remote_code_or_unpickles_unsafely():
             if re.search(r"(?<![\w.])(eval|exec)\(|pickle\.loads?\(", code):
                 bad.append(f"{f.name}:{i}: {line.strip()}")
     assert not bad, "\n".join(bad)
+
+
+def test_short_write_is_caught_by_verification_and_nothing_is_published(pristine, tmp_path, monkeypatch):
+    """A shard that comes out short (a lost write) fails verification: exit 1, no output, no temp folder."""
+    from deltaport.io import writer as W
+
+    real = W.ShardedWriter.write
+    calls = {"n": 0}
+
+    def lossy(self, data):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            return  # drop one chunk
+        return real(self, data)
+
+    monkeypatch.setattr(W.ShardedWriter, "write", lossy)
+    ws = H.Workspace(tmp_path / "ws", pristine)
+    fam = ws.family()
+    out = ws.out()
+    rc, _, err = H.in_process_runner(H.transfer_argv(fam, out, "--shard-size", "20KB"))
+    assert rc == 1, err
+    assert H.first_message_line(err).startswith("error (RuntimeFailure): verification failed"), err
+    assert not out.exists() and H.leftovers(out) == []
+
+
+def _written(tmp_path):
+    import torch
+
+    from deltaport.io.writer import OutEntry, ShardedWriter
+
+    entries = [OutEntry(f"t{i}", torch.float32, (16,)) for i in range(6)]
+    w = ShardedWriter(tmp_path, entries, shard_size=128)
+    for e in w.order:
+        w.begin(e.name, e.nbytes)
+        w.write(torch.full((16,), float(int(e.name[1:])), dtype=torch.float32))
+    w.finalize()
+    return w
+
+
+@pytest.mark.parametrize("tamper", ["index-entry", "index-total", "index-missing", "stray-shard", "shard-size"])
+def test_verification_checks_index_shards_and_sizes(tmp_path, tamper):
+    from deltaport.errors import RuntimeFailure
+
+    w = _written(tmp_path)
+    assert len(w.shards) == 3
+    idx_path = tmp_path / "model.safetensors.index.json"
+    idx = json.loads(idx_path.read_text())
+    if tamper == "index-entry":
+        idx["weight_map"]["t0"] = w.shards[-1]["file"]
+        idx_path.write_text(json.dumps(idx))
+    elif tamper == "index-total":
+        idx["metadata"]["total_size"] += 4
+        idx_path.write_text(json.dumps(idx))
+    elif tamper == "index-missing":
+        idx_path.unlink()
+    elif tamper == "stray-shard":
+        (tmp_path / "model-00009-of-00009.safetensors").write_bytes(b"")
+    else:
+        f = tmp_path / w.shards[0]["file"]
+        f.write_bytes(f.read_bytes()[:-4])
+    with pytest.raises(RuntimeFailure, match="verification failed"):
+        w.verify()
