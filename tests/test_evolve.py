@@ -139,6 +139,14 @@ def test_resume_after_kill_never_recomputes(versions, tmp_path, monkeypatch):
     changed = dict(chain, finetune={"steps": 3, "lr": 3e-3, "batch_size": 4, "save_every": 1})
     with pytest.raises(InputError, match="different chain"):
         run_chain(changed, run, resume=True)
+    data = tmp_path / "sft.jsonl"  # same path, different content: refused too
+    data.write_text((DATA / "sft.jsonl").read_text())
+    run2 = tmp_path / "run2"
+    c2 = dict(_chain(versions[:2], ["plain"], steps=1), data=str(data))
+    run_chain(c2, run2)
+    data.write_text((DATA / "sft.jsonl").read_text().replace("green", "blue"))
+    with pytest.raises(InputError, match="different data"):
+        run_chain(c2, run2, resume=True)
 
 
 def test_chain_validation_reports_every_problem(tmp_path):

@@ -317,15 +317,15 @@ def run_chain(chain, run_dir, *, resume=False, progress=False) -> dict:
     """
     c = load_chain(chain)
     run = Path(run_dir).absolute()
-    chain_json = json.dumps(c.as_dict(), sort_keys=True, indent=2)
+    chain_json = json.dumps(dict(c.as_dict(), inputs=_input_fingerprints(c)), sort_keys=True, indent=2)
     if run.exists() and any(run.iterdir()):
         if not resume:
             raise OutputError(f"run directory {run} exists and is not empty; pass --resume to continue that run "
                               "or choose another directory")
         prev = run / "chain.json"
         if prev.is_file() and json.loads(prev.read_text()) != json.loads(chain_json):
-            raise InputError(f"{run} was started with a different chain (see {prev}); resume needs the same "
-                             "chain — use a new run directory for a changed chain")
+            raise InputError(f"{run} was started with a different chain or different data/task files (see {prev}); "
+                             "resume needs the same chain — use a new run directory for a changed chain")
     for _, p in c.versions:
         if not Path(p).is_dir():
             from deltaport.io.checkpoint import resolve_dir
@@ -363,6 +363,20 @@ def run_chain(chain, run_dir, *, resume=False, progress=False) -> dict:
 
     write_json(run / "results.json", out)
     _atomic_write(run / "table.md", out["table"])
+    return out
+
+
+def _input_fingerprints(c: Chain) -> dict:
+    """sha256 of the local data and task files: resuming over changed data would mix two experiments."""
+    out = {}
+    for p in [c.data, *[t for t in c.eval.get("tasks", []) if str(t).endswith((".yaml", ".yml"))]]:
+        q = Path(str(p))
+        if q.is_file():
+            h = hashlib.sha256(q.read_bytes())
+            if q.suffix in (".yaml", ".yml"):  # a task's data files sit beside it
+                for f in sorted(q.parent.glob("*.json*")):
+                    h.update(f.name.encode() + b"\0" + f.read_bytes())
+            out[str(p)] = h.hexdigest()
     return out
 
 

@@ -346,7 +346,8 @@ def finetune(model, data, output, *, recipe="quick", steps=None, lr=None, batch_
 
         resolve_tasks(eval_tasks)
     out_path = Path(output) if output is not None else None
-    inputs = [p for p in (model, data) if isinstance(p, (str, Path)) and Path(str(p)).exists()]
+    # the model directory is protected (output never inside it); a data FILE only has to survive, and does
+    inputs = [p for p in (model,) if isinstance(p, (str, Path)) and Path(str(p)).is_dir()]
 
     import torch
     from transformers import TrainerCallback, set_seed
