@@ -752,27 +752,65 @@ def _jsonl(ws: Workspace) -> Path:
 TINY_QA = Path(__file__).resolve().parent / "data" / "tiny_qa" / "tiny_qa.yaml"
 
 
-def _later(command: str, argv_for: Callable[[Workspace, Path, Path], list[str]]):
-    """Three cases for a command that writes one report file ``-o FILE``."""
+def _later(command: str, argv_for: Callable[[Workspace, Path, Path], list[str]], out_kind: str = "file",
+           remote_code: bool = True):
+    """Cases for a later command that reads a model and writes ``-o OUT`` (a report file or a directory)."""
+
+    def _out(ws):
+        return ws.out("report.json" if out_kind == "file" else "out")
 
     @case(f"{command}: nonexistent model path", "later commands", command)
     def _missing(ws):
-        out = ws.out("report.json")
+        out = _out(ws)
         return Spec(argv_for(ws, ws.root / "no-such-model", out), [], out, 2, r"no such model|not found|does not exist")
 
     @case(f"{command}: pickle-only model refused", "later commands", command)
     def _pickle(ws):
         marker = ws.root / "PWNED"
         d = make_pickle_model(ws, "target_base", "model_bin", marker)
-        out = ws.out("report.json")
+        out = _out(ws)
         return Spec(argv_for(ws, d, out), [d], out, 2, r"pickle", marker=marker, check=_no_marker(marker))
 
     @case(f"{command}: output exists without --overwrite", "later commands", command)
     def _exists(ws):
         d = ws.copy("target_base")
-        out = ws.out("report.json")
-        out.write_text('{"previous": "report"}\n')
+        out = _out(ws)
+        if out_kind == "file":
+            out.write_text('{"previous": "report"}\n')
+        else:
+            out.mkdir()
+            (out / "keep.txt").write_text("previous output\n")
         return Spec(argv_for(ws, d, out), [d], out, 2, r"exists|--overwrite", prev_output=True)
+
+    if remote_code:
+        @case(f"{command}: config.json with auto_map + custom code is not executed", "later commands", command)
+        def _remote(ws):
+            marker = ws.root / "PWNED"
+            d = _remote_code_dir(ws, marker)
+            out = _out(ws)
+            return Spec(argv_for(ws, d, out), [d], out, (0, 2), r"", marker=marker, check=_no_marker(marker))
+
+
+def _jsonl(ws: Workspace) -> Path:
+    p = ws.root / "text.jsonl"
+    p.write_text("".join(json.dumps({"text": "the flag is red . what color is the flag ? red"}) + "\n" for _ in range(8)))
+    return p
+
+
+DATA = Path(__file__).resolve().parent / "data" / "tiny_qa"
+TINY_QA = DATA / "tiny_qa.yaml"
+
+
+def _chain(ws: Workspace, m: Path) -> Path:
+    p = ws.root / "chain.yaml"
+    p.write_text(json.dumps({  # JSON is YAML
+        "versions": [{"name": "M1", "path": str(m)}, {"name": "M2", "path": str(m)}],
+        "data": str(DATA / "sft.jsonl"),
+        "finetune": {"recipe": "quick", "steps": 1},
+        "eval": {"tasks": [str(TINY_QA)], "limit": 2},
+        "strategies": ["direct"],
+    }))
+    return p
 
 
 _later("eval", lambda ws, m, o: ["eval", str(m), "--tasks", str(TINY_QA), "--limit", "2", "--device", "cpu", "--no-cache",
@@ -783,6 +821,17 @@ _later("similarity", lambda ws, m, o: ["similarity", "--source-base", str(m), "-
                                        "--target-base", str(m), "--no-progress", "-o", str(o)])
 _later("check", lambda ws, m, o: ["check", "--source-base", str(m), "--source-finetuned", str(m), "--target-base", str(m),
                                   "--data", str(_jsonl(ws)), "--max-tokens", "32", "--no-progress", "-o", str(o)])
+_later("finetune", lambda ws, m, o: ["finetune", "--model", str(m), "--data", str(DATA / "sft.jsonl"), "--steps", "1",
+                                     "--device", "cpu", "--no-progress", "-o", str(o)], out_kind="dir")
+_later("evolve", lambda ws, m, o: ["evolve", str(_chain(ws, m)), "--no-progress", "-o", str(o)], out_kind="dir",
+       remote_code=False)
+
+
+@case("lab run: nonexistent config file", "later commands", "lab")
+def _lab_missing(ws):
+    out = ws.out()
+    return Spec(["lab", "run", str(ws.root / "no-such-config.yaml"), "--no-progress", "-o", str(out)], [], out, 2,
+                r"no-such-config|not found|does not exist|preset")
 
 
 # --------------------------------------------------------------------------------------------------
