@@ -323,7 +323,11 @@ def run_chain(chain, run_dir, *, resume=False, progress=False) -> dict:
             raise OutputError(f"run directory {run} exists and is not empty; pass --resume to continue that run "
                               "or choose another directory")
         prev = run / "chain.json"
-        if prev.is_file() and json.loads(prev.read_text()) != json.loads(chain_json):
+        cur = json.loads(chain_json)
+        before = json.loads(prev.read_text()) if prev.is_file() else None
+        if before is not None and "inputs" not in before:  # run dirs written before input hashes were kept
+            cur.pop("inputs")
+        if before is not None and before != cur:
             raise InputError(f"{run} was started with a different chain or different data/task files (see {prev}); "
                              "resume needs the same chain — use a new run directory for a changed chain")
     for _, p in c.versions:
