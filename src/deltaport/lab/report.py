@@ -252,7 +252,7 @@ def report_md(r: dict, figs: dict[str, str]) -> str:
         for t in V:
             rows.append([t] + [("—" if s == t else f"{_frac(rec['fraction'][t].get(s))} "
                                 f"({_frac(_paper_recovery(t, s))})") for s in V])
-        L += [_table(["target \\ Δ from"] + [f"+Δ{s[1:]}" for s in V], rows), ""]
+        L += [_table(["target \\ Δ from"] + [f"+Δ{s[1:]}" for s in V], rows), "", _reading_recovery(r), ""]
     t = r.get("transfer_then_finetune")
     if t:
         L += ["## 3. Transfer-then-finetune vs plain fine-tuning (paper Table 4, Fig. 2)", ""]
@@ -271,7 +271,7 @@ def report_md(r: dict, figs: dict[str, str]) -> str:
               f"{cfg['finetune']['steps']} steps in all). Paper (slides): M4+Δ3 at 10K of 30K, M5+Δ3 15K, M2+Δ1 15K, "
               "M3+Δ2 25K.", "",
               _table(["init", "score at step 0", "plain FT at step 0", "plain FT final", "first step (transfer init)",
-                      "first step (plain)"], rows), ""]
+                      "first step (plain)"], rows), "", _reading_ttf(r), ""]
     it = r.get("iterative")
     if it and it["rows"]:
         L += ["## 4. Iterative Δ^iter vs direct Δ^dir vs plain FT (Algorithm 1, Table 6)", ""]
@@ -279,7 +279,9 @@ def report_md(r: dict, figs: dict[str, str]) -> str:
                  " / ".join(str(PAPER_T6[v][k]) for k in ("dir", "iter", "ft")) if v in PAPER_T6 else "–"]
                 for v, x in it["rows"].items()]
         L += [_table(["version", "base", "FT(M_i + Δ^dir)", "FT(M_i + Δ^iter)", "FT(M_i)", "paper dir / iter / FT"], rows),
-              "", f"Chain: {' → '.join(it['chain'])}. At the first link Δ^iter = Δ^dir by construction.", ""]
+              "", f"Chain: {' → '.join(it['chain'])}. At the first link Δ^iter = Δ^dir by construction. "
+              "'FT(M_i)' is the plain fine-tune inside the evolve run (same recipe and seed as the lab's).", "",
+              _reading_iter(r), ""]
     bp = r.get("backport")
     if bp and bp["rows"]:
         L += ["## 5. Backporting beside recycling (paper Table 1)", "",
@@ -287,7 +289,7 @@ def report_md(r: dict, figs: dict[str, str]) -> str:
                       "new + Δ_old (recycle)", "FT(new)"],
                      [[f"{x['old']}, {x['new']}", _pct(x["old_base"]), _pct(x["backport"]), _pct(x["old_ft"]),
                        _pct(x["new_base"]), _pct(x["recycle"]), _pct(x["new_ft"])] for x in bp["rows"]]),
-              "", f"Paper: {PAPER_T1}.", ""]
+              "", f"Paper: {PAPER_T1}.", "", _reading_backport(r), ""]
     lg = r.get("language")
     if lg:
         L += ["## 6. Second-language fine-tune transferred to the next version (paper Table 2)", "",
@@ -297,7 +299,7 @@ def report_md(r: dict, figs: dict[str, str]) -> str:
               "held-out items.", "",
               _table(["model", "known", "new", "held-out"],
                      [[k, _pct(v["known"]), _pct(v["new"]), _pct(v["heldout"])] for k, v in lg["rows"].items()]),
-              "", f"Paper (Global MMLU): {PAPER_T2}.", ""]
+              "", f"Paper (Global MMLU): {PAPER_T2}.", "", _reading_language(r), ""]
     c = r.get("connectivity")
     if c:
         L += ["## 7. Connectivity: loss barriers and `deltaport check` vs transfer outcome (not in the paper)", ""]
@@ -313,6 +315,7 @@ def report_md(r: dict, figs: dict[str, str]) -> str:
         if c["checks"]:
             L += ["`deltaport check` verdicts per cell: " + ", ".join(
                 f"{k}: {v['verdict']}" for k, v in c["checks"].items()), ""]
+        L += [_reading_conn(r), ""]
     L += ["## Run", "", f"Seeds: {json.dumps(r['seeds'])}.", "",
           "Steps ran through: " + "; ".join(f"{k}: {v}" for k, v in sorted(r.get("backends", {}).items())) + ".", "",
           "Timings (s): " + ", ".join(f"{k} {v}" for k, v in r.get("timings_s", {}).items()) + ".", ""]
@@ -324,12 +327,93 @@ def _reading_grid(r: dict) -> str:
     V = r["config"]["versions"]
     best = {t: max(g["cells"][t].items(), key=lambda kv: kv[1]) for t in V}
     parts = ["**Reading.** "]
-    parts.append("Base models score near zero: they know the facts but have never seen the question format. "
+    parts.append("Base models score near zero: they have never seen the question format (later versions know more facts). "
                  "Adding another version's Δ gives the format back where the two versions are close: ")
     parts.append(", ".join(f"{t} is best with Δ{s[1:]} ({_pct(v)} vs FT {_pct(g['ft'][t])})" for t, (s, v) in best.items()))
     parts.append(f". Mx (same data, other initialisation) gains at most {_pct(max(g['cells']['Mx'].values()))} and "
                  f"M0 (random) at most {_pct(max(g['cells']['M0'].values()))}.")
     return "".join(parts)
+
+
+def _reading_recovery(r: dict) -> str:
+    rec = r["recovery"]["fraction"]
+    V = r["config"]["versions"]
+    sc = r["scores"]
+    chance = r["chance"]
+    parts = ["**Reading.** "]
+    at_chance = [t for t in V if sc[f"FT({t})"]["heldout"] <= chance + 0.05]
+    if at_chance:
+        parts.append(f"FT({', '.join(at_chance)}) itself scores near chance: those bases have not learned the facts "
+                     "yet, so their 'gain' is the answer format only and a recovery above 100 % there means little. ")
+    per_source = {}
+    for s in V:
+        vals = [rec[t][s] for t in V if t != s and t not in at_chance and rec[t].get(s) is not None]
+        if vals:
+            per_source[s] = (min(vals), max(vals))
+    if per_source:
+        parts.append("Recovery by source Δ over the other targets: " + "; ".join(
+            f"Δ{s[1:]} {_frac(lo)}–{_frac(hi)}" for s, (lo, hi) in per_source.items()) + ".")
+    return "".join(parts)
+
+
+def _reading_ttf(r: dict) -> str:
+    t = r["transfer_then_finetune"]
+    parts = ["**Reading.** "]
+    for pair, d in t["steps_to_plain_final"].items():
+        a, b = d["first_step_transfer"], d["first_step_plain"]
+        if a is None:
+            parts.append(f"From {pair} fine-tuning never reached plain FT's final {_pct(d['plain_final'])} within the "
+                         f"budget (plain FT got there at step {b}). ")
+        elif b is None or a < b:
+            parts.append(f"From {pair} it starts at {_pct(d['start_transfer'])} and reaches plain FT's final score at "
+                         f"step {a}, plain FT at step {b}. ")
+        else:
+            parts.append(f"From {pair} it reaches plain FT's final score at step {a}, no earlier than plain FT ({b}). ")
+    return "".join(parts)
+
+
+def _reading_iter(r: dict) -> str:
+    rows = r["iterative"]["rows"]
+    wins = sum(x["iter"] >= x["dir"] for x in rows.values())
+    return (f"**Reading.** Δ^iter ≥ Δ^dir at {wins} of {len(rows)} versions; both vs plain FT: "
+            + "; ".join(f"{v} {_pct(x['iter'] - x['ft'])} / {_pct(x['dir'] - x['ft'])} points" for v, x in rows.items())
+            + " (iter / dir minus plain).")
+
+
+def _reading_backport(r: dict) -> str:
+    rows = r["backport"]["rows"]
+    return ("**Reading.** " + "; ".join(
+        f"({x['old']}, {x['new']}): backporting recovers {_pct(x['backport'] - x['old_base'])} points of FT(old)'s "
+        f"{_pct(x['old_ft'] - x['old_base'])}, recycling {_pct(x['recycle'] - x['new_base'])} of FT(new)'s "
+        f"{_pct(x['new_ft'] - x['new_base'])}" for x in rows) + ".")
+
+
+def _reading_language(r: dict) -> str:
+    lg = r["language"]
+    rows = lg["rows"]
+    s, t = lg["source"], lg["target"]
+    src, src_b = rows[f"FT({s})"]["heldout"], rows[f"FTb(FT({s}))"]["heldout"]
+    tgt, merged = rows[f"FT({t})"]["heldout"], rows[f"FT({t})+Δb{s[1:]}"]["heldout"]
+    return (f"**Reading.** The language-b fine-tune lifts the source instruct model from {_pct(src)} to {_pct(src_b)} "
+            f"on language-b questions; adding its Δ to {t}'s instruct model moves that from {_pct(tgt)} to "
+            f"{_pct(merged)}" + (" — above the fine-tuned source, as Malagasy in Table 2." if merged > src_b else "."))
+
+
+def _reading_conn(r: dict) -> str:
+    c = r["connectivity"]
+    same = [v["barrier"] for k, v in c["curves"].items() if "Mx" not in k]
+    other = [v["barrier"] for k, v in c["curves"].items() if "Mx" in k]
+    txt = "**Reading.** "
+    if same and other:
+        txt += (f"Between versions of one run the loss barrier is at most {max(same):.2f} nats; between any version "
+                f"and Mx at least {min(other):.2f}. ")
+    rho = c["spearman"]
+    best = max(((k, v) for k, v in rho.items() if v is not None), key=lambda kv: abs(kv[1]), default=None)
+    if best:
+        txt += (f"The strongest predictor of the gain here is {best[0].replace('_vs_gain', '')} (ρ = {best[1]:+.2f}); "
+                "the barrier separates Mx from the family but is flat inside it, so it cannot rank Δ sources of one "
+                "lineage." if same and max(same) < 0.05 else "")
+    return txt
 
 
 def write_outputs(r: dict, run_dir: Path) -> None:
