@@ -167,14 +167,24 @@ def figures(r: dict, fig_dir: Path) -> dict[str, str]:
     curves = r.get("curves") or {}
     if curves:
         fig, ax = plt.subplots(figsize=(7, 4.2))
+        targets = sorted({name[3:].split("+")[0].rstrip(")") for name in curves})
+        colour = {t: f"C{i % 10}" for i, t in enumerate(targets)}
+        styles = ["-", "-.", ":", (0, (5, 1))]
+        seen: dict[str, int] = {}
         for name, c in sorted(curves.items()):
             if c:
                 xs, ys = zip(*c)
-                ax.plot(xs, [100 * y for y in ys], marker="o", ms=3, label=name,
-                        ls="--" if "+" not in name else "-")
+                tgt = name[3:].split("+")[0].rstrip(")")
+                if "+" in name:
+                    ls = styles[seen.get(tgt, 0) % len(styles)]
+                    seen[tgt] = seen.get(tgt, 0) + 1
+                else:
+                    ls = "--"
+                ax.plot(xs, [100 * y for y in ys], marker="o", ms=3, label=name, color=colour[tgt], ls=ls,
+                        lw=1.0 if "+" not in name else 1.6)
         ax.set_xlabel("fine-tuning step")
         ax.set_ylabel("held-out exact match (%)")
-        ax.set_title("convergence: plain FT (dashed) vs transfer-then-finetune")
+        ax.set_title("plain FT (dashed) vs transfer-then-finetune; colour = target", fontsize=10)
         ax.legend(fontsize=7, ncol=2)
         fig.tight_layout()
         p = fig_dir / "convergence.png"

@@ -222,15 +222,12 @@ class _Lab:
 
     def invariants(self, V: list[str]) -> dict:
         """Exact identity M_i + Δ_i == FT(M_i) (tensor-equal), and M0 + Δ at chance or below."""
-        from safetensors.torch import load_file
-
         ident = {}
         for v in V:
             p = self.merge(v, v)
             a = _tensors(p)
             b = _tensors(self.models[f"FT({v})"])
             ident[v] = sorted(a) == sorted(b) and all(bool((a[k] == b[k]).all()) for k in a)
-        del load_file
         return {"identity_Mi_plus_Di_equals_FT": ident}
 
     def grid(self, V: list[str]) -> dict:
