@@ -161,6 +161,18 @@ def test_killed_run_resumes_bit_identical(base_dir, tmp_path):
         finetune(str(base_dir), str(SFT), tmp_path / "x", resume=True, steps=2)
 
 
+def test_dataset_folder_goes_through_load_dataset(tmp_path):
+    """A local dataset folder takes the same `datasets.load_dataset` path as a hub dataset name."""
+    d = tmp_path / "ds"
+    d.mkdir()
+    (d / "train.jsonl").write_text(SFT.read_text())
+    recs, info = load_records(str(d))
+    assert info["kind"] == "hub" and info["format"] == "messages" and info["n"] == len(FACTS)
+    assert recs[0] == json.loads(SFT.read_text().splitlines()[0])
+    with pytest.raises(InputError, match="cannot load hub dataset 'nobody/nothing'"):
+        load_records("nobody/nothing")
+
+
 def test_bad_data_is_reported_with_location(tmp_path):
     p = tmp_path / "d.jsonl"
     p.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n{oops\n')

@@ -146,11 +146,12 @@ def load_records(data) -> tuple[list[dict], dict]:
                             raise InputError(f"{p}:{n}: not valid JSON ({exc}); one record per line") from None
                 where = lambda i: f"{p} record {i + 1}"  # noqa: E731
             info = {"kind": "file", "path": str(p.absolute()), "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
-        elif p.suffix in (".jsonl", ".json") or os.sep in s and not re.match(r"^[\w.\-]+/[\w.\-]+(:\w+)?$", s):
+        elif not p.is_dir() and (p.suffix in (".jsonl", ".json") or
+                                 os.sep in s and not re.match(r"^[\w.\-]+/[\w.\-]+(:\w+)?$", s)):
             raise InputError(f"data file {s} not found; pass a .jsonl of chats or prompt/completion pairs, "
                              "or a hub dataset name (org/name[:split])")
         else:
-            name, _, split = s.partition(":")
+            name, _, split = (s, "", "") if p.is_dir() else s.partition(":")
             try:
                 from datasets import load_dataset
 
