@@ -92,10 +92,17 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
         size = path.stat().st_size
     except OSError as exc:
         raise CheckpointError(f"cannot read shard {path}: {exc}") from None
+    if not path.is_file():
+        raise CheckpointError(f"shard {path} is not a regular file (a directory, device or pipe); replace it with the "
+                              "real safetensors file")
     if size < 8:
         raise CheckpointError(f"shard {path} is truncated ({size} bytes; a safetensors file starts with an "
                               "8-byte header length). Re-download the file.")
-    with open(path, "rb") as f:
+    try:
+        f = open(path, "rb")
+    except OSError as exc:
+        raise CheckpointError(f"cannot read shard {path}: {exc}") from None
+    with f:
         (n,) = struct.unpack("<Q", f.read(8))
         if n > size - 8:
             raise CheckpointError(f"shard {path}: header length {n} runs past the end of the file ({size} bytes); "
