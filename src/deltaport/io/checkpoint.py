@@ -121,7 +121,7 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
         raise CheckpointError(f"shard {path} could not be opened by safetensors: {exc}") from None
     try:
         header = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise CheckpointError(f"shard {path}: header is not valid JSON ({exc})") from None
     if not isinstance(header, dict) or set(k for k in header if k != "__metadata__") != lib_keys:
         raise CheckpointError(f"shard {path}: header does not match what safetensors reads; the file is corrupt")
@@ -276,7 +276,7 @@ def resolve_dir(source: str | Path, *, revision: str | None = None) -> tuple[Pat
 def _read_json(path: Path, what: str) -> Any:
     try:
         return json.loads(path.read_text())
-    except (OSError, ValueError, UnicodeDecodeError) as exc:
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise CheckpointError(f"{what} {path} is not valid JSON ({exc}); fix or re-download it") from None
 
 
