@@ -437,7 +437,20 @@ def _config_wrong_vocab(d, ws):
     (d / "config.json").write_text(json.dumps(cfg))
 
 
+def _shard_is_dir(d, ws):
+    for f in shards(d):
+        f.unlink()
+    (d / "model.safetensors.index.json").unlink()
+    (d / "model.safetensors").mkdir()
+
+
+def _config_deep(d, ws):
+    (d / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+
+
 _corrupt_case("truncated shard (last 100 bytes cut)", _truncate, r"truncated")
+_corrupt_case("model.safetensors is a directory", _shard_is_dir, r"not a regular file")
+_corrupt_case("config.json nested 100,000 levels deep", _config_deep, r"not valid JSON", role="target_base")
 _corrupt_case("shard cut to 4 bytes", _truncate_to_4, r"truncated")
 _corrupt_case("header length past end of file", _header_len_past_eof, r"header length .* past the end")
 _corrupt_case("header length 2**63", _header_len_huge, r"header length")
