@@ -271,6 +271,17 @@ def _header_expr(ws):
     return Spec(["inspect", str(d)], [d], None, 2, re.escape(f.name), marker=marker, check=_no_marker(marker))
 
 
+@case("--key-map YAML with a !!python/object tag", "code execution")
+def _yaml_tag(ws):
+    fam = ws.family()
+    marker = ws.root / "PWNED"
+    km = ws.root / "keymap.yaml"
+    km.write_text(f'x: !!python/object/apply:os.system ["touch {marker}"]\n')
+    out = ws.out()
+    return Spec(transfer_argv(fam, out, "--key-map", str(km)), list(fam.values()) + [km], out, 2, r"key-map.*YAML",
+                marker=marker, check=_no_marker(marker))
+
+
 # --------------------------------------------------------------------------------------------------
 # corrupt or inconsistent checkpoints
 

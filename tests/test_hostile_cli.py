@@ -87,7 +87,7 @@ ALLOWED_UNSAFE_LOAD = {
 
 def test_no_code_path_sets_trust_remote_code_or_unpickles_unsafely():
     """Static guard: the package never passes trust_remote_code=True, never calls torch.load without
-    weights_only=True, and never parses a header with eval/exec/pickle."""
+    weights_only=True, never parses YAML with a loader that builds Python objects, never eval/exec/pickle."""
     src = Path(__file__).resolve().parents[1] / "src" / "deltaport"
     bad = []
     for f in sorted(src.rglob("*.py")):
@@ -99,6 +99,8 @@ def test_no_code_path_sets_trust_remote_code_or_unpickles_unsafely():
             if re.search(r"trust_remote_code\s*=\s*True", code):
                 bad.append(f"{f.name}:{i}: {line.strip()}")
             if re.search(r"\btorch\.load\(", code) and "weights_only=True" not in code:
+                bad.append(f"{f.name}:{i}: {line.strip()}")
+            if re.search(r"yaml\.(load|unsafe_load|full_load)\(", code) and "SafeLoader" not in code:
                 bad.append(f"{f.name}:{i}: {line.strip()}")
             if re.search(r"(?<![\w.])(eval|exec)\(|pickle\.loads?\(", code):
                 bad.append(f"{f.name}:{i}: {line.strip()}")
