@@ -83,7 +83,7 @@ def test_algorithm1_bookkeeping_exact(versions, tmp_path):
                                   "FT(M3+Δ[FT(M2)])", "FT(M3+Δ[FT(M2+Δ[FT(M1)])])", "M2+Δ[FT(M1)]", "M3+Δ[FT(M2)]"}
     assert all("acc" in s["tiny_qa"] for s in res["scores"].values())
     assert [e["step"] for e in res["curves_data"]["iterative"]["M3"]] == [0, 3]
-    for s in ("iterative", "direct", "plain"):
+    for s in ("iterative", "direct", "plain", "M2", "M3"):
         assert (run / f"curves_{s}.png").stat().st_size > 1000
     table = (run / "table.md").read_text()
     assert "| + Δ^iter → FT | — |" in table and "| FT(M_i) |" in table and "| + Δ (no FT) | — |" in table

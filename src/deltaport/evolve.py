@@ -31,7 +31,8 @@ RUN_DIR layout::
     evals/<id>.json       evaluation of each model
     steps.jsonl           one line per completed step (what, when, how long)
     results.json          every score, per strategy and version; table.md (paper Table 6 style)
-    curves_<strategy>.png convergence curves from the fine-tunes' --eval-every evaluations
+    curves_<strategy>.png convergence curves per strategy (a line per version), from finetune.eval_every
+    curves_<version>.png  the strategies compared on one version (paper Fig. 4: Δ^iter vs Δ^dir)
 """
 
 from __future__ import annotations
@@ -448,7 +449,12 @@ def _fmt(v, base) -> str:
     return f"{v:.1f}" + (f" ({v - base:+.1f})" if base is not None else "")
 
 
+_PLOT_LABEL = {"direct": r"$+\Delta^{dir}$ → FT", "iterative": r"$+\Delta^{iter}$ → FT", "plain": "FT($M_i$)"}
+
+
 def _plot_curves(out: dict, run: Path) -> dict[str, str]:
+    """curves_<strategy>.png (one line per version) and curves_<version>.png (one line per strategy, the
+    paper's Fig. 4 comparison of Δ^iter and Δ^dir); returns {name: path}."""
     data = out["curves_data"]
     if not data:
         return {}
@@ -457,27 +463,38 @@ def _plot_curves(out: dict, run: Path) -> dict[str, str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    paths = {}
     columns = out.get("columns") or {}
+    tasks = sorted({t for pv in data.values() for evs in pv.values() for e in evs for t in e["results"]})
+    versions = [v["name"] for v in out["chain"]["versions"]]
+    figures: dict[str, list[tuple[str, list]]] = {}
     for s, per_version in data.items():
-        tasks = sorted({t for evs in per_version.values() for e in evs for t in e["results"]})
+        figures[s] = [(v, per_version[v]) for v in versions if v in per_version]
+    for v in versions:
+        lines = [(_PLOT_LABEL.get(s, s), data[s][v]) for s in data if v in data[s]]
+        if len(lines) > 1:
+            figures[v] = lines
+    paths = {}
+    for name, lines in figures.items():
+        if not lines:
+            continue
         fig, axes = plt.subplots(1, max(1, len(tasks)), figsize=(4.5 * max(1, len(tasks)), 3.4), squeeze=False)
         for ax, t in zip(axes[0], tasks):
-            for v, evs in per_version.items():
+            for label, evs in lines:
                 pts = [(e["step"], e["results"][t]) for e in evs if t in e["results"]]
                 if not pts:
                     continue
                 metric = _primary(columns, t, pts[0][1])
-                ax.plot([p[0] for p in pts], [p[1].get(metric) for p in pts], marker="o", label=v)
+                ax.plot([p[0] for p in pts], [p[1].get(metric) for p in pts], marker="o", label=label)
                 ax.set_ylabel(metric)
-            ax.set_title(f"{_ROW_LABEL.get(s, s)}: {(columns.get(t) or {}).get('label') or t}")
+            title = _PLOT_LABEL.get(name, name)
+            ax.set_title(f"{title}: {(columns.get(t) or {}).get('label') or t}")
             ax.set_xlabel("fine-tuning step")
             ax.legend(fontsize=8)
         fig.tight_layout()
-        p = run / f"curves_{s}.png"
-        tmp = run / f".curves_{s}.tmp.png"
+        p = run / f"curves_{name}.png"
+        tmp = run / f".curves_{name}.tmp.png"
         fig.savefig(tmp, dpi=100)
         plt.close(fig)
         tmp.replace(p)
-        paths[s] = str(p)
+        paths[name] = str(p)
     return paths
