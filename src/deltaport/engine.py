@@ -38,7 +38,7 @@ class Stats:
 
 
 def _isz(dt: torch.dtype) -> int:
-    return torch.empty((), dtype=dt).element_size()
+    return dt.itemsize  # no tensor: torch.empty per call cost ~0.2 ms each with the reader thread running
 
 
 def _all_finite(x: torch.Tensor) -> bool:

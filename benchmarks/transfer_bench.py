@@ -1,0 +1,504 @@
+"""Transfer benchmark: deltaport vs the I/O floor, a naive in-memory script and mergekit.
+
+Builds three bf16 Llama checkpoints (source base, source finetuned, target base; default ~1.48 GB each),
+then runs every method in a fresh subprocess on a warm page cache and prints a table: wall time, peak
+RSS, ratio to the I/O floor, and how many output values differ from deltaport's output.
+
+    python benchmarks/transfer_bench.py --workdir /tmp/dpbench --threads 1 --repeat 3
+    python benchmarks/transfer_bench.py --sizes 1x,2x --skip-mergekit --skip-naive   # RSS growth check
+
+What is measured:
+  * wall: seconds of the work inside the subprocess, after its imports (``time.perf_counter``); the
+    whole process's wall time (imports included) is printed beside it.
+  * process CPU: user + system seconds of the subprocess (``os.wait4``); on a shared machine it shows
+    the work done when wall times are inflated by other jobs.
+  * peak RSS: ``ru_maxrss`` of the subprocess from ``os.wait4`` - the largest resident set of the
+    process (anonymous + file-backed/mmapped pages), children included.
+  * warm cache: before every run the three inputs are read once (like ``cat > /dev/null``).
+  * equality: every output tensor is compared with deltaport's bit for bit, one tensor at a time.
+
+Methods:
+  floor      read the 3 inputs (1 MB reused buffer) + write one output of the target's size, fsync per file
+  deltaport  ``deltaport.transfer(sb, sf, tb, out, threads=N)``
+  naive      three full state dicts in memory (safetensors ``load_file``), fp32 math per tensor, bf16
+             result, ``save_file`` per shard - what the paper's official script does with ``from_pretrained``
+  mergekit   ``task_arithmetic`` (base = source base, models = [source finetuned, target base] at weight 1,
+             ``normalize: false``) once with ``dtype: float32, out_dtype: bfloat16`` (exact) and once with
+             mergekit's default dtype. mergekit lives in its own venv (``--mergekit-python``) so it cannot
+             change this project's packages; if it is missing the method is skipped and the table says so.
+
+The models are built one shard at a time (never three whole models in memory): every tensor of the
+source base comes from a generator seeded by its name; the finetuned and target models add small
+seeded noise to it, rounded to bf16 once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve()
+BUF = 1 << 20  # 1 MB: fastest of 128 KB, 1 MB, 16 MB for reading the inputs here
+MODELS = ("source_base", "source_finetuned", "target_base")
+
+
+# ---------------------------------------------------------------------------------------------------
+# building the models
+# ---------------------------------------------------------------------------------------------------
+def llama_shapes(hidden: int, layers: int, inter: int, vocab: int) -> list[tuple[str, tuple[int, ...]]]:
+    shapes = [("model.embed_tokens.weight", (vocab, hidden))]
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shapes += [
+            (p + "input_layernorm.weight", (hidden,)),
+            (p + "self_attn.q_proj.weight", (hidden, hidden)),
+            (p + "self_attn.k_proj.weight", (hidden, hidden)),
+            (p + "self_attn.v_proj.weight", (hidden, hidden)),
+            (p + "self_attn.o_proj.weight", (hidden, hidden)),
+            (p + "post_attention_layernorm.weight", (hidden,)),
+            (p + "mlp.gate_proj.weight", (inter, hidden)),
+            (p + "mlp.up_proj.weight", (inter, hidden)),
+            (p + "mlp.down_proj.weight", (hidden, inter)),
+        ]
+    shapes += [("model.norm.weight", (hidden,)), ("lm_head.weight", (vocab, hidden))]
+    return shapes
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _seed(name: str, salt: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{salt}:{name}".encode()).digest()[:8], "little") & ((1 << 63) - 1)
+
+
+def build_family(root: Path, hidden: int, layers: int, inter: int, vocab: int, shards: int) -> dict:
+    """Write the three checkpoints under ``root`` (reused when already built with the same settings)."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig
+
+    spec = {"hidden": hidden, "layers": layers, "intermediate": inter, "vocab": vocab, "shards": shards, "v": 2}
+    stamp = root / "built.json"
+    if stamp.exists() and json.loads(stamp.read_text()).get("spec") == spec:
+        return json.loads(stamp.read_text())
+    if root.exists():
+        shutil.rmtree(root)
+    shapes = llama_shapes(hidden, layers, inter, vocab)
+    total = sum(_numel(s) for _, s in shapes) * 2
+    groups: list[list] = [[]]
+    acc = 0
+    for name, shape in shapes:  # contiguous groups of ~total/shards bytes
+        if acc >= (len(groups)) * total / shards and len(groups) < shards:
+            groups.append([])
+        groups[-1].append((name, shape))
+        acc += _numel(shape) * 2
+    heads = max(1, hidden // 128)
+    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
+                      num_key_value_heads=heads, vocab_size=vocab, tie_word_embeddings=False, max_position_embeddings=4096)
+    cfg.torch_dtype = "bfloat16"
+    cfg.architectures = ["LlamaForCausalLM"]
+    try:
+        from deltaport.testing import make_tokenizer
+        tok = make_tokenizer()
+    except Exception:  # noqa: BLE001 - the tokenizer is a nicety for the benchmark
+        tok = None
+    for m in MODELS:
+        (root / m).mkdir(parents=True)
+        c = cfg.to_dict()
+        if m == "target_base":
+            c["rope_theta"] = 500000.0  # a target-only config value (mergekit copies the source base's)
+        (root / m / "config.json").write_text(json.dumps(c, indent=2))
+        if tok is not None:
+            tok.save_pretrained(root / m)
+    t0 = time.perf_counter()
+    torch.set_num_threads(1)
+    weight_map = {}
+    for gi, group in enumerate(groups):
+        fname = f"model-{gi + 1:05d}-of-{len(groups):05d}.safetensors"
+        sds = {m: {} for m in MODELS}
+        for name, shape in group:
+            g = torch.Generator().manual_seed(_seed(name, "base"))
+            if name.endswith("norm.weight"):
+                base = 1.0 + 0.1 * torch.randn(shape, generator=g)
+            else:
+                base = 0.02 * torch.randn(shape, generator=g)
+            sds["source_base"][name] = base.to(torch.bfloat16)
+            for m, scale in (("source_finetuned", 0.002), ("target_base", 0.005)):
+                g = torch.Generator().manual_seed(_seed(name, m))
+                sds[m][name] = (base + scale * torch.randn(shape, generator=g)).to(torch.bfloat16)
+            del base
+            weight_map[name] = fname
+        for m in MODELS:
+            save_file(sds[m], str(root / m / fname), metadata={"format": "pt"})
+        del sds
+    for m in MODELS:
+        idx = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (root / m / "model.safetensors.index.json").write_text(json.dumps(idx, indent=2))
+    info = {"spec": spec, "bytes_per_model": total, "params": total // 2, "build_seconds": time.perf_counter() - t0}
+    stamp.write_text(json.dumps(info, indent=2))
+    return info
+
+
+# ---------------------------------------------------------------------------------------------------
+# workers (each runs in its own subprocess and prints one JSON line)
+# ---------------------------------------------------------------------------------------------------
+def _shard_files(d: Path) -> list[Path]:
+    return sorted(d.glob("*.safetensors"))
+
+
+def worker_floor(fam: Path, out: Path, threads: int) -> dict:
+    buf = bytearray(BUF)
+    mv = memoryview(buf)
+    t0 = time.perf_counter()
+    nread = 0
+    for m in MODELS:
+        for f in _shard_files(fam / m):
+            with open(f, "rb", buffering=0) as fh:
+                while True:
+                    n = fh.readinto(mv)
+                    if not n:
+                        break
+                    nread += n
+    out.mkdir(parents=True)
+    nwritten = 0
+    for f in _shard_files(fam / "target_base"):
+        size = f.stat().st_size
+        fd = os.open(out / f.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            left = size
+            while left:
+                n = os.write(fd, mv[: min(left, BUF)])
+                left -= n
+                nwritten += n
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    return {"seconds": time.perf_counter() - t0, "bytes_read": nread, "bytes_written": nwritten}
+
+
+def worker_deltaport(fam: Path, out: Path, threads: int) -> dict:
+    import torch
+
+    import deltaport
+
+    torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    res = deltaport.transfer(fam / "source_base", fam / "source_finetuned", fam / "target_base", out, threads=threads)
+    return {"seconds": time.perf_counter() - t0, "engine": res.timings}
+
+
+def worker_naive(fam: Path, out: Path, threads: int) -> dict:
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    sds = {}
+    for m in MODELS:  # three full state dicts, as the official script holds three models
+        sd = {}
+        for f in _shard_files(fam / m):
+            sd.update(load_file(str(f)))
+        sds[m] = sd
+    out.mkdir(parents=True)
+    shutil.copyfile(fam / "target_base" / "config.json", out / "config.json")
+    for f in _shard_files(fam / "target_base"):
+        from safetensors import safe_open
+
+        with safe_open(str(f), "pt") as h:
+            names = list(h.keys())
+        res = {}
+        for k in names:
+            t = sds["target_base"][k]
+            res[k] = (t.float() + (sds["source_finetuned"][k].float() - sds["source_base"][k].float())).to(t.dtype)
+        save_file(res, str(out / f.name), metadata={"format": "pt"})
+        del res
+    return {"seconds": time.perf_counter() - t0}
+
+
+MERGEKIT_WRAPPER = r"""
+import json, sys, time
+t_import = time.perf_counter()
+import torch, yaml
+from mergekit.config import MergeConfiguration
+from mergekit.merge import run_merge
+from mergekit.options import MergeOptions
+cfg_path, out, threads = sys.argv[1], sys.argv[2], int(sys.argv[3])
+torch.set_num_threads(threads)
+src = open(cfg_path).read()
+opts = MergeOptions(quiet=True, num_threads=threads, write_model_card=False)
+opts.apply_global_options()
+t0 = time.perf_counter()
+run_merge(MergeConfiguration.model_validate(yaml.safe_load(src)), out, options=opts, config_source=src)
+print(json.dumps({"seconds": time.perf_counter() - t0}))
+"""
+
+
+def mergekit_config(fam: Path, exact: bool) -> str:
+    lines = [
+        "merge_method: task_arithmetic",
+        f"base_model: {fam / 'source_base'}",
+        "models:",
+        f"  - model: {fam / 'source_finetuned'}",
+        "    parameters: {weight: 1.0}",
+        f"  - model: {fam / 'target_base'}",
+        "    parameters: {weight: 1.0}",
+        "parameters: {normalize: false}",
+    ]
+    if exact:
+        lines += ["dtype: float32", "out_dtype: bfloat16"]
+    return "\n".join(lines) + "\n"
+
+
+def worker_compare(ref: Path, other: Path, threads: int) -> dict:
+    d, t, probs = compare(ref, other)
+    return {"differ": d, "total": t, "problems": probs}
+
+
+WORKERS = {"floor": worker_floor, "deltaport": worker_deltaport, "naive": worker_naive, "compare": worker_compare}
+
+
+# ---------------------------------------------------------------------------------------------------
+# the parent: run, measure, compare
+# ---------------------------------------------------------------------------------------------------
+def warm(fam: Path) -> None:
+    buf = bytearray(BUF)
+    for m in MODELS:
+        for f in _shard_files(fam / m):
+            with open(f, "rb", buffering=0) as fh:
+                while fh.readinto(buf):
+                    pass
+
+
+def run_measured(cmd: list[str], env: dict, log: Path) -> dict:
+    """Run ``cmd``; return its JSON line plus process wall time and peak RSS (ru_maxrss, incl. children)."""
+    with open(log, "wb") as lf:
+        t0 = time.perf_counter()
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=lf, env=env)
+        stdout = p.stdout.read()
+        _, status, ru = os.wait4(p.pid, 0)
+        wall = time.perf_counter() - t0
+        p.returncode = os.waitstatus_to_exitcode(status)
+        p.stdout.close()
+    if p.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed (exit {p.returncode}); see {log}:\n{log.read_text()[-3000:]}")
+    lines = [ln for ln in stdout.decode().splitlines() if ln.startswith("{")]
+    rec = json.loads(lines[-1]) if lines else {}
+    rec.update(process_wall=wall, peak_rss_mb=ru.ru_maxrss / 1024, cpu=ru.ru_utime + ru.ru_stime)
+    return rec
+
+
+def compare(ref: Path, other: Path) -> tuple[int, int, list[str]]:
+    """(differing values, total values, problems) between two checkpoint dirs, one tensor at a time."""
+    import torch
+    from safetensors import safe_open
+
+    def index(d: Path) -> dict[str, Path]:
+        idx = {}
+        for f in _shard_files(d):
+            with safe_open(str(f), "pt") as h:
+                for k in h.keys():
+                    idx[k] = f
+        return idx
+
+    a, b = index(ref), index(other)
+    problems = []
+    if set(a) != set(b):
+        problems.append(f"tensor names differ: only in deltaport {sorted(set(a) - set(b))[:3]}, "
+                        f"only in other {sorted(set(b) - set(a))[:3]}")
+    diff = total = 0
+    for k in sorted(set(a) & set(b)):
+        with safe_open(str(a[k]), "pt") as ha, safe_open(str(b[k]), "pt") as hb:
+            x, y = ha.get_tensor(k), hb.get_tensor(k)
+        if x.dtype != y.dtype or x.shape != y.shape:
+            problems.append(f"{k}: {x.dtype}{tuple(x.shape)} vs {y.dtype}{tuple(y.shape)}")
+            continue
+        iv = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[x.element_size()]
+        bad = x.view(iv) != y.view(iv)
+        if x.is_floating_point():
+            bad &= ~(x.isnan() & y.isnan())
+        diff += int(bad.sum())
+        total += x.numel()
+    return diff, total, problems
+
+
+def load_avg() -> str:
+    return open("/proc/loadavg").read().split()[0]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--hidden", type=int, default=2048)
+    ap.add_argument("--layers", type=int, default=12)
+    ap.add_argument("--intermediate", type=int, default=5504)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--shards", type=int, default=4, help="safetensors shards per input model (default: 4)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads for every method (default: 1)")
+    ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "deltaport-bench")
+    ap.add_argument("--sizes", default="1x", help="comma list of layer multipliers, e.g. 1x,2x (default: 1x)")
+    ap.add_argument("--repeat", type=int, default=1, help="runs per method; the median is reported (default: 1)")
+    ap.add_argument("--methods", default="floor,deltaport,naive,mergekit",
+                    help="comma list of floor,deltaport,naive,mergekit (default: all)")
+    ap.add_argument("--skip-mergekit", action="store_true")
+    ap.add_argument("--skip-naive", action="store_true")
+    ap.add_argument("--baselines-all-sizes", action="store_true",
+                    help="run naive/mergekit on every size, not only the first (they need several GB of RAM)")
+    ap.add_argument("--mergekit-python", default="/tmp/mkvenv/bin/python",
+                    help="python of a separate venv with mergekit installed (default: /tmp/mkvenv/bin/python)")
+    ap.add_argument("--keep", action="store_true", help="keep the outputs (default: delete after comparing)")
+    ap.add_argument("--json", type=Path, help="also write all measurements to this file")
+    ap.add_argument("--_worker", help=argparse.SUPPRESS)
+    ap.add_argument("--_fam", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--_out", type=Path, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+
+    if args._worker == "build":
+        print(json.dumps(build_family(args._fam, args.hidden, args.layers, args.intermediate, args.vocab, args.shards)))
+        return 0
+    if args._worker:
+        print(json.dumps(WORKERS[args._worker](args._fam, args._out, args.threads)))
+        return 0
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if args.skip_mergekit and "mergekit" in methods:
+        methods.remove("mergekit")
+    if args.skip_naive and "naive" in methods:
+        methods.remove("naive")
+    notes = []
+    if "mergekit" in methods:
+        ok = subprocess.run([args.mergekit_python, "-c", "import mergekit"], capture_output=True).returncode == 0 \
+            if Path(args.mergekit_python).exists() else False
+        if not ok:
+            methods.remove("mergekit")
+            notes.append(f"mergekit skipped: not importable with {args.mergekit_python} (install: python -m venv "
+                         "/tmp/mkvenv && /tmp/mkvenv/bin/pip install torch==2.13.0 mergekit)")
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
+               HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    work = args.workdir
+    work.mkdir(parents=True, exist_ok=True)
+    logs = work / "logs"
+    logs.mkdir(exist_ok=True)
+
+    print(f"# deltaport transfer benchmark  {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}")
+    print(f"# machine: {os.cpu_count()} CPUs, {_mem_gb():.0f} GiB RAM; threads={args.threads}; cache: warm "
+          f"(inputs read once before every run); repeat={args.repeat} (median); peak RSS = ru_maxrss of the "
+          "method's subprocess (incl. children; anonymous + file-backed pages)")
+    print(f"# load average at start: {open('/proc/loadavg').read().strip()}")
+    results = []
+    sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
+    for si, size in enumerate(sizes):
+        mult = float(size.rstrip("x"))
+        layers = max(1, round(args.layers * mult))
+        fam = work / f"models-h{args.hidden}-l{layers}-i{args.intermediate}-v{args.vocab}-s{args.shards}"
+        print(f"# building/reusing models in {fam} ...", flush=True)
+        # the parent never imports torch: a forked child starts with the parent's resident pages, which
+        # would inflate its ru_maxrss; building and comparing run in subprocesses too
+        info = json.loads(subprocess.run(
+            [sys.executable, str(HERE), "--_worker", "build", "--_fam", str(fam), "--hidden", str(args.hidden),
+             "--layers", str(layers), "--intermediate", str(args.intermediate), "--vocab", str(args.vocab),
+             "--shards", str(args.shards)], env=env, check=True, stdout=subprocess.PIPE).stdout.decode().splitlines()[-1])
+        gb = info["bytes_per_model"] / 1e9
+        print(f"# size {size}: {layers} layers, {info['params'] / 1e6:.0f} M params, {gb:.2f} GB per model (bf16)",
+              flush=True)
+        ref = work / f"out-deltaport-{size}"
+        size_methods = [m for m in methods if m in ("floor", "deltaport") or si == 0 or args.baselines_all_sizes]
+        if "deltaport" not in size_methods and any(m in size_methods for m in ("naive", "mergekit")):
+            size_methods.insert(0, "deltaport")  # the reference output
+        runs = []
+        for m in size_methods:
+            variants = [("mergekit (fp32 math)", True), ("mergekit (default dtype)", False)] if m == "mergekit" else [(m, None)]
+            for label, exact in variants:
+                recs = []
+                out = ref if m == "deltaport" else work / f"out-{label.split()[0]}-{size}"
+                for r in range(args.repeat):
+                    for d in (out, out.parent / (out.name + ".timings.json")):
+                        if d.is_dir():
+                            shutil.rmtree(d)
+                        elif d.exists():
+                            d.unlink()
+                    warm(fam)
+                    load = load_avg()
+                    log = logs / f"{label.replace(' ', '_').replace('(', '').replace(')', '')}-{size}-{r}.log"
+                    if m == "mergekit":
+                        cfg = work / f"mergekit-{'fp32' if exact else 'default'}.yaml"
+                        cfg.write_text(mergekit_config(fam, exact))
+                        cmd = [args.mergekit_python, "-c", MERGEKIT_WRAPPER, str(cfg), str(out), str(args.threads)]
+                    else:
+                        cmd = [sys.executable, str(HERE), "--_worker", m, "--_fam", str(fam), "--_out", str(out),
+                               "--threads", str(args.threads)]
+                    rec = run_measured(cmd, env, log)
+                    rec["load_before"] = load
+                    recs.append(rec)
+                    print(f"#   {label:26s} run {r + 1}: {rec['seconds']:.2f} s (process {rec['process_wall']:.2f} s), "
+                          f"CPU {rec['cpu']:.2f} s, peak RSS {rec['peak_rss_mb']:.0f} MB, load {load}"
+                          + (f", engine {_fmt_timings(rec['engine'])}" if "engine" in rec else ""), flush=True)
+                row = {"size": size, "gb": gb, "method": label,
+                       "seconds": statistics.median(x["seconds"] for x in recs),
+                       "process_wall": statistics.median(x["process_wall"] for x in recs),
+                       "peak_rss_mb": statistics.median(x["peak_rss_mb"] for x in recs),
+                       "cpu": statistics.median(x["cpu"] for x in recs),
+                       "runs": recs}
+                if m not in ("floor", "deltaport"):
+                    c = json.loads(subprocess.run([sys.executable, str(HERE), "--_worker", "compare", "--_fam", str(ref),
+                                                   "--_out", str(out)], env=env, check=True,
+                                                  stdout=subprocess.PIPE).stdout.decode().splitlines()[-1])
+                    row["differ"] = (c["differ"], c["total"], c["problems"])
+                if m != "deltaport" and not args.keep and out.exists():
+                    shutil.rmtree(out)
+                runs.append(row)
+        if ref.exists() and not args.keep:
+            shutil.rmtree(ref)
+        floor = next((x["seconds"] for x in runs if x["method"] == "floor"), None)
+        for x in runs:
+            x["ratio"] = x["seconds"] / floor if floor else None
+        results += runs
+
+    print()
+    print(f"load average at end: {open('/proc/loadavg').read().strip()}")
+    print()
+    print("| size | method | wall (s) | × floor | process wall (s) | process CPU (s) | peak RSS (MB) | output vs deltaport |")
+    print("|---|---|---|---|---|---|---|---|")
+    for x in results:
+        if "differ" in x:
+            d, t, probs = x["differ"]
+            eq = "identical" if d == 0 and not probs else f"{d:,} of {t:,} values differ ({100 * d / max(t, 1):.2f} %)"
+            if probs:
+                eq += "; " + "; ".join(probs[:2])
+        else:
+            eq = "(reference)" if x["method"] == "deltaport" else "–"
+        ratio = f"{x['ratio']:.2f}" if x["ratio"] is not None else "–"
+        print(f"| {x['size']} ({x['gb']:.2f} GB) | {x['method']} | {x['seconds']:.2f} | {ratio} | {x['process_wall']:.2f} | "
+              f"{x['cpu']:.2f} | {x['peak_rss_mb']:.0f} | {eq} |")
+    for n in notes:
+        print(f"\nnote: {n}")
+    if args.json:
+        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results,
+                                         "notes": notes}, indent=2, default=str))
+    return 0
+
+
+def _fmt_timings(t: dict) -> str:
+    return ", ".join(f"{k} {v:.2f} s" for k, v in t.items())
+
+
+def _mem_gb() -> float:
+    for ln in open("/proc/meminfo"):
+        if ln.startswith("MemTotal:"):
+            return int(ln.split()[1]) / 2**20
+    return 0.0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
