@@ -266,5 +266,6 @@ def test_cli_eval(rand_model, tok, tmp_path):
     res = json.loads(out.read_text())
     assert set(res["results"][str(d)]) == {"tiny_qa", "tiny_gen"}
     assert table.read_text() == res["table"] and "(baseline)" in res["table"]
-    assert main(["eval", str(d), "--tasks", "no_such_task_xyz", "-o", str(tmp_path / "x.json"), "--no-cache"]) == 2
+    assert main(["eval", str(d), "--tasks", str(tmp_path / "no_such_task.yaml"), "-o", str(tmp_path / "x.json"),
+                 "--no-cache"]) == 2
     assert not (tmp_path / "x.json").exists()

@@ -98,7 +98,9 @@ def test_resume_after_kill_never_recomputes(versions, tmp_path, monkeypatch):
 
     from transformers import TrainerCallback
 
-    chain = _chain(versions, ["iterative", "plain"], steps=2)
+    data = tmp_path / "sft.jsonl"
+    data.write_text((DATA / "sft.jsonl").read_text())
+    chain = dict(_chain(versions, ["iterative", "plain"], steps=2), data=str(data))
     chain["finetune"]["save_every"] = 1  # trainer state after every step: a killed fine-tune resumes mid-way
     run = tmp_path / "run"
     real = ftmod.finetune
@@ -139,14 +141,9 @@ def test_resume_after_kill_never_recomputes(versions, tmp_path, monkeypatch):
     changed = dict(chain, finetune={"steps": 3, "lr": 3e-3, "batch_size": 4, "save_every": 1})
     with pytest.raises(InputError, match="different chain"):
         run_chain(changed, run, resume=True)
-    data = tmp_path / "sft.jsonl"  # same path, different content: refused too
-    data.write_text((DATA / "sft.jsonl").read_text())
-    run2 = tmp_path / "run2"
-    c2 = dict(_chain(versions[:2], ["plain"], steps=1), data=str(data))
-    run_chain(c2, run2)
-    data.write_text((DATA / "sft.jsonl").read_text().replace("green", "blue"))
+    data.write_text((DATA / "sft.jsonl").read_text().replace("green", "blue"))  # same path, new content
     with pytest.raises(InputError, match="different data"):
-        run_chain(c2, run2, resume=True)
+        run_chain(chain, run, resume=True)
 
 
 def test_chain_validation_reports_every_problem(tmp_path):
