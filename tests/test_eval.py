@@ -143,6 +143,16 @@ def test_bad_inputs(rand_model, tok):
         evaluate({"m": (rand_model, tok)}, [QA], backend="vllm", device="cpu")
 
 
+def test_delta_dir_is_refused_with_a_hint(rand_model, tok, tmp_path):
+    import deltaport
+
+    a = save(rand_model, tmp_path / "a", tokenizer=tok)
+    b = save(perturbed(rand_model, seed=3), tmp_path / "b", tokenizer=tok)
+    deltaport.diff(a, b, tmp_path / "delta")
+    with pytest.raises(InputError, match="is a delta directory .*deltaport apply"):
+        evaluate([str(tmp_path / "delta")], [QA])
+
+
 def test_vllm_backend_arguments(tmp_path, rand_model, tok, monkeypatch):
     """vLLM cannot run here: check what deltaport hands to lm-eval's VLLM model (untested on a GPU)."""
     import importlib.util

@@ -329,12 +329,26 @@ def _prepare_model(m: _Model, cache_dir: Path | None, need_fp: bool) -> None:
     from deltaport.io.checkpoint import resolve_dir
 
     d, _rev = resolve_dir(m.source)
+    _refuse_delta_dir(d, m.source)
     if not (d / "config.json").is_file():
         raise InputError(f"model {m.source}: no config.json in {d}; pass a Hugging Face model directory")
     m.local_dir = d
     m.has_chat_template = _dir_has_chat_template(d)
     if need_fp:
         m.fingerprint = _path_fingerprint(d, cache_dir)
+
+
+def _refuse_delta_dir(d: Path, source) -> None:
+    """A `deltaport diff` output holds Δ, not a model: say so instead of letting transformers fail."""
+    prov = d / "deltaport.json"
+    if prov.is_file():
+        try:
+            kind = json.loads(prov.read_text()).get("kind")
+        except ValueError:
+            return
+        if kind == "delta":
+            raise InputError(f"{source} is a delta directory (deltaport diff output), not a model; apply it first: "
+                             f"deltaport apply {source} --to BASE -o MODEL")
 
 
 def _dir_has_chat_template(d: Path) -> bool:

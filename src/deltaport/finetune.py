@@ -208,6 +208,9 @@ def _load(model, device: str):
     from deltaport.io.checkpoint import resolve_dir
 
     d, rev = resolve_dir(model)
+    from deltaport.evaluate import _refuse_delta_dir
+
+    _refuse_delta_dir(d, model)
     if not (d / "config.json").is_file():
         raise InputError(f"model {model}: no config.json in {d}; pass a Hugging Face model directory or hub id")
     cfg = json.loads((d / "config.json").read_text())
