@@ -26,6 +26,11 @@ LOG = logging.getLogger(__name__)
 # output) stays in this CPU's L3 cache; 4M-element chunks measured ~1.5x the CPU time (and +160 MB RSS)
 DEFAULT_CHUNK_ELEMS = 1 << 19
 
+# torch threads for the arithmetic when the caller does not choose: 1. The work is element-wise and the
+# reader and writer threads already use the second core; with 2 torch threads and that core busy, the
+# benchmark's transfer took 25-62 s instead of 5-9 s (OpenMP threads spin waiting for each other).
+DEFAULT_THREADS = 1
+
 
 @dataclass
 class Stats:
@@ -420,8 +425,7 @@ class Engine:
         ops = {op.name: op for op in self.plan.ops}
         t0 = time.perf_counter()
         old_threads = torch.get_num_threads()
-        if threads:
-            torch.set_num_threads(threads)
+        torch.set_num_threads(threads or DEFAULT_THREADS)
         self._nout = 0
         self._bar = None
         wt = _Writer(writer)
