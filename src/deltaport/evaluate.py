@@ -22,6 +22,7 @@ instruct/transferred models with the chat template; ``both`` makes the compariso
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -527,19 +528,31 @@ def evaluate(models, tasks, *, limit=None, device="cpu", backend="hf", batch_siz
             results[row], details[row] = {}, {}
             if proto == "skip-chat":
                 continue
+            recs: dict[str, dict] = {}
+            cached_names: set[str] = set()
+            missing: list[TaskSpec] = []
             for ts in specs:
-                key = _cache_key(m, ts, proto, settings) if cache else None
-                rec = _cache_get(cache, key)
-                cached = rec is not None
+                rec = _cache_get(cache, _cache_key(m, ts, proto, settings)) if cache else None
                 if rec is None:
-                    task_manager()  # validates task names before a model is loaded
-                    if m.lm is None:
-                        m.lm = _build_lm(m, backend=backend, device=device, batch_size=batch_size, seed=seed,
-                                         model_args=model_args)
-                    rec = _run_one(lm_eval, m, ts, proto, task_manager(), limit=limit, device=device, seed=seed,
-                                   batch_size=batch_size, progress=progress)
+                    missing.append(ts)
+                else:
+                    recs[ts.name] = rec
+                    cached_names.add(ts.name)
+            # one simple_evaluate call per few-shot count (lm-eval takes one num_fewshot per call)
+            for group in _by_fewshot(missing):
+                task_manager()  # validates task names before a model is loaded
+                if m.lm is None:
+                    m.lm = _build_lm(m, backend=backend, device=device, batch_size=batch_size, seed=seed,
+                                     model_args=model_args)
+                done = _run_group(lm_eval, m, group, proto, task_manager(), limit=limit, device=device, seed=seed,
+                                  batch_size=batch_size)
+                for ts in group:
+                    recs[ts.name] = done[ts.name]
                     if cache:
-                        _cache_put(cache, key, rec, m, ts, proto)
+                        _cache_put(cache, _cache_key(m, ts, proto, settings), done[ts.name], m, ts, proto)
+            for ts in specs:
+                rec = recs[ts.name]
+                cached = ts.name in cached_names
                 metrics = dict(rec["metrics"])
                 _add_derived(metrics, ts.derived)
                 results[row][ts.name] = metrics
@@ -595,42 +608,92 @@ def _cache_put(cache: Path, key: str, rec: dict, m: _Model, ts: TaskSpec, proto:
                                  "protocol": proto, "record": rec}, default=_json_default))
 
 
-def _run_one(lm_eval, m: _Model, ts: TaskSpec, proto: str, tm, *, limit, device, seed, batch_size,
-             progress) -> dict:
+def _by_fewshot(specs: list[TaskSpec]) -> list[list[TaskSpec]]:
+    groups: dict[int | None, list[TaskSpec]] = {}
+    for ts in specs:
+        groups.setdefault(ts.num_fewshot, []).append(ts)
+    return list(groups.values())
+
+
+@contextlib.contextmanager
+def _cheap_env_info(lm_eval):
+    """lm-eval records ``torch.utils.collect_env`` output in every result (~0.8 s: it spawns pip and
+    friends); deltaport does not keep that field, so it is replaced by versions only for our calls."""
+    ev = getattr(lm_eval, "evaluator", None)
+    real = getattr(ev, "add_env_info", None)
+    if real is None:  # a future lm-eval without it: nothing to do
+        yield
+        return
+
+    def cheap(storage: dict) -> None:
+        import transformers
+
+        storage.update({"pretty_env_info": "not collected (deltaport)", "transformers_version":
+                        transformers.__version__, "lm_eval_version": getattr(lm_eval, "__version__", "?"),
+                        "upper_git_hash": None})
+
+    ev.add_env_info = cheap
+    try:
+        yield
+    finally:
+        ev.add_env_info = real
+
+
+def _subtasks(group_subtasks: dict, name: str) -> list[str]:
+    out, todo = [], list(group_subtasks.get(name, []))
+    while todo:
+        t = todo.pop(0)
+        out.append(t)
+        todo.extend(group_subtasks.get(t, []))
+    return out
+
+
+def _run_group(lm_eval, m: _Model, group: list[TaskSpec], proto: str, tm, *, limit, device, seed,
+               batch_size) -> dict[str, dict]:
+    """One simple_evaluate call for tasks sharing a few-shot count; a record per task."""
+    import lm_eval.evaluator  # noqa: F401 - make sure the submodule is loaded for _cheap_env_info
+
     chat = proto == "chat"
+    names = ", ".join(ts.name for ts in group)
     t0 = time.time()
     try:
-        out = lm_eval.simple_evaluate(
-            model=m.lm, tasks=[ts.spec], num_fewshot=ts.num_fewshot, limit=limit, device=device,
-            batch_size=batch_size, task_manager=tm, apply_chat_template=chat,
-            fewshot_as_multiturn=chat, log_samples=False,
-            random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
-            verbosity=None,
-        )
+        with _cheap_env_info(lm_eval):
+            out = lm_eval.simple_evaluate(
+                model=m.lm, tasks=[ts.spec for ts in group], num_fewshot=group[0].num_fewshot, limit=limit,
+                device=device, batch_size=batch_size, task_manager=tm, apply_chat_template=chat,
+                fewshot_as_multiturn=chat, log_samples=False,
+                random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
+                verbosity=None,
+            )
     except (FileNotFoundError, KeyError, ValueError) as exc:
-        raise InputError(f"lm-eval could not run task {ts.name!r} on model {m.name!r}: "
+        raise InputError(f"lm-eval could not run task(s) {names} on model {m.name!r}: "
                          f"{type(exc).__name__}: {exc}") from exc
     except Exception as exc:  # noqa: BLE001 - surface any harness failure as a deltaport error
-        raise RuntimeFailure(f"lm-eval failed on task {ts.name!r}, model {m.name!r}: "
+        raise RuntimeFailure(f"lm-eval failed on task(s) {names}, model {m.name!r}: "
                              f"{type(exc).__name__}: {exc}") from exc
     if out is None:  # non-zero rank in a distributed run
-        return {"metrics": {}, "subtasks": {}}
+        return {ts.name: {"metrics": {}, "subtasks": {}} for ts in group}
     res = out.get("results", {})
-    if ts.name not in res:
-        raise RuntimeFailure(f"lm-eval returned no result for {ts.name!r} (got {sorted(res)}); a group needs "
-                             "an aggregate_metric_list to report one score")
-    metrics = _parse_metrics(res[ts.name])
-    subtasks = {k: _parse_metrics(v) for k, v in res.items() if k != ts.name}
-    return {
-        "metrics": metrics,
-        "subtasks": subtasks,
-        "n_samples": out.get("n-samples", {}),
-        "n_shot": out.get("n-shot", {}),
-        "versions": out.get("versions", {}),
-        "protocol": proto,
-        "apply_chat_template": chat,
-        "time_s": round(time.time() - t0, 3),
-    }
+    gs = out.get("group_subtasks", {}) or {}
+    elapsed = round(time.time() - t0, 3)
+    recs = {}
+    for ts in group:
+        if ts.name not in res:
+            raise RuntimeFailure(f"lm-eval returned no result for {ts.name!r} (got {sorted(res)}); a group needs "
+                                 "an aggregate_metric_list to report one score")
+        subs = _subtasks(gs, ts.name)
+        mine = [ts.name, *subs]
+        recs[ts.name] = {
+            "metrics": _parse_metrics(res[ts.name]),
+            "subtasks": {k: _parse_metrics(res[k]) for k in subs if k in res},
+            "n_samples": {k: v for k, v in (out.get("n-samples") or {}).items() if k in mine},
+            "n_shot": {k: v for k, v in (out.get("n-shot") or {}).items() if k in mine},
+            "versions": {k: v for k, v in (out.get("versions") or {}).items() if k in mine},
+            "protocol": proto,
+            "apply_chat_template": chat,
+            "time_s": elapsed,  # of the whole call (tasks sharing a few-shot count run together)
+        }
+    return recs
 
 
 # --------------------------------------------------------------------------------------------------
