@@ -35,8 +35,15 @@ def kill_trials(root, n_trials: int = 20, seed: int = 1234) -> dict:
         return H.deltaport_exe() + a
 
     t0 = time.perf_counter()
-    subprocess.run(cmd(root / "ref"), check=True, env=_env(), capture_output=True)
+    p = subprocess.Popen(cmd(root / "ref"), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    t_tmp = None
+    while p.poll() is None:  # when does the temp folder appear (the end of start-up and planning)?
+        if t_tmp is None and H.leftovers(root / "ref"):
+            t_tmp = time.perf_counter() - t0
+        time.sleep(0.005)
     full = time.perf_counter() - t0
+    assert p.returncode == 0
+    t_tmp = t_tmp if t_tmp is not None else 0.0
     expected = H.tree_hash(root / "ref")
     subprocess.run(cmd(root / "prev", "--scale", "0.5"), check=True, env=_env(), capture_output=True)
     previous = H.tree_hash(root / "prev")
@@ -50,7 +57,8 @@ def kill_trials(root, n_trials: int = 20, seed: int = 1234) -> dict:
         if with_prev:
             shutil.copytree(root / "prev", out)
         sig = SIGNALS[i % 3]
-        delay = rng.uniform(0.0, full * 1.05)
+        # even trials: anywhere in the run (start-up included); odd trials: inside the writing window
+        delay = rng.uniform(0.0, full * 1.05) if i % 4 < 2 else rng.uniform(t_tmp, full)
         p = subprocess.Popen(cmd(out, *(["--overwrite"] if with_prev else [])), env=_env(), stdout=subprocess.DEVNULL,
                              stderr=subprocess.PIPE, text=True)
         time.sleep(delay)
@@ -87,7 +95,7 @@ def kill_trials(root, n_trials: int = 20, seed: int = 1234) -> dict:
     next_run = {"temp_dir_when_killed": had_tmp, "left_by_sigkill": left_by_kill, "next_rc": r.returncode,
                 "leftovers_after_next": H.leftovers(victim), "next_output_complete": H.tree_hash(victim) == expected}
     inputs_after = {r: H.tree_hash(d) for r, d in fam.items()}
-    return {"records": records, "full_run_s": full, "inputs_intact": inputs_after == inputs_before, "next_run": next_run}
+    return {"records": records, "full_run_s": full, "tmp_appears_s": t_tmp, "inputs_intact": inputs_after == inputs_before, "next_run": next_run}
 
 
 @pytest.mark.slow
