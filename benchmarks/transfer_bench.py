@@ -416,48 +416,63 @@ def main(argv=None) -> int:
         size_methods = [m for m in methods if m in ("floor", "deltaport") or si == 0 or args.baselines_all_sizes]
         if "deltaport" not in size_methods and any(m in size_methods for m in ("naive", "mergekit")):
             size_methods.insert(0, "deltaport")  # the reference output
-        runs = []
+        variants = []
         for m in size_methods:
-            variants = [("mergekit (fp32 math)", True), ("mergekit (default dtype)", False)] if m == "mergekit" else [(m, None)]
-            for label, exact in variants:
-                recs = []
-                out = ref if m == "deltaport" else work / f"out-{label.split()[0]}-{size}"
-                for r in range(args.repeat):
-                    for d in (out, out.parent / (out.name + ".timings.json")):
-                        if d.is_dir():
-                            shutil.rmtree(d)
-                        elif d.exists():
-                            d.unlink()
-                    warm(fam)
-                    load = load_avg()
-                    log = logs / f"{label.replace(' ', '_').replace('(', '').replace(')', '')}-{size}-{r}.log"
-                    if m == "mergekit":
-                        cfg = work / f"mergekit-{'fp32' if exact else 'default'}.yaml"
-                        cfg.write_text(mergekit_config(fam, exact))
-                        cmd = [args.mergekit_python, "-c", MERGEKIT_WRAPPER, str(cfg), str(out), str(args.threads)]
-                    else:
-                        cmd = [sys.executable, str(HERE), "--_worker", m, "--_fam", str(fam), "--_out", str(out),
-                               "--threads", str(args.threads)]
-                    rec = run_measured(cmd, env, log)
-                    rec["load_before"] = load
-                    recs.append(rec)
-                    print(f"#   {label:26s} run {r + 1}: {rec['seconds']:.2f} s (process {rec['process_wall']:.2f} s), "
-                          f"CPU {rec['cpu']:.2f} s, peak RSS {rec['peak_rss_mb']:.0f} MB, load {load}"
-                          + (f", engine {_fmt_timings(rec['engine'])}" if "engine" in rec else ""), flush=True)
-                row = {"size": size, "gb": gb, "method": label,
-                       "seconds": statistics.median(x["seconds"] for x in recs),
-                       "process_wall": statistics.median(x["process_wall"] for x in recs),
-                       "peak_rss_mb": statistics.median(x["peak_rss_mb"] for x in recs),
-                       "cpu": statistics.median(x["cpu"] for x in recs),
-                       "runs": recs}
-                if m not in ("floor", "deltaport"):
-                    c = json.loads(subprocess.run([sys.executable, str(HERE), "--_worker", "compare", "--_fam", str(ref),
-                                                   "--_out", str(out)], env=env, check=True,
-                                                  stdout=subprocess.PIPE).stdout.decode().splitlines()[-1])
-                    row["differ"] = (c["differ"], c["total"], c["problems"])
-                if m != "deltaport" and not args.keep and out.exists():
-                    shutil.rmtree(out)
-                runs.append(row)
+            if m == "mergekit":
+                variants += [(m, "mergekit (fp32 math)", True), (m, "mergekit (default dtype)", False)]
+            else:
+                variants.append((m, m, None))
+        outs = {label: ref if m == "deltaport" else work / f"out-{label.split()[0]}-{label.split()[-1].strip('()')}-{size}"
+                for m, label, _ in variants}
+        recs: dict[str, list] = {label: [] for _, label, _ in variants}
+        # round robin (floor, deltaport, naive, ... then again): a burst of load from other jobs then hits
+        # every method instead of all repeats of one
+        for r in range(args.repeat):
+            for m, label, exact in variants:
+                out = outs[label]
+                for d in (out, out.parent / (out.name + ".timings.json")):
+                    if d.is_dir():
+                        shutil.rmtree(d)
+                    elif d.exists():
+                        d.unlink()
+                warm(fam)
+                load = load_avg()
+                log = logs / f"{label.replace(' ', '_').replace('(', '').replace(')', '')}-{size}-{r}.log"
+                if m == "mergekit":
+                    cfg = work / f"mergekit-{'fp32' if exact else 'default'}.yaml"
+                    cfg.write_text(mergekit_config(fam, exact))
+                    cmd = [args.mergekit_python, "-c", MERGEKIT_WRAPPER, str(cfg), str(out), str(args.threads)]
+                else:
+                    cmd = [sys.executable, str(HERE), "--_worker", m, "--_fam", str(fam), "--_out", str(out),
+                           "--threads", str(args.threads)]
+                rec = run_measured(cmd, env, log)
+                rec["load_before"] = load
+                recs[label].append(rec)
+                print(f"#   {label:26s} run {r + 1}: {rec['seconds']:.2f} s (process {rec['process_wall']:.2f} s), "
+                      f"CPU {rec['cpu']:.2f} s, peak RSS {rec['peak_rss_mb']:.0f} MB, load {load}"
+                      + (f", engine {_fmt_timings(rec['engine'])}" if "engine" in rec else ""), flush=True)
+                if m != "deltaport" and r < args.repeat - 1 and out.exists():
+                    shutil.rmtree(out)  # free the page cache it holds before the next method runs
+        runs = []
+        for m, label, _ in variants:
+            rs = recs[label]
+            row = {"size": size, "gb": gb, "method": label,
+                   "seconds": statistics.median(x["seconds"] for x in rs),
+                   "process_wall": statistics.median(x["process_wall"] for x in rs),
+                   "peak_rss_mb": statistics.median(x["peak_rss_mb"] for x in rs),
+                   "cpu": statistics.median(x["cpu"] for x in rs),
+                   "runs": rs}
+            if m == "deltaport":
+                row["engine"] = {k: statistics.median(x["engine"][k] for x in rs) for k in rs[0]["engine"]}
+            out = outs[label]
+            if m not in ("floor", "deltaport"):
+                c = json.loads(subprocess.run([sys.executable, str(HERE), "--_worker", "compare", "--_fam", str(ref),
+                                               "--_out", str(out)], env=env, check=True,
+                                              stdout=subprocess.PIPE).stdout.decode().splitlines()[-1])
+                row["differ"] = (c["differ"], c["total"], c["problems"])
+            if m != "deltaport" and not args.keep and out.exists():
+                shutil.rmtree(out)
+            runs.append(row)
         if ref.exists() and not args.keep:
             shutil.rmtree(ref)
         floor = next((x["seconds"] for x in runs if x["method"] == "floor"), None)
@@ -481,6 +496,10 @@ def main(argv=None) -> int:
         ratio = f"{x['ratio']:.2f}" if x["ratio"] is not None else "–"
         print(f"| {x['size']} ({x['gb']:.2f} GB) | {x['method']} | {x['seconds']:.2f} | {ratio} | {x['process_wall']:.2f} | "
               f"{x['cpu']:.2f} | {x['peak_rss_mb']:.0f} | {eq} |")
+    for x in results:
+        if "engine" in x:
+            print(f"\n{x['size']} deltaport, median of its own timings: {_fmt_timings(x['engine'])} (plan_and_files = "
+                  "headers, plan, config/tokenizer copy and the config check; stream = the engine)")
     for n in notes:
         print(f"\nnote: {n}")
     if args.json:
