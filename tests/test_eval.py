@@ -284,4 +284,8 @@ def test_cli_eval(rand_model, tok, tmp_path):
     assert table.read_text() == res["table"] and "(baseline)" in res["table"]
     assert main(["eval", str(d), "--tasks", str(tmp_path / "no_such_task.yaml"), "-o", str(tmp_path / "x.json"),
                  "--no-cache"]) == 2
+    before = out.read_text()
+    argv = ["eval", str(d), "--tasks", QA, "--limit", "2", "--device", "cpu", "-o", str(out), "--no-cache"]
+    assert main(argv) == 2 and out.read_text() == before  # exists: refused before evaluating
+    assert main([*argv, "--overwrite"]) == 0 and out.read_text() != before
     assert not (tmp_path / "x.json").exists()

@@ -146,6 +146,18 @@ def test_resume_after_kill_never_recomputes(versions, tmp_path, monkeypatch):
         run_chain(chain, run, resume=True)
 
 
+def test_unreadable_version_fails_before_writing(versions, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(versions[1], bad)
+    for f in bad.glob("*.safetensors*"):
+        f.unlink()
+    with pytest.raises(InputError):
+        run_chain(_chain([versions[0], bad], ["plain"]), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
 def test_chain_validation_reports_every_problem(tmp_path):
     with pytest.raises(InputError) as e:
         load_chain({"versions": ["a"], "finetune": {"stepz": 3}, "eval": {}, "strategies": ["magic"]})

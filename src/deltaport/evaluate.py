@@ -333,10 +333,19 @@ def _prepare_model(m: _Model, cache_dir: Path | None, need_fp: bool) -> None:
     _refuse_delta_dir(d, m.source)
     if not (d / "config.json").is_file():
         raise InputError(f"model {m.source}: no config.json in {d}; pass a Hugging Face model directory")
+    check_weights(d)
     m.local_dir = d
     m.has_chat_template = _dir_has_chat_template(d)
     if need_fp:
         m.fingerprint = _path_fingerprint(d, cache_dir)
+
+
+def check_weights(d: Path) -> None:
+    """Headers only: safetensors weights present and readable (pickled ``.bin`` files are refused, never
+    unpickled), before transformers is asked to load anything."""
+    from deltaport.io.checkpoint import open_checkpoint
+
+    open_checkpoint(d)
 
 
 def _refuse_delta_dir(d: Path, source) -> None:

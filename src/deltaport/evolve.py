@@ -331,11 +331,23 @@ def run_chain(chain, run_dir, *, resume=False, progress=False) -> dict:
         if before is not None and before != cur:
             raise InputError(f"{run} was started with a different chain or different data/task files (see {prev}); "
                              "resume needs the same chain — use a new run directory for a changed chain")
-    for _, p in c.versions:
-        if not Path(p).is_dir():
-            from deltaport.io.checkpoint import resolve_dir
+    from deltaport.evaluate import check_weights
+    from deltaport.io.checkpoint import resolve_dir
 
-            resolve_dir(p)  # hub ids resolve (and raise a clear error) here
+    for _, p in c.versions:  # every base readable (headers only; hub ids resolve) before anything is written
+        check_weights(resolve_dir(p)[0])
+    fresh = not run.exists()
+    try:
+        return _run(c, run, chain_json, progress)
+    except BaseException:
+        if fresh and not (run / "steps.jsonl").exists():  # nothing finished: leave no half-made run dir
+            import shutil
+
+            shutil.rmtree(run, ignore_errors=True)
+        raise
+
+
+def _run(c: Chain, run: Path, chain_json: str, progress: bool) -> dict:
     run.mkdir(parents=True, exist_ok=True)
     (run / "chain.json").write_text(chain_json + "\n")
     # a step killed mid-write left a temporary sibling; atomic_output_dir removes it when the step reruns

@@ -208,11 +208,12 @@ def _load(model, device: str):
     from deltaport.io.checkpoint import resolve_dir
 
     d, rev = resolve_dir(model)
-    from deltaport.evaluate import _refuse_delta_dir
+    from deltaport.evaluate import _refuse_delta_dir, check_weights
 
     _refuse_delta_dir(d, model)
     if not (d / "config.json").is_file():
         raise InputError(f"model {model}: no config.json in {d}; pass a Hugging Face model directory or hub id")
+    check_weights(d)
     cfg = json.loads((d / "config.json").read_text())
     dt_name = cfg.get("torch_dtype") or cfg.get("dtype") or "float32"
     save_dtype = getattr(torch, str(dt_name).replace("torch.", ""), torch.float32)

@@ -58,9 +58,17 @@ def eval_command(
     seed: int = typer.Option(0, "--seed", help="lm-eval seeds (python, numpy, torch, few-shot sampling)"),
     model_args: Optional[str] = typer.Option(
         None, "--model-args", help="extra lm-eval model args, k=v,k=v (e.g. max_length=4096,tensor_parallel_size=2)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace existing -o / --table files"),
 ) -> None:
     """Evaluate models with lm-evaluation-harness (the paper's protocol) and compare them."""
+    from deltaport.errors import OutputError
     from deltaport.evaluate import comparison_table, evaluate, write_json
+
+    for p in (output, table):  # refuse before any model is evaluated
+        if p is not None and p.exists() and not overwrite:
+            raise OutputError(f"output {p} already exists; pass --overwrite to replace it or choose another path")
+        if p is not None and p.is_dir():
+            raise OutputError(f"output {p} is a directory; -o and --table name files")
 
     margs = {}
     for kv in (model_args or "").split(","):
