@@ -166,7 +166,7 @@ def figures(r: dict, fig_dir: Path) -> dict[str, str]:
         out["grid"] = str(p.relative_to(fig_dir.parent))
     curves = r.get("curves") or {}
     if curves:
-        fig, ax = plt.subplots(figsize=(7, 4.2))
+        fig, ax = plt.subplots(figsize=(9, 4.6))
         targets = sorted({name[3:].split("+")[0].rstrip(")") for name in curves})
         colour = {t: f"C{i % 10}" for i, t in enumerate(targets)}
         styles = ["-", "-.", ":", (0, (5, 1))]
@@ -185,7 +185,7 @@ def figures(r: dict, fig_dir: Path) -> dict[str, str]:
         ax.set_xlabel("fine-tuning step")
         ax.set_ylabel("held-out exact match (%)")
         ax.set_title("plain FT (dashed) vs transfer-then-finetune; colour = target", fontsize=10)
-        ax.legend(fontsize=7, ncol=2)
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
         fig.tight_layout()
         p = fig_dir / "convergence.png"
         fig.savefig(p, dpi=110)
@@ -193,14 +193,14 @@ def figures(r: dict, fig_dir: Path) -> dict[str, str]:
         out["convergence"] = str(p.relative_to(fig_dir.parent))
     c = r.get("connectivity")
     if c:
-        fig, ax = plt.subplots(figsize=(7, 4.2))
+        fig, ax = plt.subplots(figsize=(9, 4.6))
         for name, cv in sorted(c["curves"].items()):
             ax.plot(cv["alphas"], cv["losses"], marker=".", label=f"{name} (barrier {cv['barrier']:.2f})",
                     ls="--" if "Mx" in name else "-")
         ax.set_xlabel("α  (0 = first model, 1 = second)")
         ax.set_ylabel("text loss (nats/token)")
         ax.set_title("loss along the straight line between two bases")
-        ax.legend(fontsize=6, ncol=2)
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
         fig.tight_layout()
         p = fig_dir / "connectivity.png"
         fig.savefig(p, dpi=110)
