@@ -193,3 +193,13 @@ def test_cli_lab_run_rejects_a_bad_config(tmp_path):
     bad.write_text("versions: [M7]\n")
     assert main(["lab", "run", str(bad), "-o", str(tmp_path / "out"), "--no-progress"]) == 2
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_cli_demo_ci_preset_writes_the_report(tmp_path):
+    from deltaport.cli.main import main
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--preset", "ci", "-o", str(out), "--no-progress"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["name"] == "ci" and (out / "report.md").read_text().startswith("# deltaport lab report: `ci`")
