@@ -575,12 +575,33 @@ def plan_diff(sb: Checkpoint, sf: Checkpoint, pol: Policies, delta_dtype: str | 
     return plan
 
 
+def _check_delta_provenance(where: Path, prov: dict) -> None:
+    """The fields of a delta's deltaport.json that apply relies on have the types ``diff`` writes."""
+    problems = []
+    base = prov.get("base", {})
+    if not isinstance(base, dict):
+        problems.append("'base' is not an object")
+        base = {}
+    tensors = base.get("tensors", {})
+    if not isinstance(tensors, dict) or not all(
+            isinstance(v, list) and len(v) == 2 and isinstance(v[0], str) and isinstance(v[1], list) for v in tensors.values()):
+        problems.append("'base.tensors' does not map tensor names to [dtype, shape]")
+    if not isinstance(base.get("structure"), (str, type(None))):
+        problems.append("'base.structure' is not a string")
+    if not isinstance(prov.get("policies", {}), dict):
+        problems.append("'policies' is not an object")
+    if problems:
+        raise PlanError(f"{where}/deltaport.json is malformed ({'; '.join(problems)}); it was edited or damaged. "
+                        "Recreate the delta with `deltaport diff`.")
+
+
 def plan_apply(delta: Checkpoint, tb: Checkpoint, pol: Policies, *, force: bool = False) -> Plan:
     """Plan ``out = tb + λ·Δ`` where Δ comes from a ``deltaport diff`` directory."""
     prov = delta.provenance or {}
     if prov.get("kind") != "delta":
         raise PlanError(f"{delta.dir} is not a deltaport delta (no deltaport.json with kind 'delta'); "
                         "create one with `deltaport diff --base B --finetuned F -o DELTA`")
+    _check_delta_provenance(delta.dir, prov)
     probs = _Problems("cannot apply the delta")
     plan = Plan("apply", [], torch.float32)
     recorded = prov.get("base", {}).get("tensors", {})  # name -> [dtype, shape]
