@@ -403,6 +403,9 @@ def open_checkpoint(source: str | Path, *, allow_pickle: bool = False, revision:
     d, rev = resolve_dir(source, revision=revision)
     prov_path = d / PROVENANCE_NAME
     provenance = _read_json(prov_path, "provenance") if prov_path.exists() else None
+    if provenance is not None and not isinstance(provenance, dict):
+        raise CheckpointError(f"provenance {prov_path} must be a JSON object; it was edited or damaged - recreate it "
+                              "(`deltaport diff` for a delta) or remove it from a model directory")
     kind = "safetensors"
     memory = None
     lora = None
