@@ -656,6 +656,17 @@ def _apply_tampered(ws):
     return Spec(["apply", str(delta), "--to", str(t), "-o", str(out), "-q"], [delta, t], out, 2, r"not valid JSON")
 
 
+@case("apply: deltaport.json of the delta with 'base': null", "corrupt input", "apply")
+def _apply_prov_base_null(ws):
+    delta = ws.copy("delta")
+    prov = json.loads((delta / "deltaport.json").read_text())
+    prov["base"] = None
+    (delta / "deltaport.json").write_text(json.dumps(prov))
+    t = ws.copy("target_base")
+    out = ws.out()
+    return Spec(["apply", str(delta), "--to", str(t), "-o", str(out), "-q"], [delta, t], out, 2, r"malformed")
+
+
 # --------------------------------------------------------------------------------------------------
 # output location
 

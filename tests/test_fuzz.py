@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import hostile_cases as H
@@ -274,6 +274,60 @@ def test_fuzz_index_files(seed_family, role, muts):
     with _case_dir(seed_family) as (root, fam):
         mutate_index(fam[role], muts)
         _run_both(fam, role, root)
+
+
+# ---------------------------------------------------------------------------------------------------
+# a delta's deltaport.json (what apply trusts about the delta's base)
+
+_prov_key = st.sampled_from(["kind", "base", "policies", "inputs", "delta_dtype", "lora", "formula"])
+_prov_mutation = st.one_of(
+    st.tuples(st.just("set"), st.tuples(_prov_key, _json_value)),
+    st.tuples(st.just("set"), st.tuples(st.sampled_from(["base", "policies"]), _json_scalar)),
+    st.tuples(st.just("del"), _prov_key),
+    st.tuples(st.just("base_field"), st.tuples(st.sampled_from(["tensors", "structure", "source"]), _json_value)),
+    st.tuples(st.just("base_tensor"), st.tuples(st.integers(0, 30), _json_value)),
+    st.tuples(st.just("whole"), _json_value),
+)
+
+
+@pytest.fixture(scope="module")
+def seed_delta(seed_family, tmp_path_factory):
+    from deltaport.ops import diff
+
+    out = tmp_path_factory.mktemp("fuzzdelta") / "delta"
+    diff(seed_family["source_base"], seed_family["source_finetuned"], out)
+    return out
+
+
+@settings(max_examples=60, deadline=None, database=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(muts=st.lists(_prov_mutation, min_size=1, max_size=3))
+@example(muts=[("set", ("base", None))])
+def test_fuzz_delta_provenance(seed_family, seed_delta, muts):
+    with _case_dir({"target_base": seed_family["target_base"], "delta": seed_delta}) as (root, dirs):
+        p = dirs["delta"] / "deltaport.json"
+        prov = json.loads(p.read_text())
+        for kind, arg in muts:
+            if kind == "set" and isinstance(prov, dict):
+                prov[arg[0]] = arg[1]
+            elif kind == "del" and isinstance(prov, dict):
+                prov.pop(arg, None)
+            elif kind == "base_field" and isinstance(prov, dict) and isinstance(prov.get("base"), dict):
+                prov["base"][arg[0]] = arg[1]
+            elif kind == "base_tensor" and isinstance(prov, dict) and isinstance(prov.get("base"), dict) \
+                    and isinstance(prov["base"].get("tensors"), dict) and prov["base"]["tensors"]:
+                names = sorted(prov["base"]["tensors"])
+                prov["base"]["tensors"][names[arg[0] % len(names)]] = arg[1]
+            elif kind == "whole":
+                prov = arg
+        try:
+            p.write_text(json.dumps(prov))
+        except (ValueError, TypeError):
+            p.write_text("{}")
+        _check_run(["inspect", str(dirs["delta"]), "--json"], root, dirs["delta"])
+        _check_run(["apply", str(dirs["delta"]), "--to", str(dirs["target_base"]), "-o", str(root / "out"), "--dry-run"],
+                   root, dirs["delta"])
+        assert not (root / "out").exists()
 
 
 def test_audit_hook_catches_a_write_outside(tmp_path):
