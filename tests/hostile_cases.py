@@ -153,15 +153,18 @@ class Case:
     command: str
     build: Callable[[Workspace], Spec]
     needs: str | None = None  # a CLI command that must exist
+    known_issue: str | None = None  # a reported bug in code this suite does not own (the test xfails strictly)
 
 
 CASES: list[Case] = []
 
 
-def case(name: str, category: str, command: str = "transfer", needs: str | None = None, real_cli_only: bool = False):
+def case(name: str, category: str, command: str = "transfer", needs: str | None = None, real_cli_only: bool = False,
+         known_issue: str | None = None):
     def deco(fn):
         CASES.append(Case(name, category, command, fn, needs or (command if command not in
-                                                                   ("transfer", "diff", "apply", "inspect") else None)))
+                                                                   ("transfer", "diff", "apply", "inspect") else None),
+                          known_issue))
         fn.real_cli_only = real_cli_only
         return fn
 
@@ -517,6 +520,16 @@ def _both_consistent(ws):
     fam, marker = _both_bin_and_st(ws, consistent=True)
     out = ws.out()
     return Spec(transfer_argv(fam, out), list(fam.values()), out, 0, r"^$|wrote", marker=marker, check=_no_marker(marker))
+
+
+@case("source fine-tune tokenizer_config.json is a JSON list (chat template read from it)", "corrupt input",
+      known_issue="assets.read_chat_template calls .get on a non-object tokenizer_config.json (AttributeError, exit 1)")
+def _tok_config_list(ws):
+    fam = ws.family()
+    (fam["source_finetuned"] / "chat_template.jinja").unlink()
+    (fam["source_finetuned"] / "tokenizer_config.json").write_text("[1, 2]")
+    out = ws.out()
+    return Spec(transfer_argv(fam, out), list(fam.values()), out, 2, r"tokenizer_config\.json")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -21,7 +21,9 @@ def pristine(tmp_path_factory):
 
 
 @pytest.mark.parametrize("c", CORE, ids=[re.sub(r"\W+", "-", c.name).strip("-")[:60] for c in CORE])
-def test_hostile_case(c, pristine, tmp_path):
+def test_hostile_case(c, pristine, tmp_path, request):
+    if c.known_issue:  # a bug reported to the owner of that code; fails loudly once fixed so the mark is removed
+        request.applymarker(pytest.mark.xfail(reason=c.known_issue, strict=True))
     pristine_before = {k: H.tree_hash(v) for k, v in pristine.items()}
     o = H.run_case(c, H.Workspace(tmp_path / "ws", pristine))
     assert o.ok, f"{c.name}: {o.problems}\nstderr:\n{o.stderr}"
