@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -138,3 +139,21 @@ def test_sigterm_mid_write_removes_temp_and_keeps_previous(tmp_path):
     assert "interrupted (SIGTERM)" in err
     assert H.leftovers(prev) == []
     assert H.tree_hash(prev) == before
+
+
+def test_two_runs_racing_for_one_output(tmp_path):
+    """Two transfers started together on the same output (no --overwrite): one publishes a complete
+    output, the other refuses with exit 2 (it never clobbers the winner), and no temp folder remains."""
+    fam = H.make_many_family(tmp_path / "models", n_tensors=400, n_shards=8)
+    ref = tmp_path / "ref"
+    subprocess.run(H.deltaport_exe() + H.transfer_argv(fam, ref, "--shard-size", "4KB"), check=True, env=_env(),
+                   capture_output=True)
+    out = tmp_path / "out"
+    procs = [subprocess.Popen(H.deltaport_exe() + H.transfer_argv(fam, out, "--shard-size", "4KB"), env=_env(),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    assert sorted(rc for rc, _ in results) == [0, 2], results
+    loser = next(err for rc, err in results if rc == 2)
+    assert re.search(r"already exists|appeared while deltaport was writing", loser), loser
+    assert H.leftovers(out) == []
+    assert H.tree_hash(out) == H.tree_hash(ref)  # the winner's output, complete and byte-identical
