@@ -154,6 +154,16 @@ def signal_cases(work: Path, log) -> list[dict]:
             row["ok"] = row["output"] == "previous intact" and not left and rc == 128 + sig.value
         rows.append(row)
         log(f"signal: {sig.name} rc={rc} leftovers={left}")
+    from test_kill import race_once
+
+    (work / "race").mkdir()
+    r = race_once(work / "race")
+    rows.append({"case": "two transfers started together on one output (no --overwrite); exits of both: "
+                         f"{r['codes']}, the output is the winner's, complete: {r['output_is_winner']}",
+                 "rc": r["codes"][-1], "message": _shorten(r["loser_message"], [(str(work), "<work>")]), "inputs": True,
+                 "output": "complete (winner)" if r["output_is_winner"] else "WRONG", "leftovers": r["leftovers"],
+                 "ok": r["codes"] == [0, 2] and r["output_is_winner"] and not r["leftovers"]})
+    log(f"race: {r}")
     return rows
 
 
@@ -224,7 +234,7 @@ def write_markdown(path: Path, outcomes, skipped, disk, sig, kills, fuzz, load, 
     if missing:
         L.append(f"Later commands absent when this report was generated (not covered): {', '.join(missing)}.")
     L.append("")
-    L.append("## Signals while writing")
+    L.append("## Signals while writing, and a race")
     L.append("")
     L.append("| case | exit | first line of the message | inputs intact | output | leftovers | ok |")
     L.append("|---|---|---|---|---|---|---|")

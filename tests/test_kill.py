@@ -141,19 +141,26 @@ def test_sigterm_mid_write_removes_temp_and_keeps_previous(tmp_path):
     assert H.tree_hash(prev) == before
 
 
-def test_two_runs_racing_for_one_output(tmp_path):
-    """Two transfers started together on the same output (no --overwrite): one publishes a complete
-    output, the other refuses with exit 2 (it never clobbers the winner), and no temp folder remains."""
-    fam = H.make_many_family(tmp_path / "models", n_tensors=400, n_shards=8)
-    ref = tmp_path / "ref"
+def race_once(root) -> dict:
+    """Start two transfers on the same output at once; what each did and what is left (report + test)."""
+    fam = H.make_many_family(root / "models", n_tensors=400, n_shards=8)
+    ref = root / "ref"
     subprocess.run(H.deltaport_exe() + H.transfer_argv(fam, ref, "--shard-size", "4KB"), check=True, env=_env(),
                    capture_output=True)
-    out = tmp_path / "out"
+    out = root / "out"
     procs = [subprocess.Popen(H.deltaport_exe() + H.transfer_argv(fam, out, "--shard-size", "4KB"), env=_env(),
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
-    assert sorted(rc for rc, _ in results) == [0, 2], results
-    loser = next(err for rc, err in results if rc == 2)
-    assert re.search(r"already exists|appeared while deltaport was writing", loser), loser
-    assert H.leftovers(out) == []
-    assert H.tree_hash(out) == H.tree_hash(ref)  # the winner's output, complete and byte-identical
+    return {"codes": sorted(rc for rc, _ in results),
+            "loser_message": next((H.first_message_line(err) for rc, err in results if rc != 0), ""),
+            "leftovers": H.leftovers(out), "output_is_winner": H.tree_hash(out) == H.tree_hash(ref)}
+
+
+def test_two_runs_racing_for_one_output(tmp_path):
+    """Two transfers started together on the same output (no --overwrite): one publishes a complete
+    output, the other refuses with exit 2 (it never clobbers the winner), and no temp folder remains."""
+    r = race_once(tmp_path)
+    assert r["codes"] == [0, 2], r
+    assert re.search(r"already exists|appeared while deltaport was writing", r["loser_message"]), r
+    assert r["leftovers"] == []
+    assert r["output_is_winner"]  # complete and byte-identical to an uncontested run
