@@ -160,7 +160,7 @@ def signal_cases(work: Path, log) -> list[dict]:
     r = race_once(work / "race")
     rows.append({"case": "two transfers started together on one output (no --overwrite); exits of both: "
                          f"{r['codes']}, the output is the winner's, complete: {r['output_is_winner']}",
-                 "rc": r["codes"][-1], "message": _shorten(r["loser_message"], [(str(work), "<work>")]), "inputs": True,
+                 "rc": r["codes"][-1], "message": _shorten(r["loser_message"], [(str(work), "<work>")]), "inputs": r["inputs_intact"],
                  "output": "complete (winner)" if r["output_is_winner"] else "WRONG", "leftovers": r["leftovers"],
                  "ok": r["codes"] == [0, 2] and r["output_is_winner"] and not r["leftovers"]})
     log(f"race: {r}")

@@ -144,6 +144,7 @@ def test_sigterm_mid_write_removes_temp_and_keeps_previous(tmp_path):
 def race_once(root) -> dict:
     """Start two transfers on the same output at once; what each did and what is left (report + test)."""
     fam = H.make_many_family(root / "models", n_tensors=400, n_shards=8)
+    before = {r: H.tree_hash(d) for r, d in fam.items()}
     ref = root / "ref"
     subprocess.run(H.deltaport_exe() + H.transfer_argv(fam, ref, "--shard-size", "4KB"), check=True, env=_env(),
                    capture_output=True)
@@ -153,7 +154,8 @@ def race_once(root) -> dict:
     results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
     return {"codes": sorted(rc for rc, _ in results),
             "loser_message": next((H.first_message_line(err) for rc, err in results if rc != 0), ""),
-            "leftovers": H.leftovers(out), "output_is_winner": H.tree_hash(out) == H.tree_hash(ref)}
+            "leftovers": H.leftovers(out), "output_is_winner": H.tree_hash(out) == H.tree_hash(ref),
+            "inputs_intact": {r: H.tree_hash(d) for r, d in fam.items()} == before}
 
 
 def test_two_runs_racing_for_one_output(tmp_path):
@@ -164,3 +166,4 @@ def test_two_runs_racing_for_one_output(tmp_path):
     assert re.search(r"already exists|appeared while deltaport was writing", r["loser_message"]), r
     assert r["leftovers"] == []
     assert r["output_is_winner"]  # complete and byte-identical to an uncontested run
+    assert r["inputs_intact"]
