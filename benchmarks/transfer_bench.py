@@ -360,13 +360,14 @@ def load_avg() -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--hidden", type=int, default=2048)
-    ap.add_argument("--layers", type=int, default=12)
-    ap.add_argument("--intermediate", type=int, default=5504)
-    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--hidden", type=int, default=2048, help="hidden size (default: 2048)")
+    ap.add_argument("--layers", type=int, default=12, help="layers at size 1x (default: 12; 1.48 GB per model)")
+    ap.add_argument("--intermediate", type=int, default=5504, help="MLP size (default: 5504)")
+    ap.add_argument("--vocab", type=int, default=32000, help="vocabulary rows (default: 32000)")
     ap.add_argument("--shards", type=int, default=4, help="safetensors shards per input model (default: 4)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads for every method (default: 1)")
-    ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "deltaport-bench")
+    ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "deltaport-bench",
+                    help="models (reused across runs), outputs and logs (default: /tmp/deltaport-bench)")
     ap.add_argument("--sizes", default="1x", help="comma list of layer multipliers, e.g. 1x,2x (default: 1x)")
     ap.add_argument("--repeat", type=int, default=1, help="runs per method; the median is reported (default: 1)")
     ap.add_argument("--methods", default="floor,deltaport,naive,mergekit",
