@@ -15,13 +15,14 @@ import torch
 import deltaport
 from deltaport import testing as T
 from deltaport.errors import CheckpointError, PlanError
+from deltaport.numerics import round_to
 from conftest import assert_bit_equal, load_sd, tree_hash
 
 EMB, HEAD = "model.embed_tokens.weight", "lm_head.weight"
 
 
 def _hand(c, a, b, scale=1.0):
-    return (c.double() + (a.double() - b.double()) * scale).to(c.dtype)
+    return round_to(c.double() + (a.double() - b.double()) * scale, c.dtype)
 
 
 # ---------------------------------------------------------------- vocabulary growth: pad
@@ -266,6 +267,25 @@ def test_config_tokenizer_and_chat_template_sources(tmp_path):
     assert rope2 != 500000.0 and cfg2["max_position_embeddings"] == 128
     assert AutoTokenizer.from_pretrained(tmp_path / "o2").chat_template is None
     assert tree_hash(tb) == before
+    check1 = json.loads((tmp_path / "o" / "deltaport.json").read_text())["files"]["config_check"]
+    check2 = json.loads((tmp_path / "o2" / "deltaport.json").read_text())["files"]["config_check"]
+    assert check1["checked"] is False and "target" in check1["reason"]  # the target's own config and shapes
+    assert check2["checked"] is True and check2["warnings"] == []
+
+
+def test_config_that_does_not_fit_the_tensors_is_refused(family, tmp_path):
+    """A config.json whose shapes disagree with the output tensors is caught before publishing."""
+    p = family("llama")
+    sf = tmp_path / "sf"
+    shutil.copytree(p["source_finetuned"], sf)
+    cfg = json.loads((sf / "config.json").read_text())
+    cfg["intermediate_size"] = cfg["intermediate_size"] * 2
+    (sf / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(PlanError) as ei:
+        deltaport.transfer(p["source_base"], sf, p["target_base"], tmp_path / "o", config_from="source-finetuned")
+    assert "does not fit the output tensors" in str(ei.value) and "mlp" in str(ei.value)
+    assert "--config-from target" in str(ei.value)
+    assert not (tmp_path / "o").exists() and not list(tmp_path.glob("o.*"))
 
 
 def test_dry_run_reads_headers_only_and_writes_nothing(family, tmp_path, monkeypatch):
