@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import deltaport
+from deltaport.numerics import round_to
 from deltaport.testing import ARCHS
 from conftest import assert_bit_equal, load_sd, tree_hash
 
@@ -46,8 +47,9 @@ def test_apply_of_diff_reproduces_finetuned(family, tmp_path, arch, dtype):
 
 def _hand_built(p, scale, compute=torch.float64):
     b, a, c = (load_sd(p[k]) for k in ("source_base", "source_finetuned", "target_base"))
-    return {k: (c[k].to(compute) + (a[k].to(compute) - b[k].to(compute)) * scale).to(c[k].dtype) if scale != 1.0 else
-            (c[k].to(compute) + (a[k].to(compute) - b[k].to(compute))).to(c[k].dtype) for k in c}
+    # one rounding to the output dtype (torch's float64 -> bf16 .to() rounds twice, via float32)
+    return {k: round_to(c[k].to(compute) + (a[k].to(compute) - b[k].to(compute)) * scale, c[k].dtype) if scale != 1.0 else
+            round_to(c[k].to(compute) + (a[k].to(compute) - b[k].to(compute)), c[k].dtype) for k in c}
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -171,3 +173,23 @@ def test_engine_identity_property(tmp_path_factory, triples):
         import shutil
 
         shutil.rmtree(out)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+def test_transfer_rounds_once_not_twice(tmp_path, dtype):
+    """T + (F − B) is rounded once to the output dtype. torch's float64 → 16-bit cast goes through
+    float32 and would give 1.0 here (it lands on the midpoint first); the correct answer is one step up."""
+    from safetensors.torch import save_file
+
+    step = 2 ** -8 if dtype == torch.bfloat16 else 2 ** -11  # half a 16-bit step at 1.0
+    tail = 2 ** -30 if dtype == torch.bfloat16 else 2 ** -24  # below float32's precision at 1.0, exact in dtype
+    vals = {"sb": [-tail, 0.0], "sf": [step, 0.25], "tb": [1.0, 1.0]}
+    for name, v in vals.items():
+        (tmp_path / name).mkdir()
+        save_file({"w": torch.tensor(v, dtype=dtype)}, str(tmp_path / name / "model.safetensors"))
+        (tmp_path / name / "config.json").write_text("{}")
+    exact = torch.tensor([1.0 + step + tail, 1.25], dtype=torch.float64)
+    assert exact.to(dtype)[0].item() == 1.0  # the double rounding this guards against
+    deltaport.transfer(tmp_path / "sb", tmp_path / "sf", tmp_path / "tb", tmp_path / "out")
+    got = load_sd(tmp_path / "out")["w"]
+    assert got.tolist() == [1.0 + 2 * step, 1.25]

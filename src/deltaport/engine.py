@@ -18,6 +18,7 @@ from deltaport.errors import DeltaportError, InputError, NumericalError, Runtime
 from deltaport.io.checkpoint import FLOAT_DTYPES
 from deltaport.io.reader import FilePool, pread_into
 from deltaport.io.writer import ShardedWriter
+from deltaport.numerics import round_into
 from deltaport.plan import Plan, TensorOp, Term
 
 LOG = logging.getLogger(__name__)
@@ -369,7 +370,7 @@ class Engine:
                     else:
                         acc = d
                 out = obuf[: n * osz].view(op.out_dtype)
-                out.copy_(acc)
+                self._round(out, acc, n)
                 if not _all_finite(out):
                     self._diagnose(op, e0, e1, row_elems)
                 if op.base is None and op.minus is not None and op.lora is None:
@@ -382,6 +383,13 @@ class Engine:
             self._progress(n * osz)
         self.stats.tensors += 1
 
+    def _round(self, out: torch.Tensor, acc: torch.Tensor, n: int) -> None:
+        """One correct rounding of the compute-dtype result into the output dtype (see numerics)."""
+        if acc.dtype == torch.float64 and out.dtype in (torch.bfloat16, torch.float16):
+            round_into(out, acc, self.bufs.get("round:f32", n, torch.float32), self.bufs.get("round:i32", n, torch.int32))
+        else:
+            out.copy_(acc)
+
     def _verify_roundtrip(self, op: TensorOp, out: torch.Tensor, n: int) -> None:
         """diff: check that base + stored Δ rounds back to the finetuned value, element by element."""
         a, b = op.plus.spec, op.minus.spec
@@ -393,7 +401,7 @@ class Engine:
         tmp.copy_(out)
         tmp.add_(bvals)
         rt = self.bufs.get("verify2", n, a.dtype)
-        rt.copy_(tmp)
+        self._round(rt, tmp, n)
         araw = self._raw["plus"][: n * _isz(a.dtype)].view(a.dtype)
         bad = int((rt != araw).sum()) - int((rt.isnan() & araw.isnan()).sum())
         if bad:
