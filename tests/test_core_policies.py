@@ -317,3 +317,17 @@ def test_lora_adapter_names_its_own_base(family, tmp_path):
     assert_bit_equal(load_sd(tmp_path / "a"), load_sd(tmp_path / "b"))
     with pytest.raises(deltaport.InputError, match="--source-base is required"):
         deltaport.transfer(None, p["source_finetuned"], p["target_base"], tmp_path / "c")
+
+
+def test_target_whose_config_contradicts_its_vocabulary_is_refused(family, tmp_path):
+    """The config check is skipped when it would compare the target with itself, but not when the
+    target's own config.json disagrees with its embedding rows."""
+    p = family("llama")
+    tb = tmp_path / "tb"
+    shutil.copytree(p["target_base"], tb)
+    cfg = json.loads((tb / "config.json").read_text())
+    cfg["vocab_size"] += 5
+    (tb / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(PlanError, match="does not fit the output tensors"):
+        deltaport.transfer(p["source_base"], p["source_finetuned"], tb, tmp_path / "o")
+    assert not (tmp_path / "o").exists()

@@ -386,7 +386,7 @@ class Engine:
     def _round(self, out: torch.Tensor, acc: torch.Tensor, n: int) -> None:
         """One correct rounding of the compute-dtype result into the output dtype (see numerics)."""
         if acc.dtype == torch.float64 and out.dtype in (torch.bfloat16, torch.float16):
-            round_into(out, acc, self.bufs.get("round:f32", n, torch.float32), self.bufs.get("round:i32", n, torch.int32))
+            round_into(out, acc, self.bufs.get("round", n, torch.int64))  # (acc is scratch: modified)
         else:
             out.copy_(acc)
 
