@@ -115,7 +115,7 @@ def _pretrain_run(cfg: LabConfig, world: World, tok, root: Path, seed: int, name
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.pretrain.lr, betas=(0.9, 0.98), weight_decay=0.0)
     start = 0
     if state_path.exists():  # resume a killed run from its last saved checkpoint
-        st = torch.load(state_path, weights_only=False)
+        st = torch.load(state_path, weights_only=True)  # our own file, but never unpickle code
         if st["step"] <= min(step_of[v] for v in todo):  # else: restart (deterministic, same weights)
             model.load_state_dict(st["model"])
             opt.load_state_dict(st["opt"])
