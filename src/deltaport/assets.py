@@ -25,11 +25,24 @@ CHAT_FILES = ("chat_template.jinja", "chat_template.json")
 SOURCES = ("target", "source-finetuned")
 
 
-def _json(path: Path) -> Any:
+def _json(path: Path, flag: str | None = None) -> dict[str, Any]:
+    """The JSON object in ``path``; every model file read here (config, tokenizer config, chat
+    template) is an object, so anything else is an :class:`InputError` naming the file (and ``flag``,
+    the option that chooses where the file comes from)."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise InputError(f"{path} is not valid JSON ({exc})") from None
+        obj = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError) as exc:
+        raise InputError(f"{path} is not valid JSON ({exc}); fix or re-download it") from None
+    if not isinstance(obj, dict):
+        other = f", or take it from the other model with {flag}" if flag else ""
+        raise InputError(f"{path} must be a JSON object ({{...}}) but holds a JSON {_json_kind(obj)}; "
+                         f"fix or re-download it{other}")
+    return obj
+
+
+def _json_kind(obj: Any) -> str:
+    return {list: "array", str: "string", bool: "boolean", int: "number", float: "number",
+            type(None): "null"}.get(type(obj), type(obj).__name__)
 
 
 def read_chat_template(d: Path) -> tuple[str | None, str | None]:
@@ -37,11 +50,11 @@ def read_chat_template(d: Path) -> tuple[str | None, str | None]:
     if (d / "chat_template.jinja").exists():
         return (d / "chat_template.jinja").read_text(), "chat_template.jinja"
     if (d / "chat_template.json").exists():
-        ct = _json(d / "chat_template.json").get("chat_template")
+        ct = _json(d / "chat_template.json", "--chat-template-from").get("chat_template")
         if ct:
             return ct if isinstance(ct, str) else json.dumps(ct), "chat_template.json"
     if (d / "tokenizer_config.json").exists():
-        ct = _json(d / "tokenizer_config.json").get("chat_template")
+        ct = _json(d / "tokenizer_config.json", "--chat-template-from").get("chat_template")
         if ct:
             return ct if isinstance(ct, str) else json.dumps(ct), "tokenizer_config.json"
     return None, None
@@ -55,8 +68,8 @@ def write_model_files(out: Path, *, config_src: Path, tokenizer_src: Path, chat_
     cfg_path = config_src / "config.json"
     if not cfg_path.exists():
         raise InputError(f"--config-from source {config_src} has no config.json; choose the other source")
-    cfg = _json(cfg_path)
-    chat_cfg = _json(chat_src / "config.json") if (chat_src / "config.json").exists() else {}
+    cfg = _json(cfg_path, "--config-from")
+    chat_cfg = _json(chat_src / "config.json", "--chat-template-from") if (chat_src / "config.json").exists() else {}
     if vocab_rows is not None and cfg.get("vocab_size") not in (None, vocab_rows):
         record["patched"].append(f"vocab_size {cfg.get('vocab_size')} -> {vocab_rows} (vocabulary policy)")
         cfg["vocab_size"] = vocab_rows
@@ -88,7 +101,8 @@ def write_model_files(out: Path, *, config_src: Path, tokenizer_src: Path, chat_
     # chat template: drop whatever came with the tokenizer, write the chosen source's
     template, where = read_chat_template(chat_src)
     tc_path = out / "tokenizer_config.json"
-    tc = _json(tc_path) if tc_path.exists() else None
+    # read the copy's source, so that an error names the input file rather than the temporary output
+    tc = _json(tokenizer_src / "tokenizer_config.json", "--tokenizer-from") if tc_path.exists() else None
     if tc is not None and "chat_template" in tc:
         del tc["chat_template"]
     if template is not None:
@@ -97,7 +111,7 @@ def write_model_files(out: Path, *, config_src: Path, tokenizer_src: Path, chat_
     else:
         record["chat_template"] = None
     if tc is not None and chat_src != tokenizer_src and (chat_src / "tokenizer_config.json").exists():
-        ctc = _json(chat_src / "tokenizer_config.json")
+        ctc = _json(chat_src / "tokenizer_config.json", "--chat-template-from")
         for key in ("eos_token", "pad_token", "bos_token"):
             if key in ctc and ctc[key] != tc.get(key):
                 record["patched"].append(f"tokenizer {key} {tc.get(key)!r} -> {ctc[key]!r} (follows the chat template's source)")
