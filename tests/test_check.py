@@ -147,6 +147,7 @@ def test_cli_check(fam, tmp_path):
     rep = json.loads(out.read_text())
     assert rep["verdict"] in ("likely", "uncertain", "unlikely", "uncalibrated")
     assert set(SIGNALS) <= set(rep["signals"]) and rep["thresholds"]["signals"]
+    out2 = tmp_path / "c2.json"  # a fresh path: the exit code is the missing data's, not the existing report's
     rc = main(["check", "--source-base", str(fam["sb"]), "--source-finetuned", str(fam["sf"]),
-               "--target-base", str(fam["tb"]), "--data", str(tmp_path / "none.jsonl"), "-o", str(out)])
-    assert rc == 2
+               "--target-base", str(fam["tb"]), "--data", str(tmp_path / "none.jsonl"), "-o", str(out2)])
+    assert rc == 2 and not out2.exists()

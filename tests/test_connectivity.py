@@ -163,7 +163,9 @@ def test_cli_connectivity_writes_report_and_plot(pair, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tree_hash(pa), tree_hash(pb)) == before
     assert not [p for p in tmp_path.iterdir() if "deltaport-tmp" in p.name]
-    assert main(["connectivity", str(pa), str(tmp_path / "missing"), "--data", str(data), "-o", str(out)]) == 2
+    out2 = tmp_path / "r2.json"  # a fresh path: the exit code is the missing model's, not the existing report's
+    assert main(["connectivity", str(pa), str(tmp_path / "missing"), "--data", str(data), "-o", str(out2)]) == 2
+    assert not out2.exists()
 
 
 @pytest.fixture(scope="module")

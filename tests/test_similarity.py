@@ -116,6 +116,7 @@ def test_cli_similarity(fam, tmp_path):
     assert rep["total"]["cos"] is not None and len(rep["layers"]) == 5
     assert png.read_bytes()[:4] == b"\x89PNG"
     assert {k: tree_hash(v) for k, v in fam.items()} == before
+    out2 = tmp_path / "s2.json"  # a fresh path: the exit code is the missing model's, not the existing report's
     rc = main(["similarity", "--source-base", str(fam["sb"]), "--source-finetuned", str(fam["sf"]),
-               "--target-base", str(tmp_path / "nope"), "-o", str(out)])
-    assert rc == 2
+               "--target-base", str(tmp_path / "nope"), "-o", str(out2)])
+    assert rc == 2 and not out2.exists()

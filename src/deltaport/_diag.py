@@ -10,8 +10,8 @@ import contextlib
 import json
 import logging
 import os
+import pickle  # noqa: S403 - only for its exception class; nothing is unpickled here
 import random
-import secrets
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -75,28 +75,93 @@ def model_label(spec: Any) -> str:
     return str(spec)
 
 
-def load_causal_lm(spec: Any, *, dtype: torch.dtype = torch.float32, device: str = "cpu") -> torch.nn.Module:
-    """``spec`` (a local HF directory or hub id) loaded with ``AutoModelForCausalLM`` in eval mode.
+#: pickled weight files (as :func:`deltaport.io.checkpoint.open_checkpoint` recognises them)
+PICKLE_GLOBS = ("pytorch_model*.bin", "*.pt")
 
-    An ``nn.Module`` is returned as is (never modified, moved or cast).
-    """
-    if isinstance(spec, torch.nn.Module):
-        return spec
-    from transformers import AutoModelForCausalLM
 
+def _local_dir(spec: Any) -> Path | None:
+    """The local model directory ``spec`` names; None for a hub id. Raises for a file or a missing path."""
     src = str(spec)
     p = Path(src).expanduser()
     if p.exists() and not p.is_dir():
         raise CheckpointError(f"{src} is a file; pass the model directory (with config.json) that contains it")
     if not p.exists() and (src.startswith((".", "/", "~")) or src.count("/") > 1):
         raise CheckpointError(f"no such model directory: {src} (and it is not a hub id of the form org/name)")
+    return p if p.exists() else None
+
+
+def _pickle_only(d: Path) -> bool:
+    """True when ``d`` has pickled weights and no safetensors (a dir with both is read as safetensors)."""
+    return not any(d.glob("*.safetensors")) and any(f for g in PICKLE_GLOBS for f in d.glob(g))
+
+
+def preflight(spec: Any, *, allow_pickle: bool = False) -> None:
+    """Cheap checks before any model is loaded: the path exists and is a directory, and a directory that
+    holds only pickled weights is refused unless ``allow_pickle`` (the same message as the core's)."""
+    if isinstance(spec, torch.nn.Module):
+        return
+    d = _local_dir(spec)
+    if d is not None and not allow_pickle and _pickle_only(d):
+        files = sorted({f.name for g in PICKLE_GLOBS for f in d.glob(g)})
+        raise CheckpointError(f"{d} holds only pickled weights ({', '.join(files)}); pickle can execute code. "
+                              "Convert to safetensors, or pass --allow-pickle to load them with "
+                              "torch.load(weights_only=True).")
+
+
+def load_causal_lm(spec: Any, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
+                   allow_pickle: bool = False) -> torch.nn.Module:
+    """``spec`` (a local HF directory or hub id) loaded with ``AutoModelForCausalLM`` in eval mode.
+
+    Safetensors only, unless ``allow_pickle``: a directory with only pickled weights
+    (``pytorch_model*.bin``, ``*.pt``) is then read with ``torch.load(weights_only=True)`` (through
+    :func:`deltaport.io.checkpoint.open_checkpoint`); a directory with both is read as safetensors.
+    Custom modeling code (``auto_map``) is never run. An ``nn.Module`` is returned as is (never
+    modified, moved or cast).
+    """
+    if isinstance(spec, torch.nn.Module):
+        return spec
+    from transformers import AutoModelForCausalLM
+
+    src = str(spec)
+    preflight(spec, allow_pickle=allow_pickle)
+    d = _local_dir(spec)
+    if d is not None and _pickle_only(d):
+        model = _load_pickled(d, dtype)
+        return model.to(device).eval()
+    if d is not None and any(f for g in PICKLE_GLOBS for f in d.glob(g)):
+        LOG.warning("%s has both .safetensors and pickled weights; reading the safetensors only (the pickled files "
+                    "are never unpickled)", d)
+    # safetensors only (a hub repo with only .bin fails here) unless pickles are allowed; never custom code
+    kwargs: dict[str, Any] = {"use_safetensors": True} if (d is not None or not allow_pickle) else {}
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(p) if p.exists() else src, dtype=dtype)
-    except (OSError, ValueError, KeyError) as exc:
+        model = AutoModelForCausalLM.from_pretrained(str(d) if d is not None else src, dtype=dtype, weights_only=True,
+                                                     **kwargs)
+    except (OSError, ValueError, KeyError, pickle.UnpicklingError) as exc:
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
         hint = " (HF_HUB_OFFLINE is set: download it first or pass a local directory)" if offline else ""
+        if d is None and not allow_pickle and "safetensors" in str(exc):
+            hint += "; a model with only pickled .bin weights is loaded only with --allow-pickle"
         raise CheckpointError(f"cannot load {src} as a causal LM with transformers: {exc}{hint}") from None
     return model.to(device).eval()
+
+
+def _load_pickled(d: Path, dtype: torch.dtype) -> torch.nn.Module:
+    """A causal LM from a directory of pickled weights: the tensors come from ``open_checkpoint``
+    (``torch.load(weights_only=True)``, which refuses anything but tensors), the class from config.json."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    from deltaport.io.checkpoint import open_checkpoint
+
+    ck = open_checkpoint(d, allow_pickle=True)
+    state = {n: ck.tensor(n) for n in ck.names}
+    try:
+        config = AutoConfig.from_pretrained(str(d))
+        cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+        return cls.from_pretrained(None, config=config, state_dict=state, dtype=dtype)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise CheckpointError(f"cannot load {d} (pickled weights) as a causal LM with transformers: "
+                              f"{type(exc).__name__}: {exc}") from None
 
 
 def load_tokenizer(spec: Any) -> Any:
@@ -256,50 +321,34 @@ def mean_nll(model: torch.nn.Module, blocks: list[torch.Tensor], *, batch_tokens
 # ----------------------------------------------------------------------------------------------- outputs
 
 
-def _tmp_sibling(path: Path) -> Path:
-    return path.parent / f".{path.name}.deltaport-tmp-{os.getpid()}-{secrets.token_hex(4)}"
-
-
 def check_output_file(path: str | Path, overwrite: bool = True) -> Path:
-    path = Path(path)
-    if path.exists() and path.is_dir():
-        raise OutputError(f"output {path} is a directory; pass a file name")
-    if path.exists() and not overwrite:
-        raise OutputError(f"output {path} already exists; pass --overwrite or choose another path")
-    return path
+    """Refuse a report/plot path that is a directory, or that exists without ``overwrite``."""
+    from deltaport.io.atomic import check_output_file as _check
+
+    return _check(path, overwrite=overwrite)
 
 
 def write_json(path: str | Path, obj: Any, *, overwrite: bool = True) -> Path:
-    """Write ``obj`` as JSON to a temporary sibling, then rename it to ``path``."""
-    path = check_output_file(path, overwrite)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_sibling(path)
-    try:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    """Write ``obj`` as JSON to a temporary sibling, then rename it to ``path`` (never half-written;
+    without ``overwrite`` an existing file is refused, see :func:`deltaport.io.atomic.atomic_write_file`)."""
+    from deltaport.io.atomic import atomic_write_file
+
+    text = json.dumps(obj, indent=2, sort_keys=False) + "\n"
+    return atomic_write_file(path, lambda tmp: tmp.write_text(text), overwrite=overwrite, record=True)
 
 
 def save_figure(fig: Any, path: str | Path, *, overwrite: bool = True) -> Path:
     """Save a matplotlib figure atomically (format from the suffix, default PNG) and close it."""
     import matplotlib.pyplot as plt
 
-    path = check_output_file(path, overwrite)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_sibling(path)
-    fmt = path.suffix.lstrip(".").lower() or "png"
+    from deltaport.io.atomic import atomic_write_file
+
+    fmt = Path(path).suffix.lstrip(".").lower() or "png"
     try:
-        fig.savefig(tmp, format=fmt, dpi=120, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        return atomic_write_file(path, lambda tmp: fig.savefig(tmp, format=fmt, dpi=120, bbox_inches="tight"),
+                                 overwrite=overwrite, record=True)
     finally:
         plt.close(fig)
-    return path
 
 
 def pyplot():

@@ -111,7 +111,8 @@ def classify(signals: dict[str, float], num_parameters: int, calibration: dict |
 
 def check(source_base: Any, source_finetuned: Any, target_base: Any, data: Any, *, max_tokens: int = 2048,
           seed: int = 0, progress: bool = False, points: int = 5, device: str = "cpu",
-          dtype: str | torch.dtype = "float32", tokenizer: Any = None, calibration: dict | None = None) -> dict:
+          dtype: str | torch.dtype = "float32", tokenizer: Any = None, calibration: dict | None = None,
+          allow_pickle: bool = False) -> dict:
     """Measure the cheap signals for transferring Δ_s = m'_s − m_s onto m_t, and give a verdict.
 
     Args:
@@ -122,6 +123,8 @@ def check(source_base: Any, source_finetuned: Any, target_base: Any, data: Any, 
         max_tokens, seed: size and shuffle seed of the fixed token sample.
         points: α values on the m_s → m_t barrier curve.
         calibration: thresholds (default: the table shipped in :mod:`deltaport._check_calibration`).
+        allow_pickle: load directories that hold only pickled weights (``pytorch_model.bin``, ``*.pt``)
+            with ``torch.load(weights_only=True)``; refused otherwise (pickle can execute code).
 
     Returns:
         ``{"verdict": "likely"|"uncertain"|"unlikely"|"uncalibrated", "signals": {...},
@@ -133,8 +136,10 @@ def check(source_base: Any, source_finetuned: Any, target_base: Any, data: Any, 
     labels = {k: _diag.model_label(v) for k, v in
               (("source_base", source_base), ("source_finetuned", source_finetuned), ("target_base", target_base))}
     notes: list[str] = []
-    m_s = _diag.load_causal_lm(source_base, dtype=torch_dtype, device=device)
-    m_t = _diag.load_causal_lm(target_base, dtype=torch_dtype, device=device)
+    for spec in (source_base, source_finetuned, target_base):  # all three, before any work
+        _diag.preflight(spec, allow_pickle=allow_pickle)
+    m_s = _diag.load_causal_lm(source_base, dtype=torch_dtype, device=device, allow_pickle=allow_pickle)
+    m_t = _diag.load_causal_lm(target_base, dtype=torch_dtype, device=device, allow_pickle=allow_pickle)
     ps, pt = _diag.named_params(m_s), _diag.named_params(m_t)
     _diag.check_same_architecture(ps, pt, labels["source_base"], labels["target_base"])
     if tokenizer is None and not isinstance(source_base, torch.nn.Module) and not isinstance(target_base, torch.nn.Module):
@@ -150,7 +155,7 @@ def check(source_base: Any, source_finetuned: Any, target_base: Any, data: Any, 
     curve = _curve(m_s, m_t, blocks, alphas_for(points), progress=progress)
     gc.collect()  # the curve's interpolated model is gone before m'_s is loaded: three models at most
 
-    m_f = _diag.load_causal_lm(source_finetuned, dtype=torch_dtype, device=device)
+    m_f = _diag.load_causal_lm(source_finetuned, dtype=torch_dtype, device=device, allow_pickle=allow_pickle)
     if m_f is source_finetuned:  # never modify a caller's module: work on a copy
         import copy
 

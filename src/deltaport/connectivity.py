@@ -91,7 +91,7 @@ def _prepare_tokens(a_spec: Any, model_a: torch.nn.Module, data: Any, tokenizer:
 def connectivity(a: Any, b: Any, data: Any, *, points: int = 11, max_tokens: int = 4096, seed: int = 0,
                  device: str = "cpu", task: Callable[[torch.nn.Module], float] | None = None,
                  progress: bool = False, tokenizer: Any = None, dtype: str | torch.dtype = "float32",
-                 block_len: int | None = None) -> dict:
+                 block_len: int | None = None, allow_pickle: bool = False) -> dict:
     """Loss (mean token NLL) along the straight line from ``a`` to ``b``, and its barrier.
 
     Args:
@@ -104,6 +104,8 @@ def connectivity(a: Any, b: Any, data: Any, *, points: int = 11, max_tokens: int
         tokenizer: tokenizer or directory for text data (default: ``a``'s tokenizer).
         dtype: dtype models are loaded in (paths only).
         block_len: tokens per evaluated sequence (default: min(model max positions, 512)).
+        allow_pickle: load a directory that holds only pickled weights (``pytorch_model.bin``, ``*.pt``)
+            with ``torch.load(weights_only=True)``; refused otherwise (pickle can execute code).
 
     Returns:
         ``{"alphas", "losses", "barrier", "barrier_alpha", "relative_barrier", "loss_a", "loss_b",
@@ -112,8 +114,10 @@ def connectivity(a: Any, b: Any, data: Any, *, points: int = 11, max_tokens: int
     t0 = time.perf_counter()
     alphas = alphas_for(points)
     torch_dtype = _diag.parse_dtype(dtype)
-    model_a = _diag.load_causal_lm(a, dtype=torch_dtype, device=device)
-    model_b = _diag.load_causal_lm(b, dtype=torch_dtype, device=device)
+    for spec in (a, b):  # both refused before either is loaded
+        _diag.preflight(spec, allow_pickle=allow_pickle)
+    model_a = _diag.load_causal_lm(a, dtype=torch_dtype, device=device, allow_pickle=allow_pickle)
+    model_b = _diag.load_causal_lm(b, dtype=torch_dtype, device=device, allow_pickle=allow_pickle)
     la, lb = _diag.model_label(a), _diag.model_label(b)
     pa, pb = _diag.named_params(model_a), _diag.named_params(model_b)
     _diag.check_same_architecture(pa, pb, la, lb)
@@ -183,7 +187,7 @@ def _curve(model_a: torch.nn.Module, model_b: torch.nn.Module, blocks: list[torc
     return out
 
 
-def plot_curve(report: dict, path: str | Path) -> Path:
+def plot_curve(report: dict, path: str | Path, *, overwrite: bool = True) -> Path:
     """Draw loss (and the task metric, if any) against α, with the straight line between the endpoints."""
     plt = _diag.pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -200,4 +204,4 @@ def plot_curve(report: dict, path: str | Path) -> Path:
         ax2.legend(loc="upper right", fontsize=8)
     ax.legend(loc="upper left", fontsize=8)
     fig.text(0.01, -0.02, f"A: {report['a']}\nB: {report['b']}", fontsize=7, va="top")
-    return _diag.save_figure(fig, path)
+    return _diag.save_figure(fig, path, overwrite=overwrite)

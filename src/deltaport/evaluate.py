@@ -248,17 +248,24 @@ def _tokenizer_fingerprint(tok) -> str:
 
 
 def _atomic_write(path: Path, text: str) -> None:
+    """Cache and run-folder files: temporary sibling + rename; the temporary file is removed on failure."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
-def write_json(path: str | Path, obj: Any) -> Path:
-    """Write ``obj`` as JSON to ``path`` through a temporary sibling + rename (never half-written)."""
-    path = Path(path)
-    _atomic_write(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
-    return path
+def write_json(path: str | Path, obj: Any, *, overwrite: bool = True) -> Path:
+    """Write ``obj`` as JSON to ``path`` through a temporary sibling + rename (never half-written);
+    without ``overwrite`` an existing file is refused (:func:`deltaport.io.atomic.atomic_write_file`)."""
+    from deltaport.io.atomic import atomic_write_file
+
+    text = json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n"
+    return atomic_write_file(path, lambda tmp: tmp.write_text(text), overwrite=overwrite)
 
 
 def _json_default(o):

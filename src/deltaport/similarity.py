@@ -27,10 +27,10 @@ CHUNK = 1 << 22  # elements per float64 chunk
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|block|layer|decoder\.layers)\.(\d+)\.")
 
 
-def _open(spec: Any):
+def _open(spec: Any, allow_pickle: bool = False):
     from deltaport.io.checkpoint import open_checkpoint
 
-    return open_checkpoint(spec)
+    return open_checkpoint(spec, allow_pickle=allow_pickle)
 
 
 def _tied(ck) -> bool:
@@ -105,20 +105,22 @@ def _finish(acc: dict[str, float], has_t: bool) -> dict[str, float | None]:
 
 
 def similarity(source_base: Any, source_finetuned: Any, target_base: Any, target_finetuned: Any = None, *,
-               progress: bool = False) -> dict:
+               progress: bool = False, allow_pickle: bool = False) -> dict:
     """Per-tensor, per-layer and whole-model similarity of m_s, m'_s, m_t (and m'_t if given).
 
-    All arguments are local HF model directories or hub ids (safetensors). Tensors whose shapes
-    differ between the checkpoints (e.g. a resized vocabulary) are skipped and listed under
-    ``"skipped"``; a tensor missing from one checkpoint is a :class:`PlanError`.
+    All arguments are local HF model directories or hub ids (safetensors; a directory that holds
+    only pickled weights is refused unless ``allow_pickle``, then read with
+    ``torch.load(weights_only=True)``). Tensors whose shapes differ between the checkpoints (e.g. a
+    resized vocabulary) are skipped and listed under ``"skipped"``; a tensor missing from one
+    checkpoint is a :class:`PlanError`.
 
     Returns ``{"tensors": [...], "layers": [...], "total": {...}, "skipped": [...], "tied": [...],
     "num_parameters": int, ...}``.
     """
-    cks = {"source_base": _open(source_base), "source_finetuned": _open(source_finetuned),
-           "target_base": _open(target_base)}
+    cks = {"source_base": _open(source_base, allow_pickle), "source_finetuned": _open(source_finetuned, allow_pickle),
+           "target_base": _open(target_base, allow_pickle)}
     if target_finetuned is not None:
-        cks["target_finetuned"] = _open(target_finetuned)
+        cks["target_finetuned"] = _open(target_finetuned, allow_pickle)
     base = cks["source_base"]
     names = list(base.names)
     tied_skip: list[str] = []
@@ -187,7 +189,7 @@ def ck_is_float(ck, name: str) -> bool:
     return ck.spec(name).dtype.is_floating_point
 
 
-def plot_layers(report: dict, path: str | Path) -> Path:
+def plot_layers(report: dict, path: str | Path, *, overwrite: bool = True) -> Path:
     """Heat map: one row per layer group, one column per metric (each column its own colour scale)."""
     import numpy as np
 
@@ -213,4 +215,4 @@ def plot_layers(report: dict, path: str | Path) -> Path:
     fig.suptitle(f"total: rel. distance {report['total']['rel_distance']:.4g}, "
                  f"‖Δ_s‖/‖m_s‖ {report['total']['delta_rel']:.4g}"
                  + (f", cos {report['total']['cos']:.3f}" if report['total'].get('cos') is not None else ""), fontsize=9, y=1.03)
-    return _diag.save_figure(fig, path)
+    return _diag.save_figure(fig, path, overwrite=overwrite)

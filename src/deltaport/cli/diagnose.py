@@ -23,6 +23,32 @@ def _setup(progress: bool) -> None:
         torch.set_num_threads(int(n))
 
 
+def _check_outputs(output: Path, plot: Optional[Path], overwrite: bool, inputs: list) -> None:
+    """Refuse unusable report/plot paths before any model is loaded: inside an input, a directory,
+    an existing file without --overwrite, the same file twice, a plot format matplotlib cannot write."""
+    from deltaport import _diag
+    from deltaport.errors import InputError, OutputError
+
+    for p in (output, plot):
+        if p is not None:
+            _diag.ensure_inputs_unwritten(p, inputs)
+            _diag.check_output_file(p, overwrite)
+    if plot is not None:
+        if plot.absolute().resolve() == output.absolute().resolve():
+            raise OutputError(f"--plot and -o both name {output}; choose two different files")
+        from matplotlib.backend_bases import FigureCanvasBase
+
+        fmt = plot.suffix.lstrip(".").lower() or "png"
+        kinds = FigureCanvasBase.get_supported_filetypes()
+        if fmt not in kinds:
+            raise InputError(f"--plot {plot}: matplotlib cannot write .{fmt} files; use one of "
+                             f"{', '.join('.' + k for k in sorted(kinds))}")
+
+
+_OVERWRITE_HELP = "replace existing -o / --plot files (the new file is written in full first, then renamed into place)"
+_PICKLE_HELP = "accept models with only pickled .bin/.pt weights (loaded with torch.load(weights_only=True))"
+
+
 def register(app: typer.Typer) -> None:
     @app.command("connectivity")
     def connectivity_cmd(
@@ -36,19 +62,21 @@ def register(app: typer.Typer) -> None:
         plot: Optional[Path] = typer.Option(None, "--plot", help="draw the curve to this PNG"),
         device: str = typer.Option("cpu", "--device", help="torch device, e.g. cpu or cuda"),
         dtype: str = typer.Option("float32", "--dtype", help="dtype models are loaded in"),
+        overwrite: bool = typer.Option(False, "--overwrite", help=_OVERWRITE_HELP),
+        allow_pickle: bool = typer.Option(False, "--allow-pickle", help=_PICKLE_HELP),
         progress: bool = typer.Option(True, "--progress/--no-progress"),
     ) -> None:
         """Loss along θ(α) = (1−α)·A + α·B and the loss barrier (one interpolated model in memory)."""
+        _check_outputs(output, plot, overwrite, [a, b])
         _setup(progress)
         from deltaport import _diag
         from deltaport.connectivity import connectivity, plot_curve
 
-        _diag.ensure_inputs_unwritten(output, [a, b])
         rep = connectivity(a, b, data, points=points, max_tokens=max_tokens, seed=seed, device=device,
-                           dtype=dtype, progress=progress)
-        _diag.write_json(output, rep)
+                           dtype=dtype, progress=progress, allow_pickle=allow_pickle)
+        _diag.write_json(output, rep, overwrite=overwrite)
         if plot:
-            plot_curve(rep, plot)
+            plot_curve(rep, plot, overwrite=overwrite)
         typer.echo(f"loss A {rep['loss_a']:.4f}  loss B {rep['loss_b']:.4f}  barrier {rep['barrier']:.4f} nats "
                    f"at α={rep['barrier_alpha']:.2f} ({rep['relative_barrier']:.1%} of mean endpoint loss); "
                    f"{rep['n_tokens']} tokens; report {output}" + (f", plot {plot}" if plot else ""))
@@ -62,18 +90,21 @@ def register(app: typer.Typer) -> None:
                                                        help="m'_t, if it exists: adds cos(Δ_s, Δ_t)"),
         output: Path = typer.Option(..., "-o", "--output", help="report JSON (written atomically)"),
         plot: Optional[Path] = typer.Option(None, "--plot", help="per-layer heat map PNG"),
+        overwrite: bool = typer.Option(False, "--overwrite", help=_OVERWRITE_HELP),
+        allow_pickle: bool = typer.Option(False, "--allow-pickle", help=_PICKLE_HELP),
         progress: bool = typer.Option(True, "--progress/--no-progress"),
     ) -> None:
         """Per-tensor and per-layer ‖m_t − m_s‖/‖m_s‖, ‖Δ_s‖ and cos(Δ_s, Δ_t) (streamed)."""
+        _check_outputs(output, plot, overwrite, [source_base, source_finetuned, target_base, target_finetuned])
         _setup(progress)
         from deltaport import _diag
         from deltaport.similarity import plot_layers, similarity
 
-        _diag.ensure_inputs_unwritten(output, [source_base, source_finetuned, target_base, target_finetuned])
-        rep = similarity(source_base, source_finetuned, target_base, target_finetuned, progress=progress)
-        _diag.write_json(output, rep)
+        rep = similarity(source_base, source_finetuned, target_base, target_finetuned, progress=progress,
+                         allow_pickle=allow_pickle)
+        _diag.write_json(output, rep, overwrite=overwrite)
         if plot:
-            plot_layers(rep, plot)
+            plot_layers(rep, plot, overwrite=overwrite)
         t = rep["total"]
         cos = f"  cos(Δ_s, Δ_t) {t['cos']:.4f}" if t.get("cos") is not None else ""
         typer.echo(f"‖m_t − m_s‖/‖m_s‖ {t['rel_distance']:.4g}  ‖Δ_s‖ {t['delta_norm']:.4g} "
@@ -91,17 +122,20 @@ def register(app: typer.Typer) -> None:
         max_tokens: int = typer.Option(2048, "--max-tokens", help="size of the fixed token sample"),
         seed: int = typer.Option(0, "--seed", help="shuffle seed of the sample"),
         device: str = typer.Option("cpu", "--device", help="torch device, e.g. cpu or cuda"),
+        overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing -o file (the new file is "
+                                       "written in full first, then renamed into place)"),
+        allow_pickle: bool = typer.Option(False, "--allow-pickle", help=_PICKLE_HELP),
         progress: bool = typer.Option(True, "--progress/--no-progress"),
     ) -> None:
         """Will m_t + Δ_s work? Cheap signals and a verdict: likely | uncertain | unlikely | uncalibrated."""
+        _check_outputs(output, None, overwrite, [source_base, source_finetuned, target_base])
         _setup(progress)
         from deltaport import _diag
         from deltaport.check import check
 
-        _diag.ensure_inputs_unwritten(output, [source_base, source_finetuned, target_base])
         rep = check(source_base, source_finetuned, target_base, data, max_tokens=max_tokens, seed=seed,
-                    device=device, progress=progress)
-        _diag.write_json(output, rep)
+                    device=device, progress=progress, allow_pickle=allow_pickle)
+        _diag.write_json(output, rep, overwrite=overwrite)
         s = rep["signals"]
         typer.echo(f"verdict: {rep['verdict']}\n{rep['reason']}\n"
                    f"relative barrier {s['relative_barrier']:.4f}  rel. distance {s['rel_distance']:.4f}  "

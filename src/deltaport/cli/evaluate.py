@@ -90,11 +90,11 @@ def eval_command(
         baseline = rows[0] if rows else baseline
     md = comparison_table(res, baseline=baseline)
     res["table"] = md
-    write_json(output, res)
+    write_json(output, res, overwrite=overwrite)
     if table is not None:
-        from deltaport.evaluate import _atomic_write
+        from deltaport.io.atomic import atomic_write_file
 
-        _atomic_write(Path(table), md)
+        atomic_write_file(table, lambda tmp: tmp.write_text(md), overwrite=overwrite)
     typer.echo(md, nl=False)
     cached = sum(d.get("cached", False) for r in res["details"].values() for d in r.values())
     total = sum(len(r) for r in res["details"].values())

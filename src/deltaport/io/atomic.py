@@ -22,7 +22,7 @@ import secrets
 import shutil
 import signal
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from deltaport.errors import DiskError, OutputError
@@ -79,17 +79,27 @@ def cleanup_leftovers(out: str | Path) -> list[str]:
             os.rename(p, out)
             actions.append(f"restored previous output {out} from {p.name} (a run was killed mid-swap)")
         else:
-            shutil.rmtree(p, ignore_errors=True)
+            _remove(p)
             actions.append(f"removed stale previous-output folder {p}")
     for p, pid in _leftovers(out, TMP_TAG):
         if _pid_alive(pid) and pid != os.getpid():
             LOG.warning("another deltaport process (pid %d) is writing %s; leaving %s alone", pid, out, p)
             continue
-        shutil.rmtree(p, ignore_errors=True)
-        actions.append(f"removed temporary folder {p} left by a killed run (pid {pid})")
+        kind = "folder" if p.is_dir() else "file"
+        _remove(p)
+        actions.append(f"removed temporary {kind} {p} left by a killed run (pid {pid})")
     for a in actions:
         LOG.warning(a)
     return actions
+
+
+def _remove(p: Path) -> None:
+    """Remove a leftover: a temp folder (directory outputs) or a temp file (single-file outputs)."""
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            p.unlink()
 
 
 def check_output_location(out: str | Path, inputs: Iterable[str | Path] = ()) -> Path:
@@ -246,3 +256,52 @@ def atomic_output_dir(out: str | Path, *, overwrite: bool = False, inputs: Itera
                             f"was removed{' and the previous output is unchanged' if out.exists() else ''}; free space "
                             "or choose another output location.") from None
         raise
+
+
+def check_output_file(path: str | Path, *, overwrite: bool = False) -> Path:
+    """Refuse a single-file output (a report, a plot, a table) that is a directory, or that exists
+    without ``overwrite``. Call it before the work, so nothing is computed for an output that cannot be written."""
+    path = Path(path)
+    if path.is_dir():
+        raise OutputError(f"output {path} is a directory; pass a file name")
+    if (path.exists() or path.is_symlink()) and not overwrite:
+        raise OutputError(f"output {path} already exists; pass --overwrite to replace it or choose another path")
+    return path
+
+
+def atomic_write_file(path: str | Path, write: Callable[[Path], None], *, overwrite: bool = False,
+                      record: bool = False) -> Path:
+    """Write a single file through a temporary sibling (``.NAME.deltaport-tmp-PID-XXXX``), then rename it into place.
+
+    ``write(tmp)`` creates the temporary file. On any failure (including a signal) the temporary file is
+    removed and ``path`` is unchanged; a SIGKILL leaves the temporary file, which the next write to
+    ``path`` removes. Without ``overwrite`` an existing ``path`` is an :class:`OutputError`, checked
+    before writing and again atomically at the rename (one that appeared meanwhile is kept). Disk
+    full and similar errors become :class:`DiskError`. ``record``: add ``path`` to :data:`COMMITTED`
+    (a command's final output, so that an interruption right after it says it was written).
+    """
+    path = check_output_file(path, overwrite=overwrite)
+    cleanup_leftovers(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}{TMP_TAG}{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        with _signals_deferred():
+            if overwrite:
+                os.replace(tmp, path)
+            else:
+                _rename_noreplace(tmp, path)
+            if record:
+                COMMITTED.append(path)
+        _fsync_dir(path.parent)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if isinstance(exc, OSError) and exc.errno in _DISK_ERRNOS:
+            raise DiskError(f"writing {path} failed: {_DISK_ERRNOS[exc.errno]} ({exc.strerror}); nothing was written"
+                            f"{' and the previous file is unchanged' if path.exists() else ''}. Free space or choose "
+                            "another output location.") from None
+        raise
+    return path
