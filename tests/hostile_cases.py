@@ -522,14 +522,33 @@ def _both_consistent(ws):
     return Spec(transfer_argv(fam, out), list(fam.values()), out, 0, r"^$|wrote", marker=marker, check=_no_marker(marker))
 
 
-@case("source fine-tune tokenizer_config.json is a JSON list (chat template read from it)", "corrupt input",
-      known_issue="assets.read_chat_template calls .get on a non-object tokenizer_config.json (AttributeError, exit 1)")
+@case("source fine-tune tokenizer_config.json is a JSON list (chat template read from it)", "corrupt input")
 def _tok_config_list(ws):
     fam = ws.family()
     (fam["source_finetuned"] / "chat_template.jinja").unlink()
     (fam["source_finetuned"] / "tokenizer_config.json").write_text("[1, 2]")
     out = ws.out()
-    return Spec(transfer_argv(fam, out), list(fam.values()), out, 2, r"tokenizer_config\.json")
+    return Spec(transfer_argv(fam, out), list(fam.values()), out, 2,
+                r"source_finetuned/tokenizer_config\.json must be a JSON object")
+
+
+@case("source fine-tune chat_template.json is a JSON string, not an object", "corrupt input")
+def _chat_template_json_str(ws):
+    fam = ws.family()
+    (fam["source_finetuned"] / "chat_template.jinja").unlink()
+    (fam["source_finetuned"] / "chat_template.json").write_text('"{{ messages }}"')
+    out = ws.out()
+    return Spec(transfer_argv(fam, out), list(fam.values()), out, 2,
+                r"source_finetuned/chat_template\.json must be a JSON object")
+
+
+@case("target tokenizer_config.json is a JSON list (tokenizer files copied from it)", "corrupt input")
+def _target_tok_config_list(ws):
+    fam = ws.family()
+    (fam["target_base"] / "tokenizer_config.json").write_text("[]")
+    out = ws.out()
+    return Spec(transfer_argv(fam, out), list(fam.values()), out, 2,
+                r"target_base/tokenizer_config\.json must be a JSON object")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -817,7 +836,8 @@ def _later(command: str, argv_for: Callable[[Workspace, Path, Path], list[str]],
         marker = ws.root / "PWNED"
         d = make_pickle_model(ws, "target_base", "model_bin", marker)
         out = _out(ws)
-        return Spec(argv_for(ws, d, out), [d], out, 2, r"pickle", marker=marker, check=_no_marker(marker))
+        return Spec(argv_for(ws, d, out), [d], out, 2, r"pickled weights \(pytorch_model\.bin\).*--allow-pickle",
+                    marker=marker, check=_no_marker(marker))
 
     @case(f"{command}: output exists without --overwrite", "later commands", command)
     def _exists(ws):
@@ -828,7 +848,8 @@ def _later(command: str, argv_for: Callable[[Workspace, Path, Path], list[str]],
         else:
             out.mkdir()
             (out / "keep.txt").write_text("previous output\n")
-        return Spec(argv_for(ws, d, out), [d], out, 2, r"exists|--overwrite", prev_output=True)
+        return Spec(argv_for(ws, d, out), [d], out, 2,
+                    r"already exists.*--overwrite" if out_kind == "file" else r"exists|--overwrite", prev_output=True)
 
     if remote_code:
         @case(f"{command}: config.json with auto_map + custom code is not executed", "later commands", command)
@@ -863,12 +884,127 @@ def _chain(ws: Workspace, m: Path) -> Path:
 
 _later("eval", lambda ws, m, o: ["eval", str(m), "--tasks", str(TINY_QA), "--limit", "2", "--device", "cpu", "--no-cache",
                                  "-o", str(o)])
-_later("connectivity", lambda ws, m, o: ["connectivity", str(m), str(m), "--data", str(_jsonl(ws)), "--points", "2",
-                                         "--max-tokens", "32", "--no-progress", "-o", str(o)])
-_later("similarity", lambda ws, m, o: ["similarity", "--source-base", str(m), "--source-finetuned", str(m),
-                                       "--target-base", str(m), "--no-progress", "-o", str(o)])
-_later("check", lambda ws, m, o: ["check", "--source-base", str(m), "--source-finetuned", str(m), "--target-base", str(m),
-                                  "--data", str(_jsonl(ws)), "--max-tokens", "32", "--no-progress", "-o", str(o)])
+
+
+# connectivity / similarity / check: pickled weights, report and plot files (beyond the _later cases)
+
+
+def _no_leftovers(*paths: Path) -> Callable[[], str | None]:
+    def check():
+        left = [x for p in paths for x in leftovers(p)]
+        return f"temporary files left: {left}" if left else None
+
+    return check
+
+
+def _both(*checks: Callable[[], str | None] | None) -> Callable[[], str | None]:
+    return lambda: next((p for p in (c() for c in checks if c is not None) if p), None)
+
+
+def _report_replaced(out: Path) -> Callable[[], str | None]:
+    def check():
+        try:
+            rep = json.loads(out.read_text())
+        except (OSError, ValueError) as exc:
+            return f"the report is not readable JSON: {exc}"
+        return "the previous report is still there" if "previous" in rep else None
+
+    return check
+
+
+def _diag_cases(command: str, argv_for: Callable[[Workspace, Path, Path], list[str]], plot: bool):
+    def _report(ws):
+        return ws.out("report.json")
+
+    @case(f"{command}: pickle-only model with --allow-pickle is loaded (weights_only=True)", "later commands", command)
+    def _pickle_ok(ws):
+        d = make_pickle_model(ws, "target_base", "model_bin")
+        out = _report(ws)
+        return Spec(argv_for(ws, d, out) + ["--allow-pickle"], [d], out, 0, r"report")
+
+    @case(f"{command}: booby-trapped pickle with --allow-pickle (weights_only=True refuses it)", "later commands",
+          command)
+    def _pickle_evil(ws):
+        marker = ws.root / "PWNED"
+        d = make_pickle_model(ws, "target_base", "model_bin", marker)
+        out = _report(ws)
+        return Spec(argv_for(ws, d, out) + ["--allow-pickle"], [d], out, 2, r"weights_only", marker=marker,
+                    check=_no_marker(marker))
+
+    @case(f"{command}: dir with .safetensors and a booby-trapped .bin: safetensors used, .bin never unpickled",
+          "later commands", command)
+    def _st_and_bin(ws):
+        import torch
+
+        marker = ws.root / "PWNED"
+        d = ws.copy("target_base")
+        torch.save({"__evil__": _Evil(marker)}, d / "pytorch_model.bin")
+        out = _report(ws)
+        return Spec(argv_for(ws, d, out), [d], out, 0, r"report", marker=marker, check=_no_marker(marker))
+
+    @case(f"{command}: --overwrite replaces an existing report", "later commands", command)
+    def _overwrite(ws):
+        d = ws.copy("target_base")
+        out = _report(ws)
+        out.write_text('{"previous": "report"}\n')
+        return Spec(argv_for(ws, d, out) + ["--overwrite"], [d], out, 0, r"report",
+                    check=_both(_report_replaced(out), _no_leftovers(out)))
+
+    @case(f"{command}: report write fails (file size limit), --overwrite over a previous report", "later commands",
+          command, real_cli_only=True)
+    def _report_fsize(ws):
+        import resource
+
+        d = ws.copy("target_base")
+        out = _report(ws)
+        out.write_text('{"previous": "report"}\n')
+        lim = 64  # the previous report fits, the new one does not
+
+        def pre():
+            resource.setrlimit(resource.RLIMIT_FSIZE, (lim, lim))
+
+        return Spec(argv_for(ws, d, out) + ["--overwrite"], [d], out, 1, r"file size limit", prev_output=True,
+                    check=_no_leftovers(out), preexec=pre, real_cli_only=True)
+
+    if plot:
+        @case(f"{command}: --plot file exists without --overwrite (nothing computed, nothing written)",
+              "later commands", command)
+        def _plot_exists(ws):
+            d = ws.copy("target_base")
+            out = _report(ws)
+            png = ws.out("plot.png")
+            png.write_bytes(b"previous plot\n")
+            return Spec(argv_for(ws, d, out) + ["--plot", str(png)], [d], png, 2,
+                        r"plot\.png already exists.*--overwrite", prev_output=True,
+                        check=lambda: "the report was written although the plot was refused" if out.exists() else None)
+
+
+#: argv of the diagnostics on one model (every role) writing report ``o`` (also used by tests/test_hostile_diag.py)
+DIAG_ARGV: dict[str, Callable[[Workspace, Path, Path], list[str]]] = {
+    "connectivity": lambda ws, m, o: ["connectivity", str(m), str(m), "--data", str(_jsonl(ws)), "--points", "2",
+                                      "--max-tokens", "32", "--no-progress", "-o", str(o)],
+    "similarity": lambda ws, m, o: ["similarity", "--source-base", str(m), "--source-finetuned", str(m),
+                                    "--target-base", str(m), "--no-progress", "-o", str(o)],
+    "check": lambda ws, m, o: ["check", "--source-base", str(m), "--source-finetuned", str(m), "--target-base", str(m),
+                               "--data", str(_jsonl(ws)), "--max-tokens", "32", "--no-progress", "-o", str(o)],
+}
+for _cmd, _argv in DIAG_ARGV.items():
+    _later(_cmd, _argv)
+    _diag_cases(_cmd, _argv, plot=_cmd != "check")
+
+
+@case("check: only the source fine-tune is pickle-only (refused before any model is loaded)", "later commands", "check")
+def _check_sf_pickle(ws):
+    marker = ws.root / "PWNED"
+    sb, tb = ws.copy("source_base"), ws.copy("target_base")
+    sf = make_pickle_model(ws, "source_finetuned", "sf_bin", marker)
+    out = ws.out("report.json")
+    return Spec(["check", "--source-base", str(sb), "--source-finetuned", str(sf), "--target-base", str(tb), "--data",
+                 str(_jsonl(ws)), "--max-tokens", "32", "--no-progress", "-o", str(out)], [sb, sf, tb], out, 2,
+                r"sf_bin holds only pickled weights \(pytorch_model\.bin\).*--allow-pickle", marker=marker,
+                check=_no_marker(marker))
+
+
 _later("finetune", lambda ws, m, o: ["finetune", "--model", str(m), "--data", str(DATA / "sft.jsonl"), "--steps", "1",
                                      "--device", "cpu", "--no-progress", "-o", str(o)], out_kind="dir")
 _later("evolve", lambda ws, m, o: ["evolve", str(_chain(ws, m)), "--no-progress", "-o", str(o)], out_kind="dir",
