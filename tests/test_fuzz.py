@@ -156,6 +156,9 @@ _header_mutation = st.one_of(
 )
 
 
+_EDITS = ("dtype", "shape", "offsets", "drop_key", "value", "rename", "add_tensor", "metadata")  # need an object
+
+
 def mutate_shard(path: Path, muts: list, pick: int) -> None:
     raw = path.read_bytes()
     header, data = H.st_read(path)
@@ -164,6 +167,8 @@ def mutate_shard(path: Path, muts: list, pick: int) -> None:
     header_len = None
     raw_mode: list = []
     for kind, arg in muts:
+        if kind in _EDITS and not isinstance(header, dict):
+            continue  # an earlier whole_header made the header a non-object: there is nothing left to edit
         if kind == "dtype" and isinstance(header.get(tgt), dict):
             header[tgt]["dtype"] = arg
         elif kind == "shape" and isinstance(header.get(tgt), dict):
