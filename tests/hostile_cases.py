@@ -820,7 +820,7 @@ TINY_QA = Path(__file__).resolve().parent / "data" / "tiny_qa" / "tiny_qa.yaml"
 
 
 def _later(command: str, argv_for: Callable[[Workspace, Path, Path], list[str]], out_kind: str = "file",
-           remote_code: bool = True):
+           remote_code: bool = True, pickle_fix: str = r"--allow-pickle"):
     """Cases for a later command that reads a model and writes ``-o OUT`` (a report file or a directory)."""
 
     def _out(ws):
@@ -836,7 +836,7 @@ def _later(command: str, argv_for: Callable[[Workspace, Path, Path], list[str]],
         marker = ws.root / "PWNED"
         d = make_pickle_model(ws, "target_base", "model_bin", marker)
         out = _out(ws)
-        return Spec(argv_for(ws, d, out), [d], out, 2, r"pickled weights \(pytorch_model\.bin\).*--allow-pickle",
+        return Spec(argv_for(ws, d, out), [d], out, 2, r"pickled weights \(pytorch_model\.bin\).*" + pickle_fix,
                     marker=marker, check=_no_marker(marker))
 
     @case(f"{command}: output exists without --overwrite", "later commands", command)
@@ -883,7 +883,7 @@ def _chain(ws: Workspace, m: Path) -> Path:
 
 
 _later("eval", lambda ws, m, o: ["eval", str(m), "--tasks", str(TINY_QA), "--limit", "2", "--device", "cpu", "--no-cache",
-                                 "-o", str(o)])
+                                 "-o", str(o)], pickle_fix=r"safetensors only.*save_pretrained")
 
 
 # connectivity / similarity / check: pickled weights, report and plot files (beyond the _later cases)
@@ -1006,9 +1006,9 @@ def _check_sf_pickle(ws):
 
 
 _later("finetune", lambda ws, m, o: ["finetune", "--model", str(m), "--data", str(DATA / "sft.jsonl"), "--steps", "1",
-                                     "--device", "cpu", "--no-progress", "-o", str(o)], out_kind="dir")
+                                     "--device", "cpu", "--no-progress", "-o", str(o)], out_kind="dir", pickle_fix=r"safetensors only.*save_pretrained")
 _later("evolve", lambda ws, m, o: ["evolve", str(_chain(ws, m)), "--no-progress", "-o", str(o)], out_kind="dir",
-       remote_code=False)
+       remote_code=False, pickle_fix=r"safetensors only.*save_pretrained")
 
 
 @case("lab run: nonexistent config file", "later commands", "lab")

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from deltaport.errors import InputError, RuntimeFailure
+from deltaport.errors import CheckpointError, InputError, RuntimeFailure
 
 LOG = logging.getLogger(__name__)
 
@@ -352,7 +352,17 @@ def check_weights(d: Path) -> None:
     unpickled), before transformers is asked to load anything."""
     from deltaport.io.checkpoint import open_checkpoint
 
-    open_checkpoint(d)
+    try:
+        open_checkpoint(d)
+    except CheckpointError as exc:
+        if "holds only pickled weights" not in str(exc):
+            raise
+        head = str(exc).split("; pickle can execute code")[0]
+        raise CheckpointError(
+            f"{head}; pickle can execute code, and eval, finetune and evolve read safetensors only. Convert once, "
+            f"e.g. `python -c \"from transformers import AutoModelForCausalLM as M; "
+            f"M.from_pretrained('{d}').save_pretrained('{d}-safetensors')\"` (transformers loads .bin with "
+            "torch.load(weights_only=True)), and pass the converted directory.") from None
 
 
 def _refuse_delta_dir(d: Path, source) -> None:
