@@ -644,7 +644,8 @@ def _by_fewshot(specs: list[TaskSpec]) -> list[list[TaskSpec]]:
 @contextlib.contextmanager
 def _cheap_env_info(lm_eval):
     """lm-eval records ``torch.utils.collect_env`` output in every result (~0.8 s: it spawns pip and
-    friends); deltaport does not keep that field, so it is replaced by versions only for our calls."""
+    friends) and the git hash of the working directory; deltaport keeps neither, so for our calls they
+    are replaced by versions only and no hash."""
     ev = getattr(lm_eval, "evaluator", None)
     real = getattr(ev, "add_env_info", None)
     if real is None:  # a future lm-eval without it: nothing to do
@@ -658,11 +659,18 @@ def _cheap_env_info(lm_eval):
                         transformers.__version__, "lm_eval_version": getattr(lm_eval, "__version__", "?"),
                         "upper_git_hash": None})
 
+    real_git = getattr(ev, "get_git_commit_hash", None)
     ev.add_env_info = cheap
+    if real_git is not None:
+        # it runs `git describe` in the working directory, which prints "fatal: not a git repository"
+        # to the terminal outside a checkout; the hash is of the cwd, not of anything evaluated
+        ev.get_git_commit_hash = lambda: None
     try:
         yield
     finally:
         ev.add_env_info = real
+        if real_git is not None:
+            ev.get_git_commit_hash = real_git
 
 
 def _subtasks(group_subtasks: dict, name: str) -> list[str]:
