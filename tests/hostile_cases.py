@@ -1191,3 +1191,14 @@ def make_many_family(root: str | Path, n_tensors: int = 2000, n_shards: int = 40
         (d / "config.json").write_text(json.dumps({"model_type": "deltaport-synthetic", "architectures": ["Synthetic"]}))
         out[role] = d
     return out
+
+
+for _cmd in ("connectivity", "check"):
+    def _incomplete_case(cmd=_cmd):
+        @case(f"{cmd}: model lacks a tensor (transformers would fill it at random)", "later commands", cmd)
+        def _incomplete(ws):
+            d = ws.copy("target_base")
+            _resave(d, _drop_one)
+            out = ws.out("report.json")
+            return Spec(DIAG_ARGV[cmd](ws, d, out), [d], out, 2, r"missing from the checkpoint.*at random")
+    _incomplete_case()

@@ -134,15 +134,29 @@ def load_causal_lm(spec: Any, *, dtype: torch.dtype = torch.float32, device: str
     # safetensors only (a hub repo with only .bin fails here) unless pickles are allowed; never custom code
     kwargs: dict[str, Any] = {"use_safetensors": True} if (d is not None or not allow_pickle) else {}
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(d) if d is not None else src, dtype=dtype, weights_only=True,
-                                                     **kwargs)
+        model, info = AutoModelForCausalLM.from_pretrained(str(d) if d is not None else src, dtype=dtype,
+                                                           weights_only=True, output_loading_info=True, **kwargs)
     except (OSError, ValueError, KeyError, pickle.UnpicklingError) as exc:
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
         hint = " (HF_HUB_OFFLINE is set: download it first or pass a local directory)" if offline else ""
         if d is None and not allow_pickle and "safetensors" in str(exc):
             hint += "; a model with only pickled .bin weights is loaded only with --allow-pickle"
         raise CheckpointError(f"cannot load {src} as a causal LM with transformers: {exc}{hint}") from None
+    _refuse_incomplete(src, info)
     return model.to(device).eval()
+
+
+def _refuse_incomplete(src: str, info: dict) -> None:
+    """transformers fills parameters the checkpoint lacks (or has in another shape) with random values
+    and only warns; a loss measured on such a model means nothing, so it is an input error here."""
+    missing = list(info.get("missing_keys") or [])
+    mismatched = [k[0] if isinstance(k, (tuple, list)) else k for k in (info.get("mismatched_keys") or [])]
+    if missing or mismatched:
+        names = missing + mismatched
+        raise CheckpointError(
+            f"{src}: {len(missing)} parameter(s) missing from the checkpoint and {len(mismatched)} with another shape "
+            f"than config.json says ({', '.join(map(str, names[:5]))}{', ...' if len(names) > 5 else ''}); "
+            "transformers would initialise them at random. Check that the weights are complete and match config.json.")
 
 
 def _load_pickled(d: Path, dtype: torch.dtype) -> torch.nn.Module:
@@ -158,10 +172,12 @@ def _load_pickled(d: Path, dtype: torch.dtype) -> torch.nn.Module:
     try:
         config = AutoConfig.from_pretrained(str(d))
         cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
-        return cls.from_pretrained(None, config=config, state_dict=state, dtype=dtype)
+        model, info = cls.from_pretrained(None, config=config, state_dict=state, dtype=dtype, output_loading_info=True)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise CheckpointError(f"cannot load {d} (pickled weights) as a causal LM with transformers: "
                               f"{type(exc).__name__}: {exc}") from None
+    _refuse_incomplete(str(d), info)
+    return model
 
 
 def load_tokenizer(spec: Any) -> Any:
