@@ -886,6 +886,14 @@ _later("eval", lambda ws, m, o: ["eval", str(m), "--tasks", str(TINY_QA), "--lim
                                  "-o", str(o)], pickle_fix=r"safetensors only.*save_pretrained")
 
 
+@case("eval: -o and --table name the same file (refused before any model is evaluated)", "later commands", "eval")
+def _eval_same_file(ws):
+    d = ws.copy("target_base")
+    out = ws.out("results.json")
+    return Spec(["eval", str(d), "--tasks", str(TINY_QA), "--limit", "2", "--device", "cpu", "--no-cache", "-o", str(out),
+                 "--table", str(out)], [d], out, 2, r"both name .*results\.json")
+
+
 # connectivity / similarity / check: pickled weights, report and plot files (beyond the _later cases)
 
 

@@ -64,6 +64,9 @@ def eval_command(
     from deltaport.errors import OutputError
     from deltaport.evaluate import comparison_table, evaluate, write_json
 
+    if table is not None and table.resolve() == output.resolve():
+        raise OutputError(f"-o and --table both name {output}; the table would replace the JSON results. "
+                          "Give the table its own path (e.g. results.md)")
     for p in (output, table):  # refuse before any model is evaluated
         if p is not None and p.exists() and not overwrite:
             raise OutputError(f"output {p} already exists; pass --overwrite to replace it or choose another path")

@@ -126,9 +126,11 @@ def main(argv: list[str] | None = None) -> int:
     128+N when stopped by signal N (130 for SIGINT/Ctrl-C, 143 for SIGTERM) after cleaning up.
     """
     from deltaport.errors import DeltaportError
+    from deltaport.io import atomic
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     _RECEIVED.clear()
+    atomic.COMMITTED.clear()  # outputs published by an earlier main() in this process are not this run's
     old_handlers = _install_signal_handlers()
     try:
         rv = app(args=argv, standalone_mode=False)
