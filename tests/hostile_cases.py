@@ -1201,12 +1201,21 @@ def make_many_family(root: str | Path, n_tensors: int = 2000, n_shards: int = 40
     return out
 
 
-for _cmd in ("connectivity", "check"):
+#: argv of the model-development commands on one model writing ``o``
+LOOP_ARGV: dict[str, Callable[[Workspace, Path, Path], list[str]]] = {
+    "eval": lambda ws, m, o: ["eval", str(m), "--tasks", str(TINY_QA), "--limit", "2", "--device", "cpu", "--no-cache",
+                              "-o", str(o)],
+    "finetune": lambda ws, m, o: ["finetune", "--model", str(m), "--data", str(DATA / "sft.jsonl"), "--steps", "1",
+                                  "--device", "cpu", "--no-progress", "-o", str(o)],
+    "evolve": lambda ws, m, o: ["evolve", str(_chain(ws, m)), "--no-progress", "-o", str(o)],
+}
+for _cmd in ("connectivity", "check", "eval", "finetune", "evolve"):
     def _incomplete_case(cmd=_cmd):
         @case(f"{cmd}: model lacks a tensor (transformers would fill it at random)", "later commands", cmd)
         def _incomplete(ws):
             d = ws.copy("target_base")
             _resave(d, _drop_one)
-            out = ws.out("report.json")
-            return Spec(DIAG_ARGV[cmd](ws, d, out), [d], out, 2, r"missing from the checkpoint.*at random")
+            out = ws.out("report.json" if cmd in DIAG_ARGV or cmd == "eval" else "out")
+            argv = (DIAG_ARGV.get(cmd) or LOOP_ARGV[cmd])(ws, d, out)
+            return Spec(argv, [d], out, 2, r"missing from the checkpoint.*at random")
     _incomplete_case()

@@ -353,7 +353,7 @@ def check_weights(d: Path) -> None:
     from deltaport.io.checkpoint import open_checkpoint
 
     try:
-        open_checkpoint(d)
+        ck = open_checkpoint(d)
     except CheckpointError as exc:
         if "holds only pickled weights" not in str(exc):
             raise
@@ -363,6 +363,32 @@ def check_weights(d: Path) -> None:
             f"e.g. `python -c \"from transformers import AutoModelForCausalLM as M; "
             f"M.from_pretrained('{d}').save_pretrained('{d}-safetensors')\"` (transformers loads .bin with "
             "torch.load(weights_only=True)), and pass the converted directory.") from None
+    missing = missing_parameters(d, ck.tensors)
+    if missing:
+        raise CheckpointError(
+            f"{d}: {len(missing)} parameter(s) that config.json implies are missing from the checkpoint or have "
+            f"another shape ({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}); transformers would "
+            "initialise them at random. Check that the weights are complete and match config.json.")
+
+
+def missing_parameters(d: Path, tensors: dict) -> list[str]:
+    """Parameters of the model config.json describes (built on the meta device; tied ones counted once)
+    that the checkpoint lacks or holds in another shape. ``[]`` when the architecture cannot be built."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        cfg = AutoConfig.from_pretrained(str(d), trust_remote_code=False)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(cfg)
+    except Exception:  # noqa: BLE001 - unknown/custom architecture: transformers will say more when loading
+        return []
+    bad = []
+    for name, p in model.named_parameters():  # de-duplicates tied parameters
+        spec = tensors.get(name)
+        if spec is None or tuple(spec.shape) != tuple(p.shape):
+            bad.append(name if spec is None else f"{name} {list(spec.shape)} vs {list(p.shape)}")
+    return bad
 
 
 def _refuse_delta_dir(d: Path, source) -> None:
