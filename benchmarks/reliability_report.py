@@ -210,8 +210,9 @@ def write_markdown(path: Path, outcomes, skipped, disk, sig, kills, fuzz, load, 
              "checkpoints built for it (`tests/hostile_cases.py`); inputs are hashed (sha256 of every file) before "
              "and after. *Output* is what is at the output path afterwards: `none` (nothing was created), "
              "`previous intact` (an output that existed before is byte-identical), `complete` (the run succeeded and "
-             "the output opens), `n/a` (the command writes no output). The same cases run in-process as "
-             "`pytest tests/test_hostile_cli.py`.")
+             "the output opens), `n/a` (the command writes no output). In the test suite the same cases run in-process: "
+             "transfer/diff/apply/inspect in `tests/test_hostile_cli.py`, connectivity/similarity/check in "
+             "`tests/test_hostile_diag.py`; the eval/finetune/evolve/lab cases run only here.")
     L.append("")
     bad = [o for o in outcomes if not o.ok]
     L.append(f"**{len(outcomes) - len(bad)} of {len(outcomes)} catalogue cases behaved as required**"
