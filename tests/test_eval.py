@@ -289,3 +289,22 @@ def test_cli_eval(rand_model, tok, tmp_path):
     assert main(argv) == 2 and out.read_text() == before  # exists: refused before evaluating
     assert main([*argv, "--overwrite"]) == 0 and out.read_text() != before
     assert not (tmp_path / "x.json").exists()
+
+
+def test_checkpoint_missing_a_parameter_is_refused_before_loading(tmp_path):
+    """transformers would fill a missing parameter at random (and only warn); eval/finetune/evolve refuse."""
+    from safetensors.torch import load_file, save_file
+
+    from deltaport.errors import CheckpointError
+    from deltaport.evaluate import check_weights
+
+    m = make_model("llama", seed=0)
+    m.save_pretrained(tmp_path / "m")
+    check_weights(tmp_path / "m")  # complete: fine
+    sd = load_file(str(tmp_path / "m" / "model.safetensors"))
+    del sd["model.layers.0.mlp.up_proj.weight"]
+    save_file(sd, str(tmp_path / "m" / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"model\.layers\.0\.mlp\.up_proj\.weight.*at random"):
+        check_weights(tmp_path / "m")
+    with pytest.raises(CheckpointError, match="missing"):
+        evaluate([str(tmp_path / "m")], [QA], device="cpu", limit=2)
