@@ -95,17 +95,18 @@ def _pickle_only(d: Path) -> bool:
     return not any(d.glob("*.safetensors")) and any(f for g in PICKLE_GLOBS for f in d.glob(g))
 
 
-def preflight(spec: Any, *, allow_pickle: bool = False) -> None:
+def preflight(spec: Any, *, allow_pickle: bool = False) -> Path | None:
     """Cheap checks before any model is loaded: the path exists and is a directory, and a directory that
-    holds only pickled weights is refused unless ``allow_pickle`` (the same message as the core's)."""
+    holds only pickled weights is refused unless ``allow_pickle`` (the core's error). Returns the local
+    directory (None for a hub id or a module)."""
     if isinstance(spec, torch.nn.Module):
-        return
+        return None
     d = _local_dir(spec)
     if d is not None and not allow_pickle and _pickle_only(d):
-        files = sorted({f.name for g in PICKLE_GLOBS for f in d.glob(g)})
-        raise CheckpointError(f"{d} holds only pickled weights ({', '.join(files)}); pickle can execute code. "
-                              "Convert to safetensors, or pass --allow-pickle to load them with "
-                              "torch.load(weights_only=True).")
+        from deltaport.io.checkpoint import refuse_pickle
+
+        raise refuse_pickle(d, sorted({f.name for g in PICKLE_GLOBS for f in d.glob(g)}))
+    return d
 
 
 def load_causal_lm(spec: Any, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
@@ -123,8 +124,7 @@ def load_causal_lm(spec: Any, *, dtype: torch.dtype = torch.float32, device: str
     from transformers import AutoModelForCausalLM
 
     src = str(spec)
-    preflight(spec, allow_pickle=allow_pickle)
-    d = _local_dir(spec)
+    d = preflight(spec, allow_pickle=allow_pickle)
     if d is not None and _pickle_only(d):
         model = _load_pickled(d, dtype)
         return model.to(device).eval()

@@ -121,16 +121,22 @@ def write_model_files(out: Path, *, config_src: Path, tokenizer_src: Path, chat_
     return record
 
 
+def meta_causal_lm(d: Path) -> torch.nn.Module:
+    """The causal LM ``d/config.json`` describes, built on the meta device (no weights, no custom code).
+    Raises whatever transformers raises for an unknown or custom architecture."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.from_pretrained(str(d), trust_remote_code=False)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(cfg)
+
+
 def check_config_against_plan(out: Path, shapes: dict[str, tuple[int, ...]]) -> list[str]:
     """Build the model from the output config on the meta device and compare parameter shapes.
 
     Returns warnings; raises PlanError on a definite mismatch (a config from the wrong model)."""
     try:
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        cfg = AutoConfig.from_pretrained(str(out), trust_remote_code=False)
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(cfg)
+        model = meta_causal_lm(out)
     except Exception as exc:  # noqa: BLE001 - unknown/custom architectures: cannot check, say so
         return [f"could not check config.json against the tensors ({type(exc).__name__}: {exc})"]
     bad = []
@@ -141,3 +147,19 @@ def check_config_against_plan(out: Path, shapes: dict[str, tuple[int, ...]]) -> 
         raise PlanError("the chosen config.json does not fit the output tensors:\n  " + "\n  ".join(bad[:10]) +
                         "\nChoose the config of the model whose shapes the output has (usually --config-from target).")
     return []
+
+
+def missing_parameters(d: Path, tensors: dict) -> list[str]:
+    """Parameters of the model ``d/config.json`` describes (tied ones counted once) that ``tensors``
+    (name -> spec with ``.shape``) lacks or holds in another shape. ``[]`` when the architecture cannot
+    be built without custom code (transformers will say more when loading)."""
+    try:
+        model = meta_causal_lm(d)
+    except Exception:  # noqa: BLE001
+        return []
+    bad = []
+    for name, p in model.named_parameters():  # de-duplicates tied parameters
+        spec = tensors.get(name)
+        if spec is None or tuple(spec.shape) != tuple(p.shape):
+            bad.append(name if spec is None else f"{name} {list(spec.shape)} vs {list(p.shape)}")
+    return bad

@@ -348,47 +348,28 @@ def _prepare_model(m: _Model, cache_dir: Path | None, need_fp: bool) -> None:
 
 
 def check_weights(d: Path) -> None:
-    """Headers only: safetensors weights present and readable (pickled ``.bin`` files are refused, never
-    unpickled), before transformers is asked to load anything."""
-    from deltaport.io.checkpoint import open_checkpoint
+    """Before transformers is asked to load anything: safetensors weights present and readable (pickled
+    ``.bin`` files are refused, never unpickled; headers only), and every parameter config.json implies
+    present in its shape (the model built on the meta device)."""
+    from deltaport.assets import missing_parameters
+    from deltaport.io.checkpoint import open_checkpoint, refuse_pickle
 
     try:
         ck = open_checkpoint(d)
     except CheckpointError as exc:
-        if "holds only pickled weights" not in str(exc):
+        if not hasattr(exc, "pickle_only"):
             raise
-        head = str(exc).split("; pickle can execute code")[0]
-        raise CheckpointError(
-            f"{head}; pickle can execute code, and eval, finetune and evolve read safetensors only. Convert once, "
-            f"e.g. `python -c \"from transformers import AutoModelForCausalLM as M; "
-            f"M.from_pretrained('{d}').save_pretrained('{d}-safetensors')\"` (transformers loads .bin with "
-            "torch.load(weights_only=True)), and pass the converted directory.") from None
+        # these commands have no --allow-pickle: say how to convert instead
+        raise refuse_pickle(*exc.pickle_only, fix=(
+            "The eval, finetune and evolve commands read safetensors only. Convert once, e.g. `python -c \"from transformers "
+            f"import AutoModelForCausalLM as M; M.from_pretrained('{d}').save_pretrained('{d}-safetensors')\"` "
+            "(transformers loads .bin with torch.load(weights_only=True)), and pass the converted directory.")) from None
     missing = missing_parameters(d, ck.tensors)
     if missing:
         raise CheckpointError(
             f"{d}: {len(missing)} parameter(s) that config.json implies are missing from the checkpoint or have "
             f"another shape ({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}); transformers would "
             "initialise them at random. Check that the weights are complete and match config.json.")
-
-
-def missing_parameters(d: Path, tensors: dict) -> list[str]:
-    """Parameters of the model config.json describes (built on the meta device; tied ones counted once)
-    that the checkpoint lacks or holds in another shape. ``[]`` when the architecture cannot be built."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    try:
-        cfg = AutoConfig.from_pretrained(str(d), trust_remote_code=False)
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(cfg)
-    except Exception:  # noqa: BLE001 - unknown/custom architecture: transformers will say more when loading
-        return []
-    bad = []
-    for name, p in model.named_parameters():  # de-duplicates tied parameters
-        spec = tensors.get(name)
-        if spec is None or tuple(spec.shape) != tuple(p.shape):
-            bad.append(name if spec is None else f"{name} {list(spec.shape)} vs {list(p.shape)}")
-    return bad
 
 
 def _refuse_delta_dir(d: Path, source) -> None:

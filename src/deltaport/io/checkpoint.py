@@ -344,13 +344,20 @@ def _sharded(d: Path, index_path: Path) -> tuple[dict[str, TensorSpec], list[Pat
     return {n: tensors[n] for n in sorted(tensors)}, files
 
 
+def refuse_pickle(d: Path, files: list[str],
+                  fix: str = "Convert to safetensors, or pass --allow-pickle to load them with torch.load(weights_only=True).",
+                  ) -> CheckpointError:
+    """The error for a directory with only pickled weights (``files``) when pickles are not allowed;
+    ``.pickle_only`` holds ``(d, files)`` so a caller can restate the fix for its own command."""
+    exc = CheckpointError(f"{d} holds only pickled weights ({', '.join(files)}); pickle can execute code. {fix}")
+    exc.pickle_only = (d, list(files))
+    return exc
+
+
 def _pickled(d: Path, allow_pickle: bool) -> tuple[dict[str, TensorSpec], list[Path], dict[str, torch.Tensor]]:
     bins = sorted(d.glob("pytorch_model*.bin")) + sorted(d.glob("*.pt")) + sorted(d.glob("adapter_model.bin"))
     if not allow_pickle:
-        raise CheckpointError(
-            f"{d} holds only pickled weights ({', '.join(b.name for b in bins)}); pickle can execute code. "
-            "Convert to safetensors, or pass --allow-pickle to load them with torch.load(weights_only=True)."
-        )
+        raise refuse_pickle(d, [b.name for b in bins])
     index = d / "pytorch_model.bin.index.json"
     if index.exists():
         wm = _read_json(index, "index").get("weight_map", {})
