@@ -522,33 +522,25 @@ def _both_consistent(ws):
     return Spec(transfer_argv(fam, out), list(fam.values()), out, 0, r"^$|wrote", marker=marker, check=_no_marker(marker))
 
 
-@case("source fine-tune tokenizer_config.json is a JSON list (chat template read from it)", "corrupt input")
-def _tok_config_list(ws):
-    fam = ws.family()
-    (fam["source_finetuned"] / "chat_template.jinja").unlink()
-    (fam["source_finetuned"] / "tokenizer_config.json").write_text("[1, 2]")
-    out = ws.out()
-    return Spec(transfer_argv(fam, out), list(fam.values()), out, 2,
-                r"source_finetuned/tokenizer_config\.json must be a JSON object")
+def _non_object_json_case(name: str, role: str, file: str, text: str, drop_jinja: bool = False):
+    """A model file that is valid JSON but not an object: exit 2, naming the file."""
+    @case(name, "corrupt input")
+    def build(ws):
+        fam = ws.family()
+        if drop_jinja:  # so that the chat template is read from the JSON file
+            (fam[role] / "chat_template.jinja").unlink()
+        (fam[role] / file).write_text(text)
+        out = ws.out()
+        return Spec(transfer_argv(fam, out), list(fam.values()), out, 2,
+                    re.escape(f"{role}/{file} must be a JSON object"))
 
 
-@case("source fine-tune chat_template.json is a JSON string, not an object", "corrupt input")
-def _chat_template_json_str(ws):
-    fam = ws.family()
-    (fam["source_finetuned"] / "chat_template.jinja").unlink()
-    (fam["source_finetuned"] / "chat_template.json").write_text('"{{ messages }}"')
-    out = ws.out()
-    return Spec(transfer_argv(fam, out), list(fam.values()), out, 2,
-                r"source_finetuned/chat_template\.json must be a JSON object")
-
-
-@case("target tokenizer_config.json is a JSON list (tokenizer files copied from it)", "corrupt input")
-def _target_tok_config_list(ws):
-    fam = ws.family()
-    (fam["target_base"] / "tokenizer_config.json").write_text("[]")
-    out = ws.out()
-    return Spec(transfer_argv(fam, out), list(fam.values()), out, 2,
-                r"target_base/tokenizer_config\.json must be a JSON object")
+_non_object_json_case("source fine-tune tokenizer_config.json is a JSON list (chat template read from it)",
+                      "source_finetuned", "tokenizer_config.json", "[1, 2]", drop_jinja=True)
+_non_object_json_case("source fine-tune chat_template.json is a JSON string, not an object",
+                      "source_finetuned", "chat_template.json", '"{{ messages }}"', drop_jinja=True)
+_non_object_json_case("target tokenizer_config.json is a JSON list (tokenizer files copied from it)",
+                      "target_base", "tokenizer_config.json", "[]")
 
 
 # --------------------------------------------------------------------------------------------------
