@@ -212,7 +212,8 @@ def write_markdown(path: Path, outcomes, skipped, disk, sig, kills, fuzz, load, 
              "`previous intact` (an output that existed before is byte-identical), `complete` (the run succeeded and "
              "the output opens), `n/a` (the command writes no output). In the test suite the same cases run in-process: "
              "transfer/diff/apply/inspect in `tests/test_hostile_cli.py`, connectivity/similarity/check in "
-             "`tests/test_hostile_diag.py`; the eval/finetune/evolve/lab cases run only here.")
+             "`tests/test_hostile_diag.py`, eval/finetune/evolve/lab in `tests/test_hostile_loop.py`; only the cases "
+             "that need the real executable (resource limits, signals) run here alone.")
     L.append("")
     bad = [o for o in outcomes if not o.ok]
     L.append(f"**{len(outcomes) - len(bad)} of {len(outcomes)} catalogue cases behaved as required**"

@@ -492,34 +492,58 @@ _corrupt_case("inspect: duplicate tensor across shards", _duplicate_across_shard
 _corrupt_case("diff: header JSON invalid", _header_bad_json, r"safetensors|JSON", command="diff")
 
 
-def _both_bin_and_st(ws, consistent: bool):
+def _stale_bin_beside(d: Path, marker: Path, consistent: bool = False) -> Path:
+    """``d`` plus a booby-trapped ``pytorch_model.bin`` (must never be unpickled) and a
+    ``pytorch_model.bin.index.json`` that lists the safetensors' tensors, or (``consistent=False``,
+    a stale export as found on the hub) three fewer and one they do not have."""
     import torch
 
-    fam = ws.family()
-    d = fam["target_base"]
-    marker = ws.root / "PWNED"
-    # a booby-trapped .bin beside the safetensors: must never be unpickled
     torch.save({"__evil__": _Evil(marker)}, d / "pytorch_model.bin")
     names = sorted(index_of(d)["weight_map"])
     if not consistent:
         names = names[:-3] + ["model.extra.weight"]
     (d / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": {n: "pytorch_model.bin" for n in names}}))
+    return d
+
+
+def _both_bin_and_st(ws, consistent: bool):
+    fam = ws.family()
+    marker = ws.root / "PWNED"
+    _stale_bin_beside(fam["target_base"], marker, consistent)
     return fam, marker
 
 
-@case("dir with .safetensors and .bin whose index disagrees", "corrupt input")
+#: what deltaport logs when it ignores pickled files beside safetensors (every command, one code path)
+IGNORED_BIN = r"ignoring the pickled files beside them \(pytorch_model\.bin, pytorch_model\.bin\.index\.json\)"
+
+
+def _same_weights_as_plain_transfer(ws: Workspace, out: Path) -> Callable[[], str | None]:
+    """The output equals a transfer of the untouched models (every file but the provenance, which names paths)."""
+    def check():
+        from deltaport.ops import transfer
+
+        ref = ws.out("reference")
+        transfer(ws.pristine["source_base"], ws.pristine["source_finetuned"], ws.pristine["target_base"], ref)
+        strip = lambda h: {k: v for k, v in h.items() if k != "deltaport.json"}  # noqa: E731
+        return None if strip(tree_hash(out)) == strip(tree_hash(ref)) else "the output differs from a transfer without the .bin"
+
+    return check
+
+
+@case("dir with .safetensors and a stale .bin whose index disagrees: .bin ignored, never unpickled", "corrupt input")
 def _both_inconsistent(ws):
     fam, marker = _both_bin_and_st(ws, consistent=False)
     out = ws.out()
-    return Spec(transfer_argv(fam, out), list(fam.values()), out, 2, r"\.bin.*safetensors|safetensors.*\.bin",
-                marker=marker, check=_no_marker(marker))
+    return Spec(transfer_argv(fam, out), list(fam.values()), out, 0, IGNORED_BIN, marker=marker,
+                check=_both(_no_marker(marker), _same_weights_as_plain_transfer(ws, out)))
 
 
 @case("dir with .safetensors and .bin that agree: .bin ignored, never unpickled", "corrupt input")
 def _both_consistent(ws):
     fam, marker = _both_bin_and_st(ws, consistent=True)
     out = ws.out()
-    return Spec(transfer_argv(fam, out), list(fam.values()), out, 0, r"^$|wrote", marker=marker, check=_no_marker(marker))
+    return Spec(transfer_argv(fam, out), list(fam.values()), out, 0, IGNORED_BIN, marker=marker,
+                check=_both(_no_marker(marker), _same_weights_as_plain_transfer(ws, out)))
 
 
 def _non_object_json_case(name: str, role: str, file: str, text: str, drop_jinja: bool = False):
@@ -808,7 +832,8 @@ def _jsonl(ws: Workspace) -> Path:
     return p
 
 
-TINY_QA = Path(__file__).resolve().parent / "data" / "tiny_qa" / "tiny_qa.yaml"
+DATA = Path(__file__).resolve().parent / "data" / "tiny_qa"
+TINY_QA = DATA / "tiny_qa.yaml"
 
 
 def _later(command: str, argv_for: Callable[[Workspace, Path, Path], list[str]], out_kind: str = "file",
@@ -843,6 +868,13 @@ def _later(command: str, argv_for: Callable[[Workspace, Path, Path], list[str]],
         return Spec(argv_for(ws, d, out), [d], out, 2,
                     r"already exists.*--overwrite" if out_kind == "file" else r"exists|--overwrite", prev_output=True)
 
+    @case(f"{command}: truncated shard", "later commands", command)
+    def _truncated(ws):
+        d = ws.copy("target_base")
+        _truncate(d, ws)
+        out = _out(ws)
+        return Spec(argv_for(ws, d, out), [d], out, 2, r"truncated.*re-download this shard")
+
     if remote_code:
         @case(f"{command}: config.json with auto_map + custom code is not executed", "later commands", command)
         def _remote(ws):
@@ -850,16 +882,6 @@ def _later(command: str, argv_for: Callable[[Workspace, Path, Path], list[str]],
             d = _remote_code_dir(ws, marker)
             out = _out(ws)
             return Spec(argv_for(ws, d, out), [d], out, (0, 2), r"", marker=marker, check=_no_marker(marker))
-
-
-def _jsonl(ws: Workspace) -> Path:
-    p = ws.root / "text.jsonl"
-    p.write_text("".join(json.dumps({"text": "the flag is red . what color is the flag ? red"}) + "\n" for _ in range(8)))
-    return p
-
-
-DATA = Path(__file__).resolve().parent / "data" / "tiny_qa"
-TINY_QA = DATA / "tiny_qa.yaml"
 
 
 def _chain(ws: Workspace, m: Path) -> Path:
@@ -931,16 +953,17 @@ def _diag_cases(command: str, argv_for: Callable[[Workspace, Path, Path], list[s
         return Spec(argv_for(ws, d, out) + ["--allow-pickle"], [d], out, 2, r"weights_only", marker=marker,
                     check=_no_marker(marker))
 
-    @case(f"{command}: dir with .safetensors and a booby-trapped .bin: safetensors used, .bin never unpickled",
+    @case(f"{command}: dir with .safetensors and a booby-trapped .bin whose index disagrees: .bin ignored, never "
+          "unpickled",
           "later commands", command)
     def _st_and_bin(ws):
         import torch
 
         marker = ws.root / "PWNED"
-        d = ws.copy("target_base")
-        torch.save({"__evil__": _Evil(marker)}, d / "pytorch_model.bin")
+        d = _stale_bin_beside(ws.copy("target_base"), marker)
         out = _report(ws)
-        return Spec(argv_for(ws, d, out), [d], out, 0, r"report", marker=marker, check=_no_marker(marker))
+        return Spec(argv_for(ws, d, out), [d], out, 0, IGNORED_BIN + r".*report", marker=marker,
+                    check=_no_marker(marker))
 
     @case(f"{command}: --overwrite replaces an existing report", "later commands", command)
     def _overwrite(ws):
@@ -1051,18 +1074,27 @@ class Outcome:
 
 
 def in_process_runner(argv: list[str]) -> tuple[int, str, str]:
-    """Run the CLI in this process (fast; for tests)."""
-    from deltaport.cli.main import main
-
+    """Run the CLI in this process (fast; for tests). deltaport's log warnings go to the captured stderr,
+    as they do in the real executable (whose ``logging.basicConfig`` handler can bind only once per process)."""
+    import logging
     import traceback
 
+    from deltaport.cli.main import main
+
     o, e = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(o), contextlib.redirect_stderr(e):
-        try:
-            rc = main(list(argv))
-        except Exception:  # noqa: BLE001 - what the real CLI would print before exiting 1
-            traceback.print_exc()
-            rc = 1
+    log = logging.StreamHandler(e)
+    log.setLevel(logging.WARNING)
+    log.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logging.getLogger("deltaport").addHandler(log)
+    try:
+        with contextlib.redirect_stdout(o), contextlib.redirect_stderr(e):
+            try:
+                rc = main(list(argv))
+            except Exception:  # noqa: BLE001 - what the real CLI would print before exiting 1
+                traceback.print_exc()
+                rc = 1
+    finally:
+        logging.getLogger("deltaport").removeHandler(log)
     return rc, o.getvalue(), e.getvalue()
 
 
@@ -1201,6 +1233,17 @@ LOOP_ARGV: dict[str, Callable[[Workspace, Path, Path], list[str]]] = {
                                   "--device", "cpu", "--no-progress", "-o", str(o)],
     "evolve": lambda ws, m, o: ["evolve", str(_chain(ws, m)), "--no-progress", "-o", str(o)],
 }
+for _cmd in ("eval", "finetune", "evolve"):
+    def _bin_beside_case(cmd=_cmd):
+        @case(f"{cmd}: dir with .safetensors and a booby-trapped .bin whose index disagrees: .bin ignored, never "
+              "unpickled", "later commands", cmd)
+        def _bin_beside(ws):
+            marker = ws.root / "PWNED"
+            d = _stale_bin_beside(ws.copy("target_base"), marker)
+            out = ws.out("report.json" if cmd == "eval" else "out")
+            return Spec(LOOP_ARGV[cmd](ws, d, out), [d], out, 0, IGNORED_BIN, marker=marker, check=_no_marker(marker))
+    _bin_beside_case()
+
 for _cmd in ("connectivity", "check", "eval", "finetune", "evolve"):
     def _incomplete_case(cmd=_cmd):
         @case(f"{cmd}: model lacks a tensor (transformers would fill it at random)", "later commands", cmd)

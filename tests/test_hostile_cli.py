@@ -1,6 +1,8 @@
 """Every hostile case of ``hostile_cases.CASES`` for diff/apply/transfer/inspect, through the CLI entry
 point in-process: the exit code, the message, inputs byte-identical, no partial output, no leftovers,
-no foreign code run. (The later commands' cases run in ``benchmarks/reliability_report.py``.)"""
+no foreign code run. (The diagnostics' cases run in ``tests/test_hostile_diag.py``, eval/finetune/evolve/lab's
+in ``tests/test_hostile_loop.py``; ``benchmarks/reliability_report.py`` runs all of them through the real
+executable.)"""
 
 from __future__ import annotations
 

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from deltaport.errors import CheckpointError, InputError, OutputError
+from deltaport.io.checkpoint import open_checkpoint, pickle_only
 
 LOG = logging.getLogger(__name__)
 
@@ -75,10 +76,6 @@ def model_label(spec: Any) -> str:
     return str(spec)
 
 
-#: pickled weight files (as :func:`deltaport.io.checkpoint.open_checkpoint` recognises them)
-PICKLE_GLOBS = ("pytorch_model*.bin", "*.pt")
-
-
 def _local_dir(spec: Any) -> Path | None:
     """The local model directory ``spec`` names; None for a hub id. Raises for a file or a missing path."""
     src = str(spec)
@@ -90,22 +87,17 @@ def _local_dir(spec: Any) -> Path | None:
     return p if p.exists() else None
 
 
-def _pickle_only(d: Path) -> bool:
-    """True when ``d`` has pickled weights and no safetensors (a dir with both is read as safetensors)."""
-    return not any(d.glob("*.safetensors")) and any(f for g in PICKLE_GLOBS for f in d.glob(g))
-
-
 def preflight(spec: Any, *, allow_pickle: bool = False) -> Path | None:
-    """Cheap checks before any model is loaded: the path exists and is a directory, and a directory that
-    holds only pickled weights is refused unless ``allow_pickle`` (the core's error). Returns the local
-    directory (None for a hub id or a module)."""
+    """Cheap checks before any model is loaded, by the core's reader
+    (:func:`deltaport.io.checkpoint.open_checkpoint`, headers only): the path exists and is a directory,
+    its safetensors are complete and valid (a truncated or corrupt shard is named, with the fix), and a
+    directory that holds only pickled weights is refused unless ``allow_pickle``. Pickled files beside
+    safetensors are ignored, as everywhere. Returns the local directory (None for a hub id or a module)."""
     if isinstance(spec, torch.nn.Module):
         return None
     d = _local_dir(spec)
-    if d is not None and not allow_pickle and _pickle_only(d):
-        from deltaport.io.checkpoint import refuse_pickle
-
-        raise refuse_pickle(d, sorted({f.name for g in PICKLE_GLOBS for f in d.glob(g)}))
+    if d is not None and not (allow_pickle and pickle_only(d)):  # pickles are read (once) by _load_pickled
+        open_checkpoint(d, allow_pickle=allow_pickle)
     return d
 
 
@@ -121,22 +113,20 @@ def load_causal_lm(spec: Any, *, dtype: torch.dtype = torch.float32, device: str
     """
     if isinstance(spec, torch.nn.Module):
         return spec
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     src = str(spec)
     d = preflight(spec, allow_pickle=allow_pickle)
-    if d is not None and _pickle_only(d):
+    if d is not None and pickle_only(d):
         model = _load_pickled(d, dtype)
         return model.to(device).eval()
-    if d is not None and any(f for g in PICKLE_GLOBS for f in d.glob(g)):
-        LOG.warning("%s has both .safetensors and pickled weights; reading the safetensors only (the pickled files "
-                    "are never unpickled)", d)
     # safetensors only (a hub repo with only .bin fails here) unless pickles are allowed; never custom code
     kwargs: dict[str, Any] = {"use_safetensors": True} if (d is not None or not allow_pickle) else {}
     try:
         model, info = AutoModelForCausalLM.from_pretrained(str(d) if d is not None else src, dtype=dtype,
                                                            weights_only=True, output_loading_info=True, **kwargs)
-    except (OSError, ValueError, KeyError, pickle.UnpicklingError) as exc:
+    except (OSError, ValueError, KeyError, pickle.UnpicklingError, SafetensorError) as exc:
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
         hint = " (HF_HUB_OFFLINE is set: download it first or pass a local directory)" if offline else ""
         if d is None and not allow_pickle and "safetensors" in str(exc):
@@ -164,8 +154,6 @@ def _load_pickled(d: Path, dtype: torch.dtype) -> torch.nn.Module:
     (``torch.load(weights_only=True)``, which refuses anything but tensors), the class from config.json."""
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
-
-    from deltaport.io.checkpoint import open_checkpoint
 
     ck = open_checkpoint(d, allow_pickle=True)
     state = {n: ck.tensor(n) for n in ck.names}

@@ -354,8 +354,38 @@ def refuse_pickle(d: Path, files: list[str],
     return exc
 
 
+#: pickled weight files. They are read only when a directory has no ``.safetensors`` file (and only with
+#: ``allow_pickle``); beside safetensors they are ignored, never unpickled, by every command.
+PICKLE_GLOBS = ("pytorch_model*.bin", "*.pt", "adapter_model.bin")
+
+
+def pickled_files(d: Path) -> list[Path]:
+    """The pickled weight files in ``d`` (see :data:`PICKLE_GLOBS`), in reading order."""
+    return list(dict.fromkeys(f for g in PICKLE_GLOBS for f in sorted(d.glob(g))))
+
+
+def pickle_only(d: Path) -> bool:
+    """True when ``d`` holds pickled weights and no ``.safetensors`` file: the only case they are read."""
+    return not any(d.glob("*.safetensors")) and bool(pickled_files(d))
+
+
+_IGNORED_NOTED: set[Path] = set()
+
+
+def _note_ignored_pickles(d: Path) -> None:
+    """Safetensors present: any pickled weights (and ``pytorch_model.bin.index.json``) beside them are
+    ignored, whatever they hold. Hub repositories often keep a stale ``.bin`` export next to the
+    safetensors (e.g. an index that lists a tied ``lm_head``); deltaport reads the safetensors only."""
+    bins = [f.name for f in pickled_files(d)] + [f.name for f in d.glob("pytorch_model.bin.index.json")]
+    if not bins or d.resolve() in _IGNORED_NOTED:
+        return
+    _IGNORED_NOTED.add(d.resolve())
+    LOG.warning("%s has .safetensors weights; ignoring the pickled files beside them (%s): never unpickled, "
+                "not compared", d, ", ".join(bins))
+
+
 def _pickled(d: Path, allow_pickle: bool) -> tuple[dict[str, TensorSpec], list[Path], dict[str, torch.Tensor]]:
-    bins = sorted(d.glob("pytorch_model*.bin")) + sorted(d.glob("*.pt")) + sorted(d.glob("adapter_model.bin"))
+    bins = pickled_files(d)
     if not allow_pickle:
         raise refuse_pickle(d, [b.name for b in bins])
     index = d / "pytorch_model.bin.index.json"
@@ -381,25 +411,6 @@ def _pickled(d: Path, allow_pickle: bool) -> tuple[dict[str, TensorSpec], list[P
             mem[k] = v.contiguous()
     specs = {k: TensorSpec(k, b, v.dtype, tuple(v.shape), 0, v.numel() * v.element_size()) for k, v in sorted(mem.items())}
     return specs, bins, mem
-
-
-def _check_bin_beside_safetensors(d: Path, tensors: dict[str, TensorSpec]) -> None:
-    """A dir with both safetensors and pickled ``.bin`` weights: safetensors are used and the ``.bin``
-    files are never unpickled. When a ``pytorch_model.bin.index.json`` lists different tensors, the
-    two copies disagree and it is unclear which one is the model: refuse."""
-    bins = sorted(b.name for b in d.glob("pytorch_model*.bin"))
-    bin_index = d / "pytorch_model.bin.index.json"
-    if bin_index.exists():
-        wm = _read_json(bin_index, "index")
-        wm = wm.get("weight_map") if isinstance(wm, dict) else None
-        if not isinstance(wm, dict) or set(wm) != set(tensors):
-            diff = sorted(set(wm or {}) ^ set(tensors))[:5]
-            raise CheckpointError(
-                f"{d} holds both safetensors and pickled weights ({', '.join(bins)}) and they disagree: "
-                f"{bin_index.name} lists different tensors (e.g. {diff}). It is unclear which is the model; remove the "
-                ".bin files (deltaport reads only the safetensors) or re-download the repository.")
-    LOG.warning("%s has both .safetensors and .bin weights (%s); reading the safetensors only, the .bin files are "
-                "ignored (never unpickled)", d, ", ".join(bins))
 
 
 def open_checkpoint(source: str | Path, *, allow_pickle: bool = False, revision: str | None = None,
@@ -435,14 +446,14 @@ def open_checkpoint(source: str | Path, *, allow_pickle: bool = False, revision:
         elif len(st) > 1:
             raise CheckpointError(f"{d} has {len(st)} safetensors files but no {INDEX_NAME}; "
                                   "the index is missing - re-download it")
-        elif list(d.glob("pytorch_model*.bin")) or list(d.glob("*.pt")):
+        elif pickle_only(d):
             tensors, files, memory = _pickled(d, allow_pickle)
             kind = "pickle"
         else:
             raise CheckpointError(f"{d} contains no weights (no model.safetensors, {INDEX_NAME} or "
                                   "pytorch_model*.bin); is it a model directory?")
-    if kind != "pickle" and list(d.glob("pytorch_model*.bin")):
-        _check_bin_beside_safetensors(d, tensors)
+    if memory is None:
+        _note_ignored_pickles(d)
     if provenance and provenance.get("kind") == "delta":
         kind = "delta"
     config = _load_config(d, required=require_config and kind in ("safetensors", "pickle"))
