@@ -55,6 +55,32 @@ def assert_bit_equal(sd1: dict, sd2: dict, *, ignore_zero_sign: bool = False) ->
 
 _FAMILY_CACHE: dict = {}
 
+#: (source base, source fine-tune, target) at the first elements of every tensor of a ``signed_zeros``
+#: family; None keeps the model's own (non-zero) value. Every sign combination the arithmetic meets.
+SIGNED_ZEROS = (
+    (-0.0, -0.0, -0.0),  # untouched by the fine-tune, −0.0 everywhere
+    (0.0, -0.0, 0.0),  # the fine-tune flips the sign of a zero
+    (None, -0.0, None),  # the fine-tune zeroes a weight (to −0.0)
+    (-0.0, 0.0, -0.0),
+    (-0.0, None, -0.0),  # a −0.0 weight the fine-tune moves
+    (0.0, -0.0, -0.0),  # Δ = −0.0 onto a target −0.0
+)
+
+
+def plant_signed_zeros(base, ft, tgt) -> None:
+    """Write :data:`SIGNED_ZEROS` into the first elements of every parameter of the three models."""
+    with torch.no_grad():
+        for models in zip(base.parameters(), ft.parameters(), tgt.parameters()):
+            for i, row in enumerate(SIGNED_ZEROS[: min(p.numel() for p in models)]):
+                for p, v in zip(models, row):
+                    if v is not None:
+                        p.view(-1)[i] = v
+
+
+def minus_zero_to_plus(sd: dict) -> dict:
+    """``sd`` with every −0.0 written as +0.0 (what an exact-zero IEEE sum of mixed-sign zeros gives)."""
+    return {k: torch.where(v == 0, torch.zeros_like(v), v) if v.is_floating_point() else v for k, v in sd.items()}
+
 
 @pytest.fixture(scope="session")
 def family_root(tmp_path_factory):
@@ -65,16 +91,19 @@ def family_root(tmp_path_factory):
 def family(family_root):
     """family(arch, dtype) -> {source_base, source_finetuned, target_base} dirs (several shards each).
 
-    source_finetuned = base + N(0, 1e-3) (a fine-tune-sized change), target = base + N(0, 5e-3)."""
+    source_finetuned = base + N(0, 1e-3) (a fine-tune-sized change), target = base + N(0, 5e-3).
+    ``signed_zeros=True``: the same with :data:`SIGNED_ZEROS` planted at the start of every tensor."""
     from deltaport import testing as T
 
-    def make(arch: str = "llama", dtype: torch.dtype = torch.bfloat16):
-        key = (arch, dtype)
+    def make(arch: str = "llama", dtype: torch.dtype = torch.bfloat16, signed_zeros: bool = False):
+        key = (arch, dtype, signed_zeros)
         if key not in _FAMILY_CACHE:
-            root = family_root / f"{arch}-{str(dtype).replace('torch.', '')}"
+            root = family_root / f"{arch}-{str(dtype).replace('torch.', '')}{'-zeros' if signed_zeros else ''}"
             base = T.make_model(arch, seed=0, dtype=dtype)
             ft = T.perturbed(base, seed=1, scale=1e-3)
             tgt = T.perturbed(base, seed=2, scale=5e-3)
+            if signed_zeros:
+                plant_signed_zeros(base, ft, tgt)
             paths = {}
             for name, m in (("source_base", base), ("source_finetuned", ft), ("target_base", tgt)):
                 paths[name] = T.save(m, root / name)

@@ -10,39 +10,52 @@ from hypothesis import strategies as st
 import deltaport
 from deltaport.numerics import round_to
 from deltaport.testing import ARCHS
-from conftest import assert_bit_equal, load_sd, tree_hash
+from conftest import SIGNED_ZEROS, assert_bit_equal, load_sd, minus_zero_to_plus, tree_hash
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+
+# The families here carry −0.0 (conftest.SIGNED_ZEROS) so that every identity states what happens to the
+# sign of zero. deltaport adds in IEEE 754 arithmetic: a sum whose exact value is zero is −0.0 only when
+# both addends are −0.0 (t and λ·Δ), otherwise +0.0. Hence b + (f − b) and apply(diff(F, B), to=B) give
+# F with each −0.0 written as +0.0 (no rule can keep it: Δ = −b for both signs of a zero f), while
+# --scale 0 copies the target's bytes, −0.0 included.
+
+
+def _minus_zeros(sd: dict) -> int:
+    return sum(int((torch.signbit(v) & (v == 0)).sum()) for v in sd.values() if v.is_floating_point())
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
 def test_transfer_onto_source_base_reproduces_finetuned(family, tmp_path, arch, dtype):
-    p = family(arch, dtype)
+    p = family(arch, dtype, signed_zeros=True)
     before = {k: tree_hash(v) for k, v in p.items()}
     deltaport.transfer(p["source_base"], p["source_finetuned"], p["source_base"], tmp_path / "out")
-    assert_bit_equal(load_sd(tmp_path / "out"), load_sd(p["source_finetuned"]))
+    ft = load_sd(p["source_finetuned"])
+    assert _minus_zeros(ft) > 0
+    assert_bit_equal(load_sd(tmp_path / "out"), minus_zero_to_plus(ft))  # bit for bit, −0.0 written as +0.0
     assert {k: tree_hash(v) for k, v in p.items()} == before  # inputs untouched
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma", "phi3"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
 def test_scale_zero_reproduces_target(family, tmp_path, arch, dtype):
-    p = family(arch, dtype)
+    p = family(arch, dtype, signed_zeros=True)
     deltaport.transfer(p["source_base"], p["source_finetuned"], p["target_base"], tmp_path / "out", scale=0.0)
-    assert_bit_equal(load_sd(tmp_path / "out"), load_sd(p["target_base"]))
+    assert _minus_zeros(load_sd(p["target_base"])) > 0
+    assert_bit_equal(load_sd(tmp_path / "out"), load_sd(p["target_base"]))  # a byte copy: −0.0 kept
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "olmo2"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
 def test_apply_of_diff_reproduces_finetuned(family, tmp_path, arch, dtype):
-    p = family(arch, dtype)
+    p = family(arch, dtype, signed_zeros=True)
     r = deltaport.diff(p["source_base"], p["source_finetuned"], tmp_path / "delta")
     want = torch.float64 if dtype == torch.float32 else torch.float32
     assert {t.dtype for t in load_sd(tmp_path / "delta").values()} == {want}  # the exact Δ dtype
     assert r.provenance["inexact_delta_elements"] == {}
     deltaport.apply(tmp_path / "delta", p["source_base"], tmp_path / "out")
-    assert_bit_equal(load_sd(tmp_path / "out"), load_sd(p["source_finetuned"]))
+    assert_bit_equal(load_sd(tmp_path / "out"), minus_zero_to_plus(load_sd(p["source_finetuned"])))
 
 
 def _hand_built(p, scale, compute=torch.float64):
@@ -56,7 +69,7 @@ def _hand_built(p, scale, compute=torch.float64):
 def test_logits_equal_hand_built_state_dict(family, tmp_path, arch):
     from transformers import AutoModelForCausalLM
 
-    p = family(arch, torch.bfloat16)
+    p = family(arch, torch.bfloat16, signed_zeros=True)
     scale = 0.7
     deltaport.transfer(p["source_base"], p["source_finetuned"], p["target_base"], tmp_path / "out", scale=scale)
     want = _hand_built(p, scale)
@@ -73,11 +86,36 @@ def test_logits_equal_hand_built_state_dict(family, tmp_path, arch):
 
 
 def test_apply_equals_transfer(family, tmp_path):
-    p = family("mistral", torch.bfloat16)
+    p = family("mistral", torch.bfloat16, signed_zeros=True)
     deltaport.diff(p["source_base"], p["source_finetuned"], tmp_path / "delta")
     deltaport.apply(tmp_path / "delta", p["target_base"], tmp_path / "a", scale=1.3)
     deltaport.transfer(p["source_base"], p["source_finetuned"], p["target_base"], tmp_path / "t", scale=1.3)
     assert_bit_equal(load_sd(tmp_path / "a"), load_sd(tmp_path / "t"))
+
+
+#: sign of the output where source base, fine-tune and target are all zeros (rows of SIGNED_ZEROS), by the
+#: sign of λ: −0.0 (True) only where both addends t and λ·(f − b) are −0.0
+_ZERO_ROWS = [i for i, row in enumerate(SIGNED_ZEROS) if None not in row]
+_MINUS_ZERO_OUT = {1: {0: False, 1: False, 3: False, 5: True}, -1: {0: True, 1: False, 3: True, 5: False}}
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.7, -1.0])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+def test_sign_of_zero_follows_ieee_addition(family, tmp_path, dtype, scale):
+    """T + λ·Δ where the exact result is zero: the sign IEEE 754 round-to-nearest addition gives, stated per
+    case; a diff then apply writes the same bytes as the transfer."""
+    p = family("qwen2", dtype, signed_zeros=True)
+    assert _ZERO_ROWS == [0, 1, 3, 5]
+    deltaport.transfer(p["source_base"], p["source_finetuned"], p["target_base"], tmp_path / "t", scale=scale)
+    deltaport.diff(p["source_base"], p["source_finetuned"], tmp_path / "d")
+    deltaport.apply(tmp_path / "d", p["target_base"], tmp_path / "a", scale=scale)
+    out = load_sd(tmp_path / "t")
+    assert_bit_equal(load_sd(tmp_path / "a"), out)
+    want = _MINUS_ZERO_OUT[1 if scale > 0 else -1]
+    for name, t in out.items():
+        head = t.reshape(-1)[:len(SIGNED_ZEROS)]
+        for i in _ZERO_ROWS[: head.numel()]:
+            assert head[i] == 0 and bool(torch.signbit(head[i])) == want[i], (name, i, head[i].item())
 
 
 def test_tied_embeddings_receive_delta_once(family, tmp_path):
@@ -142,8 +180,8 @@ finite_bf16 = st.one_of(
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.tuples(finite_bf16, finite_bf16, finite_bf16), min_size=1, max_size=40))
 def test_engine_identity_property(tmp_path_factory, triples):
-    """Property: for arbitrary bf16 values, transfer onto the source base returns the finetuned bits
-    and λ = 0 returns the target bits (up to the sign of zero)."""
+    """Property: for arbitrary bf16 values, transfer onto the source base returns the finetuned bits with
+    −0.0 written as +0.0, and λ = 0 returns the target bits exactly (a copy, −0.0 included)."""
     from safetensors.torch import save_file
 
     from deltaport.engine import execute
@@ -159,7 +197,7 @@ def test_engine_identity_property(tmp_path_factory, triples):
         (d / name).mkdir()
         save_file({"w": t}, str(d / name / "model.safetensors"))
     ck = {n: open_checkpoint(d / n) for n in "abc"}
-    for target, scale, want in ((ck["b"], 1.0, a), (ck["c"], 0.0, c)):
+    for target, scale, want in ((ck["b"], 1.0, torch.where(a == 0, torch.zeros_like(a), a)), (ck["c"], 0.0, c)):
         plan = plan_transfer(ck["b"], ck["a"], target, make_policies(scale=scale))
         out = d / f"out{scale}"
         out.mkdir()
@@ -167,9 +205,7 @@ def test_engine_identity_property(tmp_path_factory, triples):
         execute(plan, w)
         w.finalize()
         got = load_sd(out)["w"]
-        got0 = torch.where(got == 0, torch.zeros_like(got), got)
-        want0 = torch.where(want == 0, torch.zeros_like(want), want)
-        assert torch.equal(got0.view(torch.int16), want0.view(torch.int16))
+        assert torch.equal(got.view(torch.int16), want.view(torch.int16))
         import shutil
 
         shutil.rmtree(out)
