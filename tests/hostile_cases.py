@@ -1,8 +1,10 @@
 """Hostile inputs and faults for every deltaport command: one catalogue, two users.
 
-``tests/test_hostile_cli.py`` runs every case in-process (fast) and asserts the expected exit code,
-message, untouched inputs and the all-or-nothing output; ``benchmarks/reliability_report.py`` runs
-the same cases through the real ``deltaport`` executable and writes ``docs/reliability.md``.
+The tests run every case in-process (fast) and assert the expected exit code, message, untouched
+inputs and the all-or-nothing output: ``tests/test_hostile_cli.py`` the core commands',
+``tests/test_hostile_diag.py`` the diagnostics', ``tests/test_hostile_loop.py`` eval/finetune/evolve/lab's
+(only cases marked ``real_cli_only`` are left out); ``benchmarks/reliability_report.py`` runs the same
+cases through the real ``deltaport`` executable and writes ``docs/reliability.md``.
 
 A case is a function ``build(ws) -> Spec``: it copies pristine tiny checkpoints into the workspace,
 breaks them, and says which command to run and what must happen.

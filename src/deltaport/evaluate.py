@@ -348,9 +348,10 @@ def _prepare_model(m: _Model, cache_dir: Path | None, need_fp: bool) -> None:
 
 
 def check_weights(d: Path) -> None:
-    """Before transformers is asked to load anything: safetensors weights present and readable (pickled
-    ``.bin`` files are refused, never unpickled; headers only), and every parameter config.json implies
-    present in its shape (the model built on the meta device)."""
+    """Before transformers is asked to load anything: safetensors weights present and readable (headers
+    only; a directory of pickled ``.bin`` files only is refused, ``.bin`` files beside safetensors are
+    ignored, never unpickled), and every parameter config.json implies present in its shape (the model
+    built on the meta device)."""
     from deltaport.assets import missing_parameters
     from deltaport.io.checkpoint import open_checkpoint, refuse_pickle
 
