@@ -272,3 +272,43 @@ def test_lora_diff_in_a_narrower_dtype_counts_inexact_elements(lora, tmp_path):
     assert r.provenance["inexact_delta_elements"] == wrong
     prov = json.loads((tmp_path / "delta" / "deltaport.json").read_text())
     assert prov["inexact_delta_elements"] == wrong
+
+
+def test_lora_fan_in_fan_out_conv1d_gets_the_transposed_product(tmp_path):
+    """GPT-2 stores Conv1D weights as [in, out]; PEFT then merges (B·A)ᵀ. A square c_proj used to get B·A
+    untransposed, silently."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=64, n_positions=32, bos_token_id=2, eos_token_id=3)
+    torch.manual_seed(0)
+    base = GPT2LMHeadModel(cfg).eval()
+    tgt = T.perturbed(base, seed=2, scale=5e-3)
+    sb, tb = T.save(base, tmp_path / "sb"), T.save(tgt, tmp_path / "tb")
+    pm = get_peft_model(GPT2LMHeadModel.from_pretrained(sb), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["c_attn", "attn.c_proj", "c_fc"], fan_in_fan_out=True, init_lora_weights=False))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_" in n:
+                p.copy_((torch.randn_like(p) * 0.05).to(torch.bfloat16).float())
+    pm.save_pretrained(tmp_path / "adapter")
+    deltaport.transfer(sb, tmp_path / "adapter", tb, tmp_path / "o", chunk_elems=7)
+    out, c, ad = load_sd(tmp_path / "o"), load_sd(tb), load_sd(tmp_path / "adapter")
+    adapted = 0
+    for k, w in c.items():
+        mod = "base_model.model." + k[: -len(".weight")]
+        if mod + ".lora_A.weight" in ad:
+            A, B = ad[mod + ".lora_A.weight"].double(), ad[mod + ".lora_B.weight"].double()
+            want = (w.double() + (B @ A).T * 2.0).float()
+            adapted += 1
+        else:
+            want = w
+        assert torch.equal(bits(out[k]), bits(want)), k
+    assert adapted == 3 and c["transformer.h.0.attn.c_proj.weight"].shape == (32, 32)
+    # PEFT's own merge agrees (it merges in float32: close, not bitwise)
+    merged = pm.merge_and_unload().state_dict()
+    self_out = tmp_path / "self"
+    deltaport.transfer(sb, tmp_path / "adapter", sb, self_out)
+    got = load_sd(self_out)
+    for k in got:
+        torch.testing.assert_close(got[k], merged[k], rtol=0, atol=1e-6)

@@ -299,6 +299,8 @@ class Engine:
         if cache is None or cache[0] != op.name:
             A = op.lora.ck.tensor(op.lora.a.name).to(self.cd)
             B = op.lora.ck.tensor(op.lora.b.name).to(self.cd)
+            if op.lora.transposed:  # W is [in, out]: W[i, j] = Σ_k A[k, i]·B[j, k], the same terms in the same order
+                A, B = B.T.contiguous(), A.T.contiguous()
             self._lora_cache = cache = (op.name, A, B)
         _, A, B = cache
         n = e1 - e0

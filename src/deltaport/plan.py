@@ -50,12 +50,14 @@ class Term:
 
 @dataclass
 class LoraTerm:
-    """Δ = scaling · B @ A, from a PEFT adapter."""
+    """Δ = scaling · B @ A, from a PEFT adapter; its transpose for ``fan_in_fan_out`` (Conv1D weights
+    stored as [in, out], e.g. GPT-2)."""
 
     a: TensorSpec
     b: TensorSpec
     ck: Checkpoint
     scaling: float
+    transposed: bool = False
 
 
 @dataclass
@@ -614,12 +616,16 @@ def _plan_lora_transfer(sb: Checkpoint, sf: Checkpoint, tb: Checkpoint, pol: Pol
         if set(ab) != {"A", "B"}:
             probs.add(f"{name}: LoRA adapter has only lora_{''.join(ab)}")
             continue
-        if (ab["B"].shape[0], ab["A"].shape[1]) != tuple(c.shape):
-            probs.add(f"{name}: LoRA B@A has shape {[ab['B'].shape[0], ab['A'].shape[1]]} but the target has {list(c.shape)}")
+        fan = bool(cfg.get("fan_in_fan_out"))
+        want = (ab["A"].shape[1], ab["B"].shape[0]) if fan else (ab["B"].shape[0], ab["A"].shape[1])
+        if want != tuple(c.shape):
+            what = "(B@A)^T (fan_in_fan_out)" if fan else "B@A"
+            probs.add(f"{name}: LoRA {what} has shape {list(want)} but the target has {list(c.shape)}")
             continue
         dtypes.add(c.dtype)
-        plan.ops.append(TensorOp(name, c.shape, out_dtype, "delta", base=Term(tb, c), lora=LoraTerm(ab["A"], ab["B"], sf, scaling), scale=scale,
-                                 notes=[f"LoRA r={r} scaling={scaling:g}"]))
+        plan.ops.append(TensorOp(name, c.shape, out_dtype, "delta", base=Term(tb, c),
+                                 lora=LoraTerm(ab["A"], ab["B"], sf, scaling, transposed=fan), scale=scale,
+                                 notes=[f"LoRA r={r} scaling={scaling:g}" + (" fan_in_fan_out" if fan else "")]))
     missing = (set(loras) | set(full)) - {pol.map_key(n) for n in tb.tensors}
     for n in sorted(missing):
         probs.add(f"LoRA adapts {n}, which the target does not have")
