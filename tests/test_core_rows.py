@@ -60,12 +60,14 @@ def _resized(model, rows: int, seed: int):
     return model
 
 
-@pytest.fixture(scope="module", params=[31, 48], ids=["base-rows-below-added-ids", "base-rows-above-added-ids"])
+@pytest.fixture(scope="module", params=[(31, 36), (48, 36), (40, 40)],
+                ids=["base-rows-below-added-ids", "base-rows-above-added-ids", "equal-rows-different-vocabularies"])
 def added(request, tmp_path_factory):
-    """Base: the tiny vocabulary (31 tokens) with 31 rows, or padded to 48 rows (added ids land inside).
-    Fine-tune: adds <think>, <tool>, <fin> (in that order). Target (a new release): its own extra word,
-    then adds <tool>, <tgt>, <think> (a different order; two shared with the fine-tune)."""
-    base_rows = request.param
+    """Base: the tiny vocabulary (31 tokens) with 31 rows, or padded to 48 or 40 rows (added ids land
+    inside). Fine-tune: adds <think>, <tool>, <fin> (in that order). Target (a new release): its own extra
+    word, then adds <tool>, <tgt>, <think> (a different order; two shared with the fine-tune). In the last
+    case all three have 40 rows: equal shapes, different vocabularies."""
+    base_rows, tgt_rows = request.param
     root = tmp_path_factory.mktemp(f"added{base_rows}")
     base_tok = _tok()
     ft_tok = _tok(added=["<think>", "<tool>", "<fin>"])
@@ -73,7 +75,7 @@ def added(request, tmp_path_factory):
     assert len(base_tok) == 31 and len(ft_tok) == 34 and len(tgt_tok) == 35
     base = T.make_model("llama", seed=0, dtype=torch.float32, vocab_size=base_rows)
     ft = _resized(T.perturbed(base, seed=1, scale=1e-2), max(base_rows, 34), seed=11).to(torch.bfloat16)
-    tgt = _resized(T.perturbed(base, seed=2, scale=5e-2), 36, seed=12).to(torch.bfloat16)
+    tgt = _resized(T.perturbed(base, seed=2, scale=5e-2), tgt_rows, seed=12).to(torch.bfloat16)
     base = base.to(torch.bfloat16)
     return {"sb": T.save(base, root / "sb", tokenizer=base_tok), "sf": T.save(ft, root / "sf", tokenizer=ft_tok),
             "tb": T.save(tgt, root / "tb", tokenizer=tgt_tok),
@@ -146,6 +148,15 @@ def test_align_unmatched_rows_finetuned_copies_the_finetuned_row(added, tmp_path
         assert torch.equal(bits(out[EMB][vc[s]]), bits(c[EMB][vc[s]]))
     prov = json.loads((tmp_path / "o" / "deltaport.json").read_text())
     assert prov["vocab_align"]["unmatched_rows"] == "finetuned"
+
+
+def test_align_with_one_vocabulary_is_a_plain_transfer(family, tmp_path):
+    """Same tokenizer, same row counts: align changes nothing (padding rows included)."""
+    p = family("llama", torch.bfloat16)
+    r = deltaport.transfer(p["source_base"], p["source_finetuned"], p["target_base"], tmp_path / "a", vocab_policy="align")
+    deltaport.transfer(p["source_base"], p["source_finetuned"], p["target_base"], tmp_path / "plain")
+    assert_bit_equal(load_sd(tmp_path / "a"), load_sd(tmp_path / "plain"))
+    assert "vocab_align" not in r.provenance and r.plan.warnings == []
 
 
 def test_unmatched_rows_cli_flag_and_validation(added, tmp_path):

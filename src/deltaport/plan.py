@@ -325,13 +325,6 @@ class RowAlignment:
     no_finetuned: list[tuple[str, int]]  # target tokens with a base row but none in the fine-tune
     rows_without_token: int  # target rows no target token maps to (padding rows): no Δ
 
-    @property
-    def identity(self) -> bool:
-        n = self.plus.numel()
-        ar = torch.arange(n)
-        return (self.target is None and not self.no_base and not self.no_finetuned and not self.rows_without_token
-                and torch.equal(self.plus, ar) and torch.equal(self.minus, ar))
-
 
 def align_rows(ft_vocab: dict[str, int], base_vocab: dict[str, int], tgt_vocab: dict[str, int], *, ft_rows: int,
                base_rows: int, tgt_rows: int, unmatched: str = "target") -> RowAlignment:
@@ -427,12 +420,13 @@ def plan_transfer(sb: Checkpoint, sf: Checkpoint, tb: Checkpoint, pol: Policies)
 
     def align_op(name: str, a: TensorSpec, b: TensorSpec, c: TensorSpec, out_dtype, scale: float, notes: list[str],
                  desc: str) -> TensorOp | None:
-        """The ``align`` op of one vocabulary tensor; None when the three vocabularies and row counts agree."""
+        """The ``align`` op of one vocabulary tensor; None when the three vocabularies and row counts agree
+        (then row i is the same token everywhere, padding rows included: a plain transfer)."""
         src_vocab, base_vocab, tgt_vocab = vocab_maps()
+        if a.shape == b.shape == c.shape and src_vocab == base_vocab == tgt_vocab:
+            return None
         al = align_rows(src_vocab, base_vocab, tgt_vocab, ft_rows=a.shape[0], base_rows=b.shape[0],
                         tgt_rows=c.shape[0], unmatched=pol.unmatched_rows)
-        if a.shape == b.shape == c.shape and src_vocab == base_vocab == tgt_vocab and al.identity:
-            return None
         rec = plan.info.setdefault("vocab_align", {
             "unmatched_rows": pol.unmatched_rows, "tensors": [], "target_rows": c.shape[0], "matched": al.matched,
             "tokens_without_base_row": {"count": len(al.no_base), "first": [
