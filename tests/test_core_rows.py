@@ -323,3 +323,17 @@ def test_lora_fan_in_fan_out_conv1d_gets_the_transposed_product(tmp_path):
     got = load_sd(self_out)
     for k in got:
         torch.testing.assert_close(got[k], merged[k], rtol=0, atol=1e-6)
+
+
+def test_pad_and_tied_outputs_do_not_depend_on_the_chunk_size(added, family, tmp_path):
+    """Chunks that cut rows (7, 4099) give the bytes of the default chunk: vocab pad, and a tied model."""
+    cases = {"pad": (added["sb"], added["sf"], added["tb"], {"vocab_policy": "pad", "scale": 0.7})}
+    g = family("gemma", torch.bfloat16)
+    cases["tied"] = (g["source_base"], g["source_finetuned"], g["target_base"], {"scale": 0.7})
+    for tag, (sb, sf, tb, kw) in cases.items():
+        outs = []
+        for chunk in CHUNKS:
+            deltaport.transfer(sb, sf, tb, tmp_path / f"{tag}{chunk}", chunk_elems=chunk, **kw)
+            outs.append(load_sd(tmp_path / f"{tag}{chunk}"))
+        assert_bit_equal(outs[0], outs[2])
+        assert_bit_equal(outs[1], outs[2])

@@ -105,8 +105,8 @@ def _resolve_src(choice: str, flag: str, target: Path, source_ft: Path | None) -
 
 
 def transfer(source_base, source_finetuned, target_base, output, *, scale: float = 1.0,
-             vocab_policy: str = "error", shape_policy: str = "error", unmatched_rows: str = "target", key_map=None, include=None, exclude=None,
-             scale_map=None, compute_dtype: str = "auto", out_dtype: str | None = None,
+             vocab_policy: str = "error", shape_policy: str = "error", unmatched_rows: str = "target", key_map=None,
+             include=None, exclude=None, scale_map=None, compute_dtype: str = "auto", out_dtype: str | None = None,
              config_from: str = "target", tokenizer_from: str = "target", chat_template_from: str = "source-finetuned",
              shard_size: str | int = DEFAULT_SHARD_SIZE, overwrite: bool = False, dry_run: bool = False,
              allow_pickle: bool = False, strict: bool = False, threads: int | None = None, progress: bool = False,

@@ -61,7 +61,6 @@ def _summary(res, as_json: bool, dry_run: bool) -> None:
         err.write(f"  warning: NaN/Inf in inputs of {len(names)} tensor(s): {', '.join(names[:5])}{more}\n")
 
 
-
 def register(app: typer.Typer) -> None:
     @app.command("transfer")
     def transfer_cmd(
@@ -80,7 +79,8 @@ def register(app: typer.Typer) -> None:
         from deltaport.ops import transfer
 
         res = transfer(source_base, source_finetuned, target_base, output, scale=scale, vocab_policy=vocab_policy,
-                       unmatched_rows=unmatched_rows, shape_policy=shape_policy, key_map=key_map, include=include, exclude=exclude, scale_map=scale_map,
+                       unmatched_rows=unmatched_rows, shape_policy=shape_policy, key_map=key_map, include=include,
+                       exclude=exclude, scale_map=scale_map,
                        compute_dtype=compute_dtype, out_dtype=out_dtype, config_from=config_from,
                        tokenizer_from=tokenizer_from, chat_template_from=chat_template_from, shard_size=shard_size,
                        overwrite=overwrite, dry_run=dry_run, allow_pickle=allow_pickle, strict=strict, threads=threads,
