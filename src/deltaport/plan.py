@@ -133,7 +133,9 @@ class Plan:
 
     def describe(self) -> str:
         """Human-readable plan (``--dry-run``)."""
-        lines = [f"plan: {self.operation}, {len(self.ops)} output tensors ({self.coverage()}), compute dtype "
+        cover = (self.coverage() if self.operation == "diff" else
+                 f"{self.received_delta} of {len(self.ops)} output tensors receive Δ")
+        lines = [f"plan: {self.operation}, {cover}, compute dtype "
                  f"{dtype_name(self.compute_dtype)}, reads {self.total_in_bytes / 1e6:.1f} MB, writes "
                  f"{self.total_out_bytes / 1e6:.1f} MB"]
         for op in self.ops:
@@ -437,14 +439,15 @@ def plan_transfer(sb: Checkpoint, sf: Checkpoint, tb: Checkpoint, pol: Policies)
         })
         rec["tensors"].append(name)
         if len(rec["tensors"]) == 1:
-            kept = ("keep the target's rows" if pol.unmatched_rows == "target" else
-                    "take the fine-tune's rows where it has the token, else keep the target's")
+            kept = ("keep the target's rows (--unmatched-rows finetuned copies the fine-tune's rows instead)"
+                    if pol.unmatched_rows == "target" else
+                    "take the fine-tune's rows where it has the token, else keep the target's (--unmatched-rows finetuned)")
             for what, items in (("have no row in the source base", al.no_base),
                                 ("have a base row but none in the source fine-tune", al.no_finetuned)):
                 if items:
                     shown = ", ".join(repr(t) for t, _ in items[:10]) + (", ..." if len(items) > 10 else "")
-                    plan.warnings.append(f"vocab align: {len(items)} target token(s) {what} (no Δ is defined): they {kept} "
-                                         f"(--unmatched-rows); {shown}")
+                    plan.warnings.append(f"vocab align: {len(items)} target token(s) {what} (no Δ is defined): they {kept}: "
+                                         f"{shown}")
         base_term = Term(tb, c)
         if al.overlay is not None:
             base_term = Term(tb, c, al.target, overlay=Term(sf, a, al.overlay))
