@@ -77,6 +77,11 @@ def added(request, tmp_path_factory):
     ft = _resized(T.perturbed(base, seed=1, scale=1e-2), max(base_rows, 34), seed=11).to(torch.bfloat16)
     tgt = _resized(T.perturbed(base, seed=2, scale=5e-2), tgt_rows, seed=12).to(torch.bfloat16)
     base = base.to(torch.bfloat16)
+    with torch.no_grad():  # -0.0 in rows that have no Δ: kept as they are, sign included
+        tgt.model.embed_tokens.weight[31, :3] = -0.0  # "newword"
+        tgt.lm_head.weight[33, :3] = -0.0  # "<tgt>"
+        ft.model.embed_tokens.weight[31, :2] = -0.0  # "<think>" in the fine-tune
+        ft.lm_head.weight[31, :2] = -0.0
     return {"sb": T.save(base, root / "sb", tokenizer=base_tok), "sf": T.save(ft, root / "sf", tokenizer=ft_tok),
             "tb": T.save(tgt, root / "tb", tokenizer=tgt_tok),
             "vocab": {k: t.get_vocab() for k, t in (("sb", base_tok), ("sf", ft_tok), ("tb", tgt_tok))}}
@@ -105,8 +110,7 @@ def _align_reference(added, scale: float, unmatched: str) -> dict[str, torch.Ten
     return want
 
 
-@pytest.mark.parametrize("chunk", CHUNKS)
-@pytest.mark.parametrize("scale", [1.0, 0.7])
+@pytest.mark.parametrize("chunk,scale", [(c, s) for c in CHUNKS for s in (1.0, 0.7)] + [(4099, -0.5)])
 def test_align_uses_each_models_own_tokenizer(added, tmp_path, chunk, scale):
     r = deltaport.transfer(added["sb"], added["sf"], added["tb"], tmp_path / "o", vocab_policy="align", scale=scale,
                            chunk_elems=chunk)
@@ -133,11 +137,12 @@ def test_align_uses_each_models_own_tokenizer(added, tmp_path, chunk, scale):
     assert r.provenance["vocab_align"] == rec
 
 
-def test_align_unmatched_rows_finetuned_copies_the_finetuned_row(added, tmp_path):
+@pytest.mark.parametrize("scale", [1.0, -0.5])
+def test_align_unmatched_rows_finetuned_copies_the_finetuned_row(added, tmp_path, scale):
     deltaport.transfer(added["sb"], added["sf"], added["tb"], tmp_path / "o", vocab_policy="align",
-                       unmatched_rows="finetuned", chunk_elems=7)
+                       unmatched_rows="finetuned", chunk_elems=7, scale=scale)
     out = load_sd(tmp_path / "o")
-    want = _align_reference(added, 1.0, "finetuned")
+    want = _align_reference(added, scale, "finetuned")
     for k in (EMB, HEAD):
         assert torch.equal(bits(out[k]), bits(want[k])), k
     a, vc, va = load_sd(added["sf"]), added["vocab"]["tb"], added["vocab"]["sf"]

@@ -248,7 +248,7 @@ class Engine:
     def _gather_rows(self, key: str, term: Term, r0: int, r1: int, out2: torch.Tensor, row_elems: int, *,
                      zero: bool) -> None:
         """Write ``term``'s rows ``rowmap[r0:r1]`` into ``out2`` (runs of consecutive rows in one read);
-        rows mapped to -1 are zeroed (``zero``) or left as they are (an overlay)."""
+        rows mapped to -1 are set to ``term.fill`` (``zero``; ±0.0) or left as they are (an overlay)."""
         spec = term.spec
         isz = _isz(spec.dtype)
         mem = term.ck.memory_tensor(spec.name)
@@ -260,7 +260,7 @@ class Engine:
             i = idx[j]
             if i < 0:
                 if zero:
-                    out2[j].zero_()
+                    out2[j].fill_(term.fill)
                 j += 1
                 continue
             run = 1

@@ -46,6 +46,7 @@ class Term:
     spec: TensorSpec
     rowmap: torch.Tensor | None = None
     overlay: "Term | None" = None
+    fill: float = 0.0  # value of the rows the rowmap leaves out (-1)
 
 
 @dataclass
@@ -316,7 +317,9 @@ class RowAlignment:
     A target token found in *both* source vocabularies (within their row counts) gets its Δ,
     ``finetuned[i_a] − base[i_b]``, each row found through its own model's tokenizer. Any other target
     row has no Δ defined: it keeps the target's row, or, with ``unmatched="finetuned"`` and a token the
-    fine-tune has, takes the fine-tune's row as it is (``overlay``; λ does not scale it)."""
+    fine-tune has, takes the fine-tune's row as it is (``overlay``; λ does not scale it). Both are exact
+    copies, the sign of zero included: the fine-tune's term reads −0.0 for those rows (+0.0 when λ < 0),
+    so their Δ·λ is −0.0 and x + (−0.0) = x for every x."""
 
     plus: torch.Tensor  # target row -> fine-tune row (-1: no Δ)
     minus: torch.Tensor  # target row -> base row (-1: no Δ)
@@ -451,7 +454,8 @@ def plan_transfer(sb: Checkpoint, sf: Checkpoint, tb: Checkpoint, pol: Policies)
         base_term = Term(tb, c)
         if al.overlay is not None:
             base_term = Term(tb, c, al.target, overlay=Term(sf, a, al.overlay))
-        return TensorOp(name, c.shape, out_dtype, "delta", base_term, Term(sf, a, al.plus), Term(sb, b, al.minus), scale=scale,
+        plus = Term(sf, a, al.plus, fill=-0.0 if scale >= 0 else 0.0)
+        return TensorOp(name, c.shape, out_dtype, "delta", base_term, plus, Term(sb, b, al.minus), scale=scale,
                         notes=notes + [f"vocab align: {al.matched} of {c.shape[0]} target rows matched by token string "
                                        f"in both source models; {desc}"])
 
