@@ -342,3 +342,26 @@ def test_pad_and_tied_outputs_do_not_depend_on_the_chunk_size(added, family, tmp
             outs.append(load_sd(tmp_path / f"{tag}{chunk}"))
         assert_bit_equal(outs[0], outs[2])
         assert_bit_equal(outs[1], outs[2])
+
+
+def test_lora_on_smollm2_shapes_with_the_default_chunk(tmp_path):
+    """SmolLM2-135M's shapes (hidden 576, MLP 1536): down_proj's rows of 1536 elements cut the default
+    512K-element chunk (this crashed with "shape '[341, 1536]' is invalid for input of size 524288")."""
+    from peft import LoraConfig, get_peft_model
+
+    dims = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=1, num_attention_heads=9,
+                num_key_value_heads=3, head_dim=64)
+    base = T.make_model("llama", seed=0, dtype=torch.float32, **dims)
+    tgt = T.perturbed(base, seed=2, scale=5e-3).to(torch.bfloat16)
+    pm = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=["down_proj", "gate_proj", "v_proj"],
+                                         init_lora_weights=False))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_" in n:
+                p.copy_((torch.randn_like(p) * 0.05).to(torch.bfloat16).float())
+    pm.save_pretrained(tmp_path / "adapter")
+    paths = {"sb": T.save(T.make_model("llama", seed=0, dtype=torch.bfloat16, **dims), tmp_path / "sb", max_shard_size="5MB"),
+             "tb": T.save(tgt, tmp_path / "tb", max_shard_size="5MB"), "adapter": tmp_path / "adapter"}
+    assert load_sd(paths["tb"])["model.layers.0.mlp.down_proj.weight"].shape == (576, 1536)
+    deltaport.transfer(paths["sb"], paths["adapter"], paths["tb"], tmp_path / "o", scale=0.7)
+    assert_bit_equal(load_sd(tmp_path / "o"), _lora_reference(paths, paths["tb"], 0.7))
