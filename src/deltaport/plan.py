@@ -8,6 +8,7 @@ single tensor byte is read.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import re
@@ -334,10 +335,8 @@ class RowAlignment:
 def align_rows(ft_vocab: dict[str, int], base_vocab: dict[str, int], tgt_vocab: dict[str, int], *, ft_rows: int,
                base_rows: int, tgt_rows: int, unmatched: str = "target") -> RowAlignment:
     """Match every target row to the fine-tune's and the base's rows of the same token string."""
-    plus = torch.full((tgt_rows,), -1, dtype=torch.int64)
-    minus = torch.full((tgt_rows,), -1, dtype=torch.int64)
-    overlay = torch.full((tgt_rows,), -1, dtype=torch.int64)
-    covered = torch.zeros(tgt_rows, dtype=torch.bool)
+    plus, minus, overlay = [-1] * tgt_rows, [-1] * tgt_rows, [-1] * tgt_rows  # lists: 150K-token vocabularies
+    covered = [False] * tgt_rows
     matched, no_base, no_ft = 0, [], []
     for tok, j in sorted(tgt_vocab.items(), key=lambda kv: kv[1]):
         if not 0 <= j < tgt_rows:
@@ -353,12 +352,12 @@ def align_rows(ft_vocab: dict[str, int], base_vocab: dict[str, int], tgt_vocab: 
         (no_base if ib is None else no_ft).append((tok, j))
         if unmatched == "finetuned" and ia is not None:
             overlay[j] = ia
-    over = overlay >= 0
     target = None
-    if bool(over.any()):
-        target = torch.where(over, torch.full_like(overlay, -1), torch.arange(tgt_rows))
-    return RowAlignment(plus, minus, target, overlay if target is not None else None, matched, no_base, no_ft,
-                        int((~covered).sum()))
+    if any(i >= 0 for i in overlay):
+        target = torch.tensor([-1 if o >= 0 else j for j, o in enumerate(overlay)], dtype=torch.int64)
+    return RowAlignment(torch.tensor(plus, dtype=torch.int64), torch.tensor(minus, dtype=torch.int64), target,
+                        torch.tensor(overlay, dtype=torch.int64) if target is not None else None, matched, no_base, no_ft,
+                        tgt_rows - sum(covered))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -448,7 +447,7 @@ def plan_transfer(sb: Checkpoint, sf: Checkpoint, tb: Checkpoint, pol: Policies)
             for what, items in (("have no row in the source base", al.no_base),
                                 ("have a base row but none in the source fine-tune", al.no_finetuned)):
                 if items:
-                    shown = ", ".join(repr(t) for t, _ in items[:10]) + (", ..." if len(items) > 10 else "")
+                    shown = ", ".join(json.dumps(t, ensure_ascii=False) for t, _ in items[:10]) + (", ..." if len(items) > 10 else "")
                     plan.warnings.append(f"vocab align: {len(items)} target token(s) {what} (no Δ is defined): they {kept}: "
                                          f"{shown}")
         base_term = Term(tb, c)
