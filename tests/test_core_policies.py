@@ -110,6 +110,52 @@ def test_shape_policy_skip_transfers_only_matching_tensors(family, tmp_path):
         assert torch.equal(out[k], want), k
     prov = json.loads((tmp_path / "o" / "deltaport.json").read_text())
     assert {s["name"] for s in prov["skipped"]} == skipped
+    n, m = len(c) - len(skipped), len(c)
+    assert 0 < n < m
+    assert r.plan.summary()["coverage"] == prov["summary"]["coverage"] == f"{n} of {m} tensors received Δ"
+    assert prov["summary"]["received_delta"] == n and prov["summary"]["tensors"] == m
+
+
+def test_shape_policy_skip_cli_summary_states_coverage_in_words(family, tmp_path):
+    from hostile_cases import in_process_runner
+
+    p = family("llama", torch.float32)
+    tb = T.save(T.make_model("llama", seed=5, dtype=torch.float32, intermediate_size=64), tmp_path / "wide")
+    rc, _, err = in_process_runner(["transfer", "--source-base", str(p["source_base"]), "--source-finetuned",
+                                    str(p["source_finetuned"]), "--target-base", str(tb), "-o", str(tmp_path / "o"),
+                                    "--shape-policy", "skip", "-q"])
+    assert rc == 0, err
+    first = err.splitlines()[0]
+    n_mlp = sum("mlp" in k for k in load_sd(tb))
+    m = len(load_sd(tb))
+    assert f"{m - n_mlp} of {m} tensors received Δ ({n_mlp} copy, {m - n_mlp} delta)" in first, first
+    assert not any(ch in first for ch in "{}[]'"), first  # words and numbers, not Python reprs
+
+
+def test_shape_policy_skip_that_matches_nothing_is_an_input_error(family, tmp_path):
+    """Following the shape error's advice on unrelated models used to write a plain copy of the target
+    and exit 0."""
+    from hostile_cases import in_process_runner
+
+    p = family("llama", torch.float32)
+    other = T.make_model("llama", seed=5, dtype=torch.float32, hidden_size=48, intermediate_size=64)
+    tb = T.save(other, tmp_path / "other")
+    n = len(load_sd(tb))
+    with pytest.raises(PlanError) as ei:
+        deltaport.transfer(p["source_base"], p["source_finetuned"], tb, tmp_path / "o", shape_policy="skip")
+    assert f"no tensor would receive Δ: 0 of {n} target tensors matched" in str(ei.value)
+    assert "--shape-policy skip left out every tensor" in str(ei.value)
+    rc, _, err = in_process_runner(["transfer", "--source-base", str(p["source_base"]), "--source-finetuned",
+                                    str(p["source_finetuned"]), "--target-base", str(tb), "-o", str(tmp_path / "o"),
+                                    "--shape-policy", "skip", "-q"])
+    assert rc == 2 and f"0 of {n} target tensors matched" in err, err
+    assert not (tmp_path / "o").exists() and not list(tmp_path.glob("o.*"))
+    # --include that selects nothing, and apply --shape-policy skip onto an unrelated model, likewise
+    with pytest.raises(PlanError, match="check --include/--exclude"):
+        deltaport.transfer(p["source_base"], p["source_finetuned"], p["target_base"], tmp_path / "o", include=["nomatch"])
+    deltaport.diff(p["source_base"], p["source_finetuned"], tmp_path / "delta")
+    with pytest.raises(PlanError, match=f"0 of {n} target tensors matched the delta"):
+        deltaport.apply(tmp_path / "delta", tb, tmp_path / "o", shape_policy="skip", force=True)
 
 
 def test_key_map_for_renamed_modules(family, tmp_path):

@@ -237,17 +237,30 @@ class Engine:
             if k < n:
                 out[k:].zero_()
             return out
-        # row-gathered (vocab align): output rows r0..r1 read source rows rowmap[r]
+        # row-gathered (vocab align): output rows r0..r1 read source rows rowmap[r] (chunks are whole rows)
         r0, r1 = e0 // row_elems, e1 // row_elems
-        idx = term.rowmap[r0:r1].tolist()
         out2 = out.view(r1 - r0, row_elems)
-        raw = self.bufs.get(key + ":r", n * isz, torch.uint8)
+        self._gather_rows(key, term, r0, r1, out2, row_elems, zero=True)
+        if term.overlay is not None:
+            self._gather_rows(key, term.overlay, r0, r1, out2, row_elems, zero=False)
+        return out
+
+    def _gather_rows(self, key: str, term: Term, r0: int, r1: int, out2: torch.Tensor, row_elems: int, *,
+                     zero: bool) -> None:
+        """Write ``term``'s rows ``rowmap[r0:r1]`` into ``out2`` (runs of consecutive rows in one read);
+        rows mapped to -1 are set to ``term.fill`` (``zero``; ±0.0) or left as they are (an overlay)."""
+        spec = term.spec
+        isz = _isz(spec.dtype)
+        mem = term.ck.memory_tensor(spec.name)
+        idx = term.rowmap[r0:r1].tolist()
+        raw = self.bufs.get(key + ":r", (r1 - r0) * row_elems * isz, torch.uint8)
         rowbytes = row_elems * isz
         j = 0
         while j < len(idx):
             i = idx[j]
             if i < 0:
-                out2[j].zero_()
+                if zero:
+                    out2[j].fill_(term.fill)
                 j += 1
                 continue
             run = 1
@@ -261,7 +274,6 @@ class Engine:
                 self.stats.bytes_read += run * rowbytes
                 out2[j:j + run].copy_(part.view(spec.dtype).view(run, row_elems))
             j += run
-        return out
 
     # -- one tensor ----------------------------------------------------------------------------------
     def _chunks(self, op: TensorOp):
@@ -277,18 +289,46 @@ class Engine:
             yield e, min(numel, e + step), row_elems
             e += step
 
-    def _lora(self, op: TensorOp, e0: int, e1: int, row_elems: int) -> torch.Tensor:
+    def _lora(self, op: TensorOp, e0: int, e1: int, row_elems: int, key: str = "plus:f") -> torch.Tensor:
+        """Δ = scaling·B·A for output elements [e0, e1), which may start and end inside a row.
+
+        Every element is ``scaling · Σ_k B[i,k]·A[k,j]`` summed in the order k = 0..r-1 with one rounding per
+        product and per addition (no BLAS, whose blocking, FMA use and kernel choice vary with the number of
+        rows), so the bytes do not depend on the chunk size, and memory is the chunk (a row may be split)."""
         cache = getattr(self, "_lora_cache", None)
         if cache is None or cache[0] != op.name:
             A = op.lora.ck.tensor(op.lora.a.name).to(self.cd)
             B = op.lora.ck.tensor(op.lora.b.name).to(self.cd)
+            if op.lora.transposed:  # W is [in, out]: W[i, j] = Σ_k A[k, i]·B[j, k], the same terms in the same order
+                A, B = B.T.contiguous(), A.T.contiguous()
             self._lora_cache = cache = (op.name, A, B)
         _, A, B = cache
-        r0, r1 = e0 // row_elems, e1 // row_elems
-        out = self.bufs.get("plus:f", e1 - e0, self.cd).view(r1 - r0, row_elems)
-        torch.matmul(B[r0:r1], A, out=out)
+        n = e1 - e0
+        out = self.bufs.get(key, n, self.cd)
+        tmp = self.bufs.get("lora:t", n, self.cd)
+        r0, c0 = divmod(e0, row_elems)
+        pos = 0
+        while pos < n:  # pieces: the rest of a partial row, then whole rows, then the start of a row
+            if c0 or n - pos < row_elems:
+                w = min(row_elems - c0, n - pos)
+                rows, cols = slice(r0, r0 + 1), slice(c0, c0 + w)
+                m = 1
+            else:
+                m = (n - pos) // row_elems
+                w = row_elems
+                rows, cols = slice(r0, r0 + m), slice(0, row_elems)
+            dst, prod = out[pos:pos + m * w].view(m, w), tmp[pos:pos + m * w].view(m, w)
+            Bs, As = B[rows], A[:, cols]
+            torch.mul(Bs[:, 0:1], As[0:1], out=dst)
+            for k in range(1, Bs.shape[1]):
+                torch.mul(Bs[:, k:k + 1], As[k:k + 1], out=prod)
+                dst.add_(prod)
+            pos += m * w
+            c0 += w
+            if c0 == row_elems:
+                r0, c0 = r0 + m, 0
         out.mul_(op.lora.scaling)
-        return out.view(-1)
+        return out
 
     def _diagnose(self, op: TensorOp, e0: int, e1: int, row_elems: int) -> None:
         bad_inputs = []
@@ -373,8 +413,8 @@ class Engine:
                 self._round(out, acc, n)
                 if not _all_finite(out):
                     self._diagnose(op, e0, e1, row_elems)
-                if op.base is None and op.minus is not None and op.lora is None:
-                    self._verify_roundtrip(op, out, n)
+                if op.base is None and (op.minus is not None or op.check is not None):
+                    self._verify_roundtrip(op, out, e0, e1, row_elems)
             if self._reader is not None:
                 self._pre = {}
                 self._reader.release(pre_bufs)
@@ -390,8 +430,12 @@ class Engine:
         else:
             out.copy_(acc)
 
-    def _verify_roundtrip(self, op: TensorOp, out: torch.Tensor, n: int) -> None:
+    def _verify_roundtrip(self, op: TensorOp, out: torch.Tensor, e0: int, e1: int, row_elems: int) -> None:
         """diff: check that base + stored Δ rounds back to the finetuned value, element by element."""
+        n = e1 - e0
+        if op.lora is not None:
+            self._verify_lora(op, out, e0, e1, row_elems)
+            return
         a, b = op.plus.spec, op.minus.spec
         if (op.plus.rowmap is not None or a.numel != op.numel or b.numel != op.numel
                 or op.plus.ck.memory_tensor(a.name) is not None or op.out_dtype == torch.float64):
@@ -404,6 +448,27 @@ class Engine:
         self._round(rt, tmp, n)
         araw = self._raw["plus"][: n * _isz(a.dtype)].view(a.dtype)
         bad = int((rt != araw).sum()) - int((rt.isnan() & araw.isnan()).sum())
+        if bad:
+            self.stats.inexact_delta[op.name] = self.stats.inexact_delta.get(op.name, 0) + bad
+
+    def _verify_lora(self, op: TensorOp, out: torch.Tensor, e0: int, e1: int, row_elems: int) -> None:
+        """diff of a LoRA adapter stored narrower than computed: base + stored Δ must round to what base +
+        the computed Δ rounds to (the merged model), element by element."""
+        if op.check is None:
+            return
+        n = e1 - e0
+        exact = self._lora(op, e0, e1, row_elems, key="verify:x")
+        b = self._fill("check", op.check, e0, e1, row_elems)
+        dt = op.check.spec.dtype
+        tmp = self.bufs.get("verify", n, self.cd)
+        want = self.bufs.get("verify:w", n, dt)
+        got = self.bufs.get("verify2", n, dt)
+        torch.add(b, exact, out=tmp)
+        self._round(want, tmp, n)
+        tmp.copy_(out)
+        tmp.add_(b)
+        self._round(got, tmp, n)
+        bad = int((got != want).sum()) - int((got.isnan() & want.isnan()).sum())
         if bad:
             self.stats.inexact_delta[op.name] = self.stats.inexact_delta.get(op.name, 0) + bad
 

@@ -45,7 +45,7 @@ def _input_record(ck: Checkpoint) -> dict[str, Any]:
 
 def _policy_record(pol) -> dict[str, Any]:
     return {
-        "vocab_policy": pol.vocab_policy, "shape_policy": pol.shape_policy,
+        "vocab_policy": pol.vocab_policy, "shape_policy": pol.shape_policy, "unmatched_rows": pol.unmatched_rows,
         "key_map": {p.pattern: r for p, r in pol.key_map}, "include": [p.pattern for p in pol.include],
         "exclude": [p.pattern for p in pol.exclude], "scale_map": {p.pattern: s for p, s in pol.scale_map},
         "compute_dtype": pol.compute_dtype, "out_dtype": pol.out_dtype or "target's dtype per tensor",
@@ -85,7 +85,8 @@ def _run(plan: Plan, output: Path, *, inputs: list[Path], overwrite: bool, shard
             provenance["inexact_delta_elements"] = stats.inexact_delta
             if stats.inexact_delta:
                 LOG.warning("the stored Δ does not reproduce the finetuned model exactly for %d element(s) in %d tensor(s) "
-                            "(values that nearly cancel their base); use --delta-dtype float64 for an exact delta",
+                            "(values that nearly cancel their base, or a LoRA product stored narrower than computed); "
+                            "use --delta-dtype float64 for an exact delta",
                             sum(stats.inexact_delta.values()), len(stats.inexact_delta))
         _write_provenance(tmp, provenance)
         t2 = time.perf_counter()
@@ -104,8 +105,8 @@ def _resolve_src(choice: str, flag: str, target: Path, source_ft: Path | None) -
 
 
 def transfer(source_base, source_finetuned, target_base, output, *, scale: float = 1.0,
-             vocab_policy: str = "error", shape_policy: str = "error", key_map=None, include=None, exclude=None,
-             scale_map=None, compute_dtype: str = "auto", out_dtype: str | None = None,
+             vocab_policy: str = "error", shape_policy: str = "error", unmatched_rows: str = "target", key_map=None,
+             include=None, exclude=None, scale_map=None, compute_dtype: str = "auto", out_dtype: str | None = None,
              config_from: str = "target", tokenizer_from: str = "target", chat_template_from: str = "source-finetuned",
              shard_size: str | int = DEFAULT_SHARD_SIZE, overwrite: bool = False, dry_run: bool = False,
              allow_pickle: bool = False, strict: bool = False, threads: int | None = None, progress: bool = False,
@@ -117,8 +118,13 @@ def transfer(source_base, source_finetuned, target_base, output, *, scale: float
             ``source_finetuned`` may be a PEFT LoRA adapter dir (Δ = scaling·B@A).
         output: output directory (written to a temporary sibling, renamed when complete).
         scale: λ (paper: 1.0). ``scale_map`` overrides it per tensor-name regex.
-        vocab_policy: ``error`` | ``pad`` (official script) | ``align`` (rows matched by token string).
-        shape_policy: ``error`` | ``skip`` (transfer only shape-matching tensors, paper App. B.3).
+        vocab_policy: ``error`` | ``pad`` (official script) | ``align`` (rows matched by token string, each
+            model's rows found through its own tokenizer).
+        unmatched_rows: with ``align``, a target token that lacks a row in either source model has no Δ:
+            ``target`` keeps the target's row, ``finetuned`` copies the fine-tune's row when it has the token.
+            Provenance ``vocab_align`` lists them.
+        shape_policy: ``error`` | ``skip`` (transfer only shape-matching tensors, paper App. B.3). A transfer
+            in which no tensor would receive Δ is refused (:class:`~deltaport.errors.PlanError`).
         config_from / tokenizer_from / chat_template_from: ``target`` | ``source-finetuned``.
 
     Returns:
@@ -129,8 +135,9 @@ def transfer(source_base, source_finetuned, target_base, output, *, scale: float
         >>> deltaport.transfer("meta-llama/Meta-Llama-3-8B", "meta-llama/Meta-Llama-3-8B-Instruct",
         ...                    "meta-llama/Llama-3.1-8B", "llama3.1-plus-delta3.0")  # doctest: +SKIP
     """
-    pol = make_policies(scale=scale, vocab_policy=vocab_policy, shape_policy=shape_policy, key_map=key_map,
-                        include=include, exclude=exclude, scale_map=scale_map, compute_dtype=compute_dtype, out_dtype=out_dtype)
+    pol = make_policies(scale=scale, vocab_policy=vocab_policy, shape_policy=shape_policy, unmatched_rows=unmatched_rows,
+                        key_map=key_map, include=include, exclude=exclude, scale_map=scale_map, compute_dtype=compute_dtype,
+                        out_dtype=out_dtype)
     sf = open_checkpoint(source_finetuned, allow_pickle=allow_pickle)
     sb = open_checkpoint(_base_of(source_base, sf, "--source-base"), allow_pickle=allow_pickle)
     tb = open_checkpoint(target_base, allow_pickle=allow_pickle, require_config=True)
@@ -157,6 +164,8 @@ def transfer(source_base, source_finetuned, target_base, output, *, scale: float
         "choices": {"config_from": config_from, "tokenizer_from": tokenizer_from, "chat_template_from": chat_template_from},
         "skipped": plan.skipped, "warnings": plan.warnings, "summary": plan.summary(), "lora": plan.info.get("lora"),
     }
+    if "vocab_align" in plan.info:
+        prov["vocab_align"] = plan.info["vocab_align"]
 
     def files(tmp: Path):
         rec = write_model_files(tmp, config_src=config_src, tokenizer_src=tok_src, chat_src=chat_src,

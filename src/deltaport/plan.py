@@ -8,6 +8,7 @@ single tensor byte is read.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import re
@@ -23,6 +24,7 @@ from deltaport.io.checkpoint import FLOAT_DTYPES, Checkpoint, TensorSpec, dtype_
 LOG = logging.getLogger(__name__)
 
 VOCAB_POLICIES = ("error", "pad", "align")
+UNMATCHED_ROWS = ("target", "finetuned")
 SHAPE_POLICIES = ("error", "skip")
 EMBED_PATTERNS = (r"(^|\.)embed_tokens\.weight$", r"(^|\.)lm_head\.weight$", r"(^|\.)wte\.weight$",
                   r"(^|\.)embed_out\.weight$", r"(^|\.)word_embeddings\.weight$", r"(^|\.)output\.weight$",
@@ -37,21 +39,27 @@ def is_vocab_tensor(name: str) -> bool:
 class Term:
     """One input of an output tensor. ``rowmap`` (for vocab ``align``) maps output row -> input row
     (-1 = zeros). Without a rowmap, output element i reads input element i, zeros past the input's end
-    (which is exactly zero-padding rows, since tensors are row-major)."""
+    (which is exactly zero-padding rows, since tensors are row-major). ``overlay`` (with a rowmap of its
+    own) supplies the rows its rowmap names instead (``--unmatched-rows finetuned``: those rows of the
+    target term are read from the fine-tune)."""
 
     ck: Checkpoint
     spec: TensorSpec
     rowmap: torch.Tensor | None = None
+    overlay: "Term | None" = None
+    fill: float = 0.0  # value of the rows the rowmap leaves out (-1)
 
 
 @dataclass
 class LoraTerm:
-    """Δ = scaling · B @ A, from a PEFT adapter."""
+    """Δ = scaling · B @ A, from a PEFT adapter; its transpose for ``fan_in_fan_out`` (Conv1D weights
+    stored as [in, out], e.g. GPT-2)."""
 
     a: TensorSpec
     b: TensorSpec
     ck: Checkpoint
     scaling: float
+    transposed: bool = False
 
 
 @dataclass
@@ -66,6 +74,7 @@ class TensorOp:
     lora: LoraTerm | None = None
     scale: float = 1.0
     notes: list[str] = field(default_factory=list)
+    check: Term | None = None  # diff of a LoRA stored narrower than computed: base + Δ must round back
 
     @property
     def numel(self) -> int:
@@ -97,6 +106,17 @@ class Plan:
     def total_in_bytes(self) -> int:
         return sum(t.spec.nbytes for op in self.ops for t in op.inputs())
 
+    @property
+    def received_delta(self) -> int:
+        """Output tensors that receive Δ (λ = 0 counts: the tensor is computed, not copied)."""
+        return sum(op.kind == "delta" for op in self.ops)
+
+    def coverage(self) -> str:
+        """``"N of M tensors received Δ"`` (transfer, apply) or ``"Δ stored for N tensors"`` (diff)."""
+        if self.operation == "diff":
+            return f"Δ stored for {self.received_delta} tensors"
+        return f"{self.received_delta} of {len(self.ops)} tensors received Δ"
+
     def summary(self) -> dict[str, Any]:
         kinds: dict[str, int] = {}
         for op in self.ops:
@@ -104,6 +124,8 @@ class Plan:
         return {
             "operation": self.operation,
             "tensors": len(self.ops),
+            "received_delta": self.received_delta,
+            "coverage": self.coverage(),
             "by_kind": kinds,
             "skipped": len(self.skipped),
             "compute_dtype": dtype_name(self.compute_dtype),
@@ -113,8 +135,11 @@ class Plan:
 
     def describe(self) -> str:
         """Human-readable plan (``--dry-run``)."""
-        lines = [f"plan: {self.operation}, {len(self.ops)} output tensors, compute dtype {dtype_name(self.compute_dtype)}, "
-                 f"reads {self.total_in_bytes / 1e6:.1f} MB, writes {self.total_out_bytes / 1e6:.1f} MB"]
+        cover = (self.coverage() if self.operation == "diff" else
+                 f"{self.received_delta} of {len(self.ops)} output tensors receive Δ")
+        lines = [f"plan: {self.operation}, {cover}, compute dtype "
+                 f"{dtype_name(self.compute_dtype)}, reads {self.total_in_bytes / 1e6:.1f} MB, writes "
+                 f"{self.total_out_bytes / 1e6:.1f} MB"]
         for op in self.ops:
             scale = f" x{op.scale:g}" if op.kind == "delta" else ""
             notes = f"  [{'; '.join(op.notes)}]" if op.notes else ""
@@ -135,6 +160,7 @@ class Policies:
     scale: float = 1.0
     vocab_policy: str = "error"
     shape_policy: str = "error"
+    unmatched_rows: str = "target"
     key_map: list[tuple[re.Pattern, str]] = field(default_factory=list)
     include: list[re.Pattern] = field(default_factory=list)
     exclude: list[re.Pattern] = field(default_factory=list)
@@ -147,6 +173,11 @@ class Policies:
             raise InputError(f"--vocab-policy must be one of {', '.join(VOCAB_POLICIES)}, not {self.vocab_policy!r}")
         if self.shape_policy not in SHAPE_POLICIES:
             raise InputError(f"--shape-policy must be one of {', '.join(SHAPE_POLICIES)}, not {self.shape_policy!r}")
+        if self.unmatched_rows not in UNMATCHED_ROWS:
+            raise InputError(f"--unmatched-rows must be one of {', '.join(UNMATCHED_ROWS)}, not {self.unmatched_rows!r}")
+        if self.unmatched_rows != "target" and self.vocab_policy != "align":
+            raise InputError(f"--unmatched-rows applies to --vocab-policy align (rows matched by token string), not to "
+                             f"--vocab-policy {self.vocab_policy}")
         if self.compute_dtype not in ("auto", "float32", "float64"):
             raise InputError(f"--compute-dtype must be auto, float32 or float64, not {self.compute_dtype!r}")
         for x in [self.scale] + [s for _, s in self.scale_map]:
@@ -191,13 +222,15 @@ def _load_yaml(path: str | Path, flag: str) -> Any:
 
 
 def make_policies(*, scale: float = 1.0, vocab_policy: str = "error", shape_policy: str = "error",
-                  key_map: str | Path | dict | None = None, include: list[str] | None = None,
+                  unmatched_rows: str = "target", key_map: str | Path | dict | None = None, include: list[str] | None = None,
                   exclude: list[str] | None = None, scale_map: str | Path | dict | None = None,
                   compute_dtype: str = "auto", out_dtype: str | None = None) -> Policies:
     """Build validated :class:`Policies` from CLI-shaped options (YAML paths or dicts for the maps).
 
     ``key_map``: ``{target_name_regex: source_name_replacement}`` (``re.sub`` syntax, first match wins).
     ``scale_map``: ``{tensor_name_regex: λ}`` (first match wins, others use ``scale``).
+    ``unmatched_rows`` (vocab ``align``): a target token without a row in both source models keeps the
+    ``target``'s row, or takes the ``finetuned`` model's row when the fine-tune has the token.
     """
     km = _load_yaml(key_map, "--key-map") if isinstance(key_map, (str, Path)) else key_map
     sm = _load_yaml(scale_map, "--scale-map") if isinstance(scale_map, (str, Path)) else scale_map
@@ -212,7 +245,7 @@ def make_policies(*, scale: float = 1.0, vocab_policy: str = "error", shape_poli
         except (TypeError, ValueError):
             raise InputError(f"--scale-map: scale for {k!r} must be a number, got {v!r}") from None
     pol = Policies(
-        scale=float(scale), vocab_policy=vocab_policy, shape_policy=shape_policy,
+        scale=float(scale), vocab_policy=vocab_policy, shape_policy=shape_policy, unmatched_rows=unmatched_rows,
         key_map=[(_compile(str(k), "--key-map"), str(v)) for k, v in (km or {}).items()],
         include=[_compile(r, "--include") for r in include or []],
         exclude=[_compile(r, "--exclude") for r in exclude or []],
@@ -275,16 +308,56 @@ def load_vocab(directory: Path) -> dict[str, int]:
     return dict(tok.get_vocab())
 
 
-def align_rowmap(src_vocab: dict[str, int], tgt_vocab: dict[str, int], tgt_rows: int, src_rows: int) -> tuple[torch.Tensor, int]:
-    """Output (target) row j -> source row of the same token string, -1 for target-only tokens."""
-    m = torch.full((tgt_rows,), -1, dtype=torch.int64)
-    shared = 0
-    for tok, j in tgt_vocab.items():
-        i = src_vocab.get(tok)
-        if i is not None and 0 <= j < tgt_rows and 0 <= i < src_rows:
-            m[j] = i
-            shared += 1
-    return m, shared
+UNMATCHED_SHOWN = 100  # tokens listed by name in provenance (all are counted)
+
+
+@dataclass
+class RowAlignment:
+    """Row maps of one vocabulary tensor under ``align`` (output row = target row j).
+
+    A target token found in *both* source vocabularies (within their row counts) gets its Δ,
+    ``finetuned[i_a] − base[i_b]``, each row found through its own model's tokenizer. Any other target
+    row has no Δ defined: it keeps the target's row, or, with ``unmatched="finetuned"`` and a token the
+    fine-tune has, takes the fine-tune's row as it is (``overlay``; λ does not scale it). Both are exact
+    copies, the sign of zero included: the fine-tune's term reads −0.0 for those rows (+0.0 when λ < 0),
+    so their Δ·λ is −0.0 and x + (−0.0) = x for every x."""
+
+    plus: torch.Tensor  # target row -> fine-tune row (-1: no Δ)
+    minus: torch.Tensor  # target row -> base row (-1: no Δ)
+    target: torch.Tensor | None  # target row -> target row, -1 where the overlay supplies it (None: identity)
+    overlay: torch.Tensor | None  # target row -> fine-tune row copied as is (-1: not overlaid)
+    matched: int
+    no_base: list[tuple[str, int]]  # target tokens without a base row, by target id
+    no_finetuned: list[tuple[str, int]]  # target tokens with a base row but none in the fine-tune
+    rows_without_token: int  # target rows no target token maps to (padding rows): no Δ
+
+
+def align_rows(ft_vocab: dict[str, int], base_vocab: dict[str, int], tgt_vocab: dict[str, int], *, ft_rows: int,
+               base_rows: int, tgt_rows: int, unmatched: str = "target") -> RowAlignment:
+    """Match every target row to the fine-tune's and the base's rows of the same token string."""
+    plus, minus, overlay = [-1] * tgt_rows, [-1] * tgt_rows, [-1] * tgt_rows  # lists: 150K-token vocabularies
+    covered = [False] * tgt_rows
+    matched, no_base, no_ft = 0, [], []
+    for tok, j in sorted(tgt_vocab.items(), key=lambda kv: kv[1]):
+        if not 0 <= j < tgt_rows:
+            continue
+        covered[j] = True
+        ia, ib = ft_vocab.get(tok), base_vocab.get(tok)
+        ia = ia if ia is not None and 0 <= ia < ft_rows else None
+        ib = ib if ib is not None and 0 <= ib < base_rows else None
+        if ia is not None and ib is not None:
+            plus[j], minus[j] = ia, ib
+            matched += 1
+            continue
+        (no_base if ib is None else no_ft).append((tok, j))
+        if unmatched == "finetuned" and ia is not None:
+            overlay[j] = ia
+    target = None
+    if any(i >= 0 for i in overlay):
+        target = torch.tensor([-1 if o >= 0 else j for j, o in enumerate(overlay)], dtype=torch.int64)
+    return RowAlignment(torch.tensor(plus, dtype=torch.int64), torch.tensor(minus, dtype=torch.int64), target,
+                        torch.tensor(overlay, dtype=torch.int64) if target is not None else None, matched, no_base, no_ft,
+                        tgt_rows - sum(covered))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -337,7 +410,9 @@ def plan_transfer(sb: Checkpoint, sf: Checkpoint, tb: Checkpoint, pol: Policies)
     align_maps: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     if sf.kind == "lora":
-        return _plan_lora_transfer(sb, sf, tb, pol)
+        plan = _plan_lora_transfer(sb, sf, tb, pol)
+        _refuse_no_delta(plan, pol, "the LoRA adapter")
+        return plan
 
     def vocab_maps():
         if "maps" not in align_maps:
@@ -346,6 +421,42 @@ def plan_transfer(sb: Checkpoint, sf: Checkpoint, tb: Checkpoint, pol: Policies)
             tgt_vocab = load_vocab(tb.dir)
             align_maps["maps"] = (src_vocab, base_vocab, tgt_vocab)
         return align_maps["maps"]
+
+    def align_op(name: str, a: TensorSpec, b: TensorSpec, c: TensorSpec, out_dtype, scale: float, notes: list[str],
+                 desc: str) -> TensorOp | None:
+        """The ``align`` op of one vocabulary tensor; None when the three vocabularies and row counts agree
+        (then row i is the same token everywhere, padding rows included: a plain transfer)."""
+        src_vocab, base_vocab, tgt_vocab = vocab_maps()
+        if a.shape == b.shape == c.shape and src_vocab == base_vocab == tgt_vocab:
+            return None
+        al = align_rows(src_vocab, base_vocab, tgt_vocab, ft_rows=a.shape[0], base_rows=b.shape[0],
+                        tgt_rows=c.shape[0], unmatched=pol.unmatched_rows)
+        rec = plan.info.setdefault("vocab_align", {
+            "unmatched_rows": pol.unmatched_rows, "tensors": [], "target_rows": c.shape[0], "matched": al.matched,
+            "tokens_without_base_row": {"count": len(al.no_base), "first": [
+                {"token": t, "target_id": j} for t, j in al.no_base[:UNMATCHED_SHOWN]]},
+            "tokens_without_finetuned_row": {"count": len(al.no_finetuned), "first": [
+                {"token": t, "target_id": j} for t, j in al.no_finetuned[:UNMATCHED_SHOWN]]},
+            "rows_without_token": al.rows_without_token,
+        })
+        rec["tensors"].append(name)
+        if len(rec["tensors"]) == 1:
+            kept = ("keep the target's rows (--unmatched-rows finetuned copies the fine-tune's rows instead)"
+                    if pol.unmatched_rows == "target" else
+                    "take the fine-tune's rows where it has the token, else keep the target's (--unmatched-rows finetuned)")
+            for what, items in (("have no row in the source base", al.no_base),
+                                ("have a base row but none in the source fine-tune", al.no_finetuned)):
+                if items:
+                    shown = ", ".join(json.dumps(t, ensure_ascii=False) for t, _ in items[:10]) + (", ..." if len(items) > 10 else "")
+                    plan.warnings.append(f"vocab align: {len(items)} target token(s) {what} (no Δ is defined): they {kept}: "
+                                         f"{shown}")
+        base_term = Term(tb, c)
+        if al.overlay is not None:
+            base_term = Term(tb, c, al.target, overlay=Term(sf, a, al.overlay))
+        plus = Term(sf, a, al.plus, fill=-0.0 if scale >= 0 else 0.0)
+        return TensorOp(name, c.shape, out_dtype, "delta", base_term, plus, Term(sb, b, al.minus), scale=scale,
+                        notes=notes + [f"vocab align: {al.matched} of {c.shape[0]} target rows matched by token string "
+                                       f"in both source models; {desc}"])
 
     for name, c in tb.tensors.items():
         src = pol.map_key(name)
@@ -374,6 +485,14 @@ def plan_transfer(sb: Checkpoint, sf: Checkpoint, tb: Checkpoint, pol: Policies)
             continue
         scale = pol.scale_for(name)
         shapes_equal = a.shape == b.shape == c.shape
+        if (shapes_equal and pol.vocab_policy == "align" and is_vocab_tensor(name) and len(c.shape) == 2):
+            # equal row counts do not mean equal vocabularies (padded embeddings, added tokens)
+            dtypes.update({a.dtype, b.dtype, c.dtype})
+            desc = f"source-base {list(b.shape)}, source-finetuned {list(a.shape)}, target {list(c.shape)}"
+            op = align_op(name, a, b, c, out_dtype, scale, notes, desc)
+            if op is not None:
+                plan.ops.append(op)
+                continue
         if shapes_equal:
             dtypes.update({a.dtype, b.dtype, c.dtype})
             plan.ops.append(TensorOp(name, c.shape, out_dtype, "delta", Term(tb, c), Term(sf, a), Term(sb, b), scale=scale, notes=notes))
@@ -395,11 +514,7 @@ def plan_transfer(sb: Checkpoint, sf: Checkpoint, tb: Checkpoint, pol: Policies)
                 plan.ops.append(TensorOp(name, shape, out_dtype, "delta", Term(tb, c), Term(sf, a), Term(sb, b), scale=scale,
                                          notes=notes + [f"vocab pad: {desc} -> {rows} rows, missing rows are zeros"]))
             else:  # align
-                src_vocab, base_vocab, tgt_vocab = vocab_maps()
-                amap, shared = align_rowmap(src_vocab, tgt_vocab, c.shape[0], a.shape[0])
-                bmap, _ = align_rowmap(src_vocab, tgt_vocab, c.shape[0], b.shape[0])
-                plan.ops.append(TensorOp(name, c.shape, out_dtype, "delta", Term(tb, c), Term(sf, a, amap), Term(sb, b, bmap), scale=scale,
-                                         notes=notes + [f"vocab align: {shared} of {c.shape[0]} target rows matched by token string; {desc}"]))
+                plan.ops.append(align_op(name, a, b, c, out_dtype, scale, notes, desc))
             continue
         msg = (f"{name}: shapes differ (source-base {list(b.shape)}, source-finetuned {list(a.shape)}, "
                f"target {list(c.shape)})")
@@ -425,10 +540,32 @@ def plan_transfer(sb: Checkpoint, sf: Checkpoint, tb: Checkpoint, pol: Policies)
             probs.add(f"{n}: source-base {list(sb.tensors[n].shape)} vs source-finetuned {list(sf.tensors[n].shape)}; "
                       "the source pair must share shapes")
     probs.raise_if_any()
+    _refuse_no_delta(plan, pol, "the source models")
     plan.compute_dtype = choose_compute_dtype(pol.compute_dtype, dtypes)
     if _tied(tb):
         plan.warnings.append("target ties input/output embeddings: the shared matrix receives Δ once")
     return plan
+
+
+def _refuse_no_delta(plan: Plan, pol: Policies, source: str) -> None:
+    """A transfer/apply in which no output tensor receives Δ would write a copy of the target and call it a
+    result: an input error, stating how many tensors matched and why the others did not."""
+    if plan.received_delta or not plan.ops:
+        return
+    n = len(plan.ops)
+    reasons: dict[str, int] = {}
+    for op in plan.ops:
+        why = "; ".join(op.notes) or "copied"
+        reasons[why] = reasons.get(why, 0) + 1
+    why = "; ".join(f"{k}: {v}" for k, v in sorted(reasons.items(), key=lambda kv: -kv[1]))
+    hint = []
+    if pol.shape_policy == "skip":
+        hint.append("--shape-policy skip left out every tensor: the models are not the same architecture and size, "
+                    "or their tensor names differ (--key-map maps renamed modules)")
+    if pol.include or pol.exclude:
+        hint.append("check --include/--exclude")
+    raise PlanError(f"no tensor would receive Δ: 0 of {n} target tensors matched {source} ({why}). "
+                    + (". ".join(hint) + ". " if hint else "") + "Nothing was written.")
 
 
 def _tied_alias(ck: Checkpoint, name: str, tb: Checkpoint) -> bool:
@@ -479,12 +616,16 @@ def _plan_lora_transfer(sb: Checkpoint, sf: Checkpoint, tb: Checkpoint, pol: Pol
         if set(ab) != {"A", "B"}:
             probs.add(f"{name}: LoRA adapter has only lora_{''.join(ab)}")
             continue
-        if (ab["B"].shape[0], ab["A"].shape[1]) != tuple(c.shape):
-            probs.add(f"{name}: LoRA B@A has shape {[ab['B'].shape[0], ab['A'].shape[1]]} but the target has {list(c.shape)}")
+        fan = bool(cfg.get("fan_in_fan_out"))
+        want = (ab["A"].shape[1], ab["B"].shape[0]) if fan else (ab["B"].shape[0], ab["A"].shape[1])
+        if want != tuple(c.shape):
+            what = "(B@A)^T (fan_in_fan_out)" if fan else "B@A"
+            probs.add(f"{name}: LoRA {what} has shape {list(want)} but the target has {list(c.shape)}")
             continue
         dtypes.add(c.dtype)
-        plan.ops.append(TensorOp(name, c.shape, out_dtype, "delta", base=Term(tb, c), lora=LoraTerm(ab["A"], ab["B"], sf, scaling), scale=scale,
-                                 notes=[f"LoRA r={r} scaling={scaling:g}"]))
+        plan.ops.append(TensorOp(name, c.shape, out_dtype, "delta", base=Term(tb, c),
+                                 lora=LoraTerm(ab["A"], ab["B"], sf, scaling, transposed=fan), scale=scale,
+                                 notes=[f"LoRA r={r} scaling={scaling:g}" + (" fan_in_fan_out" if fan else "")]))
     missing = (set(loras) | set(full)) - {pol.map_key(n) for n in tb.tensors}
     for n in sorted(missing):
         probs.add(f"LoRA adapts {n}, which the target does not have")
@@ -508,10 +649,15 @@ def plan_diff(sb: Checkpoint, sf: Checkpoint, pol: Policies, delta_dtype: str | 
     if sf.kind == "lora":
         tmp = _plan_lora_transfer(sb, sf, sb, pol)  # Δ over the base's tensors
         plan = Plan("diff", [], tmp.compute_dtype, info=tmp.info)
-        ddt = delta_dtype_for({o.base.spec.dtype for o in tmp.ops if o.base}, delta_dtype)
+        # scaling·B·A is computed in the compute dtype and is not exactly representable in a narrower one:
+        # auto stores it as computed (float64), so apply(diff(adapter)) equals a direct LoRA transfer for
+        # every target and λ. A narrower --delta-dtype is checked element by element like a full diff.
+        ddt = tmp.compute_dtype if delta_dtype in (None, "", "auto") else delta_dtype_for(set(), delta_dtype)
         for op in tmp.ops:
             if op.kind == "copy":
                 continue  # Δ = 0: not stored; apply copies the target for tensors absent from the delta
+            if op.lora is not None and ddt != tmp.compute_dtype:
+                op.check = op.base
             op.base, op.out_dtype, op.scale = None, ddt, 1.0
             plan.ops.append(op)
         return plan
@@ -654,6 +800,7 @@ def plan_apply(delta: Checkpoint, tb: Checkpoint, pol: Policies, *, force: bool 
         dtypes.update({c.dtype})
         plan.ops.append(TensorOp(name, c.shape, out_dtype, "delta", Term(tb, c), Term(delta, d), None, scale=scale, notes=[note] if note else []))
     probs.raise_if_any()
+    _refuse_no_delta(plan, pol, "the delta")
     plan.compute_dtype = choose_compute_dtype(pol.compute_dtype, dtypes)
     # the delta's own dtype must not be rounded before use: compute at least as wide as it
     if any(op.plus is not None and op.plus.spec.dtype == torch.float64 for op in plan.ops):

@@ -14,6 +14,7 @@ Opt = typer.Option
 # shared option declarations (same names on every command)
 _SCALE = Opt(1.0, "--scale", help="λ: out = target + λ·Δ (paper: 1.0)")
 _VOCAB = Opt("error", "--vocab-policy", help="embedding/lm_head row-count mismatch: error | pad (official script: zero rows) | align (match rows by token string)")
+_UNMATCHED = Opt("target", "--unmatched-rows", help="with --vocab-policy align, target tokens without a row in both source models get no Δ: target (keep the target's row) | finetuned (copy the fine-tune's row where it has the token)")
 _SHAPE = Opt("error", "--shape-policy", help="other shape/key mismatches: error | skip (transfer only matching tensors, paper App. B.3)")
 _KEYMAP = Opt(None, "--key-map", help="YAML {target_name_regex: source_name_replacement} for renamed modules")
 _INCLUDE = Opt(None, "--include", help="regex; only matching tensors get Δ (repeatable)")
@@ -47,14 +48,17 @@ def _summary(res, as_json: bool, dry_run: bool) -> None:
         return
     s = res.plan.summary()
     err = sys.stderr
-    err.write(f"wrote {res.output}: {s['tensors']} tensors ({s['by_kind']}), {s['output_bytes'] / 1e6:.1f} MB, "
+    kinds = ", ".join(f"{n} {k}" for k, n in sorted(s["by_kind"].items()))
+    err.write(f"wrote {res.output}: {s['coverage']} ({kinds}), {s['output_bytes'] / 1e6:.1f} MB, "
               f"compute {s['compute_dtype']}, {res.timings.get('total', 0):.2f} s\n")
     for sk in res.plan.skipped:
         err.write(f"  skipped {sk['name']}: {sk['reason']}\n")
     for w in res.plan.warnings:
         err.write(f"  warning: {w}\n")
     if res.stats and res.stats.nonfinite_inputs:
-        err.write(f"  warning: NaN/Inf in inputs of {len(res.stats.nonfinite_inputs)} tensor(s): {res.stats.nonfinite_inputs[:5]}\n")
+        names = res.stats.nonfinite_inputs
+        more = f" and {len(names) - 5} more" if len(names) > 5 else ""
+        err.write(f"  warning: NaN/Inf in inputs of {len(names)} tensor(s): {', '.join(names[:5])}{more}\n")
 
 
 def register(app: typer.Typer) -> None:
@@ -64,7 +68,7 @@ def register(app: typer.Typer) -> None:
         source_finetuned: str = Opt(..., "--source-finetuned", help="m'_s: the source fine-tuned model (or a PEFT LoRA adapter dir)"),
         target_base: str = Opt(..., "--target-base", help="m_t: the new base model"),
         output: Path = Opt(..., "-o", "--output", help="output model directory"),
-        scale: float = _SCALE, vocab_policy: str = _VOCAB, shape_policy: str = _SHAPE,
+        scale: float = _SCALE, vocab_policy: str = _VOCAB, unmatched_rows: str = _UNMATCHED, shape_policy: str = _SHAPE,
         key_map: Optional[Path] = _KEYMAP, include: Optional[list[str]] = _INCLUDE, exclude: Optional[list[str]] = _EXCLUDE,
         scale_map: Optional[Path] = _SCALEMAP, compute_dtype: str = _COMPUTE, out_dtype: Optional[str] = _OUTDT,
         config_from: str = _CONFIG, tokenizer_from: str = _TOK, chat_template_from: str = _CHAT,
@@ -75,7 +79,8 @@ def register(app: typer.Typer) -> None:
         from deltaport.ops import transfer
 
         res = transfer(source_base, source_finetuned, target_base, output, scale=scale, vocab_policy=vocab_policy,
-                       shape_policy=shape_policy, key_map=key_map, include=include, exclude=exclude, scale_map=scale_map,
+                       unmatched_rows=unmatched_rows, shape_policy=shape_policy, key_map=key_map, include=include,
+                       exclude=exclude, scale_map=scale_map,
                        compute_dtype=compute_dtype, out_dtype=out_dtype, config_from=config_from,
                        tokenizer_from=tokenizer_from, chat_template_from=chat_template_from, shard_size=shard_size,
                        overwrite=overwrite, dry_run=dry_run, allow_pickle=allow_pickle, strict=strict, threads=threads,
