@@ -13,12 +13,14 @@ the intermediate format has at least two more significand bits than the final on
 It works on the float64 bit pattern with four integer operations, in place. Below float32's normal
 range (|x| < 2**-126, where bfloat16 has subnormals) float32 has fewer than 24 significand bits, so the
 float64 → float32 step would round at a coarser bit than the jam set and lose the sticky bit (rounding
-twice again). bfloat16 results of magnitude ≤ 2**-126 (zero included: a value just above the midpoint
-2**-134 would otherwise come out as 0) are therefore redone from the jammed float64 value, which is that
-value rounded to odd at 24 bits, by rounding it straight to a multiple of bfloat16's subnormal step
-2**-133 in float64 (one rounding; Boldo & Melquiond again, with 16 bits to spare). Finding them costs two
-passes over the 16-bit output; float16 needs no such step, since its subnormals (≥ 2**-24) lie far above
-float32's.
+twice again). For bfloat16 the float32 step is therefore done into a buffer, and the elements whose
+float32 value is a nonzero subnormal are redone from the jammed float64 value, which is that value
+rounded to odd at 24 bits, by rounding it straight to a multiple of bfloat16's subnormal step 2**-133 in
+float64 (one rounding; Boldo & Melquiond again, with 16 bits to
+spare). A float32 zero needs no redo (it comes from |x| <= 2**-150, whose nearest bfloat16 is zero), nor
+does a normal float32 (that step was exact). Finding them costs three integer passes over the float32
+values; exact zeros, common in outputs, do not trigger the (slow, gathering) redo. float16 needs no such
+step: its subnormals (>= 2**-24) lie far above float32's.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import torch
 _DROPPED = (1 << 29) - 1  # float64 significand bits below float32's last one (bit 29)
 _NOT_HALF = ~(1 << 28)  # clears the "half" bit of the dropped ones: what is left rounds down
 _SIXTEEN = (torch.bfloat16, torch.float16)
-_BF16_MIN_NORMAL = 0x0080  # bit pattern of 2**-126 in bfloat16 (sign cleared)
+_F32_MIN_NORMAL = 0x7FFFFF  # bit pattern of 2**-126 in float32, less one: the largest subnormal
 
 
 def jam_to_float32(acc: torch.Tensor, scratch: torch.Tensor | None = None) -> None:
@@ -46,29 +48,35 @@ def round_into(out: torch.Tensor, acc: torch.Tensor, scratch: torch.Tensor | Non
     and ``out`` is 16-bit (pass a copy to keep it). ``scratch``: optional int64 buffer to reuse."""
     if acc.dtype == torch.float64 and out.dtype in _SIXTEEN:
         jam_to_float32(acc, scratch)
-        out.copy_(acc)
-        if out.dtype == torch.bfloat16:
-            _redo_bf16_tiny(out, acc, scratch)
+        if out.dtype == torch.float16:
+            out.copy_(acc)
+            return
+        n = acc.numel()
+        if scratch is None or scratch.numel() < n:
+            scratch = torch.empty(n, dtype=torch.int64)
+        two = scratch.reshape(-1)[:n].view(torch.int32)  # 2n int32: the float32 value, then a key
+        s32 = two[:n].view(torch.float32)
+        s32.copy_(acc.reshape(-1))  # exact: acc has float32 precision now, except below 2**-126
+        out.copy_(s32.view(out.shape))
+        # key = |s32| - 1 with zero wrapped to the top: below 0x7FFFFF iff s32 is a nonzero float32 subnormal
+        key = two[n:]
+        torch.bitwise_and(two[:n], 0x7FFFFFFF, out=key)
+        key.sub_(1).bitwise_and_(0x7FFFFFFF)
+        if n and int(key.min()) < _F32_MIN_NORMAL:
+            _redo_bf16_tiny(out, acc, key)
         return
     out.copy_(acc)
 
 
-def _redo_bf16_tiny(out: torch.Tensor, jammed: torch.Tensor, scratch: torch.Tensor | None) -> None:
+def _redo_bf16_tiny(out: torch.Tensor, jammed: torch.Tensor, key: torch.Tensor) -> None:
     """Round again, straight from ``jammed`` (float64, rounded to odd at 24 bits), the elements of the
-    bfloat16 ``out`` whose magnitude is at most 2**-126: every value below float32's normal range lands
-    there, and there the float32 step rounded at a coarser bit than the jam (see the module's text)."""
+    bfloat16 ``out`` whose float32 intermediate was a nonzero subnormal (``key`` below 0x7FFFFF): there
+    the float32 step rounded at a coarser bit than the jam (see the module's text). A float32 zero comes
+    from |x| <= 2**-150 and a normal float32 from an exact step, so both are right already."""
+    idx = torch.nonzero(key < _F32_MIN_NORMAL).squeeze(1)
     o = out.reshape(-1).view(torch.int16)
-    n = o.numel()
-    if scratch is None or scratch.numel() < (n + 3) // 4:
-        mag = torch.empty_like(o)
-    else:
-        mag = scratch.reshape(-1).view(torch.int16)[:n]
-    torch.bitwise_and(o, 0x7FFF, out=mag)
-    if n == 0 or int(mag.min()) > _BF16_MIN_NORMAL:
-        return
-    idx = torch.nonzero(mag <= _BF16_MIN_NORMAL).squeeze(1)
     x = (jammed.reshape(-1).view(torch.int64)[idx] & ~_DROPPED).view(torch.float64)  # the jam left junk below bit 29
-    # x * 2**133 is exact and below 2**9 here; torch.round is round-half-to-even and keeps the sign of zero
+    # x * 2**133 is exact and below 2**7 here; torch.round is round-half-to-even and keeps the sign of zero
     r = torch.round(x * 2.0 ** 133) * 2.0 ** -133
     o[idx] = r.to(torch.bfloat16).view(torch.int16)
 
