@@ -143,3 +143,13 @@ def test_subnormal_results_of_a_scaled_transfer_round_once(tmp_path):
     want = [float(round(Fraction(0.7 * v) / step) * step) for v in f.tolist()]
     wrong = [(v, g, w) for v, g, w in zip(f.tolist(), got.double().tolist(), want) if g != w]
     assert not wrong, f"{len(wrong)} wrong, e.g. (f, got, exact) {wrong[:3]}"
+
+
+def test_zeros_keep_their_sign_and_tiny_values_their_side():
+    """±0 and values far below the smallest bf16 subnormal come out as zeros of their own sign; the
+    smallest float32 subnormals and the boundary 2**-126 stay exact."""
+    x = torch.tensor([0.0, -0.0, 2.0 ** -160, -(2.0 ** -160), 2.0 ** -149, 2.0 ** -126, -(2.0 ** -126),
+                      2.0 ** -134 + 2.0 ** -170, -(2.0 ** -134 + 2.0 ** -170)], dtype=torch.float64)
+    got = round_to(x, torch.bfloat16).view(torch.int16).tolist()
+    neg = -0x10000  # int16 view of a bf16 with the sign bit set
+    assert got == [0x0000, 0x8000 + neg, 0x0000, 0x8000 + neg, 0x0000, 0x0080, 0x8080 + neg, 0x0001, 0x8001 + neg]

@@ -18,8 +18,8 @@ float32 value is a nonzero subnormal are redone from the jammed float64 value, w
 rounded to odd at 24 bits, by rounding it straight to a multiple of bfloat16's subnormal step 2**-133 in
 float64 (one rounding; Boldo & Melquiond again, with 16 bits to
 spare). A float32 zero needs no redo (it comes from |x| <= 2**-150, whose nearest bfloat16 is zero), nor
-does a normal float32 (that step was exact). Finding them costs three integer passes over the float32
-values; exact zeros, common in outputs, do not trigger the (slow, gathering) redo. float16 needs no such
+does a normal float32 (that step was exact). Finding them costs two integer passes over the float32
+values and a reduction; exact zeros, common in outputs, do not trigger the (slow, gathering) redo. float16 needs no such
 step: its subnormals (>= 2**-24) lie far above float32's.
 """
 
@@ -58,10 +58,11 @@ def round_into(out: torch.Tensor, acc: torch.Tensor, scratch: torch.Tensor | Non
         s32 = two[:n].view(torch.float32)
         s32.copy_(acc.reshape(-1))  # exact: acc has float32 precision now, except below 2**-126
         out.copy_(s32.view(out.shape))
-        # key = |s32| - 1 with zero wrapped to the top: below 0x7FFFFF iff s32 is a nonzero float32 subnormal
+        # key = (bits - 1) without the sign bit: |s32| - 1 for every nonzero value, 0x7FFFFFFF for +-0;
+        # below 0x7FFFFF iff s32 is a nonzero float32 subnormal
         key = two[n:]
-        torch.bitwise_and(two[:n], 0x7FFFFFFF, out=key)
-        key.sub_(1).bitwise_and_(0x7FFFFFFF)
+        torch.sub(two[:n], 1, out=key)
+        key.bitwise_and_(0x7FFFFFFF)
         if n and int(key.min()) < _F32_MIN_NORMAL:
             _redo_bf16_tiny(out, acc, key)
         return
