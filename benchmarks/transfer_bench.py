@@ -6,6 +6,7 @@ RSS, ratio to the I/O floor, and how many output values differ from deltaport's 
 
     python benchmarks/transfer_bench.py --workdir /tmp/dpbench --threads 1 --repeat 3
     python benchmarks/transfer_bench.py --sizes 1x,2x --skip-mergekit --skip-naive   # RSS growth check
+    python benchmarks/transfer_bench.py --methods floor,deltaport,deltaport-f32,deltaport-w2 --repeat 5
 
 What is measured:
   * wall: seconds of the work inside the subprocess, after its imports (``time.perf_counter``); the
@@ -20,7 +21,10 @@ What is measured:
 Methods:
   floor      read the 3 inputs (1 MB reused buffer) + write one output of the target's size, fsync per file
              (writeback started every 64 MB with sync_file_range, as deltaport's writer does)
-  deltaport  ``deltaport.transfer(sb, sf, tb, out, threads=N)``
+  deltaport  ``deltaport.transfer(sb, sf, tb, out, threads=N)`` (exact: float64 arithmetic, one rounding)
+  deltaport-f32  the same with ``compute_dtype="float32"`` (not exact; the speed reference: the table's
+             "exact / float32" line is deltaport's wall over this one's, per round, median)
+  deltaport-w2  the same with 2 worker threads (``threads=2``; each worker runs torch on one thread)
   naive      three full state dicts in memory (safetensors ``load_file``), fp32 math per tensor, bf16
              result, ``save_file`` per shard - what the paper's official script does with ``from_pretrained``
   mergekit   ``task_arithmetic`` (base = source base, models = [source finetuned, target base] at weight 1,
@@ -220,6 +224,29 @@ def worker_deltaport(fam: Path, out: Path, threads: int) -> dict:
     return {"seconds": time.perf_counter() - t0, "engine": res.timings}
 
 
+def worker_deltaport_f32(fam: Path, out: Path, threads: int) -> dict:
+    import torch
+
+    import deltaport
+
+    torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    res = deltaport.transfer(fam / "source_base", fam / "source_finetuned", fam / "target_base", out, threads=threads,
+                             compute_dtype="float32")
+    return {"seconds": time.perf_counter() - t0, "engine": res.timings}
+
+
+def worker_deltaport_w2(fam: Path, out: Path, threads: int) -> dict:
+    import torch
+
+    import deltaport
+
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    res = deltaport.transfer(fam / "source_base", fam / "source_finetuned", fam / "target_base", out, threads=2)
+    return {"seconds": time.perf_counter() - t0, "engine": res.timings}
+
+
 def worker_naive(fam: Path, out: Path, threads: int) -> dict:
     import torch
     from safetensors.torch import load_file, save_file
@@ -287,7 +314,28 @@ def worker_compare(ref: Path, other: Path, threads: int) -> dict:
     return {"differ": d, "total": t, "problems": probs}
 
 
-WORKERS = {"floor": worker_floor, "deltaport": worker_deltaport, "naive": worker_naive, "compare": worker_compare}
+WORKERS = {"floor": worker_floor, "deltaport": worker_deltaport, "deltaport-f32": worker_deltaport_f32,
+           "deltaport-w2": worker_deltaport_w2, "naive": worker_naive, "compare": worker_compare}
+VECTOR_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512", "amx")  # prefixes shown from /proc/cpuinfo
+
+
+def cpu_info(env: dict) -> str:
+    """CPU model, its vector flags, and the instruction set torch dispatches to (a subprocess: the parent
+    never imports torch)."""
+    model, flags = "unknown CPU", []
+    try:
+        for ln in open("/proc/cpuinfo"):
+            if ln.startswith("model name") and model == "unknown CPU":
+                model = ln.split(":", 1)[1].strip()
+            elif ln.startswith("flags") and not flags:
+                flags = sorted(f for f in ln.split(":", 1)[1].split()
+                               if f in VECTOR_FLAGS or f.startswith(("avx512", "amx")))
+    except OSError:
+        pass
+    cap = subprocess.run([sys.executable, "-c", "import torch; print(torch.__version__, "
+                          "torch.backends.cpu.get_cpu_capability(), torch.get_num_threads())"],
+                         env=env, capture_output=True, text=True).stdout.strip()
+    return f"{model}; vector flags: {' '.join(flags) or 'none found'}; torch {cap or '?'} (version, dispatch, threads)"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -370,8 +418,9 @@ def main(argv=None) -> int:
                     help="models (reused across runs), outputs and logs (default: /tmp/deltaport-bench)")
     ap.add_argument("--sizes", default="1x", help="comma list of layer multipliers, e.g. 1x,2x (default: 1x)")
     ap.add_argument("--repeat", type=int, default=1, help="runs per method; the median is reported (default: 1)")
-    ap.add_argument("--methods", default="floor,deltaport,naive,mergekit",
-                    help="comma list of floor,deltaport,naive,mergekit (default: all)")
+    ap.add_argument("--methods", default="floor,deltaport,deltaport-f32,naive,mergekit",
+                    help="comma list of floor,deltaport,deltaport-f32,deltaport-w2,naive,mergekit "
+                         "(default: all but deltaport-w2)")
     ap.add_argument("--skip-mergekit", action="store_true")
     ap.add_argument("--skip-naive", action="store_true")
     ap.add_argument("--baselines-all-sizes", action="store_true",
@@ -413,9 +462,11 @@ def main(argv=None) -> int:
     logs.mkdir(exist_ok=True)
 
     print(f"# deltaport transfer benchmark  {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}")
-    print(f"# machine: {os.cpu_count()} CPUs, {_mem_gb():.0f} GiB RAM; threads={args.threads}; cache: warm "
+    print(f"# machine: {os.cpu_count()} CPUs, {_mem_gb():.0f} GiB RAM; threads={args.threads} (torch threads per "
+          f"method; deltaport: workers, each with 1 torch thread; deltaport-w2: 2 workers); cache: warm "
           f"(inputs read once before every run); repeat={args.repeat} (median); peak RSS = ru_maxrss of the "
           "method's subprocess (incl. children; anonymous + file-backed pages)")
+    print(f"# cpu: {cpu_info(env)}")
     print(f"# load average at start: {open('/proc/loadavg').read().strip()}")
     results = []
     sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
@@ -434,7 +485,7 @@ def main(argv=None) -> int:
         print(f"# size {size}: {layers} layers, {info['params'] / 1e6:.0f} M params, {gb:.2f} GB per model (bf16)",
               flush=True)
         ref = work / f"out-deltaport-{size}"
-        size_methods = [m for m in methods if m in ("floor", "deltaport") or si == 0 or args.baselines_all_sizes]
+        size_methods = [m for m in methods if m == "floor" or m.startswith("deltaport") or si == 0 or args.baselines_all_sizes]
         if "deltaport" not in size_methods and any(m in size_methods for m in ("naive", "mergekit")):
             size_methods.insert(0, "deltaport")  # the reference output
         variants = []
@@ -483,7 +534,7 @@ def main(argv=None) -> int:
                    "peak_rss_mb": statistics.median(x["peak_rss_mb"] for x in rs),
                    "cpu": statistics.median(x["cpu"] for x in rs),
                    "runs": rs}
-            if m == "deltaport":
+            if m.startswith("deltaport"):
                 row["engine"] = {k: statistics.median(x["engine"][k] for x in rs) for k in rs[0]["engine"]}
             out = outs[label]
             if m not in ("floor", "deltaport"):
@@ -517,9 +568,19 @@ def main(argv=None) -> int:
         ratio = f"{x['ratio']:.2f}" if x["ratio"] is not None else "–"
         print(f"| {x['size']} ({x['gb']:.2f} GB) | {x['method']} | {x['seconds']:.2f} | {ratio} | {x['process_wall']:.2f} | "
               f"{x['cpu']:.2f} | {x['peak_rss_mb']:.0f} | {eq} |")
+    for size in sizes:
+        rows = {x["method"]: x for x in results if x["size"] == size}
+        for other in ("deltaport-f32", "deltaport-w2"):
+            if "deltaport" in rows and other in rows:
+                a, b = rows["deltaport"], rows[other]
+                per_round = [ra["seconds"] / rb["seconds"] for ra, rb in zip(a["runs"], b["runs"])]
+                cpu = [ra["cpu"] / rb["cpu"] for ra, rb in zip(a["runs"], b["runs"])]
+                print(f"\n{size}: deltaport (exact) / {other}: wall {statistics.median(per_round):.2f}× (median of "
+                      f"per-round ratios {', '.join(f'{r:.2f}' for r in per_round)}), process CPU "
+                      f"{statistics.median(cpu):.2f}×")
     for x in results:
         if "engine" in x:
-            print(f"\n{x['size']} deltaport, median of its own timings: {_fmt_timings(x['engine'])} (plan_and_files = "
+            print(f"\n{x['size']} {x['method']}, median of its own timings: {_fmt_timings(x['engine'])} (plan_and_files = "
                   "headers, plan, config/tokenizer copy and the config check; stream = the engine)")
     for n in notes:
         print(f"\nnote: {n}")

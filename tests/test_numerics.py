@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from fractions import Fraction
 
 import pytest
@@ -19,8 +20,10 @@ def _exact_rne(x: float, dtype: torch.dtype) -> float:
     if x != x:
         return x
     guess = torch.tensor([x], dtype=torch.float64).to(dtype)  # torch's (double-rounded) answer: within one step
-    if guess.isinf().item():
-        return guess.item()
+    if guess.isinf().item():  # torch overflowed, possibly by rounding twice: at or past max + half a step only
+        fi = torch.finfo(dtype)
+        limit = Fraction(fi.max) + Fraction(fi.eps) * Fraction(2) ** math.frexp(fi.max)[1] / 4  # max + half ulp
+        return guess.item() if abs(Fraction(x)) >= limit else math.copysign(fi.max, x)
     b = int(guess.view(torch.int16).item()) & 0xFFFF
     sign, mag = b & 0x8000, b & 0x7FFF
     cands = []
@@ -47,6 +50,11 @@ def test_known_double_rounding_cases():
     assert y.to(torch.float16)[0].item() == 1.0
     assert round_to(y, torch.float16).tolist() == [_exact_rne(v, torch.float16) for v in y.tolist()]
     assert round_to(y, torch.float16)[0].item() == 1 + 2 ** -10
+    # just below float16's overflow threshold (65504 + half a step): torch rounds up to 65520, then to inf
+    z = torch.tensor([65520 - 2 ** -20, 65520.0], dtype=torch.float64)
+    assert z.to(torch.float16)[0].item() == float("inf")
+    assert round_to(z, torch.float16).tolist() == [65504.0, float("inf")]
+    assert [_exact_rne(v, torch.float16) for v in z.tolist()] == [65504.0, float("inf")]
 
 
 def _near_midpoints(dtype):
@@ -77,3 +85,71 @@ def test_round_to_agrees_with_torch_where_torch_rounds_once(dtype):
     x[:4] = torch.tensor([float("inf"), float("-inf"), float("nan"), 1e300], dtype=torch.float64)
     got, ref = round_to(x, dtype), x.to(dtype)
     assert torch.equal(got.view(torch.int16)[3:], ref.view(torch.int16)[3:]) and got[2].isnan()
+
+
+# -- below float32's normal range ---------------------------------------------------------------------
+# 16-bit subnormal steps: bfloat16 shares float32's exponent range (step 2**-133 below 2**-126); float16's
+# subnormals (step 2**-24 below 2**-14) lie far above float32's, so only bfloat16 could round twice there.
+_SUB = {torch.bfloat16: (-133, 128), torch.float16: (-24, 1024)}  # dtype: (log2 of the step, subnormals)
+
+
+def _exact_subnormal(x: float, dtype: torch.dtype) -> float:
+    """x rounded to the nearest multiple of the subnormal step, ties to even, by exact rationals; x's sign
+    is kept for a zero result (as IEEE rounding does)."""
+    step = Fraction(2) ** _SUB[dtype][0]
+    q = round(Fraction(x) / step)  # Fraction.__round__: half to even
+    return math.copysign(float(q * step), x)
+
+
+@pytest.mark.parametrize("dtype", DT, ids=lambda d: str(d).replace("torch.", ""))
+def test_every_subnormal_midpoint_rounds_once(dtype):
+    """Every subnormal midpoint (the one below the smallest normal included), exactly and ± an offset far
+    below float32's resolution there, both signs: the result is the exact nearest value, ties to even."""
+    e, count = _SUB[dtype]
+    xs = []
+    for k in range(count):
+        mid = (2 * k + 1) * 2.0 ** (e - 1)
+        for off in (0.0, 2.0 ** (e - 30), -(2.0 ** (e - 30))):
+            xs += [mid + off, -(mid + off)]
+    got = round_to(torch.tensor(xs, dtype=torch.float64), dtype).double()
+    want = torch.tensor([_exact_subnormal(v, dtype) for v in xs], dtype=torch.float64)
+    assert torch.equal(got.view(torch.int64), want.view(torch.int64)), \
+        f"{int((got != want).sum())} of {len(xs)} differ, e.g. {[(v, g) for v, g, w in zip(xs, got.tolist(), want.tolist()) if g != w][:3]}"
+
+
+def test_subnormal_results_of_a_scaled_transfer_round_once(tmp_path):
+    """End to end, λ = 0.7: the source fine-tune holds every bfloat16 value below 2**-125 (both signs), so
+    λ·(f − b) covers the whole subnormal range of the output; each element must be the exact nearest bf16."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    import deltaport
+
+    mags = torch.arange(0, 0x0100, dtype=torch.int16)  # bit patterns of 0 .. just below 2**-125
+    f = torch.cat([mags, mags | -0x8000]).view(torch.bfloat16)
+    zeros = torch.zeros_like(f)
+    for name, w in (("b", zeros), ("f", f), ("t", zeros)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps({"model_type": "llama"}))
+        save_file({"w": w}, str(tmp_path / name / "model.safetensors"))
+    deltaport.transfer(tmp_path / "b", tmp_path / "f", tmp_path / "t", tmp_path / "o", scale=0.7)
+    got = load_file(str(tmp_path / "o" / "model.safetensors"))["w"]
+    # the engine forms λ·Δ in float64 (exact here: Δ = f) and then rounds once: the reference is the exact
+    # nearest multiple of the subnormal step to that float64 product (0.7 * v in Python is the same IEEE
+    # product). The product's own rounding is a separate matter: it can land on a midpoint the exact
+    # 0.7 × f is not on (20 of these 512 elements), not tested here.
+    step = Fraction(2) ** -133
+    want = [float(round(Fraction(0.7 * v) / step) * step) for v in f.tolist()]
+    wrong = [(v, g, w) for v, g, w in zip(f.tolist(), got.double().tolist(), want) if g != w]
+    assert not wrong, f"{len(wrong)} wrong, e.g. (f, got, exact) {wrong[:3]}"
+
+
+def test_zeros_keep_their_sign_and_tiny_values_their_side():
+    """±0 and values far below the smallest bf16 subnormal come out as zeros of their own sign; the
+    smallest float32 subnormals and the boundary 2**-126 stay exact."""
+    x = torch.tensor([0.0, -0.0, 2.0 ** -160, -(2.0 ** -160), 2.0 ** -149, 2.0 ** -126, -(2.0 ** -126),
+                      2.0 ** -134 + 2.0 ** -170, -(2.0 ** -134 + 2.0 ** -170)], dtype=torch.float64)
+    got = round_to(x, torch.bfloat16).view(torch.int16).tolist()
+    neg = -0x10000  # int16 view of a bf16 with the sign bit set
+    assert got == [0x0000, 0x8000 + neg, 0x0000, 0x8000 + neg, 0x0000, 0x0080, 0x8080 + neg, 0x0001, 0x8001 + neg]

@@ -1,14 +1,19 @@
 """Execute a :class:`~deltaport.plan.Plan`: stream every output tensor in chunks through reused
 buffers (memory stays a small multiple of one chunk, whatever the model size), overlap arithmetic
-with writing (a writer thread), check every chunk for NaN/Inf, and round once to the output dtype.
+with reading and writing (a reader and a writer thread; optionally several worker threads computing
+chunks side by side, handed to the writer in order), check every chunk for NaN/Inf, and round once to
+the output dtype.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import queue
 import threading
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -27,9 +32,10 @@ LOG = logging.getLogger(__name__)
 # output) stays in this CPU's L3 cache; 4M-element chunks measured ~1.5x the CPU time (and +160 MB RSS)
 DEFAULT_CHUNK_ELEMS = 1 << 19
 
-# torch threads for the arithmetic when the caller does not choose: 1. The work is element-wise and the
-# reader and writer threads already use the second core; with 2 torch threads and that core busy, the
-# benchmark's transfer took 25-62 s instead of 5-9 s (OpenMP threads spin waiting for each other).
+# ``threads`` = worker threads for the arithmetic, each running torch on ONE thread over whole chunks (never
+# OpenMP threads inside a chunk: with 2 torch threads and the second core busy, the benchmark's transfer
+# took 25-62 s instead of 5-9 s, the OpenMP threads spinning while waiting for each other). Default 1: on
+# 2 cores the reader and writer threads already use the second one.
 DEFAULT_THREADS = 1
 
 
@@ -120,14 +126,14 @@ class _Prefetcher(threading.Thread):
     sets; ``os.preadv`` releases the GIL, so reading overlaps the arithmetic on the other core. Chunks
     whose inputs are read another way get an empty set, which keeps the two sequences in step."""
 
-    def __init__(self, engine: "Engine", ops: list[TensorOp], depth: int = 2):
+    def __init__(self, engine: "Engine", ops: list[TensorOp], depth: int = 2, extra_sets: int = 0):
         super().__init__(daemon=True, name="deltaport-reader")
         self.engine = engine
         self.ops = ops
         self.q: queue.Queue = queue.Queue(maxsize=depth)
         self.free: queue.Queue = queue.Queue()
         self.nsets = 0
-        self.maxsets = depth + 2  # queued + the one in use + the one being filled
+        self.maxsets = depth + 2 + extra_sets  # queued + the one(s) in use (one per worker) + the one being filled
         self.files = FilePool()
         self.stopping = threading.Event()
 
@@ -212,6 +218,7 @@ class Engine:
         self._reader: _Prefetcher | None = None
         self._pre: dict[str, torch.Tensor] = {}  # this chunk's prefetched raw bytes, by key
         self._raw: dict[str, torch.Tensor] = {}  # the raw bytes _fill last converted, by key
+        self._workers = 1
 
     # -- reading -------------------------------------------------------------------------------------
     def _fill(self, key: str, term: Term, e0: int, e1: int, row_elems: int) -> torch.Tensor:
@@ -371,50 +378,13 @@ class Engine:
     def _run_op(self, op: TensorOp, wt: _Writer) -> None:
         wt.q.put(("begin", op.name, op.nbytes))
         osz = _isz(op.out_dtype)
-        raw_copy = self._raw_copy(op)
-        floating = op.out_dtype in FLOAT_DTYPES
         for e0, e1, row_elems in self._chunks(op):
             n = e1 - e0
             pre_bufs = None
             if self._reader is not None:
                 pre_bufs, self._pre = self._reader.next(op.name, e0)
             obuf = self._take(wt, n * osz)
-            if raw_copy:
-                spec = op.base.spec
-                pread_into(self.files.fd(spec.file), obuf, spec.start + e0 * osz, n * osz, f"{spec.file}:{spec.name}")
-                self.stats.bytes_read += n * osz
-                if floating and not _all_finite(obuf[: n * osz].view(op.out_dtype)):
-                    self._diagnose(op, e0, e1, row_elems)
-            elif not floating:  # non-float copy with a row map or from memory
-                src = op.base.ck.memory_tensor(op.base.spec.name)
-                if src is None:
-                    spec = op.base.spec
-                    pread_into(self.files.fd(spec.file), obuf, spec.start + e0 * osz, n * osz, f"{spec.file}:{spec.name}")
-                else:
-                    obuf[: n * osz].copy_(src.reshape(-1)[e0:e1].contiguous().view(torch.uint8))
-            else:
-                if op.kind == "copy" or op.scale == 0.0:
-                    acc = self._fill("base", op.base, e0, e1, row_elems)
-                else:
-                    if op.lora is not None:
-                        d = self._lora(op, e0, e1, row_elems)
-                    else:
-                        d = self._fill("plus", op.plus, e0, e1, row_elems)
-                        if op.minus is not None:
-                            d.sub_(self._fill("minus", op.minus, e0, e1, row_elems))
-                    if op.scale != 1.0:
-                        d.mul_(op.scale)
-                    if op.base is not None:
-                        acc = self._fill("base", op.base, e0, e1, row_elems)
-                        acc.add_(d)
-                    else:
-                        acc = d
-                out = obuf[: n * osz].view(op.out_dtype)
-                self._round(out, acc, n)
-                if not _all_finite(out):
-                    self._diagnose(op, e0, e1, row_elems)
-                if op.base is None and (op.minus is not None or op.check is not None):
-                    self._verify_roundtrip(op, out, e0, e1, row_elems)
+            self._chunk(op, e0, e1, row_elems, obuf)
             if self._reader is not None:
                 self._pre = {}
                 self._reader.release(pre_bufs)
@@ -422,6 +392,123 @@ class Engine:
             wt.check()
             self._progress(n * osz)
         self.stats.tensors += 1
+
+    def _chunk(self, op: TensorOp, e0: int, e1: int, row_elems: int, obuf: torch.Tensor) -> None:
+        """Output elements [e0, e1) of ``op`` into the byte buffer ``obuf`` (this chunk's prefetched raw
+        bytes, if any, in ``self._pre``). Touches only this engine's own buffers, files and stats, so
+        workers (copies of the engine, see :meth:`_run_workers`) can run it side by side."""
+        n = e1 - e0
+        osz = _isz(op.out_dtype)
+        floating = op.out_dtype in FLOAT_DTYPES
+        if self._raw_copy(op):
+            spec = op.base.spec
+            pread_into(self.files.fd(spec.file), obuf, spec.start + e0 * osz, n * osz, f"{spec.file}:{spec.name}")
+            self.stats.bytes_read += n * osz
+            if floating and not _all_finite(obuf[: n * osz].view(op.out_dtype)):
+                self._diagnose(op, e0, e1, row_elems)
+        elif not floating:  # non-float copy with a row map or from memory
+            src = op.base.ck.memory_tensor(op.base.spec.name)
+            if src is None:
+                spec = op.base.spec
+                pread_into(self.files.fd(spec.file), obuf, spec.start + e0 * osz, n * osz, f"{spec.file}:{spec.name}")
+            else:
+                obuf[: n * osz].copy_(src.reshape(-1)[e0:e1].contiguous().view(torch.uint8))
+        else:
+            if op.kind == "copy" or op.scale == 0.0:
+                acc = self._fill("base", op.base, e0, e1, row_elems)
+            else:
+                if op.lora is not None:
+                    d = self._lora(op, e0, e1, row_elems)
+                else:
+                    d = self._fill("plus", op.plus, e0, e1, row_elems)
+                    if op.minus is not None:
+                        d.sub_(self._fill("minus", op.minus, e0, e1, row_elems))
+                if op.scale != 1.0:
+                    d.mul_(op.scale)
+                if op.base is not None:
+                    acc = self._fill("base", op.base, e0, e1, row_elems)
+                    acc.add_(d)
+                else:
+                    acc = d
+            out = obuf[: n * osz].view(op.out_dtype)
+            self._round(out, acc, n)
+            if not _all_finite(out):
+                self._diagnose(op, e0, e1, row_elems)
+            if op.base is None and (op.minus is not None or op.check is not None):
+                self._verify_roundtrip(op, out, e0, e1, row_elems)
+
+    # -- workers -------------------------------------------------------------------------------------
+    def _worker_copy(self) -> "Engine":
+        """An engine sharing the plan but with its own buffers, files and stats (one per worker thread)."""
+        w = copy.copy(self)
+        w.bufs, w.files, w.stats = _Buffers(), FilePool(), Stats()
+        w._pre, w._raw, w._lora_cache, w._reader, w._bar = {}, {}, None, None, None
+        return w
+
+    def _run_workers(self, ops: list[TensorOp], wt: _Writer, workers: int) -> None:
+        """Compute chunks on ``workers`` threads (each a copy of the engine; torch runs 1 thread per op and
+        releases the GIL inside it) while this thread hands out the prefetched inputs and passes finished
+        chunks to the writer strictly in plan order: the bytes are those of the sequential loop. At most
+        ``workers`` chunks are in flight, each holding one prefetched input set and one output buffer."""
+        local = threading.local()
+        copies: list[Engine] = []
+        lock = threading.Lock()
+
+        def task(op: TensorOp, e0: int, e1: int, row_elems: int, obuf: torch.Tensor, pre: dict) -> None:
+            w = getattr(local, "engine", None)
+            if w is None:
+                w = local.engine = self._worker_copy()
+                with lock:
+                    copies.append(w)
+            w._pre = pre
+            try:
+                with torch.inference_mode():  # thread-local in torch
+                    w._chunk(op, e0, e1, row_elems, obuf)
+            finally:
+                w._pre = {}
+
+        pending: deque = deque()
+
+        def hand_on() -> None:  # the oldest entry, in plan order
+            kind, fut, op, obuf, nbytes, pre_bufs = pending.popleft()
+            if kind == "begin":
+                wt.q.put(("begin", op.name, op.nbytes))
+                return
+            if kind == "end":
+                self.stats.tensors += 1
+                return
+            fut.result()  # a worker's exception is raised here, at its chunk
+            if self._reader is not None:
+                self._reader.release(pre_bufs)
+            wt.q.put(("data", obuf, nbytes))
+            wt.check()
+            self._progress(nbytes)
+
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="deltaport-worker")
+        try:
+            for op in ops:
+                osz = _isz(op.out_dtype)
+                pending.append(("begin", None, op, None, 0, None))
+                for e0, e1, row_elems in self._chunks(op):
+                    pre_bufs, pre = (None, {}) if self._reader is None else self._reader.next(op.name, e0)
+                    while sum(1 for p in pending if p[0] == "data") >= workers:
+                        hand_on()
+                    obuf = self._take(wt, (e1 - e0) * osz)
+                    fut = pool.submit(task, op, e0, e1, row_elems, obuf, pre)
+                    pending.append(("data", fut, op, obuf, (e1 - e0) * osz, pre_bufs))
+                pending.append(("end", None, op, None, 0, None))
+            while pending:
+                hand_on()
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+            for w in copies:
+                w.files.close()
+                self.stats.bytes_read += w.stats.bytes_read
+                for k, v in w.stats.inexact_delta.items():
+                    self.stats.inexact_delta[k] = self.stats.inexact_delta.get(k, 0) + v
+                self.stats.nonfinite_inputs += [x for x in w.stats.nonfinite_inputs if x not in self.stats.nonfinite_inputs]
+            order = {op.name: i for i, op in enumerate(ops)}
+            self.stats.nonfinite_inputs.sort(key=lambda x: order.get(x, len(order)))
 
     def _round(self, out: torch.Tensor, acc: torch.Tensor, n: int) -> None:
         """One correct rounding of the compute-dtype result into the output dtype (see numerics)."""
@@ -477,7 +564,7 @@ class Engine:
             try:
                 b = wt.free.get_nowait()
             except queue.Empty:
-                if self._nout < 3:
+                if self._nout < 3 + self._workers:
                     self._nout += 1
                     b = torch.empty(0, dtype=torch.uint8)
                 else:
@@ -498,7 +585,9 @@ class Engine:
         ops = {op.name: op for op in self.plan.ops}
         t0 = time.perf_counter()
         old_threads = torch.get_num_threads()
-        torch.set_num_threads(threads or DEFAULT_THREADS)
+        workers = max(1, int(threads or DEFAULT_THREADS))
+        torch.set_num_threads(1)  # each worker runs torch on one thread (see DEFAULT_THREADS)
+        self._workers = workers
         self._nout = 0
         self._bar = None
         wt = _Writer(writer)
@@ -514,12 +603,15 @@ class Engine:
             ctx = prog
             self._bar = (prog, prog.add_task(label or self.plan.operation, total=self.plan.total_out_bytes))
         if self.prefetch:
-            self._reader = _Prefetcher(self, [ops[entry.name] for entry in writer.order])
+            self._reader = _Prefetcher(self, [ops[entry.name] for entry in writer.order], extra_sets=workers - 1)
             self._reader.start()
         try:
             with ctx, torch.inference_mode():
-                for entry in writer.order:
-                    self._run_op(ops[entry.name], wt)
+                if workers == 1:
+                    for entry in writer.order:
+                        self._run_op(ops[entry.name], wt)
+                else:
+                    self._run_workers([ops[entry.name] for entry in writer.order], wt, workers)
             wt.close()
             wt.check()
         except BaseException:

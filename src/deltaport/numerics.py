@@ -10,9 +10,17 @@ torch round float32 → 16-bit to nearest even. Round-to-odd followed by round-t
 the intermediate format has at least two more significand bits than the final one (Boldo & Melquiond,
 "When double rounding is odd", 2005): float32 has 24, bfloat16 8, float16 11.
 
-It works on the float64 bit pattern with four integer operations, in place. Limit: below float32's
-normal range (|x| < 2**-126, bfloat16's subnormals; float16 flushes these to zero anyway) the float32 step
-can still round; such weights do not occur in practice.
+It works on the float64 bit pattern with four integer operations, in place. Below float32's normal
+range (|x| < 2**-126, where bfloat16 has subnormals) float32 has fewer than 24 significand bits, so the
+float64 → float32 step would round at a coarser bit than the jam set and lose the sticky bit (rounding
+twice again). For bfloat16 the float32 step is therefore done into a buffer, and the elements whose
+float32 value is a nonzero subnormal are redone from the jammed float64 value, which is that value
+rounded to odd at 24 bits, by rounding it straight to a multiple of bfloat16's subnormal step 2**-133 in
+float64 (one rounding; Boldo & Melquiond again, with 16 bits to
+spare). A float32 zero needs no redo (it comes from |x| <= 2**-150, whose nearest bfloat16 is zero), nor
+does a normal float32 (that step was exact). Finding them costs two integer passes over the float32
+values and a reduction; exact zeros, common in outputs, do not trigger the (slow, gathering) redo. float16 needs no such
+step: its subnormals (>= 2**-24) lie far above float32's.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import torch
 _DROPPED = (1 << 29) - 1  # float64 significand bits below float32's last one (bit 29)
 _NOT_HALF = ~(1 << 28)  # clears the "half" bit of the dropped ones: what is left rounds down
 _SIXTEEN = (torch.bfloat16, torch.float16)
+_F32_MIN_NORMAL = 0x7FFFFF  # bit pattern of 2**-126 in float32, less one: the largest subnormal
 
 
 def jam_to_float32(acc: torch.Tensor, scratch: torch.Tensor | None = None) -> None:
@@ -39,7 +48,38 @@ def round_into(out: torch.Tensor, acc: torch.Tensor, scratch: torch.Tensor | Non
     and ``out`` is 16-bit (pass a copy to keep it). ``scratch``: optional int64 buffer to reuse."""
     if acc.dtype == torch.float64 and out.dtype in _SIXTEEN:
         jam_to_float32(acc, scratch)
+        if out.dtype == torch.float16:
+            out.copy_(acc)
+            return
+        n = acc.numel()
+        if scratch is None or scratch.numel() < n:
+            scratch = torch.empty(n, dtype=torch.int64)
+        two = scratch.reshape(-1)[:n].view(torch.int32)  # 2n int32: the float32 value, then a key
+        s32 = two[:n].view(torch.float32)
+        s32.copy_(acc.reshape(-1))  # exact: acc has float32 precision now, except below 2**-126
+        out.copy_(s32.view(out.shape))
+        # key = (bits - 1) without the sign bit: |s32| - 1 for every nonzero value, 0x7FFFFFFF for +-0;
+        # below 0x7FFFFF iff s32 is a nonzero float32 subnormal
+        key = two[n:]
+        torch.sub(two[:n], 1, out=key)
+        key.bitwise_and_(0x7FFFFFFF)
+        if n and int(key.min()) < _F32_MIN_NORMAL:
+            _redo_bf16_tiny(out, acc, key)
+        return
     out.copy_(acc)
+
+
+def _redo_bf16_tiny(out: torch.Tensor, jammed: torch.Tensor, key: torch.Tensor) -> None:
+    """Round again, straight from ``jammed`` (float64, rounded to odd at 24 bits), the elements of the
+    bfloat16 ``out`` whose float32 intermediate was a nonzero subnormal (``key`` below 0x7FFFFF): there
+    the float32 step rounded at a coarser bit than the jam (see the module's text). A float32 zero comes
+    from |x| <= 2**-150 and a normal float32 from an exact step, so both are right already."""
+    idx = torch.nonzero(key < _F32_MIN_NORMAL).squeeze(1)
+    o = out.reshape(-1).view(torch.int16)
+    x = (jammed.reshape(-1).view(torch.int64)[idx] & ~_DROPPED).view(torch.float64)  # the jam left junk below bit 29
+    # x * 2**133 is exact and below 2**7 here; torch.round is round-half-to-even and keeps the sign of zero
+    r = torch.round(x * 2.0 ** 133) * 2.0 ** -133
+    o[idx] = r.to(torch.bfloat16).view(torch.int16)
 
 
 def round_to(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

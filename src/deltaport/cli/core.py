@@ -30,7 +30,7 @@ _OVER = Opt(False, "--overwrite", help="replace an existing output (the new one 
 _DRY = Opt(False, "--dry-run", help="print the plan (from headers only) and write nothing")
 _PICKLE = Opt(False, "--allow-pickle", help="accept pickled .bin/.pt weights (loaded with torch.load(weights_only=True))")
 _STRICT = Opt(False, "--strict", help="fail on NaN/Inf in inputs (default: warn)")
-_THREADS = Opt(None, "--threads", help="torch threads for the arithmetic (default 1: the work is memory-bound, and a reader and a writer thread already overlap I/O; output bytes do not depend on it)")
+_THREADS = Opt(None, "--threads", help="worker threads for the arithmetic, each computing whole chunks with one torch thread (default 1: on 2 cores a reader and a writer thread already use the second; output bytes do not depend on it)")
 _QUIET = Opt(False, "--quiet", "-q", help="no progress bar")
 _JSON = Opt(False, "--json", help="print the result as JSON on stdout")
 
