@@ -15,6 +15,7 @@ from conftest import assert_bit_equal, load_sd, tree_hash
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 
 
+@pytest.mark.usefixtures("engine_chunk")
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
 def test_transfer_onto_source_base_reproduces_finetuned(family, tmp_path, arch, dtype):
@@ -25,6 +26,7 @@ def test_transfer_onto_source_base_reproduces_finetuned(family, tmp_path, arch, 
     assert {k: tree_hash(v) for k, v in p.items()} == before  # inputs untouched
 
 
+@pytest.mark.usefixtures("engine_chunk")
 @pytest.mark.parametrize("arch", ["llama", "gemma", "phi3"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
 def test_scale_zero_reproduces_target(family, tmp_path, arch, dtype):
@@ -33,6 +35,7 @@ def test_scale_zero_reproduces_target(family, tmp_path, arch, dtype):
     assert_bit_equal(load_sd(tmp_path / "out"), load_sd(p["target_base"]))
 
 
+@pytest.mark.usefixtures("engine_chunk")
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "olmo2"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
 def test_apply_of_diff_reproduces_finetuned(family, tmp_path, arch, dtype):
@@ -52,6 +55,7 @@ def _hand_built(p, scale, compute=torch.float64):
             round_to(c[k].to(compute) + (a[k].to(compute) - b[k].to(compute)), c[k].dtype) for k in c}
 
 
+@pytest.mark.usefixtures("engine_chunk")
 @pytest.mark.parametrize("arch", ARCHS)
 def test_logits_equal_hand_built_state_dict(family, tmp_path, arch):
     from transformers import AutoModelForCausalLM
@@ -72,6 +76,7 @@ def test_logits_equal_hand_built_state_dict(family, tmp_path, arch):
     assert not torch.equal(l1, AutoModelForCausalLM.from_pretrained(p["target_base"])(ids).logits)
 
 
+@pytest.mark.usefixtures("engine_chunk")
 def test_apply_equals_transfer(family, tmp_path):
     p = family("mistral", torch.bfloat16)
     deltaport.diff(p["source_base"], p["source_finetuned"], tmp_path / "delta")
@@ -80,6 +85,7 @@ def test_apply_equals_transfer(family, tmp_path):
     assert_bit_equal(load_sd(tmp_path / "a"), load_sd(tmp_path / "t"))
 
 
+@pytest.mark.usefixtures("engine_chunk")
 def test_tied_embeddings_receive_delta_once(family, tmp_path):
     """Gemma ties lm_head to embed_tokens; Δ must be added once (the official script adds it twice)."""
     from transformers import AutoModelForCausalLM
