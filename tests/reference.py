@@ -199,6 +199,15 @@ def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
     return out
 
 
+def pad_bits(bits: np.ndarray, rows: int) -> np.ndarray:
+    """Bit patterns padded with +0.0 rows to ``rows`` rows."""
+    if bits.shape[0] == rows:
+        return bits
+    out = np.zeros((rows, *bits.shape[1:]), dtype=bits.dtype)
+    out[: bits.shape[0]] = bits
+    return out
+
+
 def lora_scaling(adapter_config: dict) -> float:
     r = adapter_config.get("r", 8)
     alpha = adapter_config.get("lora_alpha", r)
@@ -235,10 +244,11 @@ def transfer_tensor(name: str, sb: Ckpt, sf: Ckpt, tb: Ckpt, *, scale: float = 1
         if lam != 1.0:
             d = d * lam
         return round_bits(t + d, fmt).reshape(t.shape)
-    if lam == 0.0:
-        return tb.bits(name)
     fa, ba = _src_name(sf, name), _src_name(sb, name)
     f, b = sf.f64(fa), sb.f64(ba)
+    if lam == 0.0:  # a copy of the target (padded with zero rows under vocab pad)
+        rows = max(f.shape[0], b.shape[0], t.shape[0]) if vocab == "pad" else t.shape[0] if t.ndim else None
+        return tb.bits(name) if rows is None else pad_bits(tb.bits(name), rows)
     if f.shape == b.shape == t.shape:
         d = f - b
     elif vocab == "pad":
