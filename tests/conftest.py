@@ -120,3 +120,13 @@ def engine_chunk(request, monkeypatch):
     monkeypatch.setattr(E.Engine, "run", spy)
     yield size
     assert seen and set(seen) == {size}, f"engines ran with chunk sizes {sorted(set(seen))}, expected {size}"
+
+
+# -------------------------------------------------------------------------- real-model tier
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory):
+    """SmolLM2-135M-Instruct checkpoints for the real-model tier (tests/smollm2.py: fetched, converted
+    and derived from nothing, cached under ~/.cache/deltaport-tests unless DELTAPORT_TEST_CACHE=off)."""
+    import smollm2 as S
+
+    return S.ensure(tmp_path_factory.mktemp("realmodel"))

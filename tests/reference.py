@@ -47,6 +47,34 @@ _ST_ITEMSIZE = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8}
 def round_bits(x: np.ndarray, fmt: str) -> np.ndarray:
     """Bit patterns of the ``fmt`` values nearest to the float64 values ``x`` (ties to even).
 
+    Results in ``fmt``'s normal range (most elements) take the short path: round the float64 bit
+    pattern itself to p significant bits with the integer round-half-even ``(mag + half − 1 + lsb) >> s``
+    (a carry moves into the exponent field, as it should) and re-bias the exponent. Everything else
+    (zeros, subnormal results, inf, NaN) takes :func:`_round_bits_general`."""
+    p, emin, bias, ebits, store = FORMATS[fmt]
+    width = 8 * np.dtype(store).itemsize
+    x = np.ascontiguousarray(x, dtype=np.float64).reshape(-1)
+    b = x.view(np.uint64)
+    e = (b >> np.uint64(52)) & np.uint64(0x7FF)
+    normal = (e >= np.uint64(1023 + emin)) & (e <= np.uint64(1023 + (1 << ebits) - 2 - bias))
+    s = np.uint64(53 - p)
+    mag = b & np.uint64((1 << 63) - 1)
+    lsb = (mag >> s) & np.uint64(1)
+    mag += np.uint64((1 << (53 - p - 1)) - 1)
+    mag += lsb
+    mag >>= s
+    mag -= np.uint64((1023 - bias) << (p - 1))  # re-bias: float64 exponent field -> fmt's (in range here)
+    mag |= (b >> np.uint64(63)) << np.uint64(width - 1)
+    out = mag.astype(store)
+    if not normal.all():
+        rest = ~normal
+        out[rest] = _round_bits_general(x[rest], fmt)
+    return out
+
+
+def _round_bits_general(x: np.ndarray, fmt: str) -> np.ndarray:
+    """:func:`round_bits` for any float64 values, by the significand and a per-element shift.
+
     Works on |x| = M·2^(e−1075) (M the 53-bit significand): the result's unit in the last place is
     2^u with u = max(E − (p−1), emin − (p−1)); N = M >> s counts those units, the dropped bits decide
     the rounding. IEEE encodings are monotone in the magnitude, so the bit pattern of N·2^u is
@@ -152,10 +180,10 @@ class Ckpt:
     def bits(self, name: str) -> np.ndarray:
         s = self.specs[name]
         store = {2: np.uint16, 4: np.uint32, 8: np.uint64}[_ST_ITEMSIZE[s.fmt]]
-        with open(s.path, "rb") as fh:
-            fh.seek(s.start)
-            raw = fh.read(s.end - s.start)
-        return np.frombuffer(raw, dtype=store).reshape(s.shape)
+        n = (s.end - s.start) // np.dtype(store).itemsize
+        if n == 0:
+            return np.zeros(s.shape, dtype=store)
+        return np.memmap(s.path, dtype=store, mode="r", offset=s.start, shape=(n,)).reshape(s.shape)
 
     def f64(self, name: str) -> np.ndarray:
         return decode(self.bits(name), self.fmt(name)).reshape(self.shape(name))
@@ -167,6 +195,21 @@ class Ckpt:
 
 # --------------------------------------------------------------------------------------------------
 # the operations
+
+
+_BLOCK = 1 << 18
+
+
+def _blocked(fn, inputs, fmt: str, shape) -> np.ndarray:
+    """``round_bits(fn(*decoded inputs), fmt)`` over the flattened tensors, a block at a time (small
+    arrays stay in cache; a 28M-element tensor in float64 all at once is slow on page faults alone)."""
+    srcs = [(ck.bits(n).reshape(-1), ck.fmt(n)) for ck, n in inputs]
+    total = srcs[0][0].size
+    out = np.empty(total, dtype=FORMATS[fmt][4])
+    for i in range(0, total, _BLOCK):
+        vals = [decode(np.asarray(b[i:i + _BLOCK]), f) for b, f in srcs]
+        out[i:i + _BLOCK] = round_bits(fn(*vals), fmt)
+    return out.reshape(shape)
 
 
 def _first_scale(name: str, scale: float, scale_map) -> float:
@@ -245,6 +288,11 @@ def transfer_tensor(name: str, sb: Ckpt, sf: Ckpt, tb: Ckpt, *, scale: float = 1
             d = d * lam
         return round_bits(t + d, fmt).reshape(t.shape)
     fa, ba = _src_name(sf, name), _src_name(sb, name)
+    if sf.shape(fa) == sb.shape(ba) == tb.shape(name) and vocab != "align":  # the common case, block by block
+        if lam == 0.0:
+            return tb.bits(name)
+        return _blocked(lambda fb, bb, tbk: tbk + ((fb - bb) if lam == 1.0 else (fb - bb) * lam),
+                        [(sf, fa), (sb, ba), (tb, name)], fmt, tb.shape(name))
     f, b = sf.f64(fa), sb.f64(ba)
     if lam == 0.0:  # a copy of the target (padded with zero rows under vocab pad)
         rows = max(f.shape[0], b.shape[0], t.shape[0]) if vocab == "pad" else t.shape[0] if t.ndim else None
