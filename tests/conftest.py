@@ -127,6 +127,10 @@ def engine_chunk(request, monkeypatch):
 def smollm2(tmp_path_factory):
     """SmolLM2-135M-Instruct checkpoints for the real-model tier (tests/smollm2.py: fetched, converted
     and derived from nothing, cached under ~/.cache/deltaport-tests unless DELTAPORT_TEST_CACHE=off)."""
+    import shutil
+
     import smollm2 as S
 
-    return S.ensure(tmp_path_factory.mktemp("realmodel"))
+    tmp = tmp_path_factory.mktemp("realmodel")
+    yield S.ensure(tmp)
+    shutil.rmtree(tmp, ignore_errors=True)  # a build without the cache (~1.5 GB) goes with the session

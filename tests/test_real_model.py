@@ -40,7 +40,11 @@ XFAIL_3 = pytest.mark.xfail(strict=True, raises=AssertionError, reason="issue 10
 
 @pytest.fixture(scope="module")
 def out_root(tmp_path_factory):
-    return tmp_path_factory.mktemp("realmodel-out")
+    """The tier's outputs (~3 GB): removed when the module is done, so kept test dirs stay small."""
+    root = tmp_path_factory.mktemp("realmodel-out")
+    yield root
+    _RUNS.clear()
+    shutil.rmtree(root, ignore_errors=True)
 
 
 _RUNS: dict = {}
