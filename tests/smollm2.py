@@ -221,9 +221,16 @@ def ensure(tmp_root: Path) -> dict[str, Path]:
         root.mkdir(parents=True, exist_ok=True)
         tmp = root / f".{final.name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
-        build(tmp / "models", root / "download")
-        (tmp / "models" / "complete").write_text("ok\n")
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp / "models", final)
-        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            build(tmp / "models", root / "download")
+            (tmp / "models" / "complete").write_text("ok\n")
+            if not (final / "complete").exists():  # another session may have finished first: keep its copy
+                shutil.rmtree(final, ignore_errors=True)  # an incomplete leftover
+                try:
+                    os.replace(tmp / "models", final)
+                except OSError:
+                    if not (final / "complete").exists():
+                        raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return {n: final / n for n in NAMES}
