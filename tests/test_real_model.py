@@ -43,20 +43,34 @@ def out_root(tmp_path_factory):
     """The tier's outputs (~3 GB): removed when the module is done, so kept test dirs stay small."""
     root = tmp_path_factory.mktemp("realmodel-out")
     yield root
-    _RUNS.clear()
+    _DONE.clear()
     shutil.rmtree(root, ignore_errors=True)
 
 
-_RUNS: dict = {}
+POLICIES = dict(scale=0.7, scale_map={r"mlp\.(up|gate)_proj": 0.5, r"layers\.29\.": 0.0}, exclude=[r"self_attn\.v_proj"])
+#: every transfer the tier runs: key -> (source fine-tune, target, keyword arguments)
+RUNS = {
+    "t1": ("finetuned", "release", {}),
+    "t07": ("finetuned", "release", dict(chunk_elems=CUT, **POLICIES)),
+    "t0": ("finetuned", "release", dict(scale=0.0, chat_template_from="target")),
+    "self": ("finetuned", "base", dict(chunk_elems=CUT)),
+    "align": ("finetuned_added", "release_added", dict(vocab_policy="align", chunk_elems=CUT)),
+    "lora-aligned": ("adapter", "release", dict(chunk_elems=ROW_ALIGNED)),
+    "lora-default": ("adapter", "release", {}),
+    "lora-cut": ("adapter", "release", dict(chunk_elems=CUT)),
+}
+_DONE: dict = {}
 
 
-def _transfer(m, out_root, key: str, sf="finetuned", tb="release", **kw) -> Path:
-    """deltaport.transfer(base, sf, tb) once per key (several tests read the same output)."""
-    if key not in _RUNS:
+def _transfer(m, out_root, key: str) -> Path:
+    """deltaport.transfer(base, ...) for RUNS[key], once (several tests read the same output)."""
+    if key not in _DONE:
+        sf, tb, kw = RUNS[key]
         out = out_root / key
+        shutil.rmtree(out, ignore_errors=True)  # a run that failed half-way in an earlier test
         deltaport.transfer(m["base"], m[sf], m[tb], out, **kw)
-        _RUNS[key] = out
-    return _RUNS[key]
+        _DONE[key] = out
+    return _DONE[key]
 
 
 def _differences(name: str, got: np.ndarray, want: np.ndarray, *, f64: np.ndarray | None = None, limit: int = 10) -> list[str]:
@@ -113,14 +127,13 @@ def test_transfer_matches_reference(smollm2, out_root):
 def test_transfer_with_policies_matches_reference(smollm2, out_root):
     """λ = 0.7, a scale map and an exclude, on real names; chunks that end mid-row."""
     m = smollm2
-    kw = dict(scale=0.7, scale_map={r"mlp\.(up|gate)_proj": 0.5, r"layers\.29\.": 0.0}, exclude=[r"self_attn\.v_proj"])
-    out = _transfer(m, out_root, "t07", chunk_elems=CUT, **kw)
+    out = _transfer(m, out_root, "t07")
     sb, sf, tb = (R.Ckpt(m[k]) for k in ("base", "finetuned", "release"))
-    _assert_matches(out, lambda n: R.transfer_tensor(n, sb, sf, tb, **kw))
+    _assert_matches(out, lambda n: R.transfer_tensor(n, sb, sf, tb, **POLICIES))
 
 
 def test_transfer_onto_source_base_reproduces_finetuned(smollm2, out_root):
-    out = _transfer(smollm2, out_root, "self", tb="base", chunk_elems=CUT)
+    out = _transfer(smollm2, out_root, "self")
     _same_tensors(out, smollm2["finetuned"])
 
 
@@ -132,9 +145,8 @@ def test_diff_apply_matches_transfer_and_reference(smollm2, out_root):
     sb, sf, delta = R.Ckpt(m["base"]), R.Ckpt(m["finetuned"]), R.Ckpt(out_root / "delta")
     for n in (EMB, "model.layers.0.mlp.down_proj.weight", "model.layers.17.self_attn.k_proj.weight", "model.norm.weight"):
         assert np.array_equal(delta.bits(n), R.diff_tensor(n, sb, sf)), n
-    kw = dict(scale=0.7, scale_map={r"mlp\.(up|gate)_proj": 0.5, r"layers\.29\.": 0.0}, exclude=[r"self_attn\.v_proj"])
-    deltaport.apply(out_root / "delta", m["release"], out_root / "applied", **kw)  # default chunks
-    _same_tensors(out_root / "applied", _transfer(m, out_root, "t07", chunk_elems=CUT, **kw))
+    deltaport.apply(out_root / "delta", m["release"], out_root / "applied", **POLICIES)  # default chunks
+    _same_tensors(out_root / "applied", _transfer(m, out_root, "t07"))
 
 
 # ---------------------------------------------------------------------------------- LoRA
@@ -148,18 +160,24 @@ def peft_merged(smollm2):
     pm = PeftModel.from_pretrained(model, smollm2["adapter"]).double()  # the adapter's fp32 A, B: exact in float64
     assert {p.dtype for p in pm.parameters()} == {torch.float64}
     sd = pm.merge_and_unload().state_dict()
-    return {n: R.round_bits(t.numpy(), "BF16").reshape(t.shape) for n, t in sd.items() if n != "lm_head.weight"}
+    rel = R.Ckpt(smollm2["release"])
+    # PEFT leaves modules it does not adapt alone (bf16 -> float64 -> bf16 is exact): their bytes are the release's
+    return {n: R.round_bits(t.numpy(), "BF16").reshape(t.shape) if _adapted(n) else rel.bits(n)
+            for n, t in sd.items() if n != "lm_head.weight"}
 
 
-@pytest.mark.parametrize("chunk", [ROW_ALIGNED, pytest.param(None, marks=XFAIL_2), pytest.param(CUT, marks=XFAIL_2)],
-                         ids=["row-aligned", "default", "cut"])
-def test_lora_transfer_matches_peft_merge(smollm2, out_root, peft_merged, chunk):
+def _adapted(name: str) -> bool:
+    return any(f".{mod}." in name for mod in ("q_proj", "up_proj", "down_proj"))
+
+
+@pytest.mark.parametrize("run", ["lora-aligned", pytest.param("lora-default", marks=XFAIL_2),
+                                 pytest.param("lora-cut", marks=XFAIL_2)])
+def test_lora_transfer_matches_peft_merge(smollm2, out_root, peft_merged, run):
     """The adapter's B is non-zero; every output tensor equals PEFT's float64 merge rounded once."""
-    kw = {} if chunk is None else {"chunk_elems": chunk}
-    out = _transfer(smollm2, out_root, f"lora-{chunk}", sf="adapter", **kw)
+    out = _transfer(smollm2, out_root, run)
     ck = R.Ckpt(out)
     assert sorted(ck.names()) == sorted(peft_merged)
-    adapted = [n for n in ck.names() if any(f".{mod}." in n for mod in ("q_proj", "up_proj", "down_proj"))]
+    adapted = [n for n in ck.names() if _adapted(n)]
     assert len(adapted) == 90
     rel = R.Ckpt(smollm2["release"])
     assert all(not np.array_equal(peft_merged[n], rel.bits(n)) for n in adapted)  # B != 0: Δ is there
@@ -167,18 +185,22 @@ def test_lora_transfer_matches_peft_merge(smollm2, out_root, peft_merged, chunk)
 
 
 @XFAIL_3
-def test_lora_diff_apply_equals_lora_transfer(smollm2, out_root):
-    """A Δ stored from an adapter, applied, gives the direct LoRA transfer's bytes (row-aligned chunks,
-    so that defect 2 does not mask this one)."""
+def test_lora_diff_is_exact_or_says_it_is_not(smollm2, out_root):
+    """A Δ stored from an adapter and applied gives the direct LoRA transfer's bytes, unless the diff
+    itself reports the elements it cannot store exactly (the issue allows either fix). Row-aligned
+    chunks, so that defect 2 does not mask this one."""
     m = smollm2
-    deltaport.diff(m["base"], m["adapter"], out_root / "lora-delta", chunk_elems=ROW_ALIGNED)
+    r = deltaport.diff(m["base"], m["adapter"], out_root / "lora-delta", chunk_elems=ROW_ALIGNED)
     deltaport.apply(out_root / "lora-delta", m["release"], out_root / "lora-applied", chunk_elems=ROW_ALIGNED)
-    direct = _transfer(m, out_root, f"lora-{ROW_ALIGNED}", sf="adapter", chunk_elems=ROW_ALIGNED)
+    direct = _transfer(m, out_root, "lora-aligned")
     a, d = R.Ckpt(out_root / "lora-applied"), R.Ckpt(direct)
     problems = []
     for n in d.names():
-        problems += _differences(n, a.bits(n), d.bits(n))
-    assert not problems, "apply(diff(adapter)) differs from the direct LoRA transfer:\n" + "\n".join(problems)
+        problems += _differences(n, a.bits(n), d.bits(n), limit=2)
+    claims_exact = not r.provenance.get("inexact_delta_elements")
+    assert not (problems and claims_exact), (
+        f"the LoRA delta claims to be exact ({r.provenance['delta_dtype']}, no inexact elements reported), but "
+        "apply(diff(adapter)) differs from the direct LoRA transfer:\n" + "\n".join(problems[:40]))
 
 
 # ---------------------------------------------------------------------------------- vocabulary align
@@ -191,7 +213,7 @@ def test_align_with_tokens_added_by_the_real_tokenizer(smollm2, out_root):
     m = smollm2
     vocabs = tuple(dict(AutoTokenizer.from_pretrained(m[k]).get_vocab()) for k in ("base", "finetuned_added", "release_added"))
     assert len(vocabs[1]) == len(vocabs[2]) == 49155 and vocabs[1]["<think>"] != vocabs[2]["<think>"]
-    out = _transfer(m, out_root, "align", sf="finetuned_added", tb="release_added", vocab_policy="align", chunk_elems=CUT)
+    out = _transfer(m, out_root, "align")
     sb, sf, tb = R.Ckpt(m["base"]), R.Ckpt(m["finetuned_added"]), R.Ckpt(m["release_added"])
     assert R.Ckpt(out).shape(EMB) == (49155, 576)
     _assert_matches(out, lambda n: R.transfer_tensor(n, sb, sf, tb, vocab="align", vocabs=vocabs))
@@ -202,15 +224,15 @@ def test_outputs_load_without_missing_or_unexpected_keys(smollm2, out_root):
     from transformers import AutoModelForCausalLM
 
     for key in ("t1", "t07"):
-        _, info = AutoModelForCausalLM.from_pretrained(_RUNS.get(key) or _transfer(smollm2, out_root, key),
-                                                       dtype=torch.bfloat16, output_loading_info=True)
+        _, info = AutoModelForCausalLM.from_pretrained(_transfer(smollm2, out_root, key), dtype=torch.bfloat16,
+                                                       output_loading_info=True)
         assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], (key, info)
 
 
 def test_scale_zero_generates_what_the_target_generates(smollm2, out_root):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    out = _transfer(smollm2, out_root, "t0", scale=0.0, chat_template_from="target")
+    out = _transfer(smollm2, out_root, "t0")
     _same_tensors(out, smollm2["release"])
     tok = AutoTokenizer.from_pretrained(out)
     ids = tok("The capital of France is", return_tensors="pt").input_ids
@@ -236,7 +258,7 @@ def test_eos_pad_and_generation_config_follow_the_chat_template_source(smollm2, 
     assert (out / "generation_config.json").read_text() == ft_gen
     assert (out / "chat_template.jinja").read_text() == (m["finetuned"] / "chat_template.jinja").read_text()
     assert json.loads((out / "tokenizer_config.json").read_text())["eos_token"] == "<|im_end|>"
-    out0 = _transfer(m, out_root, "t0", scale=0.0, chat_template_from="target")
+    out0 = _transfer(m, out_root, "t0")
     cfg0 = json.loads((out0 / "config.json").read_text())
     assert cfg0["eos_token_id"] == 0 and cfg0.get("pad_token_id") is None
     assert (out0 / "generation_config.json").read_text() == rel_gen
