@@ -111,3 +111,51 @@ def family(family_root):
         return _FAMILY_CACHE[key]
 
     return make
+
+
+# -------------------------------------------------------------------------- engine chunk sizes
+
+#: chunk sizes (elements) that cut the tiny models' rows (32, 48 and 64 elements) mid-row: one below a
+#: row, one above a row and a multiple of none. The real-model tier uses 4099 (rows of 576 and 1536).
+CUT_CHUNKS = (7, 100)
+
+
+
+@pytest.fixture(params=[None, *CUT_CHUNKS], ids=lambda c: "chunk-default" if c is None else f"chunk-{c}")
+def engine_chunk(request, monkeypatch):
+    """Run the test with the engine's default chunk size and with chunk sizes that cut rows.
+
+    Every ``deltaport.transfer``/``diff``/``apply`` call of the test that does not pass ``chunk_elems``
+    uses this size (their keyword default is replaced for the test), and the fixture checks afterwards
+    that every engine the test ran used it. Override the sizes with
+    ``@pytest.mark.parametrize("engine_chunk", [...], indirect=True)``."""
+    from deltaport import engine as E
+    from deltaport import ops
+
+    size = request.param or E.DEFAULT_CHUNK_ELEMS
+    for fn in (ops.transfer, ops.diff, ops.apply):
+        monkeypatch.setitem(fn.__kwdefaults__, "chunk_elems", size)
+    seen: list[int] = []
+    real_run = E.Engine.run
+
+    def spy(self, *args, **kwargs):
+        seen.append(self.chunk)
+        return real_run(self, *args, **kwargs)
+
+    monkeypatch.setattr(E.Engine, "run", spy)
+    yield size
+    assert seen and set(seen) == {size}, f"engines ran with chunk sizes {sorted(set(seen))}, expected {size}"
+
+
+# -------------------------------------------------------------------------- real-model tier
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory):
+    """SmolLM2-135M-Instruct checkpoints for the real-model tier (tests/smollm2.py: fetched, converted
+    and derived from nothing, cached under ~/.cache/deltaport-tests unless DELTAPORT_TEST_CACHE=off)."""
+    import shutil
+
+    import smollm2 as S
+
+    tmp = tmp_path_factory.mktemp("realmodel")
+    yield S.ensure(tmp)
+    shutil.rmtree(tmp, ignore_errors=True)  # a build without the cache (~1.5 GB) goes with the session

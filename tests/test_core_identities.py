@@ -25,6 +25,7 @@ def _minus_zeros(sd: dict) -> int:
     return sum(int((torch.signbit(v) & (v == 0)).sum()) for v in sd.values() if v.is_floating_point())
 
 
+@pytest.mark.usefixtures("engine_chunk")
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
 def test_transfer_onto_source_base_reproduces_finetuned(family, tmp_path, arch, dtype):
@@ -37,6 +38,7 @@ def test_transfer_onto_source_base_reproduces_finetuned(family, tmp_path, arch, 
     assert {k: tree_hash(v) for k, v in p.items()} == before  # inputs untouched
 
 
+@pytest.mark.usefixtures("engine_chunk")
 @pytest.mark.parametrize("arch", ["llama", "gemma", "phi3"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
 def test_scale_zero_reproduces_target(family, tmp_path, arch, dtype):
@@ -46,6 +48,7 @@ def test_scale_zero_reproduces_target(family, tmp_path, arch, dtype):
     assert_bit_equal(load_sd(tmp_path / "out"), load_sd(p["target_base"]))  # a byte copy: −0.0 kept
 
 
+@pytest.mark.usefixtures("engine_chunk")
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "olmo2"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
 def test_apply_of_diff_reproduces_finetuned(family, tmp_path, arch, dtype):
@@ -65,6 +68,7 @@ def _hand_built(p, scale, compute=torch.float64):
             round_to(c[k].to(compute) + (a[k].to(compute) - b[k].to(compute)), c[k].dtype) for k in c}
 
 
+@pytest.mark.usefixtures("engine_chunk")
 @pytest.mark.parametrize("arch", ARCHS)
 def test_logits_equal_hand_built_state_dict(family, tmp_path, arch):
     from transformers import AutoModelForCausalLM
@@ -85,6 +89,7 @@ def test_logits_equal_hand_built_state_dict(family, tmp_path, arch):
     assert not torch.equal(l1, AutoModelForCausalLM.from_pretrained(p["target_base"])(ids).logits)
 
 
+@pytest.mark.usefixtures("engine_chunk")
 def test_apply_equals_transfer(family, tmp_path):
     p = family("mistral", torch.bfloat16, signed_zeros=True)
     deltaport.diff(p["source_base"], p["source_finetuned"], tmp_path / "delta")
@@ -118,6 +123,7 @@ def test_sign_of_zero_follows_ieee_addition(family, tmp_path, dtype, scale):
             assert head[i] == 0 and bool(torch.signbit(head[i])) == want[i], (name, i, head[i].item())
 
 
+@pytest.mark.usefixtures("engine_chunk")
 def test_tied_embeddings_receive_delta_once(family, tmp_path):
     """Gemma ties lm_head to embed_tokens; Δ must be added once (the official script adds it twice)."""
     from transformers import AutoModelForCausalLM

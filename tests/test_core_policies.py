@@ -16,9 +16,10 @@ import deltaport
 from deltaport import testing as T
 from deltaport.errors import CheckpointError, PlanError
 from deltaport.numerics import round_to
-from conftest import assert_bit_equal, load_sd, tree_hash
+from conftest import CUT_CHUNKS, assert_bit_equal, load_sd, tree_hash
 
 EMB, HEAD = "model.embed_tokens.weight", "lm_head.weight"
+LORA_CHUNKS = [None, *CUT_CHUNKS]
 
 
 def _hand(c, a, b, scale=1.0):
@@ -52,6 +53,7 @@ def test_vocab_mismatch_default_error_names_shapes_and_policies(grown, tmp_path)
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.usefixtures("engine_chunk")
 def test_vocab_pad_matches_official_behaviour(grown, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -69,6 +71,7 @@ def test_vocab_pad_matches_official_behaviour(grown, tmp_path):
 
 
 # ---------------------------------------------------------------- vocabulary: align by token string
+@pytest.mark.usefixtures("engine_chunk")
 def test_vocab_align_maps_rows_by_token_string(tmp_path):
     src_words = [f"w{i}" for i in range(10)]
     tgt_words = ["z0", "z1"] + [f"w{i}" for i in range(9, 4, -1)]  # w9..w5 at new ids, z* target-only
@@ -94,6 +97,7 @@ def test_vocab_align_maps_rows_by_token_string(tmp_path):
 
 
 # ---------------------------------------------------------------- cross-architecture: skip
+@pytest.mark.usefixtures("engine_chunk")
 def test_shape_policy_skip_transfers_only_matching_tensors(family, tmp_path):
     p = family("llama", torch.float32)
     wide = T.make_model("llama", seed=5, dtype=torch.float32, intermediate_size=64)
@@ -158,6 +162,7 @@ def test_shape_policy_skip_that_matches_nothing_is_an_input_error(family, tmp_pa
         deltaport.apply(tmp_path / "delta", tb, tmp_path / "o", shape_policy="skip", force=True)
 
 
+@pytest.mark.usefixtures("engine_chunk")
 def test_key_map_for_renamed_modules(family, tmp_path):
     from safetensors.torch import save_file
 
@@ -179,6 +184,7 @@ def test_key_map_for_renamed_modules(family, tmp_path):
         assert torch.equal(out[k], _hand(v, a[src], b[src])), k
 
 
+@pytest.mark.usefixtures("engine_chunk")
 def test_include_exclude_and_scale_map(family, tmp_path):
     p = family("qwen2", torch.bfloat16)
     sm = tmp_path / "scales.yaml"
@@ -203,7 +209,8 @@ def test_include_exclude_and_scale_map(family, tmp_path):
 
 
 # ---------------------------------------------------------------- LoRA adapter as the finetuned side
-def test_lora_adapter_delta_is_scaled_BA(family, tmp_path):
+@pytest.mark.parametrize("engine_chunk", LORA_CHUNKS, indirect=True, ids=lambda c: "chunk-default" if c is None else f"chunk-{c}")
+def test_lora_adapter_delta_is_scaled_BA(family, tmp_path, engine_chunk):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -348,7 +355,8 @@ def test_dry_run_reads_headers_only_and_writes_nothing(family, tmp_path, monkeyp
     assert "delta" in r.plan.describe()
 
 
-def test_lora_adapter_names_its_own_base(family, tmp_path):
+@pytest.mark.parametrize("engine_chunk", LORA_CHUNKS, indirect=True, ids=lambda c: "chunk-default" if c is None else f"chunk-{c}")
+def test_lora_adapter_names_its_own_base(family, tmp_path, engine_chunk):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
