@@ -139,7 +139,7 @@ def test_bad_inputs(rand_model, tok):
         evaluate({"m": (rand_model, tok)}, [QA], protocol="instruct")
     with pytest.raises(InputError, match="task file .*nope.yaml not found"):
         evaluate({"m": (rand_model, tok)}, ["nope.yaml"])
-    with pytest.raises(InputError, match="no such model directory"):
+    with pytest.raises(InputError, match="no local directory"):
         evaluate(["/no/such/model"], [QA])
     if not torch.cuda.is_available():
         with pytest.raises(InputError, match="no CUDA"):

@@ -16,9 +16,10 @@ from typing import Any
 import deltaport
 from deltaport.assets import SOURCES, check_config_against_plan, write_model_files
 from deltaport.engine import DEFAULT_CHUNK_ELEMS, Stats, execute
-from deltaport.errors import InputError
-from deltaport.io.atomic import atomic_output_dir
+from deltaport.errors import CheckpointError, InputError, OutputError
+from deltaport.io.atomic import atomic_output_dir, check_output_location
 from deltaport.io.checkpoint import PROVENANCE_NAME, Checkpoint, dtype_name, open_checkpoint
+from deltaport.io.prepare import Fetch, check_free_space, plan_fetch, run_fetch
 from deltaport.io.writer import OutEntry, ShardedWriter, parse_size
 from deltaport.plan import Plan, is_vocab_tensor, make_policies, plan_apply, plan_diff, plan_transfer
 
@@ -36,11 +37,44 @@ class Result:
     provenance: dict[str, Any] = field(default_factory=dict)
     stats: Stats | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    fetch: Fetch | None = None  # what the run downloads (hub inputs) and writes
 
 
 def _input_record(ck: Checkpoint) -> dict[str, Any]:
-    return {"source": ck.source, "path": str(ck.dir.absolute()), "revision": ck.revision, "kind": ck.kind,
-            "fingerprint": ck.header_fingerprint()}
+    rec = {"source": ck.source, "path": str(ck.dir.absolute()), "revision": ck.revision, "kind": ck.kind,
+           "fingerprint": ck.header_fingerprint()}
+    if ck.hub is not None:
+        rec["hub"] = {"repo_id": ck.hub.repo_id, "requested_revision": ck.hub.requested, "commit": ck.hub.sha}
+    return rec
+
+
+def _before_writing(plan: Plan, output, *, overwrite: bool, inputs: list[Path], dry_run: bool) -> Fetch:
+    """After the plan (and the config check), before any weight byte is fetched or written: refuse an
+    output that cannot be written and a run that does not fit on disk, then download the weight files
+    the plan reads from hub inputs (only those, at the pinned commits)."""
+    fetch = plan_fetch(plan)
+    if dry_run:
+        return fetch
+    out = check_output_location(output, inputs)
+    if out.exists() and not overwrite:
+        raise OutputError(f"output {out} already exists; pass --overwrite to replace it (the new output is "
+                          "completed first, then swapped in) or choose another path")
+    check_free_space(fetch, out)
+    run_fetch(fetch)
+    return fetch
+
+
+def _precheck_files(plan: Plan, tb: Checkpoint, *, config_src: Path, tok_src: Path, chat_src: Path,
+                    out_dtype) -> dict:
+    """Write the output's config/tokenizer/chat-template files into a scratch folder and check the
+    config against the planned tensors, before any weight byte is fetched or written (a wrong
+    config is found at plan time, also for hub inputs and dry runs). Returns the config-check record."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="deltaport-plan-") as scratch:
+        write_model_files(Path(scratch), config_src=config_src, tokenizer_src=tok_src, chat_src=chat_src,
+                          vocab_rows=plan.vocab_rows, out_dtype=out_dtype)
+        return _config_check(Path(scratch), plan, config_src, tb)
 
 
 def _policy_record(pol) -> dict[str, Any]:
@@ -131,9 +165,9 @@ def transfer(source_base, source_finetuned, target_base, output, *, scale: float
     """
     pol = make_policies(scale=scale, vocab_policy=vocab_policy, shape_policy=shape_policy, key_map=key_map,
                         include=include, exclude=exclude, scale_map=scale_map, compute_dtype=compute_dtype, out_dtype=out_dtype)
-    sf = open_checkpoint(source_finetuned, allow_pickle=allow_pickle)
-    sb = open_checkpoint(_base_of(source_base, sf, "--source-base"), allow_pickle=allow_pickle)
-    tb = open_checkpoint(target_base, allow_pickle=allow_pickle, require_config=True)
+    sf = open_checkpoint(source_finetuned, allow_pickle=allow_pickle, remote=True)
+    sb = _open_base(source_base, sf, "--source-base", allow_pickle=allow_pickle)
+    tb = open_checkpoint(target_base, allow_pickle=allow_pickle, require_config=True, remote=True)
     for who, ck in (("source base", sb), ("target base", tb)):
         if ck.kind in ("lora", "delta"):
             raise InputError(f"the {who} {ck.source} is a {ck.kind} directory, not a model; pass a full model")
@@ -146,8 +180,11 @@ def transfer(source_base, source_finetuned, target_base, output, *, scale: float
     tok_src = _resolve_src(tokenizer_from, "--tokenizer-from", tb.dir, sf.dir if sf.kind != "lora" else sf_files_dir)
     chat_src = _resolve_src(chat_template_from, "--chat-template-from", tb.dir, sf.dir)
     plan = plan_transfer(sb, sf, tb, pol)
+    out_dt = _uniform_dtype(plan) if out_dtype else None
+    config_check = _precheck_files(plan, tb, config_src=config_src, tok_src=tok_src, chat_src=chat_src, out_dtype=out_dt)
+    fetch = _before_writing(plan, output, overwrite=overwrite, inputs=[sb.dir, sf.dir, tb.dir], dry_run=dry_run)
     if dry_run:
-        return Result(None, plan)
+        return Result(None, plan, fetch=fetch)
     output = Path(output)
     prov = {
         "deltaport_version": deltaport.__version__, "kind": "model", "operation": "transfer",
@@ -160,15 +197,15 @@ def transfer(source_base, source_finetuned, target_base, output, *, scale: float
 
     def files(tmp: Path):
         rec = write_model_files(tmp, config_src=config_src, tokenizer_src=tok_src, chat_src=chat_src,
-                                vocab_rows=plan.vocab_rows, out_dtype=_uniform_dtype(plan) if out_dtype else None)
-        rec["config_check"] = _config_check(tmp, plan, config_src, tb)
+                                vocab_rows=plan.vocab_rows, out_dtype=out_dt)
+        rec["config_check"] = config_check
         return rec
 
     stats, timings = _run(plan, output, inputs=[sb.dir, sf.dir, tb.dir], overwrite=overwrite, shard_size=shard_size,
                           progress=progress, threads=threads, strict=strict, provenance=prov, write_files=files,
                           chunk_elems=chunk_elems, label="transfer")
     _write_timings(output, timings, stats)
-    return Result(output, plan, prov, stats, timings)
+    return Result(output, plan, prov, stats, timings, fetch)
 
 
 def _config_check(tmp: Path, plan: Plan, config_src: Path, tb: Checkpoint) -> dict:
@@ -190,13 +227,20 @@ def _config_check(tmp: Path, plan: Plan, config_src: Path, tb: Checkpoint) -> di
     return {"checked": True, "warnings": check_config_against_plan(tmp, shapes)}
 
 
-def _base_of(base, finetuned: Checkpoint, flag: str):
-    """The source base: given explicitly, or a LoRA adapter's ``base_model_name_or_path``."""
+def _open_base(base, finetuned: Checkpoint, flag: str, *, allow_pickle: bool) -> Checkpoint:
+    """The source base: given explicitly, or a LoRA adapter's ``base_model_name_or_path`` (a relative
+    path there is relative to the current directory, as PEFT and transformers read it)."""
     if base is not None:
-        return base
-    if finetuned.kind == "lora" and (finetuned.lora or {}).get("base_model_name_or_path"):
-        return finetuned.lora["base_model_name_or_path"]
-    raise InputError(f"{flag} is required (only a PEFT LoRA adapter names its own base model)")
+        return open_checkpoint(base, allow_pickle=allow_pickle, remote=True)
+    named = (finetuned.lora or {}).get("base_model_name_or_path") if finetuned.kind == "lora" else None
+    if not named:
+        raise InputError(f"{flag} is required (only a PEFT LoRA adapter names its own base model)")
+    try:
+        return open_checkpoint(named, allow_pickle=allow_pickle, remote=True)
+    except CheckpointError as exc:
+        raise CheckpointError(f"the base model {named!r} named by base_model_name_or_path in "
+                              f"{finetuned.source}/adapter_config.json cannot be opened: {exc}. Pass {flag} to "
+                              "override it") from None
 
 
 def _uniform_dtype(plan: Plan):
@@ -218,15 +262,16 @@ def diff(base, finetuned, output, *, delta_dtype: str | None = None, vocab_polic
     """
     pol = make_policies(vocab_policy=vocab_policy, shape_policy=shape_policy, key_map=key_map, include=include,
                         exclude=exclude, compute_dtype=compute_dtype)
-    sf = open_checkpoint(finetuned, allow_pickle=allow_pickle)
-    sb = open_checkpoint(_base_of(base, sf, "--base"), allow_pickle=allow_pickle)
+    sf = open_checkpoint(finetuned, allow_pickle=allow_pickle, remote=True)
+    sb = _open_base(base, sf, "--base", allow_pickle=allow_pickle)
     if sb.kind in ("lora", "delta"):
         raise InputError(f"--base {sb.source} is a {sb.kind} directory, not a model")
     if sf.kind == "delta":
         raise InputError(f"--finetuned {sf.source} is already a deltaport delta")
     plan = plan_diff(sb, sf, pol, delta_dtype=delta_dtype)
+    fetch = _before_writing(plan, output, overwrite=overwrite, inputs=[sb.dir, sf.dir], dry_run=dry_run)
     if dry_run:
-        return Result(None, plan)
+        return Result(None, plan, fetch=fetch)
     output = Path(output)
     base_tensors = {n: [dtype_name(s.dtype), list(s.shape)] for n, s in sb.tensors.items()}
     prov = {
@@ -251,7 +296,7 @@ def diff(base, finetuned, output, *, delta_dtype: str | None = None, vocab_polic
                           progress=progress, threads=threads, strict=strict, provenance=prov, write_files=files,
                           chunk_elems=chunk_elems, label="diff")
     _write_timings(output, timings, stats)
-    return Result(output, plan, prov, stats, timings)
+    return Result(output, plan, prov, stats, timings, fetch)
 
 
 def apply(delta, to, output, *, scale: float = 1.0, vocab_policy: str = "error", shape_policy: str = "error",
@@ -268,18 +313,21 @@ def apply(delta, to, output, *, scale: float = 1.0, vocab_policy: str = "error",
     """
     pol = make_policies(scale=scale, vocab_policy=vocab_policy, shape_policy=shape_policy, key_map=key_map,
                         include=include, exclude=exclude, scale_map=scale_map, compute_dtype=compute_dtype, out_dtype=out_dtype)
-    dk = open_checkpoint(delta)
-    tb = open_checkpoint(to, allow_pickle=allow_pickle, require_config=True)
+    dk = open_checkpoint(delta, remote=True)
+    tb = open_checkpoint(to, allow_pickle=allow_pickle, require_config=True, remote=True)
     if tb.kind in ("lora", "delta"):
         raise InputError(f"--to {tb.source} is a {tb.kind} directory, not a model")
     plan = plan_apply(dk, tb, pol, force=force)
-    if dry_run:
-        return Result(None, plan)
     src_files = dk.dir / "source_finetuned"
     src_files = src_files if src_files.is_dir() else None
     config_src = _resolve_src(config_from, "--config-from", tb.dir, src_files)
     tok_src = _resolve_src(tokenizer_from, "--tokenizer-from", tb.dir, src_files)
     chat_src = _resolve_src(chat_template_from, "--chat-template-from", tb.dir, src_files or tb.dir)
+    out_dt = _uniform_dtype(plan) if out_dtype else None
+    config_check = _precheck_files(plan, tb, config_src=config_src, tok_src=tok_src, chat_src=chat_src, out_dtype=out_dt)
+    fetch = _before_writing(plan, output, overwrite=overwrite, inputs=[dk.dir, tb.dir], dry_run=dry_run)
+    if dry_run:
+        return Result(None, plan, fetch=fetch)
     output = Path(output)
     prov = {
         "deltaport_version": deltaport.__version__, "kind": "model", "operation": "apply",
@@ -293,12 +341,12 @@ def apply(delta, to, output, *, scale: float = 1.0, vocab_policy: str = "error",
 
     def files(tmp: Path):
         rec = write_model_files(tmp, config_src=config_src, tokenizer_src=tok_src, chat_src=chat_src,
-                                vocab_rows=plan.vocab_rows, out_dtype=_uniform_dtype(plan) if out_dtype else None)
-        rec["config_check"] = _config_check(tmp, plan, config_src, tb)
+                                vocab_rows=plan.vocab_rows, out_dtype=out_dt)
+        rec["config_check"] = config_check
         return rec
 
     stats, timings = _run(plan, output, inputs=[dk.dir, tb.dir], overwrite=overwrite, shard_size=shard_size,
                           progress=progress, threads=threads, strict=strict, provenance=prov, write_files=files,
                           chunk_elems=chunk_elems, label="apply")
     _write_timings(output, timings, stats)
-    return Result(output, plan, prov, stats, timings)
+    return Result(output, plan, prov, stats, timings, fetch)

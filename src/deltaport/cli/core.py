@@ -36,10 +36,14 @@ _JSON = Opt(False, "--json", help="print the result as JSON on stdout")
 
 def _summary(res, as_json: bool, dry_run: bool) -> None:
     if dry_run:
+        fetch = res.fetch.record() if res.fetch is not None else None
         if as_json:
-            print(json.dumps({"plan": res.plan.summary(), "skipped": res.plan.skipped, "warnings": res.plan.warnings}, indent=2))
+            print(json.dumps({"plan": res.plan.summary(), "skipped": res.plan.skipped, "warnings": res.plan.warnings,
+                              "fetch": fetch}, indent=2))
         else:
             print(res.plan.describe())
+            if res.fetch is not None:
+                print(res.fetch.describe())
         return
     if as_json:
         print(json.dumps({"output": str(res.output), "summary": res.plan.summary(), "skipped": res.plan.skipped,
