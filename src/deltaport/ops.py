@@ -48,11 +48,17 @@ def _input_record(ck: Checkpoint) -> dict[str, Any]:
     return rec
 
 
-def _before_writing(plan: Plan, output, *, overwrite: bool, inputs: list[Path], dry_run: bool) -> Fetch:
+def _before_writing(plan: Plan, output, *, overwrite: bool, inputs: list[Path], dry_run: bool,
+                    file_sources: tuple = ()) -> Fetch:
     """After the plan (and the config check), before any weight byte is fetched or written: refuse an
     output that cannot be written and a run that does not fit on disk, then download the weight files
-    the plan reads from hub inputs (only those, at the pinned commits)."""
-    fetch = plan_fetch(plan)
+    the plan reads from hub inputs (only those, at the pinned commits). ``file_sources``: the folders
+    config, tokenizer and chat template are copied from."""
+    from deltaport.assets import CHAT_FILES, TOKENIZER_FILES
+
+    names = ("config.json", "generation_config.json", *TOKENIZER_FILES, *CHAT_FILES)
+    copied = sorted({Path(d) / n for d in file_sources if d is not None for n in names})
+    fetch = plan_fetch(plan, copied)
     if dry_run:
         return fetch
     out = check_output_location(output, inputs)
@@ -71,10 +77,15 @@ def _precheck_files(plan: Plan, tb: Checkpoint, *, config_src: Path, tok_src: Pa
     config is found at plan time, also for hub inputs and dry runs). Returns the config-check record."""
     import tempfile
 
-    with tempfile.TemporaryDirectory(prefix="deltaport-plan-") as scratch:
-        write_model_files(Path(scratch), config_src=config_src, tokenizer_src=tok_src, chat_src=chat_src,
-                          vocab_rows=plan.vocab_rows, out_dtype=out_dtype)
-        return _config_check(Path(scratch), plan, config_src, tb)
+    try:
+        with tempfile.TemporaryDirectory(prefix="deltaport-plan-") as scratch:
+            write_model_files(Path(scratch), config_src=config_src, tokenizer_src=tok_src, chat_src=chat_src,
+                              vocab_rows=plan.vocab_rows, out_dtype=out_dtype)
+            return _config_check(Path(scratch), plan, config_src, tb)
+    except OSError as exc:  # the scratch folder lives in the temp dir (TMPDIR)
+        from deltaport.io.writer import _disk_error
+
+        raise _disk_error(exc, Path(exc.filename or tempfile.gettempdir())) from None
 
 
 def _policy_record(pol) -> dict[str, Any]:
@@ -182,7 +193,8 @@ def transfer(source_base, source_finetuned, target_base, output, *, scale: float
     plan = plan_transfer(sb, sf, tb, pol)
     out_dt = _uniform_dtype(plan) if out_dtype else None
     config_check = _precheck_files(plan, tb, config_src=config_src, tok_src=tok_src, chat_src=chat_src, out_dtype=out_dt)
-    fetch = _before_writing(plan, output, overwrite=overwrite, inputs=[sb.dir, sf.dir, tb.dir], dry_run=dry_run)
+    fetch = _before_writing(plan, output, overwrite=overwrite, inputs=[sb.dir, sf.dir, tb.dir], dry_run=dry_run,
+                            file_sources=(config_src, tok_src, chat_src))
     if dry_run:
         return Result(None, plan, fetch=fetch)
     output = Path(output)
@@ -269,7 +281,8 @@ def diff(base, finetuned, output, *, delta_dtype: str | None = None, vocab_polic
     if sf.kind == "delta":
         raise InputError(f"--finetuned {sf.source} is already a deltaport delta")
     plan = plan_diff(sb, sf, pol, delta_dtype=delta_dtype)
-    fetch = _before_writing(plan, output, overwrite=overwrite, inputs=[sb.dir, sf.dir], dry_run=dry_run)
+    fetch = _before_writing(plan, output, overwrite=overwrite, inputs=[sb.dir, sf.dir], dry_run=dry_run,
+                            file_sources=(sf.dir, sb.dir))
     if dry_run:
         return Result(None, plan, fetch=fetch)
     output = Path(output)
@@ -325,7 +338,8 @@ def apply(delta, to, output, *, scale: float = 1.0, vocab_policy: str = "error",
     chat_src = _resolve_src(chat_template_from, "--chat-template-from", tb.dir, src_files or tb.dir)
     out_dt = _uniform_dtype(plan) if out_dtype else None
     config_check = _precheck_files(plan, tb, config_src=config_src, tok_src=tok_src, chat_src=chat_src, out_dtype=out_dt)
-    fetch = _before_writing(plan, output, overwrite=overwrite, inputs=[dk.dir, tb.dir], dry_run=dry_run)
+    fetch = _before_writing(plan, output, overwrite=overwrite, inputs=[dk.dir, tb.dir], dry_run=dry_run,
+                            file_sources=(config_src, tok_src, chat_src))
     if dry_run:
         return Result(None, plan, fetch=fetch)
     output = Path(output)

@@ -17,8 +17,9 @@ from typing import Any
 
 from deltaport.errors import OutputError
 
-#: headers, config, tokenizer and card of an output are small; this much is added to the tensors' bytes
-SMALL_FILES_ALLOWANCE = 16 << 20
+#: an output's safetensors headers, index, provenance and card: this much plus PER_TENSOR per tensor
+SMALL_FILES_ALLOWANCE = 64 << 10
+PER_TENSOR = 256
 
 
 @dataclass
@@ -59,9 +60,11 @@ def _files_read(plan) -> dict[int, tuple[Any, set[Path]]]:
     return out
 
 
-def plan_fetch(plan) -> Fetch:
-    """The weight files ``plan`` reads from hub checkpoints, and the bytes a run downloads and writes."""
-    fetch = Fetch(write_bytes=plan.total_out_bytes + SMALL_FILES_ALLOWANCE)
+def plan_fetch(plan, copied: list[Path] = ()) -> Fetch:
+    """The weight files ``plan`` reads from hub checkpoints, and the bytes a run downloads and writes
+    (the output tensors, their headers, and the ``copied`` files: config, tokenizer, chat template)."""
+    small = sum(f.stat().st_size for f in copied if f.is_file())
+    fetch = Fetch(write_bytes=plan.total_out_bytes + small + SMALL_FILES_ALLOWANCE + PER_TENSOR * len(plan.ops))
     for ck, files in _files_read(plan).values():
         if getattr(ck, "hub", None) is None:
             continue
