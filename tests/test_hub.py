@@ -111,13 +111,24 @@ def test_hub_transfer_equals_local_transfer_and_downloads_each_weight_once(hub, 
     prov = json.loads((tmp_path / "out" / "deltaport.json").read_text())
     assert prov["inputs"]["target_base"]["hub"] == {"repo_id": "org-b/target", "requested_revision": None,
                                                     "commit": hub.repos["org-b/target"][0]}
-    # a second run finds every weight file in the cache
+    # the model card names the hub lineage at the pinned commits, and the target's license
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(tmp_path / "out" / "README.md")
+    assert card.data.to_dict() == {"base_model": ["org-b/target", "org-a/tuned"], "base_model_relation": "merge",
+                                   "license": "llama3.1", "tags": ["deltaport", "fine-tuning-transfer"]}
+    shas = {k: hub.repos[k][0] for k in ("org-a/base", "org-a/tuned", "org-b/target")}
+    assert (f"deltaport transfer --source-base org-a/base@{shas['org-a/base']} --source-finetuned "
+            f"org-a/tuned@{shas['org-a/tuned']} --target-base org-b/target@{shas['org-b/target']} -o out") in card.text
+    assert str(tmp_path) not in (tmp_path / "out" / "README.md").read_text()
+    # a second run finds every weight file in the cache, and writes the same bytes
     hub.reset_counts()
+    (tmp_path / "again").mkdir()
     r = run_cli(hub, ["transfer", "--source-base", "org-a/base", "--source-finetuned", "org-a/tuned",
-                      "--target-base", "org-b/target", "-o", "out2", "--quiet"], tmp_path / "hf", tmp_path)
+                      "--target-base", "org-b/target", "-o", "out", "--quiet"], tmp_path / "hf", tmp_path / "again")
     assert r.returncode == 0, r.stderr
     assert hub.weight_bytes == 0
-    assert tree_hash(tmp_path / "out2") == {k: v for k, v in tree_hash(tmp_path / "out").items()}
+    assert tree_hash(tmp_path / "again" / "out") == tree_hash(tmp_path / "out")
 
 
 def test_unknown_hub_id_and_revision(hub, tmp_path):

@@ -138,6 +138,25 @@ def _run(plan: Plan, output: Path, *, inputs: list[Path], overwrite: bool, shard
     return stats, timings
 
 
+def _write_card(tmp: Path, output: Path, operation: str, refs: dict, plan: Plan, prov: dict, argv: list[str],
+                lineage: tuple[str, ...] = (), target: Checkpoint | None = None, files_rec: dict | None = None) -> None:
+    """README.md: the output's model card (see :mod:`deltaport.card`)."""
+    from deltaport import card
+
+    card.write_card(tmp, card.model_card(
+        operation=operation, output_name=output.name, refs=refs, plan=plan, policies=prov["policies"],
+        scale=prov.get("scale"), choices=prov.get("choices"), files=files_rec, argv=argv,
+        lineage=[refs[r]["hub"] for r in lineage if "hub" in refs[r]],
+        license=card.target_license(target) if target is not None else None))
+
+
+def _file_opt(v):
+    """A --key-map/--scale-map value as the card's command shows it (a file by name)."""
+    if v is None or isinstance(v, (str, Path)):
+        return None if v is None else Path(v).name
+    return "MAPPING.yaml"
+
+
 def _resolve_src(choice: str, flag: str, target: Path, source_ft: Path | None) -> Path:
     if choice not in SOURCES:
         raise InputError(f"{flag} must be one of {', '.join(SOURCES)}, not {choice!r}")
@@ -208,9 +227,23 @@ def transfer(source_base, source_finetuned, target_base, output, *, scale: float
     }
 
     def files(tmp: Path):
+        from deltaport.card import command, command_arg as card_arg, input_ref
+
         rec = write_model_files(tmp, config_src=config_src, tokenizer_src=tok_src, chat_src=chat_src,
                                 vocab_rows=plan.vocab_rows, out_dtype=out_dt)
         rec["config_check"] = config_check
+        refs = {"target_base": input_ref(tb), "source_finetuned": input_ref(sf), "source_base": input_ref(sb)}
+        argv = command("transfer", [("--source-base", card_arg(refs["source_base"])),
+                                    ("--source-finetuned", card_arg(refs["source_finetuned"])),
+                                    ("--target-base", card_arg(refs["target_base"])), ("-o", output.name)],
+                       {"--scale": (scale, 1.0), "--vocab-policy": (vocab_policy, "error"), "--shape-policy": (shape_policy, "error"),
+                        "--key-map": (_file_opt(key_map), None), "--include": (include, None), "--exclude": (exclude, None),
+                        "--scale-map": (_file_opt(scale_map), None), "--compute-dtype": (compute_dtype, "auto"),
+                        "--out-dtype": (out_dtype, None), "--config-from": (config_from, "target"),
+                        "--tokenizer-from": (tokenizer_from, "target"),
+                        "--chat-template-from": (chat_template_from, "source-finetuned"),
+                        "--shard-size": (shard_size, DEFAULT_SHARD_SIZE), "--allow-pickle": (allow_pickle, False)})
+        _write_card(tmp, output, "transfer", refs, plan, prov, argv, ("target_base", "source_finetuned"), tb, rec)
         return rec
 
     stats, timings = _run(plan, output, inputs=[sb.dir, sf.dir, tb.dir], overwrite=overwrite, shard_size=shard_size,
@@ -300,9 +333,20 @@ def diff(base, finetuned, output, *, delta_dtype: str | None = None, vocab_polic
     files_src = sf.dir if (sf.dir / "config.json").exists() else sb.dir
 
     def files(tmp: Path):
+        from deltaport.card import command, command_arg as card_arg, input_ref
+
         sub = tmp / "source_finetuned"
         sub.mkdir()
         rec = write_model_files(sub, config_src=files_src, tokenizer_src=sf.dir if sf.kind != "lora" else files_src, chat_src=sf.dir)
+        refs = {"base": input_ref(sb), "finetuned": input_ref(sf)}
+        argv = command("diff", [("--base", card_arg(refs["base"])), ("--finetuned", card_arg(refs["finetuned"])),
+                                ("-o", output.name)],
+                       {"--delta-dtype": (delta_dtype, None), "--vocab-policy": (vocab_policy, "error"),
+                        "--shape-policy": (shape_policy, "error"), "--key-map": (_file_opt(key_map), None),
+                        "--include": (include, None), "--exclude": (exclude, None),
+                        "--compute-dtype": (compute_dtype, "auto"), "--shard-size": (shard_size, DEFAULT_SHARD_SIZE),
+                        "--allow-pickle": (allow_pickle, False)})
+        _write_card(tmp, output, "diff", refs, plan, prov, argv)
         return {"source_finetuned_files": rec}
 
     stats, timings = _run(plan, output, inputs=[sb.dir, sf.dir], overwrite=overwrite, shard_size=shard_size,
@@ -354,9 +398,27 @@ def apply(delta, to, output, *, scale: float = 1.0, vocab_policy: str = "error",
     }
 
     def files(tmp: Path):
+        from deltaport.card import command, command_arg as card_arg, input_ref
+
         rec = write_model_files(tmp, config_src=config_src, tokenizer_src=tok_src, chat_src=chat_src,
                                 vocab_rows=plan.vocab_rows, out_dtype=out_dt)
         rec["config_check"] = config_check
+        refs = {"target_base": input_ref(tb), "delta": input_ref(dk)}
+        made = (dk.provenance or {}).get("inputs", {}).get("finetuned") or {}
+        lineage = ("target_base",)
+        if (made.get("hub") or {}).get("repo_id"):  # the Δ was made from a hub fine-tune: it is part of the lineage
+            refs["source_finetuned"] = {"hub": made["hub"]["repo_id"], "commit": made["hub"]["commit"]}
+            lineage = ("target_base", "source_finetuned")
+        argv = command("apply", [("", card_arg(refs["delta"])), ("--to", card_arg(refs["target_base"])), ("-o", output.name)],
+                       {"--scale": (scale, 1.0), "--vocab-policy": (vocab_policy, "error"), "--shape-policy": (shape_policy, "error"),
+                        "--key-map": (_file_opt(key_map), None), "--include": (include, None), "--exclude": (exclude, None),
+                        "--scale-map": (_file_opt(scale_map), None), "--compute-dtype": (compute_dtype, "auto"),
+                        "--out-dtype": (out_dtype, None), "--config-from": (config_from, "target"),
+                        "--tokenizer-from": (tokenizer_from, "target"),
+                        "--chat-template-from": (chat_template_from, "source-finetuned"),
+                        "--shard-size": (shard_size, DEFAULT_SHARD_SIZE), "--force": (force, False),
+                        "--allow-pickle": (allow_pickle, False)})
+        _write_card(tmp, output, "apply", refs, plan, prov, argv, lineage, tb, rec)
         return rec
 
     stats, timings = _run(plan, output, inputs=[dk.dir, tb.dir], overwrite=overwrite, shard_size=shard_size,

@@ -27,7 +27,7 @@ LOG = logging.getLogger(__name__)
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+(@[\w.\-/]+)?$")
 #: the small files downloaded whole before planning (everything but weights)
-SMALL_PATTERNS = ["*.json", "*.jinja", "tokenizer*", "*.model", "*.txt", "*.tiktoken"]
+SMALL_PATTERNS = ["*.json", "*.jinja", "tokenizer*", "*.model", "*.txt", "*.tiktoken", "README.md"]
 #: what the offline path takes from the cache (small files plus safetensors weights)
 OFFLINE_PATTERNS = SMALL_PATTERNS + ["*.safetensors"]
 #: safetensors dtype -> bytes per element (to check a remote header before any weight byte exists locally)
