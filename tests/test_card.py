@@ -32,7 +32,7 @@ def test_local_transfer_card_has_no_paths_and_no_base_model(family, tmp_path):
     assert f"local directory `new-base` (content sha256 `{content_hash(tb)}`)" in text
     assert "λ (scale): 0.5" in text and "only tensors matching: ['mlp']" in text
     assert "deltaport transfer --source-base source_base --source-finetuned source_finetuned --target-base new-base " \
-           "-o out --scale 0.5 --include mlp" in text
+           "-o OUTPUT --scale 0.5 --include mlp" in text
     delta = sum(1 for n in load_sd(out) if "mlp" in n)
     assert f"{delta} of {len(load_sd(out))} tensors received Δ" in text
     # the output is byte-identical on rerun, card included
@@ -49,7 +49,7 @@ def test_diff_card_and_apply_ignores_it(family, tmp_path):
     deltaport.diff(p["source_base"], p["source_finetuned"], d)
     meta, text = _card(d)
     assert meta == {"tags": ["deltaport", "fine-tuning-transfer", "delta"], "library_name": "deltaport"}
-    assert "deltaport apply delta --to TARGET_BASE -o OUTPUT" in text and "not a model" in text
+    assert "deltaport apply THIS_DELTA --to TARGET_BASE -o OUTPUT" in text and "not a model" in text
     from deltaport.inspect import inspect
 
     info = inspect(d)
@@ -61,6 +61,6 @@ def test_diff_card_and_apply_ignores_it(family, tmp_path):
     assert_bit_equal(load_sd(tmp_path / "out"), load_sd(tmp_path / "ref"))
     meta, text = _card(tmp_path / "out")
     assert "base_model" not in meta and meta["tags"] == ["deltaport", "fine-tuning-transfer"]
-    assert "local directory `delta`" in text and "deltaport apply delta --to target_base -o out" in text
+    assert "local directory `delta`" in text and "deltaport apply delta --to target_base -o OUTPUT" in text
     prov = json.loads((tmp_path / "out" / "deltaport.json").read_text())
     assert prov["operation"] == "apply"

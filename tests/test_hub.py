@@ -119,7 +119,7 @@ def test_hub_transfer_equals_local_transfer_and_downloads_each_weight_once(hub, 
                                    "license": "llama3.1", "tags": ["deltaport", "fine-tuning-transfer"]}
     shas = {k: hub.repos[k][0] for k in ("org-a/base", "org-a/tuned", "org-b/target")}
     assert (f"deltaport transfer --source-base org-a/base@{shas['org-a/base']} --source-finetuned "
-            f"org-a/tuned@{shas['org-a/tuned']} --target-base org-b/target@{shas['org-b/target']} -o out") in card.text
+            f"org-a/tuned@{shas['org-a/tuned']} --target-base org-b/target@{shas['org-b/target']} -o OUTPUT") in card.text
     assert str(tmp_path) not in (tmp_path / "out" / "README.md").read_text()
     # a second run finds every weight file in the cache, and writes the same bytes
     hub.reset_counts()

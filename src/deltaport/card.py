@@ -92,7 +92,7 @@ def _yaml_block(meta: dict[str, Any]) -> str:
     return "---\n" + ModelCardData(**meta).to_yaml() + "\n---\n"
 
 
-def model_card(*, operation: str, output_name: str, refs: dict[str, dict], plan, policies: dict[str, Any],
+def model_card(*, operation: str, refs: dict[str, dict], plan, policies: dict[str, Any],
                scale: float | None, choices: dict[str, str] | None, files: dict[str, Any] | None,
                argv: list[str], lineage: list[str], license: str | None) -> str:
     """The README.md text of a transfer/apply (model) or diff (Δ) output."""
@@ -109,7 +109,15 @@ def model_card(*, operation: str, output_name: str, refs: dict[str, dict], plan,
     formula = {"transfer": "target_base + λ · (source_finetuned − source_base)",
                "apply": "target_base + λ · Δ,  where Δ = source_finetuned − source_base (a `deltaport diff`)",
                "diff": "Δ = finetuned − base"}[operation]
-    out = [_yaml_block(meta), f"# {output_name}", ""]
+    def short(role: str) -> str:
+        ref = refs.get(role) or {}
+        return ref.get("hub") or ref.get("local") or role
+
+    title = {"transfer": f"{short('target_base')} + the fine-tuning of {short('source_finetuned')}",
+             "apply": f"{short('target_base')} + Δ {short('delta')}",
+             "diff": f"Δ: {short('finetuned')} − {short('base')}"}[operation]
+    # the output's own name is not in the card: the directory's bytes do not depend on where it is written
+    out = [_yaml_block(meta), f"# {title}", ""]
     if operation == "diff":
         out += ["This is a **fine-tuning Δ** made with deltaport, not a model:",
                 "the element-wise difference between a fine-tuned model and its base, stored in safetensors.", ""]
@@ -132,11 +140,11 @@ def model_card(*, operation: str, output_name: str, refs: dict[str, dict], plan,
     elif operation == "diff":
         out += ["## Use it", "", "Add it to a base model of the same architecture (the Δ records the structure it "
                 "was made on; `deltaport apply` checks it):", "", "```",
-                f"deltaport apply {shlex.quote(output_name)} --to TARGET_BASE -o OUTPUT --scale 1.0", "```", "",
+                "deltaport apply THIS_DELTA --to TARGET_BASE -o OUTPUT --scale 1.0", "```", "",
                 "`source_finetuned/` holds the fine-tune's config, tokenizer and chat template, for "
                 "`apply --config-from/--tokenizer-from/--chat-template-from source-finetuned`.", ""]
     out += ["## Reproduce", "", "```", " ".join(shlex.quote(a) for a in argv), "```", "",
-            "Local directories are named by their folder name; their content hash (sha256 over every tensor's name, "
+            "OUTPUT is the output directory. Local directories are named by their folder name; their content hash (sha256 over every tensor's name, "
             "dtype, shape and bytes) identifies them. `deltaport.json` beside this card records the full provenance.", ""]
     return "\n".join(out)
 

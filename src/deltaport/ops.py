@@ -144,7 +144,7 @@ def _write_card(tmp: Path, output: Path, operation: str, refs: dict, plan: Plan,
     from deltaport import card
 
     card.write_card(tmp, card.model_card(
-        operation=operation, output_name=output.name, refs=refs, plan=plan, policies=prov["policies"],
+        operation=operation, refs=refs, plan=plan, policies=prov["policies"],
         scale=prov.get("scale"), choices=prov.get("choices"), files=files_rec, argv=argv,
         lineage=[refs[r]["hub"] for r in lineage if "hub" in refs[r]],
         license=card.target_license(target) if target is not None else None))
@@ -235,7 +235,7 @@ def transfer(source_base, source_finetuned, target_base, output, *, scale: float
         refs = {"target_base": input_ref(tb), "source_finetuned": input_ref(sf), "source_base": input_ref(sb)}
         argv = command("transfer", [("--source-base", card_arg(refs["source_base"])),
                                     ("--source-finetuned", card_arg(refs["source_finetuned"])),
-                                    ("--target-base", card_arg(refs["target_base"])), ("-o", output.name)],
+                                    ("--target-base", card_arg(refs["target_base"])), ("-o", "OUTPUT")],
                        {"--scale": (scale, 1.0), "--vocab-policy": (vocab_policy, "error"), "--shape-policy": (shape_policy, "error"),
                         "--key-map": (_file_opt(key_map), None), "--include": (include, None), "--exclude": (exclude, None),
                         "--scale-map": (_file_opt(scale_map), None), "--compute-dtype": (compute_dtype, "auto"),
@@ -340,7 +340,7 @@ def diff(base, finetuned, output, *, delta_dtype: str | None = None, vocab_polic
         rec = write_model_files(sub, config_src=files_src, tokenizer_src=sf.dir if sf.kind != "lora" else files_src, chat_src=sf.dir)
         refs = {"base": input_ref(sb), "finetuned": input_ref(sf)}
         argv = command("diff", [("--base", card_arg(refs["base"])), ("--finetuned", card_arg(refs["finetuned"])),
-                                ("-o", output.name)],
+                                ("-o", "OUTPUT")],
                        {"--delta-dtype": (delta_dtype, None), "--vocab-policy": (vocab_policy, "error"),
                         "--shape-policy": (shape_policy, "error"), "--key-map": (_file_opt(key_map), None),
                         "--include": (include, None), "--exclude": (exclude, None),
@@ -409,7 +409,7 @@ def apply(delta, to, output, *, scale: float = 1.0, vocab_policy: str = "error",
         if (made.get("hub") or {}).get("repo_id"):  # the Δ was made from a hub fine-tune: it is part of the lineage
             refs["source_finetuned"] = {"hub": made["hub"]["repo_id"], "commit": made["hub"]["commit"]}
             lineage = ("target_base", "source_finetuned")
-        argv = command("apply", [("", card_arg(refs["delta"])), ("--to", card_arg(refs["target_base"])), ("-o", output.name)],
+        argv = command("apply", [("", card_arg(refs["delta"])), ("--to", card_arg(refs["target_base"])), ("-o", "OUTPUT")],
                        {"--scale": (scale, 1.0), "--vocab-policy": (vocab_policy, "error"), "--shape-policy": (shape_policy, "error"),
                         "--key-map": (_file_opt(key_map), None), "--include": (include, None), "--exclude": (exclude, None),
                         "--scale-map": (_file_opt(scale_map), None), "--compute-dtype": (compute_dtype, "auto"),
