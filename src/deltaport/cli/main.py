@@ -169,6 +169,16 @@ def _is_click_exception(exc: BaseException) -> bool:
     return isinstance(exc, tuple(classes))
 
 
+def _usage_message(exc) -> str:
+    msg = exc.format_message().replace("Value error, ", "")
+    ctx = getattr(exc, "ctx", None)
+    parts = []
+    while ctx is not None and ctx.parent is not None:
+        parts.insert(0, ctx.info_name)
+        ctx = ctx.parent
+    return f"{msg} (see `deltaport {' '.join(parts) + ' ' if parts else ''}--help`)"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: run the app, map deltaport errors to exit codes.
 
@@ -207,8 +217,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(_interrupted_message(signum))
         return 128 + int(signum)
     except Exception as exc:  # click.UsageError & co. (typer >= 0.20 vendors click as typer._click)
-        if _is_click_exception(exc):
-            exc.show()
+        if _is_click_exception(exc):  # usage errors read like every other deltaport error
+            sys.stderr.write(f"error (UsageError): {_usage_message(exc)}\n")
             return 2
         if type(exc).__name__ == "Abort":  # click turns KeyboardInterrupt into Abort (cause kept)
             cause = exc.__cause__ or exc.__context__
