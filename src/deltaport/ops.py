@@ -83,9 +83,14 @@ def _precheck_files(plan: Plan, tb: Checkpoint, *, config_src: Path, tok_src: Pa
                               vocab_rows=plan.vocab_rows, out_dtype=out_dtype)
             return _config_check(Path(scratch), plan, config_src, tb)
     except OSError as exc:  # the scratch folder lives in the temp dir (TMPDIR)
-        from deltaport.io.writer import _disk_error
+        import errno
 
-        raise _disk_error(exc, Path(exc.filename or tempfile.gettempdir())) from None
+        from deltaport.errors import DiskError
+
+        why = {errno.ENOSPC: "disk full", errno.EFBIG: "file size limit reached", errno.EDQUOT: "disk quota exceeded"}
+        raise DiskError(f"writing {exc.filename or 'a scratch copy of the config and tokenizer'} (for the config check, "
+                        f"in {tempfile.gettempdir()}) failed: {why.get(exc.errno, exc.strerror)} ({exc.strerror}); free "
+                        "space there or set TMPDIR. Nothing was written to the output.") from None
 
 
 def _policy_record(pol) -> dict[str, Any]:

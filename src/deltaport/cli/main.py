@@ -176,7 +176,7 @@ def _usage_message(exc) -> str:
     while ctx is not None and ctx.parent is not None:
         parts.insert(0, ctx.info_name)
         ctx = ctx.parent
-    return f"{msg} (see `deltaport {' '.join(parts) + ' ' if parts else ''}--help`)"
+    return f"{msg} See: deltaport {' '.join(parts) + ' ' if parts else ''}--help"
 
 
 def main(argv: list[str] | None = None) -> int:
