@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import deltaport
-from deltaport.assets import SOURCES, check_config_against_plan, write_model_files
+from deltaport.assets import SOURCES, check_config_against_plan, output_config, write_model_files
 from deltaport.engine import DEFAULT_CHUNK_ELEMS, Stats, execute
 from deltaport.errors import CheckpointError, InputError, OutputError
 from deltaport.io.atomic import atomic_output_dir, check_output_location
@@ -72,25 +72,11 @@ def _before_writing(plan: Plan, output, *, overwrite: bool, inputs: list[Path], 
 
 def _precheck_files(plan: Plan, tb: Checkpoint, *, config_src: Path, tok_src: Path, chat_src: Path,
                     out_dtype) -> dict:
-    """Write the output's config/tokenizer/chat-template files into a scratch folder and check the
-    config against the planned tensors, before any weight byte is fetched or written (a wrong
-    config is found at plan time, also for hub inputs and dry runs). Returns the config-check record."""
-    import tempfile
-
-    try:
-        with tempfile.TemporaryDirectory(prefix="deltaport-plan-") as scratch:
-            write_model_files(Path(scratch), config_src=config_src, tokenizer_src=tok_src, chat_src=chat_src,
-                              vocab_rows=plan.vocab_rows, out_dtype=out_dtype)
-            return _config_check(Path(scratch), plan, config_src, tb)
-    except OSError as exc:  # the scratch folder lives in the temp dir (TMPDIR)
-        import errno
-
-        from deltaport.errors import DiskError
-
-        why = {errno.ENOSPC: "disk full", errno.EFBIG: "file size limit reached", errno.EDQUOT: "disk quota exceeded"}
-        raise DiskError(f"writing {exc.filename or 'a scratch copy of the config and tokenizer'} (for the config check, "
-                        f"in {tempfile.gettempdir()}) failed: {why.get(exc.errno, exc.strerror)} ({exc.strerror}); free "
-                        "space there or set TMPDIR. Nothing was written to the output.") from None
+    """The output's config.json, built in memory, checked against the planned tensors before any weight
+    byte is fetched or written (a wrong config is found at plan time, also for hub inputs and dry
+    runs). Returns the config-check record."""
+    cfg, _ = output_config(config_src=config_src, chat_src=chat_src, vocab_rows=plan.vocab_rows, out_dtype=out_dtype)
+    return _config_check(cfg, plan, config_src, tb)
 
 
 def _policy_record(pol) -> dict[str, Any]:
@@ -258,7 +244,7 @@ def transfer(source_base, source_finetuned, target_base, output, *, scale: float
     return Result(output, plan, prov, stats, timings, fetch)
 
 
-def _config_check(tmp: Path, plan: Plan, config_src: Path, tb: Checkpoint) -> dict:
+def _config_check(cfg: dict, plan: Plan, config_src: Path, tb: Checkpoint) -> dict:
     """Check the output's config.json against the output tensors (before any tensor byte is read).
 
     Skipped when it could only compare the target with itself: the config comes from the target with
@@ -269,12 +255,11 @@ def _config_check(tmp: Path, plan: Plan, config_src: Path, tb: Checkpoint) -> di
     same = (Path(config_src) == Path(tb.dir) and plan.vocab_rows is None and set(shapes) == set(tb.tensors)
             and all(tuple(tb.tensors[n].shape) == s for n, s in shapes.items()))
     if same:
-        cfg = json.loads((tmp / "config.json").read_text())
         vocab = cfg.get("vocab_size") if "vocab_size" in cfg else (cfg.get("text_config") or {}).get("vocab_size")
         rows = {s[0] for n, s in shapes.items() if is_vocab_tensor(n) and len(s) == 2}
         if vocab is None or rows <= {vocab}:
             return {"checked": False, "reason": "config from the target, output tensors and shapes equal the target's", "warnings": []}
-    return {"checked": True, "warnings": check_config_against_plan(tmp, shapes)}
+    return {"checked": True, "warnings": check_config_against_plan(cfg, shapes)}
 
 
 def _open_base(base, finetuned: Checkpoint, flag: str, *, allow_pickle: bool) -> Checkpoint:
