@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -33,6 +34,12 @@ def hub(tmp_path_factory):
     h.add("org-a/tuned", fam["source_finetuned"])
     h.add("org-b/target", fam["target_base"], license="llama3.1")
     h.add("org-b/target-80", other, license="mit")
+    bad_cfg = root / "bad_config"  # the target's tensors with a config.json that says 80 tokens
+    shutil.copytree(fam["target_base"], bad_cfg)
+    cfg = json.loads((bad_cfg / "config.json").read_text())
+    cfg["vocab_size"] = 80
+    (bad_cfg / "config.json").write_text(json.dumps(cfg))
+    h.add("org-b/target-badcfg", bad_cfg)
     h.fam = fam
     yield h
     h.stop()
@@ -71,6 +78,19 @@ def test_vocab_mismatch_across_three_hub_ids_fails_before_any_weight_byte(hub, t
     assert cached == []
     print(f"planted vocabulary mismatch: exit 2 in {elapsed:.2f} s, {hub.weight_bytes} weight bytes served")
     assert elapsed < 10
+
+
+def test_config_check_runs_before_any_weight_byte(hub, tmp_path):
+    """The config check (config.json against the planned tensors) is part of the plan: a target whose
+    config contradicts its tensors fails with nothing downloaded, in a dry run as in a real one."""
+    for extra in ([], ["--dry-run"]):
+        hub.reset_counts()
+        r = run_cli(hub, ["transfer", "--source-base", "org-a/base", "--source-finetuned", "org-a/tuned",
+                          "--target-base", "org-b/target-badcfg", "-o", "out", *extra], tmp_path / "hf", tmp_path)
+        assert r.returncode == 2, r.stderr
+        assert "does not fit the output tensors" in r.stderr and "model.embed_tokens.weight" in r.stderr, r.stderr
+        assert hub.weight_bytes == 0
+        assert not (tmp_path / "out").exists()
 
 
 def test_dry_run_on_hub_ids_downloads_no_weights_and_reports_bytes(hub, tmp_path):
