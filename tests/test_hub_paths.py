@@ -43,6 +43,16 @@ def test_missing_dir_under_an_existing_folder_is_a_path_not_a_hub_id(tmp_path, m
         deltaport.transfer("models/llama", "models/llama", "models/llama", tmp_path / "o")
 
 
+def test_hub_shaped_ids_are_not_paths(tmp_path, monkeypatch):
+    from deltaport.io.hub import looks_like_hub_id, looks_like_path
+
+    monkeypatch.chdir(tmp_path)
+    for s in ("org/name", "org/name@main", "org/name@refs/pr/1", "org/name@0123abcd"):
+        assert looks_like_hub_id(s) and not looks_like_path(s), s
+    for s in ("./org/name", "org/name/sub", "/abs/x", "~/x", "x\\y"):
+        assert looks_like_path(s), s
+
+
 def test_offline_hint_uses_hf_download(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))

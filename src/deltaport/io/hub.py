@@ -57,9 +57,10 @@ def looks_like_path(s: str) -> bool:
     separator but not the one-slash hub shape, or names a parent that exists."""
     if s.startswith((".", "/", "~")) or "\\" in s:
         return True
-    if s.count("/") != 1:
-        return "/" in s
-    return Path(s.split("/", 1)[0]).expanduser().is_dir()
+    name = s.split("@", 1)[0] if HUB_ID.match(s) else s  # a revision may hold slashes (refs/pr/1)
+    if name.count("/") != 1:
+        return "/" in name
+    return Path(name.split("/", 1)[0]).expanduser().is_dir()
 
 
 def split_ref(source: str, revision: str | None) -> tuple[str, str | None]:
