@@ -45,7 +45,11 @@ class Fetch:
             size = sum(max(ck.hub.sizes.get(f.name, 0), 0) for f in files if f.name in todo)
             lines.append(f"{ck.hub.repo_id} at commit {ck.hub.sha}: {len(files)} weight file(s) read, "
                          f"{len(todo)} to download ({size / 1e6:.1f} MB)")
-        lines.append(f"a real run downloads {self.download_bytes / 1e6:.1f} MB and writes about {self.write_bytes / 1e6:.1f} MB")
+        if self.needed:
+            lines.append(f"a real run downloads {self.download_bytes / 1e6:.1f} MB and writes about "
+                         f"{self.write_bytes / 1e6:.1f} MB")
+        else:
+            lines.append(f"a real run writes about {self.write_bytes / 1e6:.1f} MB")
         return "\n".join(lines)
 
 
