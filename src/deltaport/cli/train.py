@@ -51,9 +51,13 @@ def finetune_command(
                  micro_batch_size=micro_batch_size, device=device, lora_r=lora_r, lora_alpha=lora_alpha,
                  chat_template=tmpl, resume=resume)
     first, last = (r.log[0], r.log[-1]) if r.log else ({}, {})
-    typer.echo(f"wrote {r.output}: {last.get('step')} steps, loss {first.get('loss', float('nan')):.4f} -> "
-               f"{last.get('loss', float('nan')):.4f}, {int(last.get('tokens') or 0)} tokens, "
-               f"{r.provenance.get('time_s')} s")
+    parts = [f"{last.get('step') or 0} steps"]
+    if isinstance(first.get("loss"), float) and isinstance(last.get("loss"), float):
+        parts.append(f"loss {first['loss']:.4f} -> {last['loss']:.4f}")
+    parts.append(f"{int(last.get('tokens') or 0)} tokens")
+    if isinstance(r.provenance.get("time_s"), (int, float)):
+        parts.append(f"{r.provenance['time_s']:.1f} s")
+    typer.echo(f"wrote {r.output if r.output is not None else 'nothing (no output directory)'}: {', '.join(parts)}")
 
 
 def evolve_command(
