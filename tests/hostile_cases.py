@@ -792,7 +792,7 @@ def _nonexistent(ws):
     fam = ws.family()
     fam["target_base"] = ws.root / "no-such-model"
     out = ws.out()
-    return Spec(transfer_argv(fam, out), [fam["source_base"], fam["source_finetuned"]], out, 2, r"no such model directory")
+    return Spec(transfer_argv(fam, out), [fam["source_base"], fam["source_finetuned"]], out, 2, r"no local directory .*no-such-model; check the path")
 
 
 @case("hub id not in the offline cache", "bad path")
@@ -800,7 +800,9 @@ def _hub_offline(ws):
     fam = ws.family()
     fam["target_base"] = "deltaport-test-org/definitely-not-cached-model"
     out = ws.out()
-    return Spec(transfer_argv(fam, out), [fam["source_base"], fam["source_finetuned"]], out, 2, r"cannot resolve hub id")
+    return Spec(transfer_argv(fam, out), [fam["source_base"], fam["source_finetuned"]], out, 2,
+                r"no local directory deltaport-test-org/definitely-not-cached-model, and the hub id .* is not in the local "
+                r"cache while HF_HUB_OFFLINE is set .*`hf download deltaport-test-org/definitely-not-cached-model`")
 
 
 @case("model path is a file", "bad path", "inspect")
@@ -848,7 +850,7 @@ def _later(command: str, argv_for: Callable[[Workspace, Path, Path], list[str]],
     @case(f"{command}: nonexistent model path", "later commands", command)
     def _missing(ws):
         out = _out(ws)
-        return Spec(argv_for(ws, ws.root / "no-such-model", out), [], out, 2, r"no such model|not found|does not exist")
+        return Spec(argv_for(ws, ws.root / "no-such-model", out), [], out, 2, r"no local directory .*no-such-model; check the path")
 
     @case(f"{command}: pickle-only model refused", "later commands", command)
     def _pickle(ws):

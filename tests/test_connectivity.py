@@ -145,7 +145,7 @@ def test_errors_name_the_problem(pair, tmp_path):
         connectivity(pa, other, data)
     with pytest.raises(InputError, match="tokenizer"):
         connectivity(T.make_model("llama"), T.make_model("llama", seed=1), ["the a of"])
-    with pytest.raises(InputError, match="no such model directory"):
+    with pytest.raises(InputError, match="no local directory"):
         connectivity(str(tmp_path / "missing"), pb, data)
 
 

@@ -139,7 +139,7 @@ def test_bad_inputs(rand_model, tok):
         evaluate({"m": (rand_model, tok)}, [QA], protocol="instruct")
     with pytest.raises(InputError, match="task file .*nope.yaml not found"):
         evaluate({"m": (rand_model, tok)}, ["nope.yaml"])
-    with pytest.raises(InputError, match="no such model directory"):
+    with pytest.raises(InputError, match="no local directory"):
         evaluate(["/no/such/model"], [QA])
     if not torch.cuda.is_available():
         with pytest.raises(InputError, match="no CUDA"):
@@ -257,24 +257,28 @@ def test_comparison_table_exact():
             "half": {"a": {"acc": 0.5}},
         },
         "columns": {"a": {"metric": "acc", "label": "A"}, "b": {"metric": None, "label": "B"}},
+        "details": {"base": {"a": {"n_samples": {"a": {"original": 40, "effective": 8}}}},
+                    "base+Δ": {"a": {"n_samples": {"a": {"original": 40, "effective": 8}}}}},
     }
     assert comparison_table(res, baseline="base") == (
         "| Model | A | B | Avg |\n"
         "|---|---|---|---|\n"
-        "| **base** (baseline) | 25.0 | 50.0 | 37.5 |\n"
-        "| base+Δ | 50.0 (+25.0) | 75.0 (+25.0) | 62.5 (+25.0) |\n"
-        "| half | 50.0 (+25.0) | – | – |\n"
+        "| **base** (baseline) | 25.0 ± 10.0 (n=8) | 50.0 | 37.5 |\n"
+        "| base+Δ | 50.0 ± 10.0 (n=8) [+25.0] | 75.0 [+25.0] | 62.5 [+25.0] |\n"
+        "| half | 50.0 [+25.0] | – | – |\n"
         "\n"
-        "Metrics — A: acc ×100, B: exact_match,flex ×100. Differences are to base.\n"
+        "Metrics — A: acc ×100, B: exact_match,flex ×100. Each score ± its standard error (lm-eval's), "
+        "n = documents scored; [differences] are to base.\n"
     )
     with pytest.raises(InputError, match="baseline 'nope'"):
         comparison_table(res, baseline="nope")
 
 
-def test_cli_eval(rand_model, tok, tmp_path):
+def test_cli_eval(rand_model, tok, tmp_path, capsys):
     from deltaport.cli.main import main
 
     d = save(rand_model, tmp_path / "m", tokenizer=tok)
+    capsys.readouterr()
     out, table = tmp_path / "r.json", tmp_path / "r.md"
     rc = main(["eval", str(d), "--tasks", f"{QA},{GEN}", "--limit", "4", "--device", "cpu", "-o", str(out),
                "--table", str(table), "--no-cache", "--baseline", str(d)])
@@ -282,6 +286,11 @@ def test_cli_eval(rand_model, tok, tmp_path):
     res = json.loads(out.read_text())
     assert set(res["results"][str(d)]) == {"tiny_qa", "tiny_gen"}
     assert table.read_text() == res["table"] and "(baseline)" in res["table"]
+    assert "(n=4)" in res["table"]  # n beside each score
+    err = capsys.readouterr().err
+    # progress while it works, as status lines (stderr is not a terminal here: no tqdm bars)
+    assert f"eval: {d} (base protocol): running tiny_qa, tiny_gen" in err and "done in" in err
+    assert "it/s]" not in err and "%|" not in err
     assert main(["eval", str(d), "--tasks", str(tmp_path / "no_such_task.yaml"), "-o", str(tmp_path / "x.json"),
                  "--no-cache"]) == 2
     before = out.read_text()

@@ -212,3 +212,27 @@ def test_cli_finetune(base_dir, tmp_path):
     assert main(["finetune", "--model", str(base_dir), "--data", str(tmp_path / "nope.jsonl"), "-o",
                  str(tmp_path / "x")]) == 2
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("recipe,lr_at_2", [("quick", 1e-4 / 3), ("paper", 5e-6 / 900)])
+def test_warmup_is_a_ratio_of_the_steps(base_dir, recipe, lr_at_2):
+    """The recipes' 3 % warm-up: ceil(0.03 × steps) warm-up steps (quick: 3 of 100, paper: 900 of 30000).
+    The learning rate the scheduler gives optimizer step 1 is 0 (linear warm-up starts at zero), step 2
+    gets lr / warm-up steps. transformers < 5 read the float ``warmup_steps=0.03`` as 0.03 *steps*
+    (no warm-up: step 2 would get ~0.99·lr); hence transformers >= 5."""
+    from transformers import TrainerCallback
+
+    used = []
+
+    class StopAfterTwo(TrainerCallback):
+        def on_step_begin(self, args, state, control, optimizer=None, **kw):
+            used.append(optimizer.param_groups[0]["lr"])  # what this optimizer step uses
+
+        def on_step_end(self, args, state, control, **kw):
+            control.should_training_stop = state.global_step >= 2
+
+    r = finetune(str(base_dir), str(SFT), None, recipe=recipe, batch_size=4, callbacks=[StopAfterTwo()])
+    assert used[0] == 0.0
+    assert used[1] == pytest.approx(lr_at_2, rel=1e-6)
+    if recipe == "quick":  # logged every step
+        assert [e["lr"] for e in r.log] == used

@@ -1,5 +1,5 @@
-"""Disk full while writing: the real CLI under RLIMIT_FSIZE (EFBIG) and on a tiny tmpfs (ENOSPC, when
-this process may mount one). Exit 1 with a DiskError naming the file, the partial temp folder removed,
+"""Disk full while writing: the real CLI under RLIMIT_FSIZE (EFBIG), and on a tiny tmpfs (when this
+process may mount one), where the free-space check refuses the run first (exit 2). Exit 1 with a DiskError naming the file, the partial temp folder removed,
 a previous output untouched, inputs byte-identical."""
 
 from __future__ import annotations
@@ -67,13 +67,16 @@ def small_fs(tmp_path):
 
 
 def test_disk_full_on_small_tmpfs(tmp_path, small_fs):
+    """The free-space check refuses the run before the first byte (exit 2, with the numbers); the
+    ENOSPC path while writing is covered by the RLIMIT_FSIZE cases above."""
     fam = H.make_many_family(tmp_path / "models", n_tensors=2000, n_shards=40)  # 256 KB of output > 96 KiB
     before = {r: H.tree_hash(d) for r, d in fam.items()}
     out = small_fs / "out"
     r = _run(H.transfer_argv(fam, out, "--shard-size", "16KB"))
-    assert r.returncode == 1, r.stderr
+    assert r.returncode == 2, r.stderr
     line = H.first_message_line(r.stderr)
-    assert line.startswith("error (DiskError): writing ") and "disk full" in line, r.stderr
+    assert line.startswith(f"error (OutputError): not enough free space on the filesystem of {small_fs}: this run "
+                           "needs 0.") and "MB are free" in line, r.stderr
     assert not out.exists()
     assert list(small_fs.iterdir()) == []  # the partial temp folder is gone, the space is free again
     assert {r_: H.tree_hash(d) for r_, d in fam.items()} == before

@@ -82,8 +82,10 @@ def _local_dir(spec: Any) -> Path | None:
     p = Path(src).expanduser()
     if p.exists() and not p.is_dir():
         raise CheckpointError(f"{src} is a file; pass the model directory (with config.json) that contains it")
-    if not p.exists() and (src.startswith((".", "/", "~")) or src.count("/") > 1):
-        raise CheckpointError(f"no such model directory: {src} (and it is not a hub id of the form org/name)")
+    if not p.exists():
+        from deltaport.io.checkpoint import _not_a_dir
+
+        _not_a_dir(src, p)  # a mistyped local path is named as such; a hub id passes
     return p if p.exists() else None
 
 

@@ -60,29 +60,39 @@ def read_chat_template(d: Path) -> tuple[str | None, str | None]:
     return None, None
 
 
-def write_model_files(out: Path, *, config_src: Path, tokenizer_src: Path, chat_src: Path,
-                      vocab_rows: int | None = None, out_dtype: torch.dtype | None = None) -> dict[str, Any]:
-    """Copy config/tokenizer/chat-template files into ``out``; returns a record for provenance."""
-    record: dict[str, Any] = {"config": str(config_src), "tokenizer": str(tokenizer_src), "chat_template": str(chat_src),
-                              "patched": []}
+def output_config(*, config_src: Path, chat_src: Path, vocab_rows: int | None = None,
+                  out_dtype: torch.dtype | None = None) -> tuple[dict[str, Any], list[str]]:
+    """The output's config.json (as a dict) and what was patched in it: read from ``config_src``,
+    ``vocab_size`` following a vocabulary policy, eos/pad/bos ids following the chat template's source."""
+    patched: list[str] = []
     cfg_path = config_src / "config.json"
     if not cfg_path.exists():
         raise InputError(f"--config-from source {config_src} has no config.json; choose the other source")
     cfg = _json(cfg_path, "--config-from")
     chat_cfg = _json(chat_src / "config.json", "--chat-template-from") if (chat_src / "config.json").exists() else {}
     if vocab_rows is not None and cfg.get("vocab_size") not in (None, vocab_rows):
-        record["patched"].append(f"vocab_size {cfg.get('vocab_size')} -> {vocab_rows} (vocabulary policy)")
+        patched.append(f"vocab_size {cfg.get('vocab_size')} -> {vocab_rows} (vocabulary policy)")
         cfg["vocab_size"] = vocab_rows
     for key in ("eos_token_id", "pad_token_id", "bos_token_id"):
         if chat_src != config_src and key in chat_cfg and chat_cfg.get(key) != cfg.get(key):
-            record["patched"].append(f"{key} {cfg.get(key)} -> {chat_cfg[key]} (follows the chat template's source)")
+            patched.append(f"{key} {cfg.get(key)} -> {chat_cfg[key]} (follows the chat template's source)")
             cfg[key] = chat_cfg[key]
     if out_dtype is not None:
         name = str(out_dtype).replace("torch.", "")
         for key in ("torch_dtype", "dtype"):
             if key in cfg and cfg[key] != name:
-                record["patched"].append(f"{key} {cfg[key]} -> {name}")
+                patched.append(f"{key} {cfg[key]} -> {name}")
                 cfg[key] = name
+    return cfg, patched
+
+
+def write_model_files(out: Path, *, config_src: Path, tokenizer_src: Path, chat_src: Path,
+                      vocab_rows: int | None = None, out_dtype: torch.dtype | None = None) -> dict[str, Any]:
+    """Copy config/tokenizer/chat-template files into ``out``; returns a record for provenance."""
+    record: dict[str, Any] = {"config": str(config_src), "tokenizer": str(tokenizer_src), "chat_template": str(chat_src),
+                              "patched": []}
+    cfg, record["patched"] = output_config(config_src=config_src, chat_src=chat_src, vocab_rows=vocab_rows,
+                                           out_dtype=out_dtype)
     (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
     gen_src = chat_src if (chat_src / "generation_config.json").exists() else config_src
@@ -121,18 +131,26 @@ def write_model_files(out: Path, *, config_src: Path, tokenizer_src: Path, chat_
     return record
 
 
-def meta_causal_lm(d: Path) -> torch.nn.Module:
-    """The causal LM ``d/config.json`` describes, built on the meta device (no weights, no custom code).
-    Raises whatever transformers raises for an unknown or custom architecture."""
+def meta_causal_lm(d: Path | dict) -> torch.nn.Module:
+    """The causal LM ``d/config.json`` (or the config dict ``d``) describes, built on the meta device (no
+    weights, no custom code). Raises whatever transformers raises for an unknown or custom architecture."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    cfg = AutoConfig.from_pretrained(str(d), trust_remote_code=False)
+    if isinstance(d, dict):
+        from transformers import CONFIG_MAPPING
+
+        if "model_type" not in d:
+            raise ValueError("config.json has no model_type")
+        cfg = CONFIG_MAPPING[d["model_type"]].from_dict(dict(d))
+    else:
+        cfg = AutoConfig.from_pretrained(str(d), trust_remote_code=False)
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(cfg)
 
 
-def check_config_against_plan(out: Path, shapes: dict[str, tuple[int, ...]]) -> list[str]:
-    """Build the model from the output config on the meta device and compare parameter shapes.
+def check_config_against_plan(out: Path | dict, shapes: dict[str, tuple[int, ...]]) -> list[str]:
+    """Build the model from the output config (a directory with config.json, or the config dict) on the
+    meta device and compare parameter shapes.
 
     Returns warnings; raises PlanError on a definite mismatch (a config from the wrong model)."""
     try:

@@ -491,7 +491,7 @@ def _add_derived(metrics: dict, derived: dict[str, list[str]]) -> None:
 
 def evaluate(models, tasks, *, limit=None, device="cpu", backend="hf", batch_size=8, protocol="base",
              num_fewshot=None, preset=None, cache_dir=None, seed=0, progress=False,
-             model_args: dict | None = None, languages: list[str] | None = None) -> dict:
+             model_args: dict | None = None, languages: list[str] | None = None, status: bool = False) -> dict:
     """Run lm-eval on every model and task; return per-task metrics with standard errors.
 
     Args:
@@ -512,7 +512,9 @@ def evaluate(models, tasks, *, limit=None, device="cpu", backend="hf", batch_siz
         model_args: extra keyword arguments for the lm-eval model (HFLM / VLLM), e.g. ``max_length``,
             ``tensor_parallel_size``.
         languages: Global MMLU languages for ``preset="global-mmlu"``.
-        progress: accepted for symmetry with the other commands; lm-eval draws its own progress bars.
+        progress: let lm-eval draw its progress bars (off: the caller disables tqdm, e.g. in a redirected log).
+        status: print a line on stderr when each model/task group starts and ends (what ``deltaport eval``
+            shows while it works, bars or not).
 
     Returns:
         ``{"results": {row: {task: {metric: value, metric + "_stderr": value}}}, "details": {row: {task:
@@ -578,12 +580,20 @@ def evaluate(models, tasks, *, limit=None, device="cpu", backend="hf", batch_siz
                 if m.lm is None:
                     m.lm = _build_lm(m, backend=backend, device=device, batch_size=batch_size, seed=seed,
                                      model_args=model_args)
+                names = ", ".join(ts.name for ts in group)
+                if status:
+                    _status(f"eval: {m.name} ({proto} protocol): running {names}")
+                t_group = time.time()
                 done = _run_group(lm_eval, m, group, proto, task_manager(), limit=limit, device=device, seed=seed,
                                   batch_size=batch_size)
+                if status:
+                    _status(f"eval: {m.name} ({proto} protocol): {names} done in {time.time() - t_group:.1f} s")
                 for ts in group:
                     recs[ts.name] = done[ts.name]
                     if cache:
                         _cache_put(cache, _cache_key(m, ts, proto, settings), done[ts.name], m, ts, proto)
+            if status and cached_names:
+                _status(f"eval: {m.name} ({proto} protocol): {len(cached_names)} of {len(specs)} task(s) from the cache")
             for ts in specs:
                 rec = recs[ts.name]
                 cached = ts.name in cached_names
@@ -596,6 +606,13 @@ def evaluate(models, tasks, *, limit=None, device="cpu", backend="hf", batch_siz
     columns = {ts.name: {"metric": ts.metric, "label": ts.label or ts.name, "source": ts.source} for ts in specs}
     settings["time_s"] = round(time.time() - t_start, 3)
     return {"results": results, "details": details, "columns": columns, "settings": settings}
+
+
+def _status(line: str) -> None:
+    import sys
+
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 def _protocols_for(m: _Model, protocol: str) -> list[str]:
@@ -755,8 +772,9 @@ def comparison_table(results: dict, baseline: str | None = None) -> str:
     """A Markdown table like the paper's Table 1: a row per model, a column per task, the average.
 
     Scores are the column's primary metric (the preset's, else the task's first), shown ×100 when every
-    value lies in [0, 1]. With ``baseline`` (a row name) every cell also shows the difference to the
-    baseline's cell, e.g. ``56.9 (+30.3)``.
+    value lies in [0, 1], with the standard error and the number of documents scored beside each, e.g.
+    ``56.9 ± 2.2 (n=500)``. With ``baseline`` (a row name) every cell also shows the difference to the
+    baseline's cell, e.g. ``56.9 ± 2.2 (n=500) [+30.3]``.
     """
     rows = results.get("results", results)
     if not rows:
@@ -781,6 +799,20 @@ def comparison_table(results: dict, baseline: str | None = None) -> str:
         v = rows[row].get(t, {}).get(m) if m else None
         return v if isinstance(v, (int, float)) else None
 
+    def stderr(row: str, t: str) -> float | None:
+        m = metric_of[t]
+        v = rows[row].get(t, {}).get(m + "_stderr") if m else None
+        return v if isinstance(v, (int, float)) and v == v else None
+
+    details = results.get("details") or {}
+
+    def n_of(row: str, t: str) -> int | None:
+        ns = ((details.get(row) or {}).get(t) or {}).get("n_samples") or {}
+        n = ns.get(t)
+        if isinstance(n, dict):
+            n = n.get("effective", n.get("original"))
+        return n if isinstance(n, int) else None
+
     scale = {t: 100.0 if all(0.0 <= (value(r, t) or 0.0) <= 1.0 for r in rows) else 1.0 for t in tasks}
 
     def avg(row: str) -> float | None:
@@ -789,12 +821,16 @@ def comparison_table(results: dict, baseline: str | None = None) -> str:
             return None
         return sum(v * scale[t] for v, t in zip(vals, tasks)) / len(vals)
 
-    def cell(v: float | None, b: float | None) -> str:
+    def cell(v: float | None, b: float | None, se: float | None = None, n: int | None = None) -> str:
         if v is None:
             return "–"
         s = f"{v:.1f}"
+        if se is not None:
+            s += f" ± {se:.1f}"
+        if n is not None:
+            s += f" (n={n})"
         if b is not None:
-            s += f" ({v - b:+.1f})"
+            s += f" [{v - b:+.1f}]"
         return s
 
     labels = [(cols_meta.get(t) or {}).get("label") or t for t in tasks]
@@ -804,7 +840,9 @@ def comparison_table(results: dict, baseline: str | None = None) -> str:
         for t in tasks:
             v = value(row, t)
             b = value(baseline, t) if baseline is not None and row != baseline else None
-            cells.append(cell(None if v is None else v * scale[t], None if b is None else b * scale[t]))
+            se = stderr(row, t)
+            cells.append(cell(None if v is None else v * scale[t], None if b is None else b * scale[t],
+                              None if se is None else se * scale[t], n_of(row, t)))
         a = avg(row)
         ab = avg(baseline) if baseline is not None and row != baseline else None
         cells.append(cell(a, ab))
@@ -813,5 +851,6 @@ def comparison_table(results: dict, baseline: str | None = None) -> str:
     notes = ", ".join(f"{lab}: {metric_of[t] or '?'}{' ×100' if scale[t] == 100.0 else ''}"
                       for lab, t in zip(labels, tasks))
     lines.append("")
-    lines.append(f"Metrics — {notes}." + (f" Differences are to {baseline}." if baseline else ""))
+    lines.append(f"Metrics — {notes}. Each score ± its standard error (lm-eval's), n = documents scored"
+                 + (f"; [differences] are to {baseline}." if baseline else "."))
     return "\n".join(lines) + "\n"

@@ -11,8 +11,9 @@ from deltaport.io.checkpoint import dtype_name, open_checkpoint
 def inspect(path, *, allow_pickle: bool = False, tensors: bool = True) -> dict[str, Any]:
     """Describe a checkpoint: kind, files, tensor count/bytes by dtype, config summary, provenance.
 
-    Reads headers only (pickled checkpoints are refused unless ``allow_pickle``)."""
-    ck = open_checkpoint(path, allow_pickle=allow_pickle)
+    Reads headers only (pickled checkpoints are refused unless ``allow_pickle``); a hub id is read
+    from the hub by HTTP range requests, without downloading its weights."""
+    ck = open_checkpoint(path, allow_pickle=allow_pickle, remote=True)
     by_dtype: Counter = Counter()
     bytes_by_dtype: Counter = Counter()
     for s in ck.tensors.values():

@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import deltaport
-from deltaport.assets import SOURCES, check_config_against_plan, write_model_files
+from deltaport.assets import SOURCES, check_config_against_plan, output_config, write_model_files
 from deltaport.engine import DEFAULT_CHUNK_ELEMS, Stats, execute
-from deltaport.errors import InputError
-from deltaport.io.atomic import atomic_output_dir
+from deltaport.errors import CheckpointError, InputError, OutputError
+from deltaport.io.atomic import atomic_output_dir, check_output_location
 from deltaport.io.checkpoint import PROVENANCE_NAME, Checkpoint, dtype_name, open_checkpoint
+from deltaport.io.prepare import Fetch, check_free_space, plan_fetch, run_fetch
 from deltaport.io.writer import OutEntry, ShardedWriter, parse_size
 from deltaport.plan import Plan, is_vocab_tensor, make_policies, plan_apply, plan_diff, plan_transfer
 
@@ -36,11 +37,46 @@ class Result:
     provenance: dict[str, Any] = field(default_factory=dict)
     stats: Stats | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    fetch: Fetch | None = None  # what the run downloads (hub inputs) and writes
 
 
 def _input_record(ck: Checkpoint) -> dict[str, Any]:
-    return {"source": ck.source, "path": str(ck.dir.absolute()), "revision": ck.revision, "kind": ck.kind,
-            "fingerprint": ck.header_fingerprint()}
+    rec = {"source": ck.source, "path": str(ck.dir.absolute()), "revision": ck.revision, "kind": ck.kind,
+           "fingerprint": ck.header_fingerprint()}
+    if ck.hub is not None:
+        rec["hub"] = {"repo_id": ck.hub.repo_id, "requested_revision": ck.hub.requested, "commit": ck.hub.sha}
+    return rec
+
+
+def _before_writing(plan: Plan, output, *, overwrite: bool, inputs: list[Path], dry_run: bool,
+                    file_sources: tuple = ()) -> Fetch:
+    """After the plan (and the config check), before any weight byte is fetched or written: refuse an
+    output that cannot be written and a run that does not fit on disk, then download the weight files
+    the plan reads from hub inputs (only those, at the pinned commits). ``file_sources``: the folders
+    config, tokenizer and chat template are copied from."""
+    from deltaport.assets import CHAT_FILES, TOKENIZER_FILES
+
+    names = ("config.json", "generation_config.json", *TOKENIZER_FILES, *CHAT_FILES)
+    copied = sorted({Path(d) / n for d in file_sources if d is not None for n in names})
+    fetch = plan_fetch(plan, copied)
+    if dry_run:
+        return fetch
+    out = check_output_location(output, inputs)
+    if out.exists() and not overwrite:
+        raise OutputError(f"output {out} already exists; pass --overwrite to replace it (the new output is "
+                          "completed first, then swapped in) or choose another path")
+    check_free_space(fetch, out)
+    run_fetch(fetch)
+    return fetch
+
+
+def _precheck_files(plan: Plan, tb: Checkpoint, *, config_src: Path, tok_src: Path, chat_src: Path,
+                    out_dtype) -> dict:
+    """The output's config.json, built in memory, checked against the planned tensors before any weight
+    byte is fetched or written (a wrong config is found at plan time, also for hub inputs and dry
+    runs). Returns the config-check record."""
+    cfg, _ = output_config(config_src=config_src, chat_src=chat_src, vocab_rows=plan.vocab_rows, out_dtype=out_dtype)
+    return _config_check(cfg, plan, config_src, tb)
 
 
 def _policy_record(pol) -> dict[str, Any]:
@@ -94,6 +130,25 @@ def _run(plan: Plan, output: Path, *, inputs: list[Path], overwrite: bool, shard
     return stats, timings
 
 
+def _write_card(tmp: Path, output: Path, operation: str, refs: dict, plan: Plan, prov: dict, argv: list[str],
+                lineage: tuple[str, ...] = (), target: Checkpoint | None = None, files_rec: dict | None = None) -> None:
+    """README.md: the output's model card (see :mod:`deltaport.card`)."""
+    from deltaport import card
+
+    card.write_card(tmp, card.model_card(
+        operation=operation, refs=refs, plan=plan, policies=prov["policies"],
+        scale=prov.get("scale"), choices=prov.get("choices"), files=files_rec, argv=argv,
+        lineage=[refs[r]["hub"] for r in lineage if "hub" in refs[r]],
+        license=card.target_license(target) if target is not None else None))
+
+
+def _file_opt(v):
+    """A --key-map/--scale-map value as the card's command shows it (a file by name)."""
+    if v is None or isinstance(v, (str, Path)):
+        return None if v is None else Path(v).name
+    return "MAPPING.yaml"
+
+
 def _resolve_src(choice: str, flag: str, target: Path, source_ft: Path | None) -> Path:
     if choice not in SOURCES:
         raise InputError(f"{flag} must be one of {', '.join(SOURCES)}, not {choice!r}")
@@ -138,9 +193,9 @@ def transfer(source_base, source_finetuned, target_base, output, *, scale: float
     pol = make_policies(scale=scale, vocab_policy=vocab_policy, shape_policy=shape_policy, unmatched_rows=unmatched_rows,
                         key_map=key_map, include=include, exclude=exclude, scale_map=scale_map, compute_dtype=compute_dtype,
                         out_dtype=out_dtype)
-    sf = open_checkpoint(source_finetuned, allow_pickle=allow_pickle)
-    sb = open_checkpoint(_base_of(source_base, sf, "--source-base"), allow_pickle=allow_pickle)
-    tb = open_checkpoint(target_base, allow_pickle=allow_pickle, require_config=True)
+    sf = open_checkpoint(source_finetuned, allow_pickle=allow_pickle, remote=True)
+    sb = _open_base(source_base, sf, "--source-base", allow_pickle=allow_pickle)
+    tb = open_checkpoint(target_base, allow_pickle=allow_pickle, require_config=True, remote=True)
     for who, ck in (("source base", sb), ("target base", tb)):
         if ck.kind in ("lora", "delta"):
             raise InputError(f"the {who} {ck.source} is a {ck.kind} directory, not a model; pass a full model")
@@ -153,8 +208,12 @@ def transfer(source_base, source_finetuned, target_base, output, *, scale: float
     tok_src = _resolve_src(tokenizer_from, "--tokenizer-from", tb.dir, sf.dir if sf.kind != "lora" else sf_files_dir)
     chat_src = _resolve_src(chat_template_from, "--chat-template-from", tb.dir, sf.dir)
     plan = plan_transfer(sb, sf, tb, pol)
+    out_dt = _uniform_dtype(plan) if out_dtype else None
+    config_check = _precheck_files(plan, tb, config_src=config_src, tok_src=tok_src, chat_src=chat_src, out_dtype=out_dt)
+    fetch = _before_writing(plan, output, overwrite=overwrite, inputs=[sb.dir, sf.dir, tb.dir], dry_run=dry_run,
+                            file_sources=(config_src, tok_src, chat_src))
     if dry_run:
-        return Result(None, plan)
+        return Result(None, plan, fetch=fetch)
     output = Path(output)
     prov = {
         "deltaport_version": deltaport.__version__, "kind": "model", "operation": "transfer",
@@ -168,19 +227,33 @@ def transfer(source_base, source_finetuned, target_base, output, *, scale: float
         prov["vocab_align"] = plan.info["vocab_align"]
 
     def files(tmp: Path):
+        from deltaport.card import command, command_arg as card_arg, input_ref
+
         rec = write_model_files(tmp, config_src=config_src, tokenizer_src=tok_src, chat_src=chat_src,
-                                vocab_rows=plan.vocab_rows, out_dtype=_uniform_dtype(plan) if out_dtype else None)
-        rec["config_check"] = _config_check(tmp, plan, config_src, tb)
+                                vocab_rows=plan.vocab_rows, out_dtype=out_dt)
+        rec["config_check"] = config_check
+        refs = {"target_base": input_ref(tb), "source_finetuned": input_ref(sf), "source_base": input_ref(sb)}
+        argv = command("transfer", [("--source-base", card_arg(refs["source_base"])),
+                                    ("--source-finetuned", card_arg(refs["source_finetuned"])),
+                                    ("--target-base", card_arg(refs["target_base"])), ("-o", "OUTPUT")],
+                       {"--scale": (scale, 1.0), "--vocab-policy": (vocab_policy, "error"), "--shape-policy": (shape_policy, "error"),
+                        "--key-map": (_file_opt(key_map), None), "--include": (include, None), "--exclude": (exclude, None),
+                        "--scale-map": (_file_opt(scale_map), None), "--compute-dtype": (compute_dtype, "auto"),
+                        "--out-dtype": (out_dtype, None), "--config-from": (config_from, "target"),
+                        "--tokenizer-from": (tokenizer_from, "target"),
+                        "--chat-template-from": (chat_template_from, "source-finetuned"),
+                        "--shard-size": (shard_size, DEFAULT_SHARD_SIZE), "--allow-pickle": (allow_pickle, False)})
+        _write_card(tmp, output, "transfer", refs, plan, prov, argv, ("target_base", "source_finetuned"), tb, rec)
         return rec
 
     stats, timings = _run(plan, output, inputs=[sb.dir, sf.dir, tb.dir], overwrite=overwrite, shard_size=shard_size,
                           progress=progress, threads=threads, strict=strict, provenance=prov, write_files=files,
                           chunk_elems=chunk_elems, label="transfer")
     _write_timings(output, timings, stats)
-    return Result(output, plan, prov, stats, timings)
+    return Result(output, plan, prov, stats, timings, fetch)
 
 
-def _config_check(tmp: Path, plan: Plan, config_src: Path, tb: Checkpoint) -> dict:
+def _config_check(cfg: dict, plan: Plan, config_src: Path, tb: Checkpoint) -> dict:
     """Check the output's config.json against the output tensors (before any tensor byte is read).
 
     Skipped when it could only compare the target with itself: the config comes from the target with
@@ -191,21 +264,27 @@ def _config_check(tmp: Path, plan: Plan, config_src: Path, tb: Checkpoint) -> di
     same = (Path(config_src) == Path(tb.dir) and plan.vocab_rows is None and set(shapes) == set(tb.tensors)
             and all(tuple(tb.tensors[n].shape) == s for n, s in shapes.items()))
     if same:
-        cfg = json.loads((tmp / "config.json").read_text())
         vocab = cfg.get("vocab_size") if "vocab_size" in cfg else (cfg.get("text_config") or {}).get("vocab_size")
         rows = {s[0] for n, s in shapes.items() if is_vocab_tensor(n) and len(s) == 2}
         if vocab is None or rows <= {vocab}:
             return {"checked": False, "reason": "config from the target, output tensors and shapes equal the target's", "warnings": []}
-    return {"checked": True, "warnings": check_config_against_plan(tmp, shapes)}
+    return {"checked": True, "warnings": check_config_against_plan(cfg, shapes)}
 
 
-def _base_of(base, finetuned: Checkpoint, flag: str):
-    """The source base: given explicitly, or a LoRA adapter's ``base_model_name_or_path``."""
+def _open_base(base, finetuned: Checkpoint, flag: str, *, allow_pickle: bool) -> Checkpoint:
+    """The source base: given explicitly, or a LoRA adapter's ``base_model_name_or_path`` (a relative
+    path there is relative to the current directory, as PEFT and transformers read it)."""
     if base is not None:
-        return base
-    if finetuned.kind == "lora" and (finetuned.lora or {}).get("base_model_name_or_path"):
-        return finetuned.lora["base_model_name_or_path"]
-    raise InputError(f"{flag} is required (only a PEFT LoRA adapter names its own base model)")
+        return open_checkpoint(base, allow_pickle=allow_pickle, remote=True)
+    named = (finetuned.lora or {}).get("base_model_name_or_path") if finetuned.kind == "lora" else None
+    if not named:
+        raise InputError(f"{flag} is required (only a PEFT LoRA adapter names its own base model)")
+    try:
+        return open_checkpoint(named, allow_pickle=allow_pickle, remote=True)
+    except CheckpointError as exc:
+        raise CheckpointError(f"the base model {named!r} named by base_model_name_or_path in "
+                              f"{finetuned.source}/adapter_config.json cannot be opened: {exc}. Pass {flag} to "
+                              "override it") from None
 
 
 def _uniform_dtype(plan: Plan):
@@ -227,15 +306,17 @@ def diff(base, finetuned, output, *, delta_dtype: str | None = None, vocab_polic
     """
     pol = make_policies(vocab_policy=vocab_policy, shape_policy=shape_policy, key_map=key_map, include=include,
                         exclude=exclude, compute_dtype=compute_dtype)
-    sf = open_checkpoint(finetuned, allow_pickle=allow_pickle)
-    sb = open_checkpoint(_base_of(base, sf, "--base"), allow_pickle=allow_pickle)
+    sf = open_checkpoint(finetuned, allow_pickle=allow_pickle, remote=True)
+    sb = _open_base(base, sf, "--base", allow_pickle=allow_pickle)
     if sb.kind in ("lora", "delta"):
         raise InputError(f"--base {sb.source} is a {sb.kind} directory, not a model")
     if sf.kind == "delta":
         raise InputError(f"--finetuned {sf.source} is already a deltaport delta")
     plan = plan_diff(sb, sf, pol, delta_dtype=delta_dtype)
+    fetch = _before_writing(plan, output, overwrite=overwrite, inputs=[sb.dir, sf.dir], dry_run=dry_run,
+                            file_sources=(sf.dir, sb.dir))
     if dry_run:
-        return Result(None, plan)
+        return Result(None, plan, fetch=fetch)
     output = Path(output)
     base_tensors = {n: [dtype_name(s.dtype), list(s.shape)] for n, s in sb.tensors.items()}
     prov = {
@@ -251,16 +332,27 @@ def diff(base, finetuned, output, *, delta_dtype: str | None = None, vocab_polic
     files_src = sf.dir if (sf.dir / "config.json").exists() else sb.dir
 
     def files(tmp: Path):
+        from deltaport.card import command, command_arg as card_arg, input_ref
+
         sub = tmp / "source_finetuned"
         sub.mkdir()
         rec = write_model_files(sub, config_src=files_src, tokenizer_src=sf.dir if sf.kind != "lora" else files_src, chat_src=sf.dir)
+        refs = {"base": input_ref(sb), "finetuned": input_ref(sf)}
+        argv = command("diff", [("--base", card_arg(refs["base"])), ("--finetuned", card_arg(refs["finetuned"])),
+                                ("-o", "OUTPUT")],
+                       {"--delta-dtype": (delta_dtype, None), "--vocab-policy": (vocab_policy, "error"),
+                        "--shape-policy": (shape_policy, "error"), "--key-map": (_file_opt(key_map), None),
+                        "--include": (include, None), "--exclude": (exclude, None),
+                        "--compute-dtype": (compute_dtype, "auto"), "--shard-size": (shard_size, DEFAULT_SHARD_SIZE),
+                        "--allow-pickle": (allow_pickle, False)})
+        _write_card(tmp, output, "diff", refs, plan, prov, argv)
         return {"source_finetuned_files": rec}
 
     stats, timings = _run(plan, output, inputs=[sb.dir, sf.dir], overwrite=overwrite, shard_size=shard_size,
                           progress=progress, threads=threads, strict=strict, provenance=prov, write_files=files,
                           chunk_elems=chunk_elems, label="diff")
     _write_timings(output, timings, stats)
-    return Result(output, plan, prov, stats, timings)
+    return Result(output, plan, prov, stats, timings, fetch)
 
 
 def apply(delta, to, output, *, scale: float = 1.0, vocab_policy: str = "error", shape_policy: str = "error",
@@ -277,18 +369,22 @@ def apply(delta, to, output, *, scale: float = 1.0, vocab_policy: str = "error",
     """
     pol = make_policies(scale=scale, vocab_policy=vocab_policy, shape_policy=shape_policy, key_map=key_map,
                         include=include, exclude=exclude, scale_map=scale_map, compute_dtype=compute_dtype, out_dtype=out_dtype)
-    dk = open_checkpoint(delta)
-    tb = open_checkpoint(to, allow_pickle=allow_pickle, require_config=True)
+    dk = open_checkpoint(delta, remote=True)
+    tb = open_checkpoint(to, allow_pickle=allow_pickle, require_config=True, remote=True)
     if tb.kind in ("lora", "delta"):
         raise InputError(f"--to {tb.source} is a {tb.kind} directory, not a model")
     plan = plan_apply(dk, tb, pol, force=force)
-    if dry_run:
-        return Result(None, plan)
     src_files = dk.dir / "source_finetuned"
     src_files = src_files if src_files.is_dir() else None
     config_src = _resolve_src(config_from, "--config-from", tb.dir, src_files)
     tok_src = _resolve_src(tokenizer_from, "--tokenizer-from", tb.dir, src_files)
     chat_src = _resolve_src(chat_template_from, "--chat-template-from", tb.dir, src_files or tb.dir)
+    out_dt = _uniform_dtype(plan) if out_dtype else None
+    config_check = _precheck_files(plan, tb, config_src=config_src, tok_src=tok_src, chat_src=chat_src, out_dtype=out_dt)
+    fetch = _before_writing(plan, output, overwrite=overwrite, inputs=[dk.dir, tb.dir], dry_run=dry_run,
+                            file_sources=(config_src, tok_src, chat_src))
+    if dry_run:
+        return Result(None, plan, fetch=fetch)
     output = Path(output)
     prov = {
         "deltaport_version": deltaport.__version__, "kind": "model", "operation": "apply",
@@ -301,13 +397,31 @@ def apply(delta, to, output, *, scale: float = 1.0, vocab_policy: str = "error",
     }
 
     def files(tmp: Path):
+        from deltaport.card import command, command_arg as card_arg, input_ref
+
         rec = write_model_files(tmp, config_src=config_src, tokenizer_src=tok_src, chat_src=chat_src,
-                                vocab_rows=plan.vocab_rows, out_dtype=_uniform_dtype(plan) if out_dtype else None)
-        rec["config_check"] = _config_check(tmp, plan, config_src, tb)
+                                vocab_rows=plan.vocab_rows, out_dtype=out_dt)
+        rec["config_check"] = config_check
+        refs = {"target_base": input_ref(tb), "delta": input_ref(dk)}
+        made = (dk.provenance or {}).get("inputs", {}).get("finetuned") or {}
+        lineage = ("target_base",)
+        if (made.get("hub") or {}).get("repo_id"):  # the Δ was made from a hub fine-tune: it is part of the lineage
+            refs["source_finetuned"] = {"hub": made["hub"]["repo_id"], "commit": made["hub"]["commit"]}
+            lineage = ("target_base", "source_finetuned")
+        argv = command("apply", [("", card_arg(refs["delta"])), ("--to", card_arg(refs["target_base"])), ("-o", "OUTPUT")],
+                       {"--scale": (scale, 1.0), "--vocab-policy": (vocab_policy, "error"), "--shape-policy": (shape_policy, "error"),
+                        "--key-map": (_file_opt(key_map), None), "--include": (include, None), "--exclude": (exclude, None),
+                        "--scale-map": (_file_opt(scale_map), None), "--compute-dtype": (compute_dtype, "auto"),
+                        "--out-dtype": (out_dtype, None), "--config-from": (config_from, "target"),
+                        "--tokenizer-from": (tokenizer_from, "target"),
+                        "--chat-template-from": (chat_template_from, "source-finetuned"),
+                        "--shard-size": (shard_size, DEFAULT_SHARD_SIZE), "--force": (force, False),
+                        "--allow-pickle": (allow_pickle, False)})
+        _write_card(tmp, output, "apply", refs, plan, prov, argv, lineage, tb, rec)
         return rec
 
     stats, timings = _run(plan, output, inputs=[dk.dir, tb.dir], overwrite=overwrite, shard_size=shard_size,
                           progress=progress, threads=threads, strict=strict, provenance=prov, write_files=files,
                           chunk_elems=chunk_elems, label="apply")
     _write_timings(output, timings, stats)
-    return Result(output, plan, prov, stats, timings)
+    return Result(output, plan, prov, stats, timings, fetch)

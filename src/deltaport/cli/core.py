@@ -9,38 +9,47 @@ from typing import Optional
 
 import typer
 
+from deltaport.cli._common import PROGRESS, QUIET, ComputeDtype, FileSource, ShapePolicy, UnmatchedRows, VocabPolicy, progress_mode
+
 Opt = typer.Option
 
 # shared option declarations (same names on every command)
 _SCALE = Opt(1.0, "--scale", help="λ: out = target + λ·Δ (paper: 1.0)")
-_VOCAB = Opt("error", "--vocab-policy", help="embedding/lm_head row-count mismatch: error | pad (official script: zero rows) | align (match rows by token string)")
-_UNMATCHED = Opt("target", "--unmatched-rows", help="with --vocab-policy align, target tokens without a row in both source models get no Δ: target (keep the target's row) | finetuned (copy the fine-tune's row where it has the token)")
-_SHAPE = Opt("error", "--shape-policy", help="other shape/key mismatches: error | skip (transfer only matching tensors, paper App. B.3)")
+_VOCAB = Opt("error", "--vocab-policy", help="embedding/lm_head row-count mismatch: error; pad (official script: zero rows); align (match rows by token string)")
+_UNMATCHED = Opt("target", "--unmatched-rows", help="with --vocab-policy align, target tokens without a row in both source models get no Δ: target (keep the target's row); finetuned (copy the fine-tune's row where it has the token)")
+_SHAPE = Opt("error", "--shape-policy", help="other shape/key mismatches: error; skip (transfer only matching tensors, paper App. B.3)")
 _KEYMAP = Opt(None, "--key-map", help="YAML {target_name_regex: source_name_replacement} for renamed modules")
 _INCLUDE = Opt(None, "--include", help="regex; only matching tensors get Δ (repeatable)")
 _EXCLUDE = Opt(None, "--exclude", help="regex; matching tensors get no Δ (repeatable)")
 _SCALEMAP = Opt(None, "--scale-map", help="YAML {tensor_name_regex: λ}, first match wins")
-_COMPUTE = Opt("auto", "--compute-dtype", help="auto (= float64: exact identities) | float32 (faster, may differ by one ulp where a fine-tuned value cancels its base) | float64")
+_COMPUTE = Opt("auto", "--compute-dtype", help="auto (= float64: exact identities); float32 (faster, may differ by one ulp where a fine-tuned value cancels its base); float64")
 _OUTDT = Opt(None, "--out-dtype", help="output dtype (default: the target's dtype per tensor)")
-_CONFIG = Opt("target", "--config-from", help="config.json source: target | source-finetuned (default target: keeps the target's RoPE/context settings)")
-_TOK = Opt("target", "--tokenizer-from", help="tokenizer source: target | source-finetuned")
-_CHAT = Opt("source-finetuned", "--chat-template-from", help="chat template source (eos/pad ids and generation_config follow it): target | source-finetuned")
+_CONFIG = Opt("target", "--config-from", help="where config.json comes from (target keeps the target's RoPE/context settings)")
+_TOK = Opt("target", "--tokenizer-from", help="where the tokenizer comes from")
+_CHAT = Opt("source-finetuned", "--chat-template-from", help="where the chat template comes from (eos/pad ids and generation_config follow it)")
 _SHARD = Opt("5GB", "--shard-size", help="maximum shard size, e.g. 5GB, 500MB")
 _OVER = Opt(False, "--overwrite", help="replace an existing output (the new one is completed first, then swapped in)")
 _DRY = Opt(False, "--dry-run", help="print the plan (from headers only) and write nothing")
 _PICKLE = Opt(False, "--allow-pickle", help="accept pickled .bin/.pt weights (loaded with torch.load(weights_only=True))")
 _STRICT = Opt(False, "--strict", help="fail on NaN/Inf in inputs (default: warn)")
 _THREADS = Opt(None, "--threads", help="worker threads for the arithmetic, each computing whole chunks with one torch thread (default 1: on 2 cores a reader and a writer thread already use the second; output bytes do not depend on it)")
-_QUIET = Opt(False, "--quiet", "-q", help="no progress bar")
+_QUIET = QUIET
 _JSON = Opt(False, "--json", help="print the result as JSON on stdout")
+
+
+_KIND_WORDS = {"delta": "with Δ", "copy": "copied unchanged"}
 
 
 def _summary(res, as_json: bool, dry_run: bool) -> None:
     if dry_run:
+        fetch = res.fetch.record() if res.fetch is not None else None
         if as_json:
-            print(json.dumps({"plan": res.plan.summary(), "skipped": res.plan.skipped, "warnings": res.plan.warnings}, indent=2))
+            print(json.dumps({"plan": res.plan.summary(), "skipped": res.plan.skipped, "warnings": res.plan.warnings,
+                              "fetch": fetch}, indent=2))
         else:
             print(res.plan.describe())
+            if res.fetch is not None:
+                print(res.fetch.describe())
         return
     if as_json:
         print(json.dumps({"output": str(res.output), "summary": res.plan.summary(), "skipped": res.plan.skipped,
@@ -48,9 +57,12 @@ def _summary(res, as_json: bool, dry_run: bool) -> None:
         return
     s = res.plan.summary()
     err = sys.stderr
-    kinds = ", ".join(f"{n} {k}" for k, n in sorted(s["by_kind"].items()))
-    err.write(f"wrote {res.output}: {s['coverage']} ({kinds}), {s['output_bytes'] / 1e6:.1f} MB, "
-              f"compute {s['compute_dtype']}, {res.timings.get('total', 0):.2f} s\n")
+    kinds = s["by_kind"]
+    what = ", ".join(f"{n} {_KIND_WORDS.get(k, k)}" for k, n in sorted(kinds.items()))
+    err.write(f"wrote {res.output}: {s['coverage']} ({what}), {s['output_bytes'] / 1e6:.1f} MB, "
+              f"computed in {s['compute_dtype']}, {res.timings.get('total', 0):.2f} s\n")
+    if res.fetch is not None and res.fetch.downloads:
+        err.write(f"  downloaded {res.fetch.download_bytes / 1e6:.1f} MB from the hub\n")
     for sk in res.plan.skipped:
         err.write(f"  skipped {sk['name']}: {sk['reason']}\n")
     for w in res.plan.warnings:
@@ -64,16 +76,17 @@ def _summary(res, as_json: bool, dry_run: bool) -> None:
 def register(app: typer.Typer) -> None:
     @app.command("transfer")
     def transfer_cmd(
-        source_base: Optional[str] = Opt(None, "--source-base", help="m_s: the source base model (dir or hub id); defaults to a LoRA adapter's base_model_name_or_path"),
-        source_finetuned: str = Opt(..., "--source-finetuned", help="m'_s: the source fine-tuned model (or a PEFT LoRA adapter dir)"),
-        target_base: str = Opt(..., "--target-base", help="m_t: the new base model"),
+        source_base: Optional[str] = Opt(None, "--source-base", metavar="MODEL", help="m_s: the source base model (dir or hub id); defaults to a LoRA adapter's base_model_name_or_path"),
+        source_finetuned: str = Opt(..., "--source-finetuned", metavar="MODEL", help="m'_s: the source fine-tuned model (or a PEFT LoRA adapter dir)"),
+        target_base: str = Opt(..., "--target-base", metavar="MODEL", help="m_t: the new base model"),
         output: Path = Opt(..., "-o", "--output", help="output model directory"),
-        scale: float = _SCALE, vocab_policy: str = _VOCAB, unmatched_rows: str = _UNMATCHED, shape_policy: str = _SHAPE,
+        scale: float = _SCALE, vocab_policy: VocabPolicy = _VOCAB, unmatched_rows: UnmatchedRows = _UNMATCHED,
+        shape_policy: ShapePolicy = _SHAPE,
         key_map: Optional[Path] = _KEYMAP, include: Optional[list[str]] = _INCLUDE, exclude: Optional[list[str]] = _EXCLUDE,
-        scale_map: Optional[Path] = _SCALEMAP, compute_dtype: str = _COMPUTE, out_dtype: Optional[str] = _OUTDT,
-        config_from: str = _CONFIG, tokenizer_from: str = _TOK, chat_template_from: str = _CHAT,
+        scale_map: Optional[Path] = _SCALEMAP, compute_dtype: ComputeDtype = _COMPUTE, out_dtype: Optional[str] = _OUTDT,
+        config_from: FileSource = _CONFIG, tokenizer_from: FileSource = _TOK, chat_template_from: FileSource = _CHAT,
         shard_size: str = _SHARD, overwrite: bool = _OVER, dry_run: bool = _DRY, allow_pickle: bool = _PICKLE,
-        strict: bool = _STRICT, threads: Optional[int] = _THREADS, quiet: bool = _QUIET, as_json: bool = _JSON,
+        strict: bool = _STRICT, threads: Optional[int] = _THREADS, quiet: bool = _QUIET, progress: Optional[bool] = PROGRESS, as_json: bool = _JSON,
     ):
         """Fine-tuning transfer in one pass: OUT = target_base + λ·(source_finetuned − source_base)."""
         from deltaport.ops import transfer
@@ -84,19 +97,19 @@ def register(app: typer.Typer) -> None:
                        compute_dtype=compute_dtype, out_dtype=out_dtype, config_from=config_from,
                        tokenizer_from=tokenizer_from, chat_template_from=chat_template_from, shard_size=shard_size,
                        overwrite=overwrite, dry_run=dry_run, allow_pickle=allow_pickle, strict=strict, threads=threads,
-                       progress=not quiet and not as_json)
+                       progress=progress_mode(quiet or as_json, progress))
         _summary(res, as_json, dry_run)
 
     @app.command("diff")
     def diff_cmd(
-        base: Optional[str] = Opt(None, "--base", help="the base model (dir or hub id); defaults to a LoRA adapter's base_model_name_or_path"),
-        finetuned: str = Opt(..., "--finetuned", help="the fine-tuned model (or a PEFT LoRA adapter dir)"),
+        base: Optional[str] = Opt(None, "--base", metavar="MODEL", help="the base model (dir or hub id); defaults to a LoRA adapter's base_model_name_or_path"),
+        finetuned: str = Opt(..., "--finetuned", metavar="MODEL", help="the fine-tuned model (or a PEFT LoRA adapter dir)"),
         output: Path = Opt(..., "-o", "--output", help="output delta directory"),
         delta_dtype: Optional[str] = Opt(None, "--delta-dtype", help="stored Δ dtype (default exact: float32 for 16-bit models, float64 for float32 models); bfloat16/float16/float32 are smaller but lossy"),
-        vocab_policy: str = _VOCAB, shape_policy: str = _SHAPE, key_map: Optional[Path] = _KEYMAP,
-        include: Optional[list[str]] = _INCLUDE, exclude: Optional[list[str]] = _EXCLUDE, compute_dtype: str = _COMPUTE,
+        vocab_policy: VocabPolicy = _VOCAB, shape_policy: ShapePolicy = _SHAPE, key_map: Optional[Path] = _KEYMAP,
+        include: Optional[list[str]] = _INCLUDE, exclude: Optional[list[str]] = _EXCLUDE, compute_dtype: ComputeDtype = _COMPUTE,
         shard_size: str = _SHARD, overwrite: bool = _OVER, dry_run: bool = _DRY, allow_pickle: bool = _PICKLE,
-        strict: bool = _STRICT, threads: Optional[int] = _THREADS, quiet: bool = _QUIET, as_json: bool = _JSON,
+        strict: bool = _STRICT, threads: Optional[int] = _THREADS, quiet: bool = _QUIET, progress: Optional[bool] = PROGRESS, as_json: bool = _JSON,
     ):
         """Store Δ = finetuned − base as a delta directory."""
         from deltaport.ops import diff
@@ -104,22 +117,22 @@ def register(app: typer.Typer) -> None:
         res = diff(base, finetuned, output, delta_dtype=delta_dtype, vocab_policy=vocab_policy, shape_policy=shape_policy,
                    key_map=key_map, include=include, exclude=exclude, compute_dtype=compute_dtype, shard_size=shard_size,
                    overwrite=overwrite, dry_run=dry_run, allow_pickle=allow_pickle, strict=strict, threads=threads,
-                   progress=not quiet and not as_json)
+                   progress=progress_mode(quiet or as_json, progress))
         _summary(res, as_json, dry_run)
 
     @app.command("apply")
     def apply_cmd(
         delta: str = typer.Argument(..., help="delta directory made by `deltaport diff`"),
-        to: str = Opt(..., "--to", help="the target base model"),
+        to: str = Opt(..., "--to", metavar="MODEL", help="the target base model"),
         output: Path = Opt(..., "-o", "--output", help="output model directory"),
-        scale: float = _SCALE, vocab_policy: str = _VOCAB, shape_policy: str = _SHAPE,
+        scale: float = _SCALE, vocab_policy: VocabPolicy = _VOCAB, shape_policy: ShapePolicy = _SHAPE,
         key_map: Optional[Path] = _KEYMAP, include: Optional[list[str]] = _INCLUDE, exclude: Optional[list[str]] = _EXCLUDE,
-        scale_map: Optional[Path] = _SCALEMAP, compute_dtype: str = _COMPUTE, out_dtype: Optional[str] = _OUTDT,
-        config_from: str = _CONFIG, tokenizer_from: str = _TOK, chat_template_from: str = _CHAT,
+        scale_map: Optional[Path] = _SCALEMAP, compute_dtype: ComputeDtype = _COMPUTE, out_dtype: Optional[str] = _OUTDT,
+        config_from: FileSource = _CONFIG, tokenizer_from: FileSource = _TOK, chat_template_from: FileSource = _CHAT,
         shard_size: str = _SHARD, overwrite: bool = _OVER, dry_run: bool = _DRY,
         force: bool = Opt(False, "--force", help="apply even if the target's structure differs from the delta's base (recorded in provenance)"),
         allow_pickle: bool = _PICKLE, strict: bool = _STRICT, threads: Optional[int] = _THREADS, quiet: bool = _QUIET,
-        as_json: bool = _JSON,
+        progress: Optional[bool] = PROGRESS, as_json: bool = _JSON,
     ):
         """Apply a stored delta: OUT = to + λ·Δ."""
         from deltaport.ops import apply
@@ -128,7 +141,7 @@ def register(app: typer.Typer) -> None:
                     include=include, exclude=exclude, scale_map=scale_map, compute_dtype=compute_dtype, out_dtype=out_dtype,
                     config_from=config_from, tokenizer_from=tokenizer_from, chat_template_from=chat_template_from,
                     shard_size=shard_size, overwrite=overwrite, dry_run=dry_run, force=force, allow_pickle=allow_pickle,
-                    strict=strict, threads=threads, progress=not quiet and not as_json)
+                    strict=strict, threads=threads, progress=progress_mode(quiet or as_json, progress))
         _summary(res, as_json, dry_run)
 
     @app.command("inspect")
@@ -137,6 +150,7 @@ def register(app: typer.Typer) -> None:
         as_json: bool = _JSON,
         allow_pickle: bool = _PICKLE,
         tensors: bool = Opt(False, "--tensors", help="list every tensor (always included with --json)"),
+        quiet: bool = _QUIET,
     ):
         """Show a model or delta: tensors, dtypes, sizes, config, provenance (headers only)."""
         from deltaport.inspect import inspect
@@ -149,21 +163,39 @@ def register(app: typer.Typer) -> None:
         from rich.table import Table
 
         con = Console()
-        con.print(f"[bold]{info['path']}[/bold]  kind={info['kind']}  revision={info['revision']}")
+        kind = {"safetensors": "model", "pickle": "model (pickled weights)", "lora": "PEFT LoRA adapter",
+                "delta": "deltaport Δ"}.get(info["kind"], info["kind"])
+        rev = f" at commit {info['revision']}" if info["revision"] else ""
+        con.print(f"[bold]{info['source']}[/bold]: {kind}{rev}")
         con.print(f"{info['num_tensors']} tensors, {info['num_parameters']:,} parameters, {info['total_bytes'] / 1e6:.1f} MB in "
                   f"{len(info['files'])} file(s); structure {info['structure_signature'][:16]}")
         for dt, v in info["dtypes"].items():
             con.print(f"  {dt}: {v['tensors']} tensors, {v['bytes'] / 1e6:.1f} MB")
         if info["config"]:
-            con.print("config: " + ", ".join(f"{k}={v}" for k, v in info["config"].items()))
+            con.print("config: " + ", ".join(f"{k} {_words(v)}" for k, v in info["config"].items()))
         if info["provenance"]:
             p = info["provenance"]
-            con.print(f"provenance: {p.get('operation')} ({p.get('formula')}), deltaport {p.get('deltaport_version')}, "
-                      f"scale {p.get('scale', '-')}, {len(p.get('skipped') or [])} skipped")
+            scale = f", λ = {p['scale']:g}" if isinstance(p.get("scale"), (int, float)) else ""
+            con.print(f"provenance: {p.get('operation')} ({p.get('formula')}), deltaport {p.get('deltaport_version')}"
+                      f"{scale}, {len(p.get('skipped') or [])} tensor(s) skipped")
             for role, rec in (p.get("inputs") or {}).items():
-                con.print(f"  {role}: {rec.get('source')} (revision {rec.get('revision')})")
+                rev = f" at commit {rec['revision']}" if rec.get("revision") else ""
+                con.print(f"  {role.replace('_', ' ')}: {rec.get('source')}{rev}")
         if tensors:
             t = Table("name", "dtype", "shape", "file")
             for row in info["tensors"]:
                 t.add_row(row["name"], row["dtype"], str(row["shape"]), row["file"])
             con.print(t)
+
+
+def _words(v) -> str:
+    """A config value for people: lists joined, booleans and missing values as words."""
+    if v is None:
+        return "not set"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, (list, tuple)):
+        return ", ".join(str(x) for x in v)
+    if isinstance(v, dict):
+        return ", ".join(f"{k} {_words(x)}" for k, x in v.items())
+    return str(v)

@@ -7,6 +7,8 @@ from typing import Optional
 
 import typer
 
+from deltaport.cli._common import PROGRESS, QUIET, progress_mode
+
 
 def _setup(progress: bool) -> None:
     """Threads from OMP_NUM_THREADS; transformers' own loading bars only when progress is on."""
@@ -64,10 +66,11 @@ def register(app: typer.Typer) -> None:
         dtype: str = typer.Option("float32", "--dtype", help="dtype models are loaded in"),
         overwrite: bool = typer.Option(False, "--overwrite", help=_OVERWRITE_HELP),
         allow_pickle: bool = typer.Option(False, "--allow-pickle", help=_PICKLE_HELP),
-        progress: bool = typer.Option(True, "--progress/--no-progress"),
+        quiet: bool = QUIET, progress: Optional[bool] = PROGRESS,
     ) -> None:
         """Loss along θ(α) = (1−α)·A + α·B and the loss barrier (one interpolated model in memory)."""
         _check_outputs(output, plot, overwrite, [a, b])
+        progress = progress_mode(quiet, progress)
         _setup(progress)
         from deltaport import _diag
         from deltaport.connectivity import connectivity, plot_curve
@@ -92,10 +95,11 @@ def register(app: typer.Typer) -> None:
         plot: Optional[Path] = typer.Option(None, "--plot", help="per-layer heat map PNG"),
         overwrite: bool = typer.Option(False, "--overwrite", help=_OVERWRITE_HELP),
         allow_pickle: bool = typer.Option(False, "--allow-pickle", help=_PICKLE_HELP),
-        progress: bool = typer.Option(True, "--progress/--no-progress"),
+        quiet: bool = QUIET, progress: Optional[bool] = PROGRESS,
     ) -> None:
         """Per-tensor and per-layer ‖m_t − m_s‖/‖m_s‖, ‖Δ_s‖ and cos(Δ_s, Δ_t) (streamed)."""
         _check_outputs(output, plot, overwrite, [source_base, source_finetuned, target_base, target_finetuned])
+        progress = progress_mode(quiet, progress)
         _setup(progress)
         from deltaport import _diag
         from deltaport.similarity import plot_layers, similarity
@@ -125,10 +129,11 @@ def register(app: typer.Typer) -> None:
         overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing -o file (the new file is "
                                        "written in full first, then renamed into place)"),
         allow_pickle: bool = typer.Option(False, "--allow-pickle", help=_PICKLE_HELP),
-        progress: bool = typer.Option(True, "--progress/--no-progress"),
+        quiet: bool = QUIET, progress: Optional[bool] = PROGRESS,
     ) -> None:
         """Will m_t + Δ_s work? Cheap signals and a verdict: likely | uncertain | unlikely | uncalibrated."""
         _check_outputs(output, None, overwrite, [source_base, source_finetuned, target_base])
+        progress = progress_mode(quiet, progress)
         _setup(progress)
         from deltaport import _diag
         from deltaport.check import check

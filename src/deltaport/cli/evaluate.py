@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import typer
+
+from deltaport.cli._common import PROGRESS, QUIET, progress_mode
 
 
 def default_cache_dir() -> Path:
@@ -41,14 +43,15 @@ def _limit(value: str | None) -> int | float | None:
 def eval_command(
     models: list[str] = typer.Argument(..., metavar="MODEL...", help="model directories or hub ids"),
     tasks: Optional[str] = typer.Option(None, "--tasks", help="comma-separated lm-eval task names or task YAML paths"),
-    preset: Optional[str] = typer.Option(None, "--preset", help="llama3-instruct | olmo2-tulu3 | global-mmlu"),
+    preset: Optional[Literal["llama3-instruct", "olmo2-tulu3", "global-mmlu"]] = typer.Option(
+        None, "--preset", help="the paper's task sets"),
     languages: Optional[str] = typer.Option(None, "--languages", help="Global MMLU languages, e.g. mg,si,tr"),
     limit: Optional[str] = typer.Option(None, "--limit", help="documents per task (N, or a fraction < 1)"),
-    device: str = typer.Option("auto", "--device", help="cpu | cuda | cuda:N | auto (cuda when available)"),
-    backend: str = typer.Option("hf", "--backend", help="hf | vllm (vllm: GPU only)"),
+    device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:N or auto (cuda when available)"),
+    backend: Literal["hf", "vllm"] = typer.Option("hf", "--backend", help="transformers, or vllm (GPU only)"),
     batch_size: str = typer.Option("8", "--batch-size", help="an integer or 'auto'"),
-    protocol: Optional[str] = typer.Option(
-        None, "--protocol", help="base | chat | both | auto (default: auto with --preset, else base)"),
+    protocol: Optional[Literal["base", "chat", "both", "auto"]] = typer.Option(
+        None, "--protocol", help="prompting protocol (default: auto with --preset, else base)"),
     num_fewshot: Optional[int] = typer.Option(None, "--num-fewshot", help="override every task's few-shot count"),
     baseline: Optional[str] = typer.Option(None, "--baseline", help="a MODEL to show differences against"),
     output: Path = typer.Option(..., "-o", "--output", help="results JSON"),
@@ -59,6 +62,7 @@ def eval_command(
     model_args: Optional[str] = typer.Option(
         None, "--model-args", help="extra lm-eval model args, k=v,k=v (e.g. max_length=4096,tensor_parallel_size=2)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace existing -o / --table files"),
+    quiet: bool = QUIET, progress: Optional[bool] = PROGRESS,
 ) -> None:
     """Evaluate models with lm-evaluation-harness (the paper's protocol) and compare them."""
     from deltaport.errors import OutputError
@@ -85,7 +89,7 @@ def eval_command(
     res = evaluate(
         models, tasks, limit=_limit(limit), device=device, backend=backend, batch_size=_batch_size(batch_size),
         protocol=protocol, num_fewshot=num_fewshot, preset=preset,
-        cache_dir=None if no_cache else (cache_dir or default_cache_dir()), seed=seed, progress=True,
+        cache_dir=None if no_cache else (cache_dir or default_cache_dir()), seed=seed, progress=progress_mode(quiet, progress), status=not quiet,
         model_args=margs, languages=[x.strip() for x in languages.split(",")] if languages else None,
     )
     if baseline is not None and baseline not in res["results"]:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal, Optional
 
 import typer
+
+from deltaport.cli._common import PROGRESS, QUIET, progress_mode
 
 lab_app = typer.Typer(help="Reproduce the paper's controlled study on a tiny model family (CPU).",
                       no_args_is_help=True)
@@ -39,11 +42,11 @@ def lab_run(
     config: str = typer.Argument(..., help="lab config YAML, or a preset name: ci, quick, full"),
     output: Path = typer.Option(..., "-o", "--output", help="run directory (artifacts are cached there)"),
     resume: bool = typer.Option(False, "--resume", help="reuse a run directory made by another config"),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="progress bars on stderr"),
-    threads: int = typer.Option(None, "--threads", help="torch threads (default: the config's, 1)"),
+    quiet: bool = QUIET, progress: Optional[bool] = PROGRESS,
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch threads (default: the config's, 1)"),
 ) -> None:
     """Build the model family and run the config's experiments; writes report.md, figures, results.json."""
-    _run(config, output, resume, progress, threads)
+    _run(config, output, resume, progress_mode(quiet, progress), threads)
 
 
 def register(app: typer.Typer) -> None:
@@ -52,9 +55,9 @@ def register(app: typer.Typer) -> None:
     @app.command("demo")
     def demo(
         output: Path = typer.Option(Path("deltaport-demo"), "-o", "--output", help="run directory"),
-        preset: str = typer.Option("quick", "--preset", help="quick (~5 min), full (~45 min) or ci (~1 min)"),
-        progress: bool = typer.Option(True, "--progress/--no-progress", help="progress bars on stderr"),
-        threads: int = typer.Option(None, "--threads", help="torch threads (default 1)"),
+        preset: Literal["quick", "full", "ci"] = typer.Option("quick", "--preset", help="quick (~5 min), full (~45 min) or ci (~1 min)"),
+        quiet: bool = QUIET, progress: Optional[bool] = PROGRESS,
+        threads: Optional[int] = typer.Option(None, "--threads", help="torch threads (default 1)"),
     ) -> None:
         """Run the shipped lab preset: what fine-tuning transfer does and when it fails, on a laptop CPU."""
-        _run(preset, output, True, progress, threads)
+        _run(preset, output, True, progress_mode(quiet, progress), threads)

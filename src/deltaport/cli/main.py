@@ -47,6 +47,56 @@ def _register_all() -> None:
 _register_all()
 
 
+def _flags_show_no_type(app_: typer.Typer) -> None:
+    """``--help`` lists a flag as a flag: typer's rich help prints a ``<bool>`` type beside every flag
+    (``--help`` included) and a ``<str>`` beside free-text options; give every command a class whose
+    flags show no type column."""
+    from typer.core import TyperCommand
+
+    names = {"<str>": "TEXT", "<int>": "INTEGER", "<float>": "FLOAT", "<path>": "PATH", "<list[str]>": "TEXT"}
+
+    def shown(original):
+        def display_type_rich(ctx=None):
+            t = original(ctx=ctx)
+            if t is None:
+                return None
+            if t in names:
+                return names[t]
+            if t.startswith("<") and t.endswith(">") and "|" in t:  # choices
+                return "[" + t[1:-1] + "]"
+            return t
+        return display_type_rich
+
+    class Command(TyperCommand):
+        def get_params(self, ctx):
+            params = super().get_params(ctx)
+            for p in params:
+                if getattr(p, "_deltaport_help", False):
+                    continue
+                p._deltaport_help = True
+                if getattr(p, "is_flag", False):
+                    p.display_type_rich = lambda ctx=None: None
+                elif hasattr(p, "display_type_rich"):
+                    p.display_type_rich = shown(p.display_type_rich)
+            return params
+
+    for info in app_.registered_commands:
+        if info.cls is None or info.cls is TyperCommand:
+            info.cls = Command
+    for group in app_.registered_groups:
+        if group.typer_instance is not None:
+            _flags_show_no_type(group.typer_instance)
+
+
+_flags_show_no_type(app)
+
+
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    """Python warnings (transformers' FutureWarnings and the like) as one line, without the
+    source-file location and code line the default format adds."""
+    return f"warning ({category.__name__}): {message}\n"
+
+
 class Interrupted(KeyboardInterrupt):
     """SIGTERM/SIGHUP (or SIGINT) turned into an exception, so ``atomic_output_dir`` and every other
     ``finally`` block run and the temporary output folder is removed before the process exits."""
@@ -119,6 +169,16 @@ def _is_click_exception(exc: BaseException) -> bool:
     return isinstance(exc, tuple(classes))
 
 
+def _usage_message(exc) -> str:
+    msg = exc.format_message().replace("Value error, ", "")
+    ctx = getattr(exc, "ctx", None)
+    parts = []
+    while ctx is not None and ctx.parent is not None:
+        parts.insert(0, ctx.info_name)
+        ctx = ctx.parent
+    return f"{msg} See: deltaport {' '.join(parts) + ' ' if parts else ''}--help"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: run the app, map deltaport errors to exit codes.
 
@@ -128,7 +188,12 @@ def main(argv: list[str] | None = None) -> int:
     from deltaport.errors import DeltaportError
     from deltaport.io import atomic
 
+    import warnings
+
+    from deltaport.cli import _common
+
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    old_format, warnings.formatwarning = warnings.formatwarning, _format_warning
     _RECEIVED.clear()
     atomic.COMMITTED.clear()  # outputs published by an earlier main() in this process are not this run's
     old_handlers = _install_signal_handlers()
@@ -152,8 +217,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(_interrupted_message(signum))
         return 128 + int(signum)
     except Exception as exc:  # click.UsageError & co. (typer >= 0.20 vendors click as typer._click)
-        if _is_click_exception(exc):
-            exc.show()
+        if _is_click_exception(exc):  # usage errors read like every other deltaport error
+            sys.stderr.write(f"error (UsageError): {_usage_message(exc)}\n")
             return 2
         if type(exc).__name__ == "Abort":  # click turns KeyboardInterrupt into Abort (cause kept)
             cause = exc.__cause__ or exc.__context__
@@ -163,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
         raise
     finally:
         _restore_signal_handlers(old_handlers)
+        _common.restore_env()
+        warnings.formatwarning = old_format
     return 0
 
 

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import typer
+
+from deltaport.cli._common import PROGRESS, QUIET, progress_mode
 
 
 def finetune_command(
     model: str = typer.Option(..., "--model", help="initial model: directory or hub id (e.g. a transfer output)"),
     data: str = typer.Option(..., "--data", help="jsonl of {messages} or {prompt, completion}, or org/dataset[:split]"),
     output: Path = typer.Option(..., "-o", "--output", help="output model directory"),
-    recipe: str = typer.Option("quick", "--recipe", help="paper (lr 5e-6, linear, 3% warm-up, batch 8, 30K steps) | quick"),
+    recipe: Literal["quick", "paper"] = typer.Option("quick", "--recipe", help="paper: lr 5e-6, linear, 3% warm-up, batch 8, 30K steps; quick: lr 1e-4, 100 steps"),
     steps: Optional[int] = typer.Option(None, "--steps", help="optimizer steps (default: the recipe's)"),
     lr: Optional[float] = typer.Option(None, "--lr", help="peak learning rate (default: the recipe's)"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="effective batch (micro × accumulation × GPUs)"),
@@ -26,12 +28,12 @@ def finetune_command(
     eval_tasks: Optional[str] = typer.Option(None, "--eval-tasks", help="comma-separated lm-eval tasks or task YAMLs"),
     eval_limit: Optional[int] = typer.Option(None, "--eval-limit", help="documents per task for --eval-every"),
     chat_template: Optional[str] = typer.Option(None, "--chat-template", help="'tulu' or a file with a Jinja template"),
-    device: str = typer.Option("auto", "--device", help="cpu | cuda | auto"),
+    device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:N or auto"),
     seed: int = typer.Option(0, "--seed"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing output (swapped in when complete)"),
     resume: bool = typer.Option(False, "--resume", help="save the trainer state every --save-every steps (in "
                                 ".OUT.deltaport-work) and continue from it if a previous run was killed"),
-    progress: bool = typer.Option(True, "--progress/--no-progress"),
+    quiet: bool = QUIET, progress: Optional[bool] = PROGRESS,
 ) -> None:
     """Fine-tune a model (transfer-then-finetune), loss on assistant tokens only."""
     from deltaport.finetune import finetune
@@ -45,25 +47,29 @@ def finetune_command(
     tasks = [t.strip() for t in eval_tasks.split(",") if t.strip()] if eval_tasks else None
     r = finetune(model, data, output, recipe=recipe, steps=steps, lr=lr, batch_size=batch_size, lora=lora,
                  eval_every=eval_every, eval_tasks=tasks, eval_limit=eval_limit, seed=seed, overwrite=overwrite,
-                 progress=progress, max_seq_length=max_seq_length, save_every=save_every,
+                 progress=progress_mode(quiet, progress), max_seq_length=max_seq_length, save_every=save_every,
                  micro_batch_size=micro_batch_size, device=device, lora_r=lora_r, lora_alpha=lora_alpha,
                  chat_template=tmpl, resume=resume)
     first, last = (r.log[0], r.log[-1]) if r.log else ({}, {})
-    typer.echo(f"wrote {r.output}: {last.get('step')} steps, loss {first.get('loss', float('nan')):.4f} -> "
-               f"{last.get('loss', float('nan')):.4f}, {int(last.get('tokens') or 0)} tokens, "
-               f"{r.provenance.get('time_s')} s")
+    parts = [f"{last.get('step') or 0} steps"]
+    if isinstance(first.get("loss"), float) and isinstance(last.get("loss"), float):
+        parts.append(f"loss {first['loss']:.4f} -> {last['loss']:.4f}")
+    parts.append(f"{int(last.get('tokens') or 0)} tokens")
+    if isinstance(r.provenance.get("time_s"), (int, float)):
+        parts.append(f"{r.provenance['time_s']:.1f} s")
+    typer.echo(f"wrote {r.output if r.output is not None else 'nothing (no output directory)'}: {', '.join(parts)}")
 
 
 def evolve_command(
     chain: Path = typer.Argument(..., help="CHAIN.yaml: versions, data, finetune, eval, strategies"),
     output: Path = typer.Option(..., "-o", "--output", help="run directory"),
     resume: bool = typer.Option(False, "--resume", help="continue a run in this directory; never redo a finished step"),
-    progress: bool = typer.Option(False, "--progress/--no-progress"),
+    quiet: bool = QUIET, progress: Optional[bool] = PROGRESS,
 ) -> None:
     """Iterative recycling-then-finetuning (Algorithm 1) with direct / plain / transfer-only baselines."""
     from deltaport.evolve import run_chain
 
-    res = run_chain(chain, output, resume=resume, progress=progress)
+    res = run_chain(chain, output, resume=resume, progress=progress_mode(quiet, progress))
     typer.echo(res["table"], nl=False)
     typer.echo(f"{len(res['computed'])} step(s) computed in this call; results in {output}/results.json, "
                f"table.md, {', '.join(Path(p).name for p in res['curves'].values()) or 'no curves'}")

@@ -12,8 +12,6 @@ import hashlib
 import json
 import logging
 import math
-import os
-import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +36,6 @@ FLOAT_DTYPES = {torch.float64, torch.float32, torch.float16, torch.bfloat16, tor
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 PROVENANCE_NAME = "deltaport.json"
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+(@[\w.\-/]+)?$")
 
 
 def dtype_name(dt: torch.dtype) -> str:
@@ -161,6 +158,7 @@ class Checkpoint:
     revision: str | None = None
     provenance: dict[str, Any] | None = None  # deltaport.json for delta dirs
     lora: dict[str, Any] | None = None  # adapter_config for LoRA adapters
+    hub: Any = None  # deltaport.io.hub.HubRepo when planned from the hub (weights downloaded after the plan)
     _memory: dict[str, torch.Tensor] | None = None  # pickled checkpoints are loaded into memory
 
     @property
@@ -192,8 +190,8 @@ class Checkpoint:
     def header_fingerprint(self) -> dict[str, Any]:
         files = {}
         for f in self.files:
-            st = f.stat()
-            files[f.name] = {"size": st.st_size}
+            size = self.hub.sizes.get(f.name) if self.hub is not None and not f.exists() else f.stat().st_size
+            files[f.name] = {"size": size}
         return {"structure": self.structure_signature(), "files": files, "num_tensors": len(self.tensors)}
 
     def total_bytes(self) -> int:
@@ -239,36 +237,42 @@ def content_hash(path: str | Path, *, allow_pickle: bool = False) -> str:
 
 
 def resolve_dir(source: str | Path, *, revision: str | None = None) -> tuple[Path, str | None]:
-    """A local directory, or a hub id (``org/name`` or ``org/name@rev``) resolved via huggingface_hub.
+    """A local directory, or a hub id (``org/name`` or ``org/name@rev``) downloaded whole (small files and
+    safetensors) at the commit the revision names now. Returns (directory, commit sha or None).
 
-    Hub ids work from the local cache with ``HF_HUB_OFFLINE=1``. Returns (directory, revision).
-    """
+    Hub ids work from the local cache with ``HF_HUB_OFFLINE=1``. Commands that only need headers first
+    use :func:`open_checkpoint` with ``remote=True``, which downloads no weights."""
+    from deltaport.io import hub
+
     s = str(source)
     p = Path(s).expanduser()
     if p.is_dir():
         return p, None
-    if p.exists():
-        raise CheckpointError(f"{s} is a file; pass the model directory that contains it")
-    if not _HUB_ID.match(s) or s.startswith((".", "/")):
-        raise CheckpointError(f"no such model directory: {s} (and it is not a hub id of the form org/name)")
-    repo_id, _, rev = s.partition("@")
-    rev = rev or revision
+    _not_a_dir(s, p)
+    repo_id, rev = hub.split_ref(s, revision)
+    if hub.offline():
+        return hub.snapshot_offline(repo_id, rev, s)
+    repo = hub.pin(repo_id, rev)
     try:
         from huggingface_hub import snapshot_download
 
-        path = snapshot_download(
-            repo_id=repo_id,
-            revision=rev,
-            allow_patterns=["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model", "*.txt", "*.tiktoken"],
-        )
-    except Exception as exc:  # noqa: BLE001 - huggingface_hub raises many types (offline, 404, auth)
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-        hint = ("it is not in the local cache and HF_HUB_OFFLINE is set; download it first "
-                f"(`huggingface-cli download {repo_id}`) or pass a local directory") if offline else \
-            "check the id, your network and HF_TOKEN for gated models"
-        raise CheckpointError(f"cannot resolve hub id {s!r}: {type(exc).__name__}: {exc}; {hint}") from None
-    path = Path(path)
-    return path, path.name if path.parent.name == "snapshots" else rev
+        path = Path(snapshot_download(repo_id=repo_id, revision=repo.sha, allow_patterns=hub.OFFLINE_PATTERNS))
+    except Exception as exc:  # noqa: BLE001 - huggingface_hub raises many types (network, auth)
+        raise CheckpointError(f"cannot download hub id {s!r} at {repo.sha}: {type(exc).__name__}: {exc}; check your "
+                              "network and HF_TOKEN for gated models") from None
+    return path, repo.sha
+
+
+def _not_a_dir(s: str, p: Path) -> None:
+    """``s`` is not an existing directory: a file, or a mistyped local path, is named as such before
+    any hub look-up (only a string of the hub's ``org/name[@rev]`` shape goes on to the hub)."""
+    from deltaport.io import hub
+
+    if p.exists():
+        raise CheckpointError(f"{s} is a file; pass the model directory that contains it")
+    if hub.looks_like_path(s) or not hub.looks_like_hub_id(s):
+        hint = "" if hub.looks_like_path(s) or "/" in s else " (and it is not a hub id of the form org/name)"
+        raise CheckpointError(f"no local directory {s}{hint}; check the path")
 
 
 def _read_json(path: Path, what: str) -> Any:
@@ -293,6 +297,10 @@ def _load_config(d: Path, required: bool) -> dict | None:
 
 def _specs_from_file(path: Path) -> dict[str, TensorSpec]:
     header, data_start = read_safetensors_header(path)
+    return _specs_from_header(header, data_start, path)
+
+
+def _specs_from_header(header: dict[str, Any], data_start: int, path: Path) -> dict[str, TensorSpec]:
     out = {}
     for name, info in header.items():
         if name == "__metadata__":
@@ -306,7 +314,11 @@ def _specs_from_file(path: Path) -> dict[str, TensorSpec]:
     return out
 
 
-def _sharded(d: Path, index_path: Path) -> tuple[dict[str, TensorSpec], list[Path]]:
+def _sharded(d: Path, index_path: Path, specs_of=None, present=None) -> tuple[dict[str, TensorSpec], list[Path]]:
+    """The tensors of a sharded checkpoint. ``specs_of(path)`` reads one shard's header (default: the
+    local file); ``present(path)`` says whether a shard exists (default: a local file)."""
+    specs_of = specs_of or _specs_from_file
+    present = present or (lambda f: f.is_file())
     index = _read_json(index_path, "index")
     wm = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(wm, dict) or not wm:
@@ -320,13 +332,13 @@ def _sharded(d: Path, index_path: Path) -> tuple[dict[str, TensorSpec], list[Pat
         if not isinstance(fname, str) or "/" in fname or "\\" in fname or fname.startswith("."):
             raise CheckpointError(f"index {index_path} names an invalid shard file {fname!r}")
         f = d / fname
-        if not f.is_file():
+        if not present(f):
             raise CheckpointError(f"index {index_path} names shard {fname} which is missing from {d}; "
                                   "the download is incomplete - re-download the missing shard")
         files.append(f)
     tensors: dict[str, TensorSpec] = {}
     for f in files:
-        for name, spec in _specs_from_file(f).items():
+        for name, spec in specs_of(f).items():
             if name in tensors:
                 raise CheckpointError(f"tensor {name!r} appears in two shards ({tensors[name].file.name} and "
                                       f"{f.name}) of {d}; the checkpoint is inconsistent")
@@ -413,9 +425,82 @@ def _pickled(d: Path, allow_pickle: bool) -> tuple[dict[str, TensorSpec], list[P
     return specs, bins, mem
 
 
+def _open_hub(source: str, revision: str | None, require_config: bool) -> Checkpoint:
+    """A hub id planned from the hub: pinned to a commit, small files downloaded, safetensors headers
+    read by HTTP range; the weight files are not downloaded (see :func:`deltaport.io.hub.download`)."""
+    from deltaport.io import hub
+
+    repo_id, rev = hub.split_ref(source, revision)
+    repo = hub.pin(repo_id, rev)
+    d = hub.fetch_small(repo)
+    where = f"{repo_id}@{repo.sha}"
+
+    def specs_of(f: Path) -> dict[str, TensorSpec]:
+        header, data_start = hub.remote_header(repo, f.name)
+        return _specs_from_header(header, data_start, f)
+
+    def present(f: Path) -> bool:
+        return f.name in repo.sizes
+
+    prov_path = d / PROVENANCE_NAME
+    provenance = _read_json(prov_path, "provenance") if prov_path.exists() else None
+    if provenance is not None and not isinstance(provenance, dict):
+        raise CheckpointError(f"provenance {where}/{PROVENANCE_NAME} must be a JSON object")
+    kind, lora = "safetensors", None
+    st = sorted(f for f in repo.sizes if f.endswith(".safetensors") and "/" not in f)
+    if (d / "adapter_config.json").exists():
+        lora = _read_json(d / "adapter_config.json", "adapter config")
+        kind = "lora"
+        if "adapter_model.safetensors" not in repo.sizes:
+            raise CheckpointError(f"LoRA adapter {where} has adapter_config.json but no adapter_model.safetensors")
+        files = [d / "adapter_model.safetensors"]
+        tensors = specs_of(files[0])
+    elif (d / INDEX_NAME).exists():
+        tensors, files = _sharded(d, d / INDEX_NAME, specs_of, present)
+    elif SINGLE_NAME in repo.sizes or len(st) == 1:
+        files = [d / (SINGLE_NAME if SINGLE_NAME in repo.sizes else st[0])]
+        tensors = specs_of(files[0])
+    elif st:
+        raise CheckpointError(f"{where} has {len(st)} safetensors files but no {INDEX_NAME}; the repository lacks its index")
+    else:
+        pickles = sorted(f for f in repo.sizes if f.endswith((".bin", ".pt")))
+        raise CheckpointError(f"{where} holds no safetensors weights" + (f" (only {', '.join(pickles[:3])})" if pickles else "")
+                              + "; deltaport plans from safetensors headers. Convert the model to safetensors first")
+    if provenance and provenance.get("kind") == "delta":
+        kind = "delta"
+    config = _load_config(d, required=require_config and kind == "safetensors")
+    if not tensors:
+        raise CheckpointError(f"{where} contains no tensors")
+    return Checkpoint(dir=d, source=source, kind=kind, tensors=tensors, files=files, config=config,
+                      revision=repo.sha, provenance=provenance, lora=lora, hub=repo)
+
+
+def verify_downloaded(ck: Checkpoint, files: list[Path]) -> None:
+    """After downloading a hub checkpoint's weight files, check each one with the safetensors library
+    and require the headers the plan was made from (same names, dtypes, shapes and byte ranges)."""
+    for f in files:
+        got = _specs_from_file(f)
+        want = {n: s for n, s in ck.tensors.items() if s.file == f}
+        if got != want:
+            diff = sorted(set(got) ^ set(want)) or sorted(n for n in got if got[n] != want.get(n))
+            raise CheckpointError(f"{ck.source}: the downloaded {f.name} differs from the header the plan was made "
+                                  f"from (e.g. {diff[:3]}); the cache may be corrupt - delete it and retry")
+
+
 def open_checkpoint(source: str | Path, *, allow_pickle: bool = False, revision: str | None = None,
-                    require_config: bool = False) -> Checkpoint:
-    """Resolve ``source`` and read its headers (never tensor bytes, except for pickled files)."""
+                    require_config: bool = False, remote: bool = False) -> Checkpoint:
+    """Resolve ``source`` and read its headers (never tensor bytes, except for pickled files).
+
+    With ``remote=True`` a hub id (when online) is planned from the hub without downloading weights:
+    ``ck.hub`` is set and the weight files appear in ``ck.dir`` once :func:`deltaport.io.hub.download`
+    fetched them. Otherwise a hub id is downloaded whole first."""
+    s = str(source)
+    if remote and not Path(s).expanduser().is_dir():
+        from deltaport.io import hub
+
+        _not_a_dir(s, Path(s).expanduser())
+        if not hub.offline():
+            return _open_hub(s, revision, require_config)
     d, rev = resolve_dir(source, revision=revision)
     prov_path = d / PROVENANCE_NAME
     provenance = _read_json(prov_path, "provenance") if prov_path.exists() else None

@@ -1,0 +1,111 @@
+"""What every command shares: one progress convention, and choice types that ``--help`` lists.
+
+Progress: bars only when stderr is a terminal; ``--quiet``/``-q`` turns them (and status lines) off
+on every command. In a redirected log no tqdm bar is drawn (ours, transformers', huggingface_hub's or
+lm-eval's): ``TQDM_DISABLE`` and ``HF_HUB_DISABLE_PROGRESS_BARS`` are set for the rest of the command,
+and restored by :func:`deltaport.cli.main.main`. ``--progress/--no-progress`` stay accepted (hidden)
+to force bars on or off.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Literal, Optional
+
+import typer
+
+VocabPolicy = Literal["error", "pad", "align"]
+ShapePolicy = Literal["error", "skip"]
+UnmatchedRows = Literal["target", "finetuned"]
+ComputeDtype = Literal["auto", "float32", "float64"]
+FileSource = Literal["target", "source-finetuned"]
+
+QUIET = typer.Option(False, "--quiet", "-q", help="no progress bars or status lines (errors and results still print)")
+PROGRESS = typer.Option(None, "--progress/--no-progress", hidden=True,
+                        help="force progress bars on or off (default: on when stderr is a terminal)")
+
+#: environment variables this process set to silence bars (restored by main())
+SET_ENV: dict[str, str | None] = {}
+
+
+def _set_env(key: str, value: str) -> None:
+    if key not in SET_ENV:
+        SET_ENV[key] = os.environ.get(key)
+    os.environ[key] = value
+
+
+_TQDM_INIT: list = []  # the real tqdm.__init__ while bars are switched off
+_UNDO: list = []  # callables that switch third-party bars back on
+
+
+def _silence_tqdm() -> None:
+    """Every tqdm bar off, also those whose caller passes ``disable=False`` (lm-eval does) and in a
+    process where tqdm was imported before ``TQDM_DISABLE`` was set (tqdm reads it at import)."""
+    try:
+        import tqdm
+    except ImportError:  # pragma: no cover
+        return
+    if _TQDM_INIT:
+        return
+    real = tqdm.tqdm.__init__
+
+    def init(self, *args, **kwargs):
+        kwargs["disable"] = True
+        real(self, *args, **kwargs)
+
+    _TQDM_INIT.append(real)
+    tqdm.tqdm.__init__ = init
+
+
+def restore_env() -> None:
+    """Undo :func:`progress_mode`'s switches (for in-process callers of ``main``)."""
+    for key, old in SET_ENV.items():
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old
+    SET_ENV.clear()
+    if _TQDM_INIT:
+        import tqdm
+
+        tqdm.tqdm.__init__ = _TQDM_INIT.pop()
+    while _UNDO:
+        _UNDO.pop()()
+
+
+def progress_mode(quiet: bool, progress: Optional[bool] = None) -> bool:
+    """Whether this command draws progress bars: not with ``--quiet``; as forced by ``--progress`` /
+    ``--no-progress``; otherwise only when stderr is a terminal. Without bars, third-party tqdm bars
+    (transformers, huggingface_hub, lm-eval, datasets) are switched off too."""
+    show = False if quiet else (progress if progress is not None else _isatty())
+    if not show:
+        _set_env("TQDM_DISABLE", "1")
+        _set_env("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        _silence_tqdm()
+        try:
+            from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars
+
+            if not are_progress_bars_disabled():
+                disable_progress_bars()
+                _UNDO.append(lambda: __import__("huggingface_hub.utils").utils.enable_progress_bars())
+        except ImportError:  # pragma: no cover
+            pass
+        if "transformers" in sys.modules:
+            tlog = sys.modules["transformers"].utils.logging
+            if tlog.is_progress_bar_enabled():
+                tlog.disable_progress_bar()
+                _UNDO.append(tlog.enable_progress_bar)
+    return show
+
+
+def status_lines(quiet: bool) -> bool:
+    """Whether this command prints status lines (what it is doing) on stderr: unless ``--quiet``."""
+    return not quiet
+
+
+def _isatty() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False

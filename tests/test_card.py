@@ -1,0 +1,66 @@
+"""Every transfer/apply/diff output carries a model card (README.md) that huggingface_hub parses."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import torch
+from huggingface_hub import ModelCard
+
+import deltaport
+from conftest import assert_bit_equal, load_sd, tree_hash
+from deltaport.io.checkpoint import content_hash
+
+
+def _card(d):
+    card = ModelCard.load(d / "README.md")
+    return card.data.to_dict(), card.text
+
+
+def test_local_transfer_card_has_no_paths_and_no_base_model(family, tmp_path):
+    p = family("llama", torch.bfloat16)
+    tb = tmp_path / "new-base"
+    shutil.copytree(p["target_base"], tb)
+    (tb / "README.md").write_text("---\nlicense: apache-2.0\n---\n# a base model\n")
+    out = tmp_path / "out"
+    deltaport.transfer(p["source_base"], p["source_finetuned"], tb, out, scale=0.5, include=["mlp"])
+    meta, text = _card(out)
+    assert meta == {"license": "apache-2.0", "tags": ["deltaport", "fine-tuning-transfer"]}  # no hub id: no base_model
+    body = (out / "README.md").read_text()
+    assert str(tmp_path) not in body and "/tmp" not in body
+    assert f"local directory `new-base` (content sha256 `{content_hash(tb)}`)" in text
+    assert "λ (scale): 0.5" in text and "only tensors matching: ['mlp']" in text
+    assert "deltaport transfer --source-base source_base --source-finetuned source_finetuned --target-base new-base " \
+           "-o OUTPUT --scale 0.5 --include mlp" in text
+    delta = sum(1 for n in load_sd(out) if "mlp" in n)
+    assert f"{delta} of {len(load_sd(out))} tensors received Δ" in text
+    # the output is byte-identical on rerun, card included
+    deltaport.transfer(p["source_base"], p["source_finetuned"], tb, tmp_path / "again" / "out", scale=0.5, include=["mlp"])
+    assert tree_hash(out)["README.md"] == tree_hash(tmp_path / "again" / "out")["README.md"]
+    a, b = tree_hash(out), tree_hash(tmp_path / "again" / "out")
+    a.pop("deltaport.json"), b.pop("deltaport.json")  # records absolute input paths
+    assert a == b
+
+
+def test_diff_card_and_apply_ignores_it(family, tmp_path):
+    p = family("llama", torch.bfloat16)
+    d = tmp_path / "delta"
+    deltaport.diff(p["source_base"], p["source_finetuned"], d)
+    meta, text = _card(d)
+    assert meta == {"tags": ["deltaport", "fine-tuning-transfer", "delta"], "library_name": "deltaport"}
+    assert "deltaport apply THIS_DELTA --to TARGET_BASE -o OUTPUT" in text and "not a model" in text
+    from deltaport.inspect import inspect
+
+    info = inspect(d)
+    assert "README.md" not in info["files"] and info["kind"] == "delta"
+    # a hand-edited card changes nothing in apply
+    (d / "README.md").write_text("---\nlicense: [not, a, string]\nbase_model: 7\n---\nedited\n")
+    deltaport.apply(d, p["target_base"], tmp_path / "out")
+    deltaport.transfer(p["source_base"], p["source_finetuned"], p["target_base"], tmp_path / "ref")
+    assert_bit_equal(load_sd(tmp_path / "out"), load_sd(tmp_path / "ref"))
+    meta, text = _card(tmp_path / "out")
+    assert "base_model" not in meta and meta["tags"] == ["deltaport", "fine-tuning-transfer"]
+    assert "local directory `delta`" in text and "deltaport apply delta --to target_base -o OUTPUT" in text
+    prov = json.loads((tmp_path / "out" / "deltaport.json").read_text())
+    assert prov["operation"] == "apply"
