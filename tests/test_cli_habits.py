@@ -50,7 +50,7 @@ def test_redirected_run_draws_no_bars_and_summarises_in_words(family, tmp_path):
                         "-o", str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "\r" not in r.stderr and "━" not in r.stderr and "%|" not in r.stderr
-    assert re.fullmatch(r"wrote \S+: 21 tensors \(21 with Δ\), [\d.]+ MB, computed in float64, [\d.]+ s\n", r.stderr), r.stderr
+    assert re.fullmatch(r"wrote \S+: 21 of 21 tensors received Δ, [\d.]+ MB, computed in float64, [\d.]+ s\n", r.stderr), r.stderr
     assert "{" not in r.stderr and "None" not in r.stderr
 
 

@@ -176,7 +176,7 @@ def test_unmatched_rows_cli_flag_and_validation(added, tmp_path):
                        unmatched_rows="finetuned")
     assert_bit_equal(load_sd(tmp_path / "o"), load_sd(tmp_path / "lib"))
     rc, _, err = in_process_runner(argv + ["-o", str(tmp_path / "x"), "--unmatched-rows", "nope"])
-    assert rc == 2 and "--unmatched-rows must be one of target, finetuned" in err
+    assert rc == 2 and "'--unmatched-rows': 'nope' is not one of 'target', 'finetuned'" in err, err
     with pytest.raises(deltaport.InputError, match="--unmatched-rows applies to --vocab-policy align"):
         deltaport.transfer(added["sb"], added["sf"], added["tb"], tmp_path / "y", vocab_policy="pad",
                            unmatched_rows="finetuned")

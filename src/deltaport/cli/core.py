@@ -57,9 +57,8 @@ def _summary(res, as_json: bool, dry_run: bool) -> None:
         return
     s = res.plan.summary()
     err = sys.stderr
-    kinds = s["by_kind"]
-    what = ", ".join(f"{n} {_KIND_WORDS.get(k, k)}" for k, n in sorted(kinds.items()))
-    err.write(f"wrote {res.output}: {s['coverage']} ({what}), {s['output_bytes'] / 1e6:.1f} MB, "
+    rest = "".join(f", {n} {_KIND_WORDS.get(k, k)}" for k, n in sorted(s["by_kind"].items()) if k != "delta")
+    err.write(f"wrote {res.output}: {s['coverage']}{rest}, {s['output_bytes'] / 1e6:.1f} MB, "
               f"computed in {s['compute_dtype']}, {res.timings.get('total', 0):.2f} s\n")
     if res.fetch is not None and res.fetch.downloads:
         err.write(f"  downloaded {res.fetch.download_bytes / 1e6:.1f} MB from the hub\n")
