@@ -203,3 +203,113 @@ def test_cli_demo_ci_preset_writes_the_report(tmp_path):
     assert main(["demo", "--preset", "ci", "-o", str(out), "--no-progress"]) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["name"] == "ci" and (out / "report.md").read_text().startswith("# deltaport lab report: `ci`")
+
+
+# ------------------------------------------------------------------ intervals (fast)
+def _seed(**vectors):
+    import numpy as np
+
+    v = {k: np.array([float(c) for c in s]) for k, s in vectors.items()}
+    return {"v": v, "n_items": len(next(iter(v.values())))}
+
+
+def _diff(d, idx):
+    return float(d["v"]["A"][idx].mean() - d["v"]["B"][idx].mean())
+
+
+def test_bootstrap_is_deterministic_given_its_seed():
+    from deltaport.lab.stats import hierarchical_bootstrap
+
+    seeds = [_seed(A="1101101011", B="0100100110"), _seed(A="1111011010", B="0110100100"),
+             _seed(A="1011100111", B="1100101000")]
+    a = hierarchical_bootstrap(_diff, seeds, n_boot=300, seed=7)
+    b = hierarchical_bootstrap(_diff, seeds, n_boot=300, seed=7)
+    c = hierarchical_bootstrap(_diff, seeds, n_boot=300, seed=8)
+    assert a == b
+    assert (a["lo"], a["hi"]) != (c["lo"], c["hi"])
+    assert a["per_seed"] == pytest.approx([0.3, 0.3, 0.3]) and a["mean"] == pytest.approx(0.3)
+
+
+def test_bootstrap_zero_variance_gives_a_point_interval():
+    from deltaport.lab.stats import hierarchical_bootstrap
+
+    seeds = [_seed(A="1111", B="0000")] * 3
+    ci = hierarchical_bootstrap(_diff, seeds, n_boot=200, seed=0)
+    assert ci["mean"] == ci["lo"] == ci["hi"] == 1.0
+    assert ci["seed_sd"] == 0.0 and ci["seed_range"] == [1.0, 1.0]
+
+
+def test_bootstrap_resamples_seeds_then_items():
+    from deltaport.lab.stats import hierarchical_bootstrap
+
+    # items carry no variance inside a seed; only the seed draw moves the mean: {1, 0.5, 0} reachable
+    seeds = [_seed(A="11", B="00"), _seed(A="00", B="00")]
+    ci = hierarchical_bootstrap(_diff, seeds, n_boot=2000, seed=0)
+    assert (ci["lo"], ci["mean"], ci["hi"]) == (0.0, 0.5, 1.0)
+    # one seed: only items are resampled
+    one = hierarchical_bootstrap(_diff, [_seed(A="1100", B="0000")], n_boot=2000, seed=0)
+    assert one["seed_sd"] is None and 0.0 <= one["lo"] < 0.5 < one["hi"] <= 1.0
+
+
+def test_bootstrap_interval_contains_the_mean():
+    from deltaport.lab.stats import hierarchical_bootstrap
+
+    rng = random.Random(3)
+    seeds = [_seed(A="".join(rng.choice("01") for _ in range(40)), B="".join(rng.choice("001") for _ in range(40)))
+             for _ in range(3)]
+    ci = hierarchical_bootstrap(_diff, seeds, n_boot=500, seed=1)
+    assert ci["lo"] <= ci["mean"] <= ci["hi"] and ci["lo"] < ci["hi"]
+
+
+def test_verdict_is_decided_on_the_interval():
+    from deltaport.lab.stats import verdict
+
+    assert verdict({"lo": 0.8, "hi": 0.9}, 0.75, ">=") == "yes"
+    assert verdict({"lo": 0.5, "hi": 0.9}, 0.75, ">=") == "inconclusive"  # the mean may be above: not enough
+    assert verdict({"lo": 0.5, "hi": 0.7}, 0.75, ">=") == "no"
+    assert verdict({"lo": 0.0, "hi": 0.0}, 0.0, ">") == "no"  # an exact tie is not "more"
+    assert verdict({"lo": -0.9, "hi": -0.6}, -0.5, "<=") == "yes"
+    assert verdict({"lo": None, "hi": None}, 0.0, ">=") == "inconclusive"
+    with pytest.raises(ValueError):
+        verdict({"lo": 0, "hi": 1}, 0, "==")
+
+
+def test_cli_rejects_bad_seed_options(tmp_path):
+    from deltaport.cli.main import main
+
+    out = tmp_path / "out"
+    assert main(["lab", "run", "ci", "-o", str(out), "--seed", "1", "--seeds", "0,1", "--no-progress"]) == 2
+    assert main(["lab", "run", "ci", "-o", str(out), "--seeds", "0,0", "--no-progress"]) == 2
+    assert main(["lab", "run", "ci", "-o", str(out), "--seeds", "0,x", "--no-progress"]) == 2
+    assert not out.exists()
+
+
+def test_cache_key_covers_library_versions(monkeypatch):
+    from deltaport.lab import env
+    from deltaport.lab.store import step_key
+
+    a = step_key("eval", model="h", task="t")
+    monkeypatch.setattr(env, "cache_salt", lambda: {**env.versions(), "torch": "0.0.0-other"})
+    assert step_key("eval", model="h", task="t") != a
+
+
+def test_environment_records_cpu_and_every_version():
+    from deltaport.lab.env import PACKAGES, environment
+
+    e = environment()
+    assert set(PACKAGES) <= set(e["versions"]) and e["versions"]["torch"] == torch.__version__.split("+")[0] or \
+        e["versions"]["torch"] == torch.__version__
+    assert e["cpu"]["model"] and isinstance(e["cpu"]["kernel_flags"], list)
+    import deltaport
+
+    assert e["versions"]["deltaport"] == deltaport.__version__
+
+
+# ------------------------------------------------------------------ README tables come from committed files
+def test_readme_lab_tables_match_the_committed_result_files():
+    from deltaport.lab.readme import render, replace_blocks
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    assert replace_blocks(readme, render(root)) == readme, (
+        "README's lab tables disagree with docs/results/: run `python benchmarks/readme_tables.py`")
