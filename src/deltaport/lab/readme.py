@@ -35,7 +35,7 @@ def quick_table(r: dict) -> str:
     seed = r["config"]["seed"]
     conn = r.get("connectivity", {})
     within = [v["barrier"] for k, v in conn.get("curves", {}).items() if "Mx" not in k and "M0" not in k]
-    across = [v["barrier"] for k, v in conn.get("curves", {}).items() if "Mx" in k]
+    across = [v["barrier"] for k, v in conn.get("curves", {}).items() if "Mx" in k and "M0" not in k]
     ttf = r.get("transfer_then_finetune", {}).get("steps_to_plain_final", {}).get(f"{t}+Δ{s[1:]}", {})
     rows = [
         (f"{t} + Δ{s[1:]} vs FT({t})", f"**{_p(sc[f'{t}+Δ{s[1:]}']['heldout'])}** vs {_p(sc[f'FT({t})']['heldout'])} "
@@ -79,17 +79,21 @@ def findings_table(sm: dict) -> str:
 
 
 def render(root: Path) -> dict[str, str]:
+    """Both blocks from the committed files (a block whose file is not committed is empty)."""
     root = Path(root)
-    return {"quick": quick_table(json.loads((root / QUICK).read_text())),
-            "findings": findings_table(json.loads((root / FULL).read_text()))}
+    out = {}
+    for name, rel, fn in (("quick", QUICK, quick_table), ("findings", FULL, findings_table)):
+        f = root / rel
+        out[name] = fn(json.loads(f.read_text())) if f.exists() else ""
+    return out
 
 
 def replace_blocks(text: str, blocks: dict[str, str]) -> str:
     for name, body in blocks.items():
-        pat = re.compile(rf"(<!-- lab:{name}:begin -->\n).*?(\n<!-- lab:{name}:end -->)", re.S)
+        pat = re.compile(rf"(<!-- lab:{name}:begin -->\n)(?:.*?\n)?(<!-- lab:{name}:end -->)", re.S)
         if not pat.search(text):
             raise ValueError(f"README has no <!-- lab:{name}:begin --> ... <!-- lab:{name}:end --> block")
-        text = pat.sub(lambda m: m.group(1) + body + m.group(2), text)
+        text = pat.sub(lambda m: m.group(1) + (body + "\n" if body else "") + m.group(2), text)
     return text
 
 
