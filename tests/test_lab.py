@@ -313,3 +313,38 @@ def test_readme_lab_tables_match_the_committed_result_files():
     readme = (root / "README.md").read_text()
     assert replace_blocks(readme, render(root)) == readme, (
         "README's lab tables disagree with docs/results/: run `python benchmarks/readme_tables.py`")
+
+
+def test_fewshot_prompts_show_only_finetuning_facts(tmp_path):
+    from deltaport.lab.world import N_SHOTS, write_eval_tasks
+
+    w = make_world(64, 12, seed=0)
+    tasks = write_eval_tasks(w, make_tokenizer(w), tmp_path)
+    rows = [json.loads(x) for x in Path(str(tasks["lab_heldout_fs"]).replace(".yaml", ".jsonl")).read_text().splitlines()]
+    plain = [json.loads(x) for x in Path(str(tasks["lab_heldout"]).replace(".yaml", ".jsonl")).read_text().splitlines()]
+    assert [r["entity"] for r in rows] == [r["entity"] for r in plain]  # same items, same order (paired)
+    held_out = set(w.known) | set(w.new)
+    for r in rows:
+        assert r["prompt"].count("<|assistant|>") == N_SHOTS + 1 and r["prompt"].endswith(plain[0]["prompt"][-13:])
+        shown = {e for e in w.entities if f" {e} " in r["prompt"]} - {r["entity"]}
+        assert shown and shown <= set(w.sft) and not shown & held_out
+
+
+def test_check_scope_says_which_family_the_thresholds_saw():
+    import dataclasses
+
+    from deltaport.lab.run import check_calibration_scope
+
+    quick = load_config("quick")
+    assert quick.seed != 0 and check_calibration_scope(quick)["in_sample"] is False  # the demo: out of sample
+    assert check_calibration_scope(dataclasses.replace(quick, seed=0))["in_sample"] is True
+    assert check_calibration_scope(load_config("full"))["in_sample"] is False
+
+
+def test_readme_blocks_must_exist():
+    from deltaport.lab.readme import replace_blocks
+
+    with pytest.raises(ValueError, match="lab:quick"):
+        replace_blocks("no markers here", {"quick": "x"})
+    text = "a\n<!-- lab:quick:begin -->\nold\n<!-- lab:quick:end -->\nb"
+    assert replace_blocks(text, {"quick": "new"}) == "a\n<!-- lab:quick:begin -->\nnew\n<!-- lab:quick:end -->\nb"
