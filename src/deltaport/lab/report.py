@@ -90,7 +90,7 @@ def figures(r: dict, fig_dir: Path) -> dict[str, str]:
                 m[i, len(cols) + 1] = 100 * fs[t]
             if t in g["ft"]:
                 m[i, len(cols) + 2] = 100 * g["ft"][t]
-        fig, ax = plt.subplots(figsize=(1.0 * m.shape[1] + 2.5, 0.55 * len(rows) + 1.8))
+        fig, ax = plt.subplots(figsize=(0.75 * m.shape[1] + 2.0, 0.55 * len(rows) + 2.2))
         im = ax.imshow(m, vmin=0, vmax=100, cmap="viridis")
         ax.axvline(len(cols) - 0.5, color="white", lw=3)
         ax.set_xticks(range(m.shape[1]), [f"+Δ{s_[1:]}" for s_ in cols] + ref, rotation=30, ha="right")
