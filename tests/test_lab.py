@@ -348,3 +348,23 @@ def test_readme_blocks_must_exist():
         replace_blocks("no markers here", {"quick": "x"})
     text = "a\n<!-- lab:quick:begin -->\nold\n<!-- lab:quick:end -->\nb"
     assert replace_blocks(text, {"quick": "new"}) == "a\n<!-- lab:quick:begin -->\nnew\n<!-- lab:quick:end -->\nb"
+
+
+@pytest.mark.slow
+def test_cli_multi_seed_run_writes_a_summary_with_intervals(tmp_path):
+    from deltaport.cli.main import main
+
+    out = tmp_path / "ms"
+    assert main(["lab", "run", "ci", "--seeds", "0,1", "-o", str(out), "--no-progress"]) == 0
+    sm = json.loads((out / "summary.json").read_text())
+    assert sm["seeds"] == [0, 1] and (out / "seed-0" / "report.md").exists() and (out / "seed-1" / "report.md").exists()
+    per_run = [json.loads((out / f"seed-{s}" / "results.json").read_text()) for s in (0, 1)]
+    assert per_run[0]["config"]["seed"] == 0 and per_run[1]["config"]["seed"] == 1
+    assert per_run[0]["family_provenance"]["M1"]["seed"] == 0 and per_run[1]["family_provenance"]["M1"]["seed"] == 1
+    assert {f["id"] for f in sm["findings"]} >= {"b1", "b2", "c", "f"}
+    for f in sm["findings"]:
+        assert len(f["per_seed"]) == 2 and f["verdict"] in ("yes", "no", "inconclusive")
+        if f["lo"] is not None:
+            assert f["lo"] <= f["mean"] <= f["hi"]
+    assert "| (b2)" in (out / "summary.md").read_text()
+    assert per_run[0]["environment"]["versions"]["torch"] and per_run[0]["environment"]["cpu"]["model"]
