@@ -266,9 +266,10 @@ def report_md(r: dict, figs: dict[str, str]) -> str:
     if bp and bp["rows"]:
         L += [sec("Backporting beside recycling (paper Table 1)"), "",
               _table(["pair (old, new)", "old base", "old + Δ_new (backport)", "FT(old)", "new base",
-                      "new + Δ_old (recycle)", "FT(new)"],
+                      "new + Δ_old (recycle)", "FT(new)", "same stage: counts for finding (e)"],
                      [[f"{x['old']}, {x['new']}", _pct(x["old_base"]), _pct(x["backport"]), _pct(x["old_ft"]),
-                       _pct(x["new_base"]), _pct(x["recycle"]), _pct(x["new_ft"])] for x in bp["rows"]]),
+                       _pct(x["new_base"]), _pct(x["recycle"]), _pct(x["new_ft"]),
+                       "yes" if x.get("same_stage") else "no"] for x in bp["rows"]]),
               "", f"Paper: {PAPER_T1}.", "", _reading_backport(r), ""]
     lg = r.get("language")
     if lg:
