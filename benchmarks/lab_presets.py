@@ -1,5 +1,5 @@
-"""Time the lab presets end to end from an empty run directory (the demo budget: quick ≤ 5 min, full ≤ 45 min,
-ci ≤ 2 min on the project's 2-core machine).
+"""Time the lab presets end to end from an empty run directory (the demo budget: quick ≤ 5 min with one other
+CPU-bound process running, full (3 seeds) ≤ 45 min quiet, ci ≤ 2 min on the project's 2-core machine).
 
     python benchmarks/lab_presets.py ci quick [--threads 1] [--out /tmp/lab-bench]
 
@@ -41,10 +41,15 @@ def main() -> int:
         cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
         print(f"{preset}: rc {rc}, wall {wall:.0f} s, cpu {cpu:.0f} s, threads {a.threads}, "
               f"load {load0:.1f} -> {os.getloadavg()[0]:.1f}")
-        if rc == 0:
+        if rc == 0 and (out / "summary.json").exists():  # a preset with several seeds
+            sm = json.loads((out / "summary.json").read_text())
+            for f in sm["findings"]:
+                print(f"   [{f['verdict']}] ({f['id']}) {f['claim']}: {f['ours']}")
+            print("   timings:", sm["timings_s"])
+        elif rc == 0:
             r = json.loads((out / "results.json").read_text())
             for c in r["claims"]:
-                print(f"   [{'yes' if c['reproduced'] else 'no '}] {c['claim']}: {c['ours']}")
+                print(f"   [{c['reproduced']}] ({c['id']}) {c['claim']}: {c['ours']}")
             print("   timings:", r["timings_s"])
     return 0
 

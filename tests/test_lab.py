@@ -203,3 +203,168 @@ def test_cli_demo_ci_preset_writes_the_report(tmp_path):
     assert main(["demo", "--preset", "ci", "-o", str(out), "--no-progress"]) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["name"] == "ci" and (out / "report.md").read_text().startswith("# deltaport lab report: `ci`")
+
+
+# ------------------------------------------------------------------ intervals (fast)
+def _seed(**vectors):
+    import numpy as np
+
+    v = {k: np.array([float(c) for c in s]) for k, s in vectors.items()}
+    return {"v": v, "n_items": len(next(iter(v.values())))}
+
+
+def _diff(d, idx):
+    return float(d["v"]["A"][idx].mean() - d["v"]["B"][idx].mean())
+
+
+def test_bootstrap_is_deterministic_given_its_seed():
+    from deltaport.lab.stats import hierarchical_bootstrap
+
+    seeds = [_seed(A="1101101011", B="0100100110"), _seed(A="1111011010", B="0110100100"),
+             _seed(A="1011100111", B="1100101000")]
+    a = hierarchical_bootstrap(_diff, seeds, n_boot=300, seed=7)
+    b = hierarchical_bootstrap(_diff, seeds, n_boot=300, seed=7)
+    c = hierarchical_bootstrap(_diff, seeds, n_boot=300, seed=8)
+    assert a == b
+    assert (a["lo"], a["hi"]) != (c["lo"], c["hi"])
+    assert a["per_seed"] == pytest.approx([0.3, 0.3, 0.3]) and a["mean"] == pytest.approx(0.3)
+
+
+def test_bootstrap_zero_variance_gives_a_point_interval():
+    from deltaport.lab.stats import hierarchical_bootstrap
+
+    seeds = [_seed(A="1111", B="0000")] * 3
+    ci = hierarchical_bootstrap(_diff, seeds, n_boot=200, seed=0)
+    assert ci["mean"] == ci["lo"] == ci["hi"] == 1.0
+    assert ci["seed_sd"] == 0.0 and ci["seed_range"] == [1.0, 1.0]
+
+
+def test_bootstrap_resamples_seeds_then_items():
+    from deltaport.lab.stats import hierarchical_bootstrap
+
+    # items carry no variance inside a seed; only the seed draw moves the mean: {1, 0.5, 0} reachable
+    seeds = [_seed(A="11", B="00"), _seed(A="00", B="00")]
+    ci = hierarchical_bootstrap(_diff, seeds, n_boot=2000, seed=0)
+    assert (ci["lo"], ci["mean"], ci["hi"]) == (0.0, 0.5, 1.0)
+    # one seed: only items are resampled
+    one = hierarchical_bootstrap(_diff, [_seed(A="1100", B="0000")], n_boot=2000, seed=0)
+    assert one["seed_sd"] is None and 0.0 <= one["lo"] < 0.5 < one["hi"] <= 1.0
+
+
+def test_bootstrap_interval_contains_the_mean():
+    from deltaport.lab.stats import hierarchical_bootstrap
+
+    rng = random.Random(3)
+    seeds = [_seed(A="".join(rng.choice("01") for _ in range(40)), B="".join(rng.choice("001") for _ in range(40)))
+             for _ in range(3)]
+    ci = hierarchical_bootstrap(_diff, seeds, n_boot=500, seed=1)
+    assert ci["lo"] <= ci["mean"] <= ci["hi"] and ci["lo"] < ci["hi"]
+
+
+def test_verdict_is_decided_on_the_interval():
+    from deltaport.lab.stats import verdict
+
+    assert verdict({"lo": 0.8, "hi": 0.9}, 0.75, ">=") == "yes"
+    assert verdict({"lo": 0.5, "hi": 0.9}, 0.75, ">=") == "inconclusive"  # the mean may be above: not enough
+    assert verdict({"lo": 0.5, "hi": 0.7}, 0.75, ">=") == "no"
+    assert verdict({"lo": 0.0, "hi": 0.0}, 0.0, ">") == "no"  # an exact tie is not "more"
+    assert verdict({"lo": -0.9, "hi": -0.6}, -0.5, "<=") == "yes"
+    assert verdict({"lo": None, "hi": None}, 0.0, ">=") == "inconclusive"
+    with pytest.raises(ValueError):
+        verdict({"lo": 0, "hi": 1}, 0, "==")
+
+
+def test_cli_rejects_bad_seed_options(tmp_path):
+    from deltaport.cli.main import main
+
+    out = tmp_path / "out"
+    assert main(["lab", "run", "ci", "-o", str(out), "--seed", "1", "--seeds", "0,1", "--no-progress"]) == 2
+    assert main(["lab", "run", "ci", "-o", str(out), "--seeds", "0,0", "--no-progress"]) == 2
+    assert main(["lab", "run", "ci", "-o", str(out), "--seeds", "0,x", "--no-progress"]) == 2
+    assert not out.exists()
+
+
+def test_cache_key_covers_library_versions(monkeypatch):
+    from deltaport.lab import env
+    from deltaport.lab.store import step_key
+
+    a = step_key("eval", model="h", task="t")
+    monkeypatch.setattr(env, "cache_salt", lambda: {**env.versions(), "torch": "0.0.0-other"})
+    assert step_key("eval", model="h", task="t") != a
+
+
+def test_environment_records_cpu_and_every_version():
+    from deltaport.lab.env import PACKAGES, environment
+
+    e = environment()
+    assert set(PACKAGES) <= set(e["versions"]) and e["versions"]["torch"] == torch.__version__.split("+")[0] or \
+        e["versions"]["torch"] == torch.__version__
+    assert e["cpu"]["model"] and isinstance(e["cpu"]["kernel_flags"], list)
+    import deltaport
+
+    assert e["versions"]["deltaport"] == deltaport.__version__
+
+
+# ------------------------------------------------------------------ README tables come from committed files
+def test_readme_lab_tables_match_the_committed_result_files():
+    from deltaport.lab.readme import render, replace_blocks
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    assert replace_blocks(readme, render(root)) == readme, (
+        "README's lab tables disagree with docs/results/: run `python benchmarks/readme_tables.py`")
+
+
+def test_fewshot_prompts_show_only_finetuning_facts(tmp_path):
+    from deltaport.lab.world import N_SHOTS, write_eval_tasks
+
+    w = make_world(64, 12, seed=0)
+    tasks = write_eval_tasks(w, make_tokenizer(w), tmp_path)
+    rows = [json.loads(x) for x in Path(str(tasks["lab_heldout_fs"]).replace(".yaml", ".jsonl")).read_text().splitlines()]
+    plain = [json.loads(x) for x in Path(str(tasks["lab_heldout"]).replace(".yaml", ".jsonl")).read_text().splitlines()]
+    assert [r["entity"] for r in rows] == [r["entity"] for r in plain]  # same items, same order (paired)
+    held_out = set(w.known) | set(w.new)
+    for r in rows:
+        assert r["prompt"].count("<|assistant|>") == N_SHOTS + 1 and r["prompt"].endswith(plain[0]["prompt"][-13:])
+        shown = {e for e in w.entities if f" {e} " in r["prompt"]} - {r["entity"]}
+        assert shown and shown <= set(w.sft) and not shown & held_out
+
+
+def test_check_scope_says_which_family_the_thresholds_saw():
+    import dataclasses
+
+    from deltaport.lab.run import check_calibration_scope
+
+    quick = load_config("quick")
+    assert quick.seed != 0 and check_calibration_scope(quick)["in_sample"] is False  # the demo: out of sample
+    assert check_calibration_scope(dataclasses.replace(quick, seed=0))["in_sample"] is True
+    assert check_calibration_scope(load_config("full"))["in_sample"] is False
+
+
+def test_readme_blocks_must_exist():
+    from deltaport.lab.readme import replace_blocks
+
+    with pytest.raises(ValueError, match="lab:quick"):
+        replace_blocks("no markers here", {"quick": "x"})
+    text = "a\n<!-- lab:quick:begin -->\nold\n<!-- lab:quick:end -->\nb"
+    assert replace_blocks(text, {"quick": "new"}) == "a\n<!-- lab:quick:begin -->\nnew\n<!-- lab:quick:end -->\nb"
+
+
+@pytest.mark.slow
+def test_cli_multi_seed_run_writes_a_summary_with_intervals(tmp_path):
+    from deltaport.cli.main import main
+
+    out = tmp_path / "ms"
+    assert main(["lab", "run", "ci", "--seeds", "0,1", "-o", str(out), "--no-progress"]) == 0
+    sm = json.loads((out / "summary.json").read_text())
+    assert sm["seeds"] == [0, 1] and (out / "seed-0" / "report.md").exists() and (out / "seed-1" / "report.md").exists()
+    per_run = [json.loads((out / f"seed-{s}" / "results.json").read_text()) for s in (0, 1)]
+    assert per_run[0]["config"]["seed"] == 0 and per_run[1]["config"]["seed"] == 1
+    assert per_run[0]["family_provenance"]["M1"]["seed"] == 0 and per_run[1]["family_provenance"]["M1"]["seed"] == 1
+    assert {f["id"] for f in sm["findings"]} >= {"b1", "b2", "c", "f"}
+    for f in sm["findings"]:
+        assert len(f["per_seed"]) == 2 and f["verdict"] in ("yes", "no", "inconclusive")
+        if f["lo"] is not None:
+            assert f["lo"] <= f["mean"] <= f["hi"]
+    assert "| (b2)" in (out / "summary.md").read_text()
+    assert per_run[0]["environment"]["versions"]["torch"] and per_run[0]["environment"]["cpu"]["model"]

@@ -13,7 +13,24 @@ lab_app = typer.Typer(help="Reproduce the paper's controlled study on a tiny mod
                       no_args_is_help=True)
 
 
-def _run(config: str, output: Path, resume: bool, progress: bool, threads: int | None) -> None:
+def _seeds(seed: int | None, seeds: str | None) -> list[int] | None:
+    from deltaport.errors import InputError
+
+    if seed is not None and seeds:
+        raise InputError("give --seed or --seeds, not both")
+    if seeds:
+        try:
+            out = [int(x) for x in seeds.split(",") if x.strip()]
+        except ValueError:
+            raise InputError(f"--seeds: expected comma-separated integers like 0,1,2, got {seeds!r}") from None
+        if len(out) < 2 or len(set(out)) != len(out):
+            raise InputError(f"--seeds: need at least two different seeds, got {seeds!r}")
+        return out
+    return None
+
+
+def _run(config: str, output: Path, resume: bool, progress: bool, threads: int | None, seed: int | None = None,
+         seeds: str | None = None) -> None:
     import dataclasses
     import logging
     import os
@@ -27,13 +44,30 @@ def _run(config: str, output: Path, resume: bool, progress: bool, threads: int |
     from deltaport.lab.run import run_lab
 
     cfg = load_config(config)
+    many = _seeds(seed, seeds)
+    if many is None and seed is None and cfg.seeds:
+        many = list(cfg.seeds)
     if threads is not None:
         cfg = dataclasses.replace(cfg, threads=threads)
+    if many:
+        from deltaport.lab.multiseed import run_seeds
+
+        summary = run_seeds(cfg, output, many, progress=progress, resume=resume)
+        typer.echo(f"summary: {output / 'summary.md'} (seeds {', '.join(map(str, many))})")
+        for f in summary["findings"]:
+            typer.echo(f"  [{f['verdict']}] ({f['id']}) {f['claim']}: {f['ours']}")
+        typer.echo(f"total {summary['timings_s']['total']:.0f} s")
+        return
+    if seed is not None:
+        cfg = dataclasses.replace(cfg, seed=seed)
     results = run_lab(cfg, output, progress=progress, resume=resume)
-    typer.echo(f"report: {output / 'report.md'}")
+    typer.echo(f"report: {output / 'report.md'} (one seed: {cfg.seed}; intervals across seeds come from "
+               "--seeds, e.g. the committed docs/results/full/summary.md)")
+    cache = {k: v for k, v in results.get("cache", {}).items() if not k.startswith("computed") and v}
+    if cache:
+        typer.echo("reused cached steps from this run directory: " + ", ".join(f"{v} {k}" for k, v in cache.items()))
     for c in results["claims"]:
-        mark = "yes" if c["reproduced"] else "no "
-        typer.echo(f"  [{mark}] {c['claim']}: {c['ours']}")
+        typer.echo(f"  [{c['reproduced']}] ({c['id']}) {c['claim']}: {c['ours']}")
     typer.echo(f"total {results['timings_s']['total']:.0f} s")
 
 
@@ -44,9 +78,12 @@ def lab_run(
     resume: bool = typer.Option(False, "--resume", help="reuse a run directory made by another config"),
     quiet: bool = QUIET, progress: Optional[bool] = PROGRESS,
     threads: Optional[int] = typer.Option(None, "--threads", help="torch threads (default: the config's, 1)"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="one seed for world, family and fine-tunes (default: the config's)"),
+    seeds: Optional[str] = typer.Option(None, "--seeds", help="several seeds, e.g. 0,1,2: one run per seed in OUTPUT/seed-N "
+                                        "and OUTPUT/summary.{md,json} with intervals across seeds"),
 ) -> None:
     """Build the model family and run the config's experiments; writes report.md, figures, results.json."""
-    _run(config, output, resume, progress_mode(quiet, progress), threads)
+    _run(config, output, resume, progress_mode(quiet, progress), threads, seed, seeds)
 
 
 def register(app: typer.Typer) -> None:
@@ -55,9 +92,12 @@ def register(app: typer.Typer) -> None:
     @app.command("demo")
     def demo(
         output: Path = typer.Option(Path("deltaport-demo"), "-o", "--output", help="run directory"),
-        preset: Literal["quick", "full", "ci"] = typer.Option("quick", "--preset", help="quick (~5 min), full (~45 min) or ci (~1 min)"),
+        preset: Literal["quick", "full", "ci"] = typer.Option("quick", "--preset", help="quick (one seed, ~4 min), full (seeds 0,1,2, ~25 min quiet) or ci (~1 min)"),
         quiet: bool = QUIET, progress: Optional[bool] = PROGRESS,
         threads: Optional[int] = typer.Option(None, "--threads", help="torch threads (default 1)"),
+        seed: Optional[int] = typer.Option(None, "--seed", help="one seed for world, family and fine-tunes (default: the "
+                                           "preset's)"),
+        seeds: Optional[str] = typer.Option(None, "--seeds", help="several seeds, e.g. 0,1,2 (intervals across seeds)"),
     ) -> None:
         """Run the shipped lab preset: what fine-tuning transfer does and when it fails, on a laptop CPU."""
-        _run(preset, output, True, progress_mode(quiet, progress), threads)
+        _run(preset, output, True, progress_mode(quiet, progress), threads, seed, seeds)

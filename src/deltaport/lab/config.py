@@ -71,6 +71,9 @@ class LabConfig:
     name: str = "custom"
     seed: int = 0
     """seed of the world, of M1..M5 and of fine-tuning; Mx uses seed + 1000, M0 seed + 2000"""
+    seeds: list[int] | None = None
+    """seeds run by default (``deltaport demo --preset full``): one run per seed and a summary with intervals;
+    ``--seed``/``--seeds`` override"""
     versions: list[str] = field(default_factory=lambda: list(VERSIONS))
     """versions included in the grid (M0 and Mx are always built)"""
     experiments: list[str] = field(default_factory=lambda: list(EXPERIMENTS))
@@ -153,6 +156,9 @@ def validate(cfg: LabConfig) -> list[str]:
         errors.append("language_pair: must be [source, target], two versions of `versions`")
     if cfg.model.hidden_size % cfg.model.num_attention_heads:
         errors.append("model.hidden_size must be divisible by model.num_attention_heads")
+    if cfg.seeds is not None and (not isinstance(cfg.seeds, list) or len(cfg.seeds) < 2
+                                  or not all(isinstance(x, int) for x in cfg.seeds) or len(set(cfg.seeds)) != len(cfg.seeds)):
+        errors.append(f"seeds: need a list of at least two different integers, got {cfg.seeds!r}")
     if cfg.finetune.curve_every <= 0 or cfg.finetune.steps <= 0:
         errors.append("finetune.steps and finetune.curve_every must be positive")
     return errors

@@ -153,6 +153,21 @@ def _pretrain_run(cfg: LabConfig, world: World, tok, root: Path, seed: int, name
             Path(str(state_path) + ".tmp").replace(state_path)
 
 
+def family_root(cfg: LabConfig, out_dir: str | Path) -> Path:
+    """``out_dir/<hash>``: the hash covers the family's config and the library versions (a family built
+    with another torch is another family: training kernels change the bytes)."""
+    from deltaport.lab.env import cache_salt
+
+    return Path(out_dir) / config_hash({"family": cfg.family_key(), "env": cache_salt()})
+
+
+def family_exists(cfg: LabConfig, out_dir: str | Path) -> bool:
+    """Whether every model of the family is already built under ``out_dir`` (it will be reused)."""
+    root = family_root(cfg, out_dir)
+    names = ("M0", "M1", "M2", "M3", "M4", "M5", "Mx")
+    return all((root / n / "config.json").exists() for n in names)
+
+
 def build_family(cfg: LabConfig, out_dir: str | Path, seed: int | None = None, *,
                  progress: Callable[[str, int, int], None] | None = None) -> dict[str, Path]:
     """Build (or reuse) M0, M1..M5 and Mx for ``cfg`` under ``out_dir/<family hash>/``.
@@ -178,7 +193,7 @@ def build_family(cfg: LabConfig, out_dir: str | Path, seed: int | None = None, *
     torch.set_num_threads(max(1, cfg.threads))
     world = world_of(cfg)
     tok = make_tokenizer(world)
-    root = Path(out_dir) / config_hash(cfg.family_key())
+    root = family_root(cfg, out_dir)
     root.mkdir(parents=True, exist_ok=True)
     (root / "family_config.json").write_text(json.dumps(cfg.family_key(), indent=2, sort_keys=True))
     paths = {n: root / n for n in FAMILY}

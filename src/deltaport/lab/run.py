@@ -19,7 +19,7 @@ from typing import Any, Callable
 from deltaport.lab.config import LabConfig, config_hash
 from deltaport.lab.family import build_family, world_of
 from deltaport.lab.steps import Steps
-from deltaport.lab.world import (COLORS, Mix, make_tokenizer, sample_block, sft_records,
+from deltaport.lab.world import (COLORS, N_SHOTS, Mix, make_tokenizer, sample_block, sft_records,
                                  write_eval_tasks)
 
 LOG = logging.getLogger(__name__)
@@ -107,6 +107,9 @@ def run_lab(cfg: LabConfig, run_dir: str | Path, *, progress: bool = False, resu
     timings: dict[str, float] = {}
     with _Progress(progress) as prog:
         t0 = time.perf_counter()
+        from deltaport.lab.family import family_exists
+
+        fam_reused = family_exists(cfg, run_dir / "family")
         fam = build_family(cfg, run_dir / "family", progress=prog.bar)
         timings["family"] = time.perf_counter() - t0
         n_total = _count_units(cfg)
@@ -117,12 +120,18 @@ def run_lab(cfg: LabConfig, run_dir: str | Path, *, progress: bool = False, resu
             prog.bar("experiments", min(done[0], n_total), n_total)
 
         st = Steps(run_dir, tok, tasks, seed=cfg.seed, tick=tick)
+        st.reused["family"] = int(fam_reused)
         lab = _Lab(cfg, world, tok, st, fam, run_dir, prog)
         results = lab.run()
     timings.update({f"steps.{k}": round(v, 2) for k, v in st.timings.items()})
     timings["total"] = time.perf_counter() - t_start
     results["timings_s"] = {k: round(v, 2) for k, v in timings.items()}
     results["backends"] = st.backends
+    from deltaport.lab.env import environment
+
+    results["environment"] = environment()
+    results["cache"] = dict(st.reused)
+    results["item_scorer_max_mismatch"] = st.item_mismatch
     from deltaport.lab.report import write_outputs
 
     write_outputs(results, run_dir)
@@ -143,6 +152,8 @@ class _Lab:
         self.records = sft_records(world)
         self.models: dict[str, Path] = {}
         self.scores: dict[str, dict[str, float]] = {}
+        self.items: dict[str, str] = {}
+        self.items_fs: dict[str, str] = {}
         n_known, n_new = len(world.known), len(world.new)
         self.n_known, self.n_new = n_known, n_new
 
@@ -160,7 +171,19 @@ class _Lab:
             out[n] = {"known": k, "new": nw, "heldout": (k * nk + nw * nn) / (nk + nn)}
         if lang == "a":
             self.scores.update(out)
+            for n in raw:
+                a, b = self.st.items.get((n, tasks[0])), self.st.items.get((n, tasks[1]))
+                if a is not None and b is not None:
+                    self.items[n] = a + b
         return out
+
+    def score_fewshot(self, named: dict[str, Path]) -> dict[str, float]:
+        """Held-out exact match after N_SHOTS solved examples in context (bases scored few-shot)."""
+        raw = self.st.scores(named, ["lab_heldout_fs"], limit=self.cfg.eval_limit)
+        for n in raw:
+            if (n, "lab_heldout_fs") in self.st.items:
+                self.items_fs[n] = self.st.items[(n, "lab_heldout_fs")]
+        return {n: r["lab_heldout_fs"] for n, r in raw.items()}
 
     def ft(self, v: str, *, curve: bool = False) -> Path:
         """FT(M_v): plain fine-tuning of a base (with a convergence curve if asked)."""
@@ -200,6 +223,8 @@ class _Lab:
             self.ft(v, curve=v in curve_targets)
         self.score({n: self.fam[n] for n in V + ["Mx", "M0"]})
         self.score({f"FT({v})": self.models[f"FT({v})"] for v in V})
+        res["fewshot"] = {"n_shots": N_SHOTS, "task": "lab_heldout_fs",
+                          "base": self.score_fewshot({n: self.fam[n] for n in V + ["Mx", "M0"]})}
         res["invariants"] = self.invariants(V)
         if "grid" in cfg.experiments or "recovery" in cfg.experiments or "backport" in cfg.experiments:
             res["grid"] = self.grid(V)
@@ -216,6 +241,8 @@ class _Lab:
         if "connectivity" in cfg.experiments:
             res["connectivity"] = self.connectivity(V, res.get("recovery"))
         res["scores"] = self.scores
+        res["items"] = {"heldout": self.items, "heldout_fewshot": self.items_fs,
+                        "order": "known items then new items, as tasks/lab_known.jsonl + tasks/lab_new.jsonl"}
         res["models"] = {n: str(p) for n, p in self.models.items()}
         res["curves"] = {k: [list(x) for x in c] for k, c in self.curves.items()}
         return res
@@ -274,13 +301,23 @@ class _Lab:
             name = f"FT({t}+Δ{s[1:]})"
             self.models[name] = path
             self.curves[name] = c
+        # the same fine-tune with half the step budget (its own linear schedule): the finding (c) statistic
+        # "transfer-then-finetune with half the steps reaches plain FT's final score" is per item
+        half = max(1, self.cfg.finetune.steps // 2)
+        halves = {}
+        for t, s in pairs:
+            path, _ = self.st.finetune(self.merge(t, s), self.records, f"FThalf-{t}+{_d(s)}",
+                                       **{**self.ft_kw, "steps": half})
+            halves[f"FT½({t}+Δ{s[1:]})"] = path
+            self.models[f"FT½({t}+Δ{s[1:]})"] = path
+        sc_half = self.score(halves)
         if self.cfg.ttf_all_pairs:
             for t, s in itertools.permutations(V, 2):
                 if (t, s) in pairs:
                     continue
                 path, _ = self.st.finetune(self.merge(t, s), self.records, f"FT-{t}+{_d(s)}", **self.ft_kw)
                 self.models[f"FT({t}+Δ{s[1:]})"] = path
-        names = {n: p for n, p in self.models.items() if n.startswith("FT(") and "+" in n}
+        names = {n: p for n, p in self.models.items() if n.startswith("FT(") and "+Δ" in n}
         sc = self.score(names)
         for n in names:
             t, s = n[3:-1].split("+Δ")
@@ -293,7 +330,9 @@ class _Lab:
                                          "first_step_plain": _first_reach(plain, target),
                                          "first_step_transfer": _first_reach(merged, target),
                                          "start_transfer": merged[0][1] if merged else None,
-                                         "start_plain": plain[0][1] if plain else None}
+                                         "start_plain": plain[0][1] if plain else None,
+                                         "half_budget_steps": half,
+                                         "half_budget_transfer": sc_half[f"FT½({t}+Δ{s[1:]})"]["heldout"]}
         return {"pairs": [list(p) for p in pairs], "table": table, "steps_to_plain_final": steps_to,
                 "curve_every": every, "ft": {t: self.scores[f"FT({t})"]["heldout"] for t in V}}
 
@@ -324,6 +363,15 @@ class _Lab:
             return (k * nk + n * nn) / (nk + nn)
 
         plan, scores = out["strategies"], out["scores"]
+        from deltaport.evolve import slug
+
+        evolve_models = {}
+        for strategy, short in (("iterative", "iter"), ("direct", "dir"), ("plain", "ft")):
+            for v in V[1:]:
+                p = self.run_dir / "evolve" / "models" / slug(plan[strategy][v])
+                if (p / "config.json").exists():
+                    evolve_models[f"evolve:{short}:{v}"] = p
+        self.score(evolve_models)
         rows: dict[str, dict[str, float]] = {}
         for v in V[1:]:
             rows[v] = {"base": self.scores[v]["heldout"],
@@ -352,7 +400,8 @@ class _Lab:
                          "old_base": self.scores[old]["heldout"], "old_ft": self.scores[f"FT({old})"]["heldout"],
                          "backport": self.scores[f"{old}+Δ{new[1:]}"]["heldout"],
                          "new_base": self.scores[new]["heldout"], "new_ft": self.scores[f"FT({new})"]["heldout"],
-                         "recycle": self.scores[f"{new}+Δ{old[1:]}"]["heldout"]})
+                         "recycle": self.scores[f"{new}+Δ{old[1:]}"]["heldout"],
+                         "same_stage": _stage(old) == _stage(new) and old != "M1"})
         return {"rows": rows}
 
     def language(self, V: list[str]) -> dict:
@@ -375,6 +424,7 @@ class _Lab:
         each predicts the transfer outcome (Spearman)."""
         self.prog.note("connectivity: loss barriers and deltaport check")
         from deltaport.connectivity import connectivity
+        from deltaport.lab.store import model_hash
         from deltaport.errors import DeltaportError
 
         rng = random.Random(f"conn-{self.cfg.seed}")
@@ -382,7 +432,9 @@ class _Lab:
         texts = [" ".join(sample_block(self.world, mix, rng, self.cfg.model.seq_len)[1:])
                  for _ in range(self.cfg.connectivity_items)]
         max_tokens = self.cfg.connectivity_items * self.cfg.model.seq_len
-        bases = V + ["Mx"]
+        sample = self.run_dir / "sample.jsonl"
+        sample.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+        bases = V + ["Mx", "M0"]
         curves = {}
         for a, b in itertools.combinations(bases, 2):
             key = f"conn-{a}-{b}"
@@ -402,11 +454,16 @@ class _Lab:
         except ImportError:
             check = None
         if check is not None:
-            for t in V + ["Mx"]:
+            from deltaport.check import load_calibration
+            from deltaport.lab.config import config_hash as _h
+
+            calib_hash = _h(load_calibration())
+            for t in V + ["Mx", "M0"]:
                 for s in V:
                     if s == t:
                         continue
-                    ck = _conn_key(self.st, f"check-{s}-{t}", self.fam[s], self.fam[t], texts, 5)
+                    ck = _conn_key(self.st, f"check-{s}-{t}", self.fam[s], self.fam[t], texts, 5,
+                                   extra={"ft": model_hash(self.models[f"FT({s})"]), "calibration": calib_hash})
                     rec = self.st.cache.get(ck)
                     if rec is None:
                         try:
@@ -426,7 +483,7 @@ class _Lab:
                                                                                "excess_loss_rel")}
         rank = {"unlikely": 0, "uncertain": 1, "likely": 2}
         cells = []
-        for t in V + ["Mx"]:
+        for t in V + ["Mx", "M0"]:
             for s in V:
                 if s == t:
                     continue
@@ -451,13 +508,36 @@ class _Lab:
             if pairs:
                 corr[f"check_{k}_vs_gain"] = spearman([x for x, _ in pairs], [g for _, g in pairs])
         return {"curves": curves, "checks": checks, "cells": cells, "spearman": corr,
-                "outcome": "heldout gain of M_t+Δ_s over M_t", "n_texts": len(texts)}
+                "outcome": "heldout gain of M_t+Δ_s over M_t", "n_texts": len(texts),
+                "sample": str(sample), "check_calibration": check_calibration_scope(self.cfg)}
 
 
-def _conn_key(st: Steps, kind: str, a: Path, b: Path, texts: list[str], points: int) -> str:
+def _conn_key(st: Steps, kind: str, a: Path, b: Path, texts: list[str], points: int, extra: dict | None = None) -> str:
     from deltaport.lab.store import model_hash, step_key
 
-    return step_key(kind.split("-")[0], a=model_hash(a), b=model_hash(b), texts=texts, points=points)
+    return step_key(kind.split("-")[0], a=model_hash(a), b=model_hash(b), texts=texts, points=points, seed=st.seed,
+                    **(extra or {}))
+
+
+def _stage(v: str) -> int:
+    return 1 if v in ("M1", "M2", "M3") else 2
+
+
+#: the lab family ``deltaport check``'s shipped thresholds were fitted on (benchmarks/calibrate_check.py,
+#: config benchmarks/check-calibration-lab.yaml: the quick preset's world, model and pretraining, seed 0)
+CHECK_CALIBRATION_FAMILY = {"preset": "quick", "seed": 0}
+
+
+def check_calibration_scope(cfg: LabConfig) -> dict:
+    """Whether this run's family is the one ``check``'s thresholds were fitted on (in sample) or not."""
+    from deltaport.lab.config import load_config
+
+    ref = load_config(CHECK_CALIBRATION_FAMILY["preset"])
+    ref_key = dict(ref.family_key(), seed=CHECK_CALIBRATION_FAMILY["seed"])
+    in_sample = cfg.family_key() == ref_key
+    return {"fitted_on": "lab family of the quick preset, seed 0 (docs/check-calibration.md); scored there on "
+                         "lab seed 1 and on a separate tiny lineage",
+            "this_family": f"{cfg.name} preset family, seed {cfg.seed}", "in_sample": in_sample}
 
 
 def _tensors(path: Path) -> dict:

@@ -51,6 +51,9 @@ class Steps:
         self.timings: dict[str, float] = {}
         self.tick = tick or (lambda label: None)
         self._models: dict[str, Any] = {}
+        self.items: dict[tuple[str, str], str] = {}
+        self.item_mismatch = 0.0
+        self.reused: dict[str, int] = {}
 
     # ------------------------------------------------------------ helpers
     def _timed(self, kind: str, t0: float) -> None:
@@ -135,16 +138,18 @@ class Steps:
         """
         out = self.run_dir / "models" / name
         key = step_key("finetune", init=model_hash(init), data=records, steps=steps, lr=lr, bs=batch_size,
-                       seed=self.seed)
-        curve_key = step_key("curve", ft=key, task=curve_task, every=curve_every)
+                       seed=self.seed, recipe="quick")
+        curve_key = step_key("curve", ft=key, task=curve_task, items=_file_hash(self.tasks[curve_task])
+                             if curve_task else None, every=curve_every)
         if self._cached_dir(out, key) and (curve_task is None or self.cache.get(curve_key) is not None):
+            self.reused["finetunes"] = self.reused.get("finetunes", 0) + 1
             return out, (self.cache.get(curve_key) or {}).get("curve", [])
         t0 = time.perf_counter()
         curve: list = []
         ft = _library("deltaport.finetune")
         if ft is not None:
-            kwargs: dict[str, Any] = dict(steps=steps, lr=lr, batch_size=batch_size, seed=self.seed, overwrite=True,
-                                          progress=False)
+            kwargs: dict[str, Any] = dict(recipe="quick", steps=steps, lr=lr, batch_size=batch_size, seed=self.seed,
+                                          overwrite=True, progress=False)
             if curve_task:
                 kwargs.update(eval_every=curve_every, eval_tasks=[str(self.tasks[curve_task])])
             res = ft.finetune(str(init), records, str(out), **kwargs)
@@ -177,6 +182,7 @@ class Steps:
         if curve_task:
             self.cache.put(curve_key, {"curve": curve})
         self._timed("finetune", t0)
+        self.reused["computed_finetunes"] = self.reused.get("computed_finetunes", 0) + 1
         self.tick(f"finetune {name}")
         return out, curve
 
@@ -189,20 +195,31 @@ class Steps:
         """Exact match of ``model`` on lab task ``task`` through ``deltaport.evaluate`` (cached)."""
         return self.scores({model.name: model}, [task], limit=limit)[model.name][task]
 
-    def scores(self, models: dict[str, Path], tasks: list[str], *, limit: int | None = None) -> dict[str, dict[str, float]]:
-        """``{name: {task: exact_match}}`` for several models; only uncached (model, task) pairs run."""
+    def scores(self, models: dict[str, Path], tasks: list[str], *, limit: int | None = None,
+               with_items: bool = True) -> dict[str, dict[str, float]]:
+        """``{name: {task: exact_match}}`` for several models; only uncached (model, task) pairs run.
+
+        With ``with_items`` the per-item correctness (``"0110…"``, one character per item, task order)
+        is also measured by :func:`item_correct` and kept in ``self.items[(name, task)]`` (for the
+        bootstrap); ``self.item_mismatch`` records the largest difference between its mean and
+        lm-eval's exact match (0 when both scorers agree).
+        """
         out: dict[str, dict[str, float]] = {n: {} for n in models}
         todo: dict[str, Path] = {}
         keys = {}
         for n, p in models.items():
             for t in tasks:
-                k = step_key("eval", model=model_hash(p), task=t, items=_file_hash(self.tasks[t]), limit=limit)
+                k = step_key("eval", model=model_hash(p), task=t, items=_file_hash(self.tasks[t]), limit=limit,
+                             seed=self.seed, scorer="lm-eval exact_match + item_correct")
                 keys[(n, t)] = k
                 rec = self.cache.get(k)
-                if rec is None:
+                if rec is None or (with_items and "items" not in rec):
                     todo[n] = p
                 else:
                     out[n][t] = rec["exact_match"]
+                    if "items" in rec:
+                        self.items[(n, t)] = rec["items"]
+                    self.reused["evals"] = self.reused.get("evals", 0) + 1
         if not todo:
             return out
         t0 = time.perf_counter()
@@ -225,7 +242,19 @@ class Steps:
             self.backends["eval"] = "fallback: lab greedy exact match (deltaport.evaluate not importable)"
         for n in todo:
             for t in tasks:
-                self.cache.put(keys[(n, t)], {"exact_match": out[n][t], "model": str(todo[n]), "task": t})
+                rec = {"exact_match": out[n][t], "model": str(todo[n]), "task": t}
+                if with_items:
+                    rec["items"] = item_correct(self.load(todo[n]), self.tok, self._items(t)[:limit] if limit
+                                                else self._items(t))
+                self.cache.put(keys[(n, t)], rec)
+                self.reused["computed_evals"] = self.reused.get("computed_evals", 0) + 1
+        for n in todo:
+            for t in tasks:
+                rec = self.cache.get(keys[(n, t)])
+                if rec and "items" in rec:
+                    self.items[(n, t)] = rec["items"]
+                    mean = rec["items"].count("1") / max(1, len(rec["items"]))
+                    self.item_mismatch = max(self.item_mismatch, abs(mean - out[n][t]))
         self._timed("eval", t0)
         self.tick(f"eval {len(todo)} model(s)")
         return out
@@ -265,3 +294,25 @@ def _curve_from_evals(evals: Any, task: str | None) -> list:
         except Exception:  # noqa: BLE001 - a record without this task
             continue
     return sorted(curve)
+
+
+def item_correct(model, tok, items: list[dict]) -> str:
+    """Per-item greedy correctness (``"1"``/``"0"`` per item): the most likely next token after the prompt
+    is the answer's single token (the lab's tokenizer is word-level, so the first generated word is one
+    token). Used for the bootstrap; its mean is checked against lm-eval's exact match in every run."""
+    import torch
+
+    tok.padding_side = "left"
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(items), 64):
+            chunk = items[i:i + 64]
+            enc = tok([it["prompt"] for it in chunk], return_tensors="pt", padding=True, add_special_tokens=False)
+            pos = enc["attention_mask"].long().cumsum(-1) - 1
+            logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                           position_ids=pos.clamp(min=0)).logits[:, -1, :]
+            pred = logits.argmax(-1).tolist()
+            for it, p in zip(chunk, pred):
+                ids = tok(it["answer"], add_special_tokens=False)["input_ids"]
+                out.append("1" if len(ids) == 1 and ids[0] == p else "0")
+    return "".join(out)

@@ -64,8 +64,11 @@ def model_hash(path: Path) -> str:
 
 
 def step_key(kind: str, **parts: Any) -> str:
-    """A cache key: ``kind`` + the JSON of ``parts`` (model hashes, parameters), hashed."""
-    blob = json.dumps({"kind": kind, **parts}, sort_keys=True, default=str)
+    """A cache key: ``kind`` + the JSON of ``parts`` (content hashes of every input, parameters) + the
+    library versions and deltaport's release version (:func:`deltaport.lab.env.cache_salt`), hashed."""
+    from deltaport.lab.env import cache_salt
+
+    blob = json.dumps({"kind": kind, **parts, "_env": cache_salt()}, sort_keys=True, default=str)
     return f"{kind}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
 
 

@@ -218,13 +218,31 @@ def eval_records(world: World, split: str, lang: str = "a") -> list[dict]:
              "split": split, "lang": lang} for e in ents]
 
 
+#: in-context examples per item of the few-shot task ``lab_heldout_fs``
+N_SHOTS = 3
+
+
+def fewshot_turns(world: World, i: int, lang: str = "a") -> list[dict]:
+    """``N_SHOTS`` solved fine-tuning questions (user/assistant turns) before held-out item ``i``: the
+    same chat format, so a base model is scored with the interface shown in context (as the paper
+    scores its bases few-shot). Shots come from ``world.sft`` (never a held-out fact), rotating with
+    ``i``, so every item sees other examples and the colours of the shots vary."""
+    out = []
+    for k in range(N_SHOTS):
+        e = world.sft[(i * N_SHOTS + k) % len(world.sft)]
+        out += [{"role": "user", "content": world.question(e, lang)},
+                {"role": "assistant", "content": world.answer(e, lang)}]
+    return out
+
+
 def write_eval_tasks(world: World, tokenizer, out_dir: Path, langs=("a",)) -> dict[str, Path]:
     """Write lm-eval local tasks (generate_until + exact_match over jsonl) for every split and language.
 
     The prompt is the chat-templated user turn plus the generation prompt, rendered here with the
     world's tokenizer, so every model (base, fine-tuned, merged) is scored on the same string.
     Returns ``{task_name: yaml_path}``. Task names: ``lab_<split>`` (language a) or
-    ``lab_<split>_b``; ``lab_heldout`` (= known + new) is the headline task.
+    ``lab_<split>_b``; ``lab_heldout`` (= known + new) is the headline task; ``lab_heldout_fs`` asks the
+    same items after :data:`N_SHOTS` solved examples in the same chat format (bases scored few-shot).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     tasks: dict[str, Path] = {}
@@ -232,12 +250,15 @@ def write_eval_tasks(world: World, tokenizer, out_dir: Path, langs=("a",)) -> di
         suffix = "" if lang == "a" else f"_{lang}"
         splits = {"known": eval_records(world, "known", lang), "new": eval_records(world, "new", lang)}
         splits["heldout"] = splits["known"] + splits["new"]
+        if lang == "a":
+            splits["heldout_fs"] = splits["heldout"]
         for split, recs in splits.items():
             name = f"lab_{split}{suffix}"
             data = out_dir / f"{name}.jsonl"
             with data.open("w") as f:
-                for r in recs:
-                    prompt = tokenizer.apply_chat_template([{"role": "user", "content": r["question"]}],
+                for i, r in enumerate(recs):
+                    shots = fewshot_turns(world, i, lang) if split == "heldout_fs" else []
+                    prompt = tokenizer.apply_chat_template(shots + [{"role": "user", "content": r["question"]}],
                                                            tokenize=False, add_generation_prompt=True)
                     f.write(json.dumps({**r, "prompt": prompt}) + "\n")
             yaml_path = out_dir / f"{name}.yaml"

@@ -1,0 +1,103 @@
+"""Several seeds of one lab config, and the findings decided on intervals across them.
+
+``run_seeds(cfg, OUT, [0, 1, 2])`` runs the lab once per seed into ``OUT/seed-N`` (each a complete
+run with its own report) and writes ``OUT/summary.json`` and ``OUT/summary.md``: per finding the
+per-seed values, their mean, the seed-level spread and a 95 % hierarchical-bootstrap interval
+(:mod:`deltaport.lab.stats`), and the verdict against the minimum effect of docs/lab.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+from deltaport.lab.config import LabConfig
+from deltaport.lab.findings import decide, fmt, rule_text
+
+SUMMARY_SCHEMA = 1
+
+
+def run_seeds(cfg: LabConfig, out: str | Path, seeds: list[int], *, progress: bool = False,
+              resume: bool = True) -> dict:
+    from deltaport.lab.run import run_lab
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    runs, per_seed_s = [], {}
+    for s in seeds:
+        t1 = time.perf_counter()
+        runs.append(run_lab(dataclasses.replace(cfg, seed=s), out / f"seed-{s}", progress=progress, resume=resume))
+        per_seed_s[s] = round(time.perf_counter() - t1, 1)
+    summary = summarize(runs)
+    summary["timings_s"] = {"total": round(time.perf_counter() - t0, 1), "per_seed": per_seed_s}
+    write_summary(summary, out)
+    return summary
+
+
+def summarize(runs: list[dict]) -> dict:
+    """Findings across ``runs`` (one results dict per seed, same config but the seed)."""
+    names = {r["name"] for r in runs}
+    if len(names) != 1:
+        raise ValueError(f"runs of different configs cannot be summarised together: {sorted(names)}")
+    findings = decide(runs)
+    for f in findings:
+        f["ours"] = f"{fmt(f['mean'], f['unit'])} [{fmt(f['lo'], f['unit'])}, {fmt(f['hi'], f['unit'])}]"
+        f["rule"] = rule_text(f)
+    envs = [r.get("environment", {}) for r in runs]
+    V = runs[0]["config"]["versions"]
+    headline = {}
+    for key in [f"FT({v})" for v in V] + V + [f"{V[-1]}+Δ{V[-2][1:]}"]:
+        vals = [r["scores"][key]["heldout"] for r in runs if key in r["scores"]]
+        if len(vals) == len(runs):
+            headline[key] = vals
+    fewshot = {v: [r.get("fewshot", {}).get("base", {}).get(v) for r in runs] for v in V}
+    return {"schema": SUMMARY_SCHEMA, "name": runs[0]["name"], "seeds": [r["config"]["seed"] for r in runs],
+            "findings": findings, "heldout_per_seed": headline, "fewshot_base_per_seed": fewshot,
+            "environment": envs[0], "same_environment_every_seed": all(e == envs[0] for e in envs),
+            "config": {k: v for k, v in runs[0]["config"].items() if k != "seed"},
+            "timings_per_seed_s": [r.get("timings_s", {}).get("total") for r in runs]}
+
+
+def summary_md(sm: dict) -> str:
+    from deltaport.lab.env import kind_of
+
+    env = sm.get("environment", {})
+    seeds = ", ".join(map(str, sm["seeds"]))
+    L = [f"# deltaport lab: `{sm['name']}` over seeds {seeds}", "",
+         "Each finding is a statistic θ computed within one seed from per-item correctness on the held-out items; "
+         "the estimate is the mean over seeds, the 95 % interval a hierarchical bootstrap (resample seeds, then "
+         "items within each seed; 2000 replicates, fixed RNG seed). Verdict against the minimum effect frozen in "
+         "docs/lab.md: *yes* = interval entirely on the claim's side, *no* = entirely on the other side, "
+         "*inconclusive* = it straddles the threshold.", "",
+         "| finding | statistic θ | rule | per seed | mean [95 % interval] | seed sd | reproduced? |",
+         "|---|---|---|---|---|---|---|"]
+    for f in sm["findings"]:
+        per = " / ".join(fmt(x, f["unit"]) for x in f["per_seed"])
+        sd = "–" if f["seed_sd"] is None else fmt(f["seed_sd"], f["unit"]).lstrip("+")
+        v = f["verdict"] if f["verdict"] == "yes" else f"**{f['verdict']}**"
+        L.append(f"| ({f['id']}) {f['claim']} | {f['statistic']} | {f['rule']} | {per} | {f['ours']} | {sd} | {v} |")
+    L += ["", "Held-out exact match (%) per seed:", "", "| model | " + " | ".join(f"seed {s}" for s in sm["seeds"]) + " |",
+          "|---|" + "---|" * len(sm["seeds"])]
+    for k, vals in sm["heldout_per_seed"].items():
+        L.append(f"| {k} | " + " | ".join(f"{100 * x:.1f}" for x in vals) + " |")
+    for k, vals in sm["fewshot_base_per_seed"].items():
+        L.append(f"| {k} few-shot | " + " | ".join("–" if x is None else f"{100 * x:.1f}" for x in vals) + " |")
+    L += ["", f"Environment: CPU {kind_of(env)}, python {env.get('versions', {}).get('python')}, "
+              f"{env.get('platform')}; versions: "
+          + ", ".join(f"{k} {v}" for k, v in (env.get("versions") or {}).items()) + ".",
+          "", f"Wall time per seed (s): {', '.join(str(x) for x in sm.get('timings_per_seed_s', []))} "
+              "(shared machine: see docs/lab.md for the load during the run).", ""]
+    return "\n".join(L)
+
+
+def write_summary(sm: dict, out: Path) -> None:
+    out = Path(out)
+    tmp = out / "summary.json.tmp"
+    tmp.write_text(json.dumps(sm, indent=1, sort_keys=True, default=str))
+    tmp.replace(out / "summary.json")
+    tmp = out / "summary.md.tmp"
+    tmp.write_text(summary_md(sm))
+    tmp.replace(out / "summary.md")

@@ -1,0 +1,124 @@
+"""The README's lab tables, generated from the committed result files under ``docs/results/``.
+
+    python benchmarks/readme_tables.py collect --quick RUN_DIR --full RUN_DIR   # copy runs into docs/results
+    python benchmarks/readme_tables.py                                          # rewrite README's tables
+    python benchmarks/readme_tables.py --check                                  # exit 1 if README disagrees
+
+The README holds two generated blocks between ``<!-- lab:quick:begin -->``/``<!-- lab:quick:end -->``
+and ``<!-- lab:findings:begin -->``/``<!-- lab:findings:end -->``; nothing between the markers is
+hand-edited. ``tests/test_lab.py`` compares them with the files (it never reruns the lab).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+from deltaport.lab.findings import fmt
+
+QUICK = "docs/results/quick/results.json"
+FULL = "docs/results/full/summary.json"
+BLOCKS = ("quick", "findings")
+
+
+def _p(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.1f}"
+
+
+def quick_table(r: dict) -> str:
+    """The one-seed demo's headline numbers (held-out exact match, %)."""
+    sc, V, g = r["scores"], r["config"]["versions"], r["grid"]
+    fs = r.get("fewshot", {}).get("base", {})
+    t, s = V[-1], V[-2]
+    seed = r["config"]["seed"]
+    conn = r.get("connectivity", {})
+    within = [v["barrier"] for k, v in conn.get("curves", {}).items() if "Mx" not in k and "M0" not in k]
+    across = [v["barrier"] for k, v in conn.get("curves", {}).items() if "Mx" in k and "M0" not in k]
+    ttf = r.get("transfer_then_finetune", {}).get("steps_to_plain_final", {}).get(f"{t}+Δ{s[1:]}", {})
+    rows = [
+        (f"{t} + Δ{s[1:]} vs FT({t})", f"**{_p(sc[f'{t}+Δ{s[1:]}']['heldout'])}** vs {_p(sc[f'FT({t})']['heldout'])} "
+         f"(base {t}: {_p(sc[t]['heldout'])} zero-shot, {_p(fs.get(t))} few-shot)", "Table 3"),
+        (f"{s} + Δ{t[1:]} (backport) vs FT({s})", f"{_p(sc[f'{s}+Δ{t[1:]}']['heldout'])} vs {_p(sc[f'FT({s})']['heldout'])}",
+         "Table 1"),
+        (f"{t} + Δ{V[0][1:]} (weak source)", _p(sc[f"{t}+Δ{V[0][1:]}"]["heldout"]), "Table 3"),
+        ("Mx + Δ_s (other seed) / M0 + Δ_s (random init), best s",
+         f"{_p(max(g['cells']['Mx'].values()))} / {_p(max(g['cells']['M0'].values()))}", "Table 8"),
+    ]
+    if ttf:
+        rows.append((f"FT from {t} + Δ{s[1:]} with half the steps vs plain FT({t})",
+                     f"{_p(ttf.get('half_budget_transfer'))} ({ttf.get('half_budget_steps')} steps) vs "
+                     f"{_p(ttf.get('plain_final'))} ({r['config']['finetune']['steps']} steps)", "Table 4, Fig. 2"))
+    if within and across:
+        rows.append(("loss barrier: within the lineage / to Mx (nats)",
+                     f"{min(within):.2f}–{max(within):.2f} / {min(across):.2f}–{max(across):.2f}", "not in the paper"))
+    lines = [f"| | ours (quick, **one seed: {seed}**) | paper |", "|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
+    verdicts = ", ".join(f"({c['id']}) {c['reproduced']}" for c in r.get("claims", []))
+    env = r.get("environment", {})
+    from deltaport.lab.env import kind_of
+
+    lines += ["", f"One seed, intervals over items only — verdicts of this run: {verdicts}. The decided findings "
+                  "are the multi-seed ones below. Produced with "
+              + ", ".join(f"{k} {v}" for k, v in env.get("versions", {}).items() if k in
+                          ("deltaport", "python", "torch", "transformers", "trl", "lm-eval"))
+              + f" on {kind_of(env)}; total {r.get('timings_s', {}).get('total', 0):.0f} s "
+                "(shared machine: load in docs/lab.md)."]
+    return "\n".join(lines)
+
+
+def findings_table(sm: dict) -> str:
+    seeds = ", ".join(map(str, sm["seeds"]))
+    lines = [f"| finding | θ per seed ({seeds}) | mean [95 % interval] | rule | reproduced? |", "|---|---|---|---|---|"]
+    for f in sm["findings"]:
+        per = " / ".join(fmt(x, f["unit"]) for x in f["per_seed"])
+        v = f["verdict"] if f["verdict"] == "yes" else f"**{f['verdict']}**"
+        lines.append(f"| ({f['id']}) {f['claim']} | {per} | {f['ours']} | {f['rule']} | {v} |")
+    return "\n".join(lines)
+
+
+def render(root: Path) -> dict[str, str]:
+    """Both blocks from the committed files (a block whose file is not committed is empty)."""
+    root = Path(root)
+    out = {}
+    for name, rel, fn in (("quick", QUICK, quick_table), ("findings", FULL, findings_table)):
+        f = root / rel
+        out[name] = fn(json.loads(f.read_text())) if f.exists() else ""
+    return out
+
+
+def replace_blocks(text: str, blocks: dict[str, str]) -> str:
+    for name, body in blocks.items():
+        pat = re.compile(rf"(<!-- lab:{name}:begin -->\n)(?:.*?\n)?(<!-- lab:{name}:end -->)", re.S)
+        if not pat.search(text):
+            raise ValueError(f"README has no <!-- lab:{name}:begin --> ... <!-- lab:{name}:end --> block")
+        text = pat.sub(lambda m: m.group(1) + (body + "\n" if body else "") + m.group(2), text)
+    return text
+
+
+def _relativise(obj, prefix: str):
+    if isinstance(obj, str):
+        return obj.replace(prefix, "RUN_DIR")
+    if isinstance(obj, list):
+        return [_relativise(x, prefix) for x in obj]
+    if isinstance(obj, dict):
+        return {k: _relativise(v, prefix) for k, v in obj.items()}
+    return obj
+
+
+def collect(run_dir: Path, dest: Path, *, summary: bool) -> None:
+    """Copy a run's results (every path made relative: ``RUN_DIR/...``) and reports into ``dest``."""
+    run_dir, dest = Path(run_dir).resolve(), Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    dirs = sorted(run_dir.glob("seed-*")) if summary else [run_dir]
+    for d in dirs:
+        out = dest / d.name if summary else dest
+        out.mkdir(parents=True, exist_ok=True)
+        r = json.loads((d / "results.json").read_text())
+        (out / "results.json").write_text(json.dumps(_relativise(r, str(d)), indent=1, sort_keys=True) + "\n")
+        shutil.copy(d / "report.md", out / "report.md")
+    if summary:
+        sm = json.loads((run_dir / "summary.json").read_text())
+        (dest / "summary.json").write_text(json.dumps(_relativise(sm, str(run_dir)), indent=1, sort_keys=True) + "\n")
+        shutil.copy(run_dir / "summary.md", dest / "summary.md")
