@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from deltaport.errors import InputError, PlanError
-from deltaport.io.checkpoint import DTYPE_SIZES, FLOAT_DTYPE_NAMES, Checkpoint, DtypeField, TensorSpec, torch_dtype
+from deltaport.io.checkpoint import FLOAT_DTYPE_NAMES, Checkpoint, DtypeField, TensorSpec, dtype_size, torch_dtype
 
 LOG = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ class TensorOp:
 
     @property
     def nbytes(self) -> int:
-        return self.numel * DTYPE_SIZES[self.out_dtype_name]
+        return self.numel * dtype_size(self.out_dtype_name)
 
     def inputs(self) -> list[Term]:
         return [t for t in (self.base, self.plus, self.minus) if t is not None]

@@ -73,6 +73,16 @@ def torch_dtype(dt):
         raise CheckpointError(f"dtype {dt!r} is not known to this torch version") from None
 
 
+def dtype_size(dt) -> int:
+    """Bytes per element of a dtype (name or torch dtype); torch is asked only for a dtype safetensors lacks."""
+    size = DTYPE_SIZES.get(dtype_name(dt))
+    if size is None:
+        import torch
+
+        size = torch.empty((), dtype=torch_dtype(dt)).element_size()
+    return size
+
+
 _DTYPE_WORDS = {"float32": "float32", "fp32": "float32", "float64": "float64", "fp64": "float64",
                 "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16"}
 

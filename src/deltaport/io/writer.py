@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from deltaport.errors import CheckpointError, DiskError, RuntimeFailure
-from deltaport.io.checkpoint import DTYPE_SIZES, INDEX_NAME, NAME_TO_ST, SINGLE_NAME, dtype_name, read_safetensors_header
+from deltaport.io.checkpoint import INDEX_NAME, NAME_TO_ST, SINGLE_NAME, dtype_name, dtype_size, read_safetensors_header
 
 
 @dataclass
@@ -30,7 +30,7 @@ class OutEntry:
 
     @property
     def itemsize(self) -> int:
-        return DTYPE_SIZES[dtype_name(self.dtype)]
+        return dtype_size(self.dtype)
 
     @property
     def st_dtype(self) -> str:
