@@ -13,8 +13,6 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from deltaport.errors import InputError, PlanError
 
 LOG = logging.getLogger(__name__)
@@ -144,6 +142,8 @@ def meta_causal_lm(d: Path | dict) -> torch.nn.Module:
         cfg = CONFIG_MAPPING[d["model_type"]].from_dict(dict(d))
     else:
         cfg = AutoConfig.from_pretrained(str(d), trust_remote_code=False)
+    import torch
+
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(cfg)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from deltaport.io.checkpoint import dtype_name, open_checkpoint
+from deltaport.io.checkpoint import open_checkpoint
 
 
 def inspect(path, *, allow_pickle: bool = False, tensors: bool = True) -> dict[str, Any]:
@@ -17,8 +17,8 @@ def inspect(path, *, allow_pickle: bool = False, tensors: bool = True) -> dict[s
     by_dtype: Counter = Counter()
     bytes_by_dtype: Counter = Counter()
     for s in ck.tensors.values():
-        by_dtype[dtype_name(s.dtype)] += 1
-        bytes_by_dtype[dtype_name(s.dtype)] += s.nbytes
+        by_dtype[s.dtype_name] += 1
+        bytes_by_dtype[s.dtype_name] += s.nbytes
     cfg = ck.config or {}
     info: dict[str, Any] = {
         "path": str(ck.dir),
@@ -38,6 +38,6 @@ def inspect(path, *, allow_pickle: bool = False, tensors: bool = True) -> dict[s
         "provenance": ck.provenance,
     }
     if tensors:
-        info["tensors"] = [{"name": s.name, "dtype": dtype_name(s.dtype), "shape": list(s.shape), "file": s.file.name}
+        info["tensors"] = [{"name": s.name, "dtype": s.dtype_name, "shape": list(s.shape), "file": s.file.name}
                            for s in ck.tensors.values()]
     return info

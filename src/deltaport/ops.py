@@ -11,17 +11,19 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import deltaport
 from deltaport.assets import SOURCES, check_config_against_plan, output_config, write_model_files
-from deltaport.engine import DEFAULT_CHUNK_ELEMS, Stats, execute
 from deltaport.errors import CheckpointError, InputError, OutputError
 from deltaport.io.atomic import atomic_output_dir, check_output_location
 from deltaport.io.checkpoint import PROVENANCE_NAME, Checkpoint, dtype_name, open_checkpoint
 from deltaport.io.prepare import Fetch, check_free_space, plan_fetch, run_fetch
 from deltaport.io.writer import OutEntry, ShardedWriter, parse_size
 from deltaport.plan import Plan, is_vocab_tensor, make_policies, plan_apply, plan_diff, plan_transfer
+
+if TYPE_CHECKING:  # the engine (and torch) are imported to execute a plan, not to make or refuse one
+    from deltaport.engine import Stats
 
 LOG = logging.getLogger(__name__)
 
@@ -107,7 +109,11 @@ def _write_timings(output: Path, timings: dict[str, float], stats: Stats | None)
 
 
 def _run(plan: Plan, output: Path, *, inputs: list[Path], overwrite: bool, shard_size, progress: bool, threads,
-         strict: bool, provenance: dict[str, Any], write_files, chunk_elems: int, label: str) -> tuple[Stats, dict]:
+         strict: bool, provenance: dict[str, Any], write_files, chunk_elems: int | None, label: str) -> tuple[Stats, dict]:
+    from deltaport.engine import DEFAULT_CHUNK_ELEMS, execute
+
+    if chunk_elems is None:
+        chunk_elems = DEFAULT_CHUNK_ELEMS
     t0 = time.perf_counter()
     entries = [OutEntry(op.name, op.out_dtype, op.shape) for op in plan.ops]
     with atomic_output_dir(output, overwrite=overwrite, inputs=inputs) as tmp:
@@ -165,7 +171,7 @@ def transfer(source_base, source_finetuned, target_base, output, *, scale: float
              config_from: str = "target", tokenizer_from: str = "target", chat_template_from: str = "source-finetuned",
              shard_size: str | int = DEFAULT_SHARD_SIZE, overwrite: bool = False, dry_run: bool = False,
              allow_pickle: bool = False, strict: bool = False, threads: int | None = None, progress: bool = False,
-             chunk_elems: int = DEFAULT_CHUNK_ELEMS) -> Result:
+             chunk_elems: int | None = None) -> Result:
     """Fine-tuning transfer: write ``target_base + scale·(source_finetuned − source_base)`` to ``output``.
 
     Args:
@@ -296,7 +302,7 @@ def diff(base, finetuned, output, *, delta_dtype: str | None = None, vocab_polic
          shape_policy: str = "error", key_map=None, include=None, exclude=None, compute_dtype: str = "auto",
          shard_size: str | int = DEFAULT_SHARD_SIZE, overwrite: bool = False, dry_run: bool = False,
          allow_pickle: bool = False, strict: bool = False, threads: int | None = None, progress: bool = False,
-         chunk_elems: int = DEFAULT_CHUNK_ELEMS) -> Result:
+         chunk_elems: int | None = None) -> Result:
     """Store ``Δ = finetuned − base`` as a delta directory (safetensors + ``deltaport.json``).
 
     The default Δ dtype is exact: float32 for bf16/fp16 models (2× the size of the model), float64 for
@@ -361,7 +367,7 @@ def apply(delta, to, output, *, scale: float = 1.0, vocab_policy: str = "error",
           chat_template_from: str = "source-finetuned", shard_size: str | int = DEFAULT_SHARD_SIZE,
           overwrite: bool = False, dry_run: bool = False, force: bool = False, allow_pickle: bool = False,
           strict: bool = False, threads: int | None = None, progress: bool = False,
-          chunk_elems: int = DEFAULT_CHUNK_ELEMS) -> Result:
+          chunk_elems: int | None = None) -> Result:
     """Write ``to + scale·Δ`` where Δ is a ``deltaport diff`` directory.
 
     The target must have the structure (tensor names, shapes, dtypes) of the base the delta was made

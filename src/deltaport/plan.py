@@ -16,10 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from deltaport.errors import InputError, PlanError
-from deltaport.io.checkpoint import FLOAT_DTYPES, Checkpoint, TensorSpec, dtype_name
+from deltaport.io.checkpoint import FLOAT_DTYPE_NAMES, Checkpoint, DtypeField, TensorSpec, dtype_size, torch_dtype
 
 LOG = logging.getLogger(__name__)
 
@@ -64,9 +62,12 @@ class LoraTerm:
 
 @dataclass
 class TensorOp:
+    """One output tensor. ``out_dtype`` is set as a name or a torch dtype and read as a torch dtype;
+    planning uses ``out_dtype_name`` (no torch import)."""
+
     name: str
     shape: tuple[int, ...]
-    out_dtype: torch.dtype
+    out_dtype: Any = DtypeField()  # type: ignore[assignment]  # required (the descriptor gives no default)
     kind: str  # "copy" (target bytes) | "delta" (out = [base] + scale * (plus - minus))
     base: Term | None = None
     plus: Term | None = None
@@ -82,7 +83,7 @@ class TensorOp:
 
     @property
     def nbytes(self) -> int:
-        return self.numel * torch.empty((), dtype=self.out_dtype).element_size()
+        return self.numel * dtype_size(self.out_dtype_name)
 
     def inputs(self) -> list[Term]:
         return [t for t in (self.base, self.plus, self.minus) if t is not None]
@@ -92,7 +93,7 @@ class TensorOp:
 class Plan:
     operation: str  # transfer | diff | apply
     ops: list[TensorOp]
-    compute_dtype: torch.dtype
+    compute_dtype: Any = DtypeField()  # type: ignore[assignment]  # torch dtype when read; compute_dtype_name: no torch
     skipped: list[dict[str, str]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     vocab_rows: int | None = None  # rows of the output embedding if a vocab policy changed them
@@ -128,7 +129,7 @@ class Plan:
             "coverage": self.coverage(),
             "by_kind": kinds,
             "skipped": len(self.skipped),
-            "compute_dtype": dtype_name(self.compute_dtype),
+            "compute_dtype": self.compute_dtype_name,
             "output_bytes": self.total_out_bytes,
             "input_bytes": self.total_in_bytes,
         }
@@ -138,12 +139,12 @@ class Plan:
         cover = (self.coverage() if self.operation == "diff" else
                  f"{self.received_delta} of {len(self.ops)} output tensors receive Δ")
         lines = [f"plan: {self.operation}, {cover}, compute dtype "
-                 f"{dtype_name(self.compute_dtype)}, reads {self.total_in_bytes / 1e6:.1f} MB, writes "
+                 f"{self.compute_dtype_name}, reads {self.total_in_bytes / 1e6:.1f} MB, writes "
                  f"{self.total_out_bytes / 1e6:.1f} MB"]
         for op in self.ops:
             scale = f" x{op.scale:g}" if op.kind == "delta" else ""
             notes = f"  [{'; '.join(op.notes)}]" if op.notes else ""
-            lines.append(f"  {op.kind:5s}{scale:7s} {op.name} {list(op.shape)} {dtype_name(op.out_dtype)}{notes}")
+            lines.append(f"  {op.kind:5s}{scale:7s} {op.name} {list(op.shape)} {op.out_dtype_name}{notes}")
         for s in self.skipped:
             lines.append(f"  skipped: {s['name']}: {s['reason']}")
         for w in self.warnings:
@@ -262,6 +263,8 @@ def choose_compute_dtype(policy: str, dtypes: set[torch.dtype]) -> torch.dtype:
     16/32-bit floats is exact unless their exponents differ by more than ~29-45, so ``transfer`` onto
     the source base reproduces the fine-tuned model and λ = 0 reproduces the target bit for bit. The
     cost is ~15 % slower arithmetic; ``float32`` is offered for speed."""
+    import torch
+
     if policy == "float32":
         return torch.float32
     return torch.float64
@@ -352,6 +355,8 @@ def align_rows(ft_vocab: dict[str, int], base_vocab: dict[str, int], tgt_vocab: 
         (no_base if ib is None else no_ft).append((tok, j))
         if unmatched == "finetuned" and ia is not None:
             overlay[j] = ia
+    import torch
+
     target = None
     if any(i >= 0 for i in overlay):
         target = torch.tensor([-1 if o >= 0 else j for j, o in enumerate(overlay)], dtype=torch.int64)
@@ -380,22 +385,23 @@ class _Problems:
             raise PlanError(f"{self.what}: {n} problem(s) found before reading any weights:\n  " + "\n  ".join(shown) + more)
 
 
-def _out_dtype(pol: Policies, default: torch.dtype) -> torch.dtype:
+def _out_dtype(pol: Policies, default: str) -> str:
+    """The output dtype's name (planning compares dtypes by name, without torch)."""
     if pol.out_dtype in (None, "", "auto", "target"):
         return default
-    from deltaport.io.checkpoint import parse_dtype
+    from deltaport.io.checkpoint import parse_dtype_name
 
-    return parse_dtype(pol.out_dtype)
+    return parse_dtype_name(pol.out_dtype)
 
 
 def _check_dtypes(name: str, specs: list[tuple[str, TensorSpec]], probs: _Problems) -> bool:
     """True when all are floating point. Mixed float/non-float cannot be combined."""
-    floats = [s.dtype in FLOAT_DTYPES for _, s in specs]
+    floats = [s.dtype_name in FLOAT_DTYPE_NAMES for _, s in specs]
     if all(floats):
         return True
     if not any(floats):
         return False
-    desc = ", ".join(f"{who} {dtype_name(s.dtype)}" for who, s in specs)
+    desc = ", ".join(f"{who} {s.dtype_name}" for who, s in specs)
     probs.add(f"{name}: dtypes cannot be combined ({desc}); a difference needs floating-point tensors on "
               "every side. Exclude it with --exclude, or fix the checkpoint that stores it as an integer.")
     return False
@@ -404,10 +410,10 @@ def _check_dtypes(name: str, specs: list[tuple[str, TensorSpec]], probs: _Proble
 def plan_transfer(sb: Checkpoint, sf: Checkpoint, tb: Checkpoint, pol: Policies) -> Plan:
     """Plan ``out = tb + λ·(sf − sb)`` over the target's tensors."""
     probs = _Problems("cannot plan the transfer")
-    plan = Plan("transfer", [], torch.float32)
-    dtypes: set[torch.dtype] = set()
+    plan = Plan("transfer", [], "float32")
+    dtypes: set[str] = set()  # names; torch dtypes only once the plan stands
     used_src: set[str] = set()
-    align_maps: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    align_maps: dict[str, tuple] = {}
 
     if sf.kind == "lora":
         plan = _plan_lora_transfer(sb, sf, tb, pol)
@@ -467,18 +473,18 @@ def plan_transfer(sb: Checkpoint, sf: Checkpoint, tb: Checkpoint, pol: Policies)
             msg = f"{name}" + (f" (mapped to {src})" if src != name else "") + f" is in the target but not in {where}"
             if pol.shape_policy == "skip":
                 plan.skipped.append({"name": name, "reason": msg})
-                plan.ops.append(TensorOp(name, c.shape, _out_dtype(pol, c.dtype), "copy", base=Term(tb, c), notes=["not in source: copied from target"]))
+                plan.ops.append(TensorOp(name, c.shape, _out_dtype(pol, c.dtype_name), "copy", base=Term(tb, c), notes=["not in source: copied from target"]))
             else:
                 probs.add(msg + "; use --key-map for renamed modules or --shape-policy skip to copy it from the target")
             continue
         used_src.update({a_name, b_name})
         a, b = sf.tensors[a_name], sb.tensors[b_name]
-        out_dtype = _out_dtype(pol, c.dtype)
+        out_dtype = _out_dtype(pol, c.dtype_name)
         notes = [n for n in (note_a, note_b) if n]
         if not _check_dtypes(name, [("source-base", b), ("source-finetuned", a), ("target", c)], probs):
-            if a.dtype in FLOAT_DTYPES or c.dtype in FLOAT_DTYPES:
+            if a.dtype_name in FLOAT_DTYPE_NAMES or c.dtype_name in FLOAT_DTYPE_NAMES:
                 continue
-            plan.ops.append(TensorOp(name, c.shape, c.dtype, "copy", base=Term(tb, c), notes=["non-float: copied from target"]))
+            plan.ops.append(TensorOp(name, c.shape, c.dtype_name, "copy", base=Term(tb, c), notes=["non-float: copied from target"]))
             continue
         if not pol.selected(name):
             plan.ops.append(TensorOp(name, c.shape, out_dtype, "copy", base=Term(tb, c), notes=["not selected by --include/--exclude"]))
@@ -487,14 +493,14 @@ def plan_transfer(sb: Checkpoint, sf: Checkpoint, tb: Checkpoint, pol: Policies)
         shapes_equal = a.shape == b.shape == c.shape
         if (shapes_equal and pol.vocab_policy == "align" and is_vocab_tensor(name) and len(c.shape) == 2):
             # equal row counts do not mean equal vocabularies (padded embeddings, added tokens)
-            dtypes.update({a.dtype, b.dtype, c.dtype})
+            dtypes.update({a.dtype_name, b.dtype_name, c.dtype_name})
             desc = f"source-base {list(b.shape)}, source-finetuned {list(a.shape)}, target {list(c.shape)}"
             op = align_op(name, a, b, c, out_dtype, scale, notes, desc)
             if op is not None:
                 plan.ops.append(op)
                 continue
         if shapes_equal:
-            dtypes.update({a.dtype, b.dtype, c.dtype})
+            dtypes.update({a.dtype_name, b.dtype_name, c.dtype_name})
             plan.ops.append(TensorOp(name, c.shape, out_dtype, "delta", Term(tb, c), Term(sf, a), Term(sb, b), scale=scale, notes=notes))
             continue
         rows_only = (len(a.shape) == len(b.shape) == len(c.shape) >= 1 and a.shape[1:] == b.shape[1:] == c.shape[1:])
@@ -506,7 +512,7 @@ def plan_transfer(sb: Checkpoint, sf: Checkpoint, tb: Checkpoint, pol: Policies)
                           "--vocab-policy align (rows matched by token string using both tokenizers; "
                           "target-only tokens get no Δ)")
                 continue
-            dtypes.update({a.dtype, b.dtype, c.dtype})
+            dtypes.update({a.dtype_name, b.dtype_name, c.dtype_name})
             if pol.vocab_policy == "pad":
                 rows = max(a.shape[0], b.shape[0], c.shape[0])
                 shape = (rows, *c.shape[1:])
@@ -541,7 +547,7 @@ def plan_transfer(sb: Checkpoint, sf: Checkpoint, tb: Checkpoint, pol: Policies)
                       "the source pair must share shapes")
     probs.raise_if_any()
     _refuse_no_delta(plan, pol, "the source models")
-    plan.compute_dtype = choose_compute_dtype(pol.compute_dtype, dtypes)
+    plan.compute_dtype = choose_compute_dtype(pol.compute_dtype, {torch_dtype(d) for d in dtypes})
     if _tied(tb):
         plan.warnings.append("target ties input/output embeddings: the shared matrix receives Δ once")
     return plan
@@ -595,10 +601,10 @@ def _plan_lora_transfer(sb: Checkpoint, sf: Checkpoint, tb: Checkpoint, pol: Pol
             continue
         probs.add(f"LoRA adapter tensor {n} is not a lora_A/lora_B/modules_to_save weight (DoRA and other variants "
                   "are not supported; merge the adapter with peft and pass the merged model)")
-    plan = Plan("transfer", [], torch.float32)
-    dtypes: set[torch.dtype] = set()
+    plan = Plan("transfer", [], "float32")
+    dtypes: set[str] = set()  # names; torch dtypes only once the plan stands
     for name, c in tb.tensors.items():
-        out_dtype = _out_dtype(pol, c.dtype)
+        out_dtype = _out_dtype(pol, c.dtype_name)
         src = pol.map_key(name)
         if not pol.selected(name) or (src not in loras and src not in full):
             notes = ["not adapted by the LoRA: Δ = 0, copied from target"] if pol.selected(name) else ["not selected"]
@@ -609,7 +615,7 @@ def _plan_lora_transfer(sb: Checkpoint, sf: Checkpoint, tb: Checkpoint, pol: Pol
             if src not in sb.tensors or sb.tensors[src].shape != full[src].shape or c.shape != full[src].shape:
                 probs.add(f"{name}: modules_to_save weight does not match source base/target shapes")
                 continue
-            dtypes.update({c.dtype, full[src].dtype})
+            dtypes.update({c.dtype_name, full[src].dtype_name})
             plan.ops.append(TensorOp(name, c.shape, out_dtype, "delta", Term(tb, c), Term(sf, full[src]), Term(sb, sb.tensors[src]), scale=scale, notes=["modules_to_save"]))
             continue
         ab = loras[src]
@@ -622,7 +628,7 @@ def _plan_lora_transfer(sb: Checkpoint, sf: Checkpoint, tb: Checkpoint, pol: Pol
             what = "(B@A)^T (fan_in_fan_out)" if fan else "B@A"
             probs.add(f"{name}: LoRA {what} has shape {list(want)} but the target has {list(c.shape)}")
             continue
-        dtypes.add(c.dtype)
+        dtypes.add(c.dtype_name)
         plan.ops.append(TensorOp(name, c.shape, out_dtype, "delta", base=Term(tb, c),
                                  lora=LoraTerm(ab["A"], ab["B"], sf, scaling, transposed=fan), scale=scale,
                                  notes=[f"LoRA r={r} scaling={scaling:g}" + (" fan_in_fan_out" if fan else "")]))
@@ -630,13 +636,15 @@ def _plan_lora_transfer(sb: Checkpoint, sf: Checkpoint, tb: Checkpoint, pol: Pol
     for n in sorted(missing):
         probs.add(f"LoRA adapts {n}, which the target does not have")
     probs.raise_if_any()
-    plan.compute_dtype = choose_compute_dtype(pol.compute_dtype, dtypes)
+    plan.compute_dtype = choose_compute_dtype(pol.compute_dtype, {torch_dtype(d) for d in dtypes})
     plan.info["lora"] = {"r": r, "lora_alpha": alpha, "scaling": scaling, "use_rslora": bool(cfg.get("use_rslora"))}
     return plan
 
 
 def delta_dtype_for(inputs: set[torch.dtype], requested: str | None) -> torch.dtype:
     """Stored Δ dtype: exact by default (float32 for 16-bit inputs, float64 for float32 inputs)."""
+    import torch
+
     if requested not in (None, "", "auto"):
         from deltaport.io.checkpoint import parse_dtype
 
@@ -662,8 +670,8 @@ def plan_diff(sb: Checkpoint, sf: Checkpoint, pol: Policies, delta_dtype: str | 
             plan.ops.append(op)
         return plan
     probs = _Problems("cannot plan the diff")
-    plan = Plan("diff", [], torch.float32)
-    dtypes: set[torch.dtype] = set()
+    plan = Plan("diff", [], "float32")
+    dtypes: set[str] = set()  # names; torch dtypes only once the plan stands
     for name, a in sf.tensors.items():
         src = pol.map_key(name)
         b_name, note = _source_name(sb, src)
@@ -676,7 +684,7 @@ def plan_diff(sb: Checkpoint, sf: Checkpoint, pol: Policies, delta_dtype: str | 
             continue
         b = sb.tensors[b_name]
         if not _check_dtypes(name, [("base", b), ("finetuned", a)], probs):
-            if a.dtype in FLOAT_DTYPES or b.dtype in FLOAT_DTYPES:
+            if a.dtype_name in FLOAT_DTYPE_NAMES or b.dtype_name in FLOAT_DTYPE_NAMES:
                 continue
             plan.skipped.append({"name": name, "reason": "non-float tensor: no Δ"})
             continue
@@ -688,9 +696,9 @@ def plan_diff(sb: Checkpoint, sf: Checkpoint, pol: Policies, delta_dtype: str | 
             desc = f"base {list(b.shape)}, finetuned {list(a.shape)}"
             if rows_only and is_vocab_tensor(name) and pol.vocab_policy == "pad":
                 rows = max(a.shape[0], b.shape[0])
-                dtypes.update({a.dtype, b.dtype})
+                dtypes.update({a.dtype_name, b.dtype_name})
                 plan.vocab_rows = rows
-                plan.ops.append(TensorOp(name, (rows, *a.shape[1:]), a.dtype, "delta", None, Term(sf, a), Term(sb, b),
+                plan.ops.append(TensorOp(name, (rows, *a.shape[1:]), a.dtype_name, "delta", None, Term(sf, a), Term(sb, b),
                                          notes=[f"vocab pad: {desc}"]))
                 continue
             if rows_only and is_vocab_tensor(name):
@@ -702,8 +710,8 @@ def plan_diff(sb: Checkpoint, sf: Checkpoint, pol: Policies, delta_dtype: str | 
                 continue
             probs.add(f"{name}: shapes differ ({desc}); use --shape-policy skip to leave it out")
             continue
-        dtypes.update({a.dtype, b.dtype})
-        plan.ops.append(TensorOp(name, a.shape, a.dtype, "delta", None, Term(sf, a), Term(sb, b), notes=[note] if note else []))
+        dtypes.update({a.dtype_name, b.dtype_name})
+        plan.ops.append(TensorOp(name, a.shape, a.dtype_name, "delta", None, Term(sf, a), Term(sb, b), notes=[note] if note else []))
     for n in sb.tensors:
         if n not in {pol.map_key(x) for x in sf.tensors} and not (re.search(r"lm_head\.weight$", n) and _tied(sf)):
             msg = f"{n} is in the base but not in the finetuned model"
@@ -712,8 +720,8 @@ def plan_diff(sb: Checkpoint, sf: Checkpoint, pol: Policies, delta_dtype: str | 
             else:
                 probs.add(msg + "; use --shape-policy skip to leave it out")
     probs.raise_if_any()
-    plan.compute_dtype = choose_compute_dtype(pol.compute_dtype, dtypes)
-    ddt = delta_dtype_for(dtypes, delta_dtype)
+    plan.compute_dtype = choose_compute_dtype(pol.compute_dtype, {torch_dtype(d) for d in dtypes})
+    ddt = delta_dtype_for({torch_dtype(d) for d in dtypes}, delta_dtype)
     for op in plan.ops:
         op.out_dtype = ddt
     return plan
@@ -747,7 +755,7 @@ def plan_apply(delta: Checkpoint, tb: Checkpoint, pol: Policies, *, force: bool 
                         "create one with `deltaport diff --base B --finetuned F -o DELTA`")
     _check_delta_provenance(delta.dir, prov)
     probs = _Problems("cannot apply the delta")
-    plan = Plan("apply", [], torch.float32)
+    plan = Plan("apply", [], "float32")
     recorded = prov.get("base", {}).get("tensors", {})  # name -> [dtype, shape]
     want_sig = prov.get("base", {}).get("structure")
     got_sig = tb.structure_signature()
@@ -756,8 +764,8 @@ def plan_apply(delta: Checkpoint, tb: Checkpoint, pol: Policies, *, force: bool 
         for n, (dt, shape) in recorded.items():
             if n not in tb.tensors:
                 mismatch.append(f"{n} missing from target")
-            elif list(tb.tensors[n].shape) != list(shape) or dtype_name(tb.tensors[n].dtype) != dt:
-                mismatch.append(f"{n}: delta recorded {dt} {shape}, target has {dtype_name(tb.tensors[n].dtype)} {list(tb.tensors[n].shape)}")
+            elif list(tb.tensors[n].shape) != list(shape) or tb.tensors[n].dtype_name != dt:
+                mismatch.append(f"{n}: delta recorded {dt} {shape}, target has {tb.tensors[n].dtype_name} {list(tb.tensors[n].shape)}")
         for n in tb.tensors:
             if n not in recorded:
                 mismatch.append(f"{n} in target but not in the delta's base")
@@ -771,13 +779,13 @@ def plan_apply(delta: Checkpoint, tb: Checkpoint, pol: Policies, *, force: bool 
                             "tensors anyway (recorded in provenance).")
         plan.warnings.append(f"--force: target structure differs from the delta's base ({len(mismatch)} differences)")
         plan.info["forced"] = mismatch[:50]
-    dtypes: set[torch.dtype] = set()
+    dtypes: set[str] = set()  # names; torch dtypes only once the plan stands
     for name, c in tb.tensors.items():
-        out_dtype = _out_dtype(pol, c.dtype)
+        out_dtype = _out_dtype(pol, c.dtype_name)
         d_name, note = _source_name(delta, pol.map_key(name))
-        if d_name is None or not pol.selected(name) or c.dtype not in FLOAT_DTYPES:
-            why = "no Δ for this tensor" if d_name is None else ("not selected" if c.dtype in FLOAT_DTYPES else "non-float")
-            plan.ops.append(TensorOp(name, c.shape, out_dtype if c.dtype in FLOAT_DTYPES else c.dtype, "copy", base=Term(tb, c), notes=[why + ": copied from target"]))
+        if d_name is None or not pol.selected(name) or c.dtype_name not in FLOAT_DTYPE_NAMES:
+            why = "no Δ for this tensor" if d_name is None else ("not selected" if c.dtype_name in FLOAT_DTYPE_NAMES else "non-float")
+            plan.ops.append(TensorOp(name, c.shape, out_dtype if c.dtype_name in FLOAT_DTYPE_NAMES else c.dtype_name, "copy", base=Term(tb, c), notes=[why + ": copied from target"]))
             continue
         d = delta.tensors[d_name]
         scale = pol.scale_for(name)
@@ -786,7 +794,7 @@ def plan_apply(delta: Checkpoint, tb: Checkpoint, pol: Policies, *, force: bool 
             if rows_only and is_vocab_tensor(name) and (pol.vocab_policy == "pad" or prov.get("policies", {}).get("vocab_policy") == "pad"):
                 rows = max(d.shape[0], c.shape[0])
                 plan.vocab_rows = rows
-                dtypes.update({c.dtype, d.dtype})
+                dtypes.update({c.dtype_name, d.dtype_name})
                 plan.ops.append(TensorOp(name, (rows, *c.shape[1:]), out_dtype, "delta", Term(tb, c), Term(delta, d), None, scale=scale,
                                          notes=[f"vocab pad: delta {list(d.shape)}, target {list(c.shape)}"]))
                 continue
@@ -797,12 +805,12 @@ def plan_apply(delta: Checkpoint, tb: Checkpoint, pol: Policies, *, force: bool 
             else:
                 probs.add(msg + "; use --vocab-policy pad for vocabulary rows or --shape-policy skip")
             continue
-        dtypes.update({c.dtype})
+        dtypes.update({c.dtype_name})
         plan.ops.append(TensorOp(name, c.shape, out_dtype, "delta", Term(tb, c), Term(delta, d), None, scale=scale, notes=[note] if note else []))
     probs.raise_if_any()
     _refuse_no_delta(plan, pol, "the delta")
-    plan.compute_dtype = choose_compute_dtype(pol.compute_dtype, dtypes)
+    plan.compute_dtype = choose_compute_dtype(pol.compute_dtype, {torch_dtype(d) for d in dtypes})
     # the delta's own dtype must not be rounded before use: compute at least as wide as it
-    if any(op.plus is not None and op.plus.spec.dtype == torch.float64 for op in plan.ops):
-        plan.compute_dtype = torch.float64
+    if any(op.plus is not None and op.plus.spec.dtype_name == "float64" for op in plan.ops):
+        plan.compute_dtype = "float64"
     return plan

@@ -17,50 +17,131 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from deltaport.errors import CheckpointError
 
 LOG = logging.getLogger(__name__)
 
-#: safetensors dtype code -> torch dtype
-ST_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-    "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
+# Dtypes are known by name (torch's spelling: "bfloat16", "float8_e4m3fn", ...) from the header on;
+# torch dtypes are made from the names only where tensor bytes are touched (:func:`torch_dtype`), so
+# that header-only work (inspect, planning, a plan that fails) never imports torch.
+
+#: safetensors dtype code -> dtype name
+ST_DTYPE_NAMES: dict[str, str] = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
+    "BOOL": "bool", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+    "U16": "uint16", "U32": "uint32", "U64": "uint64",
 }
-TORCH_TO_ST = {v: k for k, v in ST_DTYPES.items()}
-FLOAT_DTYPES = {torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2}
+NAME_TO_ST: dict[str, str] = {v: k for k, v in ST_DTYPE_NAMES.items()}
+FLOAT_DTYPE_NAMES = frozenset({"float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2"})
+#: bytes per element, by dtype name
+DTYPE_SIZES: dict[str, int] = {
+    "float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "int16": 2, "int8": 1,
+    "uint8": 1, "bool": 1, "float8_e4m3fn": 1, "float8_e5m2": 1, "uint16": 2, "uint32": 4, "uint64": 8,
+}
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 PROVENANCE_NAME = "deltaport.json"
 
 
-def dtype_name(dt: torch.dtype) -> str:
-    return str(dt).replace("torch.", "")
+def __getattr__(name: str):
+    """``ST_DTYPES``, ``TORCH_TO_ST`` and ``FLOAT_DTYPES`` (torch dtypes) import torch when first used."""
+    if name in ("ST_DTYPES", "TORCH_TO_ST", "FLOAT_DTYPES"):
+        st = {k: torch_dtype(v) for k, v in ST_DTYPE_NAMES.items()}
+        table = {"ST_DTYPES": st, "TORCH_TO_ST": {v: k for k, v in st.items()},
+                 "FLOAT_DTYPES": {torch_dtype(n) for n in FLOAT_DTYPE_NAMES}}
+        globals().update(table)
+        return table[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def parse_dtype(name: str) -> torch.dtype:
-    names = {"float32": torch.float32, "fp32": torch.float32, "float64": torch.float64, "fp64": torch.float64,
-             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+def dtype_name(dt) -> str:
+    """The name of a dtype (``"bfloat16"``), from a torch dtype or a name; imports nothing."""
+    return dt if isinstance(dt, str) else str(dt).replace("torch.", "")
+
+
+def torch_dtype(dt):
+    """The torch dtype of a name (or a torch dtype, returned as is): the one place names become torch dtypes."""
+    if not isinstance(dt, str):
+        return dt
+    import torch
+
     try:
-        return names[name.lower()]
+        return getattr(torch, dt)
+    except AttributeError:
+        raise CheckpointError(f"dtype {dt!r} is not known to this torch version") from None
+
+
+def dtype_size(dt) -> int:
+    """Bytes per element of a dtype (name or torch dtype); torch is asked only for a dtype safetensors lacks."""
+    size = DTYPE_SIZES.get(dtype_name(dt))
+    if size is None:
+        import torch
+
+        size = torch.empty((), dtype=torch_dtype(dt)).element_size()
+    return size
+
+
+_DTYPE_WORDS = {"float32": "float32", "fp32": "float32", "float64": "float64", "fp64": "float64",
+                "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16"}
+
+
+def parse_dtype_name(name: str) -> str:
+    """The dtype name a user's spelling means (``bf16`` -> ``bfloat16``); no torch import."""
+    try:
+        return _DTYPE_WORDS[name.lower()]
     except KeyError:
         raise CheckpointError(f"unknown dtype {name!r}; use one of float32, float64, bfloat16, float16") from None
 
 
-@dataclass(frozen=True)
+def parse_dtype(name: str):
+    """The torch dtype a user's spelling means (``bf16`` -> ``torch.bfloat16``)."""
+    return torch_dtype(parse_dtype_name(name))
+
+
+class DtypeField:
+    """A dataclass field that holds a dtype by name: set with a name or a torch dtype, read as a torch
+    dtype (torch is imported then). ``<field>_name`` reads the name and imports nothing."""
+
+    def __set_name__(self, owner, name: str) -> None:
+        self.key = f"{name}_name"
+
+    def __get__(self, obj, owner=None):
+        if obj is None:  # no class-level default: the dataclass field stays required
+            raise AttributeError(self.key)
+        return torch_dtype(obj.__dict__[self.key])
+
+    def __set__(self, obj, value) -> None:
+        obj.__dict__[self.key] = dtype_name(value)
+
+
+@dataclass(frozen=True, eq=False)
 class TensorSpec:
-    """Where one tensor lives: file, dtype, shape and absolute byte range."""
+    """Where one tensor lives: file, dtype, shape and absolute byte range.
+
+    ``dtype`` is given as a name or a torch dtype and read back as a torch dtype; ``dtype_name``
+    (``"bfloat16"``) is what header-only work uses."""
 
     name: str
     file: Path
-    dtype: torch.dtype
+    dtype: Any = DtypeField()  # type: ignore[assignment]  # required (the descriptor gives no default)
     shape: tuple[int, ...]
     start: int  # absolute offset of the first byte in ``file``
     end: int
+
+    def _key(self) -> tuple:
+        return (self.name, self.file, self.dtype_name, self.shape, self.start, self.end)
+
+    def __eq__(self, other) -> bool:
+        return self._key() == other._key() if isinstance(other, TensorSpec) else NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        return (f"TensorSpec(name={self.name!r}, file={self.file!r}, dtype={self.dtype_name}, shape={self.shape!r}, "
+                f"start={self.start}, end={self.end})")
 
     @property
     def numel(self) -> int:
@@ -107,7 +188,7 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
         raw = f.read(n)
     _check_not_truncated(path, raw, 8 + n, size)
     try:  # the library is the authority on validity (offsets, overlaps, dtypes, sizes)
-        with safe_open(str(path), framework="pt") as sf:
+        with safe_open(str(path), framework="numpy") as sf:  # "pt" would import torch; only keys are read
             lib_keys = set(sf.keys())
     except SafetensorError as exc:
         raise CheckpointError(f"shard {path} is not a valid safetensors file: {exc}. Re-download or "
@@ -159,7 +240,7 @@ class Checkpoint:
     provenance: dict[str, Any] | None = None  # deltaport.json for delta dirs
     lora: dict[str, Any] | None = None  # adapter_config for LoRA adapters
     hub: Any = None  # deltaport.io.hub.HubRepo when planned from the hub (weights downloaded after the plan)
-    _memory: dict[str, torch.Tensor] | None = None  # pickled checkpoints are loaded into memory
+    _memory: dict[str, Any] | None = None  # pickled checkpoints are loaded into memory
 
     @property
     def names(self) -> list[str]:
@@ -171,7 +252,7 @@ class Checkpoint:
         except KeyError:
             raise CheckpointError(f"tensor {name!r} is not in {self.source}") from None
 
-    def tensor(self, name: str) -> torch.Tensor:
+    def tensor(self, name: str):
         """Read one whole tensor (a copy)."""
         spec = self.spec(name)
         if self._memory is not None:
@@ -180,12 +261,12 @@ class Checkpoint:
 
         return read_tensor(spec)
 
-    def memory_tensor(self, name: str) -> torch.Tensor | None:
+    def memory_tensor(self, name: str):
         return None if self._memory is None else self._memory[name]
 
     def structure_signature(self) -> str:
         """sha256 over sorted (name, dtype, shape): what ``apply`` checks a target against."""
-        return structure_signature({n: (s.dtype, s.shape) for n, s in self.tensors.items()})
+        return structure_signature({n: (s.dtype_name, s.shape) for n, s in self.tensors.items()})
 
     def header_fingerprint(self) -> dict[str, Any]:
         files = {}
@@ -198,7 +279,8 @@ class Checkpoint:
         return sum(s.nbytes for s in self.tensors.values())
 
 
-def structure_signature(entries: dict[str, tuple[torch.dtype, tuple[int, ...]]]) -> str:
+def structure_signature(entries: dict[str, tuple[Any, tuple[int, ...]]]) -> str:
+    """sha256 over sorted (name, dtype, shape); dtypes as names or torch dtypes."""
     h = hashlib.sha256()
     for name in sorted(entries):
         dt, shape = entries[name]
@@ -215,8 +297,10 @@ def content_hash(path: str | Path, *, allow_pickle: bool = False) -> str:
     h = hashlib.sha256()
     for name in sorted(ck.tensors):
         spec = ck.tensors[name]
-        h.update(f"{name}\0{dtype_name(spec.dtype)}\0{list(spec.shape)}\n".encode())
+        h.update(f"{name}\0{spec.dtype_name}\0{list(spec.shape)}\n".encode())
         if ck._memory is not None:
+            import torch
+
             t = ck._memory[name].contiguous()
             h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
             continue
@@ -306,7 +390,7 @@ def _specs_from_header(header: dict[str, Any], data_start: int, path: Path) -> d
         if name == "__metadata__":
             continue
         try:
-            dt = ST_DTYPES[info["dtype"]]
+            dt = ST_DTYPE_NAMES[info["dtype"]]
         except KeyError:
             raise CheckpointError(f"shard {path}: tensor {name!r} has unsupported dtype {info['dtype']}") from None
         s, e = info["data_offsets"]
@@ -396,10 +480,12 @@ def _note_ignored_pickles(d: Path) -> None:
                 "not compared", d, ", ".join(bins))
 
 
-def _pickled(d: Path, allow_pickle: bool) -> tuple[dict[str, TensorSpec], list[Path], dict[str, torch.Tensor]]:
+def _pickled(d: Path, allow_pickle: bool) -> tuple[dict[str, TensorSpec], list[Path], dict[str, Any]]:
     bins = pickled_files(d)
     if not allow_pickle:
         raise refuse_pickle(d, [b.name for b in bins])
+    import torch
+
     index = d / "pytorch_model.bin.index.json"
     if index.exists():
         wm = _read_json(index, "index").get("weight_map", {})
@@ -407,7 +493,7 @@ def _pickled(d: Path, allow_pickle: bool) -> tuple[dict[str, TensorSpec], list[P
         for b in bins:
             if not b.is_file():
                 raise CheckpointError(f"index {index} names missing file {b.name}; re-download it")
-    mem: dict[str, torch.Tensor] = {}
+    mem: dict[str, Any] = {}
     for b in bins:
         try:
             sd = torch.load(b, map_location="cpu", weights_only=True, mmap=True)

@@ -14,27 +14,35 @@ import errno
 import json
 import os
 import struct
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from deltaport.errors import CheckpointError, DiskError, RuntimeFailure
-from deltaport.io.checkpoint import INDEX_NAME, SINGLE_NAME, TORCH_TO_ST, read_safetensors_header
+from deltaport.io.checkpoint import INDEX_NAME, NAME_TO_ST, SINGLE_NAME, dtype_name, dtype_size, read_safetensors_header
 
 
 @dataclass
 class OutEntry:
     name: str
-    dtype: torch.dtype
+    dtype: torch.dtype  # or its name
     shape: tuple[int, ...]
+
+    @property
+    def itemsize(self) -> int:
+        return dtype_size(self.dtype)
+
+    @property
+    def st_dtype(self) -> str:
+        """The safetensors dtype code (``"BF16"``)."""
+        return NAME_TO_ST[dtype_name(self.dtype)]
 
     @property
     def nbytes(self) -> int:
         n = 1
         for s in self.shape:
             n *= s
-        return n * torch.empty((), dtype=self.dtype).element_size()
+        return n * self.itemsize
 
 
 def parse_size(size: str | int) -> int:
@@ -97,11 +105,11 @@ class ShardedWriter:
         self.shards = []
         for i, group in enumerate(shards):
             fname = SINGLE_NAME if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            group = sorted(group, key=lambda e: (-torch.empty((), dtype=e.dtype).element_size(), e.name))
+            group = sorted(group, key=lambda e: (-e.itemsize, e.name))
             header: dict = {"__metadata__": meta}
             off = 0
             for e in group:
-                header[e.name] = {"dtype": TORCH_TO_ST[e.dtype], "shape": list(e.shape), "data_offsets": [off, off + e.nbytes]}
+                header[e.name] = {"dtype": e.st_dtype, "shape": list(e.shape), "data_offsets": [off, off + e.nbytes]}
                 off += e.nbytes
             raw = json.dumps(header, separators=(",", ":")).encode()
             raw += b" " * (-len(raw) % 8)
@@ -167,7 +175,8 @@ class ShardedWriter:
         self._expect = (name, nbytes)
 
     def write(self, data: torch.Tensor | bytes) -> None:
-        if isinstance(data, torch.Tensor):
+        torch = sys.modules.get("torch")  # a tensor exists only once torch is imported
+        if torch is not None and isinstance(data, torch.Tensor):
             data = data.contiguous().view(torch.uint8).numpy()
         self._write_all(data, self.out_dir / self.shards[self._cur_shard]["file"])
 
@@ -210,7 +219,7 @@ class ShardedWriter:
                 raise RuntimeFailure(f"verification failed: tensors in {path} differ from the plan")
             for e in s["entries"]:
                 h = header[e.name]
-                if h["dtype"] != TORCH_TO_ST[e.dtype] or tuple(h["shape"]) != tuple(e.shape):
+                if h["dtype"] != e.st_dtype or tuple(h["shape"]) != tuple(e.shape):
                     raise RuntimeFailure(f"verification failed: {e.name} in {path} has wrong dtype/shape")
         self._verify_index()
 

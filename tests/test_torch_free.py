@@ -1,0 +1,152 @@
+"""Header-only work imports no torch: ``inspect``, ``--help`` of every command, and plans refused on
+keys, shapes or dtypes, each run through the CLI in a fresh interpreter that then reports what it
+imported. Dtypes are names until a plan is executed; read as ``.dtype`` they are still torch dtypes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import deltaport
+from deltaport.io.checkpoint import open_checkpoint
+from deltaport.plan import Plan, TensorOp, make_policies, plan_transfer
+
+CHANGED = "model.layers.1.mlp.down_proj.weight"
+CONFIG = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 8, "intermediate_size": 12,
+          "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 2, "vocab_size": 16,
+          "tie_word_embeddings": False}
+
+
+def _specs() -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    out = {"model.embed_tokens.weight": ((16, 8), torch.bfloat16), "lm_head.weight": ((16, 8), torch.bfloat16),
+           "model.norm.weight": ((8,), torch.bfloat16)}
+    for i in range(2):
+        p = f"model.layers.{i}."
+        out.update({p + "input_layernorm.weight": ((8,), torch.bfloat16),
+                    p + "self_attn.q_proj.weight": ((8, 8), torch.bfloat16),
+                    p + "mlp.up_proj.weight": ((12, 8), torch.bfloat16),
+                    p + "mlp.down_proj.weight": ((8, 12), torch.bfloat16)})
+    return out
+
+
+def _save(d: Path, specs: dict, seed: int) -> Path:
+    """A 3-shard safetensors checkpoint with an index and a config.json."""
+    d.mkdir()
+    g = torch.Generator().manual_seed(seed)
+    names = sorted(specs)
+    wm = {}
+    for i in range(3):
+        fname = f"model-{i + 1:05d}-of-00003.safetensors"
+        part = names[i::3]
+        save_file({n: (torch.randn(specs[n][0], generator=g) * 8).to(specs[n][1]) for n in part}, str(d / fname),
+                  metadata={"format": "pt"})
+        wm.update({n: fname for n in part})
+    (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": wm}))
+    (d / "config.json").write_text(json.dumps(CONFIG))
+    return d
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    """A base, a fine-tune, a delta made from them, and three targets a transfer must refuse."""
+    root = tmp_path_factory.mktemp("torchfree")
+    base = _specs()
+    out = {"base": _save(root / "base", base, 0), "finetuned": _save(root / "finetuned", base, 1)}
+    out["renamed"] = _save(root / "renamed", {(n.replace("down_proj", "down") if n == CHANGED else n): v
+                                              for n, v in base.items()}, 2)
+    out["reshaped"] = _save(root / "reshaped", {n: (((8, 16), v[1]) if n == CHANGED else v) for n, v in base.items()}, 3)
+    out["integer"] = _save(root / "integer", {n: ((v[0], torch.int16) if n == CHANGED else v) for n, v in base.items()}, 4)
+    out["delta"] = deltaport.diff(out["base"], out["finetuned"], root / "delta").output
+    return out
+
+
+RUNNER = r"""
+import json, sys
+from deltaport.cli.main import app, main
+import typer.main
+
+calls = json.loads(sys.argv[1])
+if calls == "help":
+    group = typer.main.get_command(app)
+    calls = [["--help"]]
+    for name, cmd in group.commands.items():
+        calls.append([name, "--help"])
+        calls += [[name, sub, "--help"] for sub in getattr(cmd, "commands", {})]
+for argv in calls:
+    try:
+        rc = main(argv)
+    except SystemExit as exc:
+        rc = exc.code
+    print(json.dumps({"argv": argv, "rc": rc, "torch": "torch" in sys.modules,
+                      "transformers": "transformers" in sys.modules}), file=sys.stderr)
+"""
+
+
+def _run(calls) -> tuple[list[dict], str]:
+    """Run CLI ``calls`` (lists of arguments, or ``"help"``: ``--help`` of every command) in one fresh
+    interpreter; each call's exit code and whether torch / transformers were imported by then."""
+    r = subprocess.run([sys.executable, "-c", RUNNER, json.dumps(calls)], capture_output=True, text=True, timeout=300,
+                       env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    recs = [json.loads(line) for line in r.stderr.splitlines() if line.startswith('{"argv"')]
+    return recs, r.stdout + r.stderr
+
+
+def test_inspect_and_every_help_import_neither_torch_nor_transformers(models):
+    recs, out = _run([["inspect", str(models["base"])], ["inspect", str(models["delta"]), "--json", "--tensors"]])
+    assert [r["rc"] for r in recs] == [0, 0], out
+    assert "11 tensors" in out and '"kind": "delta"' in out and '"dtype": "float32"' in out
+    assert not any(r["torch"] or r["transformers"] for r in recs), recs
+    recs, out = _run("help")
+    names = [" ".join(r["argv"][:-1]) for r in recs]
+    assert {"", "transfer", "diff", "apply", "inspect", "eval", "check", "lab run"} <= set(names), names
+    assert all(r["rc"] == 0 for r in recs), out
+    assert [n for n, r in zip(names, recs) if r["torch"] or r["transformers"]] == []
+
+
+@pytest.mark.parametrize("target,why", [
+    ("renamed", "model.layers.1.mlp.down.weight is in the target but not in source-finetuned and source-base"),
+    ("reshaped", "model.layers.1.mlp.down_proj.weight: shapes differ (source-base [8, 12], source-finetuned [8, 12], "
+                 "target [8, 16])"),
+    ("integer", "model.layers.1.mlp.down_proj.weight: dtypes cannot be combined (source-base bfloat16, "
+                "source-finetuned bfloat16, target int16)"),
+], ids=["keys", "shapes", "dtypes"])
+def test_refused_plans_import_no_torch(models, target, why, tmp_path):
+    """A transfer, a diff and an apply refused at plan time (dry run or real) import no torch."""
+    m = {k: str(v) for k, v in models.items()}
+    out = str(tmp_path / "out")
+    transfer = ["transfer", "--source-base", m["base"], "--source-finetuned", m["finetuned"], "--target-base", m[target],
+                "-o", out]
+    calls = [transfer + ["--dry-run"], transfer, ["diff", "--base", m["base"], "--finetuned", m[target], "-o", out],
+             ["apply", m["delta"], "--to", m[target], "-o", out, "--dry-run"]]
+    recs, text = _run(calls)
+    assert [r["rc"] for r in recs] == [2, 2, 2, 2], text
+    assert text.count(why) == 2, text
+    assert "cannot plan the diff" in text and "does not match the structure the delta was made on" in text
+    assert [r["argv"][0] for r in recs if r["torch"] or r["transformers"]] == []
+    assert not (tmp_path / "out").exists()
+
+
+def test_dtypes_are_names_until_read(models):
+    """Planning keeps dtypes as names; ``.dtype``, ``.out_dtype`` and ``.compute_dtype`` read as torch dtypes."""
+    ck = open_checkpoint(models["base"])
+    spec = ck.tensors[CHANGED]
+    assert spec.dtype_name == "bfloat16" and spec.dtype is torch.bfloat16
+    assert spec == open_checkpoint(models["base"]).tensors[CHANGED] and "dtype=bfloat16" in repr(spec)
+    op = TensorOp("x", (2, 3), "float16", "copy")
+    assert op.out_dtype is torch.float16 and op.nbytes == 12
+    op.out_dtype = torch.float32
+    assert op.out_dtype_name == "float32" and op.nbytes == 24
+    with pytest.raises(TypeError):
+        TensorOp("x", (2,))  # the dtype stays a required argument
+    plan = plan_transfer(ck, open_checkpoint(models["finetuned"]), open_checkpoint(models["base"]),
+                         make_policies(out_dtype="fp16"))
+    assert {op.out_dtype_name for op in plan.ops} == {"float16"} and plan.ops[0].out_dtype is torch.float16
+    assert plan.compute_dtype is torch.float64 and plan.summary()["compute_dtype"] == "float64"
+    assert Plan("diff", [], torch.float32).compute_dtype_name == "float32"
