@@ -11,9 +11,12 @@ import json
 import logging
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from deltaport.errors import InputError, PlanError
+
+if TYPE_CHECKING:  # annotations only: these modules must not import torch (header-only paths)
+    import torch
 
 LOG = logging.getLogger(__name__)
 

@@ -14,10 +14,13 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from deltaport.errors import InputError, PlanError
 from deltaport.io.checkpoint import FLOAT_DTYPE_NAMES, Checkpoint, DtypeField, TensorSpec, dtype_size, torch_dtype
+
+if TYPE_CHECKING:  # annotations only: these modules must not import torch (header-only paths)
+    import torch
 
 LOG = logging.getLogger(__name__)
 

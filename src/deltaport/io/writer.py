@@ -10,6 +10,8 @@ so every tensor is aligned to its item size.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import errno
 import json
 import os
@@ -20,6 +22,9 @@ from pathlib import Path
 
 from deltaport.errors import CheckpointError, DiskError, RuntimeFailure
 from deltaport.io.checkpoint import INDEX_NAME, NAME_TO_ST, SINGLE_NAME, dtype_name, dtype_size, read_safetensors_header
+
+if TYPE_CHECKING:  # annotations only: these modules must not import torch (header-only paths)
+    import torch
 
 
 @dataclass
