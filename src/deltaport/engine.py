@@ -41,6 +41,7 @@ class Stats:
     seconds: float = 0.0
     nonfinite_inputs: list[str] = field(default_factory=list)
     inexact_delta: dict[str, int] = field(default_factory=dict)  # diff: elements where base + Δ != finetuned
+    exact_fixups: int = 0  # composed apply: elements rounded from the exact rational sum
 
 
 def _isz(dt: torch.dtype) -> int:
@@ -199,6 +200,13 @@ class _Prefetcher(threading.Thread):
         self.join()
 
 
+class _LoraView:
+    """What :meth:`Engine._lora` reads of an op (its name: the factor cache key, and its LoRA term)."""
+
+    def __init__(self, name, lora):
+        self.name, self.lora = name, lora
+
+
 class Engine:
     def __init__(self, plan: Plan, *, chunk_elems: int = DEFAULT_CHUNK_ELEMS, strict: bool = False, prefetch: bool = True):
         self.plan = plan
@@ -212,6 +220,7 @@ class Engine:
         self._reader: _Prefetcher | None = None
         self._pre: dict[str, torch.Tensor] = {}  # this chunk's prefetched raw bytes, by key
         self._raw: dict[str, torch.Tensor] = {}  # the raw bytes _fill last converted, by key
+        self._packed_cache: dict[str, dict] = {}  # compressed tensor parts, by key (one tensor each)
 
     # -- reading -------------------------------------------------------------------------------------
     def _fill(self, key: str, term: Term, e0: int, e1: int, row_elems: int) -> torch.Tensor:
@@ -330,6 +339,100 @@ class Engine:
         out.mul_(op.lora.scaling)
         return out
 
+    def _packed(self, term, name: str, e0: int, e1: int, key: str = "plus:f") -> torch.Tensor:
+        """Δ of a compressed tensor (sparse bitmask + values, or sign bits + α) for elements [e0, e1).
+
+        The parts of one tensor are read whole on its first chunk (together at most the size of its dense
+        Δ); sparse keeps a running count of the values used, so chunks in order cost one pass."""
+        from deltaport.compression import unpack_bits
+
+        cache = self._packed_cache.get(key)
+        if cache is None or cache["name"] != name:
+            cache = {"name": name, "bits": term.ck.tensor(term.bits.name), "values": term.ck.tensor(term.values.name),
+                     "next": (0, 0)}
+            self._packed_cache[key] = cache
+        n = e1 - e0
+        out = self.bufs.get(key, n, self.cd)
+        mask = unpack_bits(cache["bits"], e0, n)
+        if term.method == "sign":
+            alpha = float(cache["values"][0])
+            out.copy_(mask)  # 1 / 0
+            out.mul_(2.0).sub_(1.0).mul_(alpha)  # ±1 · α: exact
+            return out
+        e_next, v_next = cache["next"]
+        if e0 != e_next:  # out of order: count the kept entries before e0
+            v_next = int(unpack_bits(cache["bits"], 0, e0).sum()) if e0 else 0
+        k = int(mask.sum())
+        out.zero_()
+        out[mask] = cache["values"][v_next:v_next + k].to(self.cd)
+        cache["next"] = (e1, v_next + k)
+        return out
+
+    def _compose(self, op: TensorOp, e0: int, e1: int, row_elems: int) -> torch.Tensor:
+        """Σ_i λ_i·Δ_i for a composed apply, in float64, and the elements whose rounding it cannot decide.
+
+        A float64 sum of several products λ_i·Δ_i and the target is not exact in general. Each product and
+        each addition errs by at most 2⁻⁵³ of its magnitude, so the float64 result s lies within
+        E = (2m+2)·2⁻⁵³·(|t| + Σ|λ_i·Δ_i|) of the exact sum (m Δs; E is doubled for the roundings of E itself).
+        When s − E and s + E round to the same output value, so does the exact sum (rounding is monotone);
+        the other elements (a handful per million, next to a rounding boundary) are recomputed in exact
+        rational arithmetic by :meth:`_compose_fixup` after the chunk is rounded."""
+        n = e1 - e0
+        acc = self.bufs.get("compose:acc", n, torch.float64)
+        mag = self.bufs.get("compose:mag", n, torch.float64)
+        acc.zero_()
+        mag.zero_()
+        self._compose_vals = []
+        for i, part in enumerate(op.deltas):
+            key = f"d{i}:f"
+            if part.lora is not None:
+                v = self._lora(_LoraView(op.name + f"#{i}", part.lora), e0, e1, row_elems, key=key)
+            elif part.packed is not None:
+                v = self._packed(part.packed, op.name, e0, e1, key=key)
+            else:
+                v = self._fill(f"d{i}", part.plus, e0, e1, row_elems)
+            v = v.to(torch.float64) if v.dtype != torch.float64 else v
+            self._compose_vals.append(v)
+            prod = self.bufs.get("compose:p", n, torch.float64)
+            torch.mul(v, part.scale, out=prod)
+            acc.add_(prod)
+            mag.add_(prod.abs_())
+        return acc
+
+    def _compose_fixup(self, op: TensorOp, out: torch.Tensor, e0: int, e1: int) -> None:
+        """Elements of a composed apply whose float64 result may round differently from the exact sum:
+        recompute them in exact rationals (see :meth:`_compose`). float64 outputs keep the float64 result."""
+        if op.out_dtype == torch.float64 or self.cd != torch.float64:
+            return
+        n = e1 - e0
+        base = self._fill("base", op.base, e0, e1, 0 if op.base.rowmap is None else op.shape[-1])
+        acc = self.bufs.get("compose:acc2", n, torch.float64)
+        acc.copy_(base)
+        for part, v in zip(op.deltas, self._compose_vals):
+            acc.add_(v * part.scale)
+        mag = self.bufs.get("compose:mag", n, torch.float64)
+        mag.add_(base.abs())
+        err = mag.mul_((2 * len(op.deltas) + 2) * 2.0 ** -52)
+        lo = self.bufs.get("compose:lo", n, op.out_dtype)
+        hi = self.bufs.get("compose:hi", n, op.out_dtype)
+        self._round(lo, acc - err, n)
+        self._round(hi, acc + err, n)
+        sure = lo.view(-1) == hi.view(-1)
+        out.copy_(lo)  # where s − E and s + E agree, the exact sum rounds to the same value
+        unsure = torch.nonzero(~sure).flatten().tolist()
+        if not unsure:
+            return
+        from fractions import Fraction
+
+        from deltaport.numerics import round_fraction
+
+        for j in unsure:
+            x = Fraction(float(base[j]))
+            for part, v in zip(op.deltas, self._compose_vals):
+                x += Fraction(part.scale) * Fraction(float(v[j]))
+            out[j] = round_fraction(x, op.out_dtype)
+        self.stats.exact_fixups += len(unsure)
+
     def _diagnose(self, op: TensorOp, e0: int, e1: int, row_elems: int) -> None:
         bad_inputs = []
         for key, term in (("diag_c", op.base), ("diag_a", op.plus), ("diag_b", op.minus)):
@@ -363,7 +466,8 @@ class Engine:
         if op.kind == "copy" or op.scale == 0.0:
             terms = [("base", op.base)]
         else:
-            terms = [] if op.lora is not None else [("plus", op.plus), ("minus", op.minus)]
+            direct = op.lora is None and op.packed is None and not op.deltas
+            terms = [("plus", op.plus), ("minus", op.minus)] if direct else []
             terms.append(("base", op.base))
         return [(k, t) for k, t in terms
                 if t is not None and t.rowmap is None and t.ck.memory_tensor(t.spec.name) is None]
@@ -396,8 +500,12 @@ class Engine:
                 if op.kind == "copy" or op.scale == 0.0:
                     acc = self._fill("base", op.base, e0, e1, row_elems)
                 else:
-                    if op.lora is not None:
+                    if op.deltas:
+                        d = self._compose(op, e0, e1, row_elems)
+                    elif op.lora is not None:
                         d = self._lora(op, e0, e1, row_elems)
+                    elif op.packed is not None:
+                        d = self._packed(op.packed, op.name, e0, e1)
                     else:
                         d = self._fill("plus", op.plus, e0, e1, row_elems)
                         if op.minus is not None:
@@ -411,6 +519,8 @@ class Engine:
                         acc = d
                 out = obuf[: n * osz].view(op.out_dtype)
                 self._round(out, acc, n)
+                if op.deltas and op.kind != "copy":
+                    self._compose_fixup(op, out, e0, e1)
                 if not _all_finite(out):
                     self._diagnose(op, e0, e1, row_elems)
                 if op.base is None and (op.minus is not None or op.check is not None):

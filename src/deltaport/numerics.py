@@ -47,3 +47,32 @@ def round_to(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     out = torch.empty(x.shape, dtype=dtype)
     round_into(out, x.clone() if x.dtype == torch.float64 else x)
     return out
+
+
+_FORMATS = {torch.float32: (24, -126, 128), torch.bfloat16: (8, -126, 128), torch.float16: (11, -14, 16),
+            torch.float64: (53, -1022, 1024)}  # significand bits, min normal exponent, overflow exponent
+
+
+def round_fraction(x, dtype: torch.dtype) -> float:
+    """The value of ``dtype`` nearest the exact rational ``x`` (ties to even; overflow to ±inf), as a float."""
+    from fractions import Fraction
+
+    p, emin, emax = _FORMATS[dtype]
+    if x == 0:
+        return 0.0
+    a = abs(Fraction(x))
+    e = a.numerator.bit_length() - a.denominator.bit_length()
+    if Fraction(2) ** e > a:
+        e -= 1  # now 2**e <= a < 2**(e+1)
+    q = Fraction(2) ** (max(e, emin) - (p - 1))  # the spacing of dtype's values around a
+    m = a / q
+    k = m.numerator // m.denominator
+    rest = m - k
+    if rest > Fraction(1, 2) or (rest == Fraction(1, 2) and k % 2 == 1):
+        k += 1
+    v = k * q
+    if v >= Fraction(2) ** emax:
+        v = float("inf")
+    else:
+        v = float(v)  # exact: at most p significant bits
+    return v if x > 0 else -v
