@@ -305,7 +305,7 @@ def compress(delta, output, *, method: str, rank: int | None = None, density: fl
                                            f"{e.dtype} {list(e.shape)}")
                 writer.begin(e.name, e.nbytes)
                 if e.nbytes:
-                    writer.write(data.view(torch.uint8) if data.dim() else data.reshape(1).view(torch.uint8))
+                    writer.write(data.contiguous().reshape(-1).view(torch.uint8))  # reshape: stride 1 for [1, n] too
             writer.finalize()
             before = sum(r["bytes_before"] for r in records.values())
             after = sum(r["bytes_after"] for r in records.values())

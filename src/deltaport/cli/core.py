@@ -109,10 +109,11 @@ def register(app: typer.Typer) -> None:
 
     @app.command("apply")
     def apply_cmd(
-        delta: str = typer.Argument(..., help="delta directory made by `deltaport diff`"),
+        delta: list[str] = typer.Argument(..., help="delta directory made by `deltaport diff` or `deltaport compress`; several: OUT = to + Σ λ_i·Δ_i"),
         to: str = Opt(..., "--to", help="the target base model"),
         output: Path = Opt(..., "-o", "--output", help="output model directory"),
-        scale: float = _SCALE, vocab_policy: str = _VOCAB, shape_policy: str = _SHAPE,
+        scale: Optional[list[float]] = Opt(None, "--scale", help="λ: out = target + λ·Δ (paper: 1.0); with several deltas, once per delta in their order (--scale-map values multiply each λ)"),
+        vocab_policy: str = _VOCAB, shape_policy: str = _SHAPE,
         key_map: Optional[Path] = _KEYMAP, include: Optional[list[str]] = _INCLUDE, exclude: Optional[list[str]] = _EXCLUDE,
         scale_map: Optional[Path] = _SCALEMAP, compute_dtype: str = _COMPUTE, out_dtype: Optional[str] = _OUTDT,
         config_from: str = _CONFIG, tokenizer_from: str = _TOK, chat_template_from: str = _CHAT,
@@ -121,15 +122,42 @@ def register(app: typer.Typer) -> None:
         allow_pickle: bool = _PICKLE, strict: bool = _STRICT, threads: Optional[int] = _THREADS, quiet: bool = _QUIET,
         as_json: bool = _JSON,
     ):
-        """Apply a stored delta: OUT = to + λ·Δ."""
+        """Apply a stored delta: OUT = to + λ·Δ; several deltas: OUT = to + Σ λ_i·Δ_i, rounded once from the exact sum."""
         from deltaport.ops import apply
 
-        res = apply(delta, to, output, scale=scale, vocab_policy=vocab_policy, shape_policy=shape_policy, key_map=key_map,
+        res = apply(delta, to, output, scale=scale or [], vocab_policy=vocab_policy, shape_policy=shape_policy, key_map=key_map,
                     include=include, exclude=exclude, scale_map=scale_map, compute_dtype=compute_dtype, out_dtype=out_dtype,
                     config_from=config_from, tokenizer_from=tokenizer_from, chat_template_from=chat_template_from,
                     shard_size=shard_size, overwrite=overwrite, dry_run=dry_run, force=force, allow_pickle=allow_pickle,
                     strict=strict, threads=threads, progress=not quiet and not as_json)
         _summary(res, as_json, dry_run)
+
+    @app.command("compress")
+    def compress_cmd(
+        delta: str = typer.Argument(..., help="delta directory made by `deltaport diff`"),
+        output: Path = Opt(..., "-o", "--output", help="output (compressed) delta directory"),
+        method: str = Opt(..., "--method", help="lowrank (factors per matrix, --rank) | sparse (DARE: bitmask + kept values, --density) | sign (BitDelta: sign bits + one scale per matrix)"),
+        rank: Optional[int] = Opt(None, "--rank", help="lowrank: rank R of each matrix's factors"),
+        density: Optional[float] = Opt(None, "--density", help="sparse: fraction p of entries kept, in (0, 1]; kept values are rescaled by 1/p"),
+        include: Optional[list[str]] = Opt(None, "--include", help="regex; compress only matching tensors (repeatable; may name vocabulary tensors)"),
+        exclude: Optional[list[str]] = Opt(None, "--exclude", help="regex; matching tensors stay exact (repeatable)"),
+        seed: int = Opt(0, "--seed", help="seed of DARE's mask and the randomised SVD (recorded; reruns are byte-identical)"),
+        shard_size: str = _SHARD, overwrite: bool = _OVER, threads: Optional[int] = _THREADS, as_json: bool = _JSON,
+    ):
+        """Compress a delta: low rank, sparse or sign, one tensor at a time (1-D and vocabulary tensors stay exact)."""
+        from deltaport.compression import compress
+
+        comp = compress(delta, output, method=method, rank=rank, density=density, include=include, exclude=exclude,
+                        seed=seed, shard_size=shard_size, overwrite=overwrite, threads=threads)
+        tot = comp["totals"]
+        if as_json:
+            print(json.dumps({"output": str(output), "compression": {k: v for k, v in comp.items() if k != "tensors"}}, indent=2))
+            return
+        errs = [r["rel_frobenius_error"] for r in comp["tensors"].values() if r["method"] != "exact" and r["rel_frobenius_error"] is not None]
+        sys.stderr.write(f"wrote {output}: {comp['method']} {comp['params']}, {tot['compressed_tensors']} tensors compressed, "
+                         f"{tot['bytes_after'] / 1e6:.2f} MB of {tot['bytes_before'] / 1e6:.2f} MB ({tot['ratio']:.3f}; compressed "
+                         f"tensors {tot['compressed_ratio']:.3f}), relative Frobenius error mean {sum(errs) / max(len(errs), 1):.3g}, "
+                         f"max {max(errs, default=0):.3g}\n")
 
     @app.command("inspect")
     def inspect_cmd(
@@ -162,6 +190,12 @@ def register(app: typer.Typer) -> None:
                       f"scale {p.get('scale', '-')}, {len(p.get('skipped') or [])} skipped")
             for role, rec in (p.get("inputs") or {}).items():
                 con.print(f"  {role}: {rec.get('source')} (revision {rec.get('revision')})")
+            comp = p.get("compression")
+            if isinstance(comp, dict):
+                tot = comp.get("totals") or {}
+                con.print(f"compressed delta (format {comp.get('format')} v{comp.get('version')}): {comp.get('method')} "
+                          f"{comp.get('params')}, seed {comp.get('seed')}, {tot.get('compressed_tensors')} tensors compressed, "
+                          f"{tot.get('bytes_after', 0) / 1e6:.2f} MB of {tot.get('bytes_before', 0) / 1e6:.2f} MB exact")
         if tensors:
             t = Table("name", "dtype", "shape", "file")
             for row in info["tensors"]:
