@@ -144,3 +144,17 @@ def test_round_fraction_matches_float_rounding():
             assert round_fraction(Fraction(v), dt) == float(torch.tensor(v, dtype=torch.float32).to(dt)), (v, dt)
     x = Fraction(1) + Fraction(1, 2 ** 8) + Fraction(1, 2 ** 60)  # just past a bf16 tie
     assert round_fraction(x, torch.bfloat16) == 1.0078125
+
+
+def test_nonfinite_target_values_pass_through_a_composed_apply(two, tmp_path):
+    """A NaN in the target is carried (and reported), never sent to the exact-rational path (where Fraction
+    would raise). An Inf is left out: the shared 16-bit rounding turns it into NaN (numerics.jam_to_float32)."""
+    m = T.make_model("llama", seed=0, dtype=torch.bfloat16)
+    w = "model.layers.1.mlp.up_proj.weight"
+    with torch.no_grad():
+        m.get_parameter(w).view(-1)[:1] = float("nan")
+    T.save(m, tmp_path / "t")
+    res = deltaport.apply([two["d1"], two["d2"]], tmp_path / "t", tmp_path / "o", scale=[0.5, 0.5])
+    got = load_sd(tmp_path / "o")[w].view(-1)
+    assert got[0].isnan() and torch.isfinite(got[1:]).all()
+    assert w in res.stats.nonfinite_inputs

@@ -417,9 +417,9 @@ class Engine:
         hi = self.bufs.get("compose:hi", n, op.out_dtype)
         self._round(lo, acc - err, n)
         self._round(hi, acc + err, n)
-        sure = lo.view(-1) == hi.view(-1)
-        out.copy_(lo)  # where s − E and s + E agree, the exact sum rounds to the same value
-        unsure = torch.nonzero(~sure).flatten().tolist()
+        fin = torch.isfinite(acc)  # NaN/Inf inputs keep the plain result (reported by _diagnose)
+        out.copy_(torch.where(fin, lo, out))  # where s − E and s + E agree, the exact sum rounds to the same value
+        unsure = torch.nonzero(fin & (lo != hi)).flatten().tolist()
         if not unsure:
             return
         from fractions import Fraction
