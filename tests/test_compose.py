@@ -158,3 +158,50 @@ def test_nonfinite_target_values_pass_through_a_composed_apply(two, tmp_path):
     got = load_sd(tmp_path / "o")[w].view(-1)
     assert got[0].isnan() and torch.isfinite(got[1:]).all()
     assert w in res.stats.nonfinite_inputs
+
+
+def _ties_reference(target: dict, deltas: list[dict], lams: list[float], density: float) -> dict:
+    """TIES (Yadav et al. 2023) in exact rationals: trim each Δ_i to its ⌈density·N⌉ largest |entries| (ties at the
+    threshold kept), c_i = λ_i·trim(Δ_i), elect sign(Σ c_i), average the c_i of that sign; round t + mean once."""
+    import math
+
+    out = {}
+    for k, t in target.items():
+        ds = [d[k].reshape(-1).double() for d in deltas]
+        thr = []
+        for d in ds:
+            kk = max(1, math.ceil(density * d.numel()))
+            thr.append(float(d.abs().sort(descending=True).values[kk - 1]) if kk < d.numel() else 0.0)
+        vals = []
+        for j, tv in enumerate(t.reshape(-1).tolist()):
+            cs = [Fraction(lam) * Fraction(float(d[j])) if abs(float(d[j])) >= th else Fraction(0)
+                  for lam, d, th in zip(lams, ds, thr)]
+            total = sum(cs, Fraction(0))
+            agree = [c for c in cs if c != 0 and total != 0 and (c > 0) == (total > 0)]
+            vals.append(round_fraction(Fraction(tv) + sum(agree, Fraction(0)) / max(len(agree), 1), t.dtype))
+        out[k] = torch.tensor(vals, dtype=torch.float64).to(t.dtype).view(t.shape)
+    return out
+
+
+@pytest.mark.parametrize("density", [0.2, 1.0])
+def test_ties_sign_consensus_equals_exact_reference(two, tmp_path, density):
+    d3 = tmp_path / "d3"
+    base = T.make_model("llama", seed=0, dtype=torch.bfloat16)
+    T.save(T.perturbed(base, seed=11, scale=1.5e-3), tmp_path / "ft3")
+    deltaport.diff(two["source_base"], tmp_path / "ft3", d3)
+    lams = [0.9, 0.6, 1.1]
+    deltaport.apply([two["d1"], two["d2"], d3], two["target_base"], tmp_path / "o", scale=lams, ties=density)
+    want = _ties_reference(load_sd(two["target_base"]), [load_sd(two["d1"]), load_sd(two["d2"]), load_sd(d3)], lams,
+                           density)
+    got = load_sd(tmp_path / "o")
+    assert_bit_equal(got, want)
+    plain = _reference(load_sd(two["target_base"]), [load_sd(two["d1"]), load_sd(two["d2"]), load_sd(d3)], lams)
+    assert any(not torch.equal(bits(got[k]), bits(plain[k])) for k in got)  # TIES is not the plain sum
+
+
+def test_ties_needs_several_deltas_and_a_density(two, tmp_path, capsys):
+    assert main(["apply", str(two["d1"]), "--to", str(two["target_base"]), "-o", str(tmp_path / "o"), "--ties", "0.2"]) == 2
+    assert "two or more delta" in capsys.readouterr().err
+    assert main(["apply", str(two["d1"]), str(two["d2"]), "--to", str(two["target_base"]), "-o", str(tmp_path / "o"),
+                 "--ties", "0"]) == 2
+    assert "--ties must be" in capsys.readouterr().err

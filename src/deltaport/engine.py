@@ -6,6 +6,7 @@ with writing (a writer thread), check every chunk for NaN/Inf, and round once to
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 import time
@@ -368,69 +369,115 @@ class Engine:
         cache["next"] = (e1, v_next + k)
         return out
 
-    def _compose(self, op: TensorOp, e0: int, e1: int, row_elems: int) -> torch.Tensor:
-        """Σ_i λ_i·Δ_i for a composed apply, in float64, and the elements whose rounding it cannot decide.
+    def _part_values(self, op: TensorOp, i: int, part, e0: int, e1: int, row_elems: int, key: str) -> torch.Tensor:
+        """Δ_i of a composed op for elements [e0, e1), in float64."""
+        if part.lora is not None:
+            v = self._lora(_LoraView(op.name + f"#{i}", part.lora), e0, e1, row_elems, key=key + ":f")
+        elif part.packed is not None:
+            v = self._packed(part.packed, op.name, e0, e1, key=key + ":f")
+        else:
+            v = self._fill(key, part.plus, e0, e1, row_elems)
+        return v if v.dtype == torch.float64 else v.to(torch.float64)
 
-        A float64 sum of several products λ_i·Δ_i and the target is not exact in general. Each product and
-        each addition errs by at most 2⁻⁵³ of its magnitude, so the float64 result s lies within
-        E = (2m+2)·2⁻⁵³·(|t| + Σ|λ_i·Δ_i|) of the exact sum (m Δs; E is doubled for the roundings of E itself).
-        When s − E and s + E round to the same output value, so does the exact sum (rounding is monotone);
-        the other elements (a handful per million, next to a rounding boundary) are recomputed in exact
-        rational arithmetic by :meth:`_compose_fixup` after the chunk is rounded."""
-        n = e1 - e0
-        acc = self.bufs.get("compose:acc", n, torch.float64)
-        mag = self.bufs.get("compose:mag", n, torch.float64)
-        acc.zero_()
-        mag.zero_()
-        self._compose_vals = []
+    def _ties_thresholds(self, op: TensorOp, row_elems: int) -> list[float]:
+        """TIES trim: per delta, the magnitude of its k-th largest entry in this tensor (k = ⌈density·N⌉);
+        entries at least that large are kept. Reads each Δ_i of this tensor whole (memory: one tensor)."""
+        cache = getattr(self, "_ties_cache", None)
+        if cache is not None and cache[0] == op.name:
+            return cache[1]
+        numel = op.numel
+        k = max(1, math.ceil(op.ties_density * numel))
+        thr = []
         for i, part in enumerate(op.deltas):
-            key = f"d{i}:f"
-            if part.lora is not None:
-                v = self._lora(_LoraView(op.name + f"#{i}", part.lora), e0, e1, row_elems, key=key)
-            elif part.packed is not None:
-                v = self._packed(part.packed, op.name, e0, e1, key=key)
-            else:
-                v = self._fill(f"d{i}", part.plus, e0, e1, row_elems)
-            v = v.to(torch.float64) if v.dtype != torch.float64 else v
+            a = self._part_values(op, i, part, 0, numel, row_elems, key=f"ties{i}").abs()
+            thr.append(float(torch.kthvalue(a, numel - k + 1).values) if k < numel else 0.0)
+        self._ties_cache = (op.name, thr)
+        return thr
+
+    def _compose(self, op: TensorOp, e0: int, e1: int, row_elems: int) -> torch.Tensor:
+        """d = Σ_i λ_i·Δ_i (or the TIES merge of the λ_i·Δ_i) for a composed apply, in float64.
+
+        A float64 sum of several products is not exact in general. With m deltas, each product, addition
+        (and TIES's one division) errs by at most 2⁻⁵³ of its magnitude, so s = t + d lies within
+        E = (2m+4)·2⁻⁵³·(|t| + Σ|λ_i·Δ_i|) of the exact value (E is doubled for safety). :meth:`_compose_fixup`
+        keeps the rounding of s where s − E and s + E round alike (rounding is monotone, so the exact value
+        rounds there too) and recomputes the rest in exact rationals."""
+        n = e1 - e0
+        d = self.bufs.get("compose:acc", n, torch.float64)
+        mag = self.bufs.get("compose:mag", n, torch.float64)
+        d.zero_()
+        mag.zero_()
+        ties = op.ties_density is not None
+        thr = self._ties_thresholds(op, row_elems) if ties else None
+        self._compose_vals = []
+        cs = []
+        for i, part in enumerate(op.deltas):
+            v = self._part_values(op, i, part, e0, e1, row_elems, key=f"d{i}")
             self._compose_vals.append(v)
-            prod = self.bufs.get("compose:p", n, torch.float64)
-            torch.mul(v, part.scale, out=prod)
-            acc.add_(prod)
-            mag.add_(prod.abs_())
-        return acc
+            c = self.bufs.get(f"compose:c{i}", n, torch.float64)
+            torch.mul(v, part.scale, out=c)
+            if ties:
+                c.masked_fill_(v.abs() < thr[i], 0.0)  # trim
+                cs.append(c)
+            else:
+                d.add_(c)
+            mag.add_(c.abs())
+        self._compose_unsure = None
+        if ties:
+            total = self.bufs.get("compose:total", n, torch.float64)
+            total.zero_()
+            for c in cs:
+                total.add_(c)
+            sign = torch.sign(total)  # elect: the sign of the larger total magnitude
+            cnt = self.bufs.get("compose:cnt", n, torch.float64)
+            cnt.zero_()
+            for c in cs:
+                agree = (torch.sign(c) == sign) & (c != 0)
+                d.add_(torch.where(agree, c, 0.0))
+                cnt.add_(agree)
+            d.div_(cnt.clamp_(min=1.0))  # disjoint mean
+            # a total within its own rounding error of 0 may have the wrong sign: decide those exactly
+            self._compose_unsure = (total.abs() <= mag * (2 * len(cs) * 2.0 ** -52)) & (mag > 0)
+        return d
 
     def _compose_fixup(self, op: TensorOp, out: torch.Tensor, e0: int, e1: int) -> None:
-        """Elements of a composed apply whose float64 result may round differently from the exact sum:
-        recompute them in exact rationals (see :meth:`_compose`). float64 outputs keep the float64 result."""
+        """Round a composed chunk from the exact value where float64 cannot decide (see :meth:`_compose`).
+        float64 outputs and a float32 compute dtype keep the result as computed."""
         if op.out_dtype == torch.float64 or self.cd != torch.float64:
             return
         n = e1 - e0
-        base = self._fill("base", op.base, e0, e1, 0 if op.base.rowmap is None else op.shape[-1])
-        acc = self.bufs.get("compose:acc2", n, torch.float64)
-        acc.copy_(base)
-        for part, v in zip(op.deltas, self._compose_vals):
-            acc.add_(v * part.scale)
+        base = self._fill("base", op.base, e0, e1, op.shape[-1] if op.shape else 1)
+        d = self.bufs.get("compose:acc", n, torch.float64)
+        s = torch.add(base, d)  # the value _run_op rounded
         mag = self.bufs.get("compose:mag", n, torch.float64)
-        mag.add_(base.abs())
-        err = mag.mul_((2 * len(op.deltas) + 2) * 2.0 ** -52)
+        err = mag.add_(base.abs()).mul_((2 * len(op.deltas) + 4) * 2.0 ** -52)
         lo = self.bufs.get("compose:lo", n, op.out_dtype)
         hi = self.bufs.get("compose:hi", n, op.out_dtype)
-        self._round(lo, acc - err, n)
-        self._round(hi, acc + err, n)
-        fin = torch.isfinite(acc)  # NaN/Inf inputs keep the plain result (reported by _diagnose)
-        out.copy_(torch.where(fin, lo, out))  # where s − E and s + E agree, the exact sum rounds to the same value
-        unsure = torch.nonzero(fin & (lo != hi)).flatten().tolist()
+        self._round(lo, s - err, n)
+        self._round(hi, s + err, n)
+        fin = torch.isfinite(s)  # NaN/Inf inputs keep the plain result (reported by _diagnose)
+        out.copy_(torch.where(fin, lo, out))
+        bad = lo != hi
+        if self._compose_unsure is not None:
+            bad |= self._compose_unsure
+        unsure = torch.nonzero(fin & bad).flatten().tolist()
         if not unsure:
             return
         from fractions import Fraction
 
         from deltaport.numerics import round_fraction
 
+        thr = self._ties_thresholds(op, 1) if op.ties_density is not None else None
         for j in unsure:
-            x = Fraction(float(base[j]))
-            for part, v in zip(op.deltas, self._compose_vals):
-                x += Fraction(part.scale) * Fraction(float(v[j]))
-            out[j] = round_fraction(x, op.out_dtype)
+            cs = [Fraction(part.scale) * Fraction(float(v[j])) for part, v in zip(op.deltas, self._compose_vals)]
+            if thr is not None:
+                cs = [c if abs(float(v[j])) >= t else Fraction(0) for c, v, t in zip(cs, self._compose_vals, thr)]
+                total = sum(cs, Fraction(0))
+                agree = [c for c in cs if c != 0 and (c > 0) == (total > 0) and total != 0]
+                x = sum(agree, Fraction(0)) / max(len(agree), 1)
+            else:
+                x = sum(cs, Fraction(0))
+            out[j] = round_fraction(Fraction(float(base[j])) + x, op.out_dtype)
         self.stats.exact_fixups += len(unsure)
 
     def _diagnose(self, op: TensorOp, e0: int, e1: int, row_elems: int) -> None:

@@ -269,12 +269,15 @@ def apply(delta, to, output, *, scale: float = 1.0, vocab_policy: str = "error",
           chat_template_from: str = "source-finetuned", shard_size: str | int = DEFAULT_SHARD_SIZE,
           overwrite: bool = False, dry_run: bool = False, force: bool = False, allow_pickle: bool = False,
           strict: bool = False, threads: int | None = None, progress: bool = False,
-          chunk_elems: int = DEFAULT_CHUNK_ELEMS) -> Result:
+          chunk_elems: int = DEFAULT_CHUNK_ELEMS, ties: float | None = None) -> Result:
     """Write ``to + scale·Δ`` where Δ is a ``deltaport diff`` (or ``deltaport compress``) directory.
 
     ``delta`` may be a list of delta directories: ``to + Σ_i scale_i·Δ_i`` with ``scale`` a list of one λ
     per delta (or a single number for all); ``scale_map`` values then *multiply* each λ_i (with one delta
     they replace λ, as always). Each element is the output-dtype value nearest the exact sum.
+    ``ties`` (several deltas): TIES-Merging's sign consensus (Yadav et al. 2023): each λ_i·Δ_i is trimmed to
+    its ``ties`` fraction of largest-magnitude entries per tensor, each element's sign is elected from the
+    trimmed sum, and the entries that agree with it are averaged: ``to + mean_{i agrees}(λ_i·trim(Δ_i))``.
 
     The target must have the structure (tensor names, shapes, dtypes) of the base the delta was made
     on; ``force=True`` applies to matching tensors anyway and records that in provenance.
@@ -285,7 +288,9 @@ def apply(delta, to, output, *, scale: float = 1.0, vocab_policy: str = "error",
                            compute_dtype=compute_dtype, out_dtype=out_dtype, config_from=config_from,
                            tokenizer_from=tokenizer_from, chat_template_from=chat_template_from, shard_size=shard_size,
                            overwrite=overwrite, dry_run=dry_run, force=force, allow_pickle=allow_pickle, strict=strict,
-                           threads=threads, progress=progress, chunk_elems=chunk_elems)
+                           threads=threads, progress=progress, chunk_elems=chunk_elems, ties=ties)
+    if ties is not None:
+        raise InputError("--ties merges several deltas (TIES sign consensus); pass two or more delta directories")
     if isinstance(delta, (list, tuple)):
         if not delta:
             raise InputError("apply needs at least one delta directory")
@@ -334,10 +339,12 @@ def apply(delta, to, output, *, scale: float = 1.0, vocab_policy: str = "error",
 
 def _apply_many(deltas, to, output, *, scale, vocab_policy, shape_policy, key_map, include, exclude, scale_map,
                 compute_dtype, out_dtype, config_from, tokenizer_from, chat_template_from, shard_size, overwrite,
-                dry_run, force, allow_pickle, strict, threads, progress, chunk_elems) -> Result:
+                dry_run, force, allow_pickle, strict, threads, progress, chunk_elems, ties=None) -> Result:
     """``to + Σ_i λ_i·Δ_i`` (see :func:`apply`)."""
     from deltaport.plan import plan_apply_many
 
+    if ties is not None and not (isinstance(ties, (int, float)) and 0.0 < ties <= 1.0):
+        raise InputError(f"--ties must be the fraction of each delta's entries kept, in (0, 1], not {ties}")
     lams = list(scale) if isinstance(scale, (list, tuple)) else [scale] * len(deltas)
     if not lams:
         lams = [1.0] * len(deltas)
@@ -363,7 +370,7 @@ def _apply_many(deltas, to, output, *, scale, vocab_policy, shape_policy, key_ma
     tb = open_checkpoint(to, allow_pickle=allow_pickle, require_config=True)
     if tb.kind in ("lora", "delta"):
         raise InputError(f"--to {tb.source} is a {tb.kind} directory, not a model")
-    plan = plan_apply_many(dks, tb, pols, force=force)
+    plan = plan_apply_many(dks, tb, pols, force=force, ties=None if ties is None else float(ties))
     if dry_run:
         return Result(None, plan)
     src_files = dks[0].dir / "source_finetuned"
@@ -374,7 +381,9 @@ def _apply_many(deltas, to, output, *, scale, vocab_policy, shape_policy, key_ma
     output = Path(output)
     prov = {
         "deltaport_version": deltaport.__version__, "kind": "model", "operation": "apply",
-        "formula": "target_base + sum_i scale_i * delta_i",
+        "formula": ("target_base + sum_i scale_i * delta_i" if ties is None else
+                    "target_base + TIES(scale_i * delta_i): trim to density, elect sign, disjoint mean"),
+        "ties": None if ties is None else {"density": float(ties), "paper": "Yadav et al. 2023, TIES-Merging"},
         "inputs": {**{f"delta_{i + 1}": _input_record(dk) for i, dk in enumerate(dks)}, "target_base": _input_record(tb)},
         "delta_provenance": [{k: dk.provenance.get(k) for k in ("inputs", "delta_dtype", "policies", "compression")}
                              for dk in dks],

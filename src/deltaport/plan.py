@@ -99,6 +99,7 @@ class TensorOp:
     check: Term | None = None  # diff of a LoRA stored narrower than computed: base + Δ must round back
     packed: PackedTerm | None = None  # Δ from a compressed delta's sparse/sign parts
     deltas: list[DeltaPart] = field(default_factory=list)  # composed apply: out = base + Σ scale_i·Δ_i
+    ties_density: float | None = None  # composed apply with TIES sign consensus: trim to this density
 
     @property
     def numel(self) -> int:
@@ -878,7 +879,8 @@ def _finetuned_vocab(delta: Checkpoint) -> dict | None:
     return vocab if isinstance(vocab, dict) else None
 
 
-def plan_apply_many(deltas: list[Checkpoint], tb: Checkpoint, pols: list[Policies], *, force: bool = False) -> Plan:
+def plan_apply_many(deltas: list[Checkpoint], tb: Checkpoint, pols: list[Policies], *, force: bool = False,
+                    ties: float | None = None) -> Plan:
     """Plan ``out = tb + Σ_i λ_i·Δ_i`` for several deltas (``pols[i]`` holds Δ_i's λ and the shared options).
 
     Each delta is planned against the target as for one (same checks, same messages); then the plans must
@@ -924,7 +926,8 @@ def plan_apply_many(deltas: list[Checkpoint], tb: Checkpoint, pols: list[Policie
             continue
         base = next(o.base for o in ops if o.kind == "delta")
         notes = [f"{len(parts)} of {len(deltas)} deltas"] + [n for o in ops for n in o.notes if o.kind == "delta"]
-        out.ops.append(TensorOp(name, first.shape, first.out_dtype, "delta", base=base, deltas=parts, notes=notes))
+        out.ops.append(TensorOp(name, first.shape, first.out_dtype, "delta", base=base, deltas=parts, notes=notes,
+                                ties_density=ties))
     probs.raise_if_any()
     for p in plans:
         out.skipped.extend(p.skipped)

@@ -121,6 +121,7 @@ def register(app: typer.Typer) -> None:
         force: bool = Opt(False, "--force", help="apply even if the target's structure differs from the delta's base (recorded in provenance)"),
         allow_pickle: bool = _PICKLE, strict: bool = _STRICT, threads: Optional[int] = _THREADS, quiet: bool = _QUIET,
         as_json: bool = _JSON,
+        ties: Optional[float] = Opt(None, "--ties", help="several deltas: TIES-Merging sign consensus (Yadav et al. 2023): keep this fraction of each λ_i·Δ_i's largest entries per tensor, elect each element's sign, average the agreeing entries"),
     ):
         """Apply a stored delta: OUT = to + λ·Δ; several deltas: OUT = to + Σ λ_i·Δ_i, rounded once from the exact sum."""
         from deltaport.ops import apply
@@ -129,7 +130,7 @@ def register(app: typer.Typer) -> None:
                     include=include, exclude=exclude, scale_map=scale_map, compute_dtype=compute_dtype, out_dtype=out_dtype,
                     config_from=config_from, tokenizer_from=tokenizer_from, chat_template_from=chat_template_from,
                     shard_size=shard_size, overwrite=overwrite, dry_run=dry_run, force=force, allow_pickle=allow_pickle,
-                    strict=strict, threads=threads, progress=not quiet and not as_json)
+                    strict=strict, threads=threads, progress=not quiet and not as_json, ties=ties)
         _summary(res, as_json, dry_run)
 
     @app.command("compress")
