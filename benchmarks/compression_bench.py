@@ -29,7 +29,8 @@ import deltaport
 from deltaport import testing as T
 
 SETTINGS = [("lowrank", {"rank": r}) for r in (4, 16, 32, 64)] + \
-           [("sparse", {"density": p}) for p in (0.05, 0.1, 0.3, 0.6)] + [("sign", {})]
+           [("sparse", {"density": p}) for p in (0.05, 0.1, 0.3, 0.6)] + [("sign", {})] + \
+           [("lowrank", {"rank": 16, "include": ["."]}), ("sign", {"include": ["."]})]  # embeddings compressed too
 
 
 def _tiny_llama(seed: int):
@@ -76,12 +77,48 @@ def _bytes(d: Path) -> int:
     return sum(f.stat().st_size for f in d.glob("*.safetensors"))
 
 
+def _load(d: Path) -> dict:
+    from safetensors.torch import load_file
+
+    sd = {}
+    for f in sorted(d.glob("*.safetensors")):
+        sd.update(load_file(str(f)))
+    return sd
+
+
+def _compose_check(work: Path, delta: Path) -> dict:
+    """apply D1 D2 --to T at λ = (0.7, 0.3) against the float64 evaluation t + 0.7·Δ1 + 0.3·Δ2 rounded once
+    (numerics.round_into): how many elements the exact-rational path decided and how many of those differ."""
+    from deltaport.numerics import round_into
+
+    d2 = work / "delta2"
+    if not d2.exists():
+        deltaport.diff(work / "base", work / "target", d2)  # a second Δ with the same base
+    out = work / "composed"
+    t0 = time.perf_counter()
+    res = deltaport.apply([delta, d2], work / "target", out, scale=[0.7, 0.3], overwrite=True)
+    secs = time.perf_counter() - t0
+    got, t, a, b = _load(out), _load(work / "target"), _load(delta), _load(d2)
+    differ = elements = 0
+    for k, v in got.items():
+        s = t[k].double() + (a[k].double() * 0.7 if k in a else 0) + (b[k].double() * 0.3 if k in b else 0)
+        ref = torch.empty_like(v)
+        round_into(ref, s)
+        differ += int((ref.view(torch.int16) != v.view(torch.int16)).sum()) if v.element_size() == 2 else int((ref != v).sum())
+        elements += v.numel()
+    shutil.rmtree(out)
+    print(f"compose: {elements:,} elements, {res.stats.exact_fixups} decided in exact rationals, {differ} differ from "
+          f"the float64 evaluation rounded once; apply of 2 deltas {secs:.2f} s")
+    return {"elements": elements, "exact_fixups": res.stats.exact_fixups, "differ_from_float64": differ, "seconds": secs}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--base", type=Path, help="a real model directory as source base and target (default: tiny Llama)")
     ap.add_argument("--text", type=Path, default=Path(__file__).resolve().parents[1] / "README.md")
     ap.add_argument("--out", type=Path, help="write the results as JSON here")
     ap.add_argument("--workdir", type=Path, help="keep the checkpoints here (default: a temporary folder)")
+    ap.add_argument("--compose", action="store_true", help="also compose two deltas and compare with float64")
     args = ap.parse_args()
     torch.set_num_threads(1)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="deltaport-compression-"))
@@ -124,7 +161,7 @@ def main() -> None:
             {"method": "no Δ", "setting": "", "bytes": 0, "ratio": 0.0, "kl": kl(work / "target"),
              "compress_s": None, "apply_s": None, "rel_err_mean": 1.0}]
     for method, kw in SETTINGS:
-        c = work / f"c-{method}-{'-'.join(str(v) for v in kw.values())}"
+        c = work / f"c-{method}-{'-'.join(str(v) for k, v in kw.items() if k != 'include')}{'-all' if 'include' in kw else ''}"
         t0 = time.perf_counter()
         comp = deltaport.compress(delta, c, method=method, overwrite=True, **kw)
         cs = time.perf_counter() - t0
@@ -133,7 +170,9 @@ def main() -> None:
         deltaport.apply(c, work / "target", out, overwrite=True)
         aps = time.perf_counter() - t0
         errs = [r["rel_frobenius_error"] for r in comp["tensors"].values() if r["method"] != "exact"]
-        rows.append({"method": method, "setting": ", ".join(f"{k}={v}" for k, v in kw.items()), "bytes": _bytes(c),
+        setting = ", ".join(f"{k}={v}" for k, v in kw.items() if k != "include")
+        setting += (", " if setting else "") + "embeddings too" if "include" in kw else ""
+        rows.append({"method": method, "setting": setting, "bytes": _bytes(c),
                      "ratio": _bytes(c) / exact_bytes, "compressed_ratio": comp["totals"]["compressed_ratio"],
                      "kl": kl(out), "compress_s": cs, "apply_s": aps, "rel_err_mean": sum(errs) / len(errs)})
         shutil.rmtree(out)
@@ -144,9 +183,10 @@ def main() -> None:
         f = lambda v, fmt: "" if v is None else format(v, fmt)  # noqa: E731
         print(f"| {r['method']} | {r['setting']} | {r['bytes']:,} | {r['ratio']:.3f} | {f(r.get('compressed_ratio'), '.3f')} | "
               f"{r['rel_err_mean']:.3f} | {r['kl']:.2e} | {f(r['compress_s'], '.2f')} | {f(r['apply_s'], '.2f')} |")
+    compose = _compose_check(work, delta) if args.compose else None
     if args.out:
-        args.out.write_text(json.dumps({"model": model_desc, "text": args.text.name, "tokens": len(ids), "rows": rows},
-                                       indent=2) + "\n")
+        args.out.write_text(json.dumps({"model": model_desc, "text": args.text.name, "tokens": len(ids), "rows": rows,
+                                        "compose": compose}, indent=2) + "\n")
     if not args.workdir:
         shutil.rmtree(work)
 

@@ -460,15 +460,19 @@ class Engine:
         bad = lo != hi
         if self._compose_unsure is not None:
             bad |= self._compose_unsure
-        unsure = torch.nonzero(fin & bad).flatten().tolist()
-        if not unsure:
+        idx = torch.nonzero(fin & bad).flatten()
+        if not len(idx):
+            return
+        self.stats.exact_fixups += len(idx)
+        rest = self._decide_near_boundary(op, out, idx, base, lo, hi)
+        if not rest:
             return
         from fractions import Fraction
 
         from deltaport.numerics import round_fraction
 
         thr = self._ties_thresholds(op, 1) if op.ties_density is not None else None
-        for j in unsure:
+        for j in rest:
             cs = [Fraction(part.scale) * Fraction(float(v[j])) for part, v in zip(op.deltas, self._compose_vals)]
             if thr is not None:
                 cs = [c if abs(float(v[j])) >= t else Fraction(0) for c, v, t in zip(cs, self._compose_vals, thr)]
@@ -477,8 +481,48 @@ class Engine:
                 x = sum(agree, Fraction(0)) / max(len(agree), 1)
             else:
                 x = sum(cs, Fraction(0))
-            out[j] = round_fraction(Fraction(float(base[j])) + x, op.out_dtype)
-        self.stats.exact_fixups += len(unsure)
+            out.view(-1)[j] = round_fraction(Fraction(float(base[j])) + x, op.out_dtype)
+
+    def _decide_near_boundary(self, op: TensorOp, out: torch.Tensor, idx: torch.Tensor, base: torch.Tensor,
+                              lo: torch.Tensor, hi: torch.Tensor) -> list[int]:
+        """Elements ``idx`` whose s ± E round to two adjacent output values lo < hi: the exact value is nearer hi
+        iff it exceeds their midpoint M. Decided exactly and vectorised: the sign of t + Σ λ_i·Δ_i − M as an
+        expansion of error-free products and sums (numerics.sign_of_exact_sum); a tie goes to the even one.
+        Returns the elements left to the rational path (lo, hi not adjacent; a TIES sign election in doubt)."""
+        from deltaport.numerics import exact_product_terms, sign_of_exact_sum
+
+        ibits = {2: torch.int16, 4: torch.int32}[op.out_dtype.itemsize]
+        los, his = lo.view(-1)[idx], hi.view(-1)[idx]
+        li, hi_ = los.view(ibits).to(torch.int64), his.view(ibits).to(torch.int64)
+        ok = (torch.signbit(los) == torch.signbit(his)) & ((li - hi_).abs() == 1)
+        if self._compose_unsure is not None:
+            ok &= ~self._compose_unsure.view(-1)[idx]
+        rest = idx[~ok].tolist()
+        sel = idx[ok]
+        if not len(sel):
+            return rest
+        los, his, li = los[ok], his[ok], li[ok]
+        mid = (los.double() + his.double()) * 0.5  # exact: two adjacent values of at most 24 bits
+        t = base.view(-1)[sel]
+        vals = [v.view(-1)[sel] for v in self._compose_vals]
+        if op.ties_density is None:
+            terms = [t, -mid]
+            for part, v in zip(op.deltas, vals):
+                terms += exact_product_terms(part.scale, v)
+        else:  # t + (Σ agreeing c_i) / k  vs  M:  sign of k·t − k·M + Σ agreeing c_i (k ≥ 1; k = 0: t − M)
+            thr = self._ties_thresholds(op, 1)
+            cs = [torch.where(v.abs() >= th, v * part.scale, 0.0) for part, v, th in zip(op.deltas, vals, thr)]
+            sign = torch.sign(sum(cs))
+            agree = [(torch.sign(c) == sign) & (c != 0) for c in cs]
+            k = sum(a.to(torch.float64) for a in agree).clamp(min=1.0)
+            terms = [t * k, -mid * k]  # exact: k is a small integer
+            for part, v, a, th in zip(op.deltas, vals, agree, thr):
+                terms += [p * a for p in exact_product_terms(part.scale, torch.where(v.abs() >= th, v, 0.0))]
+        sgn = sign_of_exact_sum(terms)
+        even_lo = (li & 1) == 0
+        pick = torch.where(sgn > 0, his, torch.where(sgn < 0, los, torch.where(even_lo, los, his)))
+        out.view(-1)[sel] = pick
+        return rest
 
     def _diagnose(self, op: TensorOp, e0: int, e1: int, row_elems: int) -> None:
         bad_inputs = []

@@ -76,3 +76,42 @@ def round_fraction(x, dtype: torch.dtype) -> float:
     else:
         v = float(v)  # exact: at most p significant bits
     return v if x > 0 else -v
+
+
+_SPLITTER = 134217729.0  # 2**27 + 1 (Veltkamp)
+
+
+def split(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Veltkamp's split of float64 ``x`` into ``hi + lo`` (exactly), each with at most 26 significant bits,
+    so the product of two halves is exact in float64."""
+    c = x * _SPLITTER
+    hi = c - (c - x)
+    return hi, x - hi
+
+
+def exact_product_terms(lam: float, v: torch.Tensor) -> list[torch.Tensor]:
+    """Four float64 tensors whose exact sum is ``lam·v`` (Dekker's product by halves; no underflow assumed)."""
+    lh, ll = (float(t) for t in split(torch.tensor([lam], dtype=torch.float64)))
+    vh, vl = split(v)
+    return [vh * lh, vl * lh, vh * ll, vl * ll]
+
+
+def sign_of_exact_sum(terms: list[torch.Tensor]) -> torch.Tensor:
+    """The sign (−1, 0, 1) of the exact sum of float64 tensors, element-wise.
+
+    Shewchuk's Grow-Expansion (1997) adds each term into a nonoverlapping expansion with TwoSum (no
+    rounding error is lost); the sign of a nonoverlapping expansion is that of its largest nonzero part."""
+    comps: list[torch.Tensor] = []
+    for x in terms:
+        q, new = x, []
+        for c in comps:
+            s = q + c
+            bv = s - q
+            new.append((q - (s - bv)) + (c - bv))
+            q = s
+        new.append(q)
+        comps = new
+    sign = torch.zeros_like(terms[0])
+    for c in reversed(comps):
+        sign = torch.where(sign == 0, torch.sign(c), sign)
+    return sign
