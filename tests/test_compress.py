@@ -108,7 +108,9 @@ def test_lowrank_and_sign_at_most_an_eighth_of_the_exact_bytes(fam, tmp_path):
 
 def test_inspect_shows_the_format(fam, capsys):
     c = _compress(fam, "c-sign", method="sign")
-    info = deltaport.inspect(c)
+    from deltaport.inspect import inspect  # (deltaport.inspect is the module once imported)
+
+    info = inspect(c)
     assert info["compression"]["version"] == 1 and info["compression"]["method"] == "sign"
     assert main(["inspect", str(c)]) == 0
     assert "compressed delta (format deltaport-compressed-delta v1): sign" in capsys.readouterr().out
