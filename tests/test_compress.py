@@ -166,3 +166,31 @@ def test_compress_reads_one_tensor_at_a_time(fam, tmp_path, monkeypatch):
     delta_names = set(load_sd(fam["delta"]))
     assert set(calls) == delta_names
     assert len(calls) == len(delta_names)  # lowrank's two parts are adjacent: each tensor read once
+
+
+def test_nonfinite_delta_tensor_is_an_input_error(fam, tmp_path, capsys):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    d = tmp_path / "d"
+    shutil.copytree(fam["delta"], d)
+    w = "model.layers.0.mlp.up_proj.weight"
+    for f in d.glob("*.safetensors"):
+        sd = load_file(str(f))
+        if w in sd:
+            sd[w].view(-1)[3] = float("nan")
+            save_file(sd, str(f), metadata={"format": "pt"})
+    assert main(["compress", str(d), "-o", str(tmp_path / "o"), "--method", "lowrank", "--rank", "2"]) == 2
+    err = capsys.readouterr().err
+    assert f"Δ tensor {w} holds NaN/Inf" in err and "--exclude" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_dry_run_counts_the_compressed_parts_read(fam):
+    c = _compress(fam, "c-sign", method="sign")
+    plan = deltaport.apply(c, fam["target_base"], "unused", dry_run=True).plan
+    from deltaport.io.checkpoint import open_checkpoint
+
+    # every stored byte of the compressed delta (parts and exact tensors) and of the target is read once
+    assert plan.total_in_bytes == open_checkpoint(c).total_bytes() + open_checkpoint(fam["target_base"]).total_bytes()

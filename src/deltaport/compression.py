@@ -106,6 +106,9 @@ def compress_tensor(delta: torch.Tensor, name: str, method: str, *, rank: int | 
     """Compress one Δ tensor; returns (role -> part tensor, record). ``record`` has the method's parameters
     and ``rel_frobenius_error`` (of D, what the parts mean, against ``delta``)."""
     x = delta.to(torch.float64)
+    if not bool(torch.isfinite(x).all()):
+        raise InputError(f"Δ tensor {name} holds NaN/Inf, which {method} cannot compress; leave it exact with "
+                         f"--exclude '{re.escape(name)}' or fix the models the delta was made from")
     rec: dict[str, Any] = {}
     if method == "lowrank":
         m, n = x.shape

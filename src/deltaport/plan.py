@@ -129,7 +129,16 @@ class Plan:
 
     @property
     def total_in_bytes(self) -> int:
-        return sum(t.spec.nbytes for op in self.ops for t in op.inputs())
+        def parts(op: TensorOp) -> int:  # Δ read another way: LoRA/low-rank factors, packed bits, composed Δs
+            n = (op.lora.a.nbytes + op.lora.b.nbytes) if op.lora else 0
+            n += (op.packed.bits.nbytes + op.packed.values.nbytes) if op.packed else 0
+            for p in op.deltas:
+                n += p.plus.spec.nbytes if p.plus else 0
+                n += (p.lora.a.nbytes + p.lora.b.nbytes) if p.lora else 0
+                n += (p.packed.bits.nbytes + p.packed.values.nbytes) if p.packed else 0
+            return n
+
+        return sum(t.spec.nbytes for op in self.ops for t in op.inputs()) + sum(parts(op) for op in self.ops)
 
     @property
     def received_delta(self) -> int:
