@@ -194,3 +194,34 @@ def test_dry_run_counts_the_compressed_parts_read(fam):
 
     # every stored byte of the compressed delta (parts and exact tensors) and of the target is read once
     assert plan.total_in_bytes == open_checkpoint(c).total_bytes() + open_checkpoint(fam["target_base"]).total_bytes()
+
+
+def test_lowrank_exported_as_peft_adapter(fam, tmp_path, capsys):
+    """The adapter adds B·A (scaling 1): a LoRA transfer with it writes the bytes apply of the compressed delta
+    writes for the low-rank tensors; PEFT loads and merges it to within one bf16 step."""
+    c, a = tmp_path / "c", tmp_path / "adapter"
+    assert main(["compress", str(fam["delta"]), "-o", str(c), "--method", "lowrank", "--rank", "4", "--peft", str(a)]) == 0
+    assert "wrote PEFT adapter" in capsys.readouterr().err
+    cfg = json.loads((a / "adapter_config.json").read_text())
+    assert cfg["r"] == 4 and cfg["lora_alpha"] == 4
+    rec = json.loads((a / "export.json").read_text())
+    assert "model.norm.weight" in rec["not_in_adapter"]
+    proj = r"_proj\.weight$"
+    deltaport.transfer(fam["source_base"], a, fam["target_base"], tmp_path / "via-lora", scale=0.7)
+    deltaport.apply(c, fam["target_base"], tmp_path / "via-apply", scale=0.7, include=[proj])
+    assert_bit_equal(load_sd(tmp_path / "via-lora"), load_sd(tmp_path / "via-apply"))
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(fam["target_base"], dtype=torch.float32)
+    merged = PeftModel.from_pretrained(m, a).merge_and_unload().state_dict()
+    deltaport.apply(c, fam["target_base"], tmp_path / "full", include=[proj], out_dtype="float32")
+    want = load_sd(tmp_path / "full")
+    for k in want:
+        assert torch.allclose(merged[k], want[k], rtol=0, atol=1e-6), k
+
+
+def test_peft_export_needs_lowrank(fam, tmp_path, capsys):
+    assert main(["compress", str(fam["delta"]), "-o", str(tmp_path / "o"), "--method", "sign", "--peft", str(tmp_path / "a")]) == 2
+    assert "use it with --method lowrank" in capsys.readouterr().err

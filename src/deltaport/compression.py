@@ -397,3 +397,49 @@ def decompress(delta, output, *, overwrite: bool = False, compute_dtype: str = "
                                                                "params": comp["params"], "seed": comp["seed"]})
         (tmp / PROVENANCE_NAME).write_text(json.dumps(new, indent=2, sort_keys=True, default=str) + "\n")
     return output
+
+
+def export_peft(delta, output, *, overwrite: bool = False) -> dict[str, Any]:
+    """Write the low-rank tensors of a ``lowrank`` compressed delta as a PEFT LoRA adapter directory
+    (``adapter_config.json`` + ``adapter_model.safetensors``): ``lora_A`` = A, ``lora_B`` = B, ``lora_alpha`` = r
+    (scaling 1), so PEFT's merge and ``deltaport transfer --source-finetuned ADAPTER`` add B·A.
+
+    Only the low-rank tensors are in the adapter: the Δ of the tensors kept exact (norms, biases,
+    embeddings) is not, which the returned record (also ``deltaport.json`` in the adapter) lists. Every
+    matrix must have the same rank (a rank above a matrix's smaller side gives it a smaller one: compress
+    with a rank at most every matrix's smaller side)."""
+    from safetensors.torch import save_file
+
+    dk = open_checkpoint(delta)
+    comp = compression_record(dk)
+    if comp is None or comp.get("method") != "lowrank":
+        raise InputError(f"{dk.source} is not a low-rank compressed delta; make one with "
+                         "`deltaport compress DELTA -o OUT --method lowrank --rank R`")
+    low = {n: r for n, r in comp["tensors"].items() if r.get("method") == "lowrank"}
+    ranks = {r["rank"] for r in low.values()}
+    if len(ranks) != 1:
+        raise InputError(f"{dk.source}: the matrices have ranks {sorted(ranks)}; a PEFT adapter here needs one rank. "
+                         f"Compress with --rank at most {min(min(r['shape']) for r in low.values())}")
+    bad = [n for n in low if not n.endswith(".weight")]
+    if bad:
+        raise InputError(f"{dk.source}: {bad[0]} is not a module weight; it cannot be a LoRA target")
+    r = ranks.pop()
+    tensors = {}
+    for name in sorted(low):
+        parts = part_names(name, "lowrank")
+        mod = name[: -len(".weight")]
+        tensors[f"base_model.model.{mod}.lora_A.weight"] = dk.tensor(parts["A"]).contiguous()
+        tensors[f"base_model.model.{mod}.lora_B.weight"] = dk.tensor(parts["B"]).contiguous()
+    targets = sorted({n[: -len(".weight")].rsplit(".", 1)[-1] for n in low})
+    left = {n: rec.get("reason", "") for n, rec in comp["tensors"].items() if rec.get("method") == "exact"}
+    prov = dk.provenance or {}
+    cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": r, "lora_dropout": 0.0,
+           "target_modules": targets, "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
+           "base_model_name_or_path": (prov.get("base") or {}).get("source"), "inference_mode": True}
+    record = {"deltaport_version": deltaport.__version__, "operation": "export-peft", "source_delta": dk.source,
+              "rank": r, "tensors": sorted(low), "not_in_adapter": left}
+    with atomic_output_dir(Path(output), overwrite=overwrite, inputs=[dk.dir]) as tmp:
+        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        (tmp / "adapter_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        (tmp / "export.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    return record

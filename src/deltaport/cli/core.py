@@ -144,12 +144,23 @@ def register(app: typer.Typer) -> None:
         exclude: Optional[list[str]] = Opt(None, "--exclude", help="regex; matching tensors stay exact (repeatable)"),
         seed: int = Opt(0, "--seed", help="seed of DARE's mask and the randomised SVD (recorded; reruns are byte-identical)"),
         shard_size: str = _SHARD, overwrite: bool = _OVER, threads: Optional[int] = _THREADS, as_json: bool = _JSON,
+        peft: Optional[Path] = Opt(None, "--peft", help="lowrank: also write the low-rank matrices as a PEFT LoRA adapter directory (scaling 1; tensors kept exact are not in it)"),
     ):
         """Compress a delta: low rank, sparse or sign, one tensor at a time (1-D and vocabulary tensors stay exact)."""
         from deltaport.compression import compress
 
+        if peft is not None and method != "lowrank":
+            from deltaport.errors import InputError
+
+            raise InputError("--peft exports low-rank factors; use it with --method lowrank")
         comp = compress(delta, output, method=method, rank=rank, density=density, include=include, exclude=exclude,
                         seed=seed, shard_size=shard_size, overwrite=overwrite, threads=threads)
+        if peft is not None:
+            from deltaport.compression import export_peft
+
+            rec = export_peft(output, peft, overwrite=overwrite)
+            sys.stderr.write(f"wrote PEFT adapter {peft}: r={rec['rank']}, {len(rec['tensors'])} matrices; "
+                             f"{len(rec['not_in_adapter'])} tensors kept exact are not in it\n")
         tot = comp["totals"]
         if as_json:
             print(json.dumps({"output": str(output), "compression": {k: v for k, v in comp.items() if k != "tensors"}}, indent=2))
