@@ -176,6 +176,8 @@ class Plan:
                  f"{self.total_out_bytes / 1e6:.1f} MB"]
         for op in self.ops:
             scale = f" x{op.scale:g}" if op.kind == "delta" else ""
+            if op.deltas:
+                scale = " x(" + ", ".join(f"{p.scale:g}" for p in op.deltas) + ")" + (" TIES" if op.ties_density else "")
             notes = f"  [{'; '.join(op.notes)}]" if op.notes else ""
             lines.append(f"  {op.kind:5s}{scale:7s} {op.name} {list(op.shape)} {dtype_name(op.out_dtype)}{notes}")
         for s in self.skipped:
