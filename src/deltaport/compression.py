@@ -31,19 +31,18 @@ from deltaport.plan import is_vocab_tensor
 
 LOG = logging.getLogger(__name__)
 
-FORMAT_NAME = "deltaport-compressed-delta"
-FORMAT_VERSION = 1
-METHODS = ("lowrank", "sparse", "sign")
-PART_SEP = "@"
+from deltaport.io.compressed_format import (  # noqa: E402,F401  (re-exported: the format's names live torch-free)
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    METHODS,
+    PART_SEP,
+    compression_record,
+    part_names,
+)
+
 EXACT_SVD_MAX = 2048  # LAPACK SVD up to this min(m, n) (or r >= min/4); a seeded randomised SVD above
 RSVD_OVERSAMPLE = 10
 RSVD_POWER_ITERS = 4
-
-
-def part_names(name: str, method: str) -> dict[str, str]:
-    """Role -> stored tensor name of a compressed tensor's parts."""
-    roles = {"lowrank": ("A", "B"), "sparse": ("mask", "values"), "sign": ("bits", "scale")}[method]
-    return {r: f"{name}{PART_SEP}{method}.{r}" for r in roles}
 
 
 def tensor_seed(seed: int, name: str) -> int:
@@ -331,26 +330,6 @@ def compress(delta, output, *, method: str, rank: int | None = None, density: fl
     finally:
         torch.set_num_threads(old_threads)
     LOG.info("compressed %s -> %s in %.2f s", dk.source, output, time.perf_counter() - t0)
-    return comp
-
-
-def compression_record(ck: Checkpoint) -> dict[str, Any] | None:
-    """The ``compression`` record of a delta directory (None for an exact delta); refuses unknown versions."""
-    comp = (ck.provenance or {}).get("compression")
-    if comp is None:
-        return None
-    if not isinstance(comp, dict) or comp.get("format") != FORMAT_NAME or not isinstance(comp.get("tensors"), dict):
-        raise PlanError(f"{ck.dir}/deltaport.json: 'compression' is malformed; it was edited or damaged. Recreate the "
-                        "delta with `deltaport compress`.")
-    if comp.get("version") != FORMAT_VERSION:
-        raise PlanError(f"{ck.dir} is a compressed delta of format version {comp.get('version')!r}; this deltaport "
-                        f"({deltaport.__version__}) reads version {FORMAT_VERSION}. Upgrade deltaport.")
-    for name, rec in comp["tensors"].items():
-        if rec.get("method") in METHODS:
-            for part in part_names(name, rec["method"]).values():
-                if part not in ck.tensors:
-                    raise PlanError(f"{ck.dir}: compressed tensor {name} lacks its part {part}; the delta is incomplete. "
-                                    "Recreate it with `deltaport compress`.")
     return comp
 
 

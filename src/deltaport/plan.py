@@ -807,7 +807,7 @@ def plan_apply(delta: Checkpoint, tb: Checkpoint, pol: Policies, *, force: bool 
                             "tensors anyway (recorded in provenance).")
         plan.warnings.append(f"--force: target structure differs from the delta's base ({len(mismatch)} differences)")
         plan.info["forced"] = mismatch[:50]
-    from deltaport.compression import compression_record
+    from deltaport.io.compressed_format import compression_record
 
     comp = compression_record(delta)
     packed = {n: r for n, r in (comp or {}).get("tensors", {}).items() if r.get("method") not in (None, "exact")}
@@ -863,7 +863,7 @@ def plan_apply(delta: Checkpoint, tb: Checkpoint, pol: Policies, *, force: bool 
 def compressed_term(op: TensorOp, delta: Checkpoint, name: str, rec: dict) -> None:
     """Set ``op``'s Δ to the compressed tensor ``name`` of ``delta`` (record ``rec`` of its compression):
     low rank through the LoRA path (Δ = 1·B·A), sparse and sign as a :class:`PackedTerm`."""
-    from deltaport.compression import part_names
+    from deltaport.io.compressed_format import part_names
 
     method = rec["method"]
     parts = {role: delta.tensors[n] for role, n in part_names(name, method).items()}
