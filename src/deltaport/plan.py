@@ -913,7 +913,8 @@ def plan_apply_many(deltas: list[Checkpoint], tb: Checkpoint, pols: list[Policie
             probs.add(f"{dk.source} was made on a fine-tune whose vocabulary differs from that of {known[0][0].source} "
                       f"({diff} token/id pairs differ): their embedding rows mean different tokens, so their Δs cannot be "
                       "added. Compose deltas made on fine-tunes of one tokenizer.")
-    out = Plan("apply", [], torch.float64)
+    f64 = choose_compute_dtype("float64", set())
+    out = Plan("apply", [], f64)
     for i, name in enumerate(op.name for op in plans[0].ops):
         ops = [p.ops[i] for p in plans]
         assert all(o.name == name for o in ops)
@@ -945,8 +946,8 @@ def plan_apply_many(deltas: list[Checkpoint], tb: Checkpoint, pols: list[Policie
         out.warnings.extend(p.warnings)
         if p.vocab_rows is not None:
             out.vocab_rows = p.vocab_rows
-    out.compute_dtype = max((p.compute_dtype for p in plans), key=lambda d: d.itemsize)
-    if out.compute_dtype != torch.float64 and any(o.deltas for o in out.ops):
+    out.compute_dtype = f64 if any(p.compute_dtype == f64 for p in plans) else plans[0].compute_dtype
+    if out.compute_dtype != f64 and any(o.deltas for o in out.ops):
         out.warnings.append("--compute-dtype float32: a composed sum is rounded in float32, not checked against the "
                             "exact sum")
     out.info["forced"] = [f for p in plans for f in (p.info.get("forced") or [])] or None
