@@ -8,6 +8,7 @@ checkpoints with exact arithmetic. The public API::
     deltaport.diff(base, finetuned, "delta/")
     deltaport.apply("delta/", target_base, "out/", scale=1.0)
     deltaport.inspect(path)
+    deltaport.compress("delta/", "delta-r16/", method="lowrank", rank=16)
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ __all__ = [
     "diff",
     "apply",
     "inspect",
+    "compress",
 ]
 
 
@@ -43,6 +45,10 @@ def __getattr__(name):  # lazy: keep `import deltaport` and `deltaport --help` f
         from deltaport import ops
 
         return getattr(ops, name)
+    if name == "compress":
+        from deltaport.compression import compress
+
+        return compress
     if name == "inspect":
         from deltaport.inspect import inspect
 

@@ -67,7 +67,8 @@ def target_license(ck) -> str | None:
 def _policies(pol: dict[str, Any], scale: float | None, compute: str) -> list[str]:
     lines = []
     if scale is not None:
-        lines.append(f"- λ (scale): {scale:g}" + (f"; per-tensor scales: {pol['scale_map']}" if pol.get("scale_map") else ""))
+        lam = ", ".join(f"{s:g}" for s in scale) if isinstance(scale, (list, tuple)) else f"{scale:g}"
+        lines.append(f"- λ (scale): {lam}" + (f"; per-tensor scales: {pol['scale_map']}" if pol.get("scale_map") else ""))
     lines.append(f"- vocabulary policy: {pol['vocab_policy']}; shape policy: {pol['shape_policy']}; "
                  f"compute dtype: {compute}; output dtype: {pol['out_dtype']}")
     for key, what in (("include", "only tensors matching"), ("exclude", "no Δ for tensors matching"), ("key_map", "key map")):
@@ -108,6 +109,7 @@ def model_card(*, operation: str, refs: dict[str, dict], plan, policies: dict[st
         meta["library_name"] = "deltaport"
     formula = {"transfer": "target_base + λ · (source_finetuned − source_base)",
                "apply": "target_base + λ · Δ,  where Δ = source_finetuned − source_base (a `deltaport diff`)",
+               "compose": "target_base + Σ_i λ_i · Δ_i,  each Δ_i = a fine-tune − its base (a `deltaport diff`)",
                "diff": "Δ = finetuned − base"}[operation]
     def short(role: str) -> str:
         ref = refs.get(role) or {}
@@ -115,6 +117,7 @@ def model_card(*, operation: str, refs: dict[str, dict], plan, policies: dict[st
 
     title = {"transfer": f"{short('target_base')} + the fine-tuning of {short('source_finetuned')}",
              "apply": f"{short('target_base')} + Δ {short('delta')}",
+             "compose": f"{short('target_base')} + " + " + ".join(f"Δ {short(r)}" for r in refs if r.startswith("delta_")),
              "diff": f"Δ: {short('finetuned')} − {short('base')}"}[operation]
     # the output's own name is not in the card: the directory's bytes do not depend on where it is written
     out = [_yaml_block(meta), f"# {title}", ""]

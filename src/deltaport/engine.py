@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import queue
 import threading
 import time
@@ -47,6 +48,7 @@ class Stats:
     seconds: float = 0.0
     nonfinite_inputs: list[str] = field(default_factory=list)
     inexact_delta: dict[str, int] = field(default_factory=dict)  # diff: elements where base + Δ != finetuned
+    exact_fixups: int = 0  # composed apply: elements rounded from the exact rational sum
 
 
 def _isz(dt: torch.dtype) -> int:
@@ -205,6 +207,13 @@ class _Prefetcher(threading.Thread):
         self.join()
 
 
+class _LoraView:
+    """What :meth:`Engine._lora` reads of an op (its name: the factor cache key, and its LoRA term)."""
+
+    def __init__(self, name, lora):
+        self.name, self.lora = name, lora
+
+
 class Engine:
     def __init__(self, plan: Plan, *, chunk_elems: int = DEFAULT_CHUNK_ELEMS, strict: bool = False, prefetch: bool = True):
         self.plan = plan
@@ -219,6 +228,7 @@ class Engine:
         self._pre: dict[str, torch.Tensor] = {}  # this chunk's prefetched raw bytes, by key
         self._raw: dict[str, torch.Tensor] = {}  # the raw bytes _fill last converted, by key
         self._workers = 1
+        self._packed_cache: dict[str, dict] = {}  # compressed tensor parts, by key (one tensor each)
 
     # -- reading -------------------------------------------------------------------------------------
     def _fill(self, key: str, term: Term, e0: int, e1: int, row_elems: int) -> torch.Tensor:
@@ -337,6 +347,190 @@ class Engine:
         out.mul_(op.lora.scaling)
         return out
 
+    def _packed(self, term, name: str, e0: int, e1: int, key: str = "plus:f") -> torch.Tensor:
+        """Δ of a compressed tensor (sparse bitmask + values, or sign bits + α) for elements [e0, e1).
+
+        The parts of one tensor are read whole on its first chunk (together at most the size of its dense
+        Δ); sparse keeps a running count of the values used, so chunks in order cost one pass."""
+        from deltaport.compression import unpack_bits
+
+        cache = self._packed_cache.get(key)
+        if cache is None or cache["name"] != name:
+            cache = {"name": name, "bits": term.ck.tensor(term.bits.name), "values": term.ck.tensor(term.values.name),
+                     "next": (0, 0)}
+            self._packed_cache[key] = cache
+        n = e1 - e0
+        out = self.bufs.get(key, n, self.cd)
+        mask = unpack_bits(cache["bits"], e0, n)
+        if term.method == "sign":
+            alpha = float(cache["values"][0])
+            out.copy_(mask)  # 1 / 0
+            out.mul_(2.0).sub_(1.0).mul_(alpha)  # ±1 · α: exact
+            return out
+        e_next, v_next = cache["next"]
+        if e0 != e_next:  # out of order: count the kept entries before e0
+            v_next = int(unpack_bits(cache["bits"], 0, e0).sum()) if e0 else 0
+        k = int(mask.sum())
+        out.zero_()
+        out[mask] = cache["values"][v_next:v_next + k].to(self.cd)
+        cache["next"] = (e1, v_next + k)
+        return out
+
+    def _part_values(self, op: TensorOp, i: int, part, e0: int, e1: int, row_elems: int, key: str) -> torch.Tensor:
+        """Δ_i of a composed op for elements [e0, e1), in float64."""
+        if part.lora is not None:
+            v = self._lora(_LoraView(op.name + f"#{i}", part.lora), e0, e1, row_elems, key=key + ":f")
+        elif part.packed is not None:
+            v = self._packed(part.packed, op.name, e0, e1, key=key + ":f")
+        else:
+            v = self._fill(key, part.plus, e0, e1, row_elems)
+        return v if v.dtype == torch.float64 else v.to(torch.float64)
+
+    def _ties_thresholds(self, op: TensorOp, row_elems: int) -> list[float]:
+        """TIES trim: per delta, the magnitude of its k-th largest entry in this tensor (k = ⌈density·N⌉);
+        entries at least that large are kept. Reads each Δ_i of this tensor whole (memory: one tensor)."""
+        cache = getattr(self, "_ties_cache", None)
+        if cache is not None and cache[0] == op.name:
+            return cache[1]
+        numel = op.numel
+        k = max(1, math.ceil(op.ties_density * numel))
+        thr = []
+        for i, part in enumerate(op.deltas):
+            a = self._part_values(op, i, part, 0, numel, row_elems, key=f"ties{i}").abs()
+            thr.append(float(torch.kthvalue(a, numel - k + 1).values) if k < numel else 0.0)
+        self._ties_cache = (op.name, thr)
+        return thr
+
+    def _compose(self, op: TensorOp, e0: int, e1: int, row_elems: int) -> torch.Tensor:
+        """d = Σ_i λ_i·Δ_i (or the TIES merge of the λ_i·Δ_i) for a composed apply, in float64.
+
+        A float64 sum of several products is not exact in general. With m deltas, each product, addition
+        (and TIES's one division) errs by at most 2⁻⁵³ of its magnitude, so s = t + d lies within
+        E = (2m+4)·2⁻⁵³·(|t| + Σ|λ_i·Δ_i|) of the exact value (E is doubled for safety). :meth:`_compose_fixup`
+        keeps the rounding of s where s − E and s + E round alike (rounding is monotone, so the exact value
+        rounds there too) and recomputes the rest in exact rationals."""
+        n = e1 - e0
+        d = self.bufs.get("compose:acc", n, torch.float64)
+        mag = self.bufs.get("compose:mag", n, torch.float64)
+        d.zero_()
+        mag.zero_()
+        ties = op.ties_density is not None
+        thr = self._ties_thresholds(op, row_elems) if ties else None
+        self._compose_vals = []
+        cs = []
+        for i, part in enumerate(op.deltas):
+            v = self._part_values(op, i, part, e0, e1, row_elems, key=f"d{i}")
+            self._compose_vals.append(v)
+            c = self.bufs.get(f"compose:c{i}", n, torch.float64)
+            torch.mul(v, part.scale, out=c)
+            if ties:
+                c.masked_fill_(v.abs() < thr[i], 0.0)  # trim
+                cs.append(c)
+            else:
+                d.add_(c)
+            mag.add_(c.abs())
+        self._compose_unsure = None
+        if ties:
+            total = self.bufs.get("compose:total", n, torch.float64)
+            total.zero_()
+            for c in cs:
+                total.add_(c)
+            sign = torch.sign(total)  # elect: the sign of the larger total magnitude
+            cnt = self.bufs.get("compose:cnt", n, torch.float64)
+            cnt.zero_()
+            for c in cs:
+                agree = (torch.sign(c) == sign) & (c != 0)
+                d.add_(torch.where(agree, c, 0.0))
+                cnt.add_(agree)
+            d.div_(cnt.clamp_(min=1.0))  # disjoint mean
+            # a total within its own rounding error of 0 may have the wrong sign: decide those exactly
+            self._compose_unsure = (total.abs() <= mag * (2 * len(cs) * 2.0 ** -52)) & (mag > 0)
+        return d
+
+    def _compose_fixup(self, op: TensorOp, out: torch.Tensor, e0: int, e1: int) -> None:
+        """Round a composed chunk from the exact value where float64 cannot decide (see :meth:`_compose`).
+        float64 outputs and a float32 compute dtype keep the result as computed."""
+        if op.out_dtype == torch.float64 or self.cd != torch.float64:
+            return
+        n = e1 - e0
+        base = self._fill("base", op.base, e0, e1, op.shape[-1] if op.shape else 1)
+        d = self.bufs.get("compose:acc", n, torch.float64)
+        s = torch.add(base, d)  # the value _run_op rounded
+        mag = self.bufs.get("compose:mag", n, torch.float64)
+        err = mag.add_(base.abs()).mul_((2 * len(op.deltas) + 4) * 2.0 ** -52)
+        lo = self.bufs.get("compose:lo", n, op.out_dtype)
+        hi = self.bufs.get("compose:hi", n, op.out_dtype)
+        self._round(lo, s - err, n)
+        self._round(hi, s + err, n)
+        fin = torch.isfinite(s)  # NaN/Inf inputs keep the plain result (reported by _diagnose)
+        out.copy_(torch.where(fin, lo, out))
+        bad = lo != hi
+        if self._compose_unsure is not None:
+            bad |= self._compose_unsure
+        idx = torch.nonzero(fin & bad).flatten()
+        if not len(idx):
+            return
+        self.stats.exact_fixups += len(idx)
+        rest = self._decide_near_boundary(op, out, idx, base, lo, hi)
+        if not rest:
+            return
+        from fractions import Fraction
+
+        from deltaport.numerics import round_fraction
+
+        thr = self._ties_thresholds(op, 1) if op.ties_density is not None else None
+        for j in rest:
+            cs = [Fraction(part.scale) * Fraction(float(v[j])) for part, v in zip(op.deltas, self._compose_vals)]
+            if thr is not None:
+                cs = [c if abs(float(v[j])) >= t else Fraction(0) for c, v, t in zip(cs, self._compose_vals, thr)]
+                total = sum(cs, Fraction(0))
+                agree = [c for c in cs if c != 0 and (c > 0) == (total > 0) and total != 0]
+                x = sum(agree, Fraction(0)) / max(len(agree), 1)
+            else:
+                x = sum(cs, Fraction(0))
+            out.view(-1)[j] = round_fraction(Fraction(float(base[j])) + x, op.out_dtype)
+
+    def _decide_near_boundary(self, op: TensorOp, out: torch.Tensor, idx: torch.Tensor, base: torch.Tensor,
+                              lo: torch.Tensor, hi: torch.Tensor) -> list[int]:
+        """Elements ``idx`` whose s ± E round to two adjacent output values lo < hi: the exact value is nearer hi
+        iff it exceeds their midpoint M. Decided exactly and vectorised: the sign of t + Σ λ_i·Δ_i − M as an
+        expansion of error-free products and sums (numerics.sign_of_exact_sum); a tie goes to the even one.
+        Returns the elements left to the rational path (lo, hi not adjacent; a TIES sign election in doubt)."""
+        from deltaport.numerics import exact_product_terms, sign_of_exact_sum
+
+        ibits = {2: torch.int16, 4: torch.int32}[op.out_dtype.itemsize]
+        los, his = lo.view(-1)[idx], hi.view(-1)[idx]
+        li, hi_ = los.view(ibits).to(torch.int64), his.view(ibits).to(torch.int64)
+        ok = (torch.signbit(los) == torch.signbit(his)) & ((li - hi_).abs() == 1)
+        if self._compose_unsure is not None:
+            ok &= ~self._compose_unsure.view(-1)[idx]
+        rest = idx[~ok].tolist()
+        sel = idx[ok]
+        if not len(sel):
+            return rest
+        los, his, li = los[ok], his[ok], li[ok]
+        mid = (los.double() + his.double()) * 0.5  # exact: two adjacent values of at most 24 bits
+        t = base.view(-1)[sel]
+        vals = [v.view(-1)[sel] for v in self._compose_vals]
+        if op.ties_density is None:
+            terms = [t, -mid]
+            for part, v in zip(op.deltas, vals):
+                terms += exact_product_terms(part.scale, v)
+        else:  # t + (Σ agreeing c_i) / k  vs  M:  sign of k·t − k·M + Σ agreeing c_i (k ≥ 1; k = 0: t − M)
+            thr = self._ties_thresholds(op, 1)
+            cs = [torch.where(v.abs() >= th, v * part.scale, 0.0) for part, v, th in zip(op.deltas, vals, thr)]
+            sign = torch.sign(sum(cs))
+            agree = [(torch.sign(c) == sign) & (c != 0) for c in cs]
+            k = sum(a.to(torch.float64) for a in agree).clamp(min=1.0)
+            terms = [t * k, -mid * k]  # exact: k is a small integer
+            for part, v, a, th in zip(op.deltas, vals, agree, thr):
+                terms += [p * a for p in exact_product_terms(part.scale, torch.where(v.abs() >= th, v, 0.0))]
+        sgn = sign_of_exact_sum(terms)
+        even_lo = (li & 1) == 0
+        pick = torch.where(sgn > 0, his, torch.where(sgn < 0, los, torch.where(even_lo, los, his)))
+        out.view(-1)[sel] = pick
+        return rest
+
     def _diagnose(self, op: TensorOp, e0: int, e1: int, row_elems: int) -> None:
         bad_inputs = []
         for key, term in (("diag_c", op.base), ("diag_a", op.plus), ("diag_b", op.minus)):
@@ -370,7 +564,8 @@ class Engine:
         if op.kind == "copy" or op.scale == 0.0:
             terms = [("base", op.base)]
         else:
-            terms = [] if op.lora is not None else [("plus", op.plus), ("minus", op.minus)]
+            direct = op.lora is None and op.packed is None and not op.deltas
+            terms = [("plus", op.plus), ("minus", op.minus)] if direct else []
             terms.append(("base", op.base))
         return [(k, t) for k, t in terms
                 if t is not None and t.rowmap is None and t.ck.memory_tensor(t.spec.name) is None]
@@ -417,8 +612,12 @@ class Engine:
             if op.kind == "copy" or op.scale == 0.0:
                 acc = self._fill("base", op.base, e0, e1, row_elems)
             else:
-                if op.lora is not None:
+                if op.deltas:
+                    d = self._compose(op, e0, e1, row_elems)
+                elif op.lora is not None:
                     d = self._lora(op, e0, e1, row_elems)
+                elif op.packed is not None:
+                    d = self._packed(op.packed, op.name, e0, e1)
                 else:
                     d = self._fill("plus", op.plus, e0, e1, row_elems)
                     if op.minus is not None:
@@ -432,6 +631,8 @@ class Engine:
                     acc = d
             out = obuf[: n * osz].view(op.out_dtype)
             self._round(out, acc, n)
+            if op.deltas and op.kind != "copy":
+                self._compose_fixup(op, out, e0, e1)
             if not _all_finite(out):
                 self._diagnose(op, e0, e1, row_elems)
             if op.base is None and (op.minus is not None or op.check is not None):
@@ -443,6 +644,7 @@ class Engine:
         w = copy.copy(self)
         w.bufs, w.files, w.stats = _Buffers(), FilePool(), Stats()
         w._pre, w._raw, w._lora_cache, w._reader, w._bar = {}, {}, None, None, None
+        w._packed_cache, w._ties_cache = {}, None
         return w
 
     def _run_workers(self, ops: list[TensorOp], wt: _Writer, workers: int) -> None:
@@ -504,6 +706,7 @@ class Engine:
             for w in copies:
                 w.files.close()
                 self.stats.bytes_read += w.stats.bytes_read
+                self.stats.exact_fixups += w.stats.exact_fixups
                 for k, v in w.stats.inexact_delta.items():
                     self.stats.inexact_delta[k] = self.stats.inexact_delta.get(k, 0) + v
                 self.stats.nonfinite_inputs += [x for x in w.stats.nonfinite_inputs if x not in self.stats.nonfinite_inputs]

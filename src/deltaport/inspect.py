@@ -36,8 +36,17 @@ def inspect(path, *, allow_pickle: bool = False, tensors: bool = True) -> dict[s
                    if k in cfg} if cfg else None,
         "lora": ck.lora,
         "provenance": ck.provenance,
+        "compression": _compression_summary(ck.provenance),
     }
     if tensors:
         info["tensors"] = [{"name": s.name, "dtype": s.dtype_name, "shape": list(s.shape), "file": s.file.name}
                            for s in ck.tensors.values()]
     return info
+
+
+def _compression_summary(prov) -> dict[str, Any] | None:
+    """Format, version, method, parameters, seed and byte totals of a compressed delta (None otherwise)."""
+    comp = (prov or {}).get("compression") if isinstance(prov, dict) else None
+    if not isinstance(comp, dict):
+        return None
+    return {k: comp.get(k) for k in ("format", "version", "method", "params", "seed", "totals")}

@@ -87,3 +87,71 @@ def round_to(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     out = torch.empty(x.shape, dtype=dtype)
     round_into(out, x.clone() if x.dtype == torch.float64 else x)
     return out
+
+
+_FORMATS = {torch.float32: (24, -126, 128), torch.bfloat16: (8, -126, 128), torch.float16: (11, -14, 16),
+            torch.float64: (53, -1022, 1024)}  # significand bits, min normal exponent, overflow exponent
+
+
+def round_fraction(x, dtype: torch.dtype) -> float:
+    """The value of ``dtype`` nearest the exact rational ``x`` (ties to even; overflow to ±inf), as a float."""
+    from fractions import Fraction
+
+    p, emin, emax = _FORMATS[dtype]
+    if x == 0:
+        return 0.0
+    a = abs(Fraction(x))
+    e = a.numerator.bit_length() - a.denominator.bit_length()
+    if Fraction(2) ** e > a:
+        e -= 1  # now 2**e <= a < 2**(e+1)
+    q = Fraction(2) ** (max(e, emin) - (p - 1))  # the spacing of dtype's values around a
+    m = a / q
+    k = m.numerator // m.denominator
+    rest = m - k
+    if rest > Fraction(1, 2) or (rest == Fraction(1, 2) and k % 2 == 1):
+        k += 1
+    v = k * q
+    if v >= Fraction(2) ** emax:
+        v = float("inf")
+    else:
+        v = float(v)  # exact: at most p significant bits
+    return v if x > 0 else -v
+
+
+_SPLITTER = 134217729.0  # 2**27 + 1 (Veltkamp)
+
+
+def split(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Veltkamp's split of float64 ``x`` into ``hi + lo`` (exactly), each with at most 26 significant bits,
+    so the product of two halves is exact in float64."""
+    c = x * _SPLITTER
+    hi = c - (c - x)
+    return hi, x - hi
+
+
+def exact_product_terms(lam: float, v: torch.Tensor) -> list[torch.Tensor]:
+    """Four float64 tensors whose exact sum is ``lam·v`` (Dekker's product by halves; no underflow assumed)."""
+    lh, ll = (float(t) for t in split(torch.tensor([lam], dtype=torch.float64)))
+    vh, vl = split(v)
+    return [vh * lh, vl * lh, vh * ll, vl * ll]
+
+
+def sign_of_exact_sum(terms: list[torch.Tensor]) -> torch.Tensor:
+    """The sign (−1, 0, 1) of the exact sum of float64 tensors, element-wise.
+
+    Shewchuk's Grow-Expansion (1997) adds each term into a nonoverlapping expansion with TwoSum (no
+    rounding error is lost); the sign of a nonoverlapping expansion is that of its largest nonzero part."""
+    comps: list[torch.Tensor] = []
+    for x in terms:
+        q, new = x, []
+        for c in comps:
+            s = q + c
+            bv = s - q
+            new.append((q - (s - bv)) + (c - bv))
+            q = s
+        new.append(q)
+        comps = new
+    sign = torch.zeros_like(terms[0])
+    for c in reversed(comps):
+        sign = torch.where(sign == 0, torch.sign(c), sign)
+    return sign

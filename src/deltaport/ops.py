@@ -367,12 +367,36 @@ def apply(delta, to, output, *, scale: float = 1.0, vocab_policy: str = "error",
           chat_template_from: str = "source-finetuned", shard_size: str | int = DEFAULT_SHARD_SIZE,
           overwrite: bool = False, dry_run: bool = False, force: bool = False, allow_pickle: bool = False,
           strict: bool = False, threads: int | None = None, progress: bool = False,
-          chunk_elems: int | None = None) -> Result:
-    """Write ``to + scale·Δ`` where Δ is a ``deltaport diff`` directory.
+          chunk_elems: int | None = None, ties: float | None = None) -> Result:
+    """Write ``to + scale·Δ`` where Δ is a ``deltaport diff`` (or ``deltaport compress``) directory.
+
+    ``delta`` may be a list of delta directories: ``to + Σ_i scale_i·Δ_i`` with ``scale`` a list of one λ
+    per delta (or a single number for all); ``scale_map`` values then *multiply* each λ_i (with one delta
+    they replace λ, as always). Each element is the output-dtype value nearest the exact sum.
+    ``ties`` (several deltas): TIES-Merging's sign consensus (Yadav et al. 2023): each λ_i·Δ_i is trimmed to
+    its ``ties`` fraction of largest-magnitude entries per tensor, each element's sign is elected from the
+    trimmed sum, and the entries that agree with it are averaged: ``to + mean_{i agrees}(λ_i·trim(Δ_i))``.
 
     The target must have the structure (tensor names, shapes, dtypes) of the base the delta was made
     on; ``force=True`` applies to matching tensors anyway and records that in provenance.
     """
+    if isinstance(delta, (list, tuple)) and len(delta) > 1:
+        return _apply_many(list(delta), to, output, scale=scale, vocab_policy=vocab_policy, shape_policy=shape_policy,
+                           key_map=key_map, include=include, exclude=exclude, scale_map=scale_map,
+                           compute_dtype=compute_dtype, out_dtype=out_dtype, config_from=config_from,
+                           tokenizer_from=tokenizer_from, chat_template_from=chat_template_from, shard_size=shard_size,
+                           overwrite=overwrite, dry_run=dry_run, force=force, allow_pickle=allow_pickle, strict=strict,
+                           threads=threads, progress=progress, chunk_elems=chunk_elems, ties=ties)
+    if ties is not None:
+        raise InputError("--ties merges several deltas (TIES sign consensus); pass two or more delta directories")
+    if isinstance(delta, (list, tuple)):
+        if not delta:
+            raise InputError("apply needs at least one delta directory")
+        delta = delta[0]
+    if isinstance(scale, (list, tuple)):
+        if len(scale) > 1:
+            raise InputError(f"{len(scale)} --scale values for one delta; pass one λ per delta")
+        scale = scale[0] if scale else 1.0
     pol = make_policies(scale=scale, vocab_policy=vocab_policy, shape_policy=shape_policy, key_map=key_map,
                         include=include, exclude=exclude, scale_map=scale_map, compute_dtype=compute_dtype, out_dtype=out_dtype)
     dk = open_checkpoint(delta, remote=True)
@@ -429,5 +453,94 @@ def apply(delta, to, output, *, scale: float = 1.0, vocab_policy: str = "error",
     stats, timings = _run(plan, output, inputs=[dk.dir, tb.dir], overwrite=overwrite, shard_size=shard_size,
                           progress=progress, threads=threads, strict=strict, provenance=prov, write_files=files,
                           chunk_elems=chunk_elems, label="apply")
+    _write_timings(output, timings, stats)
+    return Result(output, plan, prov, stats, timings, fetch)
+
+
+def _apply_many(deltas, to, output, *, scale, vocab_policy, shape_policy, key_map, include, exclude, scale_map,
+                compute_dtype, out_dtype, config_from, tokenizer_from, chat_template_from, shard_size, overwrite,
+                dry_run, force, allow_pickle, strict, threads, progress, chunk_elems, ties=None) -> Result:
+    """``to + Σ_i λ_i·Δ_i`` (see :func:`apply`)."""
+    from deltaport.plan import plan_apply_many
+
+    if ties is not None and not (isinstance(ties, (int, float)) and 0.0 < ties <= 1.0):
+        raise InputError(f"--ties must be the fraction of each delta's entries kept, in (0, 1], not {ties}")
+    lams = list(scale) if isinstance(scale, (list, tuple)) else [scale] * len(deltas)
+    if not lams:
+        lams = [1.0] * len(deltas)
+    if len(lams) != len(deltas):
+        raise InputError(f"{len(deltas)} deltas but {len(lams)} --scale values; pass one --scale per delta, in the "
+                         "order of the deltas (or none: λ = 1 for each)")
+    base_pol = make_policies(vocab_policy=vocab_policy, shape_policy=shape_policy, key_map=key_map, include=include,
+                             exclude=exclude, scale_map=scale_map, compute_dtype=compute_dtype, out_dtype=out_dtype)
+    pols = []
+    for lam in lams:
+        # λ_i × (the scale map's value where a pattern matches, else 1): the first match wins, as for one delta
+        pol = make_policies(scale=lam, vocab_policy=vocab_policy, shape_policy=shape_policy, key_map=key_map,
+                            include=include, exclude=exclude, compute_dtype=compute_dtype, out_dtype=out_dtype)
+        pol.scale_map = [(p, float(lam) * m) for p, m in base_pol.scale_map]
+        pols.append(pol)
+    dks = [open_checkpoint(d, remote=True) for d in deltas]
+    seen: dict[Path, str] = {}
+    for dk in dks:
+        key = dk.dir.resolve()
+        if key in seen:
+            raise InputError(f"delta {dk.source} is given twice (also as {seen[key]}); pass it once with the summed λ")
+        seen[key] = dk.source
+    tb = open_checkpoint(to, allow_pickle=allow_pickle, require_config=True, remote=True)
+    if tb.kind in ("lora", "delta"):
+        raise InputError(f"--to {tb.source} is a {tb.kind} directory, not a model")
+    plan = plan_apply_many(dks, tb, pols, force=force, ties=None if ties is None else float(ties))
+    src_files = dks[0].dir / "source_finetuned"
+    src_files = src_files if src_files.is_dir() else None
+    config_src = _resolve_src(config_from, "--config-from", tb.dir, src_files)
+    tok_src = _resolve_src(tokenizer_from, "--tokenizer-from", tb.dir, src_files)
+    chat_src = _resolve_src(chat_template_from, "--chat-template-from", tb.dir, src_files or tb.dir)
+    out_dt = _uniform_dtype(plan) if out_dtype else None
+    config_check = _precheck_files(plan, tb, config_src=config_src, tok_src=tok_src, chat_src=chat_src, out_dtype=out_dt)
+    fetch = _before_writing(plan, output, overwrite=overwrite, inputs=[dk.dir for dk in dks] + [tb.dir], dry_run=dry_run,
+                            file_sources=(config_src, tok_src, chat_src))
+    if dry_run:
+        return Result(None, plan, fetch=fetch)
+    output = Path(output)
+    prov = {
+        "deltaport_version": deltaport.__version__, "kind": "model", "operation": "apply",
+        "formula": ("target_base + sum_i scale_i * delta_i" if ties is None else
+                    "target_base + TIES(scale_i * delta_i): trim to density, elect sign, disjoint mean"),
+        "ties": None if ties is None else {"density": float(ties), "paper": "Yadav et al. 2023, TIES-Merging"},
+        "inputs": {**{f"delta_{i + 1}": _input_record(dk) for i, dk in enumerate(dks)}, "target_base": _input_record(tb)},
+        "delta_provenance": [{k: dk.provenance.get(k) for k in ("inputs", "delta_dtype", "policies", "compression")}
+                             for dk in dks],
+        "scale": lams, "scale_rule": "scale_i times the --scale-map value where a pattern matches (first match), else scale_i",
+        "policies": _policy_record(base_pol), "compute_dtype": dtype_name(plan.compute_dtype),
+        "choices": {"config_from": config_from, "tokenizer_from": tokenizer_from, "chat_template_from": chat_template_from,
+                    "source_finetuned_files": "from the first delta"},
+        "forced": plan.info.get("forced"), "skipped": plan.skipped, "warnings": plan.warnings, "summary": plan.summary(),
+    }
+
+    def files(tmp: Path):
+        from deltaport.card import command, command_arg as card_arg, input_ref
+
+        rec = write_model_files(tmp, config_src=config_src, tokenizer_src=tok_src, chat_src=chat_src,
+                                vocab_rows=plan.vocab_rows, out_dtype=out_dt)
+        rec["config_check"] = config_check
+        refs = {"target_base": input_ref(tb), **{f"delta_{i + 1}": input_ref(dk) for i, dk in enumerate(dks)}}
+        argv = command("apply", [*(("", card_arg(refs[f"delta_{i + 1}"])) for i in range(len(dks))),
+                                 ("--to", card_arg(refs["target_base"])), ("-o", "OUTPUT")],
+                       {"--scale": (lams, [1.0] * len(dks)), "--ties": (ties, None),
+                        "--vocab-policy": (vocab_policy, "error"), "--shape-policy": (shape_policy, "error"),
+                        "--key-map": (_file_opt(key_map), None), "--include": (include, None), "--exclude": (exclude, None),
+                        "--scale-map": (_file_opt(scale_map), None), "--compute-dtype": (compute_dtype, "auto"),
+                        "--out-dtype": (out_dtype, None), "--config-from": (config_from, "target"),
+                        "--tokenizer-from": (tokenizer_from, "target"),
+                        "--chat-template-from": (chat_template_from, "source-finetuned"),
+                        "--shard-size": (shard_size, DEFAULT_SHARD_SIZE), "--force": (force, False),
+                        "--allow-pickle": (allow_pickle, False)})
+        _write_card(tmp, output, "compose", refs, plan, prov, argv, ("target_base",), tb, rec)
+        return rec
+
+    stats, timings = _run(plan, output, inputs=[dk.dir for dk in dks] + [tb.dir], overwrite=overwrite,
+                          shard_size=shard_size, progress=progress, threads=threads, strict=strict, provenance=prov,
+                          write_files=files, chunk_elems=chunk_elems, label="apply")
     _write_timings(output, timings, stats)
     return Result(output, plan, prov, stats, timings, fetch)

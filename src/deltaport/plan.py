@@ -64,6 +64,28 @@ class LoraTerm:
 
 
 @dataclass
+class PackedTerm:
+    """A Δ stored as packed bits (compressed delta format 1, docs/FORMAT.md): ``sparse`` (a bitmask and the
+    kept values in element order) or ``sign`` (sign bits and one scale α: Δ = ±α)."""
+
+    method: str  # "sparse" | "sign"
+    ck: Checkpoint
+    bits: TensorSpec  # uint8 [ceil(numel / 8)], element i at bit i % 8 of byte i // 8
+    values: TensorSpec  # sparse: the kept values; sign: α, float32 [1]
+
+
+@dataclass
+class DeltaPart:
+    """One Δ of a composed apply (``apply D1 D2 ...``): exactly one of ``plus``, ``lora``, ``packed``, times ``scale``."""
+
+    scale: float
+    plus: Term | None = None
+    lora: LoraTerm | None = None
+    packed: PackedTerm | None = None
+    source: str = ""
+
+
+@dataclass
 class TensorOp:
     """One output tensor. ``out_dtype`` is set as a name or a torch dtype and read as a torch dtype;
     planning uses ``out_dtype_name`` (no torch import)."""
@@ -79,6 +101,9 @@ class TensorOp:
     scale: float = 1.0
     notes: list[str] = field(default_factory=list)
     check: Term | None = None  # diff of a LoRA stored narrower than computed: base + Δ must round back
+    packed: PackedTerm | None = None  # Δ from a compressed delta's sparse/sign parts
+    deltas: list[DeltaPart] = field(default_factory=list)  # composed apply: out = base + Σ scale_i·Δ_i
+    ties_density: float | None = None  # composed apply with TIES sign consensus: trim to this density
 
     @property
     def numel(self) -> int:
@@ -108,7 +133,16 @@ class Plan:
 
     @property
     def total_in_bytes(self) -> int:
-        return sum(t.spec.nbytes for op in self.ops for t in op.inputs())
+        def parts(op: TensorOp) -> int:  # Δ read another way: LoRA/low-rank factors, packed bits, composed Δs
+            n = (op.lora.a.nbytes + op.lora.b.nbytes) if op.lora else 0
+            n += (op.packed.bits.nbytes + op.packed.values.nbytes) if op.packed else 0
+            for p in op.deltas:
+                n += p.plus.spec.nbytes if p.plus else 0
+                n += (p.lora.a.nbytes + p.lora.b.nbytes) if p.lora else 0
+                n += (p.packed.bits.nbytes + p.packed.values.nbytes) if p.packed else 0
+            return n
+
+        return sum(t.spec.nbytes for op in self.ops for t in op.inputs()) + sum(parts(op) for op in self.ops)
 
     @property
     def received_delta(self) -> int:
@@ -146,6 +180,8 @@ class Plan:
                  f"{self.total_out_bytes / 1e6:.1f} MB"]
         for op in self.ops:
             scale = f" x{op.scale:g}" if op.kind == "delta" else ""
+            if op.deltas:
+                scale = " x(" + ", ".join(f"{p.scale:g}" for p in op.deltas) + ")" + (" TIES" if op.ties_density else "")
             notes = f"  [{'; '.join(op.notes)}]" if op.notes else ""
             lines.append(f"  {op.kind:5s}{scale:7s} {op.name} {list(op.shape)} {op.out_dtype_name}{notes}")
         for s in self.skipped:
@@ -782,9 +818,25 @@ def plan_apply(delta: Checkpoint, tb: Checkpoint, pol: Policies, *, force: bool 
                             "tensors anyway (recorded in provenance).")
         plan.warnings.append(f"--force: target structure differs from the delta's base ({len(mismatch)} differences)")
         plan.info["forced"] = mismatch[:50]
+    from deltaport.io.compressed_format import compression_record
+
+    comp = compression_record(delta)
+    packed = {n: r for n, r in (comp or {}).get("tensors", {}).items() if r.get("method") not in (None, "exact")}
     dtypes: set[str] = set()  # names; torch dtypes only once the plan stands
     for name, c in tb.tensors.items():
         out_dtype = _out_dtype(pol, c.dtype_name)
+        if pol.map_key(name) in packed and pol.selected(name) and c.dtype_name in FLOAT_DTYPE_NAMES:
+            d_name = pol.map_key(name)
+            rec = packed[d_name]
+            if tuple(rec["shape"]) != tuple(c.shape):
+                probs.add(f"{name}: compressed delta {rec['shape']} vs target {list(c.shape)}; a compressed tensor must "
+                          "have the target's shape (--vocab-policy pad applies to exact tensors only)")
+                continue
+            dtypes.add(c.dtype_name)
+            op = TensorOp(name, c.shape, out_dtype, "delta", Term(tb, c), scale=pol.scale_for(name))
+            compressed_term(op, delta, d_name, rec)
+            plan.ops.append(op)
+            continue
         d_name, note = _source_name(delta, pol.map_key(name))
         if d_name is None or not pol.selected(name) or c.dtype_name not in FLOAT_DTYPE_NAMES:
             why = "no Δ for this tensor" if d_name is None else ("not selected" if c.dtype_name in FLOAT_DTYPE_NAMES else "non-float")
@@ -817,3 +869,97 @@ def plan_apply(delta: Checkpoint, tb: Checkpoint, pol: Policies, *, force: bool 
     if any(op.plus is not None and op.plus.spec.dtype_name == "float64" for op in plan.ops):
         plan.compute_dtype = "float64"
     return plan
+
+
+def compressed_term(op: TensorOp, delta: Checkpoint, name: str, rec: dict) -> None:
+    """Set ``op``'s Δ to the compressed tensor ``name`` of ``delta`` (record ``rec`` of its compression):
+    low rank through the LoRA path (Δ = 1·B·A), sparse and sign as a :class:`PackedTerm`."""
+    from deltaport.io.compressed_format import part_names
+
+    method = rec["method"]
+    parts = {role: delta.tensors[n] for role, n in part_names(name, method).items()}
+    if method == "lowrank":
+        op.lora = LoraTerm(parts["A"], parts["B"], delta, 1.0)
+        op.notes.append(f"compressed: lowrank r={parts['A'].shape[0]}")
+    elif method == "sparse":
+        op.packed = PackedTerm("sparse", delta, parts["mask"], parts["values"])
+        op.notes.append(f"compressed: sparse p={rec.get('density')}")
+    else:
+        op.packed = PackedTerm("sign", delta, parts["bits"], parts["scale"])
+        op.notes.append("compressed: sign")
+
+
+def _finetuned_vocab(delta: Checkpoint) -> dict | None:
+    """The token -> id map of a delta's ``source_finetuned/tokenizer.json`` (None when absent or not readable)."""
+    p = delta.dir / "source_finetuned" / "tokenizer.json"
+    try:
+        vocab = json.loads(p.read_text()).get("model", {}).get("vocab")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if isinstance(vocab, list):  # unigram: [[token, score], ...]
+        vocab = {str(t[0]): i for i, t in enumerate(vocab) if isinstance(t, list) and t}
+    return vocab if isinstance(vocab, dict) else None
+
+
+def plan_apply_many(deltas: list[Checkpoint], tb: Checkpoint, pols: list[Policies], *, force: bool = False,
+                    ties: float | None = None) -> Plan:
+    """Plan ``out = tb + Σ_i λ_i·Δ_i`` for several deltas (``pols[i]`` holds Δ_i's λ and the shared options).
+
+    Each delta is planned against the target as for one (same checks, same messages); then the plans must
+    agree: the same output shape for every tensor (vocabulary rows included) and, when both record one,
+    the same fine-tuned vocabulary. Every conflict is reported before a tensor byte is read."""
+    probs = _Problems(f"cannot compose the {len(deltas)} deltas")
+    plans = []
+    for dk, pol in zip(deltas, pols):
+        try:
+            plans.append(plan_apply(dk, tb, pol, force=force))
+        except PlanError as exc:
+            probs.add(f"{dk.source}: {exc}")
+    probs.raise_if_any()
+    vocabs = [(dk, _finetuned_vocab(dk)) for dk in deltas]
+    known = [(dk, v) for dk, v in vocabs if v is not None]
+    for dk, v in known[1:]:
+        if v != known[0][1]:
+            diff = len(set(v.items()) ^ set(known[0][1].items()))
+            probs.add(f"{dk.source} was made on a fine-tune whose vocabulary differs from that of {known[0][0].source} "
+                      f"({diff} token/id pairs differ): their embedding rows mean different tokens, so their Δs cannot be "
+                      "added. Compose deltas made on fine-tunes of one tokenizer.")
+    f64 = choose_compute_dtype("float64", set())
+    out = Plan("apply", [], f64)
+    for i, name in enumerate(op.name for op in plans[0].ops):
+        ops = [p.ops[i] for p in plans]
+        assert all(o.name == name for o in ops)
+        shapes = {tuple(o.shape) for o in ops}
+        if len(shapes) > 1:
+            probs.add(f"{name}: the deltas give different output shapes "
+                      f"({', '.join(f'{dk.source}: {list(o.shape)}' for dk, o in zip(deltas, ops))}); "
+                      "vocabulary rows padded differently cannot be composed")
+            continue
+        first = ops[0]
+        parts = []
+        for dk, o in zip(deltas, ops):
+            if o.kind != "delta":
+                continue
+            if o.minus is not None or (o.plus is not None and o.plus.rowmap is not None):
+                probs.add(f"{name}: {dk.source}: internal: unexpected Δ term")  # pragma: no cover
+                continue
+            parts.append(DeltaPart(o.scale, plus=o.plus, lora=o.lora, packed=o.packed, source=dk.source))
+        if not parts:
+            out.ops.append(first)
+            continue
+        base = next(o.base for o in ops if o.kind == "delta")
+        notes = [f"{len(parts)} of {len(deltas)} deltas"] + [n for o in ops for n in o.notes if o.kind == "delta"]
+        out.ops.append(TensorOp(name, first.shape, first.out_dtype, "delta", base=base, deltas=parts, notes=notes,
+                                ties_density=ties))
+    probs.raise_if_any()
+    for p in plans:
+        out.skipped.extend(p.skipped)
+        out.warnings.extend(p.warnings)
+        if p.vocab_rows is not None:
+            out.vocab_rows = p.vocab_rows
+    out.compute_dtype = f64 if any(p.compute_dtype == f64 for p in plans) else plans[0].compute_dtype
+    if out.compute_dtype != f64 and any(o.deltas for o in out.ops):
+        out.warnings.append("--compute-dtype float32: a composed sum is rounded in float32, not checked against the "
+                            "exact sum")
+    out.info["forced"] = [f for p in plans for f in (p.info.get("forced") or [])] or None
+    return out

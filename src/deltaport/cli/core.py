@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import typer
 
@@ -121,10 +121,11 @@ def register(app: typer.Typer) -> None:
 
     @app.command("apply")
     def apply_cmd(
-        delta: str = typer.Argument(..., help="delta directory made by `deltaport diff`"),
+        delta: list[str] = typer.Argument(..., help="delta directory made by `deltaport diff` or `deltaport compress`; several: OUT = to + Σ λ_i·Δ_i"),
         to: str = Opt(..., "--to", metavar="MODEL", help="the target base model"),
         output: Path = Opt(..., "-o", "--output", help="output model directory"),
-        scale: float = _SCALE, vocab_policy: VocabPolicy = _VOCAB, shape_policy: ShapePolicy = _SHAPE,
+        scale: Optional[list[float]] = Opt(None, "--scale", help="λ: out = target + λ·Δ (paper: 1.0); with several deltas, once per delta in their order (--scale-map values multiply each λ)"),
+        vocab_policy: VocabPolicy = _VOCAB, shape_policy: ShapePolicy = _SHAPE,
         key_map: Optional[Path] = _KEYMAP, include: Optional[list[str]] = _INCLUDE, exclude: Optional[list[str]] = _EXCLUDE,
         scale_map: Optional[Path] = _SCALEMAP, compute_dtype: ComputeDtype = _COMPUTE, out_dtype: Optional[str] = _OUTDT,
         config_from: FileSource = _CONFIG, tokenizer_from: FileSource = _TOK, chat_template_from: FileSource = _CHAT,
@@ -132,16 +133,58 @@ def register(app: typer.Typer) -> None:
         force: bool = Opt(False, "--force", help="apply even if the target's structure differs from the delta's base (recorded in provenance)"),
         allow_pickle: bool = _PICKLE, strict: bool = _STRICT, threads: Optional[int] = _THREADS, quiet: bool = _QUIET,
         progress: Optional[bool] = PROGRESS, as_json: bool = _JSON,
+        ties: Optional[float] = Opt(None, "--ties", help="several deltas: TIES-Merging sign consensus (Yadav et al. 2023): keep this fraction of each λ_i·Δ_i's largest entries per tensor, elect each element's sign, average the agreeing entries"),
     ):
-        """Apply a stored delta: OUT = to + λ·Δ."""
+        """Apply a stored delta: OUT = to + λ·Δ; several deltas: OUT = to + Σ λ_i·Δ_i, rounded once from the exact sum."""
         from deltaport.ops import apply
 
-        res = apply(delta, to, output, scale=scale, vocab_policy=vocab_policy, shape_policy=shape_policy, key_map=key_map,
+        res = apply(delta, to, output, scale=scale or [], vocab_policy=vocab_policy, shape_policy=shape_policy, key_map=key_map,
                     include=include, exclude=exclude, scale_map=scale_map, compute_dtype=compute_dtype, out_dtype=out_dtype,
                     config_from=config_from, tokenizer_from=tokenizer_from, chat_template_from=chat_template_from,
                     shard_size=shard_size, overwrite=overwrite, dry_run=dry_run, force=force, allow_pickle=allow_pickle,
-                    strict=strict, threads=threads, progress=progress_mode(quiet or as_json, progress))
+                    strict=strict, threads=threads, progress=progress_mode(quiet or as_json, progress), ties=ties)
         _summary(res, as_json, dry_run)
+
+    @app.command("compress")
+    def compress_cmd(
+        delta: str = typer.Argument(..., help="delta directory made by `deltaport diff`"),
+        output: Path = Opt(..., "-o", "--output", help="output (compressed) delta directory"),
+        method: Literal["lowrank", "sparse", "sign"] = Opt(..., "--method", help="lowrank (factors per matrix, --rank) | sparse (DARE: bitmask + kept values, --density) | sign (BitDelta: sign bits + one scale per matrix)"),
+        rank: Optional[int] = Opt(None, "--rank", help="lowrank: rank R of each matrix's factors"),
+        density: Optional[float] = Opt(None, "--density", help="sparse: fraction p of entries kept, in (0, 1]; kept values are rescaled by 1/p"),
+        include: Optional[list[str]] = Opt(None, "--include", help="regex; compress only matching tensors (repeatable; may name vocabulary tensors)"),
+        exclude: Optional[list[str]] = Opt(None, "--exclude", help="regex; matching tensors stay exact (repeatable)"),
+        seed: int = Opt(0, "--seed", help="seed of DARE's mask and the randomised SVD (recorded; reruns are byte-identical)"),
+        shard_size: str = _SHARD, overwrite: bool = _OVER, threads: Optional[int] = _THREADS, quiet: bool = _QUIET,
+        as_json: bool = _JSON, peft: Optional[Path] = Opt(None, "--peft", help="lowrank: also write the low-rank matrices as a PEFT LoRA adapter directory (scaling 1; tensors kept exact are not in it)"),
+    ):
+        """Compress a delta: low rank, sparse or sign, one tensor at a time (1-D and vocabulary tensors stay exact)."""
+        from deltaport.compression import compress
+
+        if peft is not None and method != "lowrank":
+            from deltaport.errors import InputError
+
+            raise InputError("--peft exports low-rank factors; use it with --method lowrank")
+        comp = compress(delta, output, method=method, rank=rank, density=density, include=include, exclude=exclude,
+                        seed=seed, shard_size=shard_size, overwrite=overwrite, threads=threads)
+        if peft is not None:
+            from deltaport.compression import export_peft
+
+            rec = export_peft(output, peft, overwrite=overwrite)
+            sys.stderr.write(f"wrote PEFT adapter {peft}: r={rec['rank']}, {len(rec['tensors'])} matrices; "
+                             f"{len(rec['not_in_adapter'])} tensors kept exact are not in it\n")
+        tot = comp["totals"]
+        if as_json:
+            print(json.dumps({"output": str(output), "compression": {k: v for k, v in comp.items() if k != "tensors"}}, indent=2))
+            return
+        if quiet:
+            return
+        errs = [r["rel_frobenius_error"] for r in comp["tensors"].values() if r["method"] != "exact" and r["rel_frobenius_error"] is not None]
+        params = "".join(f", {k} {v:g}" if isinstance(v, float) else f", {k} {v}" for k, v in comp["params"].items())
+        sys.stderr.write(f"wrote {output}: {comp['method']}{params}, {tot['compressed_tensors']} tensors compressed, "
+                         f"{tot['bytes_after'] / 1e6:.2f} MB of {tot['bytes_before'] / 1e6:.2f} MB ({tot['ratio']:.3f}; compressed "
+                         f"tensors {tot['compressed_ratio']:.3f}), relative Frobenius error mean {sum(errs) / max(len(errs), 1):.3g}, "
+                         f"max {max(errs, default=0):.3g}\n")
 
     @app.command("inspect")
     def inspect_cmd(
@@ -180,6 +223,13 @@ def register(app: typer.Typer) -> None:
             for role, rec in (p.get("inputs") or {}).items():
                 rev = f" at commit {rec['revision']}" if rec.get("revision") else ""
                 con.print(f"  {role.replace('_', ' ')}: {rec.get('source')}{rev}")
+            comp = p.get("compression")
+            if isinstance(comp, dict):
+                tot = comp.get("totals") or {}
+                params = "".join(f", {k} {v}" for k, v in (comp.get("params") or {}).items())
+                con.print(f"compressed delta (format {comp.get('format')} v{comp.get('version')}): {comp.get('method')}"
+                          f"{params}, seed {comp.get('seed')}, {tot.get('compressed_tensors')} tensors compressed, "
+                          f"{tot.get('bytes_after', 0) / 1e6:.2f} MB of {tot.get('bytes_before', 0) / 1e6:.2f} MB exact")
         if tensors:
             t = Table("name", "dtype", "shape", "file")
             for row in info["tensors"]:

@@ -1,0 +1,40 @@
+"""Names of the compressed delta format (version 1, docs/FORMAT.md), without torch: planning an apply
+reads them from headers and ``deltaport.json`` only."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import deltaport
+from deltaport.errors import PlanError
+
+FORMAT_NAME = "deltaport-compressed-delta"
+FORMAT_VERSION = 1
+METHODS = ("lowrank", "sparse", "sign")
+PART_SEP = "@"
+
+
+def part_names(name: str, method: str) -> dict[str, str]:
+    """Role -> stored tensor name of a compressed tensor's parts."""
+    roles = {"lowrank": ("A", "B"), "sparse": ("mask", "values"), "sign": ("bits", "scale")}[method]
+    return {r: f"{name}{PART_SEP}{method}.{r}" for r in roles}
+
+
+def compression_record(ck) -> dict[str, Any] | None:
+    """The ``compression`` record of a delta directory (None for an exact delta); refuses unknown versions."""
+    comp = (ck.provenance or {}).get("compression")
+    if comp is None:
+        return None
+    if not isinstance(comp, dict) or comp.get("format") != FORMAT_NAME or not isinstance(comp.get("tensors"), dict):
+        raise PlanError(f"{ck.dir}/deltaport.json: 'compression' is malformed; it was edited or damaged. Recreate the "
+                        "delta with `deltaport compress`.")
+    if comp.get("version") != FORMAT_VERSION:
+        raise PlanError(f"{ck.dir} is a compressed delta of format version {comp.get('version')!r}; this deltaport "
+                        f"({deltaport.__version__}) reads version {FORMAT_VERSION}. Upgrade deltaport.")
+    for name, rec in comp["tensors"].items():
+        if rec.get("method") in METHODS:
+            for part in part_names(name, rec["method"]).values():
+                if part not in ck.tensors:
+                    raise PlanError(f"{ck.dir}: compressed tensor {name} lacks its part {part}; the delta is incomplete. "
+                                    "Recreate it with `deltaport compress`.")
+    return comp
