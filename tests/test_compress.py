@@ -121,7 +121,7 @@ def test_inspect_shows_the_format(fam, capsys):
     (["--method", "lowrank"], "needs --rank"),
     (["--method", "sparse", "--density", "0"], "--density must be in (0, 1]"),
     (["--method", "sparse", "--density", "1.5"], "--density must be in (0, 1]"),
-    (["--method", "svd", "--rank", "2"], "--method must be one of lowrank, sparse, sign"),
+    (["--method", "svd", "--rank", "2"], "'--method': 'svd' is not one of 'lowrank', 'sparse', 'sign'"),
     (["--method", "sign", "--include", "nothing-matches"], "no tensor of"),
 ])
 def test_bad_options_exit_2(fam, tmp_path, capsys, args, msg):
