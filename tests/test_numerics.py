@@ -153,3 +153,14 @@ def test_zeros_keep_their_sign_and_tiny_values_their_side():
     got = round_to(x, torch.bfloat16).view(torch.int16).tolist()
     neg = -0x10000  # int16 view of a bf16 with the sign bit set
     assert got == [0x0000, 0x8000 + neg, 0x0000, 0x8000 + neg, 0x0000, 0x0080, 0x8080 + neg, 0x0001, 0x8001 + neg]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_infinities_and_nans_survive_the_single_rounding(dtype):
+    """±inf stays ±inf (the jam used to leave junk below the float32 significand, turning an infinity into
+    a NaN), a NaN stays a NaN, and a finite value past the format's range overflows to ±inf."""
+    x = torch.tensor([float("inf"), -float("inf"), float("nan"), 1e300, -1e300, 3.0], dtype=torch.float64)
+    got = round_to(x, dtype)
+    assert got[0].item() == float("inf") and got[1].item() == -float("inf")
+    assert torch.isnan(got[2]) and got[3].item() == float("inf") and got[4].item() == -float("inf")
+    assert got[5].item() == 3.0

@@ -28,7 +28,6 @@ from __future__ import annotations
 import torch
 
 _DROPPED = (1 << 29) - 1  # float64 significand bits below float32's last one (bit 29)
-_NOT_HALF = ~(1 << 28)  # clears the "half" bit of the dropped ones: what is left rounds down
 _SIXTEEN = (torch.bfloat16, torch.float16)
 _F32_MIN_NORMAL = 0x7FFFFF  # bit pattern of 2**-126 in float32, less one: the largest subnormal
 
@@ -38,9 +37,10 @@ def jam_to_float32(acc: torch.Tensor, scratch: torch.Tensor | None = None) -> No
     bits = acc.view(torch.int64)
     low = torch.empty_like(bits) if scratch is None else scratch[: bits.numel()].view(bits.shape)
     torch.bitwise_and(bits, _DROPPED, out=low)
-    low.add_(_DROPPED)  # bit 29 set iff a dropped bit was set (the sticky bit); bits 0-28 are don't-cares
+    low.add_(_DROPPED)  # bit 29 set iff a dropped bit was set (the sticky bit)
     bits.bitwise_or_(low)  # last kept bit |= sticky
-    bits.bitwise_and_(_NOT_HALF)  # dropped bits now < half: the float32 conversion truncates, exactly
+    bits.bitwise_and_(~_DROPPED)  # dropped bits cleared: the float32 conversion is exact (and ±inf stays ±inf:
+    # leaving junk there made the significand of an infinity nonzero, i.e. a NaN)
 
 
 def round_into(out: torch.Tensor, acc: torch.Tensor, scratch: torch.Tensor | None = None) -> None:
