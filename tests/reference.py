@@ -15,7 +15,9 @@ The semantics written down here are the documented ones:
 * vocabulary ``pad``: every input is zero-padded to the largest row count;
 * vocabulary ``align``: target row j (token string s) gets ``T[j] + λ·(F[f(s)] − B[b(s)])`` when s has
   a row in both the fine-tune's and the base's vocabulary (each looked up in its *own* tokenizer);
-  otherwise it keeps ``T[j]`` (no Δ is defined);
+  otherwise it keeps ``T[j]`` (no Δ is defined); rows no target token maps to (padding) keep ``T[j]``;
+  this holds whenever the three vocabularies differ, also at equal row counts (one shared vocabulary
+  with equal shapes is positional, padding rows included);
 * LoRA: Δ = scaling · B @ A with scaling = α/r (α/√r with rsLoRA); modules it does not adapt are copied.
 """
 
@@ -297,8 +299,8 @@ def transfer_tensor(name: str, sb: Ckpt, sf: Ckpt, tb: Ckpt, *, scale: float = 1
     if lam == 0.0:  # a copy of the target (padded with zero rows under vocab pad)
         rows = max(f.shape[0], b.shape[0], t.shape[0]) if vocab == "pad" else t.shape[0] if t.ndim else None
         return tb.bits(name) if rows is None else pad_bits(tb.bits(name), rows)
-    if f.shape == b.shape == t.shape:
-        d = f - b
+    if f.shape == b.shape == t.shape and (vocab != "align" or vocabs[0] == vocabs[1] == vocabs[2]):
+        d = f - b  # align with one shared vocabulary: row i is the same token everywhere (padding rows too)
     elif vocab == "pad":
         rows = max(f.shape[0], b.shape[0], t.shape[0])
         f, b, t = _pad_rows(f, rows), _pad_rows(b, rows), _pad_rows(t, rows)
