@@ -155,6 +155,22 @@ def _file_opt(v):
     return "MAPPING.yaml"
 
 
+_APPLY_OPTIONS = (("--vocab-policy", "vocab_policy", "error"), ("--shape-policy", "shape_policy", "error"),
+                  ("--key-map", "key_map", None), ("--include", "include", None), ("--exclude", "exclude", None),
+                  ("--scale-map", "scale_map", None), ("--compute-dtype", "compute_dtype", "auto"),
+                  ("--out-dtype", "out_dtype", None), ("--config-from", "config_from", "target"),
+                  ("--tokenizer-from", "tokenizer_from", "target"),
+                  ("--chat-template-from", "chat_template_from", "source-finetuned"),
+                  ("--shard-size", "shard_size", DEFAULT_SHARD_SIZE), ("--force", "force", False),
+                  ("--allow-pickle", "allow_pickle", False))
+
+
+def _apply_options(**given) -> dict[str, tuple]:
+    """apply's options as the card's command shows them (flag -> (value, default)); maps by file name."""
+    return {flag: (_file_opt(given[k]) if k in ("key_map", "scale_map") else given[k], default)
+            for flag, k, default in _APPLY_OPTIONS}
+
+
 def _resolve_src(choice: str, flag: str, target: Path, source_ft: Path | None) -> Path:
     if choice not in SOURCES:
         raise InputError(f"{flag} must be one of {', '.join(SOURCES)}, not {choice!r}")
@@ -439,14 +455,11 @@ def apply(delta, to, output, *, scale: float = 1.0, vocab_policy: str = "error",
             refs["source_finetuned"] = {"hub": made["hub"]["repo_id"], "commit": made["hub"]["commit"]}
             lineage = ("target_base", "source_finetuned")
         argv = command("apply", [("", card_arg(refs["delta"])), ("--to", card_arg(refs["target_base"])), ("-o", "OUTPUT")],
-                       {"--scale": (scale, 1.0), "--vocab-policy": (vocab_policy, "error"), "--shape-policy": (shape_policy, "error"),
-                        "--key-map": (_file_opt(key_map), None), "--include": (include, None), "--exclude": (exclude, None),
-                        "--scale-map": (_file_opt(scale_map), None), "--compute-dtype": (compute_dtype, "auto"),
-                        "--out-dtype": (out_dtype, None), "--config-from": (config_from, "target"),
-                        "--tokenizer-from": (tokenizer_from, "target"),
-                        "--chat-template-from": (chat_template_from, "source-finetuned"),
-                        "--shard-size": (shard_size, DEFAULT_SHARD_SIZE), "--force": (force, False),
-                        "--allow-pickle": (allow_pickle, False)})
+                       {"--scale": (scale, 1.0), **_apply_options(vocab_policy=vocab_policy, shape_policy=shape_policy, key_map=key_map, include=include,
+                                        exclude=exclude, scale_map=scale_map, compute_dtype=compute_dtype, out_dtype=out_dtype,
+                                        config_from=config_from, tokenizer_from=tokenizer_from,
+                                        chat_template_from=chat_template_from, shard_size=shard_size, force=force,
+                                        allow_pickle=allow_pickle)})
         _write_card(tmp, output, "apply", refs, plan, prov, argv, lineage, tb, rec)
         return rec
 
@@ -527,15 +540,11 @@ def _apply_many(deltas, to, output, *, scale, vocab_policy, shape_policy, key_ma
         refs = {"target_base": input_ref(tb), **{f"delta_{i + 1}": input_ref(dk) for i, dk in enumerate(dks)}}
         argv = command("apply", [*(("", card_arg(refs[f"delta_{i + 1}"])) for i in range(len(dks))),
                                  ("--to", card_arg(refs["target_base"])), ("-o", "OUTPUT")],
-                       {"--scale": (lams, [1.0] * len(dks)), "--ties": (ties, None),
-                        "--vocab-policy": (vocab_policy, "error"), "--shape-policy": (shape_policy, "error"),
-                        "--key-map": (_file_opt(key_map), None), "--include": (include, None), "--exclude": (exclude, None),
-                        "--scale-map": (_file_opt(scale_map), None), "--compute-dtype": (compute_dtype, "auto"),
-                        "--out-dtype": (out_dtype, None), "--config-from": (config_from, "target"),
-                        "--tokenizer-from": (tokenizer_from, "target"),
-                        "--chat-template-from": (chat_template_from, "source-finetuned"),
-                        "--shard-size": (shard_size, DEFAULT_SHARD_SIZE), "--force": (force, False),
-                        "--allow-pickle": (allow_pickle, False)})
+                       {"--scale": (lams, [1.0] * len(dks)), "--ties": (ties, None), **_apply_options(vocab_policy=vocab_policy, shape_policy=shape_policy, key_map=key_map, include=include,
+                                        exclude=exclude, scale_map=scale_map, compute_dtype=compute_dtype, out_dtype=out_dtype,
+                                        config_from=config_from, tokenizer_from=tokenizer_from,
+                                        chat_template_from=chat_template_from, shard_size=shard_size, force=force,
+                                        allow_pickle=allow_pickle)})
         _write_card(tmp, output, "compose", refs, plan, prov, argv, ("target_base",), tb, rec)
         return rec
 
