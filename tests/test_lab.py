@@ -368,3 +368,32 @@ def test_cli_multi_seed_run_writes_a_summary_with_intervals(tmp_path):
             assert f["lo"] <= f["mean"] <= f["hi"]
     assert "| (b2)" in (out / "summary.md").read_text()
     assert per_run[0]["environment"]["versions"]["torch"] and per_run[0]["environment"]["cpu"]["model"]
+
+
+def test_redirected_lab_prints_status_lines_not_bars(monkeypatch, capsys):
+    """A lab run whose stderr is not a terminal says what it is doing in plain lines (a stage's start, its
+    end, about every 30 s between), nothing with --quiet or --no-progress, and bars on a terminal."""
+    from deltaport.cli import _common
+    from deltaport.cli.lab import _lab_progress
+    from deltaport.lab import run as R
+
+    monkeypatch.setattr(_common, "_isatty", lambda: False)
+    assert _lab_progress(quiet=False, progress=None) == "lines"
+    assert _lab_progress(quiet=True, progress=None) is False
+    assert _lab_progress(quiet=False, progress=False) is False
+    monkeypatch.setattr(_common, "_isatty", lambda: True)
+    assert _lab_progress(quiet=False, progress=None) is True
+
+    clock = iter([0.0, 1.0, 2.0, 40.0, 41.0, 42.0, 43.0])
+    monkeypatch.setattr(R.time, "monotonic", lambda: next(clock))
+    with R._Progress("lines") as p:  # t0 = 0
+        p.bar("pretrain", 0, 10)  # 1 s: first call, said
+        p.bar("pretrain", 3, 10)  # 2 s: within 30 s of the last line, quiet
+        p.bar("pretrain", 5, 10)  # 40 s: said
+        p.note("transfer grid")  # 41 s
+        p.bar("pretrain", 10, 10)  # 42 s: finished, said once
+        p.bar("pretrain", 10, 10)  # never again
+    err = capsys.readouterr().err
+    assert err.splitlines() == ["[    1 s] pretrain: 0/10", "[   40 s] pretrain: 5/10", "[   41 s] transfer grid",
+                                "[   42 s] pretrain: 10/10"]
+    assert "\r" not in err

@@ -29,7 +29,13 @@ def _seeds(seed: int | None, seeds: str | None) -> list[int] | None:
     return None
 
 
-def _run(config: str, output: Path, resume: bool, progress: bool, threads: int | None, seed: int | None = None,
+def _lab_progress(quiet: bool, progress: bool | None) -> bool | str:
+    """Bars on a terminal (or with --progress); in a redirected log, status lines; nothing with --quiet."""
+    bars = progress_mode(quiet, progress)
+    return bars or (False if quiet or progress is False else "lines")
+
+
+def _run(config: str, output: Path, resume: bool, progress: bool | str, threads: int | None, seed: int | None = None,
          seeds: str | None = None) -> None:
     import dataclasses
     import logging
@@ -83,7 +89,7 @@ def lab_run(
                                         "and OUTPUT/summary.{md,json} with intervals across seeds"),
 ) -> None:
     """Build the model family and run the config's experiments; writes report.md, figures, results.json."""
-    _run(config, output, resume, progress_mode(quiet, progress), threads, seed, seeds)
+    _run(config, output, resume, _lab_progress(quiet, progress), threads, seed, seeds)
 
 
 def register(app: typer.Typer) -> None:
@@ -100,4 +106,4 @@ def register(app: typer.Typer) -> None:
         seeds: Optional[str] = typer.Option(None, "--seeds", help="several seeds, e.g. 0,1,2 (intervals across seeds)"),
     ) -> None:
         """Run the shipped lab preset: what fine-tuning transfer does and when it fails, on a laptop CPU."""
-        _run(preset, output, True, progress_mode(quiet, progress), threads, seed, seeds)
+        _run(preset, output, True, _lab_progress(quiet, progress), threads, seed, seeds)

@@ -19,7 +19,7 @@ from deltaport.lab.findings import decide, fmt, rule_text
 SUMMARY_SCHEMA = 1
 
 
-def run_seeds(cfg: LabConfig, out: str | Path, seeds: list[int], *, progress: bool = False,
+def run_seeds(cfg: LabConfig, out: str | Path, seeds: list[int], *, progress: bool | str = False,
               resume: bool = True) -> dict:
     from deltaport.lab.run import run_lab
 

@@ -12,9 +12,10 @@ import itertools
 import json
 import logging
 import random
+import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from deltaport.lab.config import LabConfig, config_hash
 from deltaport.lab.family import build_family, world_of
@@ -33,28 +34,43 @@ def _d(s: str) -> str:
 
 
 class _Progress:
-    """Rich progress bars on stderr (or nothing)."""
+    """Progress on stderr: rich bars (``enabled=True``, a terminal), plain status lines (``"lines"``: a
+    redirected log gets one line when a stage starts, about every 30 s while it runs, and when it ends),
+    or nothing (``False``)."""
 
-    def __init__(self, enabled: bool):
+    def __init__(self, enabled: bool | str):
         self.enabled = enabled
         self._p = None
         self._tasks: dict[str, Any] = {}
+        self._said: dict[str, float] = {}
 
     def __enter__(self):
-        if self.enabled:
+        if self.enabled is True:
             from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
             self._p = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                TimeElapsedColumn(), console=Console(stderr=True), transient=False)
             self._p.__enter__()
+        self._t0 = time.monotonic()
         return self
 
     def __exit__(self, *exc):
         if self._p is not None:
             self._p.__exit__(*exc)
 
+    def _line(self, msg: str, now: float) -> None:
+        sys.stderr.write(f"[{now - self._t0:5.0f} s] {msg}\n")
+        sys.stderr.flush()
+
     def bar(self, label: str, done: int, total: int) -> None:
+        if self.enabled == "lines":
+            now, last = time.monotonic(), self._said.get(label)
+            finished = done >= total
+            if last != "done" and (last is None or finished or now - last >= 30):
+                self._line(f"{label}: {done}/{total}", now)
+                self._said[label] = "done" if finished else now
+            return
         if self._p is None:
             return
         if label not in self._tasks:
@@ -64,16 +80,19 @@ class _Progress:
     def note(self, msg: str) -> None:
         if self._p is not None:
             self._p.console.log(msg)
+        elif self.enabled == "lines":
+            self._line(msg, time.monotonic())
 
 
-def run_lab(cfg: LabConfig, run_dir: str | Path, *, progress: bool = False, resume: bool = True) -> dict:
+def run_lab(cfg: LabConfig, run_dir: str | Path, *, progress: bool | str = False, resume: bool = True) -> dict:
     """Run the lab described by ``cfg`` into ``run_dir``; returns the results dict (also in results.json).
 
     Args:
         cfg: a :class:`~deltaport.lab.config.LabConfig` (see :func:`~deltaport.lab.config.load_config`).
         run_dir: output directory; created if missing. Existing finished artifacts whose content key
             matches are reused (a killed run resumes).
-        progress: show rich progress bars on stderr.
+        progress: ``True`` for rich progress bars on stderr, ``"lines"`` for plain status lines (a
+            redirected log), ``False`` for nothing.
         resume: if False, refuse a non-empty ``run_dir`` made by another config.
     """
     import os
