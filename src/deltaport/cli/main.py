@@ -53,7 +53,8 @@ def _flags_show_no_type(app_: typer.Typer) -> None:
     flags show no type column."""
     from typer.core import TyperCommand
 
-    names = {"<str>": "TEXT", "<int>": "INTEGER", "<float>": "FLOAT", "<path>": "PATH", "<list[str]>": "TEXT"}
+    names = {"<str>": "TEXT", "<int>": "INTEGER", "<float>": "FLOAT", "<path>": "PATH", "<list[str]>": "TEXT",
+             "<list[float]>": "FLOAT", "<list[int]>": "INTEGER"}
 
     def shown(original):
         def display_type_rich(ctx=None):
