@@ -377,6 +377,25 @@ def diff(base, finetuned, output, *, delta_dtype: str | None = None, vocab_polic
     return Result(output, plan, prov, stats, timings, fetch)
 
 
+def _open_target(to, *, allow_pickle: bool) -> Checkpoint:
+    """apply's ``--to``: a model (not a LoRA adapter or a delta), planned from headers (hub ids too)."""
+    tb = open_checkpoint(to, allow_pickle=allow_pickle, require_config=True, remote=True)
+    if tb.kind in ("lora", "delta"):
+        raise InputError(f"--to {tb.source} is a {tb.kind} directory, not a model")
+    return tb
+
+
+def _delta_file_sources(dk: Checkpoint, tb: Checkpoint, config_from: str, tokenizer_from: str,
+                        chat_template_from: str) -> tuple[Path, Path, Path]:
+    """Where an apply's config, tokenizer and chat template come from: the target, or the fine-tune's
+    files a delta carries in ``source_finetuned/`` (the chat template falls back to the target's)."""
+    src_files = dk.dir / "source_finetuned"
+    src_files = src_files if src_files.is_dir() else None
+    return (_resolve_src(config_from, "--config-from", tb.dir, src_files),
+            _resolve_src(tokenizer_from, "--tokenizer-from", tb.dir, src_files),
+            _resolve_src(chat_template_from, "--chat-template-from", tb.dir, src_files or tb.dir))
+
+
 def apply(delta, to, output, *, scale: float = 1.0, vocab_policy: str = "error", shape_policy: str = "error",
           key_map=None, include=None, exclude=None, scale_map=None, compute_dtype: str = "auto",
           out_dtype: str | None = None, config_from: str = "target", tokenizer_from: str = "target",
@@ -416,15 +435,9 @@ def apply(delta, to, output, *, scale: float = 1.0, vocab_policy: str = "error",
     pol = make_policies(scale=scale, vocab_policy=vocab_policy, shape_policy=shape_policy, key_map=key_map,
                         include=include, exclude=exclude, scale_map=scale_map, compute_dtype=compute_dtype, out_dtype=out_dtype)
     dk = open_checkpoint(delta, remote=True)
-    tb = open_checkpoint(to, allow_pickle=allow_pickle, require_config=True, remote=True)
-    if tb.kind in ("lora", "delta"):
-        raise InputError(f"--to {tb.source} is a {tb.kind} directory, not a model")
+    tb = _open_target(to, allow_pickle=allow_pickle)
     plan = plan_apply(dk, tb, pol, force=force)
-    src_files = dk.dir / "source_finetuned"
-    src_files = src_files if src_files.is_dir() else None
-    config_src = _resolve_src(config_from, "--config-from", tb.dir, src_files)
-    tok_src = _resolve_src(tokenizer_from, "--tokenizer-from", tb.dir, src_files)
-    chat_src = _resolve_src(chat_template_from, "--chat-template-from", tb.dir, src_files or tb.dir)
+    config_src, tok_src, chat_src = _delta_file_sources(dk, tb, config_from, tokenizer_from, chat_template_from)
     out_dt = _uniform_dtype(plan) if out_dtype else None
     config_check = _precheck_files(plan, tb, config_src=config_src, tok_src=tok_src, chat_src=chat_src, out_dtype=out_dt)
     fetch = _before_writing(plan, output, overwrite=overwrite, inputs=[dk.dir, tb.dir], dry_run=dry_run,
@@ -500,15 +513,9 @@ def _apply_many(deltas, to, output, *, scale, vocab_policy, shape_policy, key_ma
         if key in seen:
             raise InputError(f"delta {dk.source} is given twice (also as {seen[key]}); pass it once with the summed λ")
         seen[key] = dk.source
-    tb = open_checkpoint(to, allow_pickle=allow_pickle, require_config=True, remote=True)
-    if tb.kind in ("lora", "delta"):
-        raise InputError(f"--to {tb.source} is a {tb.kind} directory, not a model")
+    tb = _open_target(to, allow_pickle=allow_pickle)
     plan = plan_apply_many(dks, tb, pols, force=force, ties=None if ties is None else float(ties))
-    src_files = dks[0].dir / "source_finetuned"
-    src_files = src_files if src_files.is_dir() else None
-    config_src = _resolve_src(config_from, "--config-from", tb.dir, src_files)
-    tok_src = _resolve_src(tokenizer_from, "--tokenizer-from", tb.dir, src_files)
-    chat_src = _resolve_src(chat_template_from, "--chat-template-from", tb.dir, src_files or tb.dir)
+    config_src, tok_src, chat_src = _delta_file_sources(dks[0], tb, config_from, tokenizer_from, chat_template_from)
     out_dt = _uniform_dtype(plan) if out_dtype else None
     config_check = _precheck_files(plan, tb, config_src=config_src, tok_src=tok_src, chat_src=chat_src, out_dtype=out_dt)
     fetch = _before_writing(plan, output, overwrite=overwrite, inputs=[dk.dir for dk in dks] + [tb.dir], dry_run=dry_run,
