@@ -1175,6 +1175,19 @@ def run_case(c: Case, ws: Workspace, runner: Callable[..., tuple[int, str, str]]
                    problems, secs, err)
 
 
+def check_case(c: Case, pristine: dict, ws_dir: Path) -> Outcome:
+    """Run case ``c`` in process and assert what every hostile case must hold: the catalogue's expected
+    outcome, inputs intact, a failure that says ``error (SomeError): ...``, the pristine fixtures untouched."""
+    before = {k: tree_hash(v) for k, v in pristine.items()}
+    o = run_case(c, Workspace(ws_dir, pristine))
+    assert o.ok, f"{c.name}: {o.problems}\nstderr:\n{o.stderr}"
+    assert o.inputs_intact
+    if o.rc != 0:  # an error names what is wrong: a path or a tensor, and the message is a deltaport error
+        assert re.match(r"error \((\w+)\): ", o.message), o.message
+    assert {k: tree_hash(v) for k, v in pristine.items()} == before
+    return o
+
+
 def available_commands() -> set[str]:
     from deltaport.cli.main import app
 

@@ -26,13 +26,7 @@ def pristine(tmp_path_factory):
 def test_hostile_case(c, pristine, tmp_path, request):
     if c.known_issue:  # a bug reported to the owner of that code; fails loudly once fixed so the mark is removed
         request.applymarker(pytest.mark.xfail(reason=c.known_issue, strict=True))
-    pristine_before = {k: H.tree_hash(v) for k, v in pristine.items()}
-    o = H.run_case(c, H.Workspace(tmp_path / "ws", pristine))
-    assert o.ok, f"{c.name}: {o.problems}\nstderr:\n{o.stderr}"
-    assert o.inputs_intact
-    if o.rc != 0:  # an error names what is wrong: a path or a tensor, and the message is a deltaport error
-        assert re.match(r"error \((\w+)\): ", o.message), o.message
-    assert {k: H.tree_hash(v) for k, v in pristine.items()} == pristine_before
+    H.check_case(c, pristine, tmp_path / "ws")
 
 
 def test_every_issue_case_is_in_the_catalogue():

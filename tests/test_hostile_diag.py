@@ -44,13 +44,7 @@ def _run(argv):
 
 @pytest.mark.parametrize("c", DIAG, ids=[re.sub(r"\W+", "-", c.name).strip("-")[:70] for c in DIAG])
 def test_diag_case(c, pristine, tmp_path):
-    pristine_before = {k: H.tree_hash(v) for k, v in pristine.items()}
-    o = H.run_case(c, H.Workspace(tmp_path / "ws", pristine))
-    assert o.ok, f"{c.name}: {o.problems}\nstderr:\n{o.stderr}"
-    assert o.inputs_intact
-    if o.rc != 0:
-        assert re.match(r"error \((\w+)\): ", o.message), o.message
-    assert {k: H.tree_hash(v) for k, v in pristine.items()} == pristine_before
+    H.check_case(c, pristine, tmp_path / "ws")
 
 
 def test_catalogue_has_the_issue_cases_for_every_diagnostic():

@@ -22,13 +22,7 @@ def pristine(tmp_path_factory):
 
 @pytest.mark.parametrize("c", LOOP, ids=[re.sub(r"\W+", "-", c.name).strip("-")[:70] for c in LOOP])
 def test_loop_case(c, pristine, tmp_path):
-    pristine_before = {k: H.tree_hash(v) for k, v in pristine.items()}
-    o = H.run_case(c, H.Workspace(tmp_path / "ws", pristine))
-    assert o.ok, f"{c.name}: {o.problems}\nstderr:\n{o.stderr}"
-    assert o.inputs_intact
-    if o.rc != 0:
-        assert re.match(r"error \((\w+)\): ", o.message), o.message
-    assert {k: H.tree_hash(v) for k, v in pristine.items()} == pristine_before
+    H.check_case(c, pristine, tmp_path / "ws")
 
 
 def test_every_catalogue_case_runs_in_the_test_suite():

@@ -81,6 +81,18 @@ def _precheck_files(plan: Plan, tb: Checkpoint, *, config_src: Path, tok_src: Pa
     return _config_check(cfg, plan, config_src, tb)
 
 
+def _check_then_fetch(plan: Plan, tb: Checkpoint, output, *, out_dtype, inputs: list[Path], sources: tuple,
+                      overwrite: bool, dry_run: bool) -> tuple[Any, dict, Fetch]:
+    """The steps between a model-writing plan and its first byte: the output config checked against the
+    planned tensors (:func:`_precheck_files`), then :func:`_before_writing` (output location, free space,
+    hub downloads). Returns the uniform output dtype (``--out-dtype``), the config-check record and the fetch."""
+    out_dt = _uniform_dtype(plan) if out_dtype else None
+    config_src, tok_src, chat_src = sources
+    config_check = _precheck_files(plan, tb, config_src=config_src, tok_src=tok_src, chat_src=chat_src, out_dtype=out_dt)
+    fetch = _before_writing(plan, output, overwrite=overwrite, inputs=inputs, dry_run=dry_run, file_sources=sources)
+    return out_dt, config_check, fetch
+
+
 def _policy_record(pol) -> dict[str, Any]:
     return {
         "vocab_policy": pol.vocab_policy, "shape_policy": pol.shape_policy, "unmatched_rows": pol.unmatched_rows,
@@ -230,10 +242,9 @@ def transfer(source_base, source_finetuned, target_base, output, *, scale: float
     tok_src = _resolve_src(tokenizer_from, "--tokenizer-from", tb.dir, sf.dir if sf.kind != "lora" else sf_files_dir)
     chat_src = _resolve_src(chat_template_from, "--chat-template-from", tb.dir, sf.dir)
     plan = plan_transfer(sb, sf, tb, pol)
-    out_dt = _uniform_dtype(plan) if out_dtype else None
-    config_check = _precheck_files(plan, tb, config_src=config_src, tok_src=tok_src, chat_src=chat_src, out_dtype=out_dt)
-    fetch = _before_writing(plan, output, overwrite=overwrite, inputs=[sb.dir, sf.dir, tb.dir], dry_run=dry_run,
-                            file_sources=(config_src, tok_src, chat_src))
+    out_dt, config_check, fetch = _check_then_fetch(plan, tb, output, out_dtype=out_dtype, inputs=[sb.dir, sf.dir, tb.dir],
+                                                    sources=(config_src, tok_src, chat_src), overwrite=overwrite,
+                                                    dry_run=dry_run)
     if dry_run:
         return Result(None, plan, fetch=fetch)
     output = Path(output)
@@ -438,10 +449,9 @@ def apply(delta, to, output, *, scale: float = 1.0, vocab_policy: str = "error",
     tb = _open_target(to, allow_pickle=allow_pickle)
     plan = plan_apply(dk, tb, pol, force=force)
     config_src, tok_src, chat_src = _delta_file_sources(dk, tb, config_from, tokenizer_from, chat_template_from)
-    out_dt = _uniform_dtype(plan) if out_dtype else None
-    config_check = _precheck_files(plan, tb, config_src=config_src, tok_src=tok_src, chat_src=chat_src, out_dtype=out_dt)
-    fetch = _before_writing(plan, output, overwrite=overwrite, inputs=[dk.dir, tb.dir], dry_run=dry_run,
-                            file_sources=(config_src, tok_src, chat_src))
+    out_dt, config_check, fetch = _check_then_fetch(plan, tb, output, out_dtype=out_dtype, inputs=[dk.dir, tb.dir],
+                                                    sources=(config_src, tok_src, chat_src), overwrite=overwrite,
+                                                    dry_run=dry_run)
     if dry_run:
         return Result(None, plan, fetch=fetch)
     output = Path(output)
@@ -516,10 +526,9 @@ def _apply_many(deltas, to, output, *, scale, vocab_policy, shape_policy, key_ma
     tb = _open_target(to, allow_pickle=allow_pickle)
     plan = plan_apply_many(dks, tb, pols, force=force, ties=None if ties is None else float(ties))
     config_src, tok_src, chat_src = _delta_file_sources(dks[0], tb, config_from, tokenizer_from, chat_template_from)
-    out_dt = _uniform_dtype(plan) if out_dtype else None
-    config_check = _precheck_files(plan, tb, config_src=config_src, tok_src=tok_src, chat_src=chat_src, out_dtype=out_dt)
-    fetch = _before_writing(plan, output, overwrite=overwrite, inputs=[dk.dir for dk in dks] + [tb.dir], dry_run=dry_run,
-                            file_sources=(config_src, tok_src, chat_src))
+    out_dt, config_check, fetch = _check_then_fetch(plan, tb, output, out_dtype=out_dtype, inputs=[dk.dir for dk in dks] + [tb.dir],
+                                                    sources=(config_src, tok_src, chat_src), overwrite=overwrite,
+                                                    dry_run=dry_run)
     if dry_run:
         return Result(None, plan, fetch=fetch)
     output = Path(output)
