@@ -19,6 +19,20 @@ def _no_prefetch(monkeypatch):
     monkeypatch.setitem(E.Engine.__init__.__kwdefaults__, "prefetch", False)
 
 
+def _fail_read(monkeypatch, *, at_call: int) -> None:
+    """Make the engine's ``at_call``-th file read raise a CheckpointError (an injected I/O failure)."""
+    calls = {"n": 0}
+    real = E.pread_into
+
+    def flaky(fd, buf, offset, nbytes, what):
+        calls["n"] += 1
+        if calls["n"] == at_call:
+            raise CheckpointError(f"{what}: injected read failure")
+        return real(fd, buf, offset, nbytes, what)
+
+    monkeypatch.setattr(E, "pread_into", flaky)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 def test_prefetch_gives_the_same_bytes(family, tmp_path, monkeypatch, dtype):
     p = family("llama", dtype)
@@ -38,16 +52,7 @@ def test_prefetch_gives_the_same_bytes(family, tmp_path, monkeypatch, dtype):
 def test_reader_error_surfaces_at_its_chunk(family, tmp_path, monkeypatch):
     """An I/O error inside the reader thread is raised in the caller, and no output is left behind."""
     p = family("llama", torch.bfloat16)
-    calls = {"n": 0}
-    real = E.pread_into
-
-    def flaky(fd, buf, offset, nbytes, what):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise CheckpointError(f"{what}: injected read failure")
-        return real(fd, buf, offset, nbytes, what)
-
-    monkeypatch.setattr(E, "pread_into", flaky)
+    _fail_read(monkeypatch, at_call=5)
     with pytest.raises(CheckpointError, match="injected read failure"):
         deltaport.transfer(p["source_base"], p["source_finetuned"], p["target_base"], tmp_path / "out", chunk_elems=64)
     assert not (tmp_path / "out").exists()
@@ -186,16 +191,7 @@ def test_worker_errors_surface_and_leave_no_output(family, tmp_path, monkeypatch
         deltaport.transfer(p["source_base"], p["source_finetuned"], p["target_base"], tmp_path / "out",
                            scale=1e45, threads=2, chunk_elems=64)
     assert not (tmp_path / "out").exists()
-    calls = {"n": 0}
-    real = E.pread_into
-
-    def flaky(fd, buf, offset, nbytes, what):
-        calls["n"] += 1
-        if calls["n"] == 9:
-            raise CheckpointError(f"{what}: injected read failure")
-        return real(fd, buf, offset, nbytes, what)
-
-    monkeypatch.setattr(E, "pread_into", flaky)
+    _fail_read(monkeypatch, at_call=9)
     with pytest.raises(CheckpointError, match="injected read failure"):
         deltaport.transfer(p["source_base"], p["source_finetuned"], p["target_base"], tmp_path / "out2",
                            threads=2, chunk_elems=64)

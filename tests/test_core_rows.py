@@ -110,6 +110,18 @@ def _align_reference(added, scale: float, unmatched: str) -> dict[str, torch.Ten
     return want
 
 
+def _save_adapter(base, out, *, r: int, alpha: int, modules: list[str]) -> None:
+    """A PEFT LoRA adapter of ``base`` with non-zero A and B (bf16-representable values), saved to ``out``."""
+    from peft import LoraConfig, get_peft_model
+
+    pm = get_peft_model(base, LoraConfig(r=r, lora_alpha=alpha, target_modules=modules, init_lora_weights=False))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_" in n:
+                p.copy_((torch.randn_like(p) * 0.05).to(torch.bfloat16).float())
+    pm.save_pretrained(out)
+
+
 @pytest.mark.parametrize("chunk,scale", [(c, s) for c in CHUNKS for s in (1.0, 0.7)] + [(4099, -0.5)])
 def test_align_uses_each_models_own_tokenizer(added, tmp_path, chunk, scale):
     r = deltaport.transfer(added["sb"], added["sf"], added["tb"], tmp_path / "o", vocab_policy="align", scale=scale,
@@ -194,13 +206,7 @@ def lora(tmp_path_factory):
     dims = dict(hidden_size=96, intermediate_size=200, num_attention_heads=4, num_key_value_heads=2)
     base = T.make_model("llama", seed=0, dtype=torch.float32, **dims)
     tgt = T.perturbed(base, seed=2, scale=5e-3)
-    pm = get_peft_model(base, LoraConfig(r=4, lora_alpha=6, target_modules=["q_proj", "down_proj", "up_proj"],
-                                         init_lora_weights=False))
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if "lora_" in n:
-                p.copy_((torch.randn_like(p) * 0.05).to(torch.bfloat16).float())
-    pm.save_pretrained(root / "adapter")
+    _save_adapter(base, root / "adapter", r=4, alpha=6, modules=["q_proj", "down_proj", "up_proj"])
     # a second adapter with full float32 factors: scaling·B·A is then not exact in float32
     pm32 = get_peft_model(T.make_model("llama", seed=0, dtype=torch.float32, **dims),
                           LoraConfig(r=8, lora_alpha=16, target_modules=["k_proj", "gate_proj"], init_lora_weights=False))
@@ -347,19 +353,11 @@ def test_pad_and_tied_outputs_do_not_depend_on_the_chunk_size(added, family, tmp
 def test_lora_on_smollm2_shapes_with_the_default_chunk(tmp_path):
     """SmolLM2-135M's shapes (hidden 576, MLP 1536): down_proj's rows of 1536 elements cut the default
     512K-element chunk (this crashed with "shape '[341, 1536]' is invalid for input of size 524288")."""
-    from peft import LoraConfig, get_peft_model
-
     dims = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=1, num_attention_heads=9,
                 num_key_value_heads=3, head_dim=64)
     base = T.make_model("llama", seed=0, dtype=torch.float32, **dims)
     tgt = T.perturbed(base, seed=2, scale=5e-3).to(torch.bfloat16)
-    pm = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=["down_proj", "gate_proj", "v_proj"],
-                                         init_lora_weights=False))
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if "lora_" in n:
-                p.copy_((torch.randn_like(p) * 0.05).to(torch.bfloat16).float())
-    pm.save_pretrained(tmp_path / "adapter")
+    _save_adapter(base, tmp_path / "adapter", r=8, alpha=16, modules=["down_proj", "gate_proj", "v_proj"])
     paths = {"sb": T.save(T.make_model("llama", seed=0, dtype=torch.bfloat16, **dims), tmp_path / "sb", max_shard_size="5MB"),
              "tb": T.save(tgt, tmp_path / "tb", max_shard_size="5MB"), "adapter": tmp_path / "adapter"}
     assert load_sd(paths["tb"])["model.layers.0.mlp.down_proj.weight"].shape == (576, 1536)
