@@ -1,4 +1,4 @@
-"""deltaport.evaluate: lm-eval on tiny in-memory and on-disk models over local task YAML files."""
+"""deltaport.evaluate (deltaport.evaluation): lm-eval on tiny in-memory and on-disk models over local task YAML files."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from deltaport.errors import InputError
-from deltaport.evaluate import comparison_table, evaluate, resolve_tasks
+from deltaport.evaluation import comparison_table, evaluate, resolve_tasks
 from deltaport.testing import make_model, make_tokenizer, perturbed, save
 
 DATA = Path(__file__).parent / "data" / "tiny_qa"
@@ -164,7 +164,8 @@ def test_vllm_backend_arguments(tmp_path, rand_model, tok, monkeypatch):
     import sys
     import types
 
-    import deltaport.evaluate as ev
+    from deltaport.evaluation.harness import build_lm
+    from deltaport.evaluation.models import EvalModel, normalise_models, prepare_model
 
     got = {}
     fake = types.ModuleType("lm_eval.models.vllm_causallms")
@@ -173,16 +174,16 @@ def test_vllm_backend_arguments(tmp_path, rand_model, tok, monkeypatch):
     real_find = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: object() if n == "vllm" else real_find(n, *a))
     d = save(rand_model, tmp_path / "m", tokenizer=tok)
-    m = ev._normalise_models([str(d)])[0]
-    ev._prepare_model(m, None, need_fp=False)
-    lm = ev._build_lm(m, backend="vllm", device="cuda", batch_size="auto", seed=42,
+    m = normalise_models([str(d)])[0]
+    prepare_model(m, None, need_fp=False)
+    lm = build_lm(m, backend="vllm", device="cuda", batch_size="auto", seed=42,
                       model_args={"tensor_parallel_size": 2, "max_model_len": 8192})
     assert lm == "vllm-lm"
     assert got == {"pretrained": str(d), "dtype": "auto", "seed": 42, "gpu_memory_utilization": 0.9,
                    "batch_size": "auto", "tensor_parallel_size": 2, "max_model_len": 8192}
     with pytest.raises(InputError, match="loads models from disk"):
-        ev._build_lm(ev._Model("x", (rand_model, tok)), backend="vllm", device="cuda", batch_size=8, seed=0,
-                     model_args={})
+        build_lm(EvalModel("x", (rand_model, tok)), backend="vllm", device="cuda", batch_size=8, seed=0,
+                 model_args={})
 
 
 class _FakeTM:
@@ -191,11 +192,11 @@ class _FakeTM:
 
 
 def test_unknown_task_name_suggests():
-    from deltaport.evaluate import _check_known
+    from deltaport.evaluation.tasks import check_known_tasks
 
     specs = resolve_tasks(["gsm8k_cot_lama"])
     with pytest.raises(InputError, match="did you mean gsm8k_cot_llama"):
-        _check_known(specs, _FakeTM(["gsm8k_cot_llama", "arc_easy"]))
+        check_known_tasks(specs, _FakeTM(["gsm8k_cot_llama", "arc_easy"]))
 
 
 @pytest.mark.parametrize("preset,expected", [
@@ -210,7 +211,7 @@ def test_presets_resolve_to_simple_evaluate_arguments(preset, expected, rand_mod
     """Presets cannot run offline; check the exact arguments each task reaches simple_evaluate with."""
     import lm_eval
 
-    import deltaport.evaluate as ev
+    import deltaport.evaluation.run as ev
 
     seen = []
 
@@ -220,7 +221,7 @@ def test_presets_resolve_to_simple_evaluate_arguments(preset, expected, rand_mod
                 "n-samples": {}, "n-shot": {}, "versions": {}}
 
     monkeypatch.setattr(lm_eval, "simple_evaluate", fake)
-    monkeypatch.setattr(ev, "_task_manager", lambda specs: _FakeTM([s.spec for s in specs]))
+    monkeypatch.setattr(ev, "task_manager_for", lambda specs: _FakeTM([s.spec for s in specs]))
     r = evaluate({"m": (rand_model, tok)}, None, preset=preset, protocol="both", seed=7)
     got = [(t, k["num_fewshot"]) for k in seen if not k["apply_chat_template"] for t in k["tasks"]]
     assert sorted(got) == sorted(expected)
@@ -241,11 +242,11 @@ def test_global_mmlu_languages_and_ifeval_average():
     assert [s.spec for s in specs] == ["global_mmlu_full_de", "global_mmlu_full_sw"]
     with pytest.raises(InputError, match="no language"):
         resolve_tasks(None, preset="global-mmlu", languages=["xx"])
-    from deltaport.evaluate import _add_derived
+    from deltaport.evaluation.results import add_derived_metrics
 
     m = {"prompt_level_strict_acc": 0.5, "prompt_level_loose_acc": 0.6, "inst_level_strict_acc": 0.7,
          "inst_level_loose_acc": 0.8}
-    _add_derived(m, resolve_tasks(None, preset="llama3-instruct")[-1].derived)
+    add_derived_metrics(m, resolve_tasks(None, preset="llama3-instruct")[-1].derived)
     assert m["strict_loose_avg"] == pytest.approx(0.65)
 
 
@@ -305,7 +306,7 @@ def test_checkpoint_missing_a_parameter_is_refused_before_loading(tmp_path):
     from safetensors.torch import load_file, save_file
 
     from deltaport.errors import CheckpointError
-    from deltaport.evaluate import check_weights
+    from deltaport.io.model_check import check_weights
 
     m = make_model("llama", seed=0)
     m.save_pretrained(tmp_path / "m")

@@ -296,7 +296,7 @@ class _Runner:
         p = self.eval_path(model_id)
         if p.is_file():
             return json.loads(p.read_text())
-        from deltaport.evaluate import evaluate, write_json
+        from deltaport.evaluation import evaluate, write_json
 
         d = self.ensure_model(model_id)
         ev = self.chain.eval
@@ -331,7 +331,7 @@ def run_chain(chain, run_dir, *, resume=False, progress=False) -> dict:
         if before is not None and before != cur:
             raise InputError(f"{run} was started with a different chain or different data/task files (see {prev}); "
                              "resume needs the same chain — use a new run directory for a changed chain")
-    from deltaport.evaluate import check_weights
+    from deltaport.io.model_check import check_weights
     from deltaport.io.checkpoint import resolve_dir
 
     for _, p in c.versions:  # every base readable (headers only; hub ids resolve) before anything is written
@@ -376,10 +376,11 @@ def _run(c: Chain, run: Path, chain_json: str, progress: bool) -> dict:
     }
     out["table"] = strategy_table(out)
     out["curves"] = _plot_curves(out, run)
-    from deltaport.evaluate import _atomic_write, write_json
+    from deltaport.evaluation import write_json
+    from deltaport.io.atomic import atomic_write_file
 
     write_json(run / "results.json", out)
-    _atomic_write(run / "table.md", out["table"])
+    atomic_write_file(run / "table.md", lambda tmp: tmp.write_text(out["table"]), overwrite=True)
     return out
 
 
@@ -410,7 +411,7 @@ def _curves_data(r: _Runner, plan: dict) -> dict:
 
 
 def _primary(columns: dict, task: str, metrics: dict) -> str | None:
-    from deltaport.evaluate import _primary as prim
+    from deltaport.evaluation.results import primary_metric as prim
 
     return prim(metrics, (columns.get(task) or {}).get("metric"))
 

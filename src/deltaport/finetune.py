@@ -208,9 +208,9 @@ def _load(model, device: str):
     from deltaport.io.checkpoint import resolve_dir
 
     d, rev = resolve_dir(model)
-    from deltaport.evaluate import _refuse_delta_dir, check_weights
+    from deltaport.io.model_check import check_weights, refuse_delta_dir
 
-    _refuse_delta_dir(d, model)
+    refuse_delta_dir(d, model)
     if not (d / "config.json").is_file():
         raise InputError(f"model {model}: no config.json in {d}; pass a Hugging Face model directory or hub id")
     check_weights(d)
@@ -226,7 +226,7 @@ def _load(model, device: str):
 
 
 def _resolve_device(device: str | None) -> str:
-    from deltaport.evaluate import _resolve_device as rd
+    from deltaport.devices import resolve_device as rd
 
     return rd(device)
 
@@ -347,7 +347,7 @@ def finetune(model, data, output, *, recipe="quick", steps=None, lr=None, batch_
 
     recs, data_info = load_records(data)
     if eval_tasks:  # fail on a bad task before any training
-        from deltaport.evaluate import resolve_tasks
+        from deltaport.evaluation import resolve_tasks
 
         resolve_tasks(eval_tasks)
     out_path = Path(output) if output is not None else None
@@ -420,7 +420,7 @@ def finetune(model, data, output, *, recipe="quick", steps=None, lr=None, batch_
             mdl.eval()
             try:
                 if eval_due:
-                    from deltaport.evaluate import evaluate
+                    from deltaport.evaluation import evaluate
 
                     res = evaluate({f"step-{step}": (mdl, tok)}, eval_tasks, limit=eval_limit, device=device,
                                    protocol=eval_protocol, seed=seed)
