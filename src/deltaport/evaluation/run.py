@@ -101,37 +101,7 @@ def evaluate(models, tasks, *, limit=None, device="cpu", backend="hf", batch_siz
             results[row], details[row] = {}, {}
             if proto == "skip-chat":
                 continue
-            recs: dict[str, dict] = {}
-            cached_names: set[str] = set()
-            missing: list[TaskSpec] = []
-            for ts in specs:
-                rec = cache_get(cache, cache_key(m.fingerprint, ts, proto, settings)) if cache else None
-                if rec is None:
-                    missing.append(ts)
-                else:
-                    recs[ts.name] = rec
-                    cached_names.add(ts.name)
-            # one simple_evaluate call per few-shot count (lm-eval takes one num_fewshot per call)
-            for group in by_fewshot(missing):
-                task_manager()  # validates task names before a model is loaded
-                if m.lm is None:
-                    m.lm = build_lm(m, backend=backend, device=device, batch_size=batch_size, seed=seed,
-                                    model_args=model_args)
-                names = ", ".join(ts.name for ts in group)
-                if status:
-                    _status(f"eval: {m.name} ({proto} protocol): running {names}")
-                t_group = time.time()
-                done = run_group(lm_eval, m, group, proto, task_manager(), limit=limit, device=device, seed=seed,
-                                 batch_size=batch_size)
-                if status:
-                    _status(f"eval: {m.name} ({proto} protocol): {names} done in {time.time() - t_group:.1f} s")
-                for ts in group:
-                    recs[ts.name] = done[ts.name]
-                    if cache:
-                        cache_put(cache, cache_key(m.fingerprint, ts, proto, settings), done[ts.name], model=m.name,
-                                  model_fingerprint=m.fingerprint, task=ts.name, protocol=proto)
-            if status and cached_names:
-                _status(f"eval: {m.name} ({proto} protocol): {len(cached_names)} of {len(specs)} task(s) from the cache")
+            recs, cached_names = _scores(lm_eval, m, proto, specs, cache, settings, task_manager, status)
             for ts in specs:
                 rec = recs[ts.name]
                 cached = ts.name in cached_names
@@ -144,6 +114,44 @@ def evaluate(models, tasks, *, limit=None, device="cpu", backend="hf", batch_siz
     columns = {ts.name: {"metric": ts.metric, "label": ts.label or ts.name, "source": ts.source} for ts in specs}
     settings["time_s"] = round(time.time() - t_start, 3)
     return {"results": results, "details": details, "columns": columns, "settings": settings}
+
+
+def _scores(lm_eval, m: EvalModel, proto: str, specs: list[TaskSpec], cache: Path | None, settings: dict,
+            task_manager, status: bool) -> tuple[dict[str, dict], set[str]]:
+    """The record of every task for ``m`` under ``proto``: from the cache where it holds one, else from
+    lm-eval (one call per few-shot count, the model built on first need); and the names that were cached."""
+    limit, device, seed, batch_size = settings["limit"], settings["device"], settings["seed"], settings["batch_size"]
+    recs: dict[str, dict] = {}
+    cached_names: set[str] = set()
+    missing: list[TaskSpec] = []
+    for ts in specs:
+        rec = cache_get(cache, cache_key(m.fingerprint, ts, proto, settings)) if cache else None
+        if rec is None:
+            missing.append(ts)
+        else:
+            recs[ts.name] = rec
+            cached_names.add(ts.name)
+    for group in by_fewshot(missing):
+        task_manager()  # validates task names before a model is loaded
+        if m.lm is None:
+            m.lm = build_lm(m, backend=settings["backend"], device=device, batch_size=batch_size, seed=seed,
+                            model_args=settings["model_args"])
+        names = ", ".join(ts.name for ts in group)
+        if status:
+            _status(f"eval: {m.name} ({proto} protocol): running {names}")
+        t_group = time.time()
+        done = run_group(lm_eval, m, group, proto, task_manager(), limit=limit, device=device, seed=seed,
+                         batch_size=batch_size)
+        if status:
+            _status(f"eval: {m.name} ({proto} protocol): {names} done in {time.time() - t_group:.1f} s")
+        for ts in group:
+            recs[ts.name] = done[ts.name]
+            if cache:
+                cache_put(cache, cache_key(m.fingerprint, ts, proto, settings), done[ts.name], model=m.name,
+                          model_fingerprint=m.fingerprint, task=ts.name, protocol=proto)
+    if status and cached_names:
+        _status(f"eval: {m.name} ({proto} protocol): {len(cached_names)} of {len(specs)} task(s) from the cache")
+    return recs, cached_names
 
 
 def _status(line: str) -> None:
