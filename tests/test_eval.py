@@ -72,6 +72,20 @@ def test_trained_model_scores_higher(rand_model, trained_model, tok):
     assert trained["tiny_gen"]["exact_match,first_word"] >= rand["tiny_gen"]["exact_match,first_word"] + 0.3
 
 
+def test_progress_draws_lm_eval_bars_only_when_asked(rand_model, tok, capsys):
+    """progress=False (the library's default): lm-eval draws no tqdm bar; progress=True: it does (what
+    `deltaport eval` asks for on a terminal)."""
+    import tqdm
+
+    real_init = tqdm.tqdm.__init__
+    capsys.readouterr()
+    quiet = evaluate({"m": (rand_model, tok)}, [QA], limit=2)
+    assert "%|" not in capsys.readouterr().err
+    shown = evaluate({"m": (rand_model, tok)}, [QA], limit=2, progress=True)
+    assert "%|" in capsys.readouterr().err
+    assert quiet["results"] == shown["results"] and tqdm.tqdm.__init__ is real_init  # bars off only during the call
+
+
 def test_disk_model_equals_in_memory_and_limit(rand_model, tok, tmp_path):
     d = save(rand_model, tmp_path / "m", tokenizer=tok)
     r = evaluate({"mem": (rand_model, tok), "disk": str(d)}, [QA], limit=5)

@@ -304,7 +304,7 @@ class _Runner:
         res = evaluate({model_id: str(d)}, ev.get("tasks"), limit=ev.get("limit"), device=self.chain.device or "auto",
                        batch_size=ev.get("batch_size", 8), protocol=ev.get("protocol", "base"),
                        num_fewshot=ev.get("num_fewshot"), preset=ev.get("preset"),
-                       cache_dir=self.run / "eval_cache")
+                       cache_dir=self.run / "eval_cache", progress=self.progress)
         write_json(p, res)
         self._log_step(f"eval {model_id}", "eval", t0, model=str(d), output=str(p))
         return res

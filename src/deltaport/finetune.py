@@ -423,7 +423,7 @@ def finetune(model, data, output, *, recipe="quick", steps=None, lr=None, batch_
                     from deltaport.evaluation import evaluate
 
                     res = evaluate({f"step-{step}": (mdl, tok)}, eval_tasks, limit=eval_limit, device=device,
-                                   protocol=eval_protocol, seed=seed)
+                                   protocol=eval_protocol, seed=seed, progress=progress)
                     evals.append({"step": step, "results": res["results"][f"step-{step}"]})
                     if work is not None:
                         (work / "evals.json").write_text(json.dumps(evals, default=str))

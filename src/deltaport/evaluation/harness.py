@@ -1,6 +1,6 @@
 """deltaport's use of lm-evaluation-harness: building lm-eval's model (HFLM / VLLM), one
 ``simple_evaluate`` call per few-shot count, and what is patched around that call (lm-eval's costly
-environment report; its progress bars when they are not wanted). Everything that knows lm-eval's
+environment report; progress bars when they are not wanted). Everything that knows lm-eval's
 calling conventions lives here.
 """
 
@@ -49,6 +49,30 @@ def by_fewshot(specs: list[TaskSpec]) -> list[list[TaskSpec]]:
     for ts in specs:
         groups.setdefault(ts.num_fewshot, []).append(ts)
     return list(groups.values())
+
+
+@contextlib.contextmanager
+def progress_bars(show: bool):
+    """With ``show`` false, no tqdm bar is drawn inside the block (lm-eval's request and context bars,
+    transformers' and datasets' loading bars: all are tqdm's). lm-eval passes ``disable=False`` itself,
+    so ``TQDM_DISABLE`` is not enough; tqdm's constructor is wrapped for the block and restored after
+    (process-wide while it lasts: a bar another thread starts meanwhile is not drawn either)."""
+    if show:
+        yield
+        return
+    import tqdm
+
+    real = tqdm.tqdm.__init__
+
+    def init(self, *args, **kwargs):
+        kwargs["disable"] = True
+        real(self, *args, **kwargs)
+
+    tqdm.tqdm.__init__ = init
+    try:
+        yield
+    finally:
+        tqdm.tqdm.__init__ = real
 
 
 @contextlib.contextmanager

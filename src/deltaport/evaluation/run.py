@@ -15,7 +15,7 @@ from pathlib import Path
 from deltaport.devices import resolve_device
 from deltaport.errors import InputError
 from deltaport.evaluation.cache import cache_get, cache_key, cache_put
-from deltaport.evaluation.harness import build_lm, by_fewshot, run_group
+from deltaport.evaluation.harness import build_lm, by_fewshot, progress_bars, run_group
 from deltaport.evaluation.models import EvalModel, normalise_models, prepare_model
 from deltaport.evaluation.results import add_derived_metrics
 from deltaport.evaluation.tasks import TaskSpec, check_known_tasks, resolve_tasks, task_manager_for
@@ -49,7 +49,9 @@ def evaluate(models, tasks, *, limit=None, device="cpu", backend="hf", batch_siz
         model_args: extra keyword arguments for the lm-eval model (HFLM / VLLM), e.g. ``max_length``,
             ``tensor_parallel_size``.
         languages: Global MMLU languages for ``preset="global-mmlu"``.
-        progress: let lm-eval draw its progress bars (off: the caller disables tqdm, e.g. in a redirected log).
+        progress: let lm-eval (and the model loading under it) draw its tqdm progress bars on stderr; off
+            (the default) no bar is drawn during the call. ``deltaport eval`` turns them on when stderr
+            is a terminal.
         status: print a line on stderr when each model/task group starts and ends (what ``deltaport eval``
             shows while it works, bars or not).
 
@@ -92,25 +94,26 @@ def evaluate(models, tasks, *, limit=None, device="cpu", backend="hf", batch_siz
     }
     results: dict[str, dict] = {}
     details: dict[str, dict] = {}
-    for m in entries:
-        prepare_model(m, cache, need_fp=cache is not None)
-        protos = _protocols_for(m, protocol)
-        for proto in protos:
-            shown = "chat" if proto == "skip-chat" else proto
-            row = m.name if len(protos) == 1 and protocol != "both" else f"{m.name} [{shown}]"
-            results[row], details[row] = {}, {}
-            if proto == "skip-chat":
-                continue
-            recs, cached_names = _scores(lm_eval, m, proto, specs, cache, settings, task_manager, status)
-            for ts in specs:
-                rec = recs[ts.name]
-                cached = ts.name in cached_names
-                metrics = dict(rec["metrics"])
-                add_derived_metrics(metrics, ts.derived)
-                results[row][ts.name] = metrics
-                details[row][ts.name] = {k: v for k, v in rec.items() if k != "metrics"} | {"cached": cached}
-            LOG.info("evaluated %s (%s) on %d task(s)", m.name, proto, len(specs))
-        m.lm = None  # free the model before loading the next one
+    with progress_bars(progress):
+        for m in entries:
+            prepare_model(m, cache, need_fp=cache is not None)
+            protos = _protocols_for(m, protocol)
+            for proto in protos:
+                shown = "chat" if proto == "skip-chat" else proto
+                row = m.name if len(protos) == 1 and protocol != "both" else f"{m.name} [{shown}]"
+                results[row], details[row] = {}, {}
+                if proto == "skip-chat":
+                    continue
+                recs, cached_names = _scores(lm_eval, m, proto, specs, cache, settings, task_manager, status)
+                for ts in specs:
+                    rec = recs[ts.name]
+                    cached = ts.name in cached_names
+                    metrics = dict(rec["metrics"])
+                    add_derived_metrics(metrics, ts.derived)
+                    results[row][ts.name] = metrics
+                    details[row][ts.name] = {k: v for k, v in rec.items() if k != "metrics"} | {"cached": cached}
+                LOG.info("evaluated %s (%s) on %d task(s)", m.name, proto, len(specs))
+            m.lm = None  # free the model before loading the next one
     columns = {ts.name: {"metric": ts.metric, "label": ts.label or ts.name, "source": ts.source} for ts in specs}
     settings["time_s"] = round(time.time() - t_start, 3)
     return {"results": results, "details": details, "columns": columns, "settings": settings}
