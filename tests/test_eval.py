@@ -136,6 +136,22 @@ def test_cache_reuses_only_unchanged(rand_model, tok, tmp_path, monkeypatch):
     assert len(calls) == 4
 
 
+def test_fingerprint_covers_every_tokenizer_file(rand_model, tok, tmp_path):
+    """A BPE tokenizer's vocab.json / merges.txt (no tokenizer.json needed) are part of a directory's
+    identity: changing them must not hit a result cached for the old tokenizer."""
+    from deltaport.assets import CHAT_FILES, TOKENIZER_FILES
+    from deltaport.evaluation.cache import dir_fingerprint
+
+    d = save(rand_model, tmp_path / "m", tokenizer=tok)
+    seen = {dir_fingerprint(d, None)}
+    for name in ("config.json", "generation_config.json", *TOKENIZER_FILES, *CHAT_FILES):
+        p = d / name
+        p.write_bytes((p.read_bytes() if p.is_file() else b"") + b"\n")
+        fp = dir_fingerprint(d, None)
+        assert fp not in seen, name
+        seen.add(fp)
+
+
 def test_protocols(rand_model, tok):
     r = evaluate({"m": (rand_model, tok)}, [QA], protocol="both")
     assert set(r["results"]) == {"m [base]", "m [chat]"}

@@ -14,6 +14,7 @@ import json
 import logging
 from pathlib import Path
 
+from deltaport.assets import CHAT_FILES, TOKENIZER_FILES
 from deltaport.evaluation.results import json_default
 from deltaport.evaluation.tasks import TaskSpec
 from deltaport.io.atomic import atomic_write_file
@@ -22,9 +23,9 @@ LOG = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
 
-#: the non-weight files that make a model directory's identity, hashed in this order
-_MODEL_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                "chat_template.jinja", "chat_template.json", "tokenizer.model", "generation_config.json")
+#: the non-weight files that make a model directory's identity, hashed in this order (assets' lists:
+#: every tokenizer file a model may carry, e.g. a BPE tokenizer's vocab.json/merges.txt)
+_MODEL_FILES = ("config.json", "generation_config.json", *TOKENIZER_FILES, *CHAT_FILES)
 
 #: settings that change a score (``device`` by its kind: cuda:0 and cuda:1 give the same numbers)
 _KEY_SETTINGS = ("limit", "device", "backend", "batch_size", "seed", "model_args", "lm_eval_version")
