@@ -178,7 +178,7 @@ def test_bad_inputs(rand_model, tok):
         evaluate({"m": (rand_model, tok)}, [QA], backend="vllm", device="cpu")
 
 
-def test_delta_dir_is_refused_with_a_hint(rand_model, tok, tmp_path):
+def test_delta_dir_and_missing_config_are_refused_with_a_hint(rand_model, tok, tmp_path):
     import deltaport
 
     a = save(rand_model, tmp_path / "a", tokenizer=tok)
@@ -186,6 +186,9 @@ def test_delta_dir_is_refused_with_a_hint(rand_model, tok, tmp_path):
     deltaport.diff(a, b, tmp_path / "delta")
     with pytest.raises(InputError, match="is a delta directory .*deltaport apply"):
         evaluate([str(tmp_path / "delta")], [QA])
+    (b / "config.json").unlink()  # the same checks as finetune's (io.model_check.check_model_dir)
+    with pytest.raises(InputError, match=r"no config\.json in .*model directory or hub id"):
+        evaluate([str(b)], [QA])
 
 
 def test_vllm_backend_arguments(tmp_path, rand_model, tok, monkeypatch):

@@ -208,12 +208,9 @@ def _load(model, device: str):
     from deltaport.io.checkpoint import resolve_dir
 
     d, rev = resolve_dir(model)
-    from deltaport.io.model_check import check_weights, refuse_delta_dir
+    from deltaport.io.model_check import check_model_dir
 
-    refuse_delta_dir(d, model)
-    if not (d / "config.json").is_file():
-        raise InputError(f"model {model}: no config.json in {d}; pass a Hugging Face model directory or hub id")
-    check_weights(d)
+    check_model_dir(d, model)
     cfg = json.loads((d / "config.json").read_text())
     dt_name = cfg.get("torch_dtype") or cfg.get("dtype") or "float32"
     save_dtype = getattr(torch, str(dt_name).replace("torch.", ""), torch.float32)

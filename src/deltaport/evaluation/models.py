@@ -70,13 +70,10 @@ def prepare_model(m: EvalModel, cache_dir: Path | None, need_fp: bool) -> None:
             m.fingerprint = object_fingerprint(model, tok)
         return
     from deltaport.io.checkpoint import resolve_dir
-    from deltaport.io.model_check import check_weights, refuse_delta_dir
+    from deltaport.io.model_check import check_model_dir
 
     d, _rev = resolve_dir(m.source)
-    refuse_delta_dir(d, m.source)
-    if not (d / "config.json").is_file():
-        raise InputError(f"model {m.source}: no config.json in {d}; pass a Hugging Face model directory")
-    check_weights(d)
+    check_model_dir(d, m.source)
     m.local_dir = d
     m.has_chat_template = _dir_has_chat_template(d)
     if need_fp:

@@ -26,6 +26,15 @@ def refuse_delta_dir(d: Path, source) -> None:
                              f"deltaport apply {source} --to BASE -o MODEL")
 
 
+def check_model_dir(d: Path, source) -> None:
+    """Every check before a model directory ``d`` (resolved from ``source``, a path or hub id) is loaded:
+    not a Δ directory, a config.json, complete safetensors weights (:func:`check_weights`)."""
+    refuse_delta_dir(d, source)
+    if not (d / "config.json").is_file():
+        raise InputError(f"model {source}: no config.json in {d}; pass a Hugging Face model directory or hub id")
+    check_weights(d)
+
+
 def check_weights(d: Path) -> None:
     """Before transformers is asked to load anything: safetensors weights present and readable (headers
     only; a directory of pickled ``.bin`` files only is refused, ``.bin`` files beside safetensors are
