@@ -331,8 +331,8 @@ def run_chain(chain, run_dir, *, resume=False, progress=False) -> dict:
         if before is not None and before != cur:
             raise InputError(f"{run} was started with a different chain or different data/task files (see {prev}); "
                              "resume needs the same chain — use a new run directory for a changed chain")
-    from deltaport.io.model_check import check_weights
     from deltaport.io.checkpoint import resolve_dir
+    from deltaport.io.model_check import check_weights
 
     for _, p in c.versions:  # every base readable (headers only; hub ids resolve) before anything is written
         check_weights(resolve_dir(p)[0])
