@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from deltaport.errors import InputError
+from deltaport.evaluation.cache import dir_fingerprint, object_fingerprint
 
 
 @dataclass
@@ -59,8 +60,6 @@ def normalise_models(models) -> list[EvalModel]:
 def prepare_model(m: EvalModel, cache_dir: Path | None, need_fp: bool) -> None:
     """Resolve ``m`` (a hub id is fetched), check it before loading, note its chat template and, with
     ``need_fp``, its fingerprint for the result cache."""
-    from deltaport.evaluation.cache import dir_fingerprint, object_fingerprint
-
     if isinstance(m.source, tuple):
         model, tok = m.source
         if tok is None:
