@@ -40,7 +40,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from deltaport.evaluate import evaluate
+    from deltaport import evaluate
     from deltaport.evolve import run_chain
     from deltaport.finetune import finetune
     from deltaport.testing import make_model, make_tokenizer, perturbed, save

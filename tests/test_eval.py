@@ -1,4 +1,4 @@
-"""deltaport.evaluate: lm-eval on tiny in-memory and on-disk models over local task YAML files."""
+"""deltaport.evaluate (deltaport.evaluation): lm-eval on tiny in-memory and on-disk models over local task YAML files."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from deltaport.errors import InputError
-from deltaport.evaluate import comparison_table, evaluate, resolve_tasks
+from deltaport.evaluation import comparison_table, evaluate, resolve_tasks
 from deltaport.testing import make_model, make_tokenizer, perturbed, save
 
 DATA = Path(__file__).parent / "data" / "tiny_qa"
@@ -72,6 +72,20 @@ def test_trained_model_scores_higher(rand_model, trained_model, tok):
     assert trained["tiny_gen"]["exact_match,first_word"] >= rand["tiny_gen"]["exact_match,first_word"] + 0.3
 
 
+def test_progress_draws_lm_eval_bars_only_when_asked(rand_model, tok, capsys):
+    """progress=False (the library's default): lm-eval draws no tqdm bar; progress=True: it does (what
+    `deltaport eval` asks for on a terminal)."""
+    import tqdm
+
+    real_init = tqdm.tqdm.__init__
+    capsys.readouterr()
+    quiet = evaluate({"m": (rand_model, tok)}, [QA], limit=2)
+    assert "%|" not in capsys.readouterr().err
+    shown = evaluate({"m": (rand_model, tok)}, [QA], limit=2, progress=True)
+    assert "%|" in capsys.readouterr().err
+    assert quiet["results"] == shown["results"] and tqdm.tqdm.__init__ is real_init  # bars off only during the call
+
+
 def test_disk_model_equals_in_memory_and_limit(rand_model, tok, tmp_path):
     d = save(rand_model, tmp_path / "m", tokenizer=tok)
     r = evaluate({"mem": (rand_model, tok), "disk": str(d)}, [QA], limit=5)
@@ -122,6 +136,22 @@ def test_cache_reuses_only_unchanged(rand_model, tok, tmp_path, monkeypatch):
     assert len(calls) == 4
 
 
+def test_fingerprint_covers_every_tokenizer_file(rand_model, tok, tmp_path):
+    """A BPE tokenizer's vocab.json / merges.txt (no tokenizer.json needed) are part of a directory's
+    identity: changing them must not hit a result cached for the old tokenizer."""
+    from deltaport.assets import CHAT_FILES, TOKENIZER_FILES
+    from deltaport.evaluation.cache import dir_fingerprint
+
+    d = save(rand_model, tmp_path / "m", tokenizer=tok)
+    seen = {dir_fingerprint(d, None)}
+    for name in ("config.json", "generation_config.json", *TOKENIZER_FILES, *CHAT_FILES):
+        p = d / name
+        p.write_bytes((p.read_bytes() if p.is_file() else b"") + b"\n")
+        fp = dir_fingerprint(d, None)
+        assert fp not in seen, name
+        seen.add(fp)
+
+
 def test_protocols(rand_model, tok):
     r = evaluate({"m": (rand_model, tok)}, [QA], protocol="both")
     assert set(r["results"]) == {"m [base]", "m [chat]"}
@@ -148,7 +178,7 @@ def test_bad_inputs(rand_model, tok):
         evaluate({"m": (rand_model, tok)}, [QA], backend="vllm", device="cpu")
 
 
-def test_delta_dir_is_refused_with_a_hint(rand_model, tok, tmp_path):
+def test_delta_dir_and_missing_config_are_refused_with_a_hint(rand_model, tok, tmp_path):
     import deltaport
 
     a = save(rand_model, tmp_path / "a", tokenizer=tok)
@@ -156,6 +186,9 @@ def test_delta_dir_is_refused_with_a_hint(rand_model, tok, tmp_path):
     deltaport.diff(a, b, tmp_path / "delta")
     with pytest.raises(InputError, match="is a delta directory .*deltaport apply"):
         evaluate([str(tmp_path / "delta")], [QA])
+    (b / "config.json").unlink()  # the same checks as finetune's (io.model_check.check_model_dir)
+    with pytest.raises(InputError, match=r"no config\.json in .*model directory or hub id"):
+        evaluate([str(b)], [QA])
 
 
 def test_vllm_backend_arguments(tmp_path, rand_model, tok, monkeypatch):
@@ -164,7 +197,8 @@ def test_vllm_backend_arguments(tmp_path, rand_model, tok, monkeypatch):
     import sys
     import types
 
-    import deltaport.evaluate as ev
+    from deltaport.evaluation.harness import build_lm
+    from deltaport.evaluation.models import EvalModel, normalise_models, prepare_model
 
     got = {}
     fake = types.ModuleType("lm_eval.models.vllm_causallms")
@@ -173,16 +207,16 @@ def test_vllm_backend_arguments(tmp_path, rand_model, tok, monkeypatch):
     real_find = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: object() if n == "vllm" else real_find(n, *a))
     d = save(rand_model, tmp_path / "m", tokenizer=tok)
-    m = ev._normalise_models([str(d)])[0]
-    ev._prepare_model(m, None, need_fp=False)
-    lm = ev._build_lm(m, backend="vllm", device="cuda", batch_size="auto", seed=42,
+    m = normalise_models([str(d)])[0]
+    prepare_model(m, None, need_fp=False)
+    lm = build_lm(m, backend="vllm", device="cuda", batch_size="auto", seed=42,
                       model_args={"tensor_parallel_size": 2, "max_model_len": 8192})
     assert lm == "vllm-lm"
     assert got == {"pretrained": str(d), "dtype": "auto", "seed": 42, "gpu_memory_utilization": 0.9,
                    "batch_size": "auto", "tensor_parallel_size": 2, "max_model_len": 8192}
     with pytest.raises(InputError, match="loads models from disk"):
-        ev._build_lm(ev._Model("x", (rand_model, tok)), backend="vllm", device="cuda", batch_size=8, seed=0,
-                     model_args={})
+        build_lm(EvalModel("x", (rand_model, tok)), backend="vllm", device="cuda", batch_size=8, seed=0,
+                 model_args={})
 
 
 class _FakeTM:
@@ -191,11 +225,11 @@ class _FakeTM:
 
 
 def test_unknown_task_name_suggests():
-    from deltaport.evaluate import _check_known
+    from deltaport.evaluation.tasks import check_known_tasks
 
     specs = resolve_tasks(["gsm8k_cot_lama"])
     with pytest.raises(InputError, match="did you mean gsm8k_cot_llama"):
-        _check_known(specs, _FakeTM(["gsm8k_cot_llama", "arc_easy"]))
+        check_known_tasks(specs, _FakeTM(["gsm8k_cot_llama", "arc_easy"]))
 
 
 @pytest.mark.parametrize("preset,expected", [
@@ -210,7 +244,7 @@ def test_presets_resolve_to_simple_evaluate_arguments(preset, expected, rand_mod
     """Presets cannot run offline; check the exact arguments each task reaches simple_evaluate with."""
     import lm_eval
 
-    import deltaport.evaluate as ev
+    import deltaport.evaluation.run as ev
 
     seen = []
 
@@ -220,7 +254,7 @@ def test_presets_resolve_to_simple_evaluate_arguments(preset, expected, rand_mod
                 "n-samples": {}, "n-shot": {}, "versions": {}}
 
     monkeypatch.setattr(lm_eval, "simple_evaluate", fake)
-    monkeypatch.setattr(ev, "_task_manager", lambda specs: _FakeTM([s.spec for s in specs]))
+    monkeypatch.setattr(ev, "task_manager_for", lambda specs: _FakeTM([s.spec for s in specs]))
     r = evaluate({"m": (rand_model, tok)}, None, preset=preset, protocol="both", seed=7)
     got = [(t, k["num_fewshot"]) for k in seen if not k["apply_chat_template"] for t in k["tasks"]]
     assert sorted(got) == sorted(expected)
@@ -241,11 +275,11 @@ def test_global_mmlu_languages_and_ifeval_average():
     assert [s.spec for s in specs] == ["global_mmlu_full_de", "global_mmlu_full_sw"]
     with pytest.raises(InputError, match="no language"):
         resolve_tasks(None, preset="global-mmlu", languages=["xx"])
-    from deltaport.evaluate import _add_derived
+    from deltaport.evaluation.results import add_derived_metrics
 
     m = {"prompt_level_strict_acc": 0.5, "prompt_level_loose_acc": 0.6, "inst_level_strict_acc": 0.7,
          "inst_level_loose_acc": 0.8}
-    _add_derived(m, resolve_tasks(None, preset="llama3-instruct")[-1].derived)
+    add_derived_metrics(m, resolve_tasks(None, preset="llama3-instruct")[-1].derived)
     assert m["strict_loose_avg"] == pytest.approx(0.65)
 
 
@@ -305,7 +339,7 @@ def test_checkpoint_missing_a_parameter_is_refused_before_loading(tmp_path):
     from safetensors.torch import load_file, save_file
 
     from deltaport.errors import CheckpointError
-    from deltaport.evaluate import check_weights
+    from deltaport.io.model_check import check_weights
 
     m = make_model("llama", seed=0)
     m.save_pretrained(tmp_path / "m")

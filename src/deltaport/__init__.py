@@ -9,6 +9,7 @@ checkpoints with exact arithmetic. The public API::
     deltaport.apply("delta/", target_base, "out/", scale=1.0)
     deltaport.inspect(path)
     deltaport.compress("delta/", "delta-r16/", method="lowrank", rank=16)
+    deltaport.evaluate(["base/", "out/"], ["arc_easy"], limit=100)   # lm-eval; see deltaport.evaluation
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ __all__ = [
     "apply",
     "inspect",
     "compress",
+    "evaluate",
 ]
 
 
@@ -49,6 +51,10 @@ def __getattr__(name):  # lazy: keep `import deltaport` and `deltaport --help` f
         from deltaport.compression import compress
 
         return compress
+    if name == "evaluate":
+        from deltaport.evaluation import evaluate
+
+        return evaluate
     if name == "inspect":
         from deltaport.inspect import inspect
 

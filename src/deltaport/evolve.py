@@ -296,7 +296,7 @@ class _Runner:
         p = self.eval_path(model_id)
         if p.is_file():
             return json.loads(p.read_text())
-        from deltaport.evaluate import evaluate, write_json
+        from deltaport.evaluation import evaluate, write_json
 
         d = self.ensure_model(model_id)
         ev = self.chain.eval
@@ -304,7 +304,7 @@ class _Runner:
         res = evaluate({model_id: str(d)}, ev.get("tasks"), limit=ev.get("limit"), device=self.chain.device or "auto",
                        batch_size=ev.get("batch_size", 8), protocol=ev.get("protocol", "base"),
                        num_fewshot=ev.get("num_fewshot"), preset=ev.get("preset"),
-                       cache_dir=self.run / "eval_cache")
+                       cache_dir=self.run / "eval_cache", progress=self.progress)
         write_json(p, res)
         self._log_step(f"eval {model_id}", "eval", t0, model=str(d), output=str(p))
         return res
@@ -331,8 +331,8 @@ def run_chain(chain, run_dir, *, resume=False, progress=False) -> dict:
         if before is not None and before != cur:
             raise InputError(f"{run} was started with a different chain or different data/task files (see {prev}); "
                              "resume needs the same chain — use a new run directory for a changed chain")
-    from deltaport.evaluate import check_weights
     from deltaport.io.checkpoint import resolve_dir
+    from deltaport.io.model_check import check_weights
 
     for _, p in c.versions:  # every base readable (headers only; hub ids resolve) before anything is written
         check_weights(resolve_dir(p)[0])
@@ -376,10 +376,11 @@ def _run(c: Chain, run: Path, chain_json: str, progress: bool) -> dict:
     }
     out["table"] = strategy_table(out)
     out["curves"] = _plot_curves(out, run)
-    from deltaport.evaluate import _atomic_write, write_json
+    from deltaport.evaluation import write_json
+    from deltaport.io.atomic import atomic_write_file
 
     write_json(run / "results.json", out)
-    _atomic_write(run / "table.md", out["table"])
+    atomic_write_file(run / "table.md", lambda tmp: tmp.write_text(out["table"]), overwrite=True)
     return out
 
 
@@ -410,7 +411,7 @@ def _curves_data(r: _Runner, plan: dict) -> dict:
 
 
 def _primary(columns: dict, task: str, metrics: dict) -> str | None:
-    from deltaport.evaluate import _primary as prim
+    from deltaport.evaluation.results import primary_metric as prim
 
     return prim(metrics, (columns.get(task) or {}).get("metric"))
 

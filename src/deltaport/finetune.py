@@ -208,12 +208,9 @@ def _load(model, device: str):
     from deltaport.io.checkpoint import resolve_dir
 
     d, rev = resolve_dir(model)
-    from deltaport.evaluate import _refuse_delta_dir, check_weights
+    from deltaport.io.model_check import check_model_dir
 
-    _refuse_delta_dir(d, model)
-    if not (d / "config.json").is_file():
-        raise InputError(f"model {model}: no config.json in {d}; pass a Hugging Face model directory or hub id")
-    check_weights(d)
+    check_model_dir(d, model)
     cfg = json.loads((d / "config.json").read_text())
     dt_name = cfg.get("torch_dtype") or cfg.get("dtype") or "float32"
     save_dtype = getattr(torch, str(dt_name).replace("torch.", ""), torch.float32)
@@ -226,7 +223,7 @@ def _load(model, device: str):
 
 
 def _resolve_device(device: str | None) -> str:
-    from deltaport.evaluate import _resolve_device as rd
+    from deltaport.devices import resolve_device as rd
 
     return rd(device)
 
@@ -347,7 +344,7 @@ def finetune(model, data, output, *, recipe="quick", steps=None, lr=None, batch_
 
     recs, data_info = load_records(data)
     if eval_tasks:  # fail on a bad task before any training
-        from deltaport.evaluate import resolve_tasks
+        from deltaport.evaluation import resolve_tasks
 
         resolve_tasks(eval_tasks)
     out_path = Path(output) if output is not None else None
@@ -420,10 +417,10 @@ def finetune(model, data, output, *, recipe="quick", steps=None, lr=None, batch_
             mdl.eval()
             try:
                 if eval_due:
-                    from deltaport.evaluate import evaluate
+                    from deltaport.evaluation import evaluate
 
                     res = evaluate({f"step-{step}": (mdl, tok)}, eval_tasks, limit=eval_limit, device=device,
-                                   protocol=eval_protocol, seed=seed)
+                                   protocol=eval_protocol, seed=seed, progress=progress)
                     evals.append({"step": step, "results": res["results"][f"step-{step}"]})
                     if work is not None:
                         (work / "evals.json").write_text(json.dumps(evals, default=str))

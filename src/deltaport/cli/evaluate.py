@@ -1,4 +1,4 @@
-"""``deltaport eval``: a thin shell over :func:`deltaport.evaluate.evaluate`."""
+"""``deltaport eval``: a thin shell over :func:`deltaport.evaluate`."""
 
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ def eval_command(
 ) -> None:
     """Evaluate models with lm-evaluation-harness (the paper's protocol) and compare them."""
     from deltaport.errors import OutputError
-    from deltaport.evaluate import comparison_table, evaluate, write_json
+    from deltaport.evaluation import comparison_table, evaluate, write_json
 
     if table is not None and table.resolve() == output.resolve():
         raise OutputError(f"-o and --table both name {output}; the table would replace the JSON results. "

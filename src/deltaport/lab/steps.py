@@ -223,7 +223,7 @@ class Steps:
         if not todo:
             return out
         t0 = time.perf_counter()
-        ev = _library("deltaport.evaluate")
+        ev = _library("deltaport.evaluation")
         if ev is not None:
             res = ev.evaluate({n: (self.load(p), self.tok) for n, p in todo.items()},
                               [str(self.tasks[t]) for t in tasks], limit=limit, device="cpu", batch_size=64,

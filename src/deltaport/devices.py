@@ -1,0 +1,20 @@
+"""The torch device a model runs on (eval, finetune): ``cpu``, ``cuda[:N]``, ``mps`` or ``auto``."""
+
+from __future__ import annotations
+
+from deltaport.errors import InputError
+
+
+def resolve_device(device: str | None) -> str:
+    """``device`` checked against this torch; ``auto`` (or None) is cuda when a GPU is seen, else cpu."""
+    import torch
+
+    device = (device or "auto").lower()
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"device {device!r} asked for, but this torch ({torch.__version__}) sees no CUDA GPU; "
+                         "use --device cpu (or auto)")
+    if device not in ("cpu", "mps") and not device.startswith("cuda"):
+        raise InputError(f"unknown device {device!r}; use cpu, cuda, cuda:N or auto")
+    return device

@@ -1,0 +1,178 @@
+"""``evaluate``: every model on every task under the chosen protocol(s), through the cache.
+
+The order of work: check the arguments and tasks (no model needed), then per model: prepare it
+(checks, fingerprint), per protocol take what the cache holds and run the rest with lm-eval, one
+call per few-shot count, the model loaded once. See :mod:`deltaport.evaluation` for the protocols.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+
+from deltaport.devices import resolve_device
+from deltaport.errors import InputError
+from deltaport.evaluation.cache import cache_get, cache_key, cache_put
+from deltaport.evaluation.harness import build_lm, by_fewshot, progress_bars, run_group
+from deltaport.evaluation.models import EvalModel, normalise_models, prepare_model
+from deltaport.evaluation.results import add_derived_metrics
+from deltaport.evaluation.tasks import TaskSpec, check_known_tasks, resolve_tasks, task_manager_for
+
+LOG = logging.getLogger(__name__)
+
+PROTOCOLS = ("base", "chat", "both", "auto")
+BACKENDS = ("hf", "vllm")
+
+
+def evaluate(models, tasks, *, limit=None, device="cpu", backend="hf", batch_size=8, protocol="base",
+             num_fewshot=None, preset=None, cache_dir=None, seed=0, progress=False,
+             model_args: dict | None = None, languages: list[str] | None = None, status: bool = False) -> dict:
+    """Run lm-eval on every model and task; return per-task metrics with standard errors.
+
+    Args:
+        models: paths / hub ids (list), or ``{name: path or (model, tokenizer)}``; in-memory models are
+            evaluated through ``HFLM(pretrained=model, tokenizer=tok)`` where they are (no copy, no move).
+        tasks: lm-eval task/group names or paths to local task YAML files (comma-separated string or list).
+        limit: evaluate only the first N documents per task (a float < 1: that fraction).
+        device: ``cpu``, ``cuda[:N]`` or ``auto`` (cuda when available). Passed to lm-eval explicitly,
+            so a CPU-only torch works.
+        backend: ``hf`` (transformers) or ``vllm`` (needs vllm and a GPU; models from disk only).
+        batch_size: an int or ``"auto"``.
+        protocol: ``base``, ``chat``, ``both`` or ``auto`` (see :mod:`deltaport.evaluation`).
+        num_fewshot: override every task's few-shot count.
+        preset: ``llama3-instruct``, ``olmo2-tulu3`` or ``global-mmlu`` (see
+            :mod:`deltaport.evaluation.presets`); its tasks come before ``tasks``.
+        cache_dir: folder for cached results (None: no cache).
+        seed: every lm-eval seed (python, numpy, torch, few-shot sampling).
+        model_args: extra keyword arguments for the lm-eval model (HFLM / VLLM), e.g. ``max_length``,
+            ``tensor_parallel_size``.
+        languages: Global MMLU languages for ``preset="global-mmlu"``.
+        progress: let lm-eval (and the model loading under it) draw its tqdm progress bars on stderr; off
+            (the default) no bar is drawn during the call. ``deltaport eval`` turns them on when stderr
+            is a terminal.
+        status: print a line on stderr when each model/task group starts and ends (what ``deltaport eval``
+            shows while it works, bars or not).
+
+    Returns:
+        ``{"results": {row: {task: {metric: value, metric + "_stderr": value}}}, "details": {row: {task:
+        {...}}}, "columns": {task: {"metric", "label"}}, "settings": {...}}``. A row is the model's name
+        (``NAME [base]`` / ``NAME [chat]`` with ``protocol="both"``).
+    """
+    t_start = time.time()
+    if protocol not in PROTOCOLS:
+        raise InputError(f"unknown protocol {protocol!r}; use one of {', '.join(PROTOCOLS)}")
+    if backend not in BACKENDS:
+        raise InputError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
+    if limit is not None and (limit <= 0):
+        raise InputError(f"limit must be positive, got {limit}")
+    if not (batch_size == "auto" or (isinstance(batch_size, int) and batch_size > 0)):
+        raise InputError(f"batch_size must be a positive int or 'auto', got {batch_size!r}")
+    device = resolve_device(device)
+    if backend == "vllm" and not device.startswith("cuda"):
+        raise InputError("backend 'vllm' runs on CUDA GPUs only; use --backend hf on this machine")
+    model_args = dict(model_args or {})
+    entries = normalise_models(models)
+    specs = resolve_tasks(tasks, preset=preset, num_fewshot=num_fewshot, languages=languages)
+
+    import lm_eval
+
+    _tm: list = []
+
+    def task_manager():  # built on first need: everything cached -> no indexing at all
+        if not _tm:
+            _tm.append(task_manager_for(specs))
+            check_known_tasks(specs, _tm[0])
+        return _tm[0]
+
+    cache = Path(cache_dir).expanduser() if cache_dir else None
+    settings = {
+        "limit": limit, "device": device, "backend": backend, "batch_size": batch_size, "protocol": protocol,
+        "num_fewshot": num_fewshot, "preset": preset, "seed": seed, "model_args": model_args,
+        "lm_eval_version": getattr(lm_eval, "__version__", "?"), "cache_dir": str(cache) if cache else None,
+    }
+    results: dict[str, dict] = {}
+    details: dict[str, dict] = {}
+    with progress_bars(progress):
+        for m in entries:
+            prepare_model(m, cache, need_fp=cache is not None)
+            protos = _protocols_for(m, protocol)
+            for proto in protos:
+                shown = "chat" if proto == "skip-chat" else proto
+                row = m.name if len(protos) == 1 and protocol != "both" else f"{m.name} [{shown}]"
+                results[row], details[row] = {}, {}
+                if proto == "skip-chat":
+                    continue
+                recs, cached_names = _scores(lm_eval, m, proto, specs, cache, settings, task_manager, status)
+                for ts in specs:
+                    rec = recs[ts.name]
+                    cached = ts.name in cached_names
+                    metrics = dict(rec["metrics"])
+                    add_derived_metrics(metrics, ts.derived)
+                    results[row][ts.name] = metrics
+                    details[row][ts.name] = {k: v for k, v in rec.items() if k != "metrics"} | {"cached": cached}
+                LOG.info("evaluated %s (%s) on %d task(s)", m.name, proto, len(specs))
+            m.lm = None  # free the model before loading the next one
+    columns = {ts.name: {"metric": ts.metric, "label": ts.label or ts.name, "source": ts.source} for ts in specs}
+    settings["time_s"] = round(time.time() - t_start, 3)
+    return {"results": results, "details": details, "columns": columns, "settings": settings}
+
+
+def _scores(lm_eval, m: EvalModel, proto: str, specs: list[TaskSpec], cache: Path | None, settings: dict,
+            task_manager, status: bool) -> tuple[dict[str, dict], set[str]]:
+    """The record of every task for ``m`` under ``proto``: from the cache where it holds one, else from
+    lm-eval (one call per few-shot count, the model built on first need); and the names that were cached."""
+    limit, device, seed, batch_size = settings["limit"], settings["device"], settings["seed"], settings["batch_size"]
+    recs: dict[str, dict] = {}
+    cached_names: set[str] = set()
+    missing: list[TaskSpec] = []
+    for ts in specs:
+        rec = cache_get(cache, cache_key(m.fingerprint, ts, proto, settings)) if cache else None
+        if rec is None:
+            missing.append(ts)
+        else:
+            recs[ts.name] = rec
+            cached_names.add(ts.name)
+    for group in by_fewshot(missing):
+        task_manager()  # validates task names before a model is loaded
+        if m.lm is None:
+            m.lm = build_lm(m, backend=settings["backend"], device=device, batch_size=batch_size, seed=seed,
+                            model_args=settings["model_args"])
+        names = ", ".join(ts.name for ts in group)
+        if status:
+            _status(f"eval: {m.name} ({proto} protocol): running {names}")
+        t_group = time.time()
+        done = run_group(lm_eval, m, group, proto, task_manager(), limit=limit, device=device, seed=seed,
+                         batch_size=batch_size)
+        if status:
+            _status(f"eval: {m.name} ({proto} protocol): {names} done in {time.time() - t_group:.1f} s")
+        for ts in group:
+            recs[ts.name] = done[ts.name]
+            if cache:
+                cache_put(cache, cache_key(m.fingerprint, ts, proto, settings), done[ts.name], model=m.name,
+                          model_fingerprint=m.fingerprint, task=ts.name, protocol=proto)
+    if status and cached_names:
+        _status(f"eval: {m.name} ({proto} protocol): {len(cached_names)} of {len(specs)} task(s) from the cache")
+    return recs, cached_names
+
+
+def _status(line: str) -> None:
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
+def _protocols_for(m: EvalModel, protocol: str) -> list[str]:
+    if protocol == "base":
+        return ["base"]
+    if protocol == "chat":
+        if not m.has_chat_template:
+            raise InputError(f"model {m.name!r} has no chat template, so the chat protocol cannot be applied; "
+                             "use protocol base (or both/auto, which skip chat for such models)")
+        return ["chat"]
+    if protocol == "auto":
+        return ["chat" if m.has_chat_template else "base"]
+    if not m.has_chat_template:  # both
+        LOG.warning("model %s has no chat template: scored under the base protocol only", m.name)
+        return ["base", "skip-chat"]
+    return ["base", "chat"]
