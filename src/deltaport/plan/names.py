@@ -28,6 +28,7 @@ def ties_word_embeddings(ck: Checkpoint) -> bool:
 
 
 def input_embedding_name(ck: Checkpoint) -> str | None:
+    """The name of the checkpoint's ``embed_tokens`` weight (None when it has none)."""
     for n in ck.tensors:
         if re.search(r"(^|\.)embed_tokens\.weight$", n):
             return n
