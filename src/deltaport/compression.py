@@ -344,7 +344,7 @@ def decompress(delta, output, *, overwrite: bool = False, compute_dtype: str = "
     comp = compression_record(dk)
     if comp is None:
         raise InputError(f"{dk.source} is not a compressed delta")
-    cd = choose_compute_dtype(compute_dtype, set())
+    cd = choose_compute_dtype(compute_dtype)
     plan = Plan("decompress", [], cd)
     for name, spec in dk.tensors.items():
         if PART_SEP not in name:

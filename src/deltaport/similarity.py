@@ -21,6 +21,7 @@ import torch
 
 from deltaport import _diag
 from deltaport.errors import PlanError
+from deltaport.plan.names import ties_word_embeddings
 
 CHUNK = 1 << 22  # elements per float64 chunk
 
@@ -31,14 +32,6 @@ def _open(spec: Any, allow_pickle: bool = False):
     from deltaport.io.checkpoint import open_checkpoint
 
     return open_checkpoint(spec, allow_pickle=allow_pickle)
-
-
-def _tied(ck) -> bool:
-    cfg = ck.config or {}
-    tied = cfg.get("tie_word_embeddings")
-    if tied is None and isinstance(cfg.get("text_config"), dict):
-        tied = cfg["text_config"].get("tie_word_embeddings")
-    return bool(tied)
 
 
 def layer_of(name: str) -> str:
@@ -124,7 +117,7 @@ def similarity(source_base: Any, source_finetuned: Any, target_base: Any, target
     base = cks["source_base"]
     names = list(base.names)
     tied_skip: list[str] = []
-    if _tied(base) and "lm_head.weight" in names and any("embed_tokens" in n for n in names):
+    if ties_word_embeddings(base) and "lm_head.weight" in names and any("embed_tokens" in n for n in names):
         names.remove("lm_head.weight")  # same storage as the input embedding: count it once
         tied_skip.append("lm_head.weight")
     for role, ck in cks.items():
