@@ -20,6 +20,7 @@ from deltaport.io.atomic import atomic_output_dir, check_output_location
 from deltaport.io.checkpoint import PROVENANCE_NAME, Checkpoint, dtype_name, open_checkpoint
 from deltaport.io.prepare import Fetch, check_free_space, plan_fetch, run_fetch
 from deltaport.io.writer import OutEntry, ShardedWriter, parse_size
+from deltaport.options import APPLY, DIFF, TRANSFER, ApplyOptions, DiffOptions, TransferOptions, declared
 from deltaport.plan import Plan, is_vocab_tensor, make_policies, plan_apply, plan_diff, plan_transfer
 
 if TYPE_CHECKING:  # the engine (and torch) are imported to execute a plan, not to make or refuse one
@@ -27,7 +28,7 @@ if TYPE_CHECKING:  # the engine (and torch) are imported to execute a plan, not 
 
 LOG = logging.getLogger(__name__)
 
-DEFAULT_SHARD_SIZE = "5GB"
+DEFAULT_SHARD_SIZE = TRANSFER.shard_size
 
 
 @dataclass
@@ -193,28 +194,27 @@ def _resolve_src(choice: str, flag: str, target: Path, source_ft: Path | None) -
     return source_ft
 
 
-def transfer(source_base, source_finetuned, target_base, output, *, scale: float = 1.0,
-             vocab_policy: str = "error", shape_policy: str = "error", unmatched_rows: str = "target", key_map=None,
-             include=None, exclude=None, scale_map=None, compute_dtype: str = "auto", out_dtype: str | None = None,
-             config_from: str = "target", tokenizer_from: str = "target", chat_template_from: str = "source-finetuned",
-             shard_size: str | int = DEFAULT_SHARD_SIZE, overwrite: bool = False, dry_run: bool = False,
-             allow_pickle: bool = False, strict: bool = False, threads: int | None = None, progress: bool = False,
+@declared(TransferOptions)
+def transfer(source_base, source_finetuned, target_base, output, *, scale: float = TRANSFER.scale,
+             vocab_policy: str = TRANSFER.vocab_policy, unmatched_rows: str = TRANSFER.unmatched_rows,
+             shape_policy: str = TRANSFER.shape_policy, key_map=TRANSFER.key_map, include=TRANSFER.include,
+             exclude=TRANSFER.exclude, scale_map=TRANSFER.scale_map, compute_dtype: str = TRANSFER.compute_dtype,
+             out_dtype: str | None = TRANSFER.out_dtype, config_from: str = TRANSFER.config_from,
+             tokenizer_from: str = TRANSFER.tokenizer_from, chat_template_from: str = TRANSFER.chat_template_from,
+             shard_size: str | int = TRANSFER.shard_size, overwrite: bool = TRANSFER.overwrite,
+             dry_run: bool = TRANSFER.dry_run, allow_pickle: bool = TRANSFER.allow_pickle,
+             strict: bool = TRANSFER.strict, threads: int | None = TRANSFER.threads, progress: bool = False,
              chunk_elems: int | None = None) -> Result:
     """Fine-tuning transfer: write ``target_base + scale·(source_finetuned − source_base)`` to ``output``.
 
     Args:
         source_base, source_finetuned, target_base: local HF model dirs or hub ids (``org/name[@rev]``).
-            ``source_finetuned`` may be a PEFT LoRA adapter dir (Δ = scaling·B@A).
+            ``source_finetuned`` may be a PEFT LoRA adapter dir (Δ = scaling·B@A); ``source_base`` may then
+            be None (the adapter's ``base_model_name_or_path``).
         output: output directory (written to a temporary sibling, renamed when complete).
-        scale: λ (paper: 1.0). ``scale_map`` overrides it per tensor-name regex.
-        vocab_policy: ``error`` | ``pad`` (official script) | ``align`` (rows matched by token string, each
-            model's rows found through its own tokenizer).
-        unmatched_rows: with ``align``, a target token that lacks a row in either source model has no Δ:
-            ``target`` keeps the target's row, ``finetuned`` copies the fine-tune's row when it has the token.
-            Provenance ``vocab_align`` lists them.
-        shape_policy: ``error`` | ``skip`` (transfer only shape-matching tensors, paper App. B.3). A transfer
-            in which no tensor would receive Δ is refused (:class:`~deltaport.errors.PlanError`).
-        config_from / tokenizer_from / chat_template_from: ``target`` | ``source-finetuned``.
+        progress: draw progress bars. chunk_elems: elements per streamed chunk (default: the engine's).
+
+    A transfer in which no tensor would receive Δ is refused (:class:`~deltaport.errors.PlanError`).
 
     Returns:
         :class:`Result`. Raises :class:`~deltaport.errors.InputError` subclasses for bad input (before any
@@ -325,17 +325,20 @@ def _uniform_dtype(plan: Plan):
     return dts.pop() if len(dts) == 1 else None
 
 
-def diff(base, finetuned, output, *, delta_dtype: str | None = None, vocab_policy: str = "error",
-         shape_policy: str = "error", key_map=None, include=None, exclude=None, compute_dtype: str = "auto",
-         shard_size: str | int = DEFAULT_SHARD_SIZE, overwrite: bool = False, dry_run: bool = False,
-         allow_pickle: bool = False, strict: bool = False, threads: int | None = None, progress: bool = False,
+@declared(DiffOptions)
+def diff(base, finetuned, output, *, delta_dtype: str | None = DIFF.delta_dtype, vocab_policy: str = DIFF.vocab_policy,
+         shape_policy: str = DIFF.shape_policy, key_map=DIFF.key_map, include=DIFF.include, exclude=DIFF.exclude,
+         compute_dtype: str = DIFF.compute_dtype, shard_size: str | int = DIFF.shard_size,
+         overwrite: bool = DIFF.overwrite, dry_run: bool = DIFF.dry_run, allow_pickle: bool = DIFF.allow_pickle,
+         strict: bool = DIFF.strict, threads: int | None = DIFF.threads, progress: bool = False,
          chunk_elems: int | None = None) -> Result:
     """Store ``Δ = finetuned − base`` as a delta directory (safetensors + ``deltaport.json``).
 
-    The default Δ dtype is exact: float32 for bf16/fp16 models (2× the size of the model), float64 for
-    float32 models (2×), so ``apply(diff(F, B), to=B) == F`` bit for bit. ``delta_dtype`` ``bfloat16``/
-    ``float16``/``float32`` gives a smaller, lossy delta. The finetuned model's config, tokenizer and chat
-    template are kept in ``source_finetuned/`` so ``apply`` can offer the same ``--*-from`` choices.
+    ``base`` and ``finetuned`` are local HF model dirs or hub ids; ``finetuned`` may be a PEFT LoRA adapter
+    dir (``base`` may then be None: the adapter's ``base_model_name_or_path``). The default Δ dtype is exact:
+    float32 for bf16/fp16 models (2× the size of the model), float64 for float32 models (2×), so
+    ``apply(diff(F, B), to=B) == F`` bit for bit. The finetuned model's config, tokenizer and chat template
+    are kept in ``source_finetuned/`` so ``apply`` can offer the same ``*_from`` choices.
     """
     pol = make_policies(vocab_policy=vocab_policy, shape_policy=shape_policy, key_map=key_map, include=include,
                         exclude=exclude, compute_dtype=compute_dtype)
@@ -407,21 +410,22 @@ def _delta_file_sources(dk: Checkpoint, tb: Checkpoint, config_from: str, tokeni
             _resolve_src(chat_template_from, "--chat-template-from", tb.dir, src_files or tb.dir))
 
 
-def apply(delta, to, output, *, scale: float = 1.0, vocab_policy: str = "error", shape_policy: str = "error",
-          key_map=None, include=None, exclude=None, scale_map=None, compute_dtype: str = "auto",
-          out_dtype: str | None = None, config_from: str = "target", tokenizer_from: str = "target",
-          chat_template_from: str = "source-finetuned", shard_size: str | int = DEFAULT_SHARD_SIZE,
-          overwrite: bool = False, dry_run: bool = False, force: bool = False, allow_pickle: bool = False,
-          strict: bool = False, threads: int | None = None, progress: bool = False,
-          chunk_elems: int | None = None, ties: float | None = None) -> Result:
+@declared(ApplyOptions)
+def apply(delta, to, output, *, scale: float | list[float] = APPLY.scale, vocab_policy: str = APPLY.vocab_policy,
+          shape_policy: str = APPLY.shape_policy, key_map=APPLY.key_map, include=APPLY.include, exclude=APPLY.exclude,
+          scale_map=APPLY.scale_map, compute_dtype: str = APPLY.compute_dtype, out_dtype: str | None = APPLY.out_dtype,
+          config_from: str = APPLY.config_from, tokenizer_from: str = APPLY.tokenizer_from,
+          chat_template_from: str = APPLY.chat_template_from, shard_size: str | int = APPLY.shard_size,
+          overwrite: bool = APPLY.overwrite, dry_run: bool = APPLY.dry_run, force: bool = APPLY.force,
+          allow_pickle: bool = APPLY.allow_pickle, strict: bool = APPLY.strict, threads: int | None = APPLY.threads,
+          progress: bool = False, chunk_elems: int | None = None, ties: float | None = APPLY.ties) -> Result:
     """Write ``to + scale·Δ`` where Δ is a ``deltaport diff`` (or ``deltaport compress``) directory.
 
-    ``delta`` may be a list of delta directories: ``to + Σ_i scale_i·Δ_i`` with ``scale`` a list of one λ
-    per delta (or a single number for all); ``scale_map`` values then *multiply* each λ_i (with one delta
-    they replace λ, as always). Each element is the output-dtype value nearest the exact sum.
-    ``ties`` (several deltas): TIES-Merging's sign consensus (Yadav et al. 2023): each λ_i·Δ_i is trimmed to
-    its ``ties`` fraction of largest-magnitude entries per tensor, each element's sign is elected from the
-    trimmed sum, and the entries that agree with it are averaged: ``to + mean_{i agrees}(λ_i·trim(Δ_i))``.
+    ``delta`` may be a list of delta directories: ``to + Σ_i scale_i·Δ_i``, each element the output-dtype
+    value nearest the exact sum. ``ties`` (several deltas): TIES-Merging's sign consensus (Yadav et al.
+    2023): each λ_i·Δ_i is trimmed to its ``ties`` fraction of largest-magnitude entries per tensor, each
+    element's sign is elected from the trimmed sum, and the entries that agree with it are averaged:
+    ``to + mean_{i agrees}(λ_i·trim(Δ_i))``.
 
     The target must have the structure (tensor names, shapes, dtypes) of the base the delta was made
     on; ``force=True`` applies to matching tensors anyway and records that in provenance.
