@@ -20,16 +20,13 @@ from deltaport.io.atomic import atomic_output_dir, check_output_location
 from deltaport.io.checkpoint import PROVENANCE_NAME, Checkpoint, dtype_name, open_checkpoint
 from deltaport.io.prepare import Fetch, check_free_space, plan_fetch, run_fetch
 from deltaport.io.writer import OutEntry, ShardedWriter, parse_size
-from deltaport.options import APPLY, DIFF, TRANSFER, ApplyOptions, DiffOptions, TransferOptions, declared
+from deltaport.options import APPLY, DIFF, TRANSFER, ApplyOptions, DiffOptions, TransferOptions, declared, flag, option_fields
 from deltaport.plan import Plan, is_vocab_tensor, make_policies, plan_apply, plan_diff, plan_transfer
 
 if TYPE_CHECKING:  # the engine (and torch) are imported to execute a plan, not to make or refuse one
     from deltaport.engine import Stats
 
 LOG = logging.getLogger(__name__)
-
-DEFAULT_SHARD_SIZE = TRANSFER.shard_size
-
 
 @dataclass
 class Result:
@@ -168,20 +165,16 @@ def _file_opt(v):
     return "MAPPING.yaml"
 
 
-_APPLY_OPTIONS = (("--vocab-policy", "vocab_policy", "error"), ("--shape-policy", "shape_policy", "error"),
-                  ("--key-map", "key_map", None), ("--include", "include", None), ("--exclude", "exclude", None),
-                  ("--scale-map", "scale_map", None), ("--compute-dtype", "compute_dtype", "auto"),
-                  ("--out-dtype", "out_dtype", None), ("--config-from", "config_from", "target"),
-                  ("--tokenizer-from", "tokenizer_from", "target"),
-                  ("--chat-template-from", "chat_template_from", "source-finetuned"),
-                  ("--shard-size", "shard_size", DEFAULT_SHARD_SIZE), ("--force", "force", False),
-                  ("--allow-pickle", "allow_pickle", False))
-
-
-def _apply_options(**given) -> dict[str, tuple]:
-    """apply's options as the card's command shows them (flag -> (value, default)); maps by file name."""
-    return {flag: (_file_opt(given[k]) if k in ("key_map", "scale_map") else given[k], default)
-            for flag, k, default in _APPLY_OPTIONS}
+def _card_options(cls, args: dict, **first) -> dict[str, tuple]:
+    """The options the output card's command repeats, flag -> (value, default): ``first`` as given, then
+    every option of ``cls`` that shapes the output (:attr:`deltaport.options.Option.card`), with its
+    value from ``args`` (the function's arguments); a --key-map/--scale-map is named by file name."""
+    out = {flag(k): v for k, v in first.items()}
+    for f, opt in option_fields(cls):
+        if opt.card and flag(f.name) not in out:
+            v = args[f.name]
+            out[flag(f.name)] = (_file_opt(v) if f.name in ("key_map", "scale_map") else v, opt.default)
+    return out
 
 
 def _resolve_src(choice: str, flag: str, target: Path, source_ft: Path | None) -> Path:
@@ -224,6 +217,7 @@ def transfer(source_base, source_finetuned, target_base, output, *, scale: float
         >>> deltaport.transfer("meta-llama/Meta-Llama-3-8B", "meta-llama/Meta-Llama-3-8B-Instruct",
         ...                    "meta-llama/Llama-3.1-8B", "llama3.1-plus-delta3.0")  # doctest: +SKIP
     """
+    args = dict(locals())  # the arguments as given: the card's command repeats them
     pol = make_policies(scale=scale, vocab_policy=vocab_policy, shape_policy=shape_policy, unmatched_rows=unmatched_rows,
                         key_map=key_map, include=include, exclude=exclude, scale_map=scale_map, compute_dtype=compute_dtype,
                         out_dtype=out_dtype)
@@ -269,13 +263,7 @@ def transfer(source_base, source_finetuned, target_base, output, *, scale: float
         argv = command("transfer", [("--source-base", card_arg(refs["source_base"])),
                                     ("--source-finetuned", card_arg(refs["source_finetuned"])),
                                     ("--target-base", card_arg(refs["target_base"])), ("-o", "OUTPUT")],
-                       {"--scale": (scale, 1.0), "--vocab-policy": (vocab_policy, "error"), "--shape-policy": (shape_policy, "error"),
-                        "--key-map": (_file_opt(key_map), None), "--include": (include, None), "--exclude": (exclude, None),
-                        "--scale-map": (_file_opt(scale_map), None), "--compute-dtype": (compute_dtype, "auto"),
-                        "--out-dtype": (out_dtype, None), "--config-from": (config_from, "target"),
-                        "--tokenizer-from": (tokenizer_from, "target"),
-                        "--chat-template-from": (chat_template_from, "source-finetuned"),
-                        "--shard-size": (shard_size, DEFAULT_SHARD_SIZE), "--allow-pickle": (allow_pickle, False)})
+                       _card_options(TransferOptions, args))
         _write_card(tmp, output, "transfer", refs, plan, prov, argv, ("target_base", "source_finetuned"), tb, rec)
         return rec
 
@@ -340,6 +328,7 @@ def diff(base, finetuned, output, *, delta_dtype: str | None = DIFF.delta_dtype,
     ``apply(diff(F, B), to=B) == F`` bit for bit. The finetuned model's config, tokenizer and chat template
     are kept in ``source_finetuned/`` so ``apply`` can offer the same ``*_from`` choices.
     """
+    args = dict(locals())  # the arguments as given: the card's command repeats them
     pol = make_policies(vocab_policy=vocab_policy, shape_policy=shape_policy, key_map=key_map, include=include,
                         exclude=exclude, compute_dtype=compute_dtype)
     sf = open_checkpoint(finetuned, allow_pickle=allow_pickle, remote=True)
@@ -376,11 +365,7 @@ def diff(base, finetuned, output, *, delta_dtype: str | None = DIFF.delta_dtype,
         refs = {"base": input_ref(sb), "finetuned": input_ref(sf)}
         argv = command("diff", [("--base", card_arg(refs["base"])), ("--finetuned", card_arg(refs["finetuned"])),
                                 ("-o", "OUTPUT")],
-                       {"--delta-dtype": (delta_dtype, None), "--vocab-policy": (vocab_policy, "error"),
-                        "--shape-policy": (shape_policy, "error"), "--key-map": (_file_opt(key_map), None),
-                        "--include": (include, None), "--exclude": (exclude, None),
-                        "--compute-dtype": (compute_dtype, "auto"), "--shard-size": (shard_size, DEFAULT_SHARD_SIZE),
-                        "--allow-pickle": (allow_pickle, False)})
+                       _card_options(DiffOptions, args))
         _write_card(tmp, output, "diff", refs, plan, prov, argv)
         return {"source_finetuned_files": rec}
 
@@ -430,6 +415,7 @@ def apply(delta, to, output, *, scale: float | list[float] = APPLY.scale, vocab_
     The target must have the structure (tensor names, shapes, dtypes) of the base the delta was made
     on; ``force=True`` applies to matching tensors anyway and records that in provenance.
     """
+    args = dict(locals())  # the arguments as given: the card's command repeats them
     if isinstance(delta, (list, tuple)) and len(delta) > 1:
         return _apply_many(list(delta), to, output, scale=scale, vocab_policy=vocab_policy, shape_policy=shape_policy,
                            key_map=key_map, include=include, exclude=exclude, scale_map=scale_map,
@@ -482,11 +468,7 @@ def apply(delta, to, output, *, scale: float | list[float] = APPLY.scale, vocab_
             refs["source_finetuned"] = {"hub": made["hub"]["repo_id"], "commit": made["hub"]["commit"]}
             lineage = ("target_base", "source_finetuned")
         argv = command("apply", [("", card_arg(refs["delta"])), ("--to", card_arg(refs["target_base"])), ("-o", "OUTPUT")],
-                       {"--scale": (scale, 1.0), **_apply_options(vocab_policy=vocab_policy, shape_policy=shape_policy, key_map=key_map, include=include,
-                                        exclude=exclude, scale_map=scale_map, compute_dtype=compute_dtype, out_dtype=out_dtype,
-                                        config_from=config_from, tokenizer_from=tokenizer_from,
-                                        chat_template_from=chat_template_from, shard_size=shard_size, force=force,
-                                        allow_pickle=allow_pickle)})
+                       _card_options(ApplyOptions, args, scale=(scale, APPLY.scale)))
         _write_card(tmp, output, "apply", refs, plan, prov, argv, lineage, tb, rec)
         return rec
 
@@ -501,6 +483,7 @@ def _apply_many(deltas, to, output, *, scale, vocab_policy, shape_policy, key_ma
                 compute_dtype, out_dtype, config_from, tokenizer_from, chat_template_from, shard_size, overwrite,
                 dry_run, force, allow_pickle, strict, threads, progress, chunk_elems, ties=None) -> Result:
     """``to + Σ_i λ_i·Δ_i`` (see :func:`apply`)."""
+    args = dict(locals())  # the arguments as given: the card's command repeats them
     from deltaport.plan import plan_apply_many
 
     if ties is not None and not (isinstance(ties, (int, float)) and 0.0 < ties <= 1.0):
@@ -560,11 +543,7 @@ def _apply_many(deltas, to, output, *, scale, vocab_policy, shape_policy, key_ma
         refs = {"target_base": input_ref(tb), **{f"delta_{i + 1}": input_ref(dk) for i, dk in enumerate(dks)}}
         argv = command("apply", [*(("", card_arg(refs[f"delta_{i + 1}"])) for i in range(len(dks))),
                                  ("--to", card_arg(refs["target_base"])), ("-o", "OUTPUT")],
-                       {"--scale": (lams, [1.0] * len(dks)), "--ties": (ties, None), **_apply_options(vocab_policy=vocab_policy, shape_policy=shape_policy, key_map=key_map, include=include,
-                                        exclude=exclude, scale_map=scale_map, compute_dtype=compute_dtype, out_dtype=out_dtype,
-                                        config_from=config_from, tokenizer_from=tokenizer_from,
-                                        chat_template_from=chat_template_from, shard_size=shard_size, force=force,
-                                        allow_pickle=allow_pickle)})
+                       _card_options(ApplyOptions, args, scale=(lams, [APPLY.scale] * len(dks)), ties=(ties, APPLY.ties)))
         _write_card(tmp, output, "compose", refs, plan, prov, argv, ("target_base",), tb, rec)
         return rec
 

@@ -46,12 +46,14 @@ REQUIRED = _Required()  # the default of an option that has none (the command li
 class Option:
     """One option: its default, the help ``--help`` shows, and, where the function's meaning differs
     from the flag's (a list where the flag takes a comma-separated string), ``doc`` for the docstring
-    and ``cli_type`` for the type the flag parses."""
+    and ``cli_type`` for the type the flag parses. ``card``: the output's model card repeats it in the
+    command that made the output (False for options that do not change the output's bytes)."""
 
     default: Any
     help: str
     doc: str | None = None
     cli_type: Any = None
+    card: bool = True
 
 
 def options(cls):
@@ -119,14 +121,15 @@ TOKENIZER_FROM = Option("target", "where the tokenizer comes from")
 CHAT_TEMPLATE_FROM = Option("source-finetuned", "where the chat template comes from (eos/pad ids and "
                             "generation_config follow it)")
 SHARD_SIZE = Option("5GB", "maximum shard size, e.g. 5GB, 500MB", doc="maximum shard size, e.g. 5GB, 500MB, or bytes")
-OVERWRITE = Option(False, "replace an existing output (the new one is completed first, then swapped in)")
+OVERWRITE = Option(False, "replace an existing output (the new one is completed first, then swapped in)", card=False)
 DRY_RUN = Option(False, "print the plan (from headers only) and write nothing",
-                 doc="plan (from headers only) and write nothing; the result's plan and fetch say what a run would do")
+                 doc="plan (from headers only) and write nothing; the result's plan and fetch say what a run would do",
+                 card=False)
 ALLOW_PICKLE = Option(False, "accept pickled .bin/.pt weights (loaded with torch.load(weights_only=True))")
-STRICT = Option(False, "fail on NaN/Inf in inputs (default: warn)")
+STRICT = Option(False, "fail on NaN/Inf in inputs (default: warn)", card=False)
 THREADS = Option(None, "worker threads for the arithmetic, each computing whole chunks with one torch thread "
                  "(default 1: on 2 cores a reader and a writer thread already use the second; output bytes do "
-                 "not depend on it)")
+                 "not depend on it)", card=False)
 DIAG_ALLOW_PICKLE = Option(False, "accept models with only pickled .bin/.pt weights (loaded with "
                            "torch.load(weights_only=True))")
 DIAG_DEVICE = Option("cpu", "torch device, e.g. cpu or cuda")
