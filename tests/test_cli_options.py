@@ -13,19 +13,22 @@ from deltaport import options
 from deltaport.cli.main import app
 from deltaport.options import REQUIRED, Option, declared, flag, option_fields
 
-# verb -> (options class, the library function the command calls)
-VERBS = {
-    "transfer": (options.TransferOptions, "deltaport.ops:transfer"),
-    "diff": (options.DiffOptions, "deltaport.ops:diff"),
-    "apply": (options.ApplyOptions, "deltaport.ops:apply"),
-    "compress": (options.CompressOptions, "deltaport.compression:compress"),
-    "inspect": (options.InspectOptions, "deltaport.inspect:inspect"),
-    "finetune": (options.FinetuneOptions, "deltaport.finetune:finetune"),
-    "evolve": (options.EvolveOptions, "deltaport.evolve:run_chain"),
-    "connectivity": (options.ConnectivityOptions, "deltaport.connectivity:connectivity"),
-    "similarity": (options.SimilarityOptions, "deltaport.similarity:similarity"),
-    "check": (options.CheckOptions, "deltaport.check:check"),
-}
+# verb, its options class, the library function the command calls
+VERBS = [
+    ("transfer", options.TransferOptions, "deltaport.ops:transfer"),
+    ("diff", options.DiffOptions, "deltaport.ops:diff"),
+    ("apply", options.ApplyOptions, "deltaport.ops:apply"),
+    ("compress", options.CompressOptions, "deltaport.compression:compress"),
+    ("inspect", options.InspectOptions, "deltaport.inspect:inspect"),
+    ("finetune", options.FinetuneOptions, "deltaport.finetune:finetune"),
+    ("evolve", options.EvolveOptions, "deltaport.evolve:run_chain"),
+    ("connectivity", options.ConnectivityOptions, "deltaport.connectivity:connectivity"),
+    ("similarity", options.SimilarityOptions, "deltaport.similarity:similarity"),
+    ("check", options.CheckOptions, "deltaport.check:check"),
+    # evaluate() is being split out of evaluate.py in parallel; it takes the declaration after that merge
+    pytest.param("eval", options.EvaluateOptions, "deltaport.evaluate:evaluate",
+                 marks=pytest.mark.xfail(strict=True, reason="evaluate() does not read EvaluateOptions yet")),
+]
 
 
 def _function(target: str):
@@ -33,9 +36,8 @@ def _function(target: str):
     return getattr(importlib.import_module(module), name)
 
 
-@pytest.mark.parametrize("verb", VERBS)
-def test_flags_defaults_and_docstring_come_from_the_declaration(verb):
-    cls, target = VERBS[verb]
+@pytest.mark.parametrize("verb,cls,target", VERBS)
+def test_flags_defaults_and_docstring_come_from_the_declaration(verb, cls, target):
     assert cls.verb == verb
     params = {p.name: p for p in typer.main.get_command(app).commands[verb].params}
     fn = _function(target)

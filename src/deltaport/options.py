@@ -31,6 +31,9 @@ ComputeDtype = Literal["auto", "float32", "float64"]
 FileSource = Literal["target", "source-finetuned"]
 CompressMethod = Literal["lowrank", "sparse", "sign"]
 Recipe = Literal["quick", "paper"]
+EvalPreset = Literal["llama3-instruct", "olmo2-tulu3", "global-mmlu"]
+EvalBackend = Literal["hf", "vllm"]
+EvalProtocol = Literal["base", "chat", "both", "auto"]
 
 
 
@@ -90,13 +93,20 @@ def declared(cls):
         types = typing.get_type_hints(cls)
         for f, opt in option_fields(cls):
             default = "required" if opt.default is REQUIRED else f"default {opt.default!r}"
-            choices = [a for a in typing.get_args(types[f.name]) if isinstance(a, str)]
+            choices = _choices(types[f.name])
             kind = " | ".join(repr(c) for c in choices) + ", " if choices else ""
             lines.append(f"    {f.name} ({kind}{default}): {opt.doc or opt.help}")
         fn.__doc__ = inspect.cleandoc(fn.__doc__ or "") + "\n\n" + "\n".join(lines) + "\n"
         return fn
 
     return wrap
+
+
+def _choices(typ) -> list[str]:
+    """The values of a ``Literal`` (also inside ``Optional``)."""
+    if typing.get_origin(typ) is Literal:
+        return list(typing.get_args(typ))
+    return [c for a in typing.get_args(typ) for c in _choices(a)]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -340,8 +350,42 @@ class CheckOptions:
     allow_pickle: bool = DIAG_ALLOW_PICKLE
 
 
+# ----------------------------------------------------------------------------------------------------
+# evaluation (deltaport.evaluate); tasks, -o, --baseline, --table, --cache-dir, --no-cache and
+# --overwrite are the command line's (the function takes tasks positionally and returns the results)
+
+@options
+class EvaluateOptions:
+    """``deltaport eval`` / :func:`deltaport.evaluate.evaluate`: lm-eval runs, compared."""
+
+    verb = "eval"
+    preset: Optional[EvalPreset] = Option(None, "the paper's task sets",
+                                          doc="the paper's task sets (:mod:`deltaport.eval_presets`); its tasks come "
+                                              "before ``tasks``")
+    languages: Optional[list[str]] = Option(None, "Global MMLU languages, e.g. mg,si,tr",
+                                            doc="Global MMLU languages for preset global-mmlu (a list)",
+                                            cli_type=Optional[str])
+    limit: Optional[float] = Option(None, "documents per task (N, or a fraction < 1)", cli_type=Optional[str])
+    device: str = Option("auto", "cpu, cuda, cuda:N or auto (cuda when available)",
+                         doc="cpu, cuda[:N] or auto (cuda when available); passed to lm-eval explicitly, so a "
+                             "CPU-only torch works")
+    backend: EvalBackend = Option("hf", "transformers, or vllm (GPU only)",
+                                  doc="hf (transformers) or vllm (needs vllm and a GPU; models from disk only)")
+    batch_size: str = Option(8, "an integer or 'auto'", doc="an int or 'auto'")
+    protocol: Optional[EvalProtocol] = Option(None, "prompting protocol (default: auto with --preset, else base)",
+                                              doc="prompting protocol (see :mod:`deltaport.evaluate`); None: auto "
+                                                  "with a preset, else base")
+    num_fewshot: Optional[int] = Option(None, "override every task's few-shot count")
+    seed: int = Option(0, "lm-eval seeds (python, numpy, torch, few-shot sampling)")
+    model_args: Optional[dict] = Option(None, "extra lm-eval model args, k=v,k=v (e.g. max_length=4096,"
+                                        "tensor_parallel_size=2)",
+                                        doc="extra keyword arguments for the lm-eval model (HFLM / VLLM), e.g. "
+                                            "max_length, tensor_parallel_size", cli_type=Optional[str])
+
+
 # the defaults, for the functions' signatures (``scale: float = TRANSFER.scale``)
 TRANSFER, DIFF, APPLY, INSPECT = TransferOptions(), DiffOptions(), ApplyOptions(), InspectOptions()
 COMPRESS = CompressOptions()  # its method is REQUIRED
 FINETUNE, EVOLVE = FinetuneOptions(), EvolveOptions()
 CONNECTIVITY, SIMILARITY, CHECK = ConnectivityOptions(), SimilarityOptions(), CheckOptions()
+EVALUATE = EvaluateOptions()
