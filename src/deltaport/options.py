@@ -36,7 +36,6 @@ EvalBackend = Literal["hf", "vllm"]
 EvalProtocol = Literal["base", "chat", "both", "auto"]
 
 
-
 class _Required:
     def __repr__(self) -> str:
         return "REQUIRED"

@@ -25,36 +25,36 @@ QUIET = typer.Option(False, "--quiet", "-q", help="no progress bars or status li
 PROGRESS = typer.Option(None, "--progress/--no-progress", hidden=True,
                         help="force progress bars on or off (default: on when stderr is a terminal)")
 
+
+
 def with_options(declared, before: str = "quiet"):
     """Decorator for a command whose function ends in ``**options``: add one flag per field of the
     verb's options class ``declared`` (:mod:`deltaport.options`: ``--field-name``, the declared type,
-    default and help), listed before the command's own parameter ``before``. The command receives
-    the options the user gave or that have a default; a repeatable option left empty is not passed,
-    so the library function's default applies."""
+    default and help), listed before the command's own parameter ``before``. ``options`` then holds
+    every declared option, except a repeatable one given no value (the function's default applies)."""
 
     def wrap(fn):
-        own = [p for p in inspect.signature(fn).parameters.values() if p.kind is not p.VAR_KEYWORD]
+        own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in inspect.signature(fn).parameters.values()
+               if p.kind is not p.VAR_KEYWORD]
         hints = typing.get_type_hints(fn)
         types = typing.get_type_hints(declared)
-        added = []
+        added, repeatable = [], set()
         for f, opt in option_fields(declared):
-            typ = opt.cli_type or types[f.name]
-            default = ... if opt.default is REQUIRED else (None if _is_list(typ) else opt.default)
+            typ = hints[f.name] = opt.cli_type or types[f.name]
+            if _is_list(typ):
+                repeatable.add(f.name)
+            default = ... if opt.default is REQUIRED else (None if f.name in repeatable else opt.default)
             added.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=typ,
                                            default=typer.Option(default, flag(f.name), help=opt.help)))
-            hints[f.name] = typ
         at = next((i for i, p in enumerate(own) if p.name == before), len(own))
-        params = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own]
-        names = {f.name for f, _ in option_fields(declared)}
 
         @functools.wraps(fn)
         def command(**kwargs):
-            given = {k: v for k, v in kwargs.items() if k not in names or v is not None or not _is_list(hints[k])}
-            return fn(**given)
+            return fn(**{k: v for k, v in kwargs.items() if not (k in repeatable and v is None)})
 
-        command.__signature__ = inspect.Signature(params[:at] + added + params[at:])
+        command.__signature__ = inspect.Signature(own[:at] + added + own[at:])
         command.__annotations__ = hints
-        del command.__wrapped__  # typer reads __signature__, not the wrapped function's
+        del command.__wrapped__  # typer must read this signature, not the wrapped function's
         return command
 
     return wrap
