@@ -165,6 +165,8 @@ def test_align_unmatched_rows_finetuned_copies_the_finetuned_row(added, tmp_path
         assert torch.equal(bits(out[EMB][vc[s]]), bits(c[EMB][vc[s]]))
     prov = json.loads((tmp_path / "o" / "deltaport.json").read_text())
     assert prov["vocab_align"]["unmatched_rows"] == "finetuned"
+    # the model card's command reproduces the output: it names every option that shaped it
+    assert "--vocab-policy align --unmatched-rows finetuned" in (tmp_path / "o" / "README.md").read_text()
 
 
 def test_align_with_one_vocabulary_is_a_plain_transfer(family, tmp_path):

@@ -27,6 +27,7 @@ import torch
 
 from deltaport import _diag
 from deltaport.connectivity import _curve, _prepare_tokens, alphas_for
+from deltaport.options import CHECK, CheckOptions, declared
 
 SIGNALS = ("relative_barrier", "rel_distance", "excess_loss_rel")
 
@@ -111,10 +112,11 @@ def classify(signals: dict[str, float], num_parameters: int, calibration: dict |
     return "likely", "transfer is likely to work: " + "; ".join(say(n) for n in used) + ".", grades
 
 
-def check(source_base: Any, source_finetuned: Any, target_base: Any, data: Any, *, max_tokens: int = 2048,
-          seed: int = 0, progress: bool = False, points: int = 5, device: str = "cpu",
+@declared(CheckOptions)
+def check(source_base: Any, source_finetuned: Any, target_base: Any, data: Any, *, max_tokens: int = CHECK.max_tokens,
+          seed: int = CHECK.seed, progress: bool = False, points: int = 5, device: str = CHECK.device,
           dtype: str | torch.dtype = "float32", tokenizer: Any = None, calibration: dict | None = None,
-          allow_pickle: bool = False) -> dict:
+          allow_pickle: bool = CHECK.allow_pickle) -> dict:
     """Measure the cheap signals for transferring Δ_s = m'_s − m_s onto m_t, and give a verdict.
 
     Args:
@@ -122,11 +124,11 @@ def check(source_base: Any, source_finetuned: Any, target_base: Any, data: Any, 
             of one architecture (modules are only read).
         data: JSONL with ``{"text": ...}`` lines or a list of strings / token-id lists (a small
             sample of general text the models were trained on is enough).
-        max_tokens, seed: size and shuffle seed of the fixed token sample.
+        progress: draw progress bars.
         points: α values on the m_s → m_t barrier curve.
+        dtype: dtype models are loaded in (paths only).
+        tokenizer: tokenizer or directory for text data (default: ``source_base``'s tokenizer).
         calibration: thresholds (default: the table shipped in :mod:`deltaport._check_calibration`).
-        allow_pickle: load directories that hold only pickled weights (``pytorch_model.bin``, ``*.pt``)
-            with ``torch.load(weights_only=True)``; refused otherwise (pickle can execute code).
 
     Returns:
         ``{"verdict": "likely"|"uncertain"|"unlikely"|"uncalibrated", "signals": {...},

@@ -27,6 +27,7 @@ from deltaport.errors import InputError, PlanError
 from deltaport.io.atomic import atomic_output_dir
 from deltaport.io.checkpoint import PROVENANCE_NAME, Checkpoint, dtype_name, open_checkpoint
 from deltaport.io.writer import OutEntry, ShardedWriter, parse_size
+from deltaport.options import COMPRESS, CompressOptions, declared
 from deltaport.plan import is_vocab_tensor
 
 LOG = logging.getLogger(__name__)
@@ -211,18 +212,16 @@ def _compile(regs, flag):
     return out
 
 
-def compress(delta, output, *, method: str, rank: int | None = None, density: float | None = None,
-             include: list[str] | None = None, exclude: list[str] | None = None, seed: int = 0,
-             shard_size: str | int = "5GB", overwrite: bool = False, threads: int | None = None) -> dict[str, Any]:
+@declared(CompressOptions)
+def compress(delta, output, *, method: str, rank: int | None = COMPRESS.rank, density: float | None = COMPRESS.density,
+             include: list[str] | None = COMPRESS.include, exclude: list[str] | None = COMPRESS.exclude,
+             seed: int = COMPRESS.seed, shard_size: str | int = COMPRESS.shard_size, overwrite: bool = COMPRESS.overwrite,
+             threads: int | None = COMPRESS.threads) -> dict[str, Any]:
     """Write a compressed copy of the delta directory ``delta`` (made by ``deltaport diff``) to ``output``.
 
-    Args:
-        method: ``lowrank`` (``rank`` R: factors B [m, R], A [R, n] per matrix, applied through the LoRA
-            path), ``sparse`` (DARE at ``density`` p in (0, 1]: a bitmask and the kept values rescaled by
-            1/p) or ``sign`` (BitDelta: sign bits and one scale per matrix).
-        include / exclude: regexes selecting the tensors to compress. By default every 2-D tensor except
-            vocabulary tensors; 1-D tensors always stay exact.
-        seed: seeds DARE's mask and the randomised SVD (recorded; reruns are byte-identical).
+    ``lowrank`` stores factors B [m, R], A [R, n] per matrix (applied through the LoRA path). By default
+    every 2-D tensor except vocabulary tensors is compressed (``include``/``exclude`` select others); 1-D
+    tensors always stay exact.
 
     Returns the ``compression`` record written to ``deltaport.json`` (per-tensor method, parameters, bytes
     before/after, relative Frobenius error). Raises :class:`~deltaport.errors.InputError` for bad input.

@@ -26,6 +26,7 @@ import torch
 
 from deltaport import _diag
 from deltaport.errors import InputError
+from deltaport.options import CONNECTIVITY, ConnectivityOptions, declared
 
 LOG = logging.getLogger(__name__)
 
@@ -88,24 +89,22 @@ def _prepare_tokens(a_spec: Any, model_a: torch.nn.Module, data: Any, tokenizer:
     return blocks
 
 
-def connectivity(a: Any, b: Any, data: Any, *, points: int = 11, max_tokens: int = 4096, seed: int = 0,
-                 device: str = "cpu", task: Callable[[torch.nn.Module], float] | None = None,
-                 progress: bool = False, tokenizer: Any = None, dtype: str | torch.dtype = "float32",
-                 block_len: int | None = None, allow_pickle: bool = False) -> dict:
+@declared(ConnectivityOptions)
+def connectivity(a: Any, b: Any, data: Any, *, points: int = CONNECTIVITY.points,
+                 max_tokens: int = CONNECTIVITY.max_tokens, seed: int = CONNECTIVITY.seed,
+                 device: str = CONNECTIVITY.device, task: Callable[[torch.nn.Module], float] | None = None,
+                 progress: bool = False, tokenizer: Any = None, dtype: str | torch.dtype = CONNECTIVITY.dtype,
+                 block_len: int | None = None, allow_pickle: bool = CONNECTIVITY.allow_pickle) -> dict:
     """Loss (mean token NLL) along the straight line from ``a`` to ``b``, and its barrier.
 
     Args:
         a, b: local HF directories / hub ids, or loaded ``nn.Module`` causal LMs of the same
             architecture (passed modules are only read, never modified).
         data: JSONL file with ``{"text": ...}`` per line, or a list of strings / lists of token ids.
-        points: number of α values in [0, 1] (endpoints included).
-        max_tokens: size of the fixed token sample (documents shuffled with ``seed``).
         task: optional ``callable(model) -> float`` evaluated at every point (e.g. exact match).
+        progress: draw progress bars.
         tokenizer: tokenizer or directory for text data (default: ``a``'s tokenizer).
-        dtype: dtype models are loaded in (paths only).
         block_len: tokens per evaluated sequence (default: min(model max positions, 512)).
-        allow_pickle: load a directory that holds only pickled weights (``pytorch_model.bin``, ``*.pt``)
-            with ``torch.load(weights_only=True)``; refused otherwise (pickle can execute code).
 
     Returns:
         ``{"alphas", "losses", "barrier", "barrier_alpha", "relative_barrier", "loss_a", "loss_b",

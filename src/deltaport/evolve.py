@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from deltaport.errors import InputError, OutputError
+from deltaport.options import EVOLVE, EvolveOptions, declared
 
 LOG = logging.getLogger(__name__)
 
@@ -310,8 +311,12 @@ class _Runner:
         return res
 
 
-def run_chain(chain, run_dir, *, resume=False, progress=False) -> dict:
+@declared(EvolveOptions)
+def run_chain(chain, run_dir, *, resume: bool = EVOLVE.resume, progress: bool = False) -> dict:
     """Run (or resume) every strategy of ``chain`` under ``run_dir``; return the results (also in results.json).
+
+    ``chain``: a CHAIN.yaml path or a dict (:func:`load_chain`); ``run_dir``: the run directory (``-o``);
+    ``progress``: draw progress bars.
 
     Returns ``{"strategies": {strategy: {version: model id}}, "scores": {model id: {task: metrics}},
     "table": markdown, "curves": {strategy: png path}, "computed": [steps done by this call], ...}``.

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from deltaport.errors import InputError, OutputError, RuntimeFailure
+from deltaport.options import FINETUNE, FinetuneOptions, declared
 
 LOG = logging.getLogger(__name__)
 
@@ -271,34 +272,31 @@ def _output_dir(output: Path | None, overwrite: bool, inputs: list):
 # the API
 
 
-def finetune(model, data, output, *, recipe="quick", steps=None, lr=None, batch_size=None, lora=False,
-             eval_every=None, eval_tasks=None, eval_limit=None, seed=0, overwrite=False, progress=False,
-             max_seq_length=None, callbacks=None, save_every=None, micro_batch_size=None, device=None,
-             lora_r: int = 16, lora_alpha: int = 32, eval_protocol: str = "base", logging_steps=None,
-             chat_template: str | None = None, resume: bool = False, work_dir=None) -> FinetuneResult:
+@declared(FinetuneOptions)
+def finetune(model, data, output, *, recipe: str = FINETUNE.recipe, steps: int | None = FINETUNE.steps,
+             lr: float | None = FINETUNE.lr, batch_size: int | None = FINETUNE.batch_size,
+             micro_batch_size: int | None = FINETUNE.micro_batch_size,
+             max_seq_length: int | None = FINETUNE.max_seq_length, lora: bool = FINETUNE.lora,
+             lora_r: int = FINETUNE.lora_r, lora_alpha: int = FINETUNE.lora_alpha,
+             save_every: int | None = FINETUNE.save_every, eval_every: int | None = FINETUNE.eval_every,
+             eval_tasks: list[str] | None = FINETUNE.eval_tasks, eval_limit: int | None = FINETUNE.eval_limit,
+             chat_template: str | None = FINETUNE.chat_template, device: str | None = FINETUNE.device,
+             seed: int = FINETUNE.seed, overwrite: bool = FINETUNE.overwrite, resume: bool = FINETUNE.resume,
+             progress: bool = False, callbacks=None, eval_protocol: str = "base", logging_steps: int | None = None,
+             work_dir=None) -> FinetuneResult:
     """Fine-tune ``model`` on ``data`` (loss on assistant/completion tokens only) and save it to ``output``.
 
     Args:
         model: model directory, hub id, or an in-memory ``(model, tokenizer)`` pair (copied, never modified).
         data: jsonl/json path, hub dataset ``org/name[:split]``, or a list of records (see module docstring).
         output: output model directory; ``None`` keeps the result in memory only (``FinetuneResult.model``).
-        recipe: ``"paper"`` (lr 5e-6, linear, 3 % warm-up, wd 0, AdamW, effective batch 8, bf16 on GPU,
-            30K steps, checkpoints every 5K) or ``"quick"``; ``steps``/``lr``/``batch_size``/
-            ``max_seq_length``/``save_every`` override it.
-        lora: train a PEFT LoRA adapter (r=``lora_r``, alpha=``lora_alpha``, all linear layers); the saved
-            model has the adapter merged in (so diff/transfer work on it) and ``adapter/`` holds the adapter.
-        eval_every: evaluate ``eval_tasks`` (lm-eval names or task YAMLs, ``eval_limit`` documents) at step 0
-            and every N steps — convergence curves (paper Fig. 2).
+        progress: draw progress bars.
         callbacks: ``transformers.TrainerCallback`` instances, or callables ``fn(step, model)`` called at
             step 0 and every ``eval_every`` steps (or every step when ``eval_every`` is None).
-        micro_batch_size: per-device batch; gradient accumulation makes up the effective ``batch_size``.
-        device: ``cpu``, ``cuda`` or ``auto``/None (cuda when available).
-        chat_template: a Jinja chat template (or ``"tulu"``) to use instead of the tokenizer's.
-        resume, work_dir: resumable training. With ``work_dir`` (default with ``resume``:
-            ``.OUTPUT.deltaport-work`` next to the output) the full trainer state (weights, optimizer,
-            scheduler, RNG) is saved there every ``save_every`` steps; ``resume=True`` continues from the
-            latest one (same settings required), ``resume=False`` starts afresh. The work dir is removed
-            once the output is complete.
+        eval_protocol: the lm-eval prompting protocol of the ``eval_every`` evaluations (``base``/``chat``).
+        logging_steps: log every N steps (default: the recipe's).
+        work_dir: where ``resume`` keeps the trainer state (default ``.OUTPUT.deltaport-work``); given
+            without ``resume``, the state is saved there but a run starts afresh.
     """
     t0 = time.time()
     if recipe not in RECIPES:

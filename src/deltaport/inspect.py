@@ -6,13 +6,16 @@ from collections import Counter
 from typing import Any
 
 from deltaport.io.checkpoint import open_checkpoint
+from deltaport.options import INSPECT, InspectOptions, declared
 
 
-def inspect(path, *, allow_pickle: bool = False, tensors: bool = True) -> dict[str, Any]:
+@declared(InspectOptions)
+def inspect(path, *, allow_pickle: bool = INSPECT.allow_pickle, tensors: bool = True) -> dict[str, Any]:
     """Describe a checkpoint: kind, files, tensor count/bytes by dtype, config summary, provenance.
 
-    Reads headers only (pickled checkpoints are refused unless ``allow_pickle``); a hub id is read
-    from the hub by HTTP range requests, without downloading its weights."""
+    ``path``: a model or delta directory, or a hub id (read by HTTP range requests, without downloading its
+    weights). Reads headers only. ``tensors``: include the per-tensor list (name, dtype, shape, file).
+    """
     ck = open_checkpoint(path, allow_pickle=allow_pickle, remote=True)
     by_dtype: Counter = Counter()
     bytes_by_dtype: Counter = Counter()

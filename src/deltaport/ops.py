@@ -20,15 +20,13 @@ from deltaport.io.atomic import atomic_output_dir, check_output_location
 from deltaport.io.checkpoint import PROVENANCE_NAME, Checkpoint, dtype_name, open_checkpoint
 from deltaport.io.prepare import Fetch, check_free_space, plan_fetch, run_fetch
 from deltaport.io.writer import OutEntry, ShardedWriter, parse_size
+from deltaport.options import APPLY, DIFF, TRANSFER, ApplyOptions, DiffOptions, TransferOptions, declared, flag, option_fields
 from deltaport.plan import Plan, is_vocab_tensor, make_policies, plan_apply, plan_diff, plan_transfer
 
 if TYPE_CHECKING:  # the engine (and torch) are imported to execute a plan, not to make or refuse one
     from deltaport.engine import Stats
 
 LOG = logging.getLogger(__name__)
-
-DEFAULT_SHARD_SIZE = "5GB"
-
 
 @dataclass
 class Result:
@@ -167,20 +165,16 @@ def _file_opt(v):
     return "MAPPING.yaml"
 
 
-_APPLY_OPTIONS = (("--vocab-policy", "vocab_policy", "error"), ("--shape-policy", "shape_policy", "error"),
-                  ("--key-map", "key_map", None), ("--include", "include", None), ("--exclude", "exclude", None),
-                  ("--scale-map", "scale_map", None), ("--compute-dtype", "compute_dtype", "auto"),
-                  ("--out-dtype", "out_dtype", None), ("--config-from", "config_from", "target"),
-                  ("--tokenizer-from", "tokenizer_from", "target"),
-                  ("--chat-template-from", "chat_template_from", "source-finetuned"),
-                  ("--shard-size", "shard_size", DEFAULT_SHARD_SIZE), ("--force", "force", False),
-                  ("--allow-pickle", "allow_pickle", False))
-
-
-def _apply_options(**given) -> dict[str, tuple]:
-    """apply's options as the card's command shows them (flag -> (value, default)); maps by file name."""
-    return {flag: (_file_opt(given[k]) if k in ("key_map", "scale_map") else given[k], default)
-            for flag, k, default in _APPLY_OPTIONS}
+def _card_options(cls, args: dict, **first) -> dict[str, tuple]:
+    """The options the output card's command repeats, flag -> (value, default): ``first`` as given, then
+    every option of ``cls`` that shapes the output (:attr:`deltaport.options.Option.card`), with its
+    value from ``args`` (the function's arguments); a --key-map/--scale-map is named by file name."""
+    out = {flag(k): v for k, v in first.items()}
+    for f, opt in option_fields(cls):
+        if opt.card and flag(f.name) not in out:
+            v = args[f.name]
+            out[flag(f.name)] = (_file_opt(v) if f.name in ("key_map", "scale_map") else v, opt.default)
+    return out
 
 
 def _resolve_src(choice: str, flag: str, target: Path, source_ft: Path | None) -> Path:
@@ -193,28 +187,27 @@ def _resolve_src(choice: str, flag: str, target: Path, source_ft: Path | None) -
     return source_ft
 
 
-def transfer(source_base, source_finetuned, target_base, output, *, scale: float = 1.0,
-             vocab_policy: str = "error", shape_policy: str = "error", unmatched_rows: str = "target", key_map=None,
-             include=None, exclude=None, scale_map=None, compute_dtype: str = "auto", out_dtype: str | None = None,
-             config_from: str = "target", tokenizer_from: str = "target", chat_template_from: str = "source-finetuned",
-             shard_size: str | int = DEFAULT_SHARD_SIZE, overwrite: bool = False, dry_run: bool = False,
-             allow_pickle: bool = False, strict: bool = False, threads: int | None = None, progress: bool = False,
+@declared(TransferOptions)
+def transfer(source_base, source_finetuned, target_base, output, *, scale: float = TRANSFER.scale,
+             vocab_policy: str = TRANSFER.vocab_policy, unmatched_rows: str = TRANSFER.unmatched_rows,
+             shape_policy: str = TRANSFER.shape_policy, key_map=TRANSFER.key_map, include=TRANSFER.include,
+             exclude=TRANSFER.exclude, scale_map=TRANSFER.scale_map, compute_dtype: str = TRANSFER.compute_dtype,
+             out_dtype: str | None = TRANSFER.out_dtype, config_from: str = TRANSFER.config_from,
+             tokenizer_from: str = TRANSFER.tokenizer_from, chat_template_from: str = TRANSFER.chat_template_from,
+             shard_size: str | int = TRANSFER.shard_size, overwrite: bool = TRANSFER.overwrite,
+             dry_run: bool = TRANSFER.dry_run, allow_pickle: bool = TRANSFER.allow_pickle,
+             strict: bool = TRANSFER.strict, threads: int | None = TRANSFER.threads, progress: bool = False,
              chunk_elems: int | None = None) -> Result:
     """Fine-tuning transfer: write ``target_base + scale·(source_finetuned − source_base)`` to ``output``.
 
     Args:
         source_base, source_finetuned, target_base: local HF model dirs or hub ids (``org/name[@rev]``).
-            ``source_finetuned`` may be a PEFT LoRA adapter dir (Δ = scaling·B@A).
+            ``source_finetuned`` may be a PEFT LoRA adapter dir (Δ = scaling·B@A); ``source_base`` may then
+            be None (the adapter's ``base_model_name_or_path``).
         output: output directory (written to a temporary sibling, renamed when complete).
-        scale: λ (paper: 1.0). ``scale_map`` overrides it per tensor-name regex.
-        vocab_policy: ``error`` | ``pad`` (official script) | ``align`` (rows matched by token string, each
-            model's rows found through its own tokenizer).
-        unmatched_rows: with ``align``, a target token that lacks a row in either source model has no Δ:
-            ``target`` keeps the target's row, ``finetuned`` copies the fine-tune's row when it has the token.
-            Provenance ``vocab_align`` lists them.
-        shape_policy: ``error`` | ``skip`` (transfer only shape-matching tensors, paper App. B.3). A transfer
-            in which no tensor would receive Δ is refused (:class:`~deltaport.errors.PlanError`).
-        config_from / tokenizer_from / chat_template_from: ``target`` | ``source-finetuned``.
+        progress: draw progress bars. chunk_elems: elements per streamed chunk (default: the engine's).
+
+    A transfer in which no tensor would receive Δ is refused (:class:`~deltaport.errors.PlanError`).
 
     Returns:
         :class:`Result`. Raises :class:`~deltaport.errors.InputError` subclasses for bad input (before any
@@ -224,6 +217,7 @@ def transfer(source_base, source_finetuned, target_base, output, *, scale: float
         >>> deltaport.transfer("meta-llama/Meta-Llama-3-8B", "meta-llama/Meta-Llama-3-8B-Instruct",
         ...                    "meta-llama/Llama-3.1-8B", "llama3.1-plus-delta3.0")  # doctest: +SKIP
     """
+    args = dict(locals())  # the arguments as given: the card's command repeats them
     pol = make_policies(scale=scale, vocab_policy=vocab_policy, shape_policy=shape_policy, unmatched_rows=unmatched_rows,
                         key_map=key_map, include=include, exclude=exclude, scale_map=scale_map, compute_dtype=compute_dtype,
                         out_dtype=out_dtype)
@@ -269,13 +263,7 @@ def transfer(source_base, source_finetuned, target_base, output, *, scale: float
         argv = command("transfer", [("--source-base", card_arg(refs["source_base"])),
                                     ("--source-finetuned", card_arg(refs["source_finetuned"])),
                                     ("--target-base", card_arg(refs["target_base"])), ("-o", "OUTPUT")],
-                       {"--scale": (scale, 1.0), "--vocab-policy": (vocab_policy, "error"), "--shape-policy": (shape_policy, "error"),
-                        "--key-map": (_file_opt(key_map), None), "--include": (include, None), "--exclude": (exclude, None),
-                        "--scale-map": (_file_opt(scale_map), None), "--compute-dtype": (compute_dtype, "auto"),
-                        "--out-dtype": (out_dtype, None), "--config-from": (config_from, "target"),
-                        "--tokenizer-from": (tokenizer_from, "target"),
-                        "--chat-template-from": (chat_template_from, "source-finetuned"),
-                        "--shard-size": (shard_size, DEFAULT_SHARD_SIZE), "--allow-pickle": (allow_pickle, False)})
+                       _card_options(TransferOptions, args))
         _write_card(tmp, output, "transfer", refs, plan, prov, argv, ("target_base", "source_finetuned"), tb, rec)
         return rec
 
@@ -325,18 +313,22 @@ def _uniform_dtype(plan: Plan):
     return dts.pop() if len(dts) == 1 else None
 
 
-def diff(base, finetuned, output, *, delta_dtype: str | None = None, vocab_policy: str = "error",
-         shape_policy: str = "error", key_map=None, include=None, exclude=None, compute_dtype: str = "auto",
-         shard_size: str | int = DEFAULT_SHARD_SIZE, overwrite: bool = False, dry_run: bool = False,
-         allow_pickle: bool = False, strict: bool = False, threads: int | None = None, progress: bool = False,
+@declared(DiffOptions)
+def diff(base, finetuned, output, *, delta_dtype: str | None = DIFF.delta_dtype, vocab_policy: str = DIFF.vocab_policy,
+         shape_policy: str = DIFF.shape_policy, key_map=DIFF.key_map, include=DIFF.include, exclude=DIFF.exclude,
+         compute_dtype: str = DIFF.compute_dtype, shard_size: str | int = DIFF.shard_size,
+         overwrite: bool = DIFF.overwrite, dry_run: bool = DIFF.dry_run, allow_pickle: bool = DIFF.allow_pickle,
+         strict: bool = DIFF.strict, threads: int | None = DIFF.threads, progress: bool = False,
          chunk_elems: int | None = None) -> Result:
     """Store ``Δ = finetuned − base`` as a delta directory (safetensors + ``deltaport.json``).
 
-    The default Δ dtype is exact: float32 for bf16/fp16 models (2× the size of the model), float64 for
-    float32 models (2×), so ``apply(diff(F, B), to=B) == F`` bit for bit. ``delta_dtype`` ``bfloat16``/
-    ``float16``/``float32`` gives a smaller, lossy delta. The finetuned model's config, tokenizer and chat
-    template are kept in ``source_finetuned/`` so ``apply`` can offer the same ``--*-from`` choices.
+    ``base`` and ``finetuned`` are local HF model dirs or hub ids; ``finetuned`` may be a PEFT LoRA adapter
+    dir (``base`` may then be None: the adapter's ``base_model_name_or_path``). The default Δ dtype is exact:
+    float32 for bf16/fp16 models (2× the size of the model), float64 for float32 models (2×), so
+    ``apply(diff(F, B), to=B) == F`` bit for bit. The finetuned model's config, tokenizer and chat template
+    are kept in ``source_finetuned/`` so ``apply`` can offer the same ``*_from`` choices.
     """
+    args = dict(locals())  # the arguments as given: the card's command repeats them
     pol = make_policies(vocab_policy=vocab_policy, shape_policy=shape_policy, key_map=key_map, include=include,
                         exclude=exclude, compute_dtype=compute_dtype)
     sf = open_checkpoint(finetuned, allow_pickle=allow_pickle, remote=True)
@@ -373,11 +365,7 @@ def diff(base, finetuned, output, *, delta_dtype: str | None = None, vocab_polic
         refs = {"base": input_ref(sb), "finetuned": input_ref(sf)}
         argv = command("diff", [("--base", card_arg(refs["base"])), ("--finetuned", card_arg(refs["finetuned"])),
                                 ("-o", "OUTPUT")],
-                       {"--delta-dtype": (delta_dtype, None), "--vocab-policy": (vocab_policy, "error"),
-                        "--shape-policy": (shape_policy, "error"), "--key-map": (_file_opt(key_map), None),
-                        "--include": (include, None), "--exclude": (exclude, None),
-                        "--compute-dtype": (compute_dtype, "auto"), "--shard-size": (shard_size, DEFAULT_SHARD_SIZE),
-                        "--allow-pickle": (allow_pickle, False)})
+                       _card_options(DiffOptions, args))
         _write_card(tmp, output, "diff", refs, plan, prov, argv)
         return {"source_finetuned_files": rec}
 
@@ -407,25 +395,27 @@ def _delta_file_sources(dk: Checkpoint, tb: Checkpoint, config_from: str, tokeni
             _resolve_src(chat_template_from, "--chat-template-from", tb.dir, src_files or tb.dir))
 
 
-def apply(delta, to, output, *, scale: float = 1.0, vocab_policy: str = "error", shape_policy: str = "error",
-          key_map=None, include=None, exclude=None, scale_map=None, compute_dtype: str = "auto",
-          out_dtype: str | None = None, config_from: str = "target", tokenizer_from: str = "target",
-          chat_template_from: str = "source-finetuned", shard_size: str | int = DEFAULT_SHARD_SIZE,
-          overwrite: bool = False, dry_run: bool = False, force: bool = False, allow_pickle: bool = False,
-          strict: bool = False, threads: int | None = None, progress: bool = False,
-          chunk_elems: int | None = None, ties: float | None = None) -> Result:
+@declared(ApplyOptions)
+def apply(delta, to, output, *, scale: float | list[float] = APPLY.scale, vocab_policy: str = APPLY.vocab_policy,
+          shape_policy: str = APPLY.shape_policy, key_map=APPLY.key_map, include=APPLY.include, exclude=APPLY.exclude,
+          scale_map=APPLY.scale_map, compute_dtype: str = APPLY.compute_dtype, out_dtype: str | None = APPLY.out_dtype,
+          config_from: str = APPLY.config_from, tokenizer_from: str = APPLY.tokenizer_from,
+          chat_template_from: str = APPLY.chat_template_from, shard_size: str | int = APPLY.shard_size,
+          overwrite: bool = APPLY.overwrite, dry_run: bool = APPLY.dry_run, force: bool = APPLY.force,
+          allow_pickle: bool = APPLY.allow_pickle, strict: bool = APPLY.strict, threads: int | None = APPLY.threads,
+          progress: bool = False, chunk_elems: int | None = None, ties: float | None = APPLY.ties) -> Result:
     """Write ``to + scale·Δ`` where Δ is a ``deltaport diff`` (or ``deltaport compress``) directory.
 
-    ``delta`` may be a list of delta directories: ``to + Σ_i scale_i·Δ_i`` with ``scale`` a list of one λ
-    per delta (or a single number for all); ``scale_map`` values then *multiply* each λ_i (with one delta
-    they replace λ, as always). Each element is the output-dtype value nearest the exact sum.
-    ``ties`` (several deltas): TIES-Merging's sign consensus (Yadav et al. 2023): each λ_i·Δ_i is trimmed to
-    its ``ties`` fraction of largest-magnitude entries per tensor, each element's sign is elected from the
-    trimmed sum, and the entries that agree with it are averaged: ``to + mean_{i agrees}(λ_i·trim(Δ_i))``.
+    ``delta`` may be a list of delta directories: ``to + Σ_i scale_i·Δ_i``, each element the output-dtype
+    value nearest the exact sum. ``ties`` (several deltas): TIES-Merging's sign consensus (Yadav et al.
+    2023): each λ_i·Δ_i is trimmed to its ``ties`` fraction of largest-magnitude entries per tensor, each
+    element's sign is elected from the trimmed sum, and the entries that agree with it are averaged:
+    ``to + mean_{i agrees}(λ_i·trim(Δ_i))``.
 
     The target must have the structure (tensor names, shapes, dtypes) of the base the delta was made
     on; ``force=True`` applies to matching tensors anyway and records that in provenance.
     """
+    args = dict(locals())  # the arguments as given: the card's command repeats them
     if isinstance(delta, (list, tuple)) and len(delta) > 1:
         return _apply_many(list(delta), to, output, scale=scale, vocab_policy=vocab_policy, shape_policy=shape_policy,
                            key_map=key_map, include=include, exclude=exclude, scale_map=scale_map,
@@ -478,11 +468,7 @@ def apply(delta, to, output, *, scale: float = 1.0, vocab_policy: str = "error",
             refs["source_finetuned"] = {"hub": made["hub"]["repo_id"], "commit": made["hub"]["commit"]}
             lineage = ("target_base", "source_finetuned")
         argv = command("apply", [("", card_arg(refs["delta"])), ("--to", card_arg(refs["target_base"])), ("-o", "OUTPUT")],
-                       {"--scale": (scale, 1.0), **_apply_options(vocab_policy=vocab_policy, shape_policy=shape_policy, key_map=key_map, include=include,
-                                        exclude=exclude, scale_map=scale_map, compute_dtype=compute_dtype, out_dtype=out_dtype,
-                                        config_from=config_from, tokenizer_from=tokenizer_from,
-                                        chat_template_from=chat_template_from, shard_size=shard_size, force=force,
-                                        allow_pickle=allow_pickle)})
+                       _card_options(ApplyOptions, args, scale=(scale, APPLY.scale)))
         _write_card(tmp, output, "apply", refs, plan, prov, argv, lineage, tb, rec)
         return rec
 
@@ -497,6 +483,7 @@ def _apply_many(deltas, to, output, *, scale, vocab_policy, shape_policy, key_ma
                 compute_dtype, out_dtype, config_from, tokenizer_from, chat_template_from, shard_size, overwrite,
                 dry_run, force, allow_pickle, strict, threads, progress, chunk_elems, ties=None) -> Result:
     """``to + Σ_i λ_i·Δ_i`` (see :func:`apply`)."""
+    args = dict(locals())  # the arguments as given: the card's command repeats them
     from deltaport.plan import plan_apply_many
 
     if ties is not None and not (isinstance(ties, (int, float)) and 0.0 < ties <= 1.0):
@@ -556,11 +543,7 @@ def _apply_many(deltas, to, output, *, scale, vocab_policy, shape_policy, key_ma
         refs = {"target_base": input_ref(tb), **{f"delta_{i + 1}": input_ref(dk) for i, dk in enumerate(dks)}}
         argv = command("apply", [*(("", card_arg(refs[f"delta_{i + 1}"])) for i in range(len(dks))),
                                  ("--to", card_arg(refs["target_base"])), ("-o", "OUTPUT")],
-                       {"--scale": (lams, [1.0] * len(dks)), "--ties": (ties, None), **_apply_options(vocab_policy=vocab_policy, shape_policy=shape_policy, key_map=key_map, include=include,
-                                        exclude=exclude, scale_map=scale_map, compute_dtype=compute_dtype, out_dtype=out_dtype,
-                                        config_from=config_from, tokenizer_from=tokenizer_from,
-                                        chat_template_from=chat_template_from, shard_size=shard_size, force=force,
-                                        allow_pickle=allow_pickle)})
+                       _card_options(ApplyOptions, args, scale=(lams, [APPLY.scale] * len(dks)), ties=(ties, APPLY.ties)))
         _write_card(tmp, output, "compose", refs, plan, prov, argv, ("target_base",), tb, rec)
         return rec
 

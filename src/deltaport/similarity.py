@@ -21,6 +21,7 @@ import torch
 
 from deltaport import _diag
 from deltaport.errors import PlanError
+from deltaport.options import SIMILARITY, SimilarityOptions, declared
 from deltaport.plan.names import ties_word_embeddings
 
 CHUNK = 1 << 22  # elements per float64 chunk
@@ -97,8 +98,9 @@ def _finish(acc: dict[str, float], has_t: bool) -> dict[str, float | None]:
     return out
 
 
+@declared(SimilarityOptions)
 def similarity(source_base: Any, source_finetuned: Any, target_base: Any, target_finetuned: Any = None, *,
-               progress: bool = False, allow_pickle: bool = False) -> dict:
+               progress: bool = False, allow_pickle: bool = SIMILARITY.allow_pickle) -> dict:
     """Per-tensor, per-layer and whole-model similarity of m_s, m'_s, m_t (and m'_t if given).
 
     All arguments are local HF model directories or hub ids (safetensors; a directory that holds

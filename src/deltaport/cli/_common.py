@@ -1,4 +1,5 @@
-"""What every command shares: one progress convention, and choice types that ``--help`` lists.
+"""What every command shares: the options a verb declares in :mod:`deltaport.options` turned into flags
+(:func:`with_options`), and one progress convention.
 
 Progress: bars only when stderr is a terminal; ``--quiet``/``-q`` turns them (and status lines) off
 on every command. In a redirected log no tqdm bar is drawn (ours, transformers', huggingface_hub's or
@@ -9,21 +10,61 @@ to force bars on or off.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 import sys
-from typing import Literal, Optional
+import typing
+from typing import Optional
 
 import typer
 
-VocabPolicy = Literal["error", "pad", "align"]
-ShapePolicy = Literal["error", "skip"]
-UnmatchedRows = Literal["target", "finetuned"]
-ComputeDtype = Literal["auto", "float32", "float64"]
-FileSource = Literal["target", "source-finetuned"]
+from deltaport.options import REQUIRED, flag, option_fields
 
 QUIET = typer.Option(False, "--quiet", "-q", help="no progress bars or status lines (errors and results still print)")
 PROGRESS = typer.Option(None, "--progress/--no-progress", hidden=True,
                         help="force progress bars on or off (default: on when stderr is a terminal)")
+
+
+
+def with_options(declared, before: str = "quiet"):
+    """Decorator for a command whose function ends in ``**options``: add one flag per field of the
+    verb's options class ``declared`` (:mod:`deltaport.options`: ``--field-name``, the declared type,
+    default and help), listed before the command's own parameter ``before``. ``options`` then holds
+    every declared option, except a repeatable one given no value (the function's default applies)."""
+
+    def wrap(fn):
+        own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in inspect.signature(fn).parameters.values()
+               if p.kind is not p.VAR_KEYWORD]
+        hints = typing.get_type_hints(fn)
+        types = typing.get_type_hints(declared)
+        added, repeatable = [], set()
+        for f, opt in option_fields(declared):
+            typ = hints[f.name] = opt.cli_type or types[f.name]
+            if _is_list(typ):
+                repeatable.add(f.name)
+            default = ... if opt.default is REQUIRED else (None if f.name in repeatable else opt.default)
+            added.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=typ,
+                                           default=typer.Option(default, flag(f.name), help=opt.help)))
+        at = next((i for i, p in enumerate(own) if p.name == before), len(own))
+
+        @functools.wraps(fn)
+        def command(**kwargs):
+            return fn(**{k: v for k, v in kwargs.items() if not (k in repeatable and v is None)})
+
+        command.__signature__ = inspect.Signature(own[:at] + added + own[at:])
+        command.__annotations__ = hints
+        del command.__wrapped__  # typer must read this signature, not the wrapped function's
+        return command
+
+    return wrap
+
+
+def _is_list(typ) -> bool:
+    """``list[...]`` or ``Optional[list[...]]``: a repeatable option."""
+    args = [a for a in typing.get_args(typ) if a is not type(None)] if typing.get_origin(typ) is typing.Union else [typ]
+    return len(args) == 1 and typing.get_origin(args[0]) is list
+
 
 #: environment variables this process set to silence bars (restored by main())
 SET_ENV: dict[str, str | None] = {}

@@ -5,35 +5,16 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Optional
 
 import typer
 
-from deltaport.cli._common import PROGRESS, QUIET, ComputeDtype, FileSource, ShapePolicy, UnmatchedRows, VocabPolicy, progress_mode
+from deltaport.cli._common import PROGRESS, QUIET, progress_mode, with_options
+from deltaport.options import ApplyOptions, CompressOptions, DiffOptions, InspectOptions, TransferOptions
 
 Opt = typer.Option
 
-# shared option declarations (same names on every command)
-_SCALE = Opt(1.0, "--scale", help="λ: out = target + λ·Δ (paper: 1.0)")
-_VOCAB = Opt("error", "--vocab-policy", help="embedding/lm_head row-count mismatch: error; pad (official script: zero rows); align (match rows by token string)")
-_UNMATCHED = Opt("target", "--unmatched-rows", help="with --vocab-policy align, target tokens without a row in both source models get no Δ: target (keep the target's row); finetuned (copy the fine-tune's row where it has the token)")
-_SHAPE = Opt("error", "--shape-policy", help="other shape/key mismatches: error; skip (transfer only matching tensors, paper App. B.3)")
-_KEYMAP = Opt(None, "--key-map", help="YAML {target_name_regex: source_name_replacement} for renamed modules")
-_INCLUDE = Opt(None, "--include", help="regex; only matching tensors get Δ (repeatable)")
-_EXCLUDE = Opt(None, "--exclude", help="regex; matching tensors get no Δ (repeatable)")
-_SCALEMAP = Opt(None, "--scale-map", help="YAML {tensor_name_regex: λ}, first match wins")
-_COMPUTE = Opt("auto", "--compute-dtype", help="auto (= float64: exact identities); float32 (faster, may differ by one ulp where a fine-tuned value cancels its base); float64")
-_OUTDT = Opt(None, "--out-dtype", help="output dtype (default: the target's dtype per tensor)")
-_CONFIG = Opt("target", "--config-from", help="where config.json comes from (target keeps the target's RoPE/context settings)")
-_TOK = Opt("target", "--tokenizer-from", help="where the tokenizer comes from")
-_CHAT = Opt("source-finetuned", "--chat-template-from", help="where the chat template comes from (eos/pad ids and generation_config follow it)")
-_SHARD = Opt("5GB", "--shard-size", help="maximum shard size, e.g. 5GB, 500MB")
-_OVER = Opt(False, "--overwrite", help="replace an existing output (the new one is completed first, then swapped in)")
-_DRY = Opt(False, "--dry-run", help="print the plan (from headers only) and write nothing")
-_PICKLE = Opt(False, "--allow-pickle", help="accept pickled .bin/.pt weights (loaded with torch.load(weights_only=True))")
-_STRICT = Opt(False, "--strict", help="fail on NaN/Inf in inputs (default: warn)")
-_THREADS = Opt(None, "--threads", help="worker threads for the arithmetic, each computing whole chunks with one torch thread (default 1: on 2 cores a reader and a writer thread already use the second; output bytes do not depend on it)")
-_QUIET = QUIET
+# options of the library functions are declared in deltaport.options; these are the command line's own
 _JSON = Opt(False, "--json", help="print the result as JSON on stdout")
 
 
@@ -74,103 +55,70 @@ def _summary(res, as_json: bool, dry_run: bool) -> None:
 
 def register(app: typer.Typer) -> None:
     @app.command("transfer")
+    @with_options(TransferOptions)
     def transfer_cmd(
         source_base: Optional[str] = Opt(None, "--source-base", metavar="MODEL", help="m_s: the source base model (dir or hub id); defaults to a LoRA adapter's base_model_name_or_path"),
         source_finetuned: str = Opt(..., "--source-finetuned", metavar="MODEL", help="m'_s: the source fine-tuned model (or a PEFT LoRA adapter dir)"),
         target_base: str = Opt(..., "--target-base", metavar="MODEL", help="m_t: the new base model"),
         output: Path = Opt(..., "-o", "--output", help="output model directory"),
-        scale: float = _SCALE, vocab_policy: VocabPolicy = _VOCAB, unmatched_rows: UnmatchedRows = _UNMATCHED,
-        shape_policy: ShapePolicy = _SHAPE,
-        key_map: Optional[Path] = _KEYMAP, include: Optional[list[str]] = _INCLUDE, exclude: Optional[list[str]] = _EXCLUDE,
-        scale_map: Optional[Path] = _SCALEMAP, compute_dtype: ComputeDtype = _COMPUTE, out_dtype: Optional[str] = _OUTDT,
-        config_from: FileSource = _CONFIG, tokenizer_from: FileSource = _TOK, chat_template_from: FileSource = _CHAT,
-        shard_size: str = _SHARD, overwrite: bool = _OVER, dry_run: bool = _DRY, allow_pickle: bool = _PICKLE,
-        strict: bool = _STRICT, threads: Optional[int] = _THREADS, quiet: bool = _QUIET, progress: Optional[bool] = PROGRESS, as_json: bool = _JSON,
+        quiet: bool = QUIET, progress: Optional[bool] = PROGRESS, as_json: bool = _JSON, **options,
     ):
         """Fine-tuning transfer in one pass: OUT = target_base + λ·(source_finetuned − source_base)."""
         from deltaport.ops import transfer
 
-        res = transfer(source_base, source_finetuned, target_base, output, scale=scale, vocab_policy=vocab_policy,
-                       unmatched_rows=unmatched_rows, shape_policy=shape_policy, key_map=key_map, include=include,
-                       exclude=exclude, scale_map=scale_map,
-                       compute_dtype=compute_dtype, out_dtype=out_dtype, config_from=config_from,
-                       tokenizer_from=tokenizer_from, chat_template_from=chat_template_from, shard_size=shard_size,
-                       overwrite=overwrite, dry_run=dry_run, allow_pickle=allow_pickle, strict=strict, threads=threads,
+        res = transfer(source_base, source_finetuned, target_base, output, **options,
                        progress=progress_mode(quiet or as_json, progress))
-        _summary(res, as_json, dry_run)
+        _summary(res, as_json, options["dry_run"])
 
     @app.command("diff")
+    @with_options(DiffOptions)
     def diff_cmd(
         base: Optional[str] = Opt(None, "--base", metavar="MODEL", help="the base model (dir or hub id); defaults to a LoRA adapter's base_model_name_or_path"),
         finetuned: str = Opt(..., "--finetuned", metavar="MODEL", help="the fine-tuned model (or a PEFT LoRA adapter dir)"),
         output: Path = Opt(..., "-o", "--output", help="output delta directory"),
-        delta_dtype: Optional[str] = Opt(None, "--delta-dtype", help="stored Δ dtype (default exact: float32 for 16-bit models, float64 for float32 models); bfloat16/float16/float32 are smaller but lossy"),
-        vocab_policy: VocabPolicy = _VOCAB, shape_policy: ShapePolicy = _SHAPE, key_map: Optional[Path] = _KEYMAP,
-        include: Optional[list[str]] = _INCLUDE, exclude: Optional[list[str]] = _EXCLUDE, compute_dtype: ComputeDtype = _COMPUTE,
-        shard_size: str = _SHARD, overwrite: bool = _OVER, dry_run: bool = _DRY, allow_pickle: bool = _PICKLE,
-        strict: bool = _STRICT, threads: Optional[int] = _THREADS, quiet: bool = _QUIET, progress: Optional[bool] = PROGRESS, as_json: bool = _JSON,
+        quiet: bool = QUIET, progress: Optional[bool] = PROGRESS, as_json: bool = _JSON, **options,
     ):
         """Store Δ = finetuned − base as a delta directory."""
         from deltaport.ops import diff
 
-        res = diff(base, finetuned, output, delta_dtype=delta_dtype, vocab_policy=vocab_policy, shape_policy=shape_policy,
-                   key_map=key_map, include=include, exclude=exclude, compute_dtype=compute_dtype, shard_size=shard_size,
-                   overwrite=overwrite, dry_run=dry_run, allow_pickle=allow_pickle, strict=strict, threads=threads,
-                   progress=progress_mode(quiet or as_json, progress))
-        _summary(res, as_json, dry_run)
+        res = diff(base, finetuned, output, **options, progress=progress_mode(quiet or as_json, progress))
+        _summary(res, as_json, options["dry_run"])
 
     @app.command("apply")
+    @with_options(ApplyOptions)
     def apply_cmd(
         delta: list[str] = typer.Argument(..., help="delta directory made by `deltaport diff` or `deltaport compress`; several: OUT = to + Σ λ_i·Δ_i"),
         to: str = Opt(..., "--to", metavar="MODEL", help="the target base model"),
         output: Path = Opt(..., "-o", "--output", help="output model directory"),
-        scale: Optional[list[float]] = Opt(None, "--scale", help="λ: out = target + λ·Δ (paper: 1.0); with several deltas, once per delta in their order (--scale-map values multiply each λ)"),
-        vocab_policy: VocabPolicy = _VOCAB, shape_policy: ShapePolicy = _SHAPE,
-        key_map: Optional[Path] = _KEYMAP, include: Optional[list[str]] = _INCLUDE, exclude: Optional[list[str]] = _EXCLUDE,
-        scale_map: Optional[Path] = _SCALEMAP, compute_dtype: ComputeDtype = _COMPUTE, out_dtype: Optional[str] = _OUTDT,
-        config_from: FileSource = _CONFIG, tokenizer_from: FileSource = _TOK, chat_template_from: FileSource = _CHAT,
-        shard_size: str = _SHARD, overwrite: bool = _OVER, dry_run: bool = _DRY,
-        force: bool = Opt(False, "--force", help="apply even if the target's structure differs from the delta's base (recorded in provenance)"),
-        allow_pickle: bool = _PICKLE, strict: bool = _STRICT, threads: Optional[int] = _THREADS, quiet: bool = _QUIET,
-        progress: Optional[bool] = PROGRESS, as_json: bool = _JSON,
-        ties: Optional[float] = Opt(None, "--ties", help="several deltas: TIES-Merging sign consensus (Yadav et al. 2023): keep this fraction of each λ_i·Δ_i's largest entries per tensor, elect each element's sign, average the agreeing entries"),
+        quiet: bool = QUIET, progress: Optional[bool] = PROGRESS, as_json: bool = _JSON, **options,
     ):
         """Apply a stored delta: OUT = to + λ·Δ; several deltas: OUT = to + Σ λ_i·Δ_i, rounded once from the exact sum."""
         from deltaport.ops import apply
 
-        res = apply(delta, to, output, scale=scale or [], vocab_policy=vocab_policy, shape_policy=shape_policy, key_map=key_map,
-                    include=include, exclude=exclude, scale_map=scale_map, compute_dtype=compute_dtype, out_dtype=out_dtype,
-                    config_from=config_from, tokenizer_from=tokenizer_from, chat_template_from=chat_template_from,
-                    shard_size=shard_size, overwrite=overwrite, dry_run=dry_run, force=force, allow_pickle=allow_pickle,
-                    strict=strict, threads=threads, progress=progress_mode(quiet or as_json, progress), ties=ties)
-        _summary(res, as_json, dry_run)
+        res = apply(delta, to, output, **options, progress=progress_mode(quiet or as_json, progress))
+        _summary(res, as_json, options["dry_run"])
 
     @app.command("compress")
+    @with_options(CompressOptions)
     def compress_cmd(
         delta: str = typer.Argument(..., help="delta directory made by `deltaport diff`"),
         output: Path = Opt(..., "-o", "--output", help="output (compressed) delta directory"),
-        method: Literal["lowrank", "sparse", "sign"] = Opt(..., "--method", help="lowrank (factors per matrix, --rank) | sparse (DARE: bitmask + kept values, --density) | sign (BitDelta: sign bits + one scale per matrix)"),
-        rank: Optional[int] = Opt(None, "--rank", help="lowrank: rank R of each matrix's factors"),
-        density: Optional[float] = Opt(None, "--density", help="sparse: fraction p of entries kept, in (0, 1]; kept values are rescaled by 1/p"),
-        include: Optional[list[str]] = Opt(None, "--include", help="regex; compress only matching tensors (repeatable; may name vocabulary tensors)"),
-        exclude: Optional[list[str]] = Opt(None, "--exclude", help="regex; matching tensors stay exact (repeatable)"),
-        seed: int = Opt(0, "--seed", help="seed of DARE's mask and the randomised SVD (recorded; reruns are byte-identical)"),
-        shard_size: str = _SHARD, overwrite: bool = _OVER, threads: Optional[int] = _THREADS, quiet: bool = _QUIET,
-        as_json: bool = _JSON, peft: Optional[Path] = Opt(None, "--peft", help="lowrank: also write the low-rank matrices as a PEFT LoRA adapter directory (scaling 1; tensors kept exact are not in it)"),
+        quiet: bool = QUIET, as_json: bool = _JSON,
+        peft: Optional[Path] = Opt(None, "--peft", help="lowrank: also write the low-rank matrices as a PEFT LoRA adapter directory (scaling 1; tensors kept exact are not in it)"),
+        **options,
     ):
         """Compress a delta: low rank, sparse or sign, one tensor at a time (1-D and vocabulary tensors stay exact)."""
         from deltaport.compression import compress
 
-        if peft is not None and method != "lowrank":
+        if peft is not None and options["method"] != "lowrank":
             from deltaport.errors import InputError
 
             raise InputError("--peft exports low-rank factors; use it with --method lowrank")
-        comp = compress(delta, output, method=method, rank=rank, density=density, include=include, exclude=exclude,
-                        seed=seed, shard_size=shard_size, overwrite=overwrite, threads=threads)
+        comp = compress(delta, output, **options)
         if peft is not None:
             from deltaport.compression import export_peft
 
-            rec = export_peft(output, peft, overwrite=overwrite)
+            rec = export_peft(output, peft, overwrite=options["overwrite"])
             sys.stderr.write(f"wrote PEFT adapter {peft}: r={rec['rank']}, {len(rec['tensors'])} matrices; "
                              f"{len(rec['not_in_adapter'])} tensors kept exact are not in it\n")
         tot = comp["totals"]
@@ -187,17 +135,17 @@ def register(app: typer.Typer) -> None:
                          f"max {max(errs, default=0):.3g}\n")
 
     @app.command("inspect")
+    @with_options(InspectOptions, before="tensors")
     def inspect_cmd(
         path: str = typer.Argument(..., help="model or delta directory, or hub id"),
         as_json: bool = _JSON,
-        allow_pickle: bool = _PICKLE,
         tensors: bool = Opt(False, "--tensors", help="list every tensor (always included with --json)"),
-        quiet: bool = _QUIET,
+        quiet: bool = QUIET, **options,
     ):
         """Show a model or delta: tensors, dtypes, sizes, config, provenance (headers only)."""
         from deltaport.inspect import inspect
 
-        info = inspect(path, allow_pickle=allow_pickle, tensors=True)
+        info = inspect(path, **options, tensors=True)
         if as_json:
             print(json.dumps(info, indent=2, default=str))
             return

@@ -7,7 +7,8 @@ from typing import Optional
 
 import typer
 
-from deltaport.cli._common import PROGRESS, QUIET, progress_mode
+from deltaport.cli._common import PROGRESS, QUIET, progress_mode, with_options
+from deltaport.options import CheckOptions, ConnectivityOptions, SimilarityOptions
 
 
 def _setup(progress: bool) -> None:
@@ -48,25 +49,19 @@ def _check_outputs(output: Path, plot: Optional[Path], overwrite: bool, inputs: 
 
 
 _OVERWRITE_HELP = "replace existing -o / --plot files (the new file is written in full first, then renamed into place)"
-_PICKLE_HELP = "accept models with only pickled .bin/.pt weights (loaded with torch.load(weights_only=True))"
 
 
 def register(app: typer.Typer) -> None:
     @app.command("connectivity")
+    @with_options(ConnectivityOptions, before="overwrite")
     def connectivity_cmd(
         a: str = typer.Argument(..., help="first model (θ(0)): local HF directory or hub id"),
         b: str = typer.Argument(..., help="second model (θ(1)), same architecture as A"),
         data: Path = typer.Option(..., "--data", help="JSONL with one {\"text\": ...} per line"),
         output: Path = typer.Option(..., "-o", "--output", help="report JSON (written atomically)"),
-        points: int = typer.Option(11, "--points", help="number of α values in [0, 1], endpoints included"),
-        max_tokens: int = typer.Option(4096, "--max-tokens", help="size of the fixed token sample"),
-        seed: int = typer.Option(0, "--seed", help="shuffle seed of the sample"),
         plot: Optional[Path] = typer.Option(None, "--plot", help="draw the curve to this PNG"),
-        device: str = typer.Option("cpu", "--device", help="torch device, e.g. cpu or cuda"),
-        dtype: str = typer.Option("float32", "--dtype", help="dtype models are loaded in"),
         overwrite: bool = typer.Option(False, "--overwrite", help=_OVERWRITE_HELP),
-        allow_pickle: bool = typer.Option(False, "--allow-pickle", help=_PICKLE_HELP),
-        quiet: bool = QUIET, progress: Optional[bool] = PROGRESS,
+        quiet: bool = QUIET, progress: Optional[bool] = PROGRESS, **options,
     ) -> None:
         """Loss along θ(α) = (1−α)·A + α·B and the loss barrier (one interpolated model in memory)."""
         _check_outputs(output, plot, overwrite, [a, b])
@@ -75,8 +70,7 @@ def register(app: typer.Typer) -> None:
         from deltaport import _diag
         from deltaport.connectivity import connectivity, plot_curve
 
-        rep = connectivity(a, b, data, points=points, max_tokens=max_tokens, seed=seed, device=device,
-                           dtype=dtype, progress=progress, allow_pickle=allow_pickle)
+        rep = connectivity(a, b, data, **options, progress=progress)
         _diag.write_json(output, rep, overwrite=overwrite)
         if plot:
             plot_curve(rep, plot, overwrite=overwrite)
@@ -85,6 +79,7 @@ def register(app: typer.Typer) -> None:
                    f"{rep['n_tokens']} tokens; report {output}" + (f", plot {plot}" if plot else ""))
 
     @app.command("similarity")
+    @with_options(SimilarityOptions)
     def similarity_cmd(
         source_base: str = typer.Option(..., "--source-base", help="m_s: the base the fine-tune started from"),
         source_finetuned: str = typer.Option(..., "--source-finetuned", help="m'_s: the fine-tuned source"),
@@ -94,8 +89,7 @@ def register(app: typer.Typer) -> None:
         output: Path = typer.Option(..., "-o", "--output", help="report JSON (written atomically)"),
         plot: Optional[Path] = typer.Option(None, "--plot", help="per-layer heat map PNG"),
         overwrite: bool = typer.Option(False, "--overwrite", help=_OVERWRITE_HELP),
-        allow_pickle: bool = typer.Option(False, "--allow-pickle", help=_PICKLE_HELP),
-        quiet: bool = QUIET, progress: Optional[bool] = PROGRESS,
+        quiet: bool = QUIET, progress: Optional[bool] = PROGRESS, **options,
     ) -> None:
         """Per-tensor and per-layer ‖m_t − m_s‖/‖m_s‖, ‖Δ_s‖ and cos(Δ_s, Δ_t) (streamed)."""
         _check_outputs(output, plot, overwrite, [source_base, source_finetuned, target_base, target_finetuned])
@@ -104,8 +98,7 @@ def register(app: typer.Typer) -> None:
         from deltaport import _diag
         from deltaport.similarity import plot_layers, similarity
 
-        rep = similarity(source_base, source_finetuned, target_base, target_finetuned, progress=progress,
-                         allow_pickle=allow_pickle)
+        rep = similarity(source_base, source_finetuned, target_base, target_finetuned, **options, progress=progress)
         _diag.write_json(output, rep, overwrite=overwrite)
         if plot:
             plot_layers(rep, plot, overwrite=overwrite)
@@ -117,19 +110,16 @@ def register(app: typer.Typer) -> None:
                    + f"; report {output}" + (f", plot {plot}" if plot else ""))
 
     @app.command("check")
+    @with_options(CheckOptions, before="overwrite")
     def check_cmd(
         source_base: str = typer.Option(..., "--source-base", help="m_s: the base the fine-tune started from"),
         source_finetuned: str = typer.Option(..., "--source-finetuned", help="m'_s: the fine-tuned source"),
         target_base: str = typer.Option(..., "--target-base", help="m_t: the new base"),
         data: Path = typer.Option(..., "--data", help="JSONL of general text, one {\"text\": ...} per line"),
         output: Path = typer.Option(..., "-o", "--output", help="report JSON (written atomically)"),
-        max_tokens: int = typer.Option(2048, "--max-tokens", help="size of the fixed token sample"),
-        seed: int = typer.Option(0, "--seed", help="shuffle seed of the sample"),
-        device: str = typer.Option("cpu", "--device", help="torch device, e.g. cpu or cuda"),
         overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing -o file (the new file is "
                                        "written in full first, then renamed into place)"),
-        allow_pickle: bool = typer.Option(False, "--allow-pickle", help=_PICKLE_HELP),
-        quiet: bool = QUIET, progress: Optional[bool] = PROGRESS,
+        quiet: bool = QUIET, progress: Optional[bool] = PROGRESS, **options,
     ) -> None:
         """Will m_t + Δ_s work? Cheap signals and a verdict: likely | uncertain | unlikely | uncalibrated."""
         _check_outputs(output, None, overwrite, [source_base, source_finetuned, target_base])
@@ -138,8 +128,7 @@ def register(app: typer.Typer) -> None:
         from deltaport import _diag
         from deltaport.check import check
 
-        rep = check(source_base, source_finetuned, target_base, data, max_tokens=max_tokens, seed=seed,
-                    device=device, progress=progress, allow_pickle=allow_pickle)
+        rep = check(source_base, source_finetuned, target_base, data, **options, progress=progress)
         _diag.write_json(output, rep, overwrite=overwrite)
         s = rep["signals"]
         typer.echo(f"verdict: {rep['verdict']}\n{rep['reason']}\n"

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Optional
 
 import typer
 
-from deltaport.cli._common import PROGRESS, QUIET, progress_mode
+from deltaport.cli._common import PROGRESS, QUIET, progress_mode, with_options
+from deltaport.options import EvaluateOptions
 
 
 def default_cache_dir() -> Path:
@@ -40,29 +41,17 @@ def _limit(value: str | None) -> int | float | None:
             raise typer.BadParameter(f"--limit must be a number, got {value!r}") from None
 
 
+@with_options(EvaluateOptions, before="baseline")
 def eval_command(
     models: list[str] = typer.Argument(..., metavar="MODEL...", help="model directories or hub ids"),
     tasks: Optional[str] = typer.Option(None, "--tasks", help="comma-separated lm-eval task names or task YAML paths"),
-    preset: Optional[Literal["llama3-instruct", "olmo2-tulu3", "global-mmlu"]] = typer.Option(
-        None, "--preset", help="the paper's task sets"),
-    languages: Optional[str] = typer.Option(None, "--languages", help="Global MMLU languages, e.g. mg,si,tr"),
-    limit: Optional[str] = typer.Option(None, "--limit", help="documents per task (N, or a fraction < 1)"),
-    device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:N or auto (cuda when available)"),
-    backend: Literal["hf", "vllm"] = typer.Option("hf", "--backend", help="transformers, or vllm (GPU only)"),
-    batch_size: str = typer.Option("8", "--batch-size", help="an integer or 'auto'"),
-    protocol: Optional[Literal["base", "chat", "both", "auto"]] = typer.Option(
-        None, "--protocol", help="prompting protocol (default: auto with --preset, else base)"),
-    num_fewshot: Optional[int] = typer.Option(None, "--num-fewshot", help="override every task's few-shot count"),
     baseline: Optional[str] = typer.Option(None, "--baseline", help="a MODEL to show differences against"),
     output: Path = typer.Option(..., "-o", "--output", help="results JSON"),
     table: Optional[Path] = typer.Option(None, "--table", help="also write the Markdown comparison table here"),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="result cache (default ~/.cache/deltaport/eval)"),
     no_cache: bool = typer.Option(False, "--no-cache", help="neither read nor write the result cache"),
-    seed: int = typer.Option(0, "--seed", help="lm-eval seeds (python, numpy, torch, few-shot sampling)"),
-    model_args: Optional[str] = typer.Option(
-        None, "--model-args", help="extra lm-eval model args, k=v,k=v (e.g. max_length=4096,tensor_parallel_size=2)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace existing -o / --table files"),
-    quiet: bool = QUIET, progress: Optional[bool] = PROGRESS,
+    quiet: bool = QUIET, progress: Optional[bool] = PROGRESS, **options,
 ) -> None:
     """Evaluate models with lm-evaluation-harness (the paper's protocol) and compare them."""
     from deltaport.errors import OutputError
@@ -77,21 +66,18 @@ def eval_command(
         if p is not None and p.is_dir():
             raise OutputError(f"output {p} is a directory; -o and --table name files")
 
-    margs = {}
-    for kv in (model_args or "").split(","):
+    margs = {}  # the flags below are strings; the function takes a dict, a number and a list
+    for kv in (options["model_args"] or "").split(","):
         if kv.strip():
             k, sep, v = kv.partition("=")
             if not sep:
                 raise typer.BadParameter(f"--model-args expects k=v pairs, got {kv!r}")
             margs[k.strip()] = _coerce(v.strip())
-    if protocol is None:
-        protocol = "auto" if preset else "base"
-    res = evaluate(
-        models, tasks, limit=_limit(limit), device=device, backend=backend, batch_size=_batch_size(batch_size),
-        protocol=protocol, num_fewshot=num_fewshot, preset=preset,
-        cache_dir=None if no_cache else (cache_dir or default_cache_dir()), seed=seed, progress=progress_mode(quiet, progress), status=not quiet,
-        model_args=margs, languages=[x.strip() for x in languages.split(",")] if languages else None,
-    )
+    languages = options["languages"]
+    options.update(model_args=margs, limit=_limit(options["limit"]), batch_size=_batch_size(str(options["batch_size"])),
+                   languages=[x.strip() for x in languages.split(",")] if languages else None)
+    res = evaluate(models, tasks, **options, cache_dir=None if no_cache else (cache_dir or default_cache_dir()),
+                   progress=progress_mode(quiet, progress), status=not quiet)
     if baseline is not None and baseline not in res["results"]:
         rows = [r for r in res["results"] if r.startswith(f"{baseline} [")]
         baseline = rows[0] if rows else baseline

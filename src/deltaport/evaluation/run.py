@@ -19,6 +19,7 @@ from deltaport.evaluation.harness import build_lm, by_fewshot, progress_bars, ru
 from deltaport.evaluation.models import EvalModel, normalise_models, prepare_model
 from deltaport.evaluation.results import add_derived_metrics
 from deltaport.evaluation.tasks import TaskSpec, check_known_tasks, resolve_tasks, task_manager_for
+from deltaport.options import EVALUATE, EvaluateOptions, declared
 
 LOG = logging.getLogger(__name__)
 
@@ -26,29 +27,19 @@ PROTOCOLS = ("base", "chat", "both", "auto")
 BACKENDS = ("hf", "vllm")
 
 
-def evaluate(models, tasks, *, limit=None, device="cpu", backend="hf", batch_size=8, protocol="base",
-             num_fewshot=None, preset=None, cache_dir=None, seed=0, progress=False,
-             model_args: dict | None = None, languages: list[str] | None = None, status: bool = False) -> dict:
+@declared(EvaluateOptions)
+def evaluate(models, tasks, *, preset=EVALUATE.preset, languages: list[str] | None = EVALUATE.languages,
+             limit=EVALUATE.limit, device=EVALUATE.device, backend=EVALUATE.backend, batch_size=EVALUATE.batch_size,
+             protocol=EVALUATE.protocol, num_fewshot=EVALUATE.num_fewshot, seed=EVALUATE.seed,
+             model_args: dict | None = EVALUATE.model_args, cache_dir=None, progress=False,
+             status: bool = False) -> dict:
     """Run lm-eval on every model and task; return per-task metrics with standard errors.
 
     Args:
         models: paths / hub ids (list), or ``{name: path or (model, tokenizer)}``; in-memory models are
             evaluated through ``HFLM(pretrained=model, tokenizer=tok)`` where they are (no copy, no move).
         tasks: lm-eval task/group names or paths to local task YAML files (comma-separated string or list).
-        limit: evaluate only the first N documents per task (a float < 1: that fraction).
-        device: ``cpu``, ``cuda[:N]`` or ``auto`` (cuda when available). Passed to lm-eval explicitly,
-            so a CPU-only torch works.
-        backend: ``hf`` (transformers) or ``vllm`` (needs vllm and a GPU; models from disk only).
-        batch_size: an int or ``"auto"``.
-        protocol: ``base``, ``chat``, ``both`` or ``auto`` (see :mod:`deltaport.evaluation`).
-        num_fewshot: override every task's few-shot count.
-        preset: ``llama3-instruct``, ``olmo2-tulu3`` or ``global-mmlu`` (see
-            :mod:`deltaport.evaluation.presets`); its tasks come before ``tasks``.
         cache_dir: folder for cached results (None: no cache).
-        seed: every lm-eval seed (python, numpy, torch, few-shot sampling).
-        model_args: extra keyword arguments for the lm-eval model (HFLM / VLLM), e.g. ``max_length``,
-            ``tensor_parallel_size``.
-        languages: Global MMLU languages for ``preset="global-mmlu"``.
         progress: let lm-eval (and the model loading under it) draw its tqdm progress bars on stderr; off
             (the default) no bar is drawn during the call. ``deltaport eval`` turns them on when stderr
             is a terminal.
@@ -61,6 +52,8 @@ def evaluate(models, tasks, *, limit=None, device="cpu", backend="hf", batch_siz
         (``NAME [base]`` / ``NAME [chat]`` with ``protocol="both"``).
     """
     t_start = time.time()
+    if protocol is None:
+        protocol = "auto" if preset else "base"
     if protocol not in PROTOCOLS:
         raise InputError(f"unknown protocol {protocol!r}; use one of {', '.join(PROTOCOLS)}")
     if backend not in BACKENDS:
