@@ -322,7 +322,6 @@ def report_md(r: dict, figs: dict[str, str]) -> str:
            "(keys cover every input's content hash, the recipe and the library versions)." if reused else
            "Cache: nothing reused; every step was computed in this run."), "",
           f"Per-item scorer vs lm-eval exact match: largest difference {r.get('item_scorer_max_mismatch', 0):.4f}.", "",
-          "Steps ran through: " + "; ".join(f"{k}: {v}" for k, v in sorted(r.get("backends", {}).items())) + ".", "",
           "Timings (s): " + ", ".join(f"{k} {v}" for k, v in r.get("timings_s", {}).items()) + ".", ""]
     return "\n".join(L)
 

@@ -25,7 +25,8 @@ from deltaport.lab.world import (COLORS, N_SHOTS, Mix, make_tokenizer, sample_bl
 
 LOG = logging.getLogger(__name__)
 CHANCE = 1 / len(COLORS)
-RESULTS_SCHEMA = 1
+#: 2: ``backends`` (and ``iterative.backend``) left out - every step runs through the library, nothing else to name
+RESULTS_SCHEMA = 2
 
 
 def _d(s: str) -> str:
@@ -145,7 +146,6 @@ def run_lab(cfg: LabConfig, run_dir: str | Path, *, progress: bool | str = False
     timings.update({f"steps.{k}": round(v, 2) for k, v in st.timings.items()})
     timings["total"] = time.perf_counter() - t_start
     results["timings_s"] = {k: round(v, 2) for k, v in timings.items()}
-    results["backends"] = st.backends
     from deltaport.lab.env import environment
 
     results["environment"] = environment()
@@ -374,7 +374,6 @@ class _Lab:
         t0 = time.perf_counter()
         out = run_chain(chain, self.run_dir / "evolve", resume=True)
         self.st.timings["evolve"] = self.st.timings.get("evolve", 0.0) + time.perf_counter() - t0
-        self.st.backends["evolve"] = "deltaport.evolve.run_chain"
         nk, nn = self.n_known, self.n_new
 
         def heldout(metrics: dict) -> float:
@@ -408,8 +407,7 @@ class _Lab:
                 except Exception:  # noqa: BLE001 - a curve without both tasks is left out of the figure
                     continue
         return {"chain": V, "rows": rows, "identical_at_first_link": V[1] if len(V) > 1 else None,
-                "table_md": out.get("table"), "run_dir": str(self.run_dir / "evolve"),
-                "backend": "deltaport.evolve.run_chain (strategies iterative, direct, plain)"}
+                "table_md": out.get("table"), "run_dir": str(self.run_dir / "evolve")}
 
     def backport(self, V: list[str]) -> dict:
         """Backporting (newer Δ into older base) beside recycling, for every adjacent pair (Table 1)."""
@@ -466,37 +464,30 @@ class _Lab:
                                             self.cfg.connectivity_points), rec)
                 self.st.tick(key)
             curves[f"{a}-{b}"] = rec
-        self.st.backends["connectivity"] = "deltaport.connectivity"
         checks = {}
-        try:
-            from deltaport.check import check
-        except ImportError:
-            check = None
-        if check is not None:
-            from deltaport.check import load_calibration
-            from deltaport.lab.config import config_hash as _h
+        from deltaport.check import check, load_calibration
+        from deltaport.lab.config import config_hash as _h
 
-            calib_hash = _h(load_calibration())
-            for t in V + ["Mx", "M0"]:
-                for s in V:
-                    if s == t:
-                        continue
-                    ck = _conn_key(self.st, f"check-{s}-{t}", self.fam[s], self.fam[t], texts, 5,
-                                   extra={"ft": model_hash(self.models[f"FT({s})"]), "calibration": calib_hash})
-                    rec = self.st.cache.get(ck)
-                    if rec is None:
-                        try:
-                            r = check(str(self.fam[s]), str(self.models[f"FT({s})"]), str(self.fam[t]), texts,
-                                      max_tokens=max_tokens, seed=self.cfg.seed)
-                            rec = {"verdict": r["verdict"], "signals": {k: r["signals"][k] for k in
-                                                                         ("relative_barrier", "rel_distance",
-                                                                          "excess_loss_rel")}}
-                        except DeltaportError as exc:
-                            rec = {"verdict": "error", "error": str(exc), "signals": {}}
-                        self.st.cache.put(ck, rec)
-                        self.st.tick(ck)
-                    checks[f"{t}+Δ{s[1:]}"] = rec
-            self.st.backends["check"] = "deltaport.check"
+        calib_hash = _h(load_calibration())
+        for t in V + ["Mx", "M0"]:
+            for s in V:
+                if s == t:
+                    continue
+                ck = _conn_key(self.st, f"check-{s}-{t}", self.fam[s], self.fam[t], texts, 5,
+                               extra={"ft": model_hash(self.models[f"FT({s})"]), "calibration": calib_hash})
+                rec = self.st.cache.get(ck)
+                if rec is None:
+                    try:
+                        r = check(str(self.fam[s]), str(self.models[f"FT({s})"]), str(self.fam[t]), texts,
+                                  max_tokens=max_tokens, seed=self.cfg.seed)
+                        rec = {"verdict": r["verdict"], "signals": {k: r["signals"][k] for k in
+                                                                     ("relative_barrier", "rel_distance",
+                                                                      "excess_loss_rel")}}
+                    except DeltaportError as exc:
+                        rec = {"verdict": "error", "error": str(exc), "signals": {}}
+                    self.st.cache.put(ck, rec)
+                    self.st.tick(ck)
+                checks[f"{t}+Δ{s[1:]}"] = rec
         # outcome per cell: recovery where defined, else the merged score minus the base score
         outcome, barrier, verdict_rank, signals = [], [], [], {k: [] for k in ("relative_barrier", "rel_distance",
                                                                                "excess_loss_rel")}

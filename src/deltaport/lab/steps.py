@@ -9,34 +9,19 @@
 
 A model directory carries ``lab_key.json``: the hash of its inputs' weights and the step's
 parameters. A directory whose key matches is reused; otherwise it is rebuilt (atomically).
-
-Which implementation ran each kind of step is recorded in ``Steps.backends`` ("deltaport.X" or
-"fallback: ..."), and the report prints it.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import time
 from pathlib import Path
 from typing import Any, Callable
 
-from deltaport.lab.store import JsonCache, atomic_dir, model_hash, step_key
+from deltaport.lab.store import JsonCache, model_hash, step_key
 
 LOG = logging.getLogger(__name__)
-
-
-@functools.lru_cache(maxsize=None)
-def _library(name: str):
-    import importlib
-
-    try:
-        return importlib.import_module(name)
-    except ImportError as exc:
-        LOG.warning("deltaport library module %s unavailable (%s); the lab uses its labelled fallback", name, exc)
-        return None
 
 
 class Steps:
@@ -47,7 +32,6 @@ class Steps:
         self.tasks = tasks
         self.seed = seed
         self.cache = JsonCache(self.run_dir / "cache")
-        self.backends: dict[str, str] = {}
         self.timings: dict[str, float] = {}
         self.tick = tick or (lambda label: None)
         self._models: dict[str, Any] = {}
@@ -85,13 +69,9 @@ class Steps:
         if self._cached_dir(out, key):
             return out
         t0 = time.perf_counter()
-        ops = _library("deltaport.ops")
-        if ops is not None:
-            ops.diff(base, finetuned, out, overwrite=True)
-            self.backends["diff"] = "deltaport.diff"
-        else:
-            self._fallback_arith(out, {"f": finetuned, "b": base}, lambda t: t["f"] - t["b"], like=finetuned)
-            self.backends["diff"] = "fallback: lab float64 arithmetic"
+        from deltaport.ops import diff
+
+        diff(base, finetuned, out, overwrite=True)
         self._mark(out, key, {"base": str(base), "finetuned": str(finetuned)})
         self._timed("diff", t0)
         return out
@@ -103,30 +83,12 @@ class Steps:
         if self._cached_dir(out, key):
             return out
         t0 = time.perf_counter()
-        ops = _library("deltaport.ops")
-        if ops is not None:
-            ops.apply(delta, target, out, scale=scale, overwrite=True)
-            self.backends["apply"] = "deltaport.apply"
-        else:
-            self._fallback_arith(out, {"d": delta, "t": target}, lambda t: t["t"] + scale * t["d"], like=target)
-            self.backends["apply"] = "fallback: lab float64 arithmetic"
+        from deltaport.ops import apply
+
+        apply(delta, target, out, scale=scale, overwrite=True)
         self._mark(out, key, {"delta": str(delta), "target": str(target), "scale": scale})
         self._timed("apply", t0)
         return out
-
-    def _fallback_arith(self, out: Path, inputs: dict[str, Path], fn, like: Path) -> None:
-        import shutil
-
-        from safetensors.torch import load_file, save_file
-
-        tensors = {k: load_file(str(p / "model.safetensors")) for k, p in inputs.items()}
-        first = next(iter(tensors.values()))
-        result = {n: fn({k: t[n].double() for k, t in tensors.items()}).to(first[n].dtype) for n in first}
-        with atomic_dir(out) as tmp:
-            save_file(result, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-            for f in like.iterdir():
-                if f.is_file() and not f.name.endswith(".safetensors") and not f.name.startswith(("lab_", "deltaport")):
-                    shutil.copy(f, tmp / f.name)
 
     # ------------------------------------------------------------ fine-tuning
     def finetune(self, init: Path, records: list[dict], name: str, *, steps: int, lr: float, batch_size: int,
@@ -146,38 +108,16 @@ class Steps:
             return out, (self.cache.get(curve_key) or {}).get("curve", [])
         t0 = time.perf_counter()
         curve: list = []
-        ft = _library("deltaport.finetune")
-        if ft is not None:
-            kwargs: dict[str, Any] = dict(recipe="quick", steps=steps, lr=lr, batch_size=batch_size, seed=self.seed,
-                                          overwrite=True, progress=False)
-            if curve_task:
-                kwargs.update(eval_every=curve_every, eval_tasks=[str(self.tasks[curve_task])])
-            res = ft.finetune(str(init), records, str(out), **kwargs)
-            curve = _curve_from_evals(getattr(res, "evals", None) or [], curve_task)
-            if curve_task and not any(s == 0 for s, _ in curve):
-                curve.insert(0, (0, self.score(init, curve_task)))
-            self.backends["finetune"] = "deltaport.finetune"
-        else:
-            import copy
+        from deltaport.finetune import finetune
 
-            from deltaport.lab import fallback
-
-            model = copy.deepcopy(self.load(init))
-            items = self._items(curve_task) if curve_task else []
-
-            def cb(step, m):
-                curve.append((step, fallback.score(m, self.tok, items)))
-
-            fallback.sft(model, self.tok, records, steps=steps, lr=lr, batch_size=batch_size, seed=self.seed,
-                         callback=cb if curve_task else None, every=curve_every)
-            with atomic_dir(out) as tmp:
-                model.save_pretrained(tmp, safe_serialization=True)
-                self.tok.save_pretrained(tmp)
-                (tmp / "lab_provenance.json").write_text(json.dumps(
-                    {"init": str(init), "steps": steps, "lr": lr, "batch_size": batch_size, "seed": self.seed,
-                     "data": data_label, "n_records": len(records), "builder": "deltaport.lab.fallback.sft"},
-                    indent=1))
-            self.backends["finetune"] = "fallback: lab AdamW loop (deltaport.finetune not importable)"
+        kwargs: dict[str, Any] = dict(recipe="quick", steps=steps, lr=lr, batch_size=batch_size, seed=self.seed,
+                                      overwrite=True, progress=False)
+        if curve_task:
+            kwargs.update(eval_every=curve_every, eval_tasks=[str(self.tasks[curve_task])])
+        res = finetune(str(init), records, str(out), **kwargs)
+        curve = _curve_from_evals(getattr(res, "evals", None) or [], curve_task)
+        if curve_task and not any(s == 0 for s, _ in curve):
+            curve.insert(0, (0, self.score(init, curve_task)))
         self._mark(out, key, {"init": str(init), "steps": steps, "lr": lr, "data": data_label})
         if curve_task:
             self.cache.put(curve_key, {"curve": curve})
@@ -223,23 +163,14 @@ class Steps:
         if not todo:
             return out
         t0 = time.perf_counter()
-        ev = _library("deltaport.evaluate")
-        if ev is not None:
-            res = ev.evaluate({n: (self.load(p), self.tok) for n, p in todo.items()},
-                              [str(self.tasks[t]) for t in tasks], limit=limit, device="cpu", batch_size=64,
-                              seed=self.seed, progress=False)
-            for n in todo:
-                for t in tasks:
-                    out[n][t] = _exact_match(res["results"][n], t)
-            self.backends["eval"] = "deltaport.evaluate (lm-eval local task)"
-        else:
-            from deltaport.lab import fallback
+        from deltaport.evaluate import evaluate
 
-            for n, p in todo.items():
-                for t in tasks:
-                    items = self._items(t)[:limit] if limit else self._items(t)
-                    out[n][t] = fallback.score(self.load(p), self.tok, items)
-            self.backends["eval"] = "fallback: lab greedy exact match (deltaport.evaluate not importable)"
+        res = evaluate({n: (self.load(p), self.tok) for n, p in todo.items()},
+                       [str(self.tasks[t]) for t in tasks], limit=limit, device="cpu", batch_size=64,
+                       seed=self.seed, progress=False)
+        for n in todo:
+            for t in tasks:
+                out[n][t] = _exact_match(res["results"][n], t)
         for n in todo:
             for t in tasks:
                 rec = {"exact_match": out[n][t], "model": str(todo[n]), "task": t}
