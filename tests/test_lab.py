@@ -188,6 +188,26 @@ def test_ci_rerun_reuses_every_artifact(ci_run):
     assert again["timings_s"].get("steps.finetune", 0) == 0
 
 
+def test_preset_costs_have_one_source_the_demo_help(capsys, monkeypatch):
+    """`demo --help` states each preset's measured cost from PRESET_COST; the presets' comments point there
+    instead of carrying their own (once they said ~45 min for a run that took a fraction of it)."""
+    import re
+
+    from deltaport.cli.main import main
+    from deltaport.lab.config import PRESETS_DIR, PRESET_COST
+
+    monkeypatch.setenv("COLUMNS", "400")
+    assert main(["demo", "--help"]) == 0
+    shown = " ".join(re.sub(r"[│╭╮╰╯─]", " ", capsys.readouterr().out).split())
+    assert set(PRESET_COST) == {p.stem for p in PRESETS_DIR.glob("*.yaml")}
+    for name, cost in PRESET_COST.items():
+        assert f"{name}: {cost}" in shown, name
+    for preset in PRESETS_DIR.glob("*.yaml"):
+        comments = " ".join(line for line in preset.read_text().splitlines() if line.startswith("#"))
+        assert not re.search(r"\d\s*(min|s)\b", comments), f"{preset.name} states its own cost: {comments}"
+        assert "deltaport demo --help" in comments, preset.name
+
+
 def test_cli_lab_run_rejects_a_bad_config(tmp_path):
     from deltaport.cli.main import main
 
