@@ -355,7 +355,7 @@ def test_fewshot_prompts_show_only_finetuning_facts(tmp_path):
 def test_check_scope_says_which_family_the_thresholds_saw():
     import dataclasses
 
-    from deltaport.lab.run import check_calibration_scope
+    from deltaport.lab.experiments import check_calibration_scope
 
     quick = load_config("quick")
     assert quick.seed != 0 and check_calibration_scope(quick)["in_sample"] is False  # the demo: out of sample
@@ -408,7 +408,7 @@ def test_redirected_lab_prints_status_lines_not_bars(monkeypatch, capsys):
 
     clock = iter([0.0, 1.0, 2.0, 40.0, 41.0, 42.0, 43.0])
     monkeypatch.setattr(R.time, "monotonic", lambda: next(clock))
-    with R._Progress("lines") as p:  # t0 = 0
+    with R.Progress("lines") as p:  # t0 = 0
         p.bar("pretrain", 0, 10)  # 1 s: first call, said
         p.bar("pretrain", 3, 10)  # 2 s: within 30 s of the last line, quiet
         p.bar("pretrain", 5, 10)  # 40 s: said
