@@ -150,8 +150,10 @@ def test_ci_outputs_exist_parse_and_follow_the_schema(ci_run):
     run_dir, results = ci_run
     on_disk = json.loads((run_dir / "results.json").read_text())
     for key in ("schema", "config", "seeds", "scores", "grid", "recovery", "transfer_then_finetune", "iterative",
-                "backport", "language", "connectivity", "claims", "backends", "timings_s", "figures"):
+                "backport", "language", "connectivity", "claims", "timings_s", "figures"):
         assert key in on_disk, key
+    # schema 2: no "backends" record - every step runs through the library, there is nothing else to name
+    assert on_disk["schema"] == 2 and "backends" not in on_disk and "backend" not in on_disk["iterative"]
     V = on_disk["config"]["versions"]
     assert set(on_disk["grid"]["cells"]) == set(V) | {"Mx", "M0"}
     for t, row in on_disk["grid"]["cells"].items():
@@ -184,6 +186,26 @@ def test_ci_rerun_reuses_every_artifact(ci_run):
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     assert again["grid"]["cells"] == results["grid"]["cells"]
     assert again["timings_s"].get("steps.finetune", 0) == 0
+
+
+def test_preset_costs_have_one_source_the_demo_help(capsys, monkeypatch):
+    """`demo --help` states each preset's measured cost from PRESET_COST; the presets' comments point there
+    instead of carrying their own (once they said ~45 min for a run that took a fraction of it)."""
+    import re
+
+    from deltaport.cli.main import main
+    from deltaport.lab.config import PRESETS_DIR, PRESET_COST
+
+    monkeypatch.setenv("COLUMNS", "400")
+    assert main(["demo", "--help"]) == 0
+    shown = " ".join(re.sub(r"[│╭╮╰╯─]", " ", capsys.readouterr().out).split())
+    assert set(PRESET_COST) == {p.stem for p in PRESETS_DIR.glob("*.yaml")}
+    for name, cost in PRESET_COST.items():
+        assert f"{name}: {cost}" in shown, name
+    for preset in PRESETS_DIR.glob("*.yaml"):
+        comments = " ".join(line for line in preset.read_text().splitlines() if line.startswith("#"))
+        assert not re.search(r"\d\s*(min|s)\b", comments), f"{preset.name} states its own cost: {comments}"
+        assert "deltaport demo --help" in comments, preset.name
 
 
 def test_cli_lab_run_rejects_a_bad_config(tmp_path):
@@ -333,7 +355,7 @@ def test_fewshot_prompts_show_only_finetuning_facts(tmp_path):
 def test_check_scope_says_which_family_the_thresholds_saw():
     import dataclasses
 
-    from deltaport.lab.run import check_calibration_scope
+    from deltaport.lab.experiments import check_calibration_scope
 
     quick = load_config("quick")
     assert quick.seed != 0 and check_calibration_scope(quick)["in_sample"] is False  # the demo: out of sample
@@ -386,7 +408,7 @@ def test_redirected_lab_prints_status_lines_not_bars(monkeypatch, capsys):
 
     clock = iter([0.0, 1.0, 2.0, 40.0, 41.0, 42.0, 43.0])
     monkeypatch.setattr(R.time, "monotonic", lambda: next(clock))
-    with R._Progress("lines") as p:  # t0 = 0
+    with R.Progress("lines") as p:  # t0 = 0
         p.bar("pretrain", 0, 10)  # 1 s: first call, said
         p.bar("pretrain", 3, 10)  # 2 s: within 30 s of the last line, quiet
         p.bar("pretrain", 5, 10)  # 40 s: said

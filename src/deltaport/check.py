@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from deltaport import _diag
-from deltaport.connectivity import _curve, _prepare_tokens, alphas_for
+from deltaport.connectivity import alphas_for, loss_curve, token_blocks
 from deltaport.options import CHECK, CheckOptions, declared
 
 SIGNALS = ("relative_barrier", "rel_distance", "excess_loss_rel")
@@ -153,10 +153,10 @@ def check(source_base: Any, source_finetuned: Any, target_base: Any, data: Any, 
                 notes.append("the source and target tokenizers differ; the text sample is tokenised with the "
                              "source base's tokenizer")
             tokenizer = tok_s
-        except Exception:  # noqa: BLE001 - a missing tokenizer is reported by _prepare_tokens if text needs one
+        except Exception:  # noqa: BLE001 - a missing tokenizer is reported by token_blocks if text needs one
             tokenizer = None
-    blocks = _prepare_tokens(source_base, m_s, data, tokenizer, max_tokens=max_tokens, seed=seed, block_len=None)
-    curve = _curve(m_s, m_t, blocks, alphas_for(points), progress=progress)
+    blocks = token_blocks(source_base, m_s, data, tokenizer, max_tokens=max_tokens, seed=seed, block_len=None)
+    curve = loss_curve(m_s, m_t, blocks, alphas_for(points), progress=progress)
     gc.collect()  # the curve's interpolated model is gone before m'_s is loaded: three models at most
 
     m_f = _diag.load_causal_lm(source_finetuned, dtype=torch_dtype, device=device, allow_pickle=allow_pickle)

@@ -67,8 +67,10 @@ def _data_label(data: Any) -> str:
     return f"<{len(data)} in-memory documents>"
 
 
-def _prepare_tokens(a_spec: Any, model_a: torch.nn.Module, data: Any, tokenizer: Any, *, max_tokens: int,
-                    seed: int, block_len: int | None) -> list[torch.Tensor]:
+def token_blocks(a_spec: Any, model_a: torch.nn.Module, data: Any, tokenizer: Any, *, max_tokens: int,
+                 seed: int, block_len: int | None) -> list[torch.Tensor]:
+    """The fixed token sample of ``data`` (texts tokenized with ``tokenizer``, default ``a_spec``'s), in blocks
+    of ``block_len`` tokens (default: min(model max positions, 512)); refused if a token id exceeds the vocabulary."""
     docs = _diag.load_texts(data)
     if any(isinstance(d, str) for d in docs):
         if tokenizer is None:
@@ -120,8 +122,8 @@ def connectivity(a: Any, b: Any, data: Any, *, points: int = CONNECTIVITY.points
     la, lb = _diag.model_label(a), _diag.model_label(b)
     pa, pb = _diag.named_params(model_a), _diag.named_params(model_b)
     _diag.check_same_architecture(pa, pb, la, lb)
-    blocks = _prepare_tokens(a, model_a, data, tokenizer, max_tokens=max_tokens, seed=seed, block_len=block_len)
-    curve = _curve(model_a, model_b, blocks, alphas, task=task, progress=progress)
+    blocks = token_blocks(a, model_a, data, tokenizer, max_tokens=max_tokens, seed=seed, block_len=block_len)
+    curve = loss_curve(model_a, model_b, blocks, alphas, task=task, progress=progress)
     n_tokens = sum(bl.numel() for bl in blocks)
     report = {
         "a": la,
@@ -141,8 +143,8 @@ def connectivity(a: Any, b: Any, data: Any, *, points: int = CONNECTIVITY.points
     return report
 
 
-def _curve(model_a: torch.nn.Module, model_b: torch.nn.Module, blocks: list[torch.Tensor], alphas: list[float], *,
-           task: Callable[[torch.nn.Module], float] | None = None, progress: bool = False) -> dict:
+def loss_curve(model_a: torch.nn.Module, model_b: torch.nn.Module, blocks: list[torch.Tensor], alphas: list[float],
+               *, task: Callable[[torch.nn.Module], float] | None = None, progress: bool = False) -> dict:
     """The curve between two loaded models (the third, interpolated model lives only inside this call)."""
     pa, pb = _diag.named_params(model_a), _diag.named_params(model_b)
     with _diag.progress_bar(progress, len(alphas) + 2, "connectivity") as bar:

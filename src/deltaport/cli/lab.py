@@ -8,6 +8,7 @@ from typing import Literal, Optional
 import typer
 
 from deltaport.cli._common import PROGRESS, QUIET, progress_mode
+from deltaport.lab.config import PRESET_COST
 
 lab_app = typer.Typer(help="Reproduce the paper's controlled study on a tiny model family (CPU).",
                       no_args_is_help=True)
@@ -98,7 +99,8 @@ def register(app: typer.Typer) -> None:
     @app.command("demo")
     def demo(
         output: Path = typer.Option(Path("deltaport-demo"), "-o", "--output", help="run directory"),
-        preset: Literal["quick", "full", "ci"] = typer.Option("quick", "--preset", help="quick (one seed, ~4 min), full (seeds 0,1,2, ~25 min quiet) or ci (~1 min)"),
+        preset: Literal["quick", "full", "ci"] = typer.Option("quick", "--preset", help="; ".join(f"{name}: {cost}" for name, cost in PRESET_COST.items())
+                                                  + " (2-core CPU, 1 thread; docs/lab.md)"),
         quiet: bool = QUIET, progress: Optional[bool] = PROGRESS,
         threads: Optional[int] = typer.Option(None, "--threads", help="torch threads (default 1)"),
         seed: Optional[int] = typer.Option(None, "--seed", help="one seed for world, family and fine-tunes (default: the "

@@ -17,6 +17,13 @@ from deltaport.errors import InputError
 PRESETS_DIR = Path(__file__).parent / "presets"
 VERSIONS = ("M1", "M2", "M3", "M4", "M5")
 EXPERIMENTS = ("grid", "recovery", "transfer_then_finetune", "iterative", "backport", "language", "connectivity")
+#: what each shipped preset costs on one 2-core CPU at 1 torch thread, as measured (docs/lab.md, "Measured"):
+#: the one place ``deltaport demo --help`` and the presets' comments take it from
+PRESET_COST = {
+    "quick": "one seed, 146-166 s of CPU (221 s wall at load 2-4)",
+    "full": "seeds 0, 1, 2, 380-470 s of CPU each (~24 min quiet, estimated from CPU time)",
+    "ci": "structure only, ~1 min",
+}
 
 
 class LabConfigError(InputError):

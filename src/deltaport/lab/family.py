@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from deltaport.io.atomic import atomic_output_dir, atomic_write_file
 from deltaport.lab.config import LabConfig, config_hash
 from deltaport.lab.world import Mix, World, make_tokenizer, make_world, sample_block
 
@@ -91,9 +92,7 @@ def _batch(world: World, cfg: LabConfig, tok, seed: int, step: int):
 
 
 def _save(model, tok, path: Path, provenance: dict) -> None:
-    from deltaport.lab.store import atomic_dir
-
-    with atomic_dir(path) as tmp:
+    with atomic_output_dir(path, overwrite=True) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         (tmp / "lab_provenance.json").write_text(json.dumps(provenance, indent=2, sort_keys=True))
@@ -115,11 +114,11 @@ def _pretrain_run(cfg: LabConfig, world: World, tok, root: Path, seed: int, name
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.pretrain.lr, betas=(0.9, 0.98), weight_decay=0.0)
     start = 0
     if state_path.exists():  # resume a killed run from its last saved checkpoint
-        st = torch.load(state_path, weights_only=True)  # our own file, but never unpickle code
-        if st["step"] <= min(step_of[v] for v in todo):  # else: restart (deterministic, same weights)
-            model.load_state_dict(st["model"])
-            opt.load_state_dict(st["opt"])
-            start = st["step"]
+        saved = torch.load(state_path, weights_only=True)  # our own file, but never unpickle code
+        if saved["step"] <= min(step_of[v] for v in todo):  # else: restart (deterministic, same weights)
+            model.load_state_dict(saved["model"])
+            opt.load_state_dict(saved["opt"])
+            start = saved["step"]
     mark_at = {s: v for v, s in marks}
     model.train()
     losses: list[float] = []
@@ -147,10 +146,8 @@ def _pretrain_run(cfg: LabConfig, world: World, tok, root: Path, seed: int, name
             if v in names and not (root / names[v] / "config.json").exists():
                 _save(model, tok, root / names[v], prov)
             model.train()
-            state_path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({"step": step + 1, "model": model.state_dict(), "opt": opt.state_dict()},
-                       str(state_path) + ".tmp")
-            Path(str(state_path) + ".tmp").replace(state_path)
+            state = {"step": step + 1, "model": model.state_dict(), "opt": opt.state_dict()}
+            atomic_write_file(state_path, lambda tmp: torch.save(state, str(tmp)), overwrite=True)
 
 
 def family_root(cfg: LabConfig, out_dir: str | Path) -> Path:

@@ -15,7 +15,7 @@ from typing import Callable
 
 import numpy as np
 
-from deltaport.lab.stats import as_vector, hierarchical_bootstrap, verdict
+from deltaport.lab.stats import as_vector, hierarchical_bootstrap, spearman, verdict
 
 
 @dataclass(frozen=True)
@@ -76,8 +76,6 @@ def _backport(d, idx):
 
 
 def _barrier_rho(d, idx):
-    from deltaport.lab.run import spearman
-
     barrier, gain = [], []
     for (t, s), rb in d["barrier"].items():
         barrier.append(rb)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from deltaport.lab.config import LabConfig
 from deltaport.lab.findings import decide, fmt, rule_text
+from deltaport.lab.store import write_text
 
 SUMMARY_SCHEMA = 1
 
@@ -95,9 +96,5 @@ def summary_md(sm: dict) -> str:
 
 def write_summary(sm: dict, out: Path) -> None:
     out = Path(out)
-    tmp = out / "summary.json.tmp"
-    tmp.write_text(json.dumps(sm, indent=1, sort_keys=True, default=str))
-    tmp.replace(out / "summary.json")
-    tmp = out / "summary.md.tmp"
-    tmp.write_text(summary_md(sm))
-    tmp.replace(out / "summary.md")
+    write_text(out / "summary.json", json.dumps(sm, indent=1, sort_keys=True, default=str))
+    write_text(out / "summary.md", summary_md(sm))

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+
+from deltaport.lab.store import write_text
 
 # --- the paper's numbers (docs/paper.md; GSM8K unless noted) -------------------------------------
 PAPER_T3 = {  # Table 3: rows = target, cols = source delta
@@ -169,7 +170,6 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 def report_md(r: dict, figs: dict[str, str]) -> str:
     cfg = r["config"]
     V = cfg["versions"]
-    sc = r["scores"]
     n = r["n_items"]
     L = [f"# deltaport lab report: `{r['name']}`", "",
          "Fine-tuning transfer (arXiv 2503.20110) reproduced on a family of tiny Llama models trained from "
@@ -197,7 +197,7 @@ def report_md(r: dict, figs: dict[str, str]) -> str:
                    c["reproduced"] if c["reproduced"] == "yes" else f"**{c['reproduced']}**"]
                   for c in r["claims"]]), ""]
     inv = r.get("invariants", {}).get("identity_Mi_plus_Di_equals_FT", {})
-    L += [f"Invariant M_i + Δ_i == FT(M_i), tensor-equal: "
+    L += ["Invariant M_i + Δ_i == FT(M_i), tensor-equal: "
           + ", ".join(f"{v}: {'exact' if ok else 'NOT exact'}" for v, ok in inv.items()), ""]
     g = r.get("grid")
     if g:
@@ -322,7 +322,6 @@ def report_md(r: dict, figs: dict[str, str]) -> str:
            "(keys cover every input's content hash, the recipe and the library versions)." if reused else
            "Cache: nothing reused; every step was computed in this run."), "",
           f"Per-item scorer vs lm-eval exact match: largest difference {r.get('item_scorer_max_mismatch', 0):.4f}.", "",
-          "Steps ran through: " + "; ".join(f"{k}: {v}" for k, v in sorted(r.get("backends", {}).items())) + ".", "",
           "Timings (s): " + ", ".join(f"{k} {v}" for k, v in r.get("timings_s", {}).items()) + ".", ""]
     return "\n".join(L)
 
@@ -426,9 +425,5 @@ def write_outputs(r: dict, run_dir: Path) -> None:
     r["claims"] = claims(r)
     figs = figures(r, run_dir / "figures")
     r["figures"] = figs
-    tmp = run_dir / "results.json.tmp"
-    tmp.write_text(json.dumps(r, indent=1, sort_keys=True, default=str))
-    tmp.replace(run_dir / "results.json")
-    tmp = run_dir / "report.md.tmp"
-    tmp.write_text(report_md(r, figs))
-    tmp.replace(run_dir / "report.md")
+    write_text(run_dir / "results.json", json.dumps(r, indent=1, sort_keys=True, default=str))
+    write_text(run_dir / "report.md", report_md(r, figs))

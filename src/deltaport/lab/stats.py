@@ -7,7 +7,8 @@ resample the seeds with replacement, then, inside each drawn seed, resample its 
 replacement, recompute the statistic per drawn seed and average. With one seed only the items are
 resampled (the interval then says nothing about seed-to-seed variation, and the report says so).
 
-Deterministic: the resampling uses ``numpy.random.default_rng(seed)``.
+Deterministic: the resampling uses ``numpy.random.default_rng(seed)``. :func:`spearman` is the rank
+correlation of the connectivity section and of finding (f).
 """
 
 from __future__ import annotations
@@ -91,3 +92,29 @@ def verdict(ci: dict, threshold: float, direction: str) -> str:
     if direction == "<=":
         return "yes" if hi <= threshold else "no" if lo > threshold else "inconclusive"
     raise ValueError(f"direction must be '>=', '>' or '<=', got {direction!r}")
+
+
+def spearman(x: list[float], y: list[float]) -> float | None:
+    """Spearman rank correlation (average ranks for ties); None when undefined."""
+    if len(x) < 3 or len(x) != len(y):
+        return None
+
+    def ranks(values):
+        order = sorted(range(len(values)), key=lambda i: values[i])
+        rank = [0.0] * len(values)
+        i = 0
+        while i < len(values):
+            j = i
+            while j + 1 < len(values) and values[order[j + 1]] == values[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                rank[order[k]] = (i + j) / 2
+            i = j + 1
+        return rank
+
+    rx, ry = ranks(x), ranks(y)
+    mean_x, mean_y = sum(rx) / len(rx), sum(ry) / len(ry)
+    cov = sum((a - mean_x) * (b - mean_y) for a, b in zip(rx, ry))
+    sd_x = sum((a - mean_x) ** 2 for a in rx) ** 0.5
+    sd_y = sum((b - mean_y) ** 2 for b in ry) ** 0.5
+    return cov / (sd_x * sd_y) if sd_x > 0 and sd_y > 0 else None

@@ -1,318 +1,272 @@
-"""The lab's steps, each one call into deltaport's library, cached by the content of its inputs.
+"""Every model operation of the lab: one call into deltaport's library, cached by the content of its inputs.
 
-``Steps`` owns a run directory::
+:class:`CachedLibrary` owns a run directory::
 
     RUN_DIR/models/<name>/     fine-tuned and merged models (HF dirs + provenance)
     RUN_DIR/deltas/<name>/     Δ = FT(M) − M, written by deltaport.diff
-    RUN_DIR/cache/*.json       evaluation / connectivity / check records, keyed by content hashes
+    RUN_DIR/cache/*.json       evaluation / curve / barrier / check records, keyed by content hashes
     RUN_DIR/tasks/             the lm-eval local tasks
 
-A model directory carries ``lab_key.json``: the hash of its inputs' weights and the step's
-parameters. A directory whose key matches is reused; otherwise it is rebuilt (atomically).
-
-Which implementation ran each kind of step is recorded in ``Steps.backends`` ("deltaport.X" or
-"fallback: ..."), and the report prints it.
+Each method computes its cache key first (:func:`deltaport.lab.store.step_key`: the content hashes of
+its inputs and its parameters); a finished result with that key is reused, anything else is computed
+by the library (``deltaport.diff``, ``deltaport.apply``, ``deltaport.finetune``, ``deltaport.evaluate``,
+``deltaport.connectivity``, ``deltaport.check``) and stored under the key.
 """
 
 from __future__ import annotations
 
-import functools
+import contextlib
+import hashlib
 import json
-import logging
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable, Iterator
 
-from deltaport.lab.store import JsonCache, atomic_dir, model_hash, step_key
-
-LOG = logging.getLogger(__name__)
+from deltaport.lab.store import JsonCache, is_built, mark_built, model_hash, step_key
 
 
-@functools.lru_cache(maxsize=None)
-def _library(name: str):
-    import importlib
+class CachedLibrary:
+    """deltaport's library calls for one lab run, each cached by content.
 
-    try:
-        return importlib.import_module(name)
-    except ImportError as exc:
-        LOG.warning("deltaport library module %s unavailable (%s); the lab uses its labelled fallback", name, exc)
-        return None
+    Counters read by the report: ``reused`` (steps taken from the cache, and ``computed_*`` ones),
+    ``timings`` (seconds per kind of step), ``items`` (per-item correctness of every scored
+    ``(model, task)``) and ``item_mismatch`` (largest gap between the per-item scorer and lm-eval).
+    """
 
-
-class Steps:
     def __init__(self, run_dir: Path, tokenizer, tasks: dict[str, Path], *, seed: int = 0,
                  tick: Callable[[str], None] | None = None):
         self.run_dir = Path(run_dir)
-        self.tok = tokenizer
+        self.tokenizer = tokenizer
         self.tasks = tasks
         self.seed = seed
         self.cache = JsonCache(self.run_dir / "cache")
-        self.backends: dict[str, str] = {}
-        self.timings: dict[str, float] = {}
         self.tick = tick or (lambda label: None)
-        self._models: dict[str, Any] = {}
+        self.timings: dict[str, float] = {}
+        self.reused: dict[str, int] = {}
         self.items: dict[tuple[str, str], str] = {}
         self.item_mismatch = 0.0
-        self.reused: dict[str, int] = {}
+        self._loaded: dict[str, object] = {}  # content hash -> model in memory
 
-    # ------------------------------------------------------------ helpers
-    def _timed(self, kind: str, t0: float) -> None:
-        self.timings[kind] = self.timings.get(kind, 0.0) + time.perf_counter() - t0
+    def _count(self, what: str) -> None:
+        self.reused[what] = self.reused.get(what, 0) + 1
 
-    def _cached_dir(self, path: Path, key: str) -> bool:
-        f = path / "lab_key.json"
-        return f.exists() and json.loads(f.read_text()).get("key") == key
-
-    def _mark(self, path: Path, key: str, info: dict) -> None:
-        (path / "lab_key.json").write_text(json.dumps({"key": key, **info}, indent=1, sort_keys=True, default=str))
+    @contextlib.contextmanager
+    def timed(self, kind: str) -> Iterator[None]:
+        """Add the block's wall time to ``timings[kind]``."""
+        start = time.perf_counter()
+        yield
+        self.timings[kind] = self.timings.get(kind, 0.0) + time.perf_counter() - start
 
     def load(self, path: Path):
-        """An in-memory model for ``path`` (cached per content hash)."""
+        """The model at ``path`` in memory (loaded once per content hash)."""
         from transformers import AutoModelForCausalLM
 
-        h = model_hash(path)
-        if h not in self._models:
-            if len(self._models) > 64:
-                self._models.clear()
-            self._models[h] = AutoModelForCausalLM.from_pretrained(path).eval()
-        return self._models[h]
+        digest = model_hash(path)
+        if digest not in self._loaded:
+            if len(self._loaded) > 64:
+                self._loaded.clear()
+            self._loaded[digest] = AutoModelForCausalLM.from_pretrained(path).eval()
+        return self._loaded[digest]
 
     # ------------------------------------------------------------ diff / apply
     def delta(self, base: Path, finetuned: Path, name: str) -> Path:
-        """Δ = finetuned − base, written by ``deltaport.diff``."""
+        """Δ = finetuned − base, written by ``deltaport.diff`` into ``deltas/<name>``."""
+        from deltaport.ops import diff
+
         out = self.run_dir / "deltas" / name
         key = step_key("diff", base=model_hash(base), finetuned=model_hash(finetuned))
-        if self._cached_dir(out, key):
+        if is_built(out, key):
             return out
-        t0 = time.perf_counter()
-        ops = _library("deltaport.ops")
-        if ops is not None:
-            ops.diff(base, finetuned, out, overwrite=True)
-            self.backends["diff"] = "deltaport.diff"
-        else:
-            self._fallback_arith(out, {"f": finetuned, "b": base}, lambda t: t["f"] - t["b"], like=finetuned)
-            self.backends["diff"] = "fallback: lab float64 arithmetic"
-        self._mark(out, key, {"base": str(base), "finetuned": str(finetuned)})
-        self._timed("diff", t0)
+        with self.timed("diff"):
+            diff(base, finetuned, out, overwrite=True)
+            mark_built(out, key, {"base": str(base), "finetuned": str(finetuned)})
         return out
 
     def apply(self, delta: Path, target: Path, name: str, *, scale: float = 1.0) -> Path:
-        """``target + scale·Δ``, written by ``deltaport.apply``."""
+        """``target + scale·Δ``, written by ``deltaport.apply`` into ``models/<name>``."""
+        from deltaport.ops import apply
+
         out = self.run_dir / "models" / name
         key = step_key("apply", delta=model_hash(delta), target=model_hash(target), scale=scale)
-        if self._cached_dir(out, key):
+        if is_built(out, key):
             return out
-        t0 = time.perf_counter()
-        ops = _library("deltaport.ops")
-        if ops is not None:
-            ops.apply(delta, target, out, scale=scale, overwrite=True)
-            self.backends["apply"] = "deltaport.apply"
-        else:
-            self._fallback_arith(out, {"d": delta, "t": target}, lambda t: t["t"] + scale * t["d"], like=target)
-            self.backends["apply"] = "fallback: lab float64 arithmetic"
-        self._mark(out, key, {"delta": str(delta), "target": str(target), "scale": scale})
-        self._timed("apply", t0)
+        with self.timed("apply"):
+            apply(delta, target, out, scale=scale, overwrite=True)
+            mark_built(out, key, {"delta": str(delta), "target": str(target), "scale": scale})
         return out
-
-    def _fallback_arith(self, out: Path, inputs: dict[str, Path], fn, like: Path) -> None:
-        import shutil
-
-        from safetensors.torch import load_file, save_file
-
-        tensors = {k: load_file(str(p / "model.safetensors")) for k, p in inputs.items()}
-        first = next(iter(tensors.values()))
-        result = {n: fn({k: t[n].double() for k, t in tensors.items()}).to(first[n].dtype) for n in first}
-        with atomic_dir(out) as tmp:
-            save_file(result, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-            for f in like.iterdir():
-                if f.is_file() and not f.name.endswith(".safetensors") and not f.name.startswith(("lab_", "deltaport")):
-                    shutil.copy(f, tmp / f.name)
 
     # ------------------------------------------------------------ fine-tuning
     def finetune(self, init: Path, records: list[dict], name: str, *, steps: int, lr: float, batch_size: int,
                  curve_task: str | None = None, curve_every: int = 0, data_label: str = "sft") -> tuple[Path, list]:
-        """Fine-tune ``init`` on chat ``records`` with ``deltaport.finetune``; returns (path, curve).
+        """Fine-tune ``init`` on chat ``records`` with ``deltaport.finetune`` into ``models/<name>``;
+        returns (path, curve).
 
-        ``curve`` is ``[(step, heldout score), ...]`` when ``curve_task`` is given (evaluated every
-        ``curve_every`` steps, step 0 included).
+        ``curve`` is ``[(step, exact match), ...]`` on ``curve_task`` when given (evaluated every
+        ``curve_every`` steps, step 0 included), else ``[]``.
         """
+        from deltaport.finetune import finetune
+
         out = self.run_dir / "models" / name
         key = step_key("finetune", init=model_hash(init), data=records, steps=steps, lr=lr, bs=batch_size,
                        seed=self.seed, recipe="quick")
-        curve_key = step_key("curve", ft=key, task=curve_task, items=_file_hash(self.tasks[curve_task])
+        curve_key = step_key("curve", ft=key, task=curve_task, items=_task_hash(self.tasks[curve_task])
                              if curve_task else None, every=curve_every)
-        if self._cached_dir(out, key) and (curve_task is None or self.cache.get(curve_key) is not None):
-            self.reused["finetunes"] = self.reused.get("finetunes", 0) + 1
+        if is_built(out, key) and (curve_task is None or self.cache.get(curve_key) is not None):
+            self._count("finetunes")
             return out, (self.cache.get(curve_key) or {}).get("curve", [])
-        t0 = time.perf_counter()
-        curve: list = []
-        ft = _library("deltaport.finetune")
-        if ft is not None:
-            kwargs: dict[str, Any] = dict(recipe="quick", steps=steps, lr=lr, batch_size=batch_size, seed=self.seed,
-                                          overwrite=True, progress=False)
+        with self.timed("finetune"):
+            options = dict(recipe="quick", steps=steps, lr=lr, batch_size=batch_size, seed=self.seed, overwrite=True,
+                           progress=False)
             if curve_task:
-                kwargs.update(eval_every=curve_every, eval_tasks=[str(self.tasks[curve_task])])
-            res = ft.finetune(str(init), records, str(out), **kwargs)
-            curve = _curve_from_evals(getattr(res, "evals", None) or [], curve_task)
-            if curve_task and not any(s == 0 for s, _ in curve):
-                curve.insert(0, (0, self.score(init, curve_task)))
-            self.backends["finetune"] = "deltaport.finetune"
-        else:
-            import copy
-
-            from deltaport.lab import fallback
-
-            model = copy.deepcopy(self.load(init))
-            items = self._items(curve_task) if curve_task else []
-
-            def cb(step, m):
-                curve.append((step, fallback.score(m, self.tok, items)))
-
-            fallback.sft(model, self.tok, records, steps=steps, lr=lr, batch_size=batch_size, seed=self.seed,
-                         callback=cb if curve_task else None, every=curve_every)
-            with atomic_dir(out) as tmp:
-                model.save_pretrained(tmp, safe_serialization=True)
-                self.tok.save_pretrained(tmp)
-                (tmp / "lab_provenance.json").write_text(json.dumps(
-                    {"init": str(init), "steps": steps, "lr": lr, "batch_size": batch_size, "seed": self.seed,
-                     "data": data_label, "n_records": len(records), "builder": "deltaport.lab.fallback.sft"},
-                    indent=1))
-            self.backends["finetune"] = "fallback: lab AdamW loop (deltaport.finetune not importable)"
-        self._mark(out, key, {"init": str(init), "steps": steps, "lr": lr, "data": data_label})
-        if curve_task:
-            self.cache.put(curve_key, {"curve": curve})
-        self._timed("finetune", t0)
-        self.reused["computed_finetunes"] = self.reused.get("computed_finetunes", 0) + 1
+                options.update(eval_every=curve_every, eval_tasks=[str(self.tasks[curve_task])])
+            result = finetune(str(init), records, str(out), **options)
+            curve = curve_of(result.evals, curve_task) if curve_task else []
+            if curve_task and not any(step == 0 for step, _ in curve):
+                curve.insert(0, (0, self.exact_match({init.name: init}, [curve_task])[init.name][curve_task]))
+            mark_built(out, key, {"init": str(init), "steps": steps, "lr": lr, "data": data_label})
+            if curve_task:
+                self.cache.put(curve_key, {"curve": curve})
+        self._count("computed_finetunes")
         self.tick(f"finetune {name}")
         return out, curve
 
     # ------------------------------------------------------------ evaluation
-    def _items(self, task: str) -> list[dict]:
+    def task_items(self, task: str) -> list[dict]:
+        """The items (jsonl rows: prompt, answer, ...) of lab task ``task``."""
         path = Path(str(self.tasks[task]).replace(".yaml", ".jsonl"))
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
-    def score(self, model: Path, task: str, *, limit: int | None = None) -> float:
-        """Exact match of ``model`` on lab task ``task`` through ``deltaport.evaluate`` (cached)."""
-        return self.scores({model.name: model}, [task], limit=limit)[model.name][task]
-
-    def scores(self, models: dict[str, Path], tasks: list[str], *, limit: int | None = None,
-               with_items: bool = True) -> dict[str, dict[str, float]]:
-        """``{name: {task: exact_match}}`` for several models; only uncached (model, task) pairs run.
+    def exact_match(self, models: dict[str, Path], tasks: list[str], *, limit: int | None = None,
+                    with_items: bool = True) -> dict[str, dict[str, float]]:
+        """``{name: {task: exact_match}}`` through ``deltaport.evaluate``; only uncached (model, task) pairs run.
 
         With ``with_items`` the per-item correctness (``"0110…"``, one character per item, task order)
         is also measured by :func:`item_correct` and kept in ``self.items[(name, task)]`` (for the
         bootstrap); ``self.item_mismatch`` records the largest difference between its mean and
         lm-eval's exact match (0 when both scorers agree).
         """
-        out: dict[str, dict[str, float]] = {n: {} for n in models}
+        from deltaport.evaluation import evaluate
+
+        out: dict[str, dict[str, float]] = {name: {} for name in models}
         todo: dict[str, Path] = {}
         keys = {}
-        for n, p in models.items():
-            for t in tasks:
-                k = step_key("eval", model=model_hash(p), task=t, items=_file_hash(self.tasks[t]), limit=limit,
-                             seed=self.seed, scorer="lm-eval exact_match + item_correct")
-                keys[(n, t)] = k
-                rec = self.cache.get(k)
-                if rec is None or (with_items and "items" not in rec):
-                    todo[n] = p
+        for name, path in models.items():
+            for task in tasks:
+                key = step_key("eval", model=model_hash(path), task=task, items=_task_hash(self.tasks[task]),
+                               limit=limit, seed=self.seed, scorer="lm-eval exact_match + item_correct")
+                keys[(name, task)] = key
+                record = self.cache.get(key)
+                if record is None or (with_items and "items" not in record):
+                    todo[name] = path
                 else:
-                    out[n][t] = rec["exact_match"]
-                    if "items" in rec:
-                        self.items[(n, t)] = rec["items"]
-                    self.reused["evals"] = self.reused.get("evals", 0) + 1
+                    out[name][task] = record["exact_match"]
+                    if "items" in record:
+                        self.items[(name, task)] = record["items"]
+                    self._count("evals")
         if not todo:
             return out
-        t0 = time.perf_counter()
-        ev = _library("deltaport.evaluation")
-        if ev is not None:
-            res = ev.evaluate({n: (self.load(p), self.tok) for n, p in todo.items()},
-                              [str(self.tasks[t]) for t in tasks], limit=limit, device="cpu", batch_size=64,
+        with self.timed("eval"):
+            result = evaluate({name: (self.load(path), self.tokenizer) for name, path in todo.items()},
+                              [str(self.tasks[task]) for task in tasks], limit=limit, device="cpu", batch_size=64,
                               seed=self.seed, progress=False)
-            for n in todo:
-                for t in tasks:
-                    out[n][t] = _exact_match(res["results"][n], t)
-            self.backends["eval"] = "deltaport.evaluate (lm-eval local task)"
-        else:
-            from deltaport.lab import fallback
-
-            for n, p in todo.items():
-                for t in tasks:
-                    items = self._items(t)[:limit] if limit else self._items(t)
-                    out[n][t] = fallback.score(self.load(p), self.tok, items)
-            self.backends["eval"] = "fallback: lab greedy exact match (deltaport.evaluate not importable)"
-        for n in todo:
-            for t in tasks:
-                rec = {"exact_match": out[n][t], "model": str(todo[n]), "task": t}
-                if with_items:
-                    rec["items"] = item_correct(self.load(todo[n]), self.tok, self._items(t)[:limit] if limit
-                                                else self._items(t))
-                self.cache.put(keys[(n, t)], rec)
-                self.reused["computed_evals"] = self.reused.get("computed_evals", 0) + 1
-        for n in todo:
-            for t in tasks:
-                rec = self.cache.get(keys[(n, t)])
-                if rec and "items" in rec:
-                    self.items[(n, t)] = rec["items"]
-                    mean = rec["items"].count("1") / max(1, len(rec["items"]))
-                    self.item_mismatch = max(self.item_mismatch, abs(mean - out[n][t]))
-        self._timed("eval", t0)
+            for name, path in todo.items():
+                for task in tasks:
+                    out[name][task] = exact_match_of(result["results"][name], task)
+                    record = {"exact_match": out[name][task], "model": str(path), "task": task}
+                    if with_items:
+                        items = self.task_items(task)[:limit] if limit else self.task_items(task)
+                        record["items"] = item_correct(self.load(path), self.tokenizer, items)
+                        self.items[(name, task)] = record["items"]
+                        mean = record["items"].count("1") / max(1, len(record["items"]))
+                        self.item_mismatch = max(self.item_mismatch, abs(mean - out[name][task]))
+                    self.cache.put(keys[(name, task)], record)
+                    self._count("computed_evals")
         self.tick(f"eval {len(todo)} model(s)")
         return out
 
+    # ------------------------------------------------------------ diagnostics
+    def barrier(self, a: Path, b: Path, texts: list[str], *, points: int, max_tokens: int) -> dict:
+        """The loss curve on the straight line from ``a`` to ``b`` (``deltaport.connectivity``) and its barrier."""
+        from deltaport.connectivity import connectivity
 
-def _file_hash(path: Path) -> str:
-    import hashlib
+        key = step_key("conn", a=model_hash(a), b=model_hash(b), texts=texts, points=points, seed=self.seed)
+        record = self.cache.get(key)
+        if record is None:
+            found = connectivity(str(a), str(b), texts, points=points, max_tokens=max_tokens, seed=self.seed)
+            record = {k: found[k] for k in ("alphas", "losses", "barrier", "relative_barrier", "loss_a", "loss_b")}
+            self.cache.put(key, record)
+            self.tick(f"barrier {a.name}-{b.name}")
+        return record
 
-    p = Path(str(path).replace(".yaml", ".jsonl"))
-    return hashlib.sha256(p.read_bytes() + Path(path).read_bytes()).hexdigest()[:16]
+    def check(self, source_base: Path, source_ft: Path, target: Path, texts: list[str], *, max_tokens: int) -> dict:
+        """``deltaport check``'s verdict and signals for moving FT(source) − source onto ``target``
+        (``{"verdict": "error", "error": ...}`` when check refuses the pair)."""
+        from deltaport.check import SIGNALS, check, load_calibration
+        from deltaport.errors import DeltaportError
+        from deltaport.lab.config import config_hash
+
+        key = step_key("check", a=model_hash(source_base), b=model_hash(target), texts=texts, points=5, seed=self.seed,
+                       ft=model_hash(source_ft), calibration=config_hash(load_calibration()))
+        record = self.cache.get(key)
+        if record is None:
+            try:
+                found = check(str(source_base), str(source_ft), str(target), texts, max_tokens=max_tokens,
+                              seed=self.seed)
+                record = {"verdict": found["verdict"], "signals": {k: found["signals"][k] for k in SIGNALS}}
+            except DeltaportError as exc:
+                record = {"verdict": "error", "error": str(exc), "signals": {}}
+            self.cache.put(key, record)
+            self.tick(f"check {source_base.name} -> {target.name}")
+        return record
 
 
-def _exact_match(task_results: dict, task: str) -> float:
+def _task_hash(task_yaml: Path) -> str:
+    """Content hash of a lab task: its items (jsonl) and its definition (yaml)."""
+    items = Path(str(task_yaml).replace(".yaml", ".jsonl"))
+    return hashlib.sha256(items.read_bytes() + Path(task_yaml).read_bytes()).hexdigest()[:16]
+
+
+def exact_match_of(task_results: dict, task: str) -> float:
     """The exact-match value of ``task`` in one model's results (metric keys look like
     ``exact_match,<filter>``)."""
     from deltaport.errors import RuntimeFailure
 
-    for tname, metrics in task_results.items():
-        if Path(tname).stem == task or tname == task or tname.endswith(task):
+    for name, metrics in task_results.items():
+        if Path(name).stem == task or name == task or name.endswith(task):
             for k, v in metrics.items():
                 if k.startswith("exact_match") and "stderr" not in k:
                     return float(v)
     raise RuntimeFailure(f"lab: no exact_match for task {task!r} in evaluation results {task_results!r}")
 
 
-def _curve_from_evals(evals: Any, task: str | None) -> list:
-    """Normalise ``FinetuneResult.evals`` into ``[(step, score)]``."""
+def curve_of(evals: list[dict], task: str) -> list:
+    """``[(step, exact match on task)]`` from ``FinetuneResult.evals`` (records without the task left out)."""
     curve = []
-    if not task:
-        return curve
-    items = evals.items() if isinstance(evals, dict) else enumerate(evals)
-    for k, e in items:
-        step = e.get("step", k) if isinstance(e, dict) else k
-        res = e.get("results", e) if isinstance(e, dict) else e
+    for record in evals:
         try:
-            curve.append((int(step), _exact_match(res, task)))
+            curve.append((int(record["step"]), exact_match_of(record["results"], task)))
         except Exception:  # noqa: BLE001 - a record without this task
             continue
     return sorted(curve)
 
 
-def item_correct(model, tok, items: list[dict]) -> str:
+def item_correct(model, tokenizer, items: list[dict]) -> str:
     """Per-item greedy correctness (``"1"``/``"0"`` per item): the most likely next token after the prompt
     is the answer's single token (the lab's tokenizer is word-level, so the first generated word is one
     token). Used for the bootstrap; its mean is checked against lm-eval's exact match in every run."""
     import torch
 
-    tok.padding_side = "left"
+    tokenizer.padding_side = "left"
     out = []
     with torch.no_grad():
         for i in range(0, len(items), 64):
             chunk = items[i:i + 64]
-            enc = tok([it["prompt"] for it in chunk], return_tensors="pt", padding=True, add_special_tokens=False)
-            pos = enc["attention_mask"].long().cumsum(-1) - 1
+            enc = tokenizer([it["prompt"] for it in chunk], return_tensors="pt", padding=True, add_special_tokens=False)
+            positions = enc["attention_mask"].long().cumsum(-1) - 1
             logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
-                           position_ids=pos.clamp(min=0)).logits[:, -1, :]
-            pred = logits.argmax(-1).tolist()
-            for it, p in zip(chunk, pred):
-                ids = tok(it["answer"], add_special_tokens=False)["input_ids"]
-                out.append("1" if len(ids) == 1 and ids[0] == p else "0")
+                           position_ids=positions.clamp(min=0)).logits[:, -1, :]
+            predicted = logits.argmax(-1).tolist()
+            for it, token in zip(chunk, predicted):
+                ids = tokenizer(it["answer"], add_special_tokens=False)["input_ids"]
+                out.append("1" if len(ids) == 1 and ids[0] == token else "0")
     return "".join(out)

@@ -1,75 +1,59 @@
-"""Artifact store of a lab run: atomic directories and a content-keyed cache of step results.
+"""The lab's cache: content hashes, cache keys, and where a finished step's result is kept.
 
-Every expensive step (a fine-tune, a transfer, an evaluation) is keyed by the *content hashes* of
-its inputs plus its parameters; its result (a model directory, or a JSON record) is stored under
-that key, so a rerun (or a resumed, killed run) reuses what is done.
+Every expensive step (a fine-tune, a Δ, a transfer, an evaluation, a barrier, a check) is keyed by
+:func:`step_key`: the *content hashes* of its inputs, its parameters, and the library versions. Its
+result is kept in one of two places, so a rerun (or a resumed, killed run) reuses what is done:
+
+* a model or Δ directory carries ``lab_key.json`` with the key it was built for
+  (:func:`is_built` / :func:`mark_built`);
+* a JSON record (scores, curves, barriers, check verdicts) is ``cache/<key>.json`` (:class:`JsonCache`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import shutil
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
+from deltaport.io.atomic import atomic_write_file
+from deltaport.io.checkpoint import content_hash
+from deltaport.lab import env
 
-@contextlib.contextmanager
-def atomic_dir(path: Path) -> Iterator[Path]:
-    """Write into a temporary sibling of ``path``; rename to ``path`` only on success."""
-    try:
-        from deltaport.io.atomic import atomic_output_dir
-    except ImportError:  # core engine not importable (should not happen once it has landed)
-        atomic_output_dir = None
-    path = Path(path)
-    if atomic_output_dir is not None:
-        with atomic_output_dir(path, overwrite=True) as tmp:
-            yield Path(tmp)
-        return
-    tmp = path.with_name(f".{path.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if path.exists():
-        shutil.rmtree(path)
-    tmp.rename(path)
-
-
-_HASH_CACHE: dict[tuple[str, float], str] = {}
+#: (resolved directory, newest weight file's mtime) -> content hash: a model's hash is read once per run
+_MODEL_HASHES: dict[tuple[str, float], str] = {}
 
 
 def model_hash(path: Path) -> str:
     """Content hash of a model directory's weights (deltaport's ``content_hash``), memoised by mtime."""
     path = Path(path)
     key = (str(path.resolve()), max((p.stat().st_mtime for p in path.glob("*.safetensors")), default=0.0))
-    if key not in _HASH_CACHE:
-        try:
-            from deltaport.io.checkpoint import content_hash
-        except ImportError:
-            content_hash = None
-        if content_hash is not None:
-            _HASH_CACHE[key] = content_hash(path)
-        else:
-            h = hashlib.sha256()
-            for f in sorted(path.glob("*.safetensors")):
-                h.update(f.read_bytes())
-            _HASH_CACHE[key] = h.hexdigest()
-    return _HASH_CACHE[key]
+    if key not in _MODEL_HASHES:
+        _MODEL_HASHES[key] = content_hash(path)
+    return _MODEL_HASHES[key]
 
 
 def step_key(kind: str, **parts: Any) -> str:
     """A cache key: ``kind`` + the JSON of ``parts`` (content hashes of every input, parameters) + the
     library versions and deltaport's release version (:func:`deltaport.lab.env.cache_salt`), hashed."""
-    from deltaport.lab.env import cache_salt
-
-    blob = json.dumps({"kind": kind, **parts, "_env": cache_salt()}, sort_keys=True, default=str)
+    blob = json.dumps({"kind": kind, **parts, "_env": env.cache_salt()}, sort_keys=True, default=str)
     return f"{kind}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
+
+
+def write_text(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` through a temporary sibling (a killed run never leaves half a file)."""
+    atomic_write_file(path, lambda tmp: tmp.write_text(text), overwrite=True)
+
+
+def is_built(path: Path, key: str) -> bool:
+    """Whether the directory ``path`` holds the result of the step with cache key ``key``."""
+    marker = Path(path) / "lab_key.json"
+    return marker.exists() and json.loads(marker.read_text()).get("key") == key
+
+
+def mark_built(path: Path, key: str, info: dict) -> None:
+    """Record in ``path/lab_key.json`` that the directory holds the result of step ``key`` (``info``: its inputs)."""
+    write_text(Path(path) / "lab_key.json", json.dumps({"key": key, **info}, indent=1, sort_keys=True, default=str))
 
 
 class JsonCache:
@@ -80,11 +64,8 @@ class JsonCache:
         self.root.mkdir(parents=True, exist_ok=True)
 
     def get(self, key: str) -> Any | None:
-        p = self.root / f"{key}.json"
-        return json.loads(p.read_text()) if p.exists() else None
+        path = self.root / f"{key}.json"
+        return json.loads(path.read_text()) if path.exists() else None
 
     def put(self, key: str, value: Any) -> None:
-        p = self.root / f"{key}.json"
-        tmp = p.with_name(p.name + ".tmp")
-        tmp.write_text(json.dumps(value, indent=1, sort_keys=True, default=str))
-        tmp.replace(p)
+        write_text(self.root / f"{key}.json", json.dumps(value, indent=1, sort_keys=True, default=str))
