@@ -296,7 +296,8 @@ class _Runner:
         p = self.eval_path(model_id)
         if p.is_file():
             return json.loads(p.read_text())
-        from deltaport.evaluate import evaluate, write_json
+        from deltaport.evaluate import evaluate
+        from deltaport.io.atomic import write_json
 
         d = self.ensure_model(model_id)
         ev = self.chain.eval
@@ -348,8 +349,10 @@ def run_chain(chain, run_dir, *, resume=False, progress=False) -> dict:
 
 
 def _run(c: Chain, run: Path, chain_json: str, progress: bool) -> dict:
+    from deltaport.io.atomic import atomic_write_file, write_json
+
     run.mkdir(parents=True, exist_ok=True)
-    (run / "chain.json").write_text(chain_json + "\n")
+    atomic_write_file(run / "chain.json", lambda tmp: tmp.write_text(chain_json + "\n"), overwrite=True)
     # a step killed mid-write left a temporary sibling; atomic_output_dir removes it when the step reruns
     r = _Runner(c, run, progress)
     plan = strategy_models(c)
@@ -376,10 +379,8 @@ def _run(c: Chain, run: Path, chain_json: str, progress: bool) -> dict:
     }
     out["table"] = strategy_table(out)
     out["curves"] = _plot_curves(out, run)
-    from deltaport.evaluate import _atomic_write, write_json
-
     write_json(run / "results.json", out)
-    _atomic_write(run / "table.md", out["table"])
+    atomic_write_file(run / "table.md", lambda tmp: tmp.write_text(out["table"]), overwrite=True)
     return out
 
 
@@ -470,11 +471,9 @@ def _plot_curves(out: dict, run: Path) -> dict[str, str]:
     data = out["curves_data"]
     if not data:
         return {}
-    import matplotlib
+    from deltaport.figures import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     columns = out.get("columns") or {}
     tasks = sorted({t for pv in data.values() for evs in pv.values() for e in evs for t in e["results"]})
     versions = [v["name"] for v in out["chain"]["versions"]]
@@ -504,9 +503,6 @@ def _plot_curves(out: dict, run: Path) -> dict[str, str]:
             ax.legend(fontsize=8)
         fig.tight_layout()
         p = run / f"curves_{name}.png"
-        tmp = run / f".curves_{name}.tmp.png"
-        fig.savefig(tmp, dpi=100)
-        plt.close(fig)
-        tmp.replace(p)
+        save_figure(fig, p, dpi=100, bbox_inches=None)
         paths[name] = str(p)
     return paths

@@ -1,4 +1,6 @@
-"""Crash-safe output directories.
+"""Crash-safe outputs: directories (:func:`atomic_output_dir`), single files (:func:`atomic_write_file`,
+:func:`write_json`), and the checks that refuse an unusable output before any work
+(:func:`check_output_location`, :func:`check_output_file`).
 
 Every command writes into a temporary *sibling* of its output (``.NAME.deltaport-tmp-PID-XXXX``) and
 only renames it into place once complete and verified. With ``overwrite=True`` an existing output is
@@ -16,6 +18,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
+import json
 import logging
 import os
 import secrets
@@ -24,6 +27,7 @@ import signal
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 from deltaport.errors import DiskError, OutputError
 
@@ -218,7 +222,6 @@ def atomic_output_dir(out: str | Path, *, overwrite: bool = False, inputs: Itera
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}{TMP_TAG}{os.getpid()}-{secrets.token_hex(4)}"
     tmp.mkdir()
-    committed = False
     stranded: Path | None = None  # the previous output while it is moved aside (non-atomic fallback)
     try:
         yield tmp
@@ -229,18 +232,15 @@ def atomic_output_dir(out: str | Path, *, overwrite: bool = False, inputs: Itera
                     raise OutputError(f"output {out} appeared while deltaport was writing it (another process?); "
                                       "the new output was discarded. Pass --overwrite to replace it.")
                 if _exchange(tmp, out):  # tmp now holds the old output
-                    committed = True
                     _fsync_dir(out.parent)
                 else:
                     stranded = out.parent / f".{out.name}{OLD_TAG}{os.getpid()}-{secrets.token_hex(4)}"
                     os.rename(out, stranded)
                     os.rename(tmp, out)
-                    committed = True
                     _fsync_dir(out.parent)
                     tmp, stranded = stranded, None
             else:
                 _rename_noreplace(tmp, out)
-                committed = True
                 _fsync_dir(out.parent)
             COMMITTED.append(out)
         shutil.rmtree(tmp, ignore_errors=True)  # the previous output, after an overwrite
@@ -305,3 +305,26 @@ def atomic_write_file(path: str | Path, write: Callable[[Path], None], *, overwr
                             "another output location.") from None
         raise
     return path
+
+
+def _json_default(o: Any) -> Any:
+    """JSON for what reports hold besides plain types: a path as its string, a numpy scalar as its value,
+    anything else as its ``str``."""
+    if isinstance(o, Path):
+        return str(o)
+    try:
+        import numpy as np
+
+        if isinstance(o, np.generic):
+            return o.item()
+    except ImportError:  # pragma: no cover
+        pass
+    return str(o)
+
+
+def write_json(path: str | Path, obj: Any, *, overwrite: bool = True, record: bool = False) -> Path:
+    """Write ``obj`` as JSON (indent 2, keys in their order, a final newline) through
+    :func:`atomic_write_file`: never half-written; without ``overwrite`` an existing file is refused.
+    Paths and numpy scalars are written as strings and numbers; ``record`` as in :func:`atomic_write_file`."""
+    text = json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n"
+    return atomic_write_file(path, lambda tmp: tmp.write_text(text), overwrite=overwrite, record=record)
