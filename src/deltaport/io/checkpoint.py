@@ -8,6 +8,7 @@ streaming engine needs. Errors name the file and what to do.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import logging
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from deltaport.errors import CheckpointError
+from deltaport.errors import CheckpointError, InputError
 
 LOG = logging.getLogger(__name__)
 
@@ -88,16 +89,23 @@ _DTYPE_WORDS = {"float32": "float32", "fp32": "float32", "float64": "float64", "
 
 
 def parse_dtype_name(name: str) -> str:
-    """The dtype name a user's spelling means (``bf16`` -> ``bfloat16``); no torch import."""
+    """The dtype name a user's spelling means (``bf16`` -> ``bfloat16``); no torch import. An unknown
+    spelling is a usage error (:class:`InputError`, exit 2)."""
     try:
-        return _DTYPE_WORDS[name.lower()]
+        return _DTYPE_WORDS[str(name).lower()]
     except KeyError:
-        raise CheckpointError(f"unknown dtype {name!r}; use one of float32, float64, bfloat16, float16") from None
+        raise InputError(f"unknown dtype {name!r}; use one of float32, float64, bfloat16, float16") from None
 
 
-def parse_dtype(name: str):
-    """The torch dtype a user's spelling means (``bf16`` -> ``torch.bfloat16``)."""
-    return torch_dtype(parse_dtype_name(name))
+def parse_dtype(value):
+    """The torch dtype a user's spelling means (``bf16`` -> ``torch.bfloat16``); a torch dtype is returned
+    as is. An unknown spelling is a usage error (:class:`InputError`, exit 2)."""
+    if not isinstance(value, str):
+        import torch
+
+        if isinstance(value, torch.dtype):
+            return value
+    return torch_dtype(parse_dtype_name(value))
 
 
 class DtypeField:
@@ -150,14 +158,6 @@ class TensorSpec:
     @property
     def nbytes(self) -> int:
         return self.end - self.start
-
-    @property
-    def rows(self) -> int:
-        return self.shape[0] if self.shape else 1
-
-    @property
-    def row_elems(self) -> int:
-        return self.numel // self.rows if self.rows else 0
 
 
 def read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
@@ -252,13 +252,16 @@ class Checkpoint:
         except KeyError:
             raise CheckpointError(f"tensor {name!r} is not in {self.source}") from None
 
+    @property
+    def in_memory(self) -> bool:
+        """True when the tensors were loaded into memory (a pickled checkpoint), not read from safetensors."""
+        return self._memory is not None
+
     def tensor(self, name: str):
         """Read one whole tensor (a copy)."""
         spec = self.spec(name)
         if self._memory is not None:
             return self._memory[name].clone()
-        from deltaport.io.reader import read_tensor
-
         return read_tensor(spec)
 
     def memory_tensor(self, name: str):
@@ -277,6 +280,19 @@ class Checkpoint:
 
     def total_bytes(self) -> int:
         return sum(s.nbytes for s in self.tensors.values())
+
+
+def read_tensor(spec: TensorSpec):
+    """One whole tensor, read from its file into a new tensor (torch is imported here)."""
+    import torch
+
+    from deltaport.io.reader import FilePool, pread_into
+
+    buf = torch.empty(spec.nbytes, dtype=torch.uint8)
+    with FilePool() as pool:
+        if spec.nbytes:
+            pread_into(pool.fd(spec.file), buf, spec.start, spec.nbytes, f"{spec.file}:{spec.name}")
+    return buf.view(spec.dtype).reshape(spec.shape) if spec.nbytes else torch.empty(spec.shape, dtype=spec.dtype)
 
 
 def structure_signature(entries: dict[str, tuple[Any, tuple[int, ...]]]) -> str:
@@ -332,7 +348,7 @@ def resolve_dir(source: str | Path, *, revision: str | None = None) -> tuple[Pat
     p = Path(s).expanduser()
     if p.is_dir():
         return p, None
-    _not_a_dir(s, p)
+    require_dir_or_hub_id(s, p)
     repo_id, rev = hub.split_ref(s, revision)
     if hub.offline():
         return hub.snapshot_offline(repo_id, rev, s)
@@ -347,8 +363,8 @@ def resolve_dir(source: str | Path, *, revision: str | None = None) -> tuple[Pat
     return path, repo.sha
 
 
-def _not_a_dir(s: str, p: Path) -> None:
-    """``s`` is not an existing directory: a file, or a mistyped local path, is named as such before
+def require_dir_or_hub_id(s: str, p: Path) -> None:
+    """``s`` (path ``p``) is not an existing directory: refuse a file, or a mistyped local path, before
     any hub look-up (only a string of the hub's ``org/name[@rev]`` shape goes on to the hub)."""
     from deltaport.io import hub
 
@@ -455,6 +471,11 @@ def refuse_pickle(d: Path, files: list[str],
 PICKLE_GLOBS = ("pytorch_model*.bin", "*.pt", "adapter_model.bin")
 
 
+def is_pickled_weights(name: str) -> bool:
+    """True when a file name is a pickled weight file (see :data:`PICKLE_GLOBS`)."""
+    return any(fnmatch.fnmatchcase(name, g) for g in PICKLE_GLOBS)
+
+
 def pickled_files(d: Path) -> list[Path]:
     """The pickled weight files in ``d`` (see :data:`PICKLE_GLOBS`), in reading order."""
     return list(dict.fromkeys(f for g in PICKLE_GLOBS for f in sorted(d.glob(g))))
@@ -549,7 +570,7 @@ def _open_hub(source: str, revision: str | None, require_config: bool) -> Checkp
     elif st:
         raise CheckpointError(f"{where} has {len(st)} safetensors files but no {INDEX_NAME}; the repository lacks its index")
     else:
-        pickles = sorted(f for f in repo.sizes if f.endswith((".bin", ".pt")))
+        pickles = sorted(f for f in repo.sizes if "/" not in f and is_pickled_weights(f))
         raise CheckpointError(f"{where} holds no safetensors weights" + (f" (only {', '.join(pickles[:3])})" if pickles else "")
                               + "; deltaport plans from safetensors headers. Convert the model to safetensors first")
     if provenance and provenance.get("kind") == "delta":
@@ -584,7 +605,7 @@ def open_checkpoint(source: str | Path, *, allow_pickle: bool = False, revision:
     if remote and not Path(s).expanduser().is_dir():
         from deltaport.io import hub
 
-        _not_a_dir(s, Path(s).expanduser())
+        require_dir_or_hub_id(s, Path(s).expanduser())
         if not hub.offline():
             return _open_hub(s, revision, require_config)
     d, rev = resolve_dir(source, revision=revision)

@@ -10,8 +10,6 @@ so every tensor is aligned to its item size.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import errno
 import json
 import os
@@ -19,6 +17,7 @@ import struct
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from deltaport.errors import CheckpointError, DiskError, RuntimeFailure
 from deltaport.io.checkpoint import INDEX_NAME, NAME_TO_ST, SINGLE_NAME, dtype_name, dtype_size, read_safetensors_header
@@ -121,11 +120,11 @@ class ShardedWriter:
             self.shards.append({"file": fname, "entries": group, "header": raw, "data_bytes": off})
         self.order = [e for s in self.shards for e in s["entries"]]  # the order tensors must be produced in
         self._shard_of = {e.name: i for i, s in enumerate(self.shards) for e in s["entries"]}
+        self._planned_bytes = {e.name: e.nbytes for e in entries}
         self._fd: int | None = None
         self._written = 0  # bytes written to the open shard
         self._flushed = 0  # bytes of it whose writeback has been started
         self._cur_shard = -1
-        self._expect: tuple[str, int] | None = None
 
     # -- streaming ---------------------------------------------------------------------------------
     def _open_shard(self, i: int) -> None:
@@ -172,12 +171,16 @@ class ShardedWriter:
                 self._fd = None
 
     def begin(self, name: str, nbytes: int) -> None:
+        """Start tensor ``name``, whose ``nbytes`` bytes follow through :meth:`write`: it must be the next
+        tensor of :attr:`order`, of the size the header was planned with."""
+        if nbytes != self._planned_bytes[name]:
+            raise RuntimeFailure(f"internal: tensor {name} is {nbytes} bytes, the header was planned with "
+                                 f"{self._planned_bytes[name]}")
         i = self._shard_of[name]
         if i != self._cur_shard:
             if i != self._cur_shard + 1:
                 raise RuntimeFailure(f"internal: tensor {name} produced out of order")
             self._open_shard(i)
-        self._expect = (name, nbytes)
 
     def write(self, data: torch.Tensor | bytes) -> None:
         torch = sys.modules.get("torch")  # a tensor exists only once torch is imported
