@@ -79,3 +79,27 @@ def test_reader_does_not_import_the_checkpoint_resolver():
             "print('deltaport.io.checkpoint' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_one_header_check_for_local_and_hub_files():
+    """``parse_header`` is what a hub file's header (read by range requests) and a local file's are checked by."""
+    from deltaport.io.checkpoint import parse_header
+
+    def raw(entry):
+        return json.dumps({"__metadata__": {"format": "pt"}, "w": entry}).encode()
+
+    ok = {"dtype": "BF16", "shape": [2, 3], "data_offsets": [0, 12]}
+    assert parse_header(raw(ok), 64, 76, "f")["w"] == ok
+    assert parse_header(raw(ok), 64, -1, "f")["w"] == ok  # size unknown
+    cases = [
+        (b"{not json", r"shard f: header is not valid JSON"),
+        (b"[1, 2]", r"shard f: header is not a JSON object"),
+        (raw({"dtype": "X9", "shape": [2], "data_offsets": [0, 4]}), r"tensor 'w' has a malformed header entry"),
+        (raw({"dtype": "F32", "shape": [2], "data_offsets": [0]}), r"tensor 'w' has a malformed header entry"),
+        (raw({"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 12]}), r"tensor 'w' spans 12 bytes but its dtype "
+                                                                           r"and shape need 24"),
+        (raw(ok), r"tensor 'w' ends at byte 76 past the end of the file \(75 bytes\); the shard is truncated"),
+    ]
+    for data, msg in cases:
+        with pytest.raises(CheckpointError, match=msg):
+            parse_header(data, 64, 75, "f")

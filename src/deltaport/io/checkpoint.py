@@ -49,8 +49,8 @@ PROVENANCE_NAME = "deltaport.json"
 def __getattr__(name: str):
     """``ST_DTYPES``, ``TORCH_TO_ST`` and ``FLOAT_DTYPES`` (torch dtypes) import torch when first used."""
     if name in ("ST_DTYPES", "TORCH_TO_ST", "FLOAT_DTYPES"):
-        st = {k: torch_dtype(v) for k, v in ST_DTYPE_NAMES.items()}
-        table = {"ST_DTYPES": st, "TORCH_TO_ST": {v: k for k, v in st.items()},
+        torch_of_code = {k: torch_dtype(v) for k, v in ST_DTYPE_NAMES.items()}
+        table = {"ST_DTYPES": torch_of_code, "TORCH_TO_ST": {v: k for k, v in torch_of_code.items()},
                  "FLOAT_DTYPES": {torch_dtype(n) for n in FLOAT_DTYPE_NAMES}}
         globals().update(table)
         return table[name]
@@ -195,21 +195,37 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
                               "re-export this shard.") from None
     except Exception as exc:  # noqa: BLE001 - anything the binding raises on a broken file
         raise CheckpointError(f"shard {path} could not be opened by safetensors: {exc}") from None
+    header = parse_header(raw, 8 + n, size, path)
+    if set(k for k in header if k != "__metadata__") != lib_keys:
+        raise CheckpointError(f"shard {path}: header does not match what safetensors reads; the file is corrupt")
+    return header, 8 + n
+
+
+def parse_header(raw: bytes, data_start: int, size: int, where) -> dict[str, Any]:
+    """The JSON header ``raw`` of safetensors file ``where`` (``size`` bytes, -1 when unknown; its data
+    starts at ``data_start``), checked without the file: a JSON object whose every tensor has a known
+    dtype, a shape and a byte range of exactly that size, inside the file. Local files are also
+    validated by the safetensors library; hub files (planned from their header alone) only here."""
     try:
         header = json.loads(raw)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-        raise CheckpointError(f"shard {path}: header is not valid JSON ({exc})") from None
-    if not isinstance(header, dict) or set(k for k in header if k != "__metadata__") != lib_keys:
-        raise CheckpointError(f"shard {path}: header does not match what safetensors reads; the file is corrupt")
-    data_start = 8 + n
+        raise CheckpointError(f"shard {where}: header is not valid JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"shard {where}: header is not a JSON object; the file is corrupt")
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        s, e = info["data_offsets"]
-        if data_start + e > size:
-            raise CheckpointError(f"shard {path}: tensor {name!r} ends at byte {data_start + e} past the end of the "
+        try:
+            s, e = (int(x) for x in info["data_offsets"])
+            want = math.prod(int(d) for d in info["shape"]) * DTYPE_SIZES[ST_DTYPE_NAMES[info["dtype"]]]
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"shard {where}: tensor {name!r} has a malformed header entry {info!r}") from None
+        if e - s != want or s < 0:
+            raise CheckpointError(f"shard {where}: tensor {name!r} spans {e - s} bytes but its dtype and shape need {want}")
+        if size >= 0 and data_start + e > size:
+            raise CheckpointError(f"shard {where}: tensor {name!r} ends at byte {data_start + e} past the end of the "
                                   f"file ({size} bytes); the shard is truncated. Re-download it.")
-    return header, data_start
+    return header
 
 
 def _check_not_truncated(path: Path, raw: bytes, data_start: int, size: int) -> None:
@@ -420,15 +436,15 @@ def _sharded(d: Path, index_path: Path, specs_of=None, present=None) -> tuple[di
     specs_of = specs_of or _specs_from_file
     present = present or (lambda f: f.is_file())
     index = _read_json(index_path, "index")
-    wm = index.get("weight_map") if isinstance(index, dict) else None
-    if not isinstance(wm, dict) or not wm:
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointError(f"index {index_path} has no weight_map; re-download it")
-    bad = [v for v in wm.values() if not isinstance(v, str)]
+    bad = [v for v in weight_map.values() if not isinstance(v, str)]
     if bad:
         raise CheckpointError(f"index {index_path} names an invalid shard file {bad[0]!r} (not a file name); "
                               "re-download the index")
     files = []
-    for fname in dict.fromkeys(wm.values()):
+    for fname in dict.fromkeys(weight_map.values()):
         if not isinstance(fname, str) or "/" in fname or "\\" in fname or fname.startswith("."):
             raise CheckpointError(f"index {index_path} names an invalid shard file {fname!r}")
         f = d / fname
@@ -443,13 +459,13 @@ def _sharded(d: Path, index_path: Path, specs_of=None, present=None) -> tuple[di
                 raise CheckpointError(f"tensor {name!r} appears in two shards ({tensors[name].file.name} and "
                                       f"{f.name}) of {d}; the checkpoint is inconsistent")
             tensors[name] = spec
-    for name, fname in wm.items():
+    for name, fname in weight_map.items():
         if name not in tensors:
             raise CheckpointError(f"index {index_path} maps tensor {name!r} to {fname}, but no shard contains it")
         if tensors[name].file.name != fname:
             raise CheckpointError(f"index {index_path} maps tensor {name!r} to {fname}, but it is in "
                                   f"{tensors[name].file.name}; the index and shards disagree - re-download")
-    extra = set(tensors) - set(wm)
+    extra = set(tensors) - set(weight_map)
     if extra:
         raise CheckpointError(f"shards of {d} contain tensors the index {index_path.name} does not list: "
                               f"{sorted(extra)[:5]}; the index and shards disagree - re-download")
@@ -509,20 +525,20 @@ def _pickled(d: Path, allow_pickle: bool) -> tuple[dict[str, TensorSpec], list[P
 
     index = d / "pytorch_model.bin.index.json"
     if index.exists():
-        wm = _read_json(index, "index").get("weight_map", {})
-        bins = [d / f for f in dict.fromkeys(wm.values())]
+        weight_map = _read_json(index, "index").get("weight_map", {})
+        bins = [d / f for f in dict.fromkeys(weight_map.values())]
         for b in bins:
             if not b.is_file():
                 raise CheckpointError(f"index {index} names missing file {b.name}; re-download it")
     mem: dict[str, Any] = {}
     for b in bins:
         try:
-            sd = torch.load(b, map_location="cpu", weights_only=True, mmap=True)
+            state_dict = torch.load(b, map_location="cpu", weights_only=True, mmap=True)
         except Exception as exc:  # noqa: BLE001 - weights_only refusal, corrupt zip, ...
             raise CheckpointError(f"cannot load {b} with torch.load(weights_only=True): {exc}") from None
-        if not isinstance(sd, dict):
+        if not isinstance(state_dict, dict):
             raise CheckpointError(f"{b} does not hold a state dict")
-        for k, v in sd.items():
+        for k, v in state_dict.items():
             if not isinstance(v, torch.Tensor):
                 continue
             if k in mem:
@@ -543,8 +559,8 @@ def _open_hub(source: str, revision: str | None, require_config: bool) -> Checkp
     where = f"{repo_id}@{repo.sha}"
 
     def specs_of(f: Path) -> dict[str, TensorSpec]:
-        header, data_start = hub.remote_header(repo, f.name)
-        return _specs_from_header(header, data_start, f)
+        raw, data_start, size, where = hub.remote_header_bytes(repo, f.name)
+        return _specs_from_header(parse_header(raw, data_start, size, where), data_start, f)
 
     def present(f: Path) -> bool:
         return f.name in repo.sizes
@@ -554,7 +570,7 @@ def _open_hub(source: str, revision: str | None, require_config: bool) -> Checkp
     if provenance is not None and not isinstance(provenance, dict):
         raise CheckpointError(f"provenance {where}/{PROVENANCE_NAME} must be a JSON object")
     kind, lora = "safetensors", None
-    st = sorted(f for f in repo.sizes if f.endswith(".safetensors") and "/" not in f)
+    safetensors_files = sorted(f for f in repo.sizes if f.endswith(".safetensors") and "/" not in f)
     if (d / "adapter_config.json").exists():
         lora = _read_json(d / "adapter_config.json", "adapter config")
         kind = "lora"
@@ -564,11 +580,11 @@ def _open_hub(source: str, revision: str | None, require_config: bool) -> Checkp
         tensors = specs_of(files[0])
     elif (d / INDEX_NAME).exists():
         tensors, files = _sharded(d, d / INDEX_NAME, specs_of, present)
-    elif SINGLE_NAME in repo.sizes or len(st) == 1:
-        files = [d / (SINGLE_NAME if SINGLE_NAME in repo.sizes else st[0])]
+    elif SINGLE_NAME in repo.sizes or len(safetensors_files) == 1:
+        files = [d / (SINGLE_NAME if SINGLE_NAME in repo.sizes else safetensors_files[0])]
         tensors = specs_of(files[0])
-    elif st:
-        raise CheckpointError(f"{where} has {len(st)} safetensors files but no {INDEX_NAME}; the repository lacks its index")
+    elif safetensors_files:
+        raise CheckpointError(f"{where} has {len(safetensors_files)} safetensors files but no {INDEX_NAME}; the repository lacks its index")
     else:
         pickles = sorted(f for f in repo.sizes if "/" not in f and is_pickled_weights(f))
         raise CheckpointError(f"{where} holds no safetensors weights" + (f" (only {', '.join(pickles[:3])})" if pickles else "")
@@ -632,11 +648,11 @@ def open_checkpoint(source: str | Path, *, allow_pickle: bool = False, revision:
     elif (d / SINGLE_NAME).exists():
         tensors, files = _specs_from_file(d / SINGLE_NAME), [d / SINGLE_NAME]
     else:
-        st = sorted(d.glob("*.safetensors"))
-        if len(st) == 1:
-            tensors, files = _specs_from_file(st[0]), st
-        elif len(st) > 1:
-            raise CheckpointError(f"{d} has {len(st)} safetensors files but no {INDEX_NAME}; "
+        safetensors_files = sorted(d.glob("*.safetensors"))
+        if len(safetensors_files) == 1:
+            tensors, files = _specs_from_file(safetensors_files[0]), safetensors_files
+        elif len(safetensors_files) > 1:
+            raise CheckpointError(f"{d} has {len(safetensors_files)} safetensors files but no {INDEX_NAME}; "
                                   "the index is missing - re-download it")
         elif pickle_only(d):
             tensors, files, memory = _pickled(d, allow_pickle)
