@@ -178,20 +178,21 @@ def named_params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return dict(model.named_parameters())
 
 
-def check_same_architecture(pa: dict[str, torch.Tensor], pb: dict[str, torch.Tensor], la: str, lb: str) -> None:
+def check_same_architecture(params_a: dict[str, torch.Tensor], params_b: dict[str, torch.Tensor], label_a: str,
+                            label_b: str) -> None:
     from deltaport.errors import PlanError
 
-    missing = sorted(set(pa) - set(pb))
-    extra = sorted(set(pb) - set(pa))
+    missing = sorted(set(params_a) - set(params_b))
+    extra = sorted(set(params_b) - set(params_a))
     if missing or extra:
         raise PlanError(
-            f"{la} and {lb} do not have the same parameters: only in the first: {missing[:5]}"
+            f"{label_a} and {label_b} do not have the same parameters: only in the first: {missing[:5]}"
             f"{' ...' if len(missing) > 5 else ''}; only in the second: {extra[:5]}{' ...' if len(extra) > 5 else ''}. "
             "Interpolation needs two models of the same architecture.")
-    for n, t in pa.items():
-        if t.shape != pb[n].shape:
-            raise PlanError(f"parameter {n!r} has shape {tuple(t.shape)} in {la} but {tuple(pb[n].shape)} in {lb}; "
-                            "interpolation needs identical shapes (same architecture and vocabulary size)")
+    for n, t in params_a.items():
+        if t.shape != params_b[n].shape:
+            raise PlanError(f"parameter {n!r} has shape {tuple(t.shape)} in {label_a} but {tuple(params_b[n].shape)} "
+                            f"in {label_b}; interpolation needs identical shapes (same architecture and vocabulary size)")
 
 
 def num_parameters(model: torch.nn.Module) -> int:
@@ -297,9 +298,9 @@ def mean_nll(model: torch.nn.Module, blocks: list[torch.Tensor], *, batch_tokens
                 j += 1
             batch = torch.stack(blocks[i:j]).to(device)
             logits = model(input_ids=batch, use_cache=False).logits
-            lp = torch.nn.functional.cross_entropy(
+            nll_sum = torch.nn.functional.cross_entropy(
                 logits[:, :-1].reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1), reduction="sum")
-            total += lp.double().cpu()
+            total += nll_sum.double().cpu()
             count += batch[:, 1:].numel()
             i = j
     finally:

@@ -116,20 +116,20 @@ def load_chain(chain) -> Chain:
     data = raw.get("data")
     if not data:
         errors.append("data: the fine-tuning data (jsonl path or hub dataset) is required")
-    ft = dict(raw.get("finetune") or {})
-    bad = sorted(set(ft) - _FT_KEYS)
+    finetune_opts = dict(raw.get("finetune") or {})
+    bad = sorted(set(finetune_opts) - _FT_KEYS)
     if bad:
         errors.append(f"finetune: unknown key(s) {', '.join(bad)}; known: {', '.join(sorted(_FT_KEYS))}")
-    ev = dict(raw.get("eval") or {})
-    bad = sorted(set(ev) - _EVAL_KEYS)
+    eval_opts = dict(raw.get("eval") or {})
+    bad = sorted(set(eval_opts) - _EVAL_KEYS)
     if bad:
         errors.append(f"eval: unknown key(s) {', '.join(bad)}; known: {', '.join(sorted(_EVAL_KEYS))}")
-    if not ev.get("tasks") and not ev.get("preset"):
+    if not eval_opts.get("tasks") and not eval_opts.get("preset"):
         errors.append("eval: give tasks (lm-eval names or task YAML paths) or a preset")
-    tasks = ev.get("tasks") or []
+    tasks = eval_opts.get("tasks") or []
     if isinstance(tasks, str):
         tasks = [t.strip() for t in tasks.split(",") if t.strip()]
-    ev["tasks"] = [local(t) if str(t).endswith((".yaml", ".yml")) else t for t in tasks]
+    eval_opts["tasks"] = [local(t) if str(t).endswith((".yaml", ".yml")) else t for t in tasks]
     strategies = raw.get("strategies") or list(STRATEGIES)
     bad = [s for s in strategies if s not in STRATEGIES]
     if bad:
@@ -139,8 +139,8 @@ def load_chain(chain) -> Chain:
         errors.append(f"unknown top-level key(s) {', '.join(extra)}")
     if errors:
         raise InputError("chain is not valid:\n  - " + "\n  - ".join(errors))
-    return Chain(versions=versions, data=local(data), finetune=ft, eval=ev, strategies=list(strategies),
-                 device=raw.get("device"))
+    return Chain(versions=versions, data=local(data), finetune=finetune_opts, eval=eval_opts,
+                 strategies=list(strategies), device=raw.get("device"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -278,17 +278,17 @@ class _Runner:
     def _finetune(self, init: Path, out: Path, model_id: str) -> None:
         from deltaport.finetune import finetune
 
-        ft = dict(self.chain.finetune)
-        ev = self.chain.eval
-        eval_every = ft.pop("eval_every", None)
-        eval_limit = ft.pop("eval_limit", ev.get("limit"))
-        if ft.get("save_every"):  # trainer state every save_every steps: a killed fine-tune resumes mid-way
-            ft.update(resume=True, work_dir=self.run / "work" / slug(model_id))
+        finetune_opts = dict(self.chain.finetune)
+        eval_opts = self.chain.eval
+        eval_every = finetune_opts.pop("eval_every", None)
+        eval_limit = finetune_opts.pop("eval_limit", eval_opts.get("limit"))
+        if finetune_opts.get("save_every"):  # trainer state every save_every steps: a killed fine-tune resumes
+            finetune_opts.update(resume=True, work_dir=self.run / "work" / slug(model_id))
         t0 = time.time()
         res = finetune(str(init), self.chain.data, out, eval_every=eval_every,
-                       eval_tasks=ev.get("tasks") if eval_every else None, eval_limit=eval_limit,
-                       eval_protocol=ev.get("protocol", "base"), device=self.chain.device, progress=self.progress,
-                       **ft)
+                       eval_tasks=eval_opts.get("tasks") if eval_every else None, eval_limit=eval_limit,
+                       eval_protocol=eval_opts.get("protocol", "base"), device=self.chain.device,
+                       progress=self.progress, **finetune_opts)
         last = res.log[-1]["loss"] if res.log else None
         self._log_step(model_id, "finetune", t0, init=str(init), output=str(out), final_loss=last)
 
@@ -300,12 +300,12 @@ class _Runner:
         from deltaport.io.atomic import write_json
 
         d = self.ensure_model(model_id)
-        ev = self.chain.eval
+        eval_opts = self.chain.eval
         t0 = time.time()
-        res = evaluate({model_id: str(d)}, ev.get("tasks"), limit=ev.get("limit"), device=self.chain.device or "auto",
-                       batch_size=ev.get("batch_size", 8), protocol=ev.get("protocol", "base"),
-                       num_fewshot=ev.get("num_fewshot"), preset=ev.get("preset"),
-                       cache_dir=self.run / "eval_cache")
+        res = evaluate({model_id: str(d)}, eval_opts.get("tasks"), limit=eval_opts.get("limit"),
+                       device=self.chain.device or "auto", batch_size=eval_opts.get("batch_size", 8),
+                       protocol=eval_opts.get("protocol", "base"), num_fewshot=eval_opts.get("num_fewshot"),
+                       preset=eval_opts.get("preset"), cache_dir=self.run / "eval_cache")
         write_json(p, res)
         self._log_step(f"eval {model_id}", "eval", t0, model=str(d), output=str(p))
         return res

@@ -54,9 +54,9 @@ def parse_size(size: str | int) -> int:
         return size
     s = size.strip().upper().replace("IB", "B")
     units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "B": 1}
-    for u, m in units.items():
-        if s.endswith(u):
-            return int(float(s[: -len(u)]) * m)
+    for unit, factor in units.items():
+        if s.endswith(unit):
+            return int(float(s[: -len(unit)]) * factor)
     return int(s)
 
 
