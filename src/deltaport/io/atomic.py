@@ -39,7 +39,8 @@ OLD_TAG = ".deltaport-old-"
 #: outputs this process has moved into place (the CLI uses it to word its message after a signal)
 COMMITTED: list[Path] = []
 
-_DISK_ERRNOS = {errno.ENOSPC: "disk full", errno.EFBIG: "file size limit reached",
+#: errno -> what it means for an output being written (disk full, ...): the errors that become DiskError
+DISK_ERRORS = {errno.ENOSPC: "disk full", errno.EFBIG: "file size limit reached",
                 errno.EDQUOT: "disk quota exceeded", errno.EROFS: "read-only file system", errno.EIO: "I/O error"}
 _SIGNALS = tuple(s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None)
 
@@ -250,9 +251,9 @@ def atomic_output_dir(out: str | Path, *, overwrite: bool = False, inputs: Itera
         if stranded is not None and not out.exists():
             with contextlib.suppress(OSError):
                 os.rename(stranded, out)  # put the previous output back
-        if isinstance(exc, OSError) and exc.errno in _DISK_ERRNOS:
+        if isinstance(exc, OSError) and exc.errno in DISK_ERRORS:
             where = exc.filename or out
-            raise DiskError(f"writing {where} failed: {_DISK_ERRNOS[exc.errno]} ({exc.strerror}). The partial output "
+            raise DiskError(f"writing {where} failed: {DISK_ERRORS[exc.errno]} ({exc.strerror}). The partial output "
                             f"was removed{' and the previous output is unchanged' if out.exists() else ''}; free space "
                             "or choose another output location.") from None
         raise
@@ -299,8 +300,8 @@ def atomic_write_file(path: str | Path, write: Callable[[Path], None], *, overwr
     except BaseException as exc:
         with contextlib.suppress(OSError):
             tmp.unlink()
-        if isinstance(exc, OSError) and exc.errno in _DISK_ERRNOS:
-            raise DiskError(f"writing {path} failed: {_DISK_ERRNOS[exc.errno]} ({exc.strerror}); nothing was written"
+        if isinstance(exc, OSError) and exc.errno in DISK_ERRORS:
+            raise DiskError(f"writing {path} failed: {DISK_ERRORS[exc.errno]} ({exc.strerror}); nothing was written"
                             f"{' and the previous file is unchanged' if path.exists() else ''}. Free space or choose "
                             "another output location.") from None
         raise

@@ -10,7 +10,6 @@ so every tensor is aligned to its item size.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import struct
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from deltaport.errors import CheckpointError, DiskError, RuntimeFailure
+from deltaport.io.atomic import DISK_ERRORS
 from deltaport.io.checkpoint import INDEX_NAME, NAME_TO_ST, SINGLE_NAME, dtype_name, dtype_size, read_safetensors_header
 
 if TYPE_CHECKING:  # annotations only: these modules must not import torch (header-only paths)
@@ -83,8 +83,7 @@ _SYNC_FILE_RANGE_WRITE = 2
 
 
 def _disk_error(exc: OSError, path: Path) -> DiskError:
-    why = {errno.ENOSPC: "disk full", errno.EFBIG: "file size limit reached", errno.EDQUOT: "disk quota exceeded"}
-    return DiskError(f"writing {path} failed: {why.get(exc.errno, exc.strerror)} ({exc}); free space or choose "
+    return DiskError(f"writing {path} failed: {DISK_ERRORS.get(exc.errno, exc.strerror)} ({exc}); free space or choose "
                      "another output location. The partial output was removed.")
 
 
