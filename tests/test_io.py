@@ -103,3 +103,25 @@ def test_one_header_check_for_local_and_hub_files():
     for data, msg in cases:
         with pytest.raises(CheckpointError, match=msg):
             parse_header(data, 64, 75, "f")
+
+
+def test_a_signal_right_after_the_temp_folder_is_made_leaves_nothing(tmp_path, monkeypatch):
+    """The CLI turns SIGTERM into an exception wherever the main thread is; right after the temporary
+    folder exists, it must still be removed (a probe that signals as soon as the folder appears hit this)."""
+    import pathlib
+
+    from deltaport.io.atomic import TMP_TAG, atomic_output_dir
+
+    real_mkdir = pathlib.Path.mkdir
+
+    def mkdir_then_signal(self, *a, **k):
+        real_mkdir(self, *a, **k)
+        if TMP_TAG in self.name:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(pathlib.Path, "mkdir", mkdir_then_signal)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_output_dir(out):
+            pass
+    assert not out.exists() and H.leftovers(out) == []

@@ -222,9 +222,9 @@ def atomic_output_dir(out: str | Path, *, overwrite: bool = False, inputs: Itera
                           "completed first, then swapped in) or choose another path")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}{TMP_TAG}{os.getpid()}-{secrets.token_hex(4)}"
-    tmp.mkdir()
     stranded: Path | None = None  # the previous output while it is moved aside (non-atomic fallback)
     try:
+        tmp.mkdir()  # inside the try: a signal right after it still removes the folder
         yield tmp
         _fsync_dir(tmp)
         with _signals_deferred():
