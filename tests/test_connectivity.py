@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from deltaport import _diag
+from deltaport import causal_lm
 from deltaport import testing as T
 from deltaport.connectivity import alphas_for, barrier_of, connectivity, interpolate_into
 from deltaport.errors import InputError, PlanError
@@ -72,10 +72,10 @@ def test_endpoints_equal_losses_of_a_and_b_exactly(pair):
     assert r["endpoints_exact"] is True
     assert r["loss_a"] != r["loss_b"]
     # ... and the losses are the mean token NLL of the stored models on the same sample
-    tok = _diag.load_tokenizer(pa)
-    blocks = _diag.token_sample(_diag.load_texts(data), tok, max_tokens=600, seed=1, block_len=r["block_len"])
+    tok = causal_lm.load_tokenizer(pa)
+    blocks = causal_lm.token_sample(causal_lm.load_texts(data), tok, max_tokens=600, seed=1, block_len=r["block_len"])
     for path, key in ((pa, "loss_a"), (pb, "loss_b")):
-        model = _diag.load_causal_lm(path)
+        model = causal_lm.load_causal_lm(path)
         assert r[key] == pytest.approx(reference_nll(model, blocks), rel=1e-6)
     assert r["n_tokens"] == 600 and r["n_predicted"] == 600 - len(blocks)
     # barrier is the largest gap above the straight line, measured on the reported curve

@@ -62,12 +62,12 @@ def test_catalogue_has_the_issue_cases_for_every_diagnostic():
 
 @pytest.mark.parametrize("cmd", DIAG_COMMANDS)
 def test_pickle_only_is_refused_naming_the_file_and_the_flag(cmd, ws, monkeypatch):
-    from deltaport import _diag
+    from deltaport import causal_lm
 
     def no_load(*a, **k):
         raise AssertionError("a model was loaded before the pickle-only directory was refused")
 
-    monkeypatch.setattr(_diag, "load_causal_lm", no_load)
+    monkeypatch.setattr(causal_lm, "load_causal_lm", no_load)
     marker = ws.root / "PWNED"
     d = H.make_pickle_model(ws, "target_base", "model_bin", marker)
     before = H.tree_hash(d)
@@ -111,13 +111,13 @@ def test_allow_pickle_gives_the_numbers_of_the_safetensors_copy(ws):
 
 def test_check_refuses_a_pickle_only_source_finetune_before_any_work(ws, monkeypatch):
     """m'_s is loaded last (after the barrier curve); its refusal must not wait for that work."""
-    from deltaport import _diag
+    from deltaport import causal_lm
     from deltaport.check import check
 
     def no_work(*a, **k):
         raise AssertionError("work started before the pickle-only source fine-tune was refused")
 
-    monkeypatch.setattr(_diag, "load_causal_lm", no_work)
+    monkeypatch.setattr(causal_lm, "load_causal_lm", no_work)
     sf = H.make_pickle_model(ws, "source_finetuned", "sf_bin")
     with pytest.raises(CheckpointError, match=r"sf_bin holds only pickled weights \(pytorch_model\.bin\)"):
         check(ws.copy("source_base"), sf, ws.copy("target_base"), H._jsonl(ws))
@@ -139,12 +139,12 @@ def test_dot_pt_only_dir_is_refused_and_loaded_with_allow_pickle(ws):
 
 @pytest.mark.parametrize("cmd", DIAG_COMMANDS)
 def test_existing_report_is_refused_before_any_model_is_loaded(cmd, ws, monkeypatch):
-    from deltaport import _diag, similarity
+    from deltaport import causal_lm, similarity
 
     def no_load(*a, **k):
         raise AssertionError("a model was loaded although the output cannot be written")
 
-    monkeypatch.setattr(_diag, "load_causal_lm", no_load)
+    monkeypatch.setattr(causal_lm, "load_causal_lm", no_load)
     monkeypatch.setattr(similarity, "_open", no_load)
     d = ws.copy("target_base")
     out = ws.out("report.json")

@@ -47,3 +47,12 @@ def test_installing_into_an_environment_with_torch_changes_no_torch(tmp_path):
     planned = {i["metadata"]["name"].lower(): i["metadata"]["version"] for i in json.loads(report.read_text())["install"]}
     assert "torch" not in planned, f"pip would replace torch {torch.__version__} with {planned['torch']}"
     assert not {"transformers", "huggingface-hub", "safetensors"} & set(planned), planned
+
+
+def test_every_package_data_pattern_names_files_that_exist():
+    """A package-data entry that matches nothing ships nothing and misleads the reader."""
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    for pkg, patterns in data.items():
+        base = ROOT / "src" / pkg.replace(".", "/")
+        for pat in patterns:
+            assert [p for p in base.glob(pat) if p.is_file()], f"package-data {pkg}: {pat} matches no file"

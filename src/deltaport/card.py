@@ -35,7 +35,7 @@ def input_ref(ck) -> dict[str, Any]:
         return {"hub": src.partition("@")[0], "commit": ck.revision}
     from deltaport.io.checkpoint import content_hash
 
-    return {"local": Path(src).expanduser().absolute().name, "content_sha256": content_hash(ck.dir, allow_pickle=ck._memory is not None)}
+    return {"local": Path(src).expanduser().absolute().name, "content_sha256": content_hash(ck.dir, allow_pickle=ck.in_memory)}
 
 
 def describe_ref(ref: dict[str, Any]) -> str:

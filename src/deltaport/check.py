@@ -25,8 +25,9 @@ from typing import Any
 
 import torch
 
-from deltaport import _diag
+from deltaport import causal_lm
 from deltaport.connectivity import alphas_for, loss_curve, token_blocks
+from deltaport.io.checkpoint import parse_dtype
 from deltaport.options import CHECK, CheckOptions, declared
 
 SIGNALS = ("relative_barrier", "rel_distance", "excess_loss_rel")
@@ -135,20 +136,20 @@ def check(source_base: Any, source_finetuned: Any, target_base: Any, data: Any, 
         "grades": {...}, "reason": str, "thresholds": {...}, "curve": {...}, ...}``.
     """
     t0 = time.perf_counter()
-    torch_dtype = _diag.parse_dtype(dtype)
+    torch_dtype = parse_dtype(dtype)
     calib = calibration if calibration is not None else load_calibration()
-    labels = {k: _diag.model_label(v) for k, v in
+    labels = {k: causal_lm.model_label(v) for k, v in
               (("source_base", source_base), ("source_finetuned", source_finetuned), ("target_base", target_base))}
     notes: list[str] = []
     for spec in (source_base, source_finetuned, target_base):  # all three, before any work
-        _diag.preflight(spec, allow_pickle=allow_pickle)
-    m_s = _diag.load_causal_lm(source_base, dtype=torch_dtype, device=device, allow_pickle=allow_pickle)
-    m_t = _diag.load_causal_lm(target_base, dtype=torch_dtype, device=device, allow_pickle=allow_pickle)
-    ps, pt = _diag.named_params(m_s), _diag.named_params(m_t)
-    _diag.check_same_architecture(ps, pt, labels["source_base"], labels["target_base"])
+        causal_lm.preflight(spec, allow_pickle=allow_pickle)
+    m_s = causal_lm.load_causal_lm(source_base, dtype=torch_dtype, device=device, allow_pickle=allow_pickle)
+    m_t = causal_lm.load_causal_lm(target_base, dtype=torch_dtype, device=device, allow_pickle=allow_pickle)
+    ps, pt = causal_lm.named_params(m_s), causal_lm.named_params(m_t)
+    causal_lm.check_same_architecture(ps, pt, labels["source_base"], labels["target_base"])
     if tokenizer is None and not isinstance(source_base, torch.nn.Module) and not isinstance(target_base, torch.nn.Module):
         try:
-            tok_s, tok_t = _diag.load_tokenizer(source_base), _diag.load_tokenizer(target_base)
+            tok_s, tok_t = causal_lm.load_tokenizer(source_base), causal_lm.load_tokenizer(target_base)
             if tok_s.get_vocab() != tok_t.get_vocab():
                 notes.append("the source and target tokenizers differ; the text sample is tokenised with the "
                              "source base's tokenizer")
@@ -159,18 +160,18 @@ def check(source_base: Any, source_finetuned: Any, target_base: Any, data: Any, 
     curve = loss_curve(m_s, m_t, blocks, alphas_for(points), progress=progress)
     gc.collect()  # the curve's interpolated model is gone before m'_s is loaded: three models at most
 
-    m_f = _diag.load_causal_lm(source_finetuned, dtype=torch_dtype, device=device, allow_pickle=allow_pickle)
+    m_f = causal_lm.load_causal_lm(source_finetuned, dtype=torch_dtype, device=device, allow_pickle=allow_pickle)
     if m_f is source_finetuned:  # never modify a caller's module: work on a copy
         import copy
 
         m_f = copy.deepcopy(m_f)
-    pf = _diag.named_params(m_f)
-    _diag.check_same_architecture(ps, pf, labels["source_base"], labels["source_finetuned"])
+    pf = causal_lm.named_params(m_f)
+    causal_lm.check_same_architecture(ps, pf, labels["source_base"], labels["source_finetuned"])
     rel_distance, delta_rel = _norms(ps, pt, pf)
     loss_s, loss_t = curve["loss_a"], curve["loss_b"]
-    loss_f = _diag.mean_nll(m_f, blocks)
+    loss_f = causal_lm.mean_nll(m_f, blocks)
     _add_delta_into(pf, ps, pt)
-    loss_tr = _diag.mean_nll(m_f, blocks)
+    loss_tr = causal_lm.mean_nll(m_f, blocks)
     del m_f, pf
     excess = (loss_tr - loss_t) - (loss_f - loss_s)
     signals = {
@@ -186,7 +187,7 @@ def check(source_base: Any, source_finetuned: Any, target_base: Any, data: Any, 
         "loss_transfer": loss_tr,
         "excess_loss": excess,
     }
-    n_params = _diag.num_parameters(m_s)
+    n_params = causal_lm.num_parameters(m_s)
     verdict, reason, grades = classify(signals, n_params, calib)
     return {
         "verdict": verdict,

@@ -24,8 +24,10 @@ from typing import Any
 
 import torch
 
-from deltaport import _diag
+from deltaport import causal_lm
 from deltaport.errors import InputError
+from deltaport.figures import pyplot, save_figure
+from deltaport.io.checkpoint import parse_dtype
 from deltaport.options import CONNECTIVITY, ConnectivityOptions, declared
 
 LOG = logging.getLogger(__name__)
@@ -71,18 +73,18 @@ def token_blocks(a_spec: Any, model_a: torch.nn.Module, data: Any, tokenizer: An
                  seed: int, block_len: int | None) -> list[torch.Tensor]:
     """The fixed token sample of ``data`` (texts tokenized with ``tokenizer``, default ``a_spec``'s), in blocks
     of ``block_len`` tokens (default: min(model max positions, 512)); refused if a token id exceeds the vocabulary."""
-    docs = _diag.load_texts(data)
+    docs = causal_lm.load_texts(data)
     if any(isinstance(d, str) for d in docs):
         if tokenizer is None:
-            tokenizer = _diag.load_tokenizer(a_spec)
+            tokenizer = causal_lm.load_tokenizer(a_spec)
         elif isinstance(tokenizer, (str, Path)):
-            tokenizer = _diag.load_tokenizer(tokenizer)
+            tokenizer = causal_lm.load_tokenizer(tokenizer)
     else:
         tokenizer = None
     if block_len is None:
         block_len = int(getattr(model_a.config, "max_position_embeddings", 512) or 512)
         block_len = max(2, min(block_len, 512))
-    blocks = _diag.token_sample(docs, tokenizer, max_tokens=max_tokens, seed=seed, block_len=block_len)
+    blocks = causal_lm.token_sample(docs, tokenizer, max_tokens=max_tokens, seed=seed, block_len=block_len)
     vocab = model_a.get_input_embeddings().weight.shape[0]
     top = max(int(b.max()) for b in blocks)
     if top >= vocab:
@@ -114,14 +116,14 @@ def connectivity(a: Any, b: Any, data: Any, *, points: int = CONNECTIVITY.points
     """
     t0 = time.perf_counter()
     alphas = alphas_for(points)
-    torch_dtype = _diag.parse_dtype(dtype)
+    torch_dtype = parse_dtype(dtype)
     for spec in (a, b):  # both refused before either is loaded
-        _diag.preflight(spec, allow_pickle=allow_pickle)
-    model_a = _diag.load_causal_lm(a, dtype=torch_dtype, device=device, allow_pickle=allow_pickle)
-    model_b = _diag.load_causal_lm(b, dtype=torch_dtype, device=device, allow_pickle=allow_pickle)
-    la, lb = _diag.model_label(a), _diag.model_label(b)
-    pa, pb = _diag.named_params(model_a), _diag.named_params(model_b)
-    _diag.check_same_architecture(pa, pb, la, lb)
+        causal_lm.preflight(spec, allow_pickle=allow_pickle)
+    model_a = causal_lm.load_causal_lm(a, dtype=torch_dtype, device=device, allow_pickle=allow_pickle)
+    model_b = causal_lm.load_causal_lm(b, dtype=torch_dtype, device=device, allow_pickle=allow_pickle)
+    la, lb = causal_lm.model_label(a), causal_lm.model_label(b)
+    pa, pb = causal_lm.named_params(model_a), causal_lm.named_params(model_b)
+    causal_lm.check_same_architecture(pa, pb, la, lb)
     blocks = token_blocks(a, model_a, data, tokenizer, max_tokens=max_tokens, seed=seed, block_len=block_len)
     curve = loss_curve(model_a, model_b, blocks, alphas, task=task, progress=progress)
     n_tokens = sum(bl.numel() for bl in blocks)
@@ -137,7 +139,7 @@ def connectivity(a: Any, b: Any, data: Any, *, points: int = CONNECTIVITY.points
         "seed": seed,
         "dtype": str(next(model_a.parameters()).dtype).replace("torch.", ""),
         "device": str(next(model_a.parameters()).device),
-        "num_parameters": _diag.num_parameters(model_a),
+        "num_parameters": causal_lm.num_parameters(model_a),
         "seconds": round(time.perf_counter() - t0, 3),
     }
     return report
@@ -146,21 +148,21 @@ def connectivity(a: Any, b: Any, data: Any, *, points: int = CONNECTIVITY.points
 def loss_curve(model_a: torch.nn.Module, model_b: torch.nn.Module, blocks: list[torch.Tensor], alphas: list[float],
                *, task: Callable[[torch.nn.Module], float] | None = None, progress: bool = False) -> dict:
     """The curve between two loaded models (the third, interpolated model lives only inside this call)."""
-    pa, pb = _diag.named_params(model_a), _diag.named_params(model_b)
-    with _diag.progress_bar(progress, len(alphas) + 2, "connectivity") as bar:
-        loss_a = _diag.mean_nll(model_a, blocks)
+    pa, pb = causal_lm.named_params(model_a), causal_lm.named_params(model_b)
+    with causal_lm.progress_bar(progress, len(alphas) + 2, "connectivity") as bar:
+        loss_a = causal_lm.mean_nll(model_a, blocks)
         bar.advance()
-        loss_b = _diag.mean_nll(model_b, blocks)
+        loss_b = causal_lm.mean_nll(model_b, blocks)
         bar.advance()
         metric_a = float(task(model_a)) if task else None
         metric_b = float(task(model_b)) if task else None
         mid = copy.deepcopy(model_a).eval()  # the one interpolated model
-        pm = _diag.named_params(mid)
+        pm = causal_lm.named_params(mid)
         losses, metrics = [], []
         try:
             for alpha in alphas:
                 interpolate_into(pm, pa, pb, alpha)
-                losses.append(_diag.mean_nll(mid, blocks))
+                losses.append(causal_lm.mean_nll(mid, blocks))
                 if task:
                     metrics.append(float(task(mid)))
                 bar.advance()
@@ -190,7 +192,7 @@ def loss_curve(model_a: torch.nn.Module, model_b: torch.nn.Module, blocks: list[
 
 def plot_curve(report: dict, path: str | Path, *, overwrite: bool = True) -> Path:
     """Draw loss (and the task metric, if any) against α, with the straight line between the endpoints."""
-    plt = _diag.pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     al = report["alphas"]
     ax.plot(al, report["losses"], "o-", label="loss along θ(α)")
@@ -205,4 +207,4 @@ def plot_curve(report: dict, path: str | Path, *, overwrite: bool = True) -> Pat
         ax2.legend(loc="upper right", fontsize=8)
     ax.legend(loc="upper left", fontsize=8)
     fig.text(0.01, -0.02, f"A: {report['a']}\nB: {report['b']}", fontsize=7, va="top")
-    return _diag.save_figure(fig, path, overwrite=overwrite)
+    return save_figure(fig, path, overwrite=overwrite, record=True)

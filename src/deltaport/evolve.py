@@ -117,20 +117,20 @@ def load_chain(chain) -> Chain:
     data = raw.get("data")
     if not data:
         errors.append("data: the fine-tuning data (jsonl path or hub dataset) is required")
-    ft = dict(raw.get("finetune") or {})
-    bad = sorted(set(ft) - _FT_KEYS)
+    finetune_opts = dict(raw.get("finetune") or {})
+    bad = sorted(set(finetune_opts) - _FT_KEYS)
     if bad:
         errors.append(f"finetune: unknown key(s) {', '.join(bad)}; known: {', '.join(sorted(_FT_KEYS))}")
-    ev = dict(raw.get("eval") or {})
-    bad = sorted(set(ev) - _EVAL_KEYS)
+    eval_opts = dict(raw.get("eval") or {})
+    bad = sorted(set(eval_opts) - _EVAL_KEYS)
     if bad:
         errors.append(f"eval: unknown key(s) {', '.join(bad)}; known: {', '.join(sorted(_EVAL_KEYS))}")
-    if not ev.get("tasks") and not ev.get("preset"):
+    if not eval_opts.get("tasks") and not eval_opts.get("preset"):
         errors.append("eval: give tasks (lm-eval names or task YAML paths) or a preset")
-    tasks = ev.get("tasks") or []
+    tasks = eval_opts.get("tasks") or []
     if isinstance(tasks, str):
         tasks = [t.strip() for t in tasks.split(",") if t.strip()]
-    ev["tasks"] = [local(t) if str(t).endswith((".yaml", ".yml")) else t for t in tasks]
+    eval_opts["tasks"] = [local(t) if str(t).endswith((".yaml", ".yml")) else t for t in tasks]
     strategies = raw.get("strategies") or list(STRATEGIES)
     bad = [s for s in strategies if s not in STRATEGIES]
     if bad:
@@ -140,8 +140,8 @@ def load_chain(chain) -> Chain:
         errors.append(f"unknown top-level key(s) {', '.join(extra)}")
     if errors:
         raise InputError("chain is not valid:\n  - " + "\n  - ".join(errors))
-    return Chain(versions=versions, data=local(data), finetune=ft, eval=ev, strategies=list(strategies),
-                 device=raw.get("device"))
+    return Chain(versions=versions, data=local(data), finetune=finetune_opts, eval=eval_opts,
+                 strategies=list(strategies), device=raw.get("device"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -279,17 +279,17 @@ class _Runner:
     def _finetune(self, init: Path, out: Path, model_id: str) -> None:
         from deltaport.finetune import finetune
 
-        ft = dict(self.chain.finetune)
-        ev = self.chain.eval
-        eval_every = ft.pop("eval_every", None)
-        eval_limit = ft.pop("eval_limit", ev.get("limit"))
-        if ft.get("save_every"):  # trainer state every save_every steps: a killed fine-tune resumes mid-way
-            ft.update(resume=True, work_dir=self.run / "work" / slug(model_id))
+        finetune_opts = dict(self.chain.finetune)
+        eval_opts = self.chain.eval
+        eval_every = finetune_opts.pop("eval_every", None)
+        eval_limit = finetune_opts.pop("eval_limit", eval_opts.get("limit"))
+        if finetune_opts.get("save_every"):  # trainer state every save_every steps: a killed fine-tune resumes
+            finetune_opts.update(resume=True, work_dir=self.run / "work" / slug(model_id))
         t0 = time.time()
         res = finetune(str(init), self.chain.data, out, eval_every=eval_every,
-                       eval_tasks=ev.get("tasks") if eval_every else None, eval_limit=eval_limit,
-                       eval_protocol=ev.get("protocol", "base"), device=self.chain.device, progress=self.progress,
-                       **ft)
+                       eval_tasks=eval_opts.get("tasks") if eval_every else None, eval_limit=eval_limit,
+                       eval_protocol=eval_opts.get("protocol", "base"), device=self.chain.device,
+                       progress=self.progress, **finetune_opts)
         last = res.log[-1]["loss"] if res.log else None
         self._log_step(model_id, "finetune", t0, init=str(init), output=str(out), final_loss=last)
 
@@ -297,15 +297,16 @@ class _Runner:
         p = self.eval_path(model_id)
         if p.is_file():
             return json.loads(p.read_text())
-        from deltaport.evaluation import evaluate, write_json
+        from deltaport.evaluation import evaluate
+        from deltaport.io.atomic import write_json
 
         d = self.ensure_model(model_id)
-        ev = self.chain.eval
+        eval_opts = self.chain.eval
         t0 = time.time()
-        res = evaluate({model_id: str(d)}, ev.get("tasks"), limit=ev.get("limit"), device=self.chain.device or "auto",
-                       batch_size=ev.get("batch_size", 8), protocol=ev.get("protocol", "base"),
-                       num_fewshot=ev.get("num_fewshot"), preset=ev.get("preset"),
-                       cache_dir=self.run / "eval_cache", progress=self.progress)
+        res = evaluate({model_id: str(d)}, eval_opts.get("tasks"), limit=eval_opts.get("limit"),
+                       device=self.chain.device or "auto", batch_size=eval_opts.get("batch_size", 8),
+                       protocol=eval_opts.get("protocol", "base"), num_fewshot=eval_opts.get("num_fewshot"),
+                       preset=eval_opts.get("preset"), cache_dir=self.run / "eval_cache", progress=self.progress)
         write_json(p, res)
         self._log_step(f"eval {model_id}", "eval", t0, model=str(d), output=str(p))
         return res
@@ -353,8 +354,10 @@ def run_chain(chain, run_dir, *, resume: bool = EVOLVE.resume, progress: bool = 
 
 
 def _run(c: Chain, run: Path, chain_json: str, progress: bool) -> dict:
+    from deltaport.io.atomic import atomic_write_file, write_json
+
     run.mkdir(parents=True, exist_ok=True)
-    (run / "chain.json").write_text(chain_json + "\n")
+    atomic_write_file(run / "chain.json", lambda tmp: tmp.write_text(chain_json + "\n"), overwrite=True)
     # a step killed mid-write left a temporary sibling; atomic_output_dir removes it when the step reruns
     r = _Runner(c, run, progress)
     plan = strategy_models(c)
@@ -381,9 +384,6 @@ def _run(c: Chain, run: Path, chain_json: str, progress: bool) -> dict:
     }
     out["table"] = strategy_table(out)
     out["curves"] = _plot_curves(out, run)
-    from deltaport.evaluation import write_json
-    from deltaport.io.atomic import atomic_write_file
-
     write_json(run / "results.json", out)
     atomic_write_file(run / "table.md", lambda tmp: tmp.write_text(out["table"]), overwrite=True)
     return out
@@ -476,11 +476,9 @@ def _plot_curves(out: dict, run: Path) -> dict[str, str]:
     data = out["curves_data"]
     if not data:
         return {}
-    import matplotlib
+    from deltaport.figures import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     columns = out.get("columns") or {}
     tasks = sorted({t for pv in data.values() for evs in pv.values() for e in evs for t in e["results"]})
     versions = [v["name"] for v in out["chain"]["versions"]]
@@ -510,9 +508,6 @@ def _plot_curves(out: dict, run: Path) -> dict[str, str]:
             ax.legend(fontsize=8)
         fig.tight_layout()
         p = run / f"curves_{name}.png"
-        tmp = run / f".curves_{name}.tmp.png"
-        fig.savefig(tmp, dpi=100)
-        plt.close(fig)
-        tmp.replace(p)
+        save_figure(fig, p, dpi=100, bbox_inches=None)
         paths[name] = str(p)
     return paths

@@ -420,8 +420,11 @@ def finetune(model, data, output, *, recipe: str = FINETUNE.recipe, steps: int |
                     res = evaluate({f"step-{step}": (mdl, tok)}, eval_tasks, limit=eval_limit, device=device,
                                    protocol=eval_protocol, seed=seed, progress=progress)
                     evals.append({"step": step, "results": res["results"][f"step-{step}"]})
-                    if work is not None:
-                        (work / "evals.json").write_text(json.dumps(evals, default=str))
+                    if work is not None:  # whole or not at all: a resume reads it back
+                        from deltaport.io.atomic import atomic_write_file
+
+                        text = json.dumps(evals, default=str)
+                        atomic_write_file(work / "evals.json", lambda tmp: tmp.write_text(text), overwrite=True)
                 if fn_due:
                     with torch.no_grad():
                         for fn in fn_callbacks:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,8 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 import deltaport
 from deltaport.assets import SOURCES, check_config_against_plan, output_config, write_model_files
-from deltaport.errors import CheckpointError, InputError, OutputError
-from deltaport.io.atomic import atomic_output_dir, check_output_location
+from deltaport.errors import CheckpointError, DeltaportError, InputError, OutputError
+from deltaport.io.atomic import atomic_output_dir, check_output_location, write_json
 from deltaport.io.checkpoint import PROVENANCE_NAME, Checkpoint, dtype_name, open_checkpoint
 from deltaport.io.prepare import Fetch, check_free_space, plan_fetch, run_fetch
 from deltaport.io.writer import OutEntry, ShardedWriter, parse_size
@@ -110,11 +109,9 @@ def _write_timings(output: Path, timings: dict[str, float], stats: Stats | None)
     if stats is not None:
         rec.update(bytes_read=stats.bytes_read, bytes_written=stats.bytes_written, tensors=stats.tensors)
     path = output.parent / f"{output.name}.timings.json"
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
     try:
-        tmp.write_text(json.dumps(rec, indent=2) + "\n")
-        os.replace(tmp, path)
-    except OSError as exc:  # timings are a nicety; never fail a finished run over them
+        write_json(path, rec)
+    except (OSError, DeltaportError) as exc:  # timings are a nicety; never fail a finished run over them
         LOG.warning("could not write timings to %s: %s", path, exc)
 
 

@@ -19,8 +19,9 @@ from typing import Any
 
 import torch
 
-from deltaport import _diag
+from deltaport import causal_lm
 from deltaport.errors import PlanError
+from deltaport.figures import pyplot, save_figure
 from deltaport.options import SIMILARITY, SimilarityOptions, declared
 from deltaport.plan.names import ties_word_embeddings
 
@@ -136,7 +137,7 @@ def similarity(source_base: Any, source_finetuned: Any, target_base: Any, target
     total = dict(ss=0.0, dd=0.0, tt=0.0, dt=0.0, dst=0.0)
     gnumel: dict[str, int] = {}
     n_params = 0
-    with _diag.progress_bar(progress, len(names), "similarity") as bar:
+    with causal_lm.progress_bar(progress, len(names), "similarity") as bar:
         for name in names:
             shapes = {role: tuple(ck.spec(name).shape) for role, ck in cks.items()}
             if len(set(shapes.values())) > 1:
@@ -188,7 +189,7 @@ def plot_layers(report: dict, path: str | Path, *, overwrite: bool = True) -> Pa
     """Heat map: one row per layer group, one column per metric (each column its own colour scale)."""
     import numpy as np
 
-    plt = _diag.pyplot()
+    plt = pyplot()
     cols = [("rel_distance", "‖m_t − m_s‖ / ‖m_s‖", "viridis"), ("delta_rel", "‖Δ_s‖ / ‖m_s‖", "magma")]
     if report.get("target_finetuned"):
         cols.append(("cos", "cos(Δ_s, Δ_t)", "RdBu"))
@@ -210,4 +211,4 @@ def plot_layers(report: dict, path: str | Path, *, overwrite: bool = True) -> Pa
     fig.suptitle(f"total: rel. distance {report['total']['rel_distance']:.4g}, "
                  f"‖Δ_s‖/‖m_s‖ {report['total']['delta_rel']:.4g}"
                  + (f", cos {report['total']['cos']:.3f}" if report['total'].get('cos') is not None else ""), fontsize=9, y=1.03)
-    return _diag.save_figure(fig, path, overwrite=overwrite)
+    return save_figure(fig, path, overwrite=overwrite, record=True)

@@ -29,13 +29,13 @@ def _setup(progress: bool) -> None:
 def _check_outputs(output: Path, plot: Optional[Path], overwrite: bool, inputs: list) -> None:
     """Refuse unusable report/plot paths before any model is loaded: inside an input, a directory,
     an existing file without --overwrite, the same file twice, a plot format matplotlib cannot write."""
-    from deltaport import _diag
     from deltaport.errors import InputError, OutputError
+    from deltaport.io.atomic import check_output_file, check_output_location
 
     for p in (output, plot):
         if p is not None:
-            _diag.ensure_inputs_unwritten(p, inputs)
-            _diag.check_output_file(p, overwrite)
+            check_output_location(p, inputs)
+            check_output_file(p, overwrite=overwrite)
     if plot is not None:
         if plot.absolute().resolve() == output.absolute().resolve():
             raise OutputError(f"--plot and -o both name {output}; choose two different files")
@@ -67,11 +67,11 @@ def register(app: typer.Typer) -> None:
         _check_outputs(output, plot, overwrite, [a, b])
         progress = progress_mode(quiet, progress)
         _setup(progress)
-        from deltaport import _diag
+        from deltaport.io.atomic import write_json
         from deltaport.connectivity import connectivity, plot_curve
 
         rep = connectivity(a, b, data, **options, progress=progress)
-        _diag.write_json(output, rep, overwrite=overwrite)
+        write_json(output, rep, overwrite=overwrite, record=True)
         if plot:
             plot_curve(rep, plot, overwrite=overwrite)
         typer.echo(f"loss A {rep['loss_a']:.4f}  loss B {rep['loss_b']:.4f}  barrier {rep['barrier']:.4f} nats "
@@ -95,11 +95,11 @@ def register(app: typer.Typer) -> None:
         _check_outputs(output, plot, overwrite, [source_base, source_finetuned, target_base, target_finetuned])
         progress = progress_mode(quiet, progress)
         _setup(progress)
-        from deltaport import _diag
+        from deltaport.io.atomic import write_json
         from deltaport.similarity import plot_layers, similarity
 
         rep = similarity(source_base, source_finetuned, target_base, target_finetuned, **options, progress=progress)
-        _diag.write_json(output, rep, overwrite=overwrite)
+        write_json(output, rep, overwrite=overwrite, record=True)
         if plot:
             plot_layers(rep, plot, overwrite=overwrite)
         t = rep["total"]
@@ -125,11 +125,11 @@ def register(app: typer.Typer) -> None:
         _check_outputs(output, None, overwrite, [source_base, source_finetuned, target_base])
         progress = progress_mode(quiet, progress)
         _setup(progress)
-        from deltaport import _diag
+        from deltaport.io.atomic import write_json
         from deltaport.check import check
 
         rep = check(source_base, source_finetuned, target_base, data, **options, progress=progress)
-        _diag.write_json(output, rep, overwrite=overwrite)
+        write_json(output, rep, overwrite=overwrite, record=True)
         s = rep["signals"]
         typer.echo(f"verdict: {rep['verdict']}\n{rep['reason']}\n"
                    f"relative barrier {s['relative_barrier']:.4f}  rel. distance {s['rel_distance']:.4f}  "

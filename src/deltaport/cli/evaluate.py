@@ -55,7 +55,8 @@ def eval_command(
 ) -> None:
     """Evaluate models with lm-evaluation-harness (the paper's protocol) and compare them."""
     from deltaport.errors import OutputError
-    from deltaport.evaluation import comparison_table, evaluate, write_json
+    from deltaport.evaluation import comparison_table, evaluate
+    from deltaport.io.atomic import write_json
 
     if table is not None and table.resolve() == output.resolve():
         raise OutputError(f"-o and --table both name {output}; the table would replace the JSON results. "

@@ -24,8 +24,8 @@ score is), :mod:`.cache` (what identifies a result), :mod:`.harness` (how lm-eva
 
 from __future__ import annotations
 
-from deltaport.evaluation.results import comparison_table, write_json
+from deltaport.evaluation.results import comparison_table
 from deltaport.evaluation.run import BACKENDS, PROTOCOLS, evaluate
 from deltaport.evaluation.tasks import TaskSpec, resolve_tasks
 
-__all__ = ["evaluate", "comparison_table", "write_json", "resolve_tasks", "TaskSpec", "PROTOCOLS", "BACKENDS"]
+__all__ = ["evaluate", "comparison_table", "resolve_tasks", "TaskSpec", "PROTOCOLS", "BACKENDS"]

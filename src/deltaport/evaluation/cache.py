@@ -15,7 +15,7 @@ import logging
 from pathlib import Path
 
 from deltaport.assets import CHAT_FILES, TOKENIZER_FILES
-from deltaport.evaluation.results import json_default
+from deltaport.io.atomic import json_default
 from deltaport.evaluation.tasks import TaskSpec
 from deltaport.io.atomic import atomic_write_file
 

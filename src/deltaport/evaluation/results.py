@@ -4,10 +4,7 @@ metrics, the primary metric of a column, the comparison table and the results fi
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
-from typing import Any
 
 from deltaport.errors import InputError
 
@@ -154,26 +151,3 @@ def comparison_table(results: dict, baseline: str | None = None) -> str:
     lines.append(f"Metrics — {notes}. Each score ± its standard error (lm-eval's), n = documents scored"
                  + (f"; [differences] are to {baseline}." if baseline else "."))
     return "\n".join(lines) + "\n"
-
-
-def json_default(o):
-    """``json.dumps``' ``default`` for result values: paths as strings, numpy scalars as numbers, else ``str``."""
-    if isinstance(o, Path):
-        return str(o)
-    try:
-        import numpy as np
-
-        if isinstance(o, np.generic):
-            return o.item()
-    except ImportError:  # pragma: no cover
-        pass
-    return str(o)
-
-
-def write_json(path: str | Path, obj: Any, *, overwrite: bool = True) -> Path:
-    """Write ``obj`` as JSON to ``path`` through a temporary sibling + rename (never half-written);
-    without ``overwrite`` an existing file is refused (:func:`deltaport.io.atomic.atomic_write_file`)."""
-    from deltaport.io.atomic import atomic_write_file
-
-    text = json.dumps(obj, indent=2, sort_keys=False, default=json_default) + "\n"
-    return atomic_write_file(path, lambda tmp: tmp.write_text(text), overwrite=overwrite)

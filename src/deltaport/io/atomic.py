@@ -1,4 +1,6 @@
-"""Crash-safe output directories.
+"""Crash-safe outputs: directories (:func:`atomic_output_dir`), single files (:func:`atomic_write_file`,
+:func:`write_json`), and the checks that refuse an unusable output before any work
+(:func:`check_output_location`, :func:`check_output_file`).
 
 Every command writes into a temporary *sibling* of its output (``.NAME.deltaport-tmp-PID-XXXX``) and
 only renames it into place once complete and verified. With ``overwrite=True`` an existing output is
@@ -16,6 +18,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
+import json
 import logging
 import os
 import secrets
@@ -24,6 +27,7 @@ import signal
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 from deltaport.errors import DiskError, OutputError
 
@@ -35,7 +39,8 @@ OLD_TAG = ".deltaport-old-"
 #: outputs this process has moved into place (the CLI uses it to word its message after a signal)
 COMMITTED: list[Path] = []
 
-_DISK_ERRNOS = {errno.ENOSPC: "disk full", errno.EFBIG: "file size limit reached",
+#: errno -> what it means for an output being written (disk full, ...): the errors that become DiskError
+DISK_ERRORS = {errno.ENOSPC: "disk full", errno.EFBIG: "file size limit reached",
                 errno.EDQUOT: "disk quota exceeded", errno.EROFS: "read-only file system", errno.EIO: "I/O error"}
 _SIGNALS = tuple(s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None)
 
@@ -217,10 +222,9 @@ def atomic_output_dir(out: str | Path, *, overwrite: bool = False, inputs: Itera
                           "completed first, then swapped in) or choose another path")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}{TMP_TAG}{os.getpid()}-{secrets.token_hex(4)}"
-    tmp.mkdir()
-    committed = False
     stranded: Path | None = None  # the previous output while it is moved aside (non-atomic fallback)
     try:
+        tmp.mkdir()  # inside the try: a signal right after it still removes the folder
         yield tmp
         _fsync_dir(tmp)
         with _signals_deferred():
@@ -229,18 +233,15 @@ def atomic_output_dir(out: str | Path, *, overwrite: bool = False, inputs: Itera
                     raise OutputError(f"output {out} appeared while deltaport was writing it (another process?); "
                                       "the new output was discarded. Pass --overwrite to replace it.")
                 if _exchange(tmp, out):  # tmp now holds the old output
-                    committed = True
                     _fsync_dir(out.parent)
                 else:
                     stranded = out.parent / f".{out.name}{OLD_TAG}{os.getpid()}-{secrets.token_hex(4)}"
                     os.rename(out, stranded)
                     os.rename(tmp, out)
-                    committed = True
                     _fsync_dir(out.parent)
                     tmp, stranded = stranded, None
             else:
                 _rename_noreplace(tmp, out)
-                committed = True
                 _fsync_dir(out.parent)
             COMMITTED.append(out)
         shutil.rmtree(tmp, ignore_errors=True)  # the previous output, after an overwrite
@@ -250,9 +251,9 @@ def atomic_output_dir(out: str | Path, *, overwrite: bool = False, inputs: Itera
         if stranded is not None and not out.exists():
             with contextlib.suppress(OSError):
                 os.rename(stranded, out)  # put the previous output back
-        if isinstance(exc, OSError) and exc.errno in _DISK_ERRNOS:
+        if isinstance(exc, OSError) and exc.errno in DISK_ERRORS:
             where = exc.filename or out
-            raise DiskError(f"writing {where} failed: {_DISK_ERRNOS[exc.errno]} ({exc.strerror}). The partial output "
+            raise DiskError(f"writing {where} failed: {DISK_ERRORS[exc.errno]} ({exc.strerror}). The partial output "
                             f"was removed{' and the previous output is unchanged' if out.exists() else ''}; free space "
                             "or choose another output location.") from None
         raise
@@ -299,9 +300,32 @@ def atomic_write_file(path: str | Path, write: Callable[[Path], None], *, overwr
     except BaseException as exc:
         with contextlib.suppress(OSError):
             tmp.unlink()
-        if isinstance(exc, OSError) and exc.errno in _DISK_ERRNOS:
-            raise DiskError(f"writing {path} failed: {_DISK_ERRNOS[exc.errno]} ({exc.strerror}); nothing was written"
+        if isinstance(exc, OSError) and exc.errno in DISK_ERRORS:
+            raise DiskError(f"writing {path} failed: {DISK_ERRORS[exc.errno]} ({exc.strerror}); nothing was written"
                             f"{' and the previous file is unchanged' if path.exists() else ''}. Free space or choose "
                             "another output location.") from None
         raise
     return path
+
+
+def json_default(o: Any) -> Any:
+    """JSON for what reports hold besides plain types: a path as its string, a numpy scalar as its value,
+    anything else as its ``str``."""
+    if isinstance(o, Path):
+        return str(o)
+    try:
+        import numpy as np
+
+        if isinstance(o, np.generic):
+            return o.item()
+    except ImportError:  # pragma: no cover
+        pass
+    return str(o)
+
+
+def write_json(path: str | Path, obj: Any, *, overwrite: bool = True, record: bool = False) -> Path:
+    """Write ``obj`` as JSON (indent 2, keys in their order, a final newline) through
+    :func:`atomic_write_file`: never half-written; without ``overwrite`` an existing file is refused.
+    Paths and numpy scalars are written as strings and numbers; ``record`` as in :func:`atomic_write_file`."""
+    text = json.dumps(obj, indent=2, sort_keys=False, default=json_default) + "\n"
+    return atomic_write_file(path, lambda tmp: tmp.write_text(text), overwrite=overwrite, record=record)

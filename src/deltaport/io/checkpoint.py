@@ -1,13 +1,20 @@
 """One resolver for every checkpoint layout: local dir or hub id; single or sharded safetensors;
 pickled ``.bin`` (opt-in); PEFT LoRA adapters; deltaport delta dirs.
 
-Only headers are read here. Safetensors headers are validated by the safetensors library itself
-(``safe_open``), then their JSON is read (plain ``json``, never pickle/eval) for the byte offsets the
-streaming engine needs. Errors name the file and what to do.
+Only headers are read here (plus :func:`read_tensor`, one whole tensor through :mod:`deltaport.io.reader`,
+for callers that need a tensor's values, and pickled files, which can only be read whole). Safetensors
+headers are validated by the safetensors library itself (``safe_open``), then their JSON is read (plain
+``json``, never pickle/eval) and checked by :func:`parse_header` for the byte offsets the streaming engine
+needs. Errors name the file and what to do.
+
+Why over 500 lines: the first third (dtype names, :class:`TensorSpec`, the header check) is a concern of
+its own and should become ``io/tensors.py``; it stays here until the planner modules, which import it
+from here, are reorganised.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import logging
@@ -17,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from deltaport.errors import CheckpointError
+from deltaport.errors import CheckpointError, InputError
 
 LOG = logging.getLogger(__name__)
 
@@ -48,8 +55,8 @@ PROVENANCE_NAME = "deltaport.json"
 def __getattr__(name: str):
     """``ST_DTYPES``, ``TORCH_TO_ST`` and ``FLOAT_DTYPES`` (torch dtypes) import torch when first used."""
     if name in ("ST_DTYPES", "TORCH_TO_ST", "FLOAT_DTYPES"):
-        st = {k: torch_dtype(v) for k, v in ST_DTYPE_NAMES.items()}
-        table = {"ST_DTYPES": st, "TORCH_TO_ST": {v: k for k, v in st.items()},
+        torch_of_code = {k: torch_dtype(v) for k, v in ST_DTYPE_NAMES.items()}
+        table = {"ST_DTYPES": torch_of_code, "TORCH_TO_ST": {v: k for k, v in torch_of_code.items()},
                  "FLOAT_DTYPES": {torch_dtype(n) for n in FLOAT_DTYPE_NAMES}}
         globals().update(table)
         return table[name]
@@ -88,16 +95,23 @@ _DTYPE_WORDS = {"float32": "float32", "fp32": "float32", "float64": "float64", "
 
 
 def parse_dtype_name(name: str) -> str:
-    """The dtype name a user's spelling means (``bf16`` -> ``bfloat16``); no torch import."""
+    """The dtype name a user's spelling means (``bf16`` -> ``bfloat16``); no torch import. An unknown
+    spelling is a usage error (:class:`InputError`, exit 2)."""
     try:
-        return _DTYPE_WORDS[name.lower()]
+        return _DTYPE_WORDS[str(name).lower()]
     except KeyError:
-        raise CheckpointError(f"unknown dtype {name!r}; use one of float32, float64, bfloat16, float16") from None
+        raise InputError(f"unknown dtype {name!r}; use one of float32, float64, bfloat16, float16") from None
 
 
-def parse_dtype(name: str):
-    """The torch dtype a user's spelling means (``bf16`` -> ``torch.bfloat16``)."""
-    return torch_dtype(parse_dtype_name(name))
+def parse_dtype(value):
+    """The torch dtype a user's spelling means (``bf16`` -> ``torch.bfloat16``); a torch dtype is returned
+    as is. An unknown spelling is a usage error (:class:`InputError`, exit 2)."""
+    if not isinstance(value, str):
+        import torch
+
+        if isinstance(value, torch.dtype):
+            return value
+    return torch_dtype(parse_dtype_name(value))
 
 
 class DtypeField:
@@ -151,14 +165,6 @@ class TensorSpec:
     def nbytes(self) -> int:
         return self.end - self.start
 
-    @property
-    def rows(self) -> int:
-        return self.shape[0] if self.shape else 1
-
-    @property
-    def row_elems(self) -> int:
-        return self.numel // self.rows if self.rows else 0
-
 
 def read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
     """Validate ``path`` with the safetensors library and return (header dict, data start offset)."""
@@ -195,21 +201,37 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
                               "re-export this shard.") from None
     except Exception as exc:  # noqa: BLE001 - anything the binding raises on a broken file
         raise CheckpointError(f"shard {path} could not be opened by safetensors: {exc}") from None
+    header = parse_header(raw, 8 + n, size, path)
+    if set(k for k in header if k != "__metadata__") != lib_keys:
+        raise CheckpointError(f"shard {path}: header does not match what safetensors reads; the file is corrupt")
+    return header, 8 + n
+
+
+def parse_header(raw: bytes, data_start: int, size: int, where) -> dict[str, Any]:
+    """The JSON header ``raw`` of safetensors file ``where`` (``size`` bytes, -1 when unknown; its data
+    starts at ``data_start``), checked without the file: a JSON object whose every tensor has a known
+    dtype, a shape and a byte range of exactly that size, inside the file. Local files are also
+    validated by the safetensors library; hub files (planned from their header alone) only here."""
     try:
         header = json.loads(raw)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-        raise CheckpointError(f"shard {path}: header is not valid JSON ({exc})") from None
-    if not isinstance(header, dict) or set(k for k in header if k != "__metadata__") != lib_keys:
-        raise CheckpointError(f"shard {path}: header does not match what safetensors reads; the file is corrupt")
-    data_start = 8 + n
+        raise CheckpointError(f"shard {where}: header is not valid JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"shard {where}: header is not a JSON object; the file is corrupt")
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        s, e = info["data_offsets"]
-        if data_start + e > size:
-            raise CheckpointError(f"shard {path}: tensor {name!r} ends at byte {data_start + e} past the end of the "
+        try:
+            s, e = (int(x) for x in info["data_offsets"])
+            want = math.prod(int(d) for d in info["shape"]) * DTYPE_SIZES[ST_DTYPE_NAMES[info["dtype"]]]
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"shard {where}: tensor {name!r} has a malformed header entry {info!r}") from None
+        if e - s != want or s < 0:
+            raise CheckpointError(f"shard {where}: tensor {name!r} spans {e - s} bytes but its dtype and shape need {want}")
+        if size >= 0 and data_start + e > size:
+            raise CheckpointError(f"shard {where}: tensor {name!r} ends at byte {data_start + e} past the end of the "
                                   f"file ({size} bytes); the shard is truncated. Re-download it.")
-    return header, data_start
+    return header
 
 
 def _check_not_truncated(path: Path, raw: bytes, data_start: int, size: int) -> None:
@@ -252,13 +274,16 @@ class Checkpoint:
         except KeyError:
             raise CheckpointError(f"tensor {name!r} is not in {self.source}") from None
 
+    @property
+    def in_memory(self) -> bool:
+        """True when the tensors were loaded into memory (a pickled checkpoint), not read from safetensors."""
+        return self._memory is not None
+
     def tensor(self, name: str):
         """Read one whole tensor (a copy)."""
         spec = self.spec(name)
         if self._memory is not None:
             return self._memory[name].clone()
-        from deltaport.io.reader import read_tensor
-
         return read_tensor(spec)
 
     def memory_tensor(self, name: str):
@@ -277,6 +302,19 @@ class Checkpoint:
 
     def total_bytes(self) -> int:
         return sum(s.nbytes for s in self.tensors.values())
+
+
+def read_tensor(spec: TensorSpec):
+    """One whole tensor, read from its file into a new tensor (torch is imported here)."""
+    import torch
+
+    from deltaport.io.reader import FilePool, pread_into
+
+    buf = torch.empty(spec.nbytes, dtype=torch.uint8)
+    with FilePool() as pool:
+        if spec.nbytes:
+            pread_into(pool.fd(spec.file), buf, spec.start, spec.nbytes, f"{spec.file}:{spec.name}")
+    return buf.view(spec.dtype).reshape(spec.shape) if spec.nbytes else torch.empty(spec.shape, dtype=spec.dtype)
 
 
 def structure_signature(entries: dict[str, tuple[Any, tuple[int, ...]]]) -> str:
@@ -332,7 +370,7 @@ def resolve_dir(source: str | Path, *, revision: str | None = None) -> tuple[Pat
     p = Path(s).expanduser()
     if p.is_dir():
         return p, None
-    _not_a_dir(s, p)
+    require_dir_or_hub_id(s, p)
     repo_id, rev = hub.split_ref(s, revision)
     if hub.offline():
         return hub.snapshot_offline(repo_id, rev, s)
@@ -347,8 +385,8 @@ def resolve_dir(source: str | Path, *, revision: str | None = None) -> tuple[Pat
     return path, repo.sha
 
 
-def _not_a_dir(s: str, p: Path) -> None:
-    """``s`` is not an existing directory: a file, or a mistyped local path, is named as such before
+def require_dir_or_hub_id(s: str, p: Path) -> None:
+    """``s`` (path ``p``) is not an existing directory: refuse a file, or a mistyped local path, before
     any hub look-up (only a string of the hub's ``org/name[@rev]`` shape goes on to the hub)."""
     from deltaport.io import hub
 
@@ -404,15 +442,15 @@ def _sharded(d: Path, index_path: Path, specs_of=None, present=None) -> tuple[di
     specs_of = specs_of or _specs_from_file
     present = present or (lambda f: f.is_file())
     index = _read_json(index_path, "index")
-    wm = index.get("weight_map") if isinstance(index, dict) else None
-    if not isinstance(wm, dict) or not wm:
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointError(f"index {index_path} has no weight_map; re-download it")
-    bad = [v for v in wm.values() if not isinstance(v, str)]
+    bad = [v for v in weight_map.values() if not isinstance(v, str)]
     if bad:
         raise CheckpointError(f"index {index_path} names an invalid shard file {bad[0]!r} (not a file name); "
                               "re-download the index")
     files = []
-    for fname in dict.fromkeys(wm.values()):
+    for fname in dict.fromkeys(weight_map.values()):
         if not isinstance(fname, str) or "/" in fname or "\\" in fname or fname.startswith("."):
             raise CheckpointError(f"index {index_path} names an invalid shard file {fname!r}")
         f = d / fname
@@ -427,13 +465,13 @@ def _sharded(d: Path, index_path: Path, specs_of=None, present=None) -> tuple[di
                 raise CheckpointError(f"tensor {name!r} appears in two shards ({tensors[name].file.name} and "
                                       f"{f.name}) of {d}; the checkpoint is inconsistent")
             tensors[name] = spec
-    for name, fname in wm.items():
+    for name, fname in weight_map.items():
         if name not in tensors:
             raise CheckpointError(f"index {index_path} maps tensor {name!r} to {fname}, but no shard contains it")
         if tensors[name].file.name != fname:
             raise CheckpointError(f"index {index_path} maps tensor {name!r} to {fname}, but it is in "
                                   f"{tensors[name].file.name}; the index and shards disagree - re-download")
-    extra = set(tensors) - set(wm)
+    extra = set(tensors) - set(weight_map)
     if extra:
         raise CheckpointError(f"shards of {d} contain tensors the index {index_path.name} does not list: "
                               f"{sorted(extra)[:5]}; the index and shards disagree - re-download")
@@ -453,6 +491,11 @@ def refuse_pickle(d: Path, files: list[str],
 #: pickled weight files. They are read only when a directory has no ``.safetensors`` file (and only with
 #: ``allow_pickle``); beside safetensors they are ignored, never unpickled, by every command.
 PICKLE_GLOBS = ("pytorch_model*.bin", "*.pt", "adapter_model.bin")
+
+
+def is_pickled_weights(name: str) -> bool:
+    """True when a file name is a pickled weight file (see :data:`PICKLE_GLOBS`)."""
+    return any(fnmatch.fnmatchcase(name, g) for g in PICKLE_GLOBS)
 
 
 def pickled_files(d: Path) -> list[Path]:
@@ -488,20 +531,20 @@ def _pickled(d: Path, allow_pickle: bool) -> tuple[dict[str, TensorSpec], list[P
 
     index = d / "pytorch_model.bin.index.json"
     if index.exists():
-        wm = _read_json(index, "index").get("weight_map", {})
-        bins = [d / f for f in dict.fromkeys(wm.values())]
+        weight_map = _read_json(index, "index").get("weight_map", {})
+        bins = [d / f for f in dict.fromkeys(weight_map.values())]
         for b in bins:
             if not b.is_file():
                 raise CheckpointError(f"index {index} names missing file {b.name}; re-download it")
     mem: dict[str, Any] = {}
     for b in bins:
         try:
-            sd = torch.load(b, map_location="cpu", weights_only=True, mmap=True)
+            state_dict = torch.load(b, map_location="cpu", weights_only=True, mmap=True)
         except Exception as exc:  # noqa: BLE001 - weights_only refusal, corrupt zip, ...
             raise CheckpointError(f"cannot load {b} with torch.load(weights_only=True): {exc}") from None
-        if not isinstance(sd, dict):
+        if not isinstance(state_dict, dict):
             raise CheckpointError(f"{b} does not hold a state dict")
-        for k, v in sd.items():
+        for k, v in state_dict.items():
             if not isinstance(v, torch.Tensor):
                 continue
             if k in mem:
@@ -522,8 +565,8 @@ def _open_hub(source: str, revision: str | None, require_config: bool) -> Checkp
     where = f"{repo_id}@{repo.sha}"
 
     def specs_of(f: Path) -> dict[str, TensorSpec]:
-        header, data_start = hub.remote_header(repo, f.name)
-        return _specs_from_header(header, data_start, f)
+        raw, data_start, size, where = hub.remote_header_bytes(repo, f.name)
+        return _specs_from_header(parse_header(raw, data_start, size, where), data_start, f)
 
     def present(f: Path) -> bool:
         return f.name in repo.sizes
@@ -533,7 +576,7 @@ def _open_hub(source: str, revision: str | None, require_config: bool) -> Checkp
     if provenance is not None and not isinstance(provenance, dict):
         raise CheckpointError(f"provenance {where}/{PROVENANCE_NAME} must be a JSON object")
     kind, lora = "safetensors", None
-    st = sorted(f for f in repo.sizes if f.endswith(".safetensors") and "/" not in f)
+    safetensors_files = sorted(f for f in repo.sizes if f.endswith(".safetensors") and "/" not in f)
     if (d / "adapter_config.json").exists():
         lora = _read_json(d / "adapter_config.json", "adapter config")
         kind = "lora"
@@ -543,13 +586,13 @@ def _open_hub(source: str, revision: str | None, require_config: bool) -> Checkp
         tensors = specs_of(files[0])
     elif (d / INDEX_NAME).exists():
         tensors, files = _sharded(d, d / INDEX_NAME, specs_of, present)
-    elif SINGLE_NAME in repo.sizes or len(st) == 1:
-        files = [d / (SINGLE_NAME if SINGLE_NAME in repo.sizes else st[0])]
+    elif SINGLE_NAME in repo.sizes or len(safetensors_files) == 1:
+        files = [d / (SINGLE_NAME if SINGLE_NAME in repo.sizes else safetensors_files[0])]
         tensors = specs_of(files[0])
-    elif st:
-        raise CheckpointError(f"{where} has {len(st)} safetensors files but no {INDEX_NAME}; the repository lacks its index")
+    elif safetensors_files:
+        raise CheckpointError(f"{where} has {len(safetensors_files)} safetensors files but no {INDEX_NAME}; the repository lacks its index")
     else:
-        pickles = sorted(f for f in repo.sizes if f.endswith((".bin", ".pt")))
+        pickles = sorted(f for f in repo.sizes if "/" not in f and is_pickled_weights(f))
         raise CheckpointError(f"{where} holds no safetensors weights" + (f" (only {', '.join(pickles[:3])})" if pickles else "")
                               + "; deltaport plans from safetensors headers. Convert the model to safetensors first")
     if provenance and provenance.get("kind") == "delta":
@@ -584,7 +627,7 @@ def open_checkpoint(source: str | Path, *, allow_pickle: bool = False, revision:
     if remote and not Path(s).expanduser().is_dir():
         from deltaport.io import hub
 
-        _not_a_dir(s, Path(s).expanduser())
+        require_dir_or_hub_id(s, Path(s).expanduser())
         if not hub.offline():
             return _open_hub(s, revision, require_config)
     d, rev = resolve_dir(source, revision=revision)
@@ -611,11 +654,11 @@ def open_checkpoint(source: str | Path, *, allow_pickle: bool = False, revision:
     elif (d / SINGLE_NAME).exists():
         tensors, files = _specs_from_file(d / SINGLE_NAME), [d / SINGLE_NAME]
     else:
-        st = sorted(d.glob("*.safetensors"))
-        if len(st) == 1:
-            tensors, files = _specs_from_file(st[0]), st
-        elif len(st) > 1:
-            raise CheckpointError(f"{d} has {len(st)} safetensors files but no {INDEX_NAME}; "
+        safetensors_files = sorted(d.glob("*.safetensors"))
+        if len(safetensors_files) == 1:
+            tensors, files = _specs_from_file(safetensors_files[0]), safetensors_files
+        elif len(safetensors_files) > 1:
+            raise CheckpointError(f"{d} has {len(safetensors_files)} safetensors files but no {INDEX_NAME}; "
                                   "the index is missing - re-download it")
         elif pickle_only(d):
             tensors, files, memory = _pickled(d, allow_pickle)

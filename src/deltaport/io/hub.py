@@ -13,13 +13,11 @@ No torch import here: header-only paths stay light.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from deltaport.errors import CheckpointError
 
@@ -30,9 +28,6 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+(@[\w.\-/]+)?$")
 SMALL_PATTERNS = ["*.json", "*.jinja", "tokenizer*", "*.model", "*.txt", "*.tiktoken", "README.md"]
 #: what the offline path takes from the cache (small files plus safetensors weights)
 OFFLINE_PATTERNS = SMALL_PATTERNS + ["*.safetensors"]
-#: safetensors dtype -> bytes per element (to check a remote header before any weight byte exists locally)
-_ELEM = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-         "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
 
 
 def offline() -> bool:
@@ -147,9 +142,11 @@ def _range(url: str, start: int, end: int, headers: dict) -> bytes:
     return data
 
 
-def remote_header(repo: HubRepo, filename: str) -> tuple[dict[str, Any], int]:
-    """A safetensors file's header from the hub by two range requests (its length, then its JSON):
-    no byte past the header is requested. Returns (header, data start offset)."""
+def remote_header_bytes(repo: HubRepo, filename: str) -> tuple[bytes, int, int, str]:
+    """A safetensors file's JSON header from the hub by two range requests (its length, then its JSON):
+    no byte past the header is requested. Returns (header bytes, data start offset, file size or -1,
+    the name errors use);
+    :func:`deltaport.io.checkpoint.parse_header` validates the header as for a local file."""
     from huggingface_hub import hf_hub_url
     from huggingface_hub.utils import build_hf_headers
 
@@ -171,29 +168,7 @@ def remote_header(repo: HubRepo, filename: str) -> tuple[dict[str, Any], int]:
         raise
     except Exception as exc:  # noqa: BLE001
         raise _hub_error(f"read the header of {filename} of", repo.repo_id, exc) from None
-    try:
-        header = json.loads(raw)
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-        raise CheckpointError(f"shard {where}: header is not valid JSON ({exc})") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"shard {where}: header is not a JSON object; the file is corrupt")
-    data_start = 8 + n
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            s, e = (int(x) for x in info["data_offsets"])
-            numel = 1
-            for d in info["shape"]:
-                numel *= int(d)
-            want = numel * _ELEM[info["dtype"]]
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"shard {where}: tensor {name!r} has a malformed header entry {info!r}") from None
-        if e - s != want or s < 0:
-            raise CheckpointError(f"shard {where}: tensor {name!r} spans {e - s} bytes but its dtype and shape need {want}")
-        if size >= 0 and data_start + e > size:
-            raise CheckpointError(f"shard {where}: tensor {name!r} ends past the end of the file ({size} bytes)")
-    return header, data_start
+    return raw, 8 + n, size, where
 
 
 def is_cached(repo: HubRepo, filename: str) -> bool:

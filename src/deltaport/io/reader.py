@@ -1,5 +1,8 @@
 """Reading tensor bytes into reused buffers with ``os.preadv`` (no mmap: mapped pages would count
-towards the process's resident memory and grow with model size)."""
+towards the process's resident memory and grow with model size).
+
+Bytes only: where a tensor lives (:class:`deltaport.io.checkpoint.TensorSpec`) is known to the callers;
+this module imports nothing of deltaport but its errors."""
 
 from __future__ import annotations
 
@@ -8,7 +11,6 @@ import os
 import torch
 
 from deltaport.errors import CheckpointError
-from deltaport.io.checkpoint import TensorSpec
 
 
 class FilePool:
@@ -49,10 +51,3 @@ def pread_into(fd: int, buf: torch.Tensor, offset: int, nbytes: int, what: str) 
                                   "the shard is truncated - re-download it")
         got += n
 
-
-def read_tensor(spec: TensorSpec) -> torch.Tensor:
-    buf = torch.empty(spec.nbytes, dtype=torch.uint8)
-    with FilePool() as pool:
-        if spec.nbytes:
-            pread_into(pool.fd(spec.file), buf, spec.start, spec.nbytes, f"{spec.file}:{spec.name}")
-    return buf.view(spec.dtype).reshape(spec.shape) if spec.nbytes else torch.empty(spec.shape, dtype=spec.dtype)

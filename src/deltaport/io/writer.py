@@ -10,17 +10,16 @@ so every tensor is aligned to its item size.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-import errno
 import json
 import os
 import struct
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from deltaport.errors import CheckpointError, DiskError, RuntimeFailure
+from deltaport.io.atomic import DISK_ERRORS
 from deltaport.io.checkpoint import INDEX_NAME, NAME_TO_ST, SINGLE_NAME, dtype_name, dtype_size, read_safetensors_header
 
 if TYPE_CHECKING:  # annotations only: these modules must not import torch (header-only paths)
@@ -55,9 +54,9 @@ def parse_size(size: str | int) -> int:
         return size
     s = size.strip().upper().replace("IB", "B")
     units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "B": 1}
-    for u, m in units.items():
-        if s.endswith(u):
-            return int(float(s[: -len(u)]) * m)
+    for unit, factor in units.items():
+        if s.endswith(unit):
+            return int(float(s[: -len(unit)]) * factor)
     return int(s)
 
 
@@ -84,8 +83,7 @@ _SYNC_FILE_RANGE_WRITE = 2
 
 
 def _disk_error(exc: OSError, path: Path) -> DiskError:
-    why = {errno.ENOSPC: "disk full", errno.EFBIG: "file size limit reached", errno.EDQUOT: "disk quota exceeded"}
-    return DiskError(f"writing {path} failed: {why.get(exc.errno, exc.strerror)} ({exc}); free space or choose "
+    return DiskError(f"writing {path} failed: {DISK_ERRORS.get(exc.errno, exc.strerror)} ({exc}); free space or choose "
                      "another output location. The partial output was removed.")
 
 
@@ -121,11 +119,11 @@ class ShardedWriter:
             self.shards.append({"file": fname, "entries": group, "header": raw, "data_bytes": off})
         self.order = [e for s in self.shards for e in s["entries"]]  # the order tensors must be produced in
         self._shard_of = {e.name: i for i, s in enumerate(self.shards) for e in s["entries"]}
+        self._planned_bytes = {e.name: e.nbytes for e in entries}
         self._fd: int | None = None
         self._written = 0  # bytes written to the open shard
         self._flushed = 0  # bytes of it whose writeback has been started
         self._cur_shard = -1
-        self._expect: tuple[str, int] | None = None
 
     # -- streaming ---------------------------------------------------------------------------------
     def _open_shard(self, i: int) -> None:
@@ -172,12 +170,16 @@ class ShardedWriter:
                 self._fd = None
 
     def begin(self, name: str, nbytes: int) -> None:
+        """Start tensor ``name``, whose ``nbytes`` bytes follow through :meth:`write`: it must be the next
+        tensor of :attr:`order`, of the size the header was planned with."""
+        if nbytes != self._planned_bytes[name]:
+            raise RuntimeFailure(f"internal: tensor {name} is {nbytes} bytes, the header was planned with "
+                                 f"{self._planned_bytes[name]}")
         i = self._shard_of[name]
         if i != self._cur_shard:
             if i != self._cur_shard + 1:
                 raise RuntimeFailure(f"internal: tensor {name} produced out of order")
             self._open_shard(i)
-        self._expect = (name, nbytes)
 
     def write(self, data: torch.Tensor | bytes) -> None:
         torch = sys.modules.get("torch")  # a tensor exists only once torch is imported

@@ -1,5 +1,8 @@
-"""Shared plumbing of the diagnostics (connectivity, similarity, check): loading causal LMs and text,
-turning text into a fixed token sample, measuring mean token NLL, progress bars and atomic report files.
+"""Causal language models in memory, as the diagnostics (connectivity, similarity, check) measure them:
+loading a model (checked first by the core's header reader) and its tokenizer, its parameters, text
+turned into a fixed token sample, the mean next-token loss on that sample, and the progress bar of
+these measurements. Reports and plots are written by :func:`deltaport.io.atomic.write_json` and
+:func:`deltaport.figures.save_figure`.
 
 Nothing here prints; errors are :mod:`deltaport.errors` classes that name the input and what to do.
 """
@@ -12,28 +15,16 @@ import logging
 import os
 import pickle  # noqa: S403 - only for its exception class; nothing is unpickled here
 import random
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from deltaport.errors import CheckpointError, InputError, OutputError
-from deltaport.io.checkpoint import open_checkpoint, pickle_only
+from deltaport.errors import CheckpointError, InputError
+from deltaport.io.checkpoint import open_checkpoint, pickle_only, require_dir_or_hub_id
 
 LOG = logging.getLogger(__name__)
-
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float64": torch.float64,
-           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-
-
-def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    try:
-        return _DTYPES[str(dtype).lower()]
-    except KeyError:
-        raise InputError(f"unknown dtype {dtype!r}; use one of float32, float64, bfloat16, float16") from None
 
 
 # ----------------------------------------------------------------------------------------------- progress
@@ -80,13 +71,10 @@ def _local_dir(spec: Any) -> Path | None:
     """The local model directory ``spec`` names; None for a hub id. Raises for a file or a missing path."""
     src = str(spec)
     p = Path(src).expanduser()
-    if p.exists() and not p.is_dir():
-        raise CheckpointError(f"{src} is a file; pass the model directory (with config.json) that contains it")
-    if not p.exists():
-        from deltaport.io.checkpoint import _not_a_dir
-
-        _not_a_dir(src, p)  # a mistyped local path is named as such; a hub id passes
-    return p if p.exists() else None
+    if p.is_dir():
+        return p
+    require_dir_or_hub_id(src, p)  # a file or a mistyped local path is named as such; a hub id passes
+    return None
 
 
 def preflight(spec: Any, *, allow_pickle: bool = False) -> Path | None:
@@ -190,20 +178,21 @@ def named_params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return dict(model.named_parameters())
 
 
-def check_same_architecture(pa: dict[str, torch.Tensor], pb: dict[str, torch.Tensor], la: str, lb: str) -> None:
+def check_same_architecture(params_a: dict[str, torch.Tensor], params_b: dict[str, torch.Tensor], label_a: str,
+                            label_b: str) -> None:
     from deltaport.errors import PlanError
 
-    missing = sorted(set(pa) - set(pb))
-    extra = sorted(set(pb) - set(pa))
+    missing = sorted(set(params_a) - set(params_b))
+    extra = sorted(set(params_b) - set(params_a))
     if missing or extra:
         raise PlanError(
-            f"{la} and {lb} do not have the same parameters: only in the first: {missing[:5]}"
+            f"{label_a} and {label_b} do not have the same parameters: only in the first: {missing[:5]}"
             f"{' ...' if len(missing) > 5 else ''}; only in the second: {extra[:5]}{' ...' if len(extra) > 5 else ''}. "
             "Interpolation needs two models of the same architecture.")
-    for n, t in pa.items():
-        if t.shape != pb[n].shape:
-            raise PlanError(f"parameter {n!r} has shape {tuple(t.shape)} in {la} but {tuple(pb[n].shape)} in {lb}; "
-                            "interpolation needs identical shapes (same architecture and vocabulary size)")
+    for n, t in params_a.items():
+        if t.shape != params_b[n].shape:
+            raise PlanError(f"parameter {n!r} has shape {tuple(t.shape)} in {label_a} but {tuple(params_b[n].shape)} "
+                            f"in {label_b}; interpolation needs identical shapes (same architecture and vocabulary size)")
 
 
 def num_parameters(model: torch.nn.Module) -> int:
@@ -309,9 +298,9 @@ def mean_nll(model: torch.nn.Module, blocks: list[torch.Tensor], *, batch_tokens
                 j += 1
             batch = torch.stack(blocks[i:j]).to(device)
             logits = model(input_ids=batch, use_cache=False).logits
-            lp = torch.nn.functional.cross_entropy(
+            nll_sum = torch.nn.functional.cross_entropy(
                 logits[:, :-1].reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1), reduction="sum")
-            total += lp.double().cpu()
+            total += nll_sum.double().cpu()
             count += batch[:, 1:].numel()
             i = j
     finally:
@@ -322,57 +311,3 @@ def mean_nll(model: torch.nn.Module, blocks: list[torch.Tensor], *, batch_tokens
 
         raise NumericalError("the loss is NaN/Inf on the text sample: the model's logits are not finite")
     return loss
-
-
-# ----------------------------------------------------------------------------------------------- outputs
-
-
-def check_output_file(path: str | Path, overwrite: bool = True) -> Path:
-    """Refuse a report/plot path that is a directory, or that exists without ``overwrite``."""
-    from deltaport.io.atomic import check_output_file as _check
-
-    return _check(path, overwrite=overwrite)
-
-
-def write_json(path: str | Path, obj: Any, *, overwrite: bool = True) -> Path:
-    """Write ``obj`` as JSON to a temporary sibling, then rename it to ``path`` (never half-written;
-    without ``overwrite`` an existing file is refused, see :func:`deltaport.io.atomic.atomic_write_file`)."""
-    from deltaport.io.atomic import atomic_write_file
-
-    text = json.dumps(obj, indent=2, sort_keys=False) + "\n"
-    return atomic_write_file(path, lambda tmp: tmp.write_text(text), overwrite=overwrite, record=True)
-
-
-def save_figure(fig: Any, path: str | Path, *, overwrite: bool = True) -> Path:
-    """Save a matplotlib figure atomically (format from the suffix, default PNG) and close it."""
-    import matplotlib.pyplot as plt
-
-    from deltaport.io.atomic import atomic_write_file
-
-    fmt = Path(path).suffix.lstrip(".").lower() or "png"
-    try:
-        return atomic_write_file(path, lambda tmp: fig.savefig(tmp, format=fmt, dpi=120, bbox_inches="tight"),
-                                 overwrite=overwrite, record=True)
-    finally:
-        plt.close(fig)
-
-
-def pyplot():
-    """matplotlib.pyplot with the non-interactive Agg backend."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def ensure_inputs_unwritten(out: Path, inputs: Iterable[Any]) -> None:
-    """Refuse to write a report inside an input model directory."""
-    out = Path(out).absolute().resolve()
-    for inp in inputs:
-        if isinstance(inp, (str, Path)) and Path(inp).is_dir():
-            d = Path(inp).absolute().resolve()
-            if d == out.parent or d in out.parents:
-                raise OutputError(f"output {out} is inside input model directory {d}; deltaport never writes into "
-                                  "an input. Choose another path.")
