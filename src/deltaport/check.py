@@ -59,10 +59,10 @@ def _norms(ps: dict[str, torch.Tensor], pt: dict[str, torch.Tensor], pf: dict[st
 @torch.no_grad()
 def _add_delta_into(pf: dict[str, torch.Tensor], ps: dict[str, torch.Tensor], pt: dict[str, torch.Tensor]) -> None:
     """pf ← m_t + (pf − m_s), per tensor in float64, rounded once (pf is a working copy of m'_s)."""
-    from deltaport.numerics import round_into
+    from deltaport.numerics import transfer_into
 
     for n, f in pf.items():
-        round_into(f, pt[n].double() + (f.double() - ps[n].double()))  # one rounding, also to bf16/fp16
+        transfer_into(f, pt[n].to(torch.float64, copy=True), f.double(), ps[n].double())  # one rounding
 
 
 def classify(signals: dict[str, float], num_parameters: int, calibration: dict | None) -> tuple[str, str, dict]:

@@ -24,7 +24,7 @@ from deltaport.errors import DeltaportError, InputError, NumericalError, Runtime
 from deltaport.io.checkpoint import FLOAT_DTYPES
 from deltaport.io.reader import FilePool, pread_into
 from deltaport.io.writer import ShardedWriter
-from deltaport.numerics import round_into
+from deltaport.numerics import round_into, transfer_into
 from deltaport.plan import Plan, TensorOp, Term
 
 LOG = logging.getLogger(__name__)
@@ -609,28 +609,23 @@ class Engine:
             else:
                 obuf[: n * osz].copy_(src.reshape(-1)[e0:e1].contiguous().view(torch.uint8))
         else:
-            if op.kind == "copy" or op.scale == 0.0:
-                acc = self._fill("base", op.base, e0, e1, row_elems)
-            else:
-                if op.deltas:
-                    d = self._compose(op, e0, e1, row_elems)
-                elif op.lora is not None:
-                    d = self._lora(op, e0, e1, row_elems)
-                elif op.packed is not None:
-                    d = self._packed(op.packed, op.name, e0, e1)
-                else:
-                    d = self._fill("plus", op.plus, e0, e1, row_elems)
-                    if op.minus is not None:
-                        d.sub_(self._fill("minus", op.minus, e0, e1, row_elems))
-                if op.scale != 1.0:
-                    d.mul_(op.scale)
-                if op.base is not None:
-                    acc = self._fill("base", op.base, e0, e1, row_elems)
-                    acc.add_(d)
-                else:
-                    acc = d
             out = obuf[: n * osz].view(op.out_dtype)
-            self._round(out, acc, n)
+            if op.kind == "copy" or op.scale == 0.0:
+                self._round(out, self._fill("base", op.base, e0, e1, row_elems), n)
+            else:
+                minus = None
+                if op.deltas:
+                    plus = self._compose(op, e0, e1, row_elems)
+                elif op.lora is not None:
+                    plus = self._lora(op, e0, e1, row_elems)
+                elif op.packed is not None:
+                    plus = self._packed(op.packed, op.name, e0, e1)
+                else:
+                    plus = self._fill("plus", op.plus, e0, e1, row_elems)
+                    if op.minus is not None:
+                        minus = self._fill("minus", op.minus, e0, e1, row_elems)
+                target = None if op.base is None else self._fill("base", op.base, e0, e1, row_elems)
+                transfer_into(out, target, plus, minus, op.scale, scratch=self.bufs.get("round", n, torch.int64))
             if op.deltas and op.kind != "copy":
                 self._compose_fixup(op, out, e0, e1)
             if not _all_finite(out):

@@ -89,6 +89,26 @@ def round_to(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return out
 
 
+def transfer_into(out: torch.Tensor, target: torch.Tensor | None, plus: torch.Tensor, minus: torch.Tensor | None = None,
+                  scale: float = 1.0, *, scratch: torch.Tensor | None = None) -> None:
+    """The transfer formula: ``out ← t + λ·(f − b)``, rounded once into ``out``'s dtype.
+
+    ``target`` (t; None for no target: the Δ itself), ``plus`` (f) and ``minus`` (b; None when ``plus`` is
+    already the Δ) are tensors of one compute dtype and of ``out``'s shape; the sum is formed in that dtype
+    and rounded once by :func:`round_into`. **Overwrites** ``plus`` and ``target`` (they are the caller's
+    scratch: the engine passes reused chunk buffers, ``check`` whole-tensor copies). ``scratch``: an optional
+    int64 buffer for the rounding."""
+    d = plus
+    if minus is not None:
+        d.sub_(minus)
+    if scale != 1.0:
+        d.mul_(scale)
+    acc = d
+    if target is not None:
+        acc = target.add_(d)
+    round_into(out, acc, scratch)
+
+
 _FORMATS = {torch.float32: (24, -126, 128), torch.bfloat16: (8, -126, 128), torch.float16: (11, -14, 16),
             torch.float64: (53, -1022, 1024)}  # significand bits, min normal exponent, overflow exponent
 
