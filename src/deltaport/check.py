@@ -57,7 +57,7 @@ def _norms(ps: dict[str, torch.Tensor], pt: dict[str, torch.Tensor], pf: dict[st
 
 
 @torch.no_grad()
-def _add_delta_into(pf: dict[str, torch.Tensor], ps: dict[str, torch.Tensor], pt: dict[str, torch.Tensor]) -> None:
+def add_delta_into(pf: dict[str, torch.Tensor], ps: dict[str, torch.Tensor], pt: dict[str, torch.Tensor]) -> None:
     """pf ← m_t + (pf − m_s), per tensor in float64, rounded once (pf is a working copy of m'_s)."""
     from deltaport.numerics import transfer_into
 
@@ -167,7 +167,7 @@ def check(source_base: Any, source_finetuned: Any, target_base: Any, data: Any, 
     rel_distance, delta_rel = _norms(ps, pt, pf)
     loss_s, loss_t = curve["loss_a"], curve["loss_b"]
     loss_f = _diag.mean_nll(m_f, blocks)
-    _add_delta_into(pf, ps, pt)
+    add_delta_into(pf, ps, pt)
     loss_tr = _diag.mean_nll(m_f, blocks)
     del m_f, pf
     excess = (loss_tr - loss_t) - (loss_f - loss_s)
