@@ -54,7 +54,7 @@ class Stats:
     seconds: float = 0.0
     nonfinite_inputs: list[str] = field(default_factory=list)
     inexact_delta: dict[str, int] = field(default_factory=dict)  # diff: elements where base + Δ != finetuned
-    exact_fixups: int = 0  # composed apply: elements rounded from the exact rational sum
+    exact_fixups: int = 0  # elements rounded from the exact value (composed apply; λ not a power of two)
 
 
 def _all_finite(x: torch.Tensor) -> bool:
@@ -515,7 +515,8 @@ class Engine:
                     if op.minus is not None:
                         minus = self._fill("minus", op.minus, e0, e1, row_elems)
                 target = None if op.base is None else self._fill("base", op.base, e0, e1, row_elems)
-                transfer_into(out, target, plus, minus, op.scale, scratch=self.bufs.get("round", n, torch.int64))
+                self.stats.exact_fixups += transfer_into(out, target, plus, minus, op.scale,
+                                                         scratch=self.bufs.get("round", n, torch.int64), buf=self.bufs.get)
             if op.deltas and op.kind != "copy":
                 self._compose_fixup(op, out, e0, e1)
             if not _all_finite(out):

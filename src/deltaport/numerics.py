@@ -93,23 +93,70 @@ def round_to(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def transfer_into(out: torch.Tensor, target: torch.Tensor | None, plus: torch.Tensor, minus: torch.Tensor | None = None,
-                  scale: float = 1.0, *, scratch: torch.Tensor | None = None) -> None:
+                  scale: float = 1.0, *, scratch: torch.Tensor | None = None, buf=None) -> int:
     """The transfer formula: ``out ← t + λ·(f − b)``, rounded once into ``out``'s dtype.
 
     ``target`` (t; None for no target: the Δ itself), ``plus`` (f) and ``minus`` (b; None when ``plus`` is
-    already the Δ) are tensors of one compute dtype and of ``out``'s shape; the sum is formed in that dtype
-    and rounded once by :func:`round_into`. **Overwrites** ``plus`` and ``target`` (they are the caller's
-    scratch: the engine passes reused chunk buffers, ``check`` whole-tensor copies). ``scratch``: an optional
-    int64 buffer for the rounding."""
-    d = plus
+    already the Δ) are flat tensors of one compute dtype and of ``out``'s size. λ is taken as its float64
+    value. With a float64 compute dtype every element is the value of ``out``'s dtype nearest the exact
+    t + λ·(f − b):
+
+    * λ = 1, λ = −1 and every other power of two (and a float64 ``out``): the float64 sum is exact for
+      16-bit inputs, so it is rounded once by :func:`round_into` (the fast path);
+    * any other λ: λ·(f − b) is not exact in float64, and its rounding can move the sum across a rounding
+      boundary of ``out``'s dtype. The float64 sum s lies within 8·2⁻⁵³·(|t| + |λ·(f − b)|) of the exact
+      value, so only the elements where s minus and plus that bound round differently (:func:`rounding_brackets`;
+      on 16-bit weights about one in 10⁵) are decided from the exact value (:func:`decide_exactly`, the
+      composed apply's machinery with the terms t, λ·f and −λ·b).
+
+    On the fast path ``plus`` and ``target`` are **overwritten** (the caller's scratch: the engine passes reused
+    chunk buffers, ``check`` whole-tensor copies); the exact path leaves the inputs as they are and takes its
+    working tensors from ``buf(key, n, dtype)`` (default: new tensors). ``scratch``: an optional int64 buffer
+    for the rounding. Returns the number of elements decided exactly."""
+    if not _needs_exact_decisions(scale, plus.dtype, out.dtype):
+        d = plus
+        if minus is not None:
+            d.sub_(minus)
+        if scale != 1.0:
+            d.mul_(scale)
+        acc = d
+        if target is not None:
+            acc = target.add_(d)
+        round_into(out, acc, scratch)
+        return 0
+    buf = buf or _new_buffer
+    n = plus.numel()
+    delta, product = plus, buf("transfer:p", n, torch.float64)
     if minus is not None:
-        d.sub_(minus)
-    if scale != 1.0:
-        d.mul_(scale)
-    acc = d
-    if target is not None:
-        acc = target.add_(d)
-    round_into(out, acc, scratch)
+        delta = torch.sub(plus, minus, out=buf("transfer:d", n, torch.float64))
+    torch.mul(delta, scale, out=product)
+    if target is None:
+        target = torch.zeros_like(product)
+    s = buf("transfer:s", n, torch.float64)
+    torch.add(target, product, out=s)
+    err = buf("transfer:err", n, torch.float64)
+    torch.abs(target, out=err)
+    err.add_(product.abs_()).mul_(8 * 2.0 ** -53)
+    lo, hi = rounding_brackets(s, err, out.dtype, buf)
+    idx = torch.nonzero(lo != hi).flatten()
+    round_into(out, s, scratch)
+    idx = idx[torch.isfinite(s[idx])]  # NaN/Inf keep the plain result (reported by the caller)
+    if len(idx):
+        values, scales = [delta], [scale]
+        if minus is not None:  # f − b is exact in float64 nearly always; the terms λ·f and −λ·b otherwise
+            f, b, d = plus[idx], minus[idx], delta[idx]
+            back = d - f
+            if not bool((((f - (d - back)) + (-b - back)) == 0).all()):  # Knuth's TwoSum: the error of f − b
+                values, scales = [plus, minus], [scale, -scale]
+        decide_exactly(out, idx, lo, hi, target, values, scales)
+    return len(idx)
+
+
+def _needs_exact_decisions(scale: float, compute_dtype: torch.dtype, out_dtype: torch.dtype) -> bool:
+    """True when λ·(f − b) is not exact in float64 and the result is rounded to a narrower float: λ not a
+    power of two (λ = 0 is a copy), float64 arithmetic, a 16- or 32-bit float output."""
+    return (compute_dtype == torch.float64 and out_dtype in (torch.bfloat16, torch.float16, torch.float32)
+            and scale != 0.0 and math.isfinite(scale) and math.frexp(abs(scale))[0] != 0.5)
 
 
 _FORMATS = {torch.float32: (24, -126, 128), torch.bfloat16: (8, -126, 128), torch.float16: (11, -14, 16),
@@ -244,8 +291,9 @@ def rounding_brackets(s: torch.Tensor, err: torch.Tensor, dtype: torch.dtype,
     lo = buf("exact:lo", n, dtype)
     hi = buf("exact:hi", n, dtype)
     scratch = buf("round", n, torch.int64)
-    round_into(lo, s - err, scratch)
-    round_into(hi, s + err, scratch)
+    shifted = buf("exact:shifted", n, torch.float64)  # round_into works in place on it
+    round_into(lo, torch.sub(s, err, out=shifted), scratch)
+    round_into(hi, torch.add(s, err, out=shifted), scratch)
     return lo, hi
 
 
@@ -291,7 +339,9 @@ def _decide_by_expansion(out, idx, lo, hi, target, values, scales, ties_threshol
     int_type = {2: torch.int16, 4: torch.int32}[out.dtype.itemsize]
     los, his = lo.view(-1)[idx], hi.view(-1)[idx]
     lo_bits, hi_bits = los.view(int_type).to(torch.int64), his.view(int_type).to(torch.int64)
-    ok = (torch.signbit(los) == torch.signbit(his)) & ((lo_bits - hi_bits).abs() == 1)
+    # adjacent finite values of one sign (at the overflow threshold their midpoint is not a float: rationals)
+    ok = ((torch.signbit(los) == torch.signbit(his)) & ((lo_bits - hi_bits).abs() == 1)
+          & torch.isfinite(los) & torch.isfinite(his))
     if unsure is not None:
         ok &= ~unsure.view(-1)[idx]
     rest = idx[~ok].tolist()
