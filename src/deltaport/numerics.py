@@ -1,4 +1,16 @@
-"""Rounding float64 results once, correctly, to a 16-bit float.
+"""The arithmetic of a transfer, rounded once, correctly: pure functions on tensors, which the engine calls
+chunk by chunk and ``check`` on whole tensors.
+
+* :func:`transfer_into` — the transfer formula t + λ·(f − b), every element the value of the output dtype
+  nearest the exact result (λ: its float64 value);
+* :func:`compose_deltas`, :func:`ties_threshold`, :func:`round_composed_exactly` — a composed apply's sum
+  Σ λ_i·Δ_i (or TIES merge) and its exact rounding;
+* :func:`rounding_brackets`, :func:`decide_exactly` — shared by both: find the elements whose float64 result
+  lies too near a rounding boundary to tell, and decide those from the exact value (error-free products,
+  Shewchuk's expansion sign; :class:`fractions.Fraction` for the rest);
+* :func:`round_into` / :func:`round_to` — one rounding float64 → 16-bit (below), :func:`round_fraction`.
+
+Rounding float64 results once, correctly, to a 16-bit float:
 
 ``torch`` converts float64 → bfloat16/float16 through float32, which rounds twice: a float64 value just
 above a 16-bit midpoint can first round *onto* the midpoint in float32, and then round-to-even goes the
