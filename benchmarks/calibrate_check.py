@@ -47,7 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from deltaport import _tinylineage as TL  # noqa: E402
-from deltaport.check import SIGNALS, _add_delta_into, check, classify  # noqa: E402
+from deltaport.check import SIGNALS, add_delta_into, check, classify  # noqa: E402
 from deltaport import causal_lm  # noqa: E402
 
 SOURCES = ["v1", "v2", "v3", "v2x"]
@@ -81,7 +81,7 @@ def measure_family(seed: int, steps: int, ft_steps: int, max_tokens: int) -> lis
             r = check(models[s], models[f"ft_{s}"], models[t], data, max_tokens=max_tokens, seed=0,
                       calibration={})
             tr = copy.deepcopy(models[f"ft_{s}"])
-            _add_delta_into(causal_lm.named_params(tr), causal_lm.named_params(models[s]), causal_lm.named_params(models[t]))
+            add_delta_into(causal_lm.named_params(tr), causal_lm.named_params(models[s]), causal_lm.named_params(models[t]))
             t_base, t_tr, t_ft = (TL.task_nll(m, lang) for m in (models[t], tr, models[f"ft_{t}"]))
             recovery = (t_base - t_tr) / (t_base - t_ft)
             rows.append({"family": f"tiny {seed}", "source": s, "target": t, "kind": kind_of(s, t),

@@ -42,6 +42,20 @@ def bits(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().view({1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
 
 
+_REF_FMT = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
+_INT = {2: torch.int16, 4: torch.int32}
+
+
+def exact_transfer(t: torch.Tensor, f: torch.Tensor, b: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """``t + scale·(f − b)`` rounded once to ``t``'s dtype from the exact value (λ: its float64 value), by the
+    independent reference (tests/reference.py: float64, and Fractions near a rounding boundary)."""
+    from reference import round_transfer
+
+    args = [x.double().numpy() for x in (t, f, b)]
+    out = round_transfer(*args, float(scale), _REF_FMT[t.dtype]).astype(f"<i{t.element_size()}")
+    return torch.from_numpy(out.view(f"<i{t.element_size()}")).view(_INT[t.element_size()]).view(t.dtype).reshape(t.shape)
+
+
 def assert_bit_equal(sd1: dict, sd2: dict, *, ignore_zero_sign: bool = False) -> None:
     assert sorted(sd1) == sorted(sd2), (sorted(set(sd1) ^ set(sd2)))
     for k in sd1:

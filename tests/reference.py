@@ -4,7 +4,9 @@ It shares no code with the library: it parses safetensors files itself (8-byte h
 header, raw little-endian bytes), decodes bf16/fp16/fp32 with numpy bit operations, computes
 ``T + λ·(F − B)`` (or ``T + λ·scaling·B@A`` for a LoRA adapter) in float64, and rounds each result
 once to the output format with its own integer round-to-nearest-even (:func:`round_bits`, itself
-checked against :class:`fractions.Fraction` in ``test_reference.py``). Nothing here imports
+checked against :class:`fractions.Fraction` in ``test_reference.py``). λ is its float64 value and every
+element is the format's value nearest the *exact* ``T + λ·(F − B)``: where the float64 result lies too
+near a rounding boundary to tell, :func:`round_transfer` decides from :class:`fractions.Fraction`. Nothing here imports
 ``deltaport``, and nothing here uses torch.
 
 The semantics written down here are the documented ones:
@@ -134,6 +136,71 @@ def exact_value(bit: int, fmt: str) -> Fraction | None:
     return sign * Fraction(f + (1 << (p - 1))) * Fraction(2) ** (e - bias - (p - 1))
 
 
+def round_transfer(t: np.ndarray, f: np.ndarray, b: np.ndarray, lam: float, fmt: str) -> np.ndarray:
+    """Bits of the ``fmt`` values nearest the exact ``t + lam·(f − b)`` (float64 arrays of one shape).
+
+    The float64 result s is within 2⁻⁴⁸·(|t| + |lam·(f − b)|) of the exact value x (a few roundings of
+    2⁻⁵³ each); where s minus and plus that bound round alike, so does x. Elsewhere x is formed from
+    :class:`Fraction` and compared with the two candidates' exact values (ties to the even pattern)."""
+    t, f, b = (np.asarray(a, dtype=np.float64).reshape(-1) for a in (t, f, b))
+    d = (f - b) if lam == 1.0 else (f - b) * lam
+    s = t + d
+    out = round_bits(s, fmt)
+    if lam == 1.0 or (lam != 0.0 and math.isfinite(lam) and math.frexp(abs(lam))[0] == 0.5):
+        return out  # a power of two: λ·(f − b) is exact, the float64 sum is for 16-bit inputs
+    with np.errstate(invalid="ignore", over="ignore"):
+        e = (np.abs(t) + np.abs(d)) * 2.0 ** -48
+        lo, hi = round_bits(s - e, fmt), round_bits(s + e, fmt)
+        near = np.nonzero((decode(lo, fmt) != decode(hi, fmt)) & np.isfinite(s))[0]
+    if not near.size:
+        return out
+    p, emin, bias, ebits, store = FORMATS[fmt]
+    width = 8 * np.dtype(store).itemsize
+    lo, hi = lo[near].astype(np.int64), hi[near].astype(np.int64)
+    vlo, vhi = decode(lo.astype(store), fmt), decode(hi.astype(store), fmt)
+    mags = (1 << (width - 1)) - 1
+    adjacent = ((lo >> (width - 1)) == (hi >> (width - 1))) & (np.abs((lo & mags) - (hi & mags)) == 1) \
+        & np.isfinite(vlo) & np.isfinite(vhi)
+    mid = (vlo + vhi) / 2  # exact: two neighbouring values of at most 24 bits
+    ln, ld = float(lam).as_integer_ratio()
+    for i, j in enumerate(near.tolist()):
+        if not adjacent[i]:
+            out[j] = nearest_bits(Fraction(float(t[j])) + Fraction(lam) * (Fraction(float(f[j])) - Fraction(float(b[j]))), fmt)
+            continue
+        # sign of x − M = t − M + lam·(f − b), all dyadic: integers over one power-of-two denominator
+        (tn, td), (mn, md), (fn, fd), (bn, bd) = (float(v).as_integer_ratio() for v in (t[j], mid[i], f[j], b[j]))
+        den = max(td, md, ld * fd, ld * bd)
+        num = tn * (den // td) - mn * (den // md) + ln * (fn * (den // (ld * fd)) - bn * (den // (ld * bd)))
+        lo_j, hi_j = store(lo[i]), store(hi[i])
+        out[j] = hi_j if num > 0 else lo_j if num < 0 else (lo_j if int(lo[i]) % 2 == 0 else hi_j)
+    return out
+
+
+def nearest_bits(x: Fraction, fmt: str) -> int:
+    """Bit pattern of the ``fmt`` value nearest the rational ``x`` (ties to the even pattern; overflow to inf).
+    ``float(x)`` is within half a float64 step of x, so :func:`round_bits` of it is the answer or a neighbour:
+    the three are compared by their exact distance to x."""
+    p, emin, bias, ebits, store = FORMATS[fmt]
+    width = 8 * np.dtype(store).itemsize
+    g = int(round_bits(np.array([float(x)]), fmt)[0])
+    sign, mag = g & (1 << (width - 1)), g & ((1 << (width - 1)) - 1)
+    inf = ((1 << ebits) - 1) << (p - 1)
+    best = None
+    for m in (mag - 1, mag, mag + 1):
+        if m < 0 or m > inf:
+            continue
+        v = exact_value(sign | m, fmt)
+        if v is None:  # inf: the answer when |x| is at least max + half a step
+            top = exact_value(m - 1, fmt)
+            if abs(x) >= top + (top - exact_value(m - 2, fmt)) / 2:
+                return sign | m
+            continue
+        key = (abs(v - x), m & 1)
+        if best is None or key < best[0]:
+            best = (key, sign | m)
+    return best[1]
+
+
 # --------------------------------------------------------------------------------------------------
 # reading safetensors without the safetensors library
 
@@ -202,15 +269,16 @@ class Ckpt:
 _BLOCK = 1 << 18
 
 
-def _blocked(fn, inputs, fmt: str, shape) -> np.ndarray:
-    """``round_bits(fn(*decoded inputs), fmt)`` over the flattened tensors, a block at a time (small
-    arrays stay in cache; a 28M-element tensor in float64 all at once is slow on page faults alone)."""
+def _blocked(fn, inputs, fmt: str, shape, rounded: bool = False) -> np.ndarray:
+    """``round_bits(fn(*decoded inputs), fmt)`` (``fn(...)`` itself when it returns bits: ``rounded``) over
+    the flattened tensors, a block at a time (small arrays stay in cache; a 28M-element tensor in float64
+    all at once is slow on page faults alone)."""
     srcs = [(ck.bits(n).reshape(-1), ck.fmt(n)) for ck, n in inputs]
     total = srcs[0][0].size
     out = np.empty(total, dtype=FORMATS[fmt][4])
     for i in range(0, total, _BLOCK):
         vals = [decode(np.asarray(b[i:i + _BLOCK]), f) for b, f in srcs]
-        out[i:i + _BLOCK] = round_bits(fn(*vals), fmt)
+        out[i:i + _BLOCK] = fn(*vals) if rounded else round_bits(fn(*vals), fmt)
     return out.reshape(shape)
 
 
@@ -286,44 +354,37 @@ def transfer_tensor(name: str, sb: Ckpt, sf: Ckpt, tb: Ckpt, *, scale: float = 1
             return tb.bits(name)
         a_name, b_name = mods[name]
         d = (sf.f64(b_name) @ sf.f64(a_name)) * lora_scaling(sf.adapter)
-        if lam != 1.0:
-            d = d * lam
-        return round_bits(t + d, fmt).reshape(t.shape)
+        return round_transfer(t, d, np.zeros_like(d), lam, fmt).reshape(t.shape)
     fa, ba = _src_name(sf, name), _src_name(sb, name)
     if sf.shape(fa) == sb.shape(ba) == tb.shape(name) and vocab != "align":  # the common case, block by block
         if lam == 0.0:
             return tb.bits(name)
-        return _blocked(lambda fb, bb, tbk: tbk + ((fb - bb) if lam == 1.0 else (fb - bb) * lam),
-                        [(sf, fa), (sb, ba), (tb, name)], fmt, tb.shape(name))
+        return _blocked(lambda fb, bb, tbk: round_transfer(tbk, fb, bb, lam, fmt),
+                        [(sf, fa), (sb, ba), (tb, name)], fmt, tb.shape(name), rounded=True)
     f, b = sf.f64(fa), sb.f64(ba)
     if lam == 0.0:  # a copy of the target (padded with zero rows under vocab pad)
         rows = max(f.shape[0], b.shape[0], t.shape[0]) if vocab == "pad" else t.shape[0] if t.ndim else None
         return tb.bits(name) if rows is None else pad_bits(tb.bits(name), rows)
     if f.shape == b.shape == t.shape and (vocab != "align" or vocabs[0] == vocabs[1] == vocabs[2]):
-        d = f - b  # align with one shared vocabulary: row i is the same token everywhere (padding rows too)
+        pass  # align with one shared vocabulary: row i is the same token everywhere (padding rows too)
     elif vocab == "pad":
         rows = max(f.shape[0], b.shape[0], t.shape[0])
         f, b, t = _pad_rows(f, rows), _pad_rows(b, rows), _pad_rows(t, rows)
-        d = f - b
     elif vocab == "align":
         vb, vf, vt = vocabs
-        d = np.zeros_like(t)
+        fa_rows, ba_rows = np.zeros_like(t), np.zeros_like(t)
         mask = np.zeros(t.shape[0], dtype=bool)
         for tok, j in vt.items():
             i_f, i_b = vf.get(tok), vb.get(tok)
             if j < t.shape[0] and i_f is not None and i_b is not None and i_f < f.shape[0] and i_b < b.shape[0]:
-                d[j] = f[i_f] - b[i_b]
+                fa_rows[j], ba_rows[j] = f[i_f], b[i_b]
                 mask[j] = True
-        if lam != 1.0:
-            d = d * lam
-        out = t + d
-        out[~mask] = t[~mask]  # rows without a Δ keep the target's value (also its sign of zero)
-        return round_bits(out, fmt).reshape(t.shape)
+        out = round_transfer(t, fa_rows, ba_rows, lam, fmt).reshape(t.shape)
+        out[~mask] = round_bits(t[~mask], fmt).reshape(t[~mask].shape)  # rows without a Δ keep the target's value (also its sign of zero)
+        return out
     else:
         raise ValueError(f"{name}: shapes differ and no vocabulary policy given")
-    if lam != 1.0:
-        d = d * lam
-    return round_bits(t + d, fmt).reshape(t.shape)
+    return round_transfer(t, f, b, lam, fmt).reshape(t.shape)
 
 
 def transfer(sb: Ckpt, sf: Ckpt, tb: Ckpt, **kw) -> dict[str, np.ndarray]:

@@ -8,9 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import deltaport
-from deltaport.numerics import round_to
 from deltaport.testing import ARCHS
-from conftest import SIGNED_ZEROS, assert_bit_equal, load_sd, minus_zero_to_plus, tree_hash
+from conftest import SIGNED_ZEROS, assert_bit_equal, exact_transfer, load_sd, minus_zero_to_plus, tree_hash
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 
@@ -61,11 +60,10 @@ def test_apply_of_diff_reproduces_finetuned(family, tmp_path, arch, dtype):
     assert_bit_equal(load_sd(tmp_path / "out"), minus_zero_to_plus(load_sd(p["source_finetuned"])))
 
 
-def _hand_built(p, scale, compute=torch.float64):
+def _hand_built(p, scale):
     b, a, c = (load_sd(p[k]) for k in ("source_base", "source_finetuned", "target_base"))
-    # one rounding to the output dtype (torch's float64 -> bf16 .to() rounds twice, via float32)
-    return {k: round_to(c[k].to(compute) + (a[k].to(compute) - b[k].to(compute)) * scale, c[k].dtype) if scale != 1.0 else
-            round_to(c[k].to(compute) + (a[k].to(compute) - b[k].to(compute)), c[k].dtype) for k in c}
+    # the value nearest the exact t + λ·(f − b), rounded once (torch's float64 -> bf16 .to() rounds twice)
+    return {k: exact_transfer(c[k], a[k], b[k], scale) for k in c}
 
 
 @pytest.mark.usefixtures("engine_chunk")

@@ -12,32 +12,10 @@ import torch
 import deltaport
 from deltaport import testing as T
 from deltaport.engine import DEFAULT_CHUNK_ELEMS
-from conftest import assert_bit_equal, bits, load_sd
+from conftest import assert_bit_equal, bits, exact_transfer, load_sd
 
 EMB, HEAD = "model.embed_tokens.weight", "lm_head.weight"
 CHUNKS = [7, 4099, DEFAULT_CHUNK_ELEMS]
-
-
-def _round(x64: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Nearest ``dtype`` value of float64 ``x64``, ties to even (no engine code): for bf16, the three bf16
-    values around the float32 rounding of ``x64`` are compared by their exact float64 distance."""
-    if dtype == torch.float64:
-        return x64.clone()
-    if dtype == torch.float32:
-        return x64.to(torch.float32)  # one IEEE rounding
-    assert dtype == torch.bfloat16
-    hi = x64.to(torch.float32).view(torch.int32) >> 16
-    best, err, best_hi = None, None, None
-    for d in (0, -1, 1):
-        h = hi + d
-        cand = (h << 16).view(torch.float32)
-        e = (cand.double() - x64).abs()
-        if best is None:
-            best, err, best_hi = cand, e, h
-            continue
-        better = (e < err) | ((e == err) & (h % 2 == 0) & (best_hi % 2 != 0))
-        best, err, best_hi = torch.where(better, cand, best), torch.where(better, e, err), torch.where(better, h, best_hi)
-    return best.to(torch.bfloat16)
 
 
 # ---------------------------------------------------------------- vocab align with added tokens
@@ -101,7 +79,7 @@ def _align_reference(added, scale: float, unmatched: str) -> dict[str, torch.Ten
             ia = va.get(s) if s is not None and va.get(s, 1 << 30) < a[k].shape[0] else None
             ib = vb.get(s) if s is not None and vb.get(s, 1 << 30) < b[k].shape[0] else None
             if ia is not None and ib is not None:
-                rows.append(_round(c[k][j].double() + (a[k][ia].double() - b[k][ib].double()) * scale, c[k].dtype))
+                rows.append(exact_transfer(c[k][j], a[k][ia], b[k][ib], scale))
             elif unmatched == "finetuned" and ia is not None:
                 rows.append(a[k][ia].clone())
             else:
@@ -136,7 +114,7 @@ def test_align_uses_each_models_own_tokenizer(added, tmp_path, chunk, scale):
     a, b = load_sd(added["sf"]), load_sd(added["sb"])
     for k in c:
         if k not in (EMB, HEAD):
-            assert torch.equal(bits(out[k]), bits(_round(c[k].double() + (a[k].double() - b[k].double()) * scale, c[k].dtype))), k
+            assert torch.equal(bits(out[k]), bits(exact_transfer(c[k], a[k], b[k], scale))), k
     # provenance names the target tokens that have no base row (no Δ is defined for them)
     prov = json.loads((tmp_path / "o" / "deltaport.json").read_text())
     rec = prov["vocab_align"]
@@ -223,7 +201,7 @@ def lora(tmp_path_factory):
 
 
 def _lora_reference(lora, target, scale: float) -> dict[str, torch.Tensor]:
-    """PEFT semantics in float64: W + λ·(lora_alpha / r)·B·A for adapted modules, W elsewhere; one rounding."""
+    """PEFT semantics: W + λ·(lora_alpha / r)·B·A for adapted modules, W elsewhere; one rounding of the exact value."""
     cfg = json.loads((lora["adapter"] / "adapter_config.json").read_text())
     scaling = cfg["lora_alpha"] / cfg["r"]
     ad, c = load_sd(lora["adapter"]), load_sd(target)
@@ -232,7 +210,8 @@ def _lora_reference(lora, target, scale: float) -> dict[str, torch.Tensor]:
         mod = "base_model.model." + k[: -len(".weight")]
         if mod + ".lora_A.weight" in ad:
             A, B = ad[mod + ".lora_A.weight"].double(), ad[mod + ".lora_B.weight"].double()
-            want[k] = _round(w.double() + ((B @ A) * scaling) * scale, w.dtype)
+            d = (B @ A) * scaling  # exact: products of bf16 values summed over r = 4, times 1.5
+            want[k] = exact_transfer(w, d, torch.zeros_like(d), scale)
         else:
             want[k] = w.clone()
     return want

@@ -135,12 +135,11 @@ def test_subnormal_results_of_a_scaled_transfer_round_once(tmp_path):
         save_file({"w": w}, str(tmp_path / name / "model.safetensors"))
     deltaport.transfer(tmp_path / "b", tmp_path / "f", tmp_path / "t", tmp_path / "o", scale=0.7)
     got = load_file(str(tmp_path / "o" / "model.safetensors"))["w"]
-    # the engine forms λ·Δ in float64 (exact here: Δ = f) and then rounds once: the reference is the exact
-    # nearest multiple of the subnormal step to that float64 product (0.7 * v in Python is the same IEEE
-    # product). The product's own rounding is a separate matter: it can land on a midpoint the exact
-    # 0.7 × f is not on (20 of these 512 elements), not tested here.
+    # the reference is the multiple of the subnormal step nearest the exact 0.7 × f (λ: its float64 value;
+    # round() of a Fraction breaks ties to even). The float64 product 0.7 * v lands on a midpoint the exact
+    # value is not on for 20 of these 512 elements: those are decided from the exact value.
     step = Fraction(2) ** -133
-    want = [float(round(Fraction(0.7 * v) / step) * step) for v in f.tolist()]
+    want = [float(round(Fraction(0.7) * Fraction(v) / step) * step) for v in f.tolist()]
     wrong = [(v, g, w) for v, g, w in zip(f.tolist(), got.double().tolist(), want) if g != w]
     assert not wrong, f"{len(wrong)} wrong, e.g. (f, got, exact) {wrong[:3]}"
 
@@ -164,3 +163,73 @@ def test_infinities_and_nans_survive_the_single_rounding(dtype):
     assert got[0].item() == float("inf") and got[1].item() == -float("inf")
     assert torch.isnan(got[2]) and got[3].item() == float("inf") and got[4].item() == -float("inf")
     assert got[5].item() == 3.0
+
+
+def _one_tensor_models(tmp_path, dtype, values: dict[str, float]) -> None:
+    import json
+
+    from safetensors.torch import save_file
+
+    for name, v in values.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps({"model_type": "llama"}))
+        save_file({"w": torch.tensor([v, 0.25], dtype=dtype)}, str(tmp_path / name / "model.safetensors"))
+
+
+def test_scaled_transfer_rounds_the_exact_value_not_the_float64_product(tmp_path):
+    """t = 0.125, f − b = 5·2⁻¹⁰, λ = 0.7 (float64: 0.7 − 2⁻⁵⁴·…): the float64 product λ·5·2⁻¹⁰ rounds to
+    3.5·2⁻¹⁰, so t + λ·Δ lands on the bf16 midpoint 0.125 + 3.5·2⁻¹⁰ and round-to-even goes up; the exact
+    value lies just below it, so the nearest bf16 is 0.125 + 3·2⁻¹⁰. Transfer and apply write the latter."""
+    from safetensors.torch import load_file
+
+    import deltaport
+
+    t, d = 0.125, 5 * 2.0 ** -10
+    assert 0.7 * d == 3.5 * 2.0 ** -10 and Fraction(0.7) * Fraction(d) < Fraction(7, 2) * Fraction(2) ** -10
+    _one_tensor_models(tmp_path, torch.bfloat16, {"b": 0.0, "f": d, "t": t})
+    res = deltaport.transfer(tmp_path / "b", tmp_path / "f", tmp_path / "t", tmp_path / "o", scale=0.7)
+    deltaport.diff(tmp_path / "b", tmp_path / "f", tmp_path / "d")
+    deltaport.apply(tmp_path / "d", tmp_path / "t", tmp_path / "a", scale=0.7)
+    want = t + 3 * 2.0 ** -10
+    for out in ("o", "a"):
+        assert load_file(str(tmp_path / out / "model.safetensors"))["w"][0].item() == want, out
+    assert res.stats.exact_fixups >= 1
+    # λ a power of two: the float64 sum is exact, no element needs a decision
+    res = deltaport.transfer(tmp_path / "b", tmp_path / "f", tmp_path / "t", tmp_path / "p", scale=0.5)
+    assert res.stats.exact_fixups == 0
+    assert load_file(str(tmp_path / "p" / "model.safetensors"))["w"][0].item() == t + 2 * 2.0 ** -10  # a tie: even
+
+
+def test_scaled_transfer_exact_when_f_minus_b_is_inexact_in_float64(tmp_path):
+    """float32 inputs f = 1 + 2⁻²³, b = 2⁻⁶⁰, t = 0, λ = 3: f − b needs 84 bits, so float64 drops b and
+    3·(f − b) lands on the float32 midpoint 3 + 1.5·2⁻²²; the exact value is 3·b below it: 3 + 2⁻²², not
+    the even neighbour 3 + 2⁻²¹ a float64 evaluation gives."""
+    from safetensors.torch import load_file
+
+    import deltaport
+
+    f, b = 1 + 2.0 ** -23, 2.0 ** -60
+    _one_tensor_models(tmp_path, torch.float32, {"b": b, "f": f, "t": 0.0})
+    deltaport.transfer(tmp_path / "b", tmp_path / "f", tmp_path / "t", tmp_path / "o", scale=3.0)
+    got = load_file(str(tmp_path / "o" / "model.safetensors"))["w"]
+    assert got[0].item() == 3 + 2.0 ** -22
+    assert torch.tensor(3 * (f - b), dtype=torch.float64).to(torch.float32).item() == 3 + 2.0 ** -21
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.sampled_from([torch.bfloat16, torch.float16, torch.float32]), st.sampled_from([0.7, 1.3, -0.3, 3.0, 0.1]),
+       st.integers(0, 2 ** 31))
+def test_transfer_into_is_the_nearest_value_of_the_exact_result(dtype, lam, seed):
+    """numerics.transfer_into on small-Δ weights (where f − b has few bits and the float64 product often
+    lands on a midpoint) against Fraction arithmetic, element by element."""
+    from deltaport.numerics import round_fraction, transfer_into
+
+    g = torch.Generator().manual_seed(seed)
+    b = (torch.randn(4000, generator=g) * 0.02).to(dtype)
+    f = (b.float() + torch.randn(4000, generator=g) * 1e-3).to(dtype)
+    t = (b.float() + torch.randn(4000, generator=g) * 5e-3).to(dtype)
+    out = torch.empty(4000, dtype=dtype)
+    transfer_into(out, t.double(), f.double(), b.double(), lam)
+    for j in range(4000):
+        x = Fraction(t[j].item()) + Fraction(lam) * (Fraction(f[j].item()) - Fraction(b[j].item()))
+        assert out[j].item() == round_fraction(x, dtype), (j, t[j].item(), f[j].item(), b[j].item())

@@ -202,8 +202,7 @@ def test_diff_apply_matches_reference(tmp_path_factory, case):
         elif lam == 0.0:
             want[n] = tb.bits(n)
             continue
-        d = d if lam == 1.0 else d * lam
-        want[n] = R.round_bits(t + d, case["fmt"]).reshape(t.shape)
+        want[n] = R.round_transfer(t, d, np.zeros_like(d), lam, case["fmt"]).reshape(t.shape)
     _compare(root / "out", want)
 
 

@@ -59,12 +59,12 @@ def _norms(ps: dict[str, torch.Tensor], pt: dict[str, torch.Tensor], pf: dict[st
 
 
 @torch.no_grad()
-def _add_delta_into(pf: dict[str, torch.Tensor], ps: dict[str, torch.Tensor], pt: dict[str, torch.Tensor]) -> None:
+def add_delta_into(pf: dict[str, torch.Tensor], ps: dict[str, torch.Tensor], pt: dict[str, torch.Tensor]) -> None:
     """pf ← m_t + (pf − m_s), per tensor in float64, rounded once (pf is a working copy of m'_s)."""
-    from deltaport.numerics import round_into
+    from deltaport.numerics import transfer_into
 
     for n, f in pf.items():
-        round_into(f, pt[n].double() + (f.double() - ps[n].double()))  # one rounding, also to bf16/fp16
+        transfer_into(f, pt[n].to(torch.float64, copy=True), f.double(), ps[n].double())  # one rounding
 
 
 def classify(signals: dict[str, float], num_parameters: int, calibration: dict | None) -> tuple[str, str, dict]:
@@ -170,7 +170,7 @@ def check(source_base: Any, source_finetuned: Any, target_base: Any, data: Any, 
     rel_distance, delta_rel = _norms(ps, pt, pf)
     loss_s, loss_t = curve["loss_a"], curve["loss_b"]
     loss_f = causal_lm.mean_nll(m_f, blocks)
-    _add_delta_into(pf, ps, pt)
+    add_delta_into(pf, ps, pt)
     loss_tr = causal_lm.mean_nll(m_f, blocks)
     del m_f, pf
     excess = (loss_tr - loss_t) - (loss_f - loss_s)

@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 import deltaport
@@ -38,6 +37,7 @@ from deltaport.io.compressed_format import (  # noqa: E402,F401  (re-exported: t
     METHODS,
     PART_SEP,
     compression_record,
+    pack_bits,
     part_names,
 )
 
@@ -56,19 +56,6 @@ def dare_mask(seed: int, name: str, numel: int, density: float) -> torch.Tensor:
         return torch.ones(numel, dtype=torch.bool)
     g = torch.Generator().manual_seed(tensor_seed(seed, name))
     return torch.rand(numel, generator=g, dtype=torch.float64) < density
-
-
-def pack_bits(mask: torch.Tensor) -> torch.Tensor:
-    """bool [N] -> uint8 [ceil(N/8)], element i at bit i % 8 of byte i // 8."""
-    return torch.from_numpy(np.packbits(mask.reshape(-1).numpy(), bitorder="little"))
-
-
-def unpack_bits(packed: torch.Tensor, start: int, n: int) -> torch.Tensor:
-    """Bits [start, start + n) of a packed uint8 tensor, as bool."""
-    b0, b1 = start // 8, (start + n + 7) // 8
-    bits = np.unpackbits(packed[b0:b1].numpy(), bitorder="little")
-    off = start - 8 * b0
-    return torch.from_numpy(bits[off:off + n].astype(bool))
 
 
 # --------------------------------------------------------------------------------------------------

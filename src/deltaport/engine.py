@@ -3,13 +3,18 @@ buffers (memory stays a small multiple of one chunk, whatever the model size), o
 with reading and writing (a reader and a writer thread; optionally several worker threads computing
 chunks side by side, handed to the writer in order), check every chunk for NaN/Inf, and round once to
 the output dtype.
+
+The arithmetic itself lives in :mod:`deltaport.numerics` (the transfer formula, the composed sum, the
+exact rounding decisions); this module only streams. It is longer than the ~500 lines a module should
+have because the chunk loop, its reader and writer threads and the worker pool share one state (the
+reused buffers and the chunk sequence, which the reader must walk in step with the loop); split, each
+part would reach into the others' private state.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-import math
 import queue
 import threading
 import time
@@ -22,9 +27,10 @@ import torch
 
 from deltaport.errors import DeltaportError, InputError, NumericalError, RuntimeFailure
 from deltaport.io.checkpoint import FLOAT_DTYPES
+from deltaport.io.compressed_format import unpack_bits
 from deltaport.io.reader import FilePool, pread_into
 from deltaport.io.writer import ShardedWriter
-from deltaport.numerics import round_into
+from deltaport.numerics import compose_deltas, round_composed_exactly, round_into, ties_threshold, transfer_into
 from deltaport.plan import Plan, TensorOp, Term
 
 LOG = logging.getLogger(__name__)
@@ -48,11 +54,7 @@ class Stats:
     seconds: float = 0.0
     nonfinite_inputs: list[str] = field(default_factory=list)
     inexact_delta: dict[str, int] = field(default_factory=dict)  # diff: elements where base + Δ != finetuned
-    exact_fixups: int = 0  # composed apply: elements rounded from the exact rational sum
-
-
-def _isz(dt: torch.dtype) -> int:
-    return dt.itemsize  # no tensor: torch.empty per call cost ~0.2 ms each with the reader thread running
+    exact_fixups: int = 0  # elements rounded from the exact value (composed apply; λ not a power of two)
 
 
 def _all_finite(x: torch.Tensor) -> bool:
@@ -175,11 +177,11 @@ class _Prefetcher(threading.Thread):
                             return
                         for key, term in reads:
                             spec = term.spec
-                            isz = _isz(spec.dtype)
+                            itemsize = spec.dtype.itemsize
                             k = max(0, min(e1, spec.numel) - e0)
                             if k:
-                                raw = bufs.get(key, k * isz, torch.uint8)
-                                pread_into(self.files.fd(spec.file), raw, spec.start + e0 * isz, k * isz,
+                                raw = bufs.get(key, k * itemsize, torch.uint8)
+                                pread_into(self.files.fd(spec.file), raw, spec.start + e0 * itemsize, k * itemsize,
                                            f"{spec.file}:{spec.name}")
                                 raws[key] = raw
                     if not self._put((op.name, e0, bufs, raws)):
@@ -220,7 +222,7 @@ class Engine:
         self.prefetch = prefetch
         self.chunk = max(int(chunk_elems), 1)
         self.strict = strict
-        self.cd = plan.compute_dtype
+        self.compute_dtype = plan.compute_dtype
         self.bufs = _Buffers()
         self.files = FilePool()
         self.stats = Stats()
@@ -235,8 +237,8 @@ class Engine:
         """Values of ``term`` for output elements [e0, e1) in the compute dtype (zeros past its end)."""
         n = e1 - e0
         spec = term.spec
-        out = self.bufs.get(key + ":f", n, self.cd)
-        isz = _isz(spec.dtype)
+        out = self.bufs.get(key + ":f", n, self.compute_dtype)
+        itemsize = spec.dtype.itemsize
         mem = term.ck.memory_tensor(spec.name)
         if term.rowmap is None:
             k = max(0, min(e1, spec.numel) - e0)
@@ -246,10 +248,10 @@ class Engine:
                 else:
                     raw = self._pre.get(key)
                     if raw is None:
-                        raw = self.bufs.get(key + ":r", k * isz, torch.uint8)
-                        pread_into(self.files.fd(spec.file), raw, spec.start + e0 * isz, k * isz, f"{spec.file}:{spec.name}")
+                        raw = self.bufs.get(key + ":r", k * itemsize, torch.uint8)
+                        pread_into(self.files.fd(spec.file), raw, spec.start + e0 * itemsize, k * itemsize, f"{spec.file}:{spec.name}")
                     self._raw[key] = raw
-                    self.stats.bytes_read += k * isz
+                    self.stats.bytes_read += k * itemsize
                     out[:k].copy_(raw.view(spec.dtype))
             if k < n:
                 out[k:].zero_()
@@ -267,11 +269,11 @@ class Engine:
         """Write ``term``'s rows ``rowmap[r0:r1]`` into ``out2`` (runs of consecutive rows in one read);
         rows mapped to -1 are set to ``term.fill`` (``zero``; ±0.0) or left as they are (an overlay)."""
         spec = term.spec
-        isz = _isz(spec.dtype)
+        itemsize = spec.dtype.itemsize
         mem = term.ck.memory_tensor(spec.name)
         idx = term.rowmap[r0:r1].tolist()
-        raw = self.bufs.get(key + ":r", (r1 - r0) * row_elems * isz, torch.uint8)
-        rowbytes = row_elems * isz
+        raw = self.bufs.get(key + ":r", (r1 - r0) * row_elems * itemsize, torch.uint8)
+        rowbytes = row_elems * itemsize
         j = 0
         while j < len(idx):
             i = idx[j]
@@ -314,15 +316,15 @@ class Engine:
         rows), so the bytes do not depend on the chunk size, and memory is the chunk (a row may be split)."""
         cache = getattr(self, "_lora_cache", None)
         if cache is None or cache[0] != op.name:
-            A = op.lora.ck.tensor(op.lora.a.name).to(self.cd)
-            B = op.lora.ck.tensor(op.lora.b.name).to(self.cd)
+            A = op.lora.ck.tensor(op.lora.a.name).to(self.compute_dtype)
+            B = op.lora.ck.tensor(op.lora.b.name).to(self.compute_dtype)
             if op.lora.transposed:  # W is [in, out]: W[i, j] = Σ_k A[k, i]·B[j, k], the same terms in the same order
                 A, B = B.T.contiguous(), A.T.contiguous()
             self._lora_cache = cache = (op.name, A, B)
         _, A, B = cache
         n = e1 - e0
-        out = self.bufs.get(key, n, self.cd)
-        tmp = self.bufs.get("lora:t", n, self.cd)
+        out = self.bufs.get(key, n, self.compute_dtype)
+        tmp = self.bufs.get("lora:t", n, self.compute_dtype)
         r0, c0 = divmod(e0, row_elems)
         pos = 0
         while pos < n:  # pieces: the rest of a partial row, then whole rows, then the start of a row
@@ -352,15 +354,13 @@ class Engine:
 
         The parts of one tensor are read whole on its first chunk (together at most the size of its dense
         Δ); sparse keeps a running count of the values used, so chunks in order cost one pass."""
-        from deltaport.compression import unpack_bits
-
         cache = self._packed_cache.get(key)
         if cache is None or cache["name"] != name:
             cache = {"name": name, "bits": term.ck.tensor(term.bits.name), "values": term.ck.tensor(term.values.name),
                      "next": (0, 0)}
             self._packed_cache[key] = cache
         n = e1 - e0
-        out = self.bufs.get(key, n, self.cd)
+        out = self.bufs.get(key, n, self.compute_dtype)
         mask = unpack_bits(cache["bits"], e0, n)
         if term.method == "sign":
             alpha = float(cache["values"][0])
@@ -372,7 +372,7 @@ class Engine:
             v_next = int(unpack_bits(cache["bits"], 0, e0).sum()) if e0 else 0
         k = int(mask.sum())
         out.zero_()
-        out[mask] = cache["values"][v_next:v_next + k].to(self.cd)
+        out[mask] = cache["values"][v_next:v_next + k].to(self.compute_dtype)
         cache["next"] = (e1, v_next + k)
         return out
 
@@ -387,149 +387,39 @@ class Engine:
         return v if v.dtype == torch.float64 else v.to(torch.float64)
 
     def _ties_thresholds(self, op: TensorOp, row_elems: int) -> list[float]:
-        """TIES trim: per delta, the magnitude of its k-th largest entry in this tensor (k = ⌈density·N⌉);
-        entries at least that large are kept. Reads each Δ_i of this tensor whole (memory: one tensor)."""
+        """TIES trim: per delta, the magnitude its entries must reach in this tensor to be kept
+        (:func:`~deltaport.numerics.ties_threshold`). Reads each Δ_i of this tensor whole (memory: one tensor)."""
         cache = getattr(self, "_ties_cache", None)
         if cache is not None and cache[0] == op.name:
             return cache[1]
-        numel = op.numel
-        k = max(1, math.ceil(op.ties_density * numel))
-        thr = []
-        for i, part in enumerate(op.deltas):
-            a = self._part_values(op, i, part, 0, numel, row_elems, key=f"ties{i}").abs()
-            thr.append(float(torch.kthvalue(a, numel - k + 1).values) if k < numel else 0.0)
-        self._ties_cache = (op.name, thr)
-        return thr
+        thresholds = [ties_threshold(self._part_values(op, i, part, 0, op.numel, row_elems, key=f"ties{i}").abs(),
+                                     op.ties_density) for i, part in enumerate(op.deltas)]
+        self._ties_cache = (op.name, thresholds)
+        return thresholds
 
     def _compose(self, op: TensorOp, e0: int, e1: int, row_elems: int) -> torch.Tensor:
-        """d = Σ_i λ_i·Δ_i (or the TIES merge of the λ_i·Δ_i) for a composed apply, in float64.
-
-        A float64 sum of several products is not exact in general. With m deltas, each product, addition
-        (and TIES's one division) errs by at most 2⁻⁵³ of its magnitude, so s = t + d lies within
-        E = (2m+4)·2⁻⁵³·(|t| + Σ|λ_i·Δ_i|) of the exact value (E is doubled for safety). :meth:`_compose_fixup`
-        keeps the rounding of s where s − E and s + E round alike (rounding is monotone, so the exact value
-        rounds there too) and recomputes the rest in exact rationals."""
-        n = e1 - e0
-        d = self.bufs.get("compose:acc", n, torch.float64)
-        mag = self.bufs.get("compose:mag", n, torch.float64)
-        d.zero_()
-        mag.zero_()
-        ties = op.ties_density is not None
-        thr = self._ties_thresholds(op, row_elems) if ties else None
-        self._compose_vals = []
-        cs = []
-        for i, part in enumerate(op.deltas):
-            v = self._part_values(op, i, part, e0, e1, row_elems, key=f"d{i}")
-            self._compose_vals.append(v)
-            c = self.bufs.get(f"compose:c{i}", n, torch.float64)
-            torch.mul(v, part.scale, out=c)
-            if ties:
-                c.masked_fill_(v.abs() < thr[i], 0.0)  # trim
-                cs.append(c)
-            else:
-                d.add_(c)
-            mag.add_(c.abs())
-        self._compose_unsure = None
-        if ties:
-            total = self.bufs.get("compose:total", n, torch.float64)
-            total.zero_()
-            for c in cs:
-                total.add_(c)
-            sign = torch.sign(total)  # elect: the sign of the larger total magnitude
-            cnt = self.bufs.get("compose:cnt", n, torch.float64)
-            cnt.zero_()
-            for c in cs:
-                agree = (torch.sign(c) == sign) & (c != 0)
-                d.add_(torch.where(agree, c, 0.0))
-                cnt.add_(agree)
-            d.div_(cnt.clamp_(min=1.0))  # disjoint mean
-            # a total within its own rounding error of 0 may have the wrong sign: decide those exactly
-            self._compose_unsure = (total.abs() <= mag * (2 * len(cs) * 2.0 ** -52)) & (mag > 0)
+        """d = Σ_i λ_i·Δ_i (or the TIES merge of the λ_i·Δ_i) for a composed apply, in float64
+        (:func:`~deltaport.numerics.compose_deltas`); the Δ_i and the error bound are kept for
+        :meth:`_compose_fixup`."""
+        thresholds = self._ties_thresholds(op, row_elems) if op.ties_density is not None else None
+        self._compose_vals = [self._part_values(op, i, part, e0, e1, row_elems, key=f"d{i}")
+                              for i, part in enumerate(op.deltas)]
+        d, self._compose_mag, self._compose_unsure = compose_deltas(
+            self._compose_vals, [part.scale for part in op.deltas], thresholds, buf=self.bufs.get)
+        self._compose_d = d
         return d
 
     def _compose_fixup(self, op: TensorOp, out: torch.Tensor, e0: int, e1: int) -> None:
-        """Round a composed chunk from the exact value where float64 cannot decide (see :meth:`_compose`).
-        float64 outputs and a float32 compute dtype keep the result as computed."""
-        if op.out_dtype == torch.float64 or self.cd != torch.float64:
+        """Round a composed chunk from the exact value where float64 cannot decide
+        (:func:`~deltaport.numerics.round_composed_exactly`). float64 outputs and a float32 compute dtype keep
+        the result as computed."""
+        if op.out_dtype == torch.float64 or self.compute_dtype != torch.float64:
             return
-        n = e1 - e0
-        base = self._fill("base", op.base, e0, e1, op.shape[-1] if op.shape else 1)
-        d = self.bufs.get("compose:acc", n, torch.float64)
-        s = torch.add(base, d)  # the value _run_op rounded
-        mag = self.bufs.get("compose:mag", n, torch.float64)
-        err = mag.add_(base.abs()).mul_((2 * len(op.deltas) + 4) * 2.0 ** -52)
-        lo = self.bufs.get("compose:lo", n, op.out_dtype)
-        hi = self.bufs.get("compose:hi", n, op.out_dtype)
-        self._round(lo, s - err, n)
-        self._round(hi, s + err, n)
-        fin = torch.isfinite(s)  # NaN/Inf inputs keep the plain result (reported by _diagnose)
-        out.copy_(torch.where(fin, lo, out))
-        bad = lo != hi
-        if self._compose_unsure is not None:
-            bad |= self._compose_unsure
-        idx = torch.nonzero(fin & bad).flatten()
-        if not len(idx):
-            return
-        self.stats.exact_fixups += len(idx)
-        rest = self._decide_near_boundary(op, out, idx, base, lo, hi)
-        if not rest:
-            return
-        from fractions import Fraction
-
-        from deltaport.numerics import round_fraction
-
-        thr = self._ties_thresholds(op, 1) if op.ties_density is not None else None
-        for j in rest:
-            cs = [Fraction(part.scale) * Fraction(float(v[j])) for part, v in zip(op.deltas, self._compose_vals)]
-            if thr is not None:
-                cs = [c if abs(float(v[j])) >= t else Fraction(0) for c, v, t in zip(cs, self._compose_vals, thr)]
-                total = sum(cs, Fraction(0))
-                agree = [c for c in cs if c != 0 and (c > 0) == (total > 0) and total != 0]
-                x = sum(agree, Fraction(0)) / max(len(agree), 1)
-            else:
-                x = sum(cs, Fraction(0))
-            out.view(-1)[j] = round_fraction(Fraction(float(base[j])) + x, op.out_dtype)
-
-    def _decide_near_boundary(self, op: TensorOp, out: torch.Tensor, idx: torch.Tensor, base: torch.Tensor,
-                              lo: torch.Tensor, hi: torch.Tensor) -> list[int]:
-        """Elements ``idx`` whose s ± E round to two adjacent output values lo < hi: the exact value is nearer hi
-        iff it exceeds their midpoint M. Decided exactly and vectorised: the sign of t + Σ λ_i·Δ_i − M as an
-        expansion of error-free products and sums (numerics.sign_of_exact_sum); a tie goes to the even one.
-        Returns the elements left to the rational path (lo, hi not adjacent; a TIES sign election in doubt)."""
-        from deltaport.numerics import exact_product_terms, sign_of_exact_sum
-
-        ibits = {2: torch.int16, 4: torch.int32}[op.out_dtype.itemsize]
-        los, his = lo.view(-1)[idx], hi.view(-1)[idx]
-        li, hi_ = los.view(ibits).to(torch.int64), his.view(ibits).to(torch.int64)
-        ok = (torch.signbit(los) == torch.signbit(his)) & ((li - hi_).abs() == 1)
-        if self._compose_unsure is not None:
-            ok &= ~self._compose_unsure.view(-1)[idx]
-        rest = idx[~ok].tolist()
-        sel = idx[ok]
-        if not len(sel):
-            return rest
-        los, his, li = los[ok], his[ok], li[ok]
-        mid = (los.double() + his.double()) * 0.5  # exact: two adjacent values of at most 24 bits
-        t = base.view(-1)[sel]
-        vals = [v.view(-1)[sel] for v in self._compose_vals]
-        if op.ties_density is None:
-            terms = [t, -mid]
-            for part, v in zip(op.deltas, vals):
-                terms += exact_product_terms(part.scale, v)
-        else:  # t + (Σ agreeing c_i) / k  vs  M:  sign of k·t − k·M + Σ agreeing c_i (k ≥ 1; k = 0: t − M)
-            thr = self._ties_thresholds(op, 1)
-            cs = [torch.where(v.abs() >= th, v * part.scale, 0.0) for part, v, th in zip(op.deltas, vals, thr)]
-            sign = torch.sign(sum(cs))
-            agree = [(torch.sign(c) == sign) & (c != 0) for c in cs]
-            k = sum(a.to(torch.float64) for a in agree).clamp(min=1.0)
-            terms = [t * k, -mid * k]  # exact: k is a small integer
-            for part, v, a, th in zip(op.deltas, vals, agree, thr):
-                terms += [p * a for p in exact_product_terms(part.scale, torch.where(v.abs() >= th, v, 0.0))]
-        sgn = sign_of_exact_sum(terms)
-        even_lo = (li & 1) == 0
-        pick = torch.where(sgn > 0, his, torch.where(sgn < 0, los, torch.where(even_lo, los, his)))
-        out.view(-1)[sel] = pick
-        return rest
+        target = self._fill("base", op.base, e0, e1, op.shape[-1] if op.shape else 1)
+        thresholds = self._ties_thresholds(op, 1) if op.ties_density is not None else None
+        self.stats.exact_fixups += round_composed_exactly(
+            out, target, self._compose_d, self._compose_mag, self._compose_vals, [part.scale for part in op.deltas],
+            thresholds, self._compose_unsure, buf=self.bufs.get)
 
     def _diagnose(self, op: TensorOp, e0: int, e1: int, row_elems: int) -> None:
         bad_inputs = []
@@ -570,22 +460,22 @@ class Engine:
         return [(k, t) for k, t in terms
                 if t is not None and t.rowmap is None and t.ck.memory_tensor(t.spec.name) is None]
 
-    def _run_op(self, op: TensorOp, wt: _Writer) -> None:
-        wt.q.put(("begin", op.name, op.nbytes))
-        osz = _isz(op.out_dtype)
+    def _run_op(self, op: TensorOp, writer_thread: _Writer) -> None:
+        writer_thread.q.put(("begin", op.name, op.nbytes))
+        out_itemsize = op.out_dtype.itemsize
         for e0, e1, row_elems in self._chunks(op):
             n = e1 - e0
             pre_bufs = None
             if self._reader is not None:
                 pre_bufs, self._pre = self._reader.next(op.name, e0)
-            obuf = self._take(wt, n * osz)
+            obuf = self._take(writer_thread, n * out_itemsize)
             self._chunk(op, e0, e1, row_elems, obuf)
             if self._reader is not None:
                 self._pre = {}
                 self._reader.release(pre_bufs)
-            wt.q.put(("data", obuf, n * osz))
-            wt.check()
-            self._progress(n * osz)
+            writer_thread.q.put(("data", obuf, n * out_itemsize))
+            writer_thread.check()
+            self._progress(n * out_itemsize)
         self.stats.tensors += 1
 
     def _chunk(self, op: TensorOp, e0: int, e1: int, row_elems: int, obuf: torch.Tensor) -> None:
@@ -593,44 +483,40 @@ class Engine:
         bytes, if any, in ``self._pre``). Touches only this engine's own buffers, files and stats, so
         workers (copies of the engine, see :meth:`_run_workers`) can run it side by side."""
         n = e1 - e0
-        osz = _isz(op.out_dtype)
+        out_itemsize = op.out_dtype.itemsize
         floating = op.out_dtype in FLOAT_DTYPES
         if self._raw_copy(op):
             spec = op.base.spec
-            pread_into(self.files.fd(spec.file), obuf, spec.start + e0 * osz, n * osz, f"{spec.file}:{spec.name}")
-            self.stats.bytes_read += n * osz
-            if floating and not _all_finite(obuf[: n * osz].view(op.out_dtype)):
+            pread_into(self.files.fd(spec.file), obuf, spec.start + e0 * out_itemsize, n * out_itemsize, f"{spec.file}:{spec.name}")
+            self.stats.bytes_read += n * out_itemsize
+            if floating and not _all_finite(obuf[: n * out_itemsize].view(op.out_dtype)):
                 self._diagnose(op, e0, e1, row_elems)
         elif not floating:  # non-float copy with a row map or from memory
             src = op.base.ck.memory_tensor(op.base.spec.name)
             if src is None:
                 spec = op.base.spec
-                pread_into(self.files.fd(spec.file), obuf, spec.start + e0 * osz, n * osz, f"{spec.file}:{spec.name}")
+                pread_into(self.files.fd(spec.file), obuf, spec.start + e0 * out_itemsize, n * out_itemsize, f"{spec.file}:{spec.name}")
             else:
-                obuf[: n * osz].copy_(src.reshape(-1)[e0:e1].contiguous().view(torch.uint8))
+                obuf[: n * out_itemsize].copy_(src.reshape(-1)[e0:e1].contiguous().view(torch.uint8))
         else:
+            out = obuf[: n * out_itemsize].view(op.out_dtype)
             if op.kind == "copy" or op.scale == 0.0:
-                acc = self._fill("base", op.base, e0, e1, row_elems)
+                self._round(out, self._fill("base", op.base, e0, e1, row_elems), n)
             else:
+                minus = None
                 if op.deltas:
-                    d = self._compose(op, e0, e1, row_elems)
+                    plus = self._compose(op, e0, e1, row_elems)
                 elif op.lora is not None:
-                    d = self._lora(op, e0, e1, row_elems)
+                    plus = self._lora(op, e0, e1, row_elems)
                 elif op.packed is not None:
-                    d = self._packed(op.packed, op.name, e0, e1)
+                    plus = self._packed(op.packed, op.name, e0, e1)
                 else:
-                    d = self._fill("plus", op.plus, e0, e1, row_elems)
+                    plus = self._fill("plus", op.plus, e0, e1, row_elems)
                     if op.minus is not None:
-                        d.sub_(self._fill("minus", op.minus, e0, e1, row_elems))
-                if op.scale != 1.0:
-                    d.mul_(op.scale)
-                if op.base is not None:
-                    acc = self._fill("base", op.base, e0, e1, row_elems)
-                    acc.add_(d)
-                else:
-                    acc = d
-            out = obuf[: n * osz].view(op.out_dtype)
-            self._round(out, acc, n)
+                        minus = self._fill("minus", op.minus, e0, e1, row_elems)
+                target = None if op.base is None else self._fill("base", op.base, e0, e1, row_elems)
+                self.stats.exact_fixups += transfer_into(out, target, plus, minus, op.scale,
+                                                         scratch=self.bufs.get("round", n, torch.int64), buf=self.bufs.get)
             if op.deltas and op.kind != "copy":
                 self._compose_fixup(op, out, e0, e1)
             if not _all_finite(out):
@@ -647,7 +533,7 @@ class Engine:
         w._packed_cache, w._ties_cache = {}, None
         return w
 
-    def _run_workers(self, ops: list[TensorOp], wt: _Writer, workers: int) -> None:
+    def _run_workers(self, ops: list[TensorOp], writer_thread: _Writer, workers: int) -> None:
         """Compute chunks on ``workers`` threads (each a copy of the engine; torch runs 1 thread per op and
         releases the GIL inside it) while this thread hands out the prefetched inputs and passes finished
         chunks to the writer strictly in plan order: the bytes are those of the sequential loop. At most
@@ -674,7 +560,7 @@ class Engine:
         def hand_on() -> None:  # the oldest entry, in plan order
             kind, fut, op, obuf, nbytes, pre_bufs = pending.popleft()
             if kind == "begin":
-                wt.q.put(("begin", op.name, op.nbytes))
+                writer_thread.q.put(("begin", op.name, op.nbytes))
                 return
             if kind == "end":
                 self.stats.tensors += 1
@@ -682,22 +568,22 @@ class Engine:
             fut.result()  # a worker's exception is raised here, at its chunk
             if self._reader is not None:
                 self._reader.release(pre_bufs)
-            wt.q.put(("data", obuf, nbytes))
-            wt.check()
+            writer_thread.q.put(("data", obuf, nbytes))
+            writer_thread.check()
             self._progress(nbytes)
 
         pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="deltaport-worker")
         try:
             for op in ops:
-                osz = _isz(op.out_dtype)
+                out_itemsize = op.out_dtype.itemsize
                 pending.append(("begin", None, op, None, 0, None))
                 for e0, e1, row_elems in self._chunks(op):
                     pre_bufs, pre = (None, {}) if self._reader is None else self._reader.next(op.name, e0)
                     while sum(1 for p in pending if p[0] == "data") >= workers:
                         hand_on()
-                    obuf = self._take(wt, (e1 - e0) * osz)
+                    obuf = self._take(writer_thread, (e1 - e0) * out_itemsize)
                     fut = pool.submit(task, op, e0, e1, row_elems, obuf, pre)
-                    pending.append(("data", fut, op, obuf, (e1 - e0) * osz, pre_bufs))
+                    pending.append(("data", fut, op, obuf, (e1 - e0) * out_itemsize, pre_bufs))
                 pending.append(("end", None, op, None, 0, None))
             while pending:
                 hand_on()
@@ -730,13 +616,13 @@ class Engine:
         if (op.plus.rowmap is not None or a.numel != op.numel or b.numel != op.numel
                 or op.plus.ck.memory_tensor(a.name) is not None or op.out_dtype == torch.float64):
             return
-        bvals = self.bufs.get("minus:f", n, self.cd)
-        tmp = self.bufs.get("verify", n, self.cd)
+        bvals = self.bufs.get("minus:f", n, self.compute_dtype)
+        tmp = self.bufs.get("verify", n, self.compute_dtype)
         tmp.copy_(out)
         tmp.add_(bvals)
         rt = self.bufs.get("verify2", n, a.dtype)
         self._round(rt, tmp, n)
-        araw = self._raw["plus"][: n * _isz(a.dtype)].view(a.dtype)
+        araw = self._raw["plus"][: n * a.dtype.itemsize].view(a.dtype)
         bad = int((rt != araw).sum()) - int((rt.isnan() & araw.isnan()).sum())
         if bad:
             self.stats.inexact_delta[op.name] = self.stats.inexact_delta.get(op.name, 0) + bad
@@ -750,7 +636,7 @@ class Engine:
         exact = self._lora(op, e0, e1, row_elems, key="verify:x")
         b = self._fill("check", op.check, e0, e1, row_elems)
         dt = op.check.spec.dtype
-        tmp = self.bufs.get("verify", n, self.cd)
+        tmp = self.bufs.get("verify", n, self.compute_dtype)
         want = self.bufs.get("verify:w", n, dt)
         got = self.bufs.get("verify2", n, dt)
         torch.add(b, exact, out=tmp)
@@ -762,16 +648,16 @@ class Engine:
         if bad:
             self.stats.inexact_delta[op.name] = self.stats.inexact_delta.get(op.name, 0) + bad
 
-    def _take(self, wt: _Writer, nbytes: int) -> torch.Tensor:
+    def _take(self, writer_thread: _Writer, nbytes: int) -> torch.Tensor:
         while True:
             try:
-                b = wt.free.get_nowait()
+                b = writer_thread.free.get_nowait()
             except queue.Empty:
                 if self._nout < 3 + self._workers:
                     self._nout += 1
                     b = torch.empty(0, dtype=torch.uint8)
                 else:
-                    b = wt.free.get()
+                    b = writer_thread.free.get()
             if b.numel() < nbytes:
                 b = torch.empty(max(nbytes, self._out_cap()), dtype=torch.uint8)
             return b
@@ -793,8 +679,8 @@ class Engine:
         self._workers = workers
         self._nout = 0
         self._bar = None
-        wt = _Writer(writer)
-        wt.start()
+        writer_thread = _Writer(writer)
+        writer_thread.start()
         ctx = nullcontext()
         if progress:
             from rich.console import Console
@@ -812,13 +698,13 @@ class Engine:
             with ctx, torch.inference_mode():
                 if workers == 1:
                     for entry in writer.order:
-                        self._run_op(ops[entry.name], wt)
+                        self._run_op(ops[entry.name], writer_thread)
                 else:
-                    self._run_workers([ops[entry.name] for entry in writer.order], wt, workers)
-            wt.close()
-            wt.check()
+                    self._run_workers([ops[entry.name] for entry in writer.order], writer_thread, workers)
+            writer_thread.close()
+            writer_thread.check()
         except BaseException:
-            wt.close()
+            writer_thread.close()
             writer.abort()
             raise
         finally:
@@ -827,7 +713,7 @@ class Engine:
                 self._reader = None
             self.files.close()
             torch.set_num_threads(old_threads)
-        self.stats.bytes_written = wt.bytes
+        self.stats.bytes_written = writer_thread.bytes
         self.stats.seconds = time.perf_counter() - t0
         return self.stats
 

@@ -1,4 +1,16 @@
-"""Rounding float64 results once, correctly, to a 16-bit float.
+"""The arithmetic of a transfer, rounded once, correctly: pure functions on tensors, which the engine calls
+chunk by chunk and ``check`` on whole tensors.
+
+* :func:`transfer_into` — the transfer formula t + λ·(f − b), every element the value of the output dtype
+  nearest the exact result (λ: its float64 value);
+* :func:`compose_deltas`, :func:`ties_threshold`, :func:`round_composed_exactly` — a composed apply's sum
+  Σ λ_i·Δ_i (or TIES merge) and its exact rounding;
+* :func:`rounding_brackets`, :func:`decide_exactly` — shared by both: find the elements whose float64 result
+  lies too near a rounding boundary to tell, and decide those from the exact value (error-free products,
+  Shewchuk's expansion sign; :class:`fractions.Fraction` for the rest);
+* :func:`round_into` / :func:`round_to` — one rounding float64 → 16-bit (below), :func:`round_fraction`.
+
+Rounding float64 results once, correctly, to a 16-bit float:
 
 ``torch`` converts float64 → bfloat16/float16 through float32, which rounds twice: a float64 value just
 above a 16-bit midpoint can first round *onto* the midpoint in float32, and then round-to-even goes the
@@ -24,6 +36,9 @@ step: its subnormals (>= 2**-24) lie far above float32's.
 """
 
 from __future__ import annotations
+
+import math
+from fractions import Fraction
 
 import torch
 
@@ -89,14 +104,79 @@ def round_to(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return out
 
 
+def transfer_into(out: torch.Tensor, target: torch.Tensor | None, plus: torch.Tensor, minus: torch.Tensor | None = None,
+                  scale: float = 1.0, *, scratch: torch.Tensor | None = None, buf=None) -> int:
+    """The transfer formula: ``out ← t + λ·(f − b)``, rounded once into ``out``'s dtype.
+
+    ``target`` (t; None for no target: the Δ itself), ``plus`` (f) and ``minus`` (b; None when ``plus`` is
+    already the Δ) are flat tensors of one compute dtype and of ``out``'s size. λ is taken as its float64
+    value. With a float64 compute dtype every element is the value of ``out``'s dtype nearest the exact
+    t + λ·(f − b):
+
+    * λ = 1, λ = −1 and every other power of two (and a float64 ``out``): the float64 sum is exact for
+      16-bit inputs, so it is rounded once by :func:`round_into` (the fast path);
+    * any other λ: λ·(f − b) is not exact in float64, and its rounding can move the sum across a rounding
+      boundary of ``out``'s dtype. The float64 sum s lies within 8·2⁻⁵³·(|t| + |λ·(f − b)|) of the exact
+      value, so only the elements where s minus and plus that bound round differently (:func:`rounding_brackets`;
+      on 16-bit weights about one in 10⁵) are decided from the exact value (:func:`decide_exactly`, the
+      composed apply's machinery with the terms t, λ·f and −λ·b).
+
+    On the fast path ``plus`` and ``target`` are **overwritten** (the caller's scratch: the engine passes reused
+    chunk buffers, ``check`` whole-tensor copies); the exact path leaves the inputs as they are and takes its
+    working tensors from ``buf(key, n, dtype)`` (default: new tensors). ``scratch``: an optional int64 buffer
+    for the rounding. Returns the number of elements decided exactly."""
+    if not _needs_exact_decisions(scale, plus.dtype, out.dtype):
+        d = plus
+        if minus is not None:
+            d.sub_(minus)
+        if scale != 1.0:
+            d.mul_(scale)
+        acc = d
+        if target is not None:
+            acc = target.add_(d)
+        round_into(out, acc, scratch)
+        return 0
+    buf = buf or _new_buffer
+    n = plus.numel()
+    delta, product = plus, buf("transfer:p", n, torch.float64)
+    if minus is not None:
+        delta = torch.sub(plus, minus, out=buf("transfer:d", n, torch.float64))
+    torch.mul(delta, scale, out=product)
+    if target is None:
+        target = torch.zeros_like(product)
+    s = buf("transfer:s", n, torch.float64)
+    torch.add(target, product, out=s)
+    err = buf("transfer:err", n, torch.float64)
+    torch.abs(target, out=err)
+    err.add_(product.abs_()).mul_(8 * 2.0 ** -53)
+    lo, hi = rounding_brackets(s, err, out.dtype, buf)
+    idx = torch.nonzero(lo != hi).flatten()
+    round_into(out, s, scratch)
+    idx = idx[torch.isfinite(s[idx])]  # NaN/Inf keep the plain result (reported by the caller)
+    if len(idx):
+        values, scales = [delta], [scale]
+        if minus is not None:  # f − b is exact in float64 nearly always; the terms λ·f and −λ·b otherwise
+            f, b, d = plus[idx], minus[idx], delta[idx]
+            back = d - f
+            if not bool((((f - (d - back)) + (-b - back)) == 0).all()):  # Knuth's TwoSum: the error of f − b
+                values, scales = [plus, minus], [scale, -scale]
+        decide_exactly(out, idx, lo, hi, target, values, scales)
+    return len(idx)
+
+
+def _needs_exact_decisions(scale: float, compute_dtype: torch.dtype, out_dtype: torch.dtype) -> bool:
+    """True when λ·(f − b) is not exact in float64 and the result is rounded to a narrower float: λ not a
+    power of two (λ = 0 is a copy), float64 arithmetic, a 16- or 32-bit float output."""
+    return (compute_dtype == torch.float64 and out_dtype in (torch.bfloat16, torch.float16, torch.float32)
+            and scale != 0.0 and math.isfinite(scale) and math.frexp(abs(scale))[0] != 0.5)
+
+
 _FORMATS = {torch.float32: (24, -126, 128), torch.bfloat16: (8, -126, 128), torch.float16: (11, -14, 16),
             torch.float64: (53, -1022, 1024)}  # significand bits, min normal exponent, overflow exponent
 
 
 def round_fraction(x, dtype: torch.dtype) -> float:
     """The value of ``dtype`` nearest the exact rational ``x`` (ties to even; overflow to ±inf), as a float."""
-    from fractions import Fraction
-
     p, emin, emax = _FORMATS[dtype]
     if x == 0:
         return 0.0
@@ -155,3 +235,163 @@ def sign_of_exact_sum(terms: list[torch.Tensor]) -> torch.Tensor:
     for c in reversed(comps):
         sign = torch.where(sign == 0, torch.sign(c), sign)
     return sign
+
+
+# --------------------------------------------------------------------------------------------------
+# exact decisions where float64 cannot tell which way a sum rounds
+
+def _new_buffer(key: str, n: int, dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty(n, dtype=dtype)
+
+
+def ties_threshold(magnitudes: torch.Tensor, density: float) -> float:
+    """TIES trim of one Δ: the k-th largest of its magnitudes (k = ⌈density·N⌉); entries at least that
+    large are kept (0.0 when every entry is kept)."""
+    numel = magnitudes.numel()
+    k = max(1, math.ceil(density * numel))
+    return float(torch.kthvalue(magnitudes, numel - k + 1).values) if k < numel else 0.0
+
+
+def compose_deltas(values: list[torch.Tensor], scales: list[float], ties_thresholds: list[float] | None = None,
+                   buf=_new_buffer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """d = Σ_i λ_i·Δ_i (or, with ``ties_thresholds``, the TIES merge of the λ_i·Δ_i) in float64, elementwise.
+
+    ``values``: the Δ_i as float64 tensors of one shape (flat); ``buf(key, n, dtype)``: where the results go
+    (the engine passes its reused chunk buffers). Returns ``(d, mag, unsure)``: ``mag`` = Σ|λ_i·Δ_i| (kept),
+    the size the rounding error of d is measured against (see :func:`round_composed_exactly`); ``unsure``
+    marks the elements whose TIES sign election float64 cannot decide (None without TIES)."""
+    n = values[0].numel()
+    d = buf("compose:acc", n, torch.float64)
+    mag = buf("compose:mag", n, torch.float64)
+    d.zero_()
+    mag.zero_()
+    ties = ties_thresholds is not None
+    cs = []
+    for i, (v, scale) in enumerate(zip(values, scales)):
+        c = buf(f"compose:c{i}", n, torch.float64)
+        torch.mul(v, scale, out=c)
+        if ties:
+            c.masked_fill_(v.abs() < ties_thresholds[i], 0.0)  # trim
+            cs.append(c)
+        else:
+            d.add_(c)
+        mag.add_(c.abs())
+    if not ties:
+        return d, mag, None
+    total = buf("compose:total", n, torch.float64)
+    total.zero_()
+    for c in cs:
+        total.add_(c)
+    sign = torch.sign(total)  # elect: the sign of the larger total magnitude
+    count = buf("compose:cnt", n, torch.float64)
+    count.zero_()
+    for c in cs:
+        agree = (torch.sign(c) == sign) & (c != 0)
+        d.add_(torch.where(agree, c, 0.0))
+        count.add_(agree)
+    d.div_(count.clamp_(min=1.0))  # disjoint mean
+    # a total within its own rounding error of 0 may have the wrong sign: decide those exactly
+    unsure = (total.abs() <= mag * (2 * len(cs) * 2.0 ** -52)) & (mag > 0)
+    return d, mag, unsure
+
+
+def rounding_brackets(s: torch.Tensor, err: torch.Tensor, dtype: torch.dtype,
+                      buf=_new_buffer) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(lo, hi)``: ``s − err`` and ``s + err`` each rounded once into ``dtype``. Rounding is monotone, so
+    every value within ``err`` of ``s`` rounds to one of ``lo`` … ``hi``: where they are equal, that value."""
+    n = s.numel()
+    lo = buf("exact:lo", n, dtype)
+    hi = buf("exact:hi", n, dtype)
+    scratch = buf("round", n, torch.int64)
+    shifted = buf("exact:shifted", n, torch.float64)  # round_into works in place on it
+    round_into(lo, torch.sub(s, err, out=shifted), scratch)
+    round_into(hi, torch.add(s, err, out=shifted), scratch)
+    return lo, hi
+
+
+def round_composed_exactly(out: torch.Tensor, target: torch.Tensor, d: torch.Tensor, mag: torch.Tensor,
+                           values: list[torch.Tensor], scales: list[float], ties_thresholds: list[float] | None = None,
+                           unsure: torch.Tensor | None = None, buf=_new_buffer) -> int:
+    """Make ``out`` (the rounding of ``target + d`` from :func:`compose_deltas`) the rounding of the exact
+    t + Σ λ_i·Δ_i (or TIES merge) for every finite element. Returns how many were decided exactly.
+
+    A float64 sum of m products errs by at most 2⁻⁵³ of its magnitude per product, addition (and TIES's one
+    division), so s = t + d lies within E = (2m+4)·2⁻⁵³·(|t| + Σ|λ_i·Δ_i|) of the exact value (E is doubled
+    for safety). The rounding of s − E is kept where s − E and s + E round alike; the rest is decided from
+    the exact value (:func:`decide_exactly`). NaN/Inf elements keep the plain result."""
+    s = torch.add(target, d)  # the value that was rounded
+    err = mag.add_(target.abs()).mul_((2 * len(values) + 4) * 2.0 ** -52)
+    lo, hi = rounding_brackets(s, err, out.dtype, buf)
+    finite = torch.isfinite(s)
+    out.copy_(torch.where(finite, lo, out))
+    undecided = lo != hi
+    if unsure is not None:
+        undecided |= unsure
+    idx = torch.nonzero(finite & undecided).flatten()
+    if len(idx):
+        decide_exactly(out, idx, lo, hi, target, values, scales, ties_thresholds, unsure)
+    return len(idx)
+
+
+def decide_exactly(out: torch.Tensor, idx: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, target: torch.Tensor,
+                   values: list[torch.Tensor], scales: list[float], ties_thresholds: list[float] | None = None,
+                   unsure: torch.Tensor | None = None) -> None:
+    """Set ``out[idx]`` to the rounding of the exact x = t + Σ λ_i·Δ_i (the TIES merge with
+    ``ties_thresholds``), given that x rounds to a value between ``lo[idx]`` and ``hi[idx]``.
+
+    Where lo < hi are adjacent, x rounds to hi iff it exceeds their midpoint M: decided vectorised by the sign
+    of t + Σ λ_i·Δ_i − M as an expansion of error-free products and sums (:func:`sign_of_exact_sum`), a tie to
+    the even one. The rest (lo, hi not adjacent; a TIES sign election in ``unsure``) in exact rationals."""
+    rest = _decide_by_expansion(out, idx, lo, hi, target, values, scales, ties_thresholds, unsure)
+    if rest:
+        _decide_by_fractions(out, rest, target, values, scales, ties_thresholds)
+
+
+def _decide_by_expansion(out, idx, lo, hi, target, values, scales, ties_thresholds, unsure) -> list[int]:
+    int_type = {2: torch.int16, 4: torch.int32}[out.dtype.itemsize]
+    los, his = lo.view(-1)[idx], hi.view(-1)[idx]
+    lo_bits, hi_bits = los.view(int_type).to(torch.int64), his.view(int_type).to(torch.int64)
+    # adjacent finite values of one sign (at the overflow threshold their midpoint is not a float: rationals)
+    ok = ((torch.signbit(los) == torch.signbit(his)) & ((lo_bits - hi_bits).abs() == 1)
+          & torch.isfinite(los) & torch.isfinite(his))
+    if unsure is not None:
+        ok &= ~unsure.view(-1)[idx]
+    rest = idx[~ok].tolist()
+    sel = idx[ok]
+    if not len(sel):
+        return rest
+    los, his, lo_bits = los[ok], his[ok], lo_bits[ok]
+    mid = (los.double() + his.double()) * 0.5  # exact: two adjacent values of at most 24 bits
+    t = target.view(-1)[sel]
+    vals = [v.view(-1)[sel] for v in values]
+    if ties_thresholds is None:
+        terms = [t, -mid]
+        for scale, v in zip(scales, vals):
+            terms += exact_product_terms(scale, v)
+    else:  # t + (Σ agreeing c_i) / k  vs  M:  sign of k·t − k·M + Σ agreeing c_i (k ≥ 1; k = 0: t − M)
+        cs = [torch.where(v.abs() >= th, v * scale, 0.0) for scale, v, th in zip(scales, vals, ties_thresholds)]
+        sign = torch.sign(sum(cs))
+        agree = [(torch.sign(c) == sign) & (c != 0) for c in cs]
+        k = sum(a.to(torch.float64) for a in agree).clamp(min=1.0)
+        terms = [t * k, -mid * k]  # exact: k is a small integer
+        for scale, v, a, th in zip(scales, vals, agree, ties_thresholds):
+            terms += [p * a for p in exact_product_terms(scale, torch.where(v.abs() >= th, v, 0.0))]
+    sgn = sign_of_exact_sum(terms)
+    even_lo = (lo_bits & 1) == 0
+    pick = torch.where(sgn > 0, his, torch.where(sgn < 0, los, torch.where(even_lo, los, his)))
+    out.view(-1)[sel] = pick
+    return rest
+
+
+def _decide_by_fractions(out, rest: list[int], target, values, scales, ties_thresholds) -> None:
+    flat_t, flat_v, flat_out = target.view(-1), [v.view(-1) for v in values], out.view(-1)
+    for j in rest:
+        cs = [Fraction(scale) * Fraction(float(v[j])) for scale, v in zip(scales, flat_v)]
+        if ties_thresholds is not None:
+            cs = [c if abs(float(v[j])) >= th else Fraction(0) for c, v, th in zip(cs, flat_v, ties_thresholds)]
+            total = sum(cs, Fraction(0))
+            agree = [c for c in cs if c != 0 and (c > 0) == (total > 0) and total != 0]
+            x = sum(agree, Fraction(0)) / max(len(agree), 1)
+        else:
+            x = sum(cs, Fraction(0))
+        flat_out[j] = round_fraction(Fraction(float(flat_t[j])) + x, out.dtype)
