@@ -259,6 +259,14 @@ class _Lab:
             res["language"] = self.language(V)
         if "connectivity" in cfg.experiments:
             res["connectivity"] = self.connectivity(V, res.get("recovery"))
+        if "compression" in cfg.experiments:  # Δ bytes vs held-out score: deltaport.lab.compression
+            from deltaport.lab.compression import frontier
+
+            self.prog.note("compression: every transfer cell with a compressed Δ")
+            res["compression"] = frontier(cfg.compression, self.st, {s: self.delta(s) for s in V},
+                                          {t: self.fam[t] for t in V + ["Mx", "M0"]},
+                                          lambda named: {n: x["heldout"] for n, x in self.score(named).items()},
+                                          seed=cfg.seed)
         res["scores"] = self.scores
         res["items"] = {"heldout": self.items, "heldout_fewshot": self.items_fs,
                         "order": "known items then new items, as tasks/lab_known.jsonl + tasks/lab_new.jsonl"}
