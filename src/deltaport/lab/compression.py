@@ -117,9 +117,10 @@ def frontier(settings: list[dict], st, deltas: dict[str, Path], targets: dict[st
         score: the lab's held-out scorer, ``{name: model dir} -> {name: held-out exact match}``.
         seed: the lab seed; seeds DARE's mask (``compress --seed``).
 
-    Returns ``{"cells", "exact", "none", "rows", "settings", "seed", "bytes_counted", "timings_s"}``: per
-    row (one per setting, then the exact Δ and "no Δ") the Δ bytes, the score per cell, the mean over cells
-    and the gain retained (Σ cells (score − no Δ) / Σ cells (exact − no Δ)).
+    Returns ``{"cells", "rows", "settings", "seed", "n_deltas", "bytes_counted", "exact_delta_dtype",
+    "timings_s"}``. ``rows``: the exact Δ, "no Δ", then one per setting, each with the Δ bytes (mean over
+    the sources), ``ratio`` to the exact Δ's, the score per cell, ``mean`` over cells and ``gain_retained``
+    (Σ cells (score − no Δ) / Σ cells (exact − no Δ)).
     """
     wall0, cpu0 = time.perf_counter(), time.process_time()
     cells = [(t, s) for t in targets for s in deltas if s != t]
