@@ -222,7 +222,7 @@ def combine(tables: list[dict]) -> dict[str, Any]:
 
 def recommend_rule() -> str:
     return (f"the smallest setting whose gain over no Δ, summed over every transfer cell, is ≥ "
-            f"{RECOMMEND_MIN_GAIN_RETAINED:.0%} of the exact Δ's (mean over seeds)")
+            f"{100 * RECOMMEND_MIN_GAIN_RETAINED:.0f} % of the exact Δ's (mean over seeds)")
 
 
 def recommend(rows: list[dict]) -> str | None:
@@ -236,7 +236,8 @@ def recommend(rows: list[dict]) -> str | None:
 def figure(table: dict, path: Path, *, title: str) -> Path:
     """Δ bytes (log x) against the mean held-out score over every transfer cell; one line per method,
     the exact Δ and "no Δ" marked (no Δ has 0 bytes: a horizontal line). ``table``: :func:`frontier`'s or
-    :func:`combine`'s (the latter with min–max bars across seeds)."""
+    :func:`combine`'s (the mean over seeds; the seeds' spread is mostly a shift of every setting together,
+    so it is in the tables, not drawn)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -264,11 +265,7 @@ def figure(table: dict, path: Path, *, title: str) -> Path:
             xs, ys = [r["bytes"] for r in pts], [100 * y(r) for r in pts]
             kw = dict(marker=markers.get(m, "o"), color=f"C{i}", ls="-" if not vocab else "--",
                       mfc="white" if vocab else f"C{i}", label=m + (" + vocab" if vocab else ""))
-            if "score_min" in pts[0]:
-                err = [[100 * (y(r) - r["score_min"]) for r in pts], [100 * (r["score_max"] - y(r)) for r in pts]]
-                ax.errorbar(xs, ys, yerr=err, capsize=2, **kw)
-            else:
-                ax.plot(xs, ys, **kw)
+            ax.plot(xs, ys, **kw)
             for r, xv, yv in zip(pts, xs, ys):
                 note = r["label"].replace(m, "").replace(" + vocab", "").strip()
                 if note:
@@ -338,9 +335,10 @@ def summary_section(sm: dict) -> str:
                      f"{_pct(r['score'])} [{_pct(r['score_min'])}, {_pct(r['score_max'])}]",
                      "–" if r["gain_retained"] is None else f"{100 * r['gain_retained']:.0f} %",
                      f"{r['compress_s']:.2f}" if r["method"] else "",
-                     f"{r['apply_s']:.2f}" if r["label"] != "no Δ" else ""] for r in sm["rows"]]),
+                     f"{r['apply_s']:.2f}" if r["method"] else ""] for r in sm["rows"]]),
          "", f"compress s: the {sm['n_deltas']} source Δs at that setting; apply s: all {sm['n_cells']} cells (mean "
-             "over seeds, wall time on a shared machine, one torch thread).", ""]
+             "over seeds, wall time on a shared machine, one torch thread). The exact Δ's cells are the grid's own "
+             "models.", ""]
     rec = sm.get("recommended")
     if rec:
         r = next(x for x in sm["rows"] if x["label"] == rec)
@@ -367,14 +365,15 @@ def collect(run_dir: Path, dest: Path) -> dict:
     if len(runs) < 2:
         raise ValueError(f"{run_dir}: need seed-*/results.json of at least two seeds with a compression experiment")
     runs.sort(key=lambda r: r["config"]["seed"])
-    doc = {"name": runs[0]["name"], "settings": runs[0]["config"]["compression"],
+    doc = {"name": runs[0]["name"], "experiments": runs[0]["config"]["experiments"],
+           "settings": runs[0]["config"]["compression"],
            "combined": combine([r["compression"] for r in runs]), "per_seed": [r["compression"] for r in runs],
            "environment": runs[0].get("environment", {})}
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     (dest / "compression.json").write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
-    figure(doc["combined"], dest / "compression.png", title="compressed Δ: bytes vs held-out score, every transfer cell, "
-           f"seeds {', '.join(map(str, doc['combined']['seeds']))} (bars: min–max over seeds)")
+    figure(doc["combined"], dest / "compression.png", title="compressed Δ: bytes vs held-out score (mean over "
+           f"seeds {', '.join(map(str, doc['combined']['seeds']))} and {doc['combined']['n_cells']} transfer cells)")
     return doc
 
 
@@ -384,4 +383,5 @@ def readme_block(doc: dict) -> str:
 
     env = doc.get("environment", {})
     return (summary_section(doc["combined"]).rstrip("\n") + "\n\n"
-            f"`{doc['name']}` preset; {kind_of(env)}, torch {env.get('versions', {}).get('torch')}.")
+            f"Run `{doc['name']}` (experiments: {', '.join(doc['experiments'])}); {kind_of(env)}, torch "
+            f"{env.get('versions', {}).get('torch')}, one torch thread.")
