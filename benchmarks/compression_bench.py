@@ -86,6 +86,38 @@ def _load(d: Path) -> dict:
     return sd
 
 
+_RSS_CHILD = """
+import json, resource, sys, time
+import torch
+import deltaport
+args = json.loads(sys.argv[1])
+t0 = time.perf_counter()
+comp = deltaport.compress(args["delta"], args["out"], method=args["method"], overwrite=True, threads=1, **args["kw"]) \
+    if args["method"] else None
+secs = time.perf_counter() - t0
+try:  # VmHWM: this process image's peak; ru_maxrss on Linux also keeps the parent's peak from before exec
+    peak = next(int(x.split()[1]) * 1024 for x in open("/proc/self/status") if x.startswith("VmHWM:"))
+except OSError:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"peak_rss": peak, "seconds": secs,
+                  "threads": torch.get_num_threads(), "comp": comp}))
+"""
+
+
+def _compress_in_child(delta: Path, out: Path | None, method: str | None, kw: dict) -> dict:
+    """``deltaport.compress`` in a fresh python process (one torch thread): its peak total RSS (the whole
+    process: interpreter, torch and deltaport imports, and compress), compress's wall time and record.
+    ``method=None`` only imports (the baseline RSS of the process before compress runs)."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    arg = json.dumps({"delta": str(delta), "out": str(out), "method": method, "kw": kw})
+    res = subprocess.run([sys.executable, "-c", _RSS_CHILD, arg], check=True, capture_output=True, text=True, env=env)
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
 def _compose_check(work: Path, delta: Path) -> dict:
     """apply D1 D2 --to T at λ = (0.7, 0.3) against the float64 evaluation t + 0.7·Δ1 + 0.3·Δ2 rounded once
     (numerics.round_into): how many elements were decided exactly, how many differ from the float64 rounding,
@@ -170,15 +202,18 @@ def main() -> None:
         return float((ref.exp() * (ref - lp)).sum(-1).mean())
 
     exact_bytes = _bytes(delta)
+    from deltaport.io.checkpoint import open_checkpoint
+
+    largest = max(spec.nbytes for spec in open_checkpoint(delta).tensors.values())
+    rss_base = _compress_in_child(delta, None, None, {})["peak_rss"]
     rows = [{"method": "exact Δ", "setting": "", "bytes": exact_bytes, "ratio": 1.0, "kl": 0.0,
              "compress_s": None, "apply_s": exact_apply_s, "rel_err_mean": 0.0},
             {"method": "no Δ", "setting": "", "bytes": 0, "ratio": 0.0, "kl": kl(work / "target"),
              "compress_s": None, "apply_s": None, "rel_err_mean": 1.0}]
     for method, kw in SETTINGS:
         c = work / f"c-{method}-{'-'.join(str(v) for k, v in kw.items() if k != 'include')}{'-all' if 'include' in kw else ''}"
-        t0 = time.perf_counter()
-        comp = deltaport.compress(delta, c, method=method, overwrite=True, **kw)
-        cs = time.perf_counter() - t0
+        child = _compress_in_child(delta, c, method, kw)  # the Δ files are in the OS page cache (just read/written)
+        comp, cs = child["comp"], child["seconds"]
         out = work / (c.name + "-applied")
         t0 = time.perf_counter()
         deltaport.apply(c, work / "target", out, overwrite=True)
@@ -188,19 +223,28 @@ def main() -> None:
         setting += (", " if setting else "") + "embeddings too" if "include" in kw else ""
         rows.append({"method": method, "setting": setting, "bytes": _bytes(c),
                      "ratio": _bytes(c) / exact_bytes, "compressed_ratio": comp["totals"]["compressed_ratio"],
-                     "kl": kl(out), "compress_s": cs, "apply_s": aps, "rel_err_mean": sum(errs) / len(errs)})
+                     "kl": kl(out), "compress_s": cs, "apply_s": aps, "rel_err_mean": sum(errs) / len(errs),
+                     "compress_peak_rss": child["peak_rss"], "compress_threads": child["threads"]})
         shutil.rmtree(out)
     print(f"model: {model_desc}; text: first {len(raw)} bytes of {args.text.name}, {len(ids)} tokens")
-    print("| method | setting | Δ bytes | of exact | of exact (compressed tensors) | rel. Frobenius err (mean) | KL from m_t+Δ (nats/token) | compress s | apply s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    mib = lambda b: None if b is None else b / 2**20  # noqa: E731
+    print("| method | setting | Δ bytes | of exact | of exact (compressed tensors) | rel. Frobenius err (mean) | KL from m_t+Δ (nats/token) | compress s | apply s | compress peak total RSS (MiB) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         f = lambda v, fmt: "" if v is None else format(v, fmt)  # noqa: E731
         print(f"| {r['method']} | {r['setting']} | {r['bytes']:,} | {r['ratio']:.3f} | {f(r.get('compressed_ratio'), '.3f')} | "
-              f"{r['rel_err_mean']:.3f} | {r['kl']:.2e} | {f(r['compress_s'], '.2f')} | {f(r['apply_s'], '.2f')} |")
+              f"{r['rel_err_mean']:.3f} | {r['kl']:.2e} | {f(r['compress_s'], '.2f')} | {f(r['apply_s'], '.2f')} | "
+              f"{f(mib(r.get('compress_peak_rss')), ',.0f')} |")
+    print(f"compress peak total RSS: the whole fresh python process (interpreter, torch and deltaport imports, compress), "
+          f"1 torch thread, Δ files in the OS page cache; the same process only importing: {mib(rss_base):,.0f} MiB; "
+          f"largest Δ tensor: {mib(largest):,.1f} MiB")
     compose = _compose_check(work, delta) if args.compose else None
     if args.out:
         args.out.write_text(json.dumps({"model": model_desc, "text": args.text.name, "tokens": len(ids), "rows": rows,
-                                        "compose": compose}, indent=2) + "\n")
+                                        "compose": compose, "import_only_peak_rss": rss_base,
+                                        "largest_delta_tensor_bytes": largest,
+                                        "rss": "peak total RSS of a fresh process running compress, 1 torch thread, "
+                                               "Δ files in the OS page cache"}, indent=2) + "\n")
     if not args.workdir:
         shutil.rmtree(work)
 

@@ -4,18 +4,26 @@
     python benchmarks/readme_tables.py --check            # exit 1 if README and docs/results disagree
     python benchmarks/readme_tables.py collect --quick RUN_DIR --full RUN_DIR
                                                           # copy finished runs into docs/results/ first
+    python benchmarks/readme_tables.py collect --compression RUN_DIR
+                                                          # a full run's compression frontier only
+
+The compression block is written into README.md and docs/compression.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from deltaport.lab.compression import collect as collect_compression  # noqa: E402
 from deltaport.lab.readme import collect, render, replace_blocks  # noqa: E402
+
+DOCS = {"README.md": None, "docs/compression.md": ("compression",)}  # file -> its blocks (None: all)
 
 
 def main() -> int:
@@ -24,23 +32,34 @@ def main() -> int:
     ap.add_argument("--check", action="store_true")
     ap.add_argument("--quick")
     ap.add_argument("--full")
+    ap.add_argument("--compression")
     a = ap.parse_args()
     if a.action == "collect":
         if a.quick:
             collect(Path(a.quick), ROOT / "docs/results/quick", summary=False)
         if a.full:
             collect(Path(a.full), ROOT / "docs/results/full", summary=True)
+        if a.compression:
+            collect_compression(Path(a.compression), ROOT / "docs/results/full")
+        elif a.full and any(json.loads(p.read_text()).get("compression")
+                            for p in Path(a.full).glob("seed-*/results.json")):
+            collect_compression(Path(a.full), ROOT / "docs/results/full")
         return 0
-    readme = ROOT / "README.md"
-    text = readme.read_text()
-    new = replace_blocks(text, render(ROOT))
-    if a.check:
+    blocks = render(ROOT)
+    stale = []
+    for rel, names in DOCS.items():
+        doc = ROOT / rel
+        text = doc.read_text()
+        new = replace_blocks(text, blocks if names is None else {n: blocks[n] for n in names})
         if new != text:
-            print("README's lab tables disagree with docs/results/; run python benchmarks/readme_tables.py")
+            stale.append(rel)
+            if not a.check:
+                doc.write_text(new)
+    if a.check:
+        if stale:
+            print(f"{', '.join(stale)}: lab tables disagree with docs/results/; run python benchmarks/readme_tables.py")
             return 1
-        print("README's lab tables match docs/results/")
-        return 0
-    readme.write_text(new)
+        print("README's (and docs/compression.md's) lab tables match docs/results/")
     return 0
 
 

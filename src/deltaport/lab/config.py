@@ -16,12 +16,14 @@ from deltaport.errors import InputError
 
 PRESETS_DIR = Path(__file__).parent / "presets"
 VERSIONS = ("M1", "M2", "M3", "M4", "M5")
-EXPERIMENTS = ("grid", "recovery", "transfer_then_finetune", "iterative", "backport", "language", "connectivity")
+EXPERIMENTS = ("grid", "recovery", "transfer_then_finetune", "iterative", "backport", "language", "connectivity",
+               "compression")
 #: what each shipped preset costs on one 2-core CPU at 1 torch thread, as measured (docs/lab.md, "Measured"):
 #: the one place ``deltaport demo --help`` and the presets' comments take it from
 PRESET_COST = {
-    "quick": "one seed, 146-166 s of CPU (221 s wall at load 2-4)",
-    "full": "seeds 0, 1, 2, 380-470 s of CPU each (~24 min quiet, estimated from CPU time)",
+    "quick": "one seed, 146-166 s of CPU (221 s wall at load 2-4), plus ~10 s for the compressed-Δ row",
+    "full": "seeds 0, 1, 2, 380-470 s of CPU each plus ~100 s each for the compression frontier "
+            "(~30 min quiet, estimated from CPU time)",
     "ci": "structure only, ~1 min",
 }
 
@@ -98,6 +100,9 @@ class LabConfig:
     """[source, target] for the second-language experiment (default: the last two versions)"""
     connectivity_points: int = 11
     connectivity_items: int = 64
+    compression: list[dict] = field(default_factory=lambda: [{"method": "sign"}])
+    """settings of the compression experiment, e.g. ``{method: lowrank, rank: 4}``, ``{method: sparse, density:
+    0.3}``, ``{method: sign, include: ["."]}`` (deltaport.lab.compression)"""
     threads: int = 1
 
     def to_dict(self) -> dict[str, Any]:
@@ -166,6 +171,10 @@ def validate(cfg: LabConfig) -> list[str]:
     if cfg.seeds is not None and (not isinstance(cfg.seeds, list) or len(cfg.seeds) < 2
                                   or not all(isinstance(x, int) for x in cfg.seeds) or len(set(cfg.seeds)) != len(cfg.seeds)):
         errors.append(f"seeds: need a list of at least two different integers, got {cfg.seeds!r}")
+    if "compression" in cfg.experiments:
+        from deltaport.lab.compression import setting_errors
+
+        errors += setting_errors(cfg.compression)
     if cfg.finetune.curve_every <= 0 or cfg.finetune.steps <= 0:
         errors.append("finetune.steps and finetune.curve_every must be positive")
     return errors

@@ -21,6 +21,7 @@ import json
 import random
 from typing import TYPE_CHECKING, Any
 
+from deltaport.lab.compression import frontier as compression_frontier
 from deltaport.lab.config import LabConfig
 from deltaport.lab.stats import spearman
 from deltaport.lab.steps import exact_match_of
@@ -267,10 +268,20 @@ def connectivity(lab: Lab) -> dict:
             "sample": str(sample), "check_calibration": check_calibration_scope(cfg)}
 
 
+def compression(lab: Lab) -> dict:
+    """Δ bytes vs held-out score: every transfer cell again with each compressed Δ of the config's
+    ``compression`` settings (:func:`deltaport.lab.compression.frontier`)."""
+    lab.note("compression: every transfer cell with a compressed Δ")
+    return compression_frontier(lab.cfg.compression, lab.lib, {s: lab.delta(s) for s in lab.versions},
+                                {t: lab.family[t] for t in lab.targets},
+                                lambda named: {n: x["heldout"] for n, x in lab.score(named).items()},
+                                seed=lab.cfg.seed)
+
+
 #: config experiment name (= its key in results.json) -> the function that makes its report section
 IN_REPORT_ORDER = {"grid": transfer_grid, "recovery": recovery, "transfer_then_finetune": transfer_then_finetune,
                    "iterative": iterative, "backport": backport, "language": second_language,
-                   "connectivity": connectivity}
+                   "connectivity": connectivity, "compression": compression}
 
 
 #: the lab family ``deltaport check``'s shipped thresholds were fitted on (benchmarks/calibrate_check.py,

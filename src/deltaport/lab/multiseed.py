@@ -55,11 +55,16 @@ def summarize(runs: list[dict]) -> dict:
         if len(vals) == len(runs):
             headline[key] = vals
     fewshot = {v: [r.get("fewshot", {}).get("base", {}).get(v) for r in runs] for v in V}
-    return {"schema": SUMMARY_SCHEMA, "name": runs[0]["name"], "seeds": [r["config"]["seed"] for r in runs],
-            "findings": findings, "heldout_per_seed": headline, "fewshot_base_per_seed": fewshot,
-            "environment": envs[0], "same_environment_every_seed": all(e == envs[0] for e in envs),
-            "config": {k: v for k, v in runs[0]["config"].items() if k != "seed"},
-            "timings_per_seed_s": [r.get("timings_s", {}).get("total") for r in runs]}
+    sm = {"schema": SUMMARY_SCHEMA, "name": runs[0]["name"], "seeds": [r["config"]["seed"] for r in runs],
+          "findings": findings, "heldout_per_seed": headline, "fewshot_base_per_seed": fewshot,
+          "environment": envs[0], "same_environment_every_seed": all(e == envs[0] for e in envs),
+          "config": {k: v for k, v in runs[0]["config"].items() if k != "seed"},
+          "timings_per_seed_s": [r.get("timings_s", {}).get("total") for r in runs]}
+    if all(r.get("compression") for r in runs):  # Δ bytes vs held-out score: deltaport.lab.compression
+        from deltaport.lab.compression import combine
+
+        sm["compression"] = combine([r["compression"] for r in runs])
+    return sm
 
 
 def summary_md(sm: dict) -> str:
@@ -86,6 +91,11 @@ def summary_md(sm: dict) -> str:
         L.append(f"| {k} | " + " | ".join(f"{100 * x:.1f}" for x in vals) + " |")
     for k, vals in sm["fewshot_base_per_seed"].items():
         L.append(f"| {k} few-shot | " + " | ".join("–" if x is None else f"{100 * x:.1f}" for x in vals) + " |")
+    if sm.get("compression"):  # Δ bytes vs held-out score: deltaport.lab.compression
+        from deltaport.lab.compression import summary_section
+
+        L += ["", "## Compressed Δ: bytes vs held-out score", "", "![compression](compression.png)", "",
+              summary_section(sm["compression"])]
     L += ["", f"Environment: CPU {kind_of(env)}, python {env.get('versions', {}).get('python')}, "
               f"{env.get('platform')}; versions: "
           + ", ".join(f"{k} {v}" for k, v in (env.get("versions") or {}).items()) + ".",
@@ -96,5 +106,10 @@ def summary_md(sm: dict) -> str:
 
 def write_summary(sm: dict, out: Path) -> None:
     out = Path(out)
+    if sm.get("compression"):  # Δ bytes vs held-out score: deltaport.lab.compression
+        from deltaport.lab.compression import figure
+
+        figure(sm["compression"], out / "compression.png", title="compressed Δ: bytes vs held-out score, every "
+               f"transfer cell, seeds {', '.join(map(str, sm['seeds']))} (bars: min–max over seeds)")
     write_text(out / "summary.json", json.dumps(sm, indent=1, sort_keys=True, default=str))
     write_text(out / "summary.md", summary_md(sm))

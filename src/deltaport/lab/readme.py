@@ -4,8 +4,9 @@
     python benchmarks/readme_tables.py                                          # rewrite README's tables
     python benchmarks/readme_tables.py --check                                  # exit 1 if README disagrees
 
-The README holds two generated blocks between ``<!-- lab:quick:begin -->``/``<!-- lab:quick:end -->``
-and ``<!-- lab:findings:begin -->``/``<!-- lab:findings:end -->``; nothing between the markers is
+The README holds three generated blocks between ``<!-- lab:quick:begin -->``/``<!-- lab:quick:end -->``,
+``<!-- lab:findings:begin -->``/``<!-- lab:findings:end -->`` and ``<!-- lab:compression:begin -->``/
+``<!-- lab:compression:end -->`` (the last also in docs/compression.md); nothing between the markers is
 hand-edited. ``tests/test_lab.py`` compares them with the files (it never reruns the lab).
 """
 
@@ -20,7 +21,8 @@ from deltaport.lab.findings import fmt
 
 QUICK = "docs/results/quick/results.json"
 FULL = "docs/results/full/summary.json"
-BLOCKS = ("quick", "findings")
+COMPRESSION = "docs/results/full/compression.json"  # deltaport.lab.compression.collect
+BLOCKS = ("quick", "findings", "compression")
 
 
 def _p(x: float | None) -> str:
@@ -82,7 +84,10 @@ def render(root: Path) -> dict[str, str]:
     """Both blocks from the committed files (a block whose file is not committed is empty)."""
     root = Path(root)
     out = {}
-    for name, rel, fn in (("quick", QUICK, quick_table), ("findings", FULL, findings_table)):
+    from deltaport.lab.compression import readme_block
+
+    for name, rel, fn in (("quick", QUICK, quick_table), ("findings", FULL, findings_table),
+                          ("compression", COMPRESSION, readme_block)):
         f = root / rel
         out[name] = fn(json.loads(f.read_text())) if f.exists() else ""
     return out

@@ -157,6 +157,12 @@ def figures(r: dict, fig_dir: Path) -> dict[str, str]:
         fig.savefig(p, dpi=110)
         plt.close(fig)
         out["connectivity"] = str(p.relative_to(fig_dir.parent))
+    if r.get("compression"):  # Δ bytes vs held-out score: deltaport.lab.compression
+        from deltaport.lab.compression import figure
+
+        p = figure(r["compression"], fig_dir / "compression.png",
+                   title=f"compressed Δ: bytes vs held-out score, every transfer cell (seed {r['config']['seed']})")
+        out["compression"] = str(p.relative_to(fig_dir.parent))
     return out
 
 
@@ -305,6 +311,11 @@ def report_md(r: dict, figs: dict[str, str]) -> str:
             L += ["`deltaport check` verdicts per cell: " + ", ".join(
                 f"{k}: {v['verdict']}" for k, v in c["checks"].items()), ""]
         L += [_reading_conn(r), ""]
+    if r.get("compression"):  # Δ bytes vs held-out score: deltaport.lab.compression
+        from deltaport.lab.compression import report_section
+
+        L += [sec("What compressing Δ costs the transfer (Δ bytes vs held-out score)"), "",
+              report_section(r["compression"], figs.get("compression"))]
     env = r.get("environment") or {}
     from deltaport.lab.env import kind_of
 

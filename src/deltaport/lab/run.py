@@ -17,6 +17,7 @@
                       backport                                   Backporting beside recycling (Table 1)
                       second_language                            Second-language fine-tune (Table 2)
                       connectivity                               Connectivity: barriers and check
+                      compression                                Compressed Δ: bytes vs held-out score
     5 report        write_outputs (report.py)                    the whole file, figures/, results.json;
                       claims -> findings.decide (findings.py)    "What reproduced"
                       (run_lab's last lines, run.py)             "Run": environment, cache, timings

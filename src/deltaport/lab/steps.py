@@ -95,6 +95,22 @@ class CachedLibrary:
             mark_built(out, key, {"delta": str(delta), "target": str(target), "scale": scale})
         return out
 
+    def compress(self, delta: Path, name: str, *, method: str, seed: int, **setting) -> Path:
+        """Δ compressed by ``deltaport.compress`` (``method`` and its ``setting``: rank, density, include)
+        into ``deltas/<name>``; DARE's mask and the randomised SVD are seeded with ``seed``."""
+        from deltaport.compression import compress
+
+        out = self.run_dir / "deltas" / name
+        key = step_key("compress", delta=model_hash(delta), setting={"method": method, **setting}, seed=seed)
+        if is_built(out, key):
+            self._count("compressed_deltas")
+            return out
+        with self.timed("compress"):
+            compress(delta, out, method=method, seed=seed, overwrite=True, threads=1, **setting)
+            mark_built(out, key, {"delta": str(delta), "setting": {"method": method, **setting}, "seed": seed})
+        self._count("computed_compressed_deltas")
+        return out
+
     # ------------------------------------------------------------ fine-tuning
     def finetune(self, init: Path, records: list[dict], name: str, *, steps: int, lr: float, batch_size: int,
                  curve_task: str | None = None, curve_every: int = 0, data_label: str = "sft") -> tuple[Path, list]:
