@@ -144,10 +144,10 @@ def engine_chunk(request, monkeypatch):
     that every engine the test ran used it. Override the sizes with
     ``@pytest.mark.parametrize("engine_chunk", [...], indirect=True)``."""
     from deltaport import engine as E
-    from deltaport import ops
+    from deltaport import api
 
     size = request.param or E.DEFAULT_CHUNK_ELEMS
-    for fn in (ops.transfer, ops.diff, ops.apply):
+    for fn in (api.transfer, api.diff, api.apply):
         monkeypatch.setitem(fn.__kwdefaults__, "chunk_elems", size)
     seen: list[int] = []
     real_run = E.Engine.run

@@ -28,7 +28,7 @@ with atheris.instrument_imports(include=["deltaport"]):
     import deltaport.plan  # noqa: F401
     from deltaport.errors import DeltaportError
     from deltaport.inspect import inspect
-    from deltaport.ops import transfer
+    from deltaport.api import transfer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import hostile_cases as H  # noqa: E402

@@ -49,7 +49,7 @@ def build_pristine(root: str | Path) -> dict[str, Path]:
     root = Path(root)
     fam = T.make_family(root, "llama", torch.bfloat16, max_shard_size="12KB")
     out = {k: Path(v) for k, v in fam.items()}
-    from deltaport.ops import diff
+    from deltaport.api import diff
 
     diff(out["source_base"], out["source_finetuned"], root / "delta")
     out["delta"] = root / "delta"
@@ -522,7 +522,7 @@ IGNORED_BIN = r"ignoring the pickled files beside them \(pytorch_model\.bin, pyt
 def _same_weights_as_plain_transfer(ws: Workspace, out: Path) -> Callable[[], str | None]:
     """The output equals a transfer of the untouched models (every file but the provenance, which names paths)."""
     def check():
-        from deltaport.ops import transfer
+        from deltaport.api import transfer
 
         ref = ws.out("reference")
         transfer(ws.pristine["source_base"], ws.pristine["source_finetuned"], ws.pristine["target_base"], ref)
@@ -722,7 +722,7 @@ def _apply_prov_base_null(ws):
 
 
 def _make_prev_output(ws: Workspace, fam: dict[str, Path], out: Path) -> None:
-    from deltaport.ops import transfer
+    from deltaport.api import transfer
 
     transfer(fam["source_base"], fam["source_finetuned"], fam["target_base"], out)
 

@@ -15,9 +15,9 @@ from deltaport.options import REQUIRED, Option, declared, flag, option_fields
 
 # verb, its options class, the library function the command calls
 VERBS = [
-    ("transfer", options.TransferOptions, "deltaport.ops:transfer"),
-    ("diff", options.DiffOptions, "deltaport.ops:diff"),
-    ("apply", options.ApplyOptions, "deltaport.ops:apply"),
+    ("transfer", options.TransferOptions, "deltaport.api:transfer"),
+    ("diff", options.DiffOptions, "deltaport.api:diff"),
+    ("apply", options.ApplyOptions, "deltaport.api:apply"),
     ("compress", options.CompressOptions, "deltaport.compression:compress"),
     ("inspect", options.InspectOptions, "deltaport.inspect:inspect"),
     ("finetune", options.FinetuneOptions, "deltaport.finetune:finetune"),

@@ -87,7 +87,7 @@ def test_overwrite_counts_the_new_output_whole(family, tmp_path, monkeypatch, ca
         return real(fetch, output, cache)
 
     monkeypatch.setattr(prepare, "check_free_space", spy)
-    import deltaport.ops as ops
+    import deltaport.api as ops
 
     monkeypatch.setattr(ops, "check_free_space", spy)
     fake_free(monkeypatch, 0)  # measure the need first

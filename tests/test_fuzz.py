@@ -297,7 +297,7 @@ _prov_mutation = st.one_of(
 
 @pytest.fixture(scope="module")
 def seed_delta(seed_family, tmp_path_factory):
-    from deltaport.ops import diff
+    from deltaport.api import diff
 
     out = tmp_path_factory.mktemp("fuzzdelta") / "delta"
     diff(seed_family["source_base"], seed_family["source_finetuned"], out)

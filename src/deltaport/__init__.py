@@ -44,9 +44,9 @@ __all__ = [
 
 def __getattr__(name):  # lazy: keep `import deltaport` and `deltaport --help` fast
     if name in ("transfer", "diff", "apply"):
-        from deltaport import ops
+        from deltaport import api
 
-        return getattr(ops, name)
+        return getattr(api, name)
     if name == "compress":
         from deltaport.compression import compress
 

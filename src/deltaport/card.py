@@ -64,16 +64,16 @@ def target_license(ck) -> str | None:
     return None
 
 
-def _policies(pol: dict[str, Any], scale: float | None, compute: str) -> list[str]:
+def _policies(policies: dict[str, Any], scale: float | None, compute: str) -> list[str]:
     lines = []
     if scale is not None:
         lam = ", ".join(f"{s:g}" for s in scale) if isinstance(scale, (list, tuple)) else f"{scale:g}"
-        lines.append(f"- λ (scale): {lam}" + (f"; per-tensor scales: {pol['scale_map']}" if pol.get("scale_map") else ""))
-    lines.append(f"- vocabulary policy: {pol['vocab_policy']}; shape policy: {pol['shape_policy']}; "
-                 f"compute dtype: {compute}; output dtype: {pol['out_dtype']}")
+        lines.append(f"- λ (scale): {lam}" + (f"; per-tensor scales: {policies['scale_map']}" if policies.get("scale_map") else ""))
+    lines.append(f"- vocabulary policy: {policies['vocab_policy']}; shape policy: {policies['shape_policy']}; "
+                 f"compute dtype: {compute}; output dtype: {policies['out_dtype']}")
     for key, what in (("include", "only tensors matching"), ("exclude", "no Δ for tensors matching"), ("key_map", "key map")):
-        if pol.get(key):
-            lines.append(f"- {what}: {pol[key]}")
+        if policies.get(key):
+            lines.append(f"- {what}: {policies[key]}")
     return lines
 
 

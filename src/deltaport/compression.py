@@ -330,8 +330,8 @@ def decompress(delta, output, *, overwrite: bool = False, compute_dtype: str = "
     comp = compression_record(dk)
     if comp is None:
         raise InputError(f"{dk.source} is not a compressed delta")
-    cd = choose_compute_dtype(compute_dtype)
-    plan = Plan("decompress", [], cd)
+    compute = choose_compute_dtype(compute_dtype)
+    plan = Plan("decompress", [], compute)
     for name, spec in dk.tensors.items():
         if PART_SEP not in name:
             plan.ops.append(TensorOp(name, spec.shape, spec.dtype, "delta", plus=Term(dk, spec)))
@@ -340,7 +340,7 @@ def decompress(delta, output, *, overwrite: bool = False, compute_dtype: str = "
             continue
         parts = part_names(name, rec["method"])
         if rec["method"] == "lowrank":
-            out_dtype = cd  # B·A as computed: not representable in a narrower dtype
+            out_dtype = compute  # B·A as computed: not representable in a narrower dtype
         elif rec["method"] == "sparse":
             out_dtype = dk.tensors[parts["values"]].dtype
         else:  # ±α with α float32: exact in float32 and wider

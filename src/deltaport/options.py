@@ -145,7 +145,7 @@ DIAG_DEVICE = Option("cpu", "torch device, e.g. cpu or cuda")
 
 
 # ----------------------------------------------------------------------------------------------------
-# the model/delta verbs (deltaport.ops, deltaport.compression, deltaport.inspect). Each class lists its
+# the model/delta verbs (deltaport.api, deltaport.compression, deltaport.inspect). Each class lists its
 # options in its --help order; transfer, diff and apply share most lines because they share the options
 # (the constants above): a table, not repeated logic.
 

@@ -64,7 +64,7 @@ def register(app: typer.Typer) -> None:
         quiet: bool = QUIET, progress: Optional[bool] = PROGRESS, as_json: bool = _JSON, **options,
     ):
         """Fine-tuning transfer in one pass: OUT = target_base + λ·(source_finetuned − source_base)."""
-        from deltaport.ops import transfer
+        from deltaport.api import transfer
 
         res = transfer(source_base, source_finetuned, target_base, output, **options,
                        progress=progress_mode(quiet or as_json, progress))
@@ -79,7 +79,7 @@ def register(app: typer.Typer) -> None:
         quiet: bool = QUIET, progress: Optional[bool] = PROGRESS, as_json: bool = _JSON, **options,
     ):
         """Store Δ = finetuned − base as a delta directory."""
-        from deltaport.ops import diff
+        from deltaport.api import diff
 
         res = diff(base, finetuned, output, **options, progress=progress_mode(quiet or as_json, progress))
         _summary(res, as_json, options["dry_run"])
@@ -93,7 +93,7 @@ def register(app: typer.Typer) -> None:
         quiet: bool = QUIET, progress: Optional[bool] = PROGRESS, as_json: bool = _JSON, **options,
     ):
         """Apply a stored delta: OUT = to + λ·Δ; several deltas: OUT = to + Σ λ_i·Δ_i, rounded once from the exact sum."""
-        from deltaport.ops import apply
+        from deltaport.api import apply
 
         res = apply(delta, to, output, **options, progress=progress_mode(quiet or as_json, progress))
         _summary(res, as_json, options["dry_run"])

@@ -71,7 +71,7 @@ class CachedLibrary:
     # ------------------------------------------------------------ diff / apply
     def delta(self, base: Path, finetuned: Path, name: str) -> Path:
         """Δ = finetuned − base, written by ``deltaport.diff`` into ``deltas/<name>``."""
-        from deltaport.ops import diff
+        from deltaport.api import diff
 
         out = self.run_dir / "deltas" / name
         key = step_key("diff", base=model_hash(base), finetuned=model_hash(finetuned))
@@ -84,7 +84,7 @@ class CachedLibrary:
 
     def apply(self, delta: Path, target: Path, name: str, *, scale: float = 1.0) -> Path:
         """``target + scale·Δ``, written by ``deltaport.apply`` into ``models/<name>``."""
-        from deltaport.ops import apply
+        from deltaport.api import apply
 
         out = self.run_dir / "models" / name
         key = step_key("apply", delta=model_hash(delta), target=model_hash(target), scale=scale)

@@ -90,12 +90,12 @@ def _check_then_fetch(plan: Plan, tb: Checkpoint, output, *, out_dtype, inputs: 
     return out_dt, config_check, fetch
 
 
-def _policy_record(pol) -> dict[str, Any]:
+def _policy_record(policies) -> dict[str, Any]:
     return {
-        "vocab_policy": pol.vocab_policy, "shape_policy": pol.shape_policy, "unmatched_rows": pol.unmatched_rows,
-        "key_map": {p.pattern: r for p, r in pol.key_map}, "include": [p.pattern for p in pol.include],
-        "exclude": [p.pattern for p in pol.exclude], "scale_map": {p.pattern: s for p, s in pol.scale_map},
-        "compute_dtype": pol.compute_dtype, "out_dtype": pol.out_dtype or "target's dtype per tensor",
+        "vocab_policy": policies.vocab_policy, "shape_policy": policies.shape_policy, "unmatched_rows": policies.unmatched_rows,
+        "key_map": {p.pattern: r for p, r in policies.key_map}, "include": [p.pattern for p in policies.include],
+        "exclude": [p.pattern for p in policies.exclude], "scale_map": {p.pattern: s for p, s in policies.scale_map},
+        "compute_dtype": policies.compute_dtype, "out_dtype": policies.out_dtype or "target's dtype per tensor",
     }
 
 
@@ -115,8 +115,11 @@ def _write_timings(output: Path, timings: dict[str, float], stats: Stats | None)
         LOG.warning("could not write timings to %s: %s", path, exc)
 
 
-def _run(plan: Plan, output: Path, *, inputs: list[Path], overwrite: bool, shard_size, progress: bool, threads,
-         strict: bool, provenance: dict[str, Any], write_files, chunk_elems: int | None, label: str) -> tuple[Stats, dict]:
+def _publish(plan: Plan, output: Path, *, inputs: list[Path], overwrite: bool, shard_size, progress: bool, threads,
+             strict: bool, provenance: dict[str, Any], write_files, chunk_elems: int | None, label: str,
+             fetch: Fetch | None) -> Result:
+    """Write the output: into a temporary sibling, ``write_files(tmp)`` (config, tokenizer, card), the streamed
+    shards, the provenance; then rename it into place and write the timings beside it."""
     from deltaport.engine import DEFAULT_CHUNK_ELEMS, execute
 
     if chunk_elems is None:
@@ -140,7 +143,17 @@ def _run(plan: Plan, output: Path, *, inputs: list[Path], overwrite: bool, shard
         _write_provenance(tmp, provenance)
         t2 = time.perf_counter()
     timings = {"plan_and_files": t1 - t0, "stream": t2 - t1, "total": time.perf_counter() - t0}
-    return stats, timings
+    _write_timings(output, timings, stats)
+    return Result(output, plan, provenance, stats, timings, fetch)
+
+
+def _model_files(tmp: Path, plan: Plan, sources: tuple[Path, Path, Path], out_dtype, config_check: dict) -> dict:
+    """Config, tokenizer and chat template of an output model (from ``sources``), with the config's check."""
+    config_src, tok_src, chat_src = sources
+    rec = write_model_files(tmp, config_src=config_src, tokenizer_src=tok_src, chat_src=chat_src,
+                            vocab_rows=plan.vocab_rows, out_dtype=out_dtype)
+    rec["config_check"] = config_check
+    return rec
 
 
 def _write_card(tmp: Path, output: Path, operation: str, refs: dict, plan: Plan, prov: dict, argv: list[str],
@@ -215,7 +228,7 @@ def transfer(source_base, source_finetuned, target_base, output, *, scale: float
         ...                    "meta-llama/Llama-3.1-8B", "llama3.1-plus-delta3.0")  # doctest: +SKIP
     """
     args = dict(locals())  # the arguments as given: the card's command repeats them
-    pol = make_policies(scale=scale, vocab_policy=vocab_policy, shape_policy=shape_policy, unmatched_rows=unmatched_rows,
+    policies = make_policies(scale=scale, vocab_policy=vocab_policy, shape_policy=shape_policy, unmatched_rows=unmatched_rows,
                         key_map=key_map, include=include, exclude=exclude, scale_map=scale_map, compute_dtype=compute_dtype,
                         out_dtype=out_dtype)
     sf = open_checkpoint(source_finetuned, allow_pickle=allow_pickle, remote=True)
@@ -232,7 +245,7 @@ def transfer(source_base, source_finetuned, target_base, output, *, scale: float
     config_src = _resolve_src(config_from, "--config-from", tb.dir, sf_files_dir)
     tok_src = _resolve_src(tokenizer_from, "--tokenizer-from", tb.dir, sf.dir if sf.kind != "lora" else sf_files_dir)
     chat_src = _resolve_src(chat_template_from, "--chat-template-from", tb.dir, sf.dir)
-    plan = plan_transfer(sb, sf, tb, pol)
+    plan = plan_transfer(sb, sf, tb, policies)
     out_dt, config_check, fetch = _check_then_fetch(plan, tb, output, out_dtype=out_dtype, inputs=[sb.dir, sf.dir, tb.dir],
                                                     sources=(config_src, tok_src, chat_src), overwrite=overwrite,
                                                     dry_run=dry_run)
@@ -243,7 +256,7 @@ def transfer(source_base, source_finetuned, target_base, output, *, scale: float
         "deltaport_version": deltaport.__version__, "kind": "model", "operation": "transfer",
         "formula": "target_base + scale * (source_finetuned - source_base)",
         "inputs": {"source_base": _input_record(sb), "source_finetuned": _input_record(sf), "target_base": _input_record(tb)},
-        "scale": pol.scale, "policies": _policy_record(pol), "compute_dtype": dtype_name(plan.compute_dtype),
+        "scale": policies.scale, "policies": _policy_record(policies), "compute_dtype": dtype_name(plan.compute_dtype),
         "choices": {"config_from": config_from, "tokenizer_from": tokenizer_from, "chat_template_from": chat_template_from},
         "skipped": plan.skipped, "warnings": plan.warnings, "summary": plan.summary(), "lora": plan.info.get("lora"),
     }
@@ -253,9 +266,7 @@ def transfer(source_base, source_finetuned, target_base, output, *, scale: float
     def files(tmp: Path):
         from deltaport.card import command, command_arg as card_arg, input_ref
 
-        rec = write_model_files(tmp, config_src=config_src, tokenizer_src=tok_src, chat_src=chat_src,
-                                vocab_rows=plan.vocab_rows, out_dtype=out_dt)
-        rec["config_check"] = config_check
+        rec = _model_files(tmp, plan, (config_src, tok_src, chat_src), out_dt, config_check)
         refs = {"target_base": input_ref(tb), "source_finetuned": input_ref(sf), "source_base": input_ref(sb)}
         argv = command("transfer", [("--source-base", card_arg(refs["source_base"])),
                                     ("--source-finetuned", card_arg(refs["source_finetuned"])),
@@ -264,11 +275,9 @@ def transfer(source_base, source_finetuned, target_base, output, *, scale: float
         _write_card(tmp, output, "transfer", refs, plan, prov, argv, ("target_base", "source_finetuned"), tb, rec)
         return rec
 
-    stats, timings = _run(plan, output, inputs=[sb.dir, sf.dir, tb.dir], overwrite=overwrite, shard_size=shard_size,
-                          progress=progress, threads=threads, strict=strict, provenance=prov, write_files=files,
-                          chunk_elems=chunk_elems, label="transfer")
-    _write_timings(output, timings, stats)
-    return Result(output, plan, prov, stats, timings, fetch)
+    return _publish(plan, output, inputs=[sb.dir, sf.dir, tb.dir], overwrite=overwrite, shard_size=shard_size,
+                    progress=progress, threads=threads, strict=strict, provenance=prov, write_files=files,
+                    chunk_elems=chunk_elems, label="transfer", fetch=fetch)
 
 
 def _config_check(cfg: dict, plan: Plan, config_src: Path, tb: Checkpoint) -> dict:
@@ -326,7 +335,7 @@ def diff(base, finetuned, output, *, delta_dtype: str | None = DIFF.delta_dtype,
     are kept in ``source_finetuned/`` so ``apply`` can offer the same ``*_from`` choices.
     """
     args = dict(locals())  # the arguments as given: the card's command repeats them
-    pol = make_policies(vocab_policy=vocab_policy, shape_policy=shape_policy, key_map=key_map, include=include,
+    policies = make_policies(vocab_policy=vocab_policy, shape_policy=shape_policy, key_map=key_map, include=include,
                         exclude=exclude, compute_dtype=compute_dtype)
     sf = open_checkpoint(finetuned, allow_pickle=allow_pickle, remote=True)
     sb = _open_base(base, sf, "--base", allow_pickle=allow_pickle)
@@ -334,7 +343,7 @@ def diff(base, finetuned, output, *, delta_dtype: str | None = DIFF.delta_dtype,
         raise InputError(f"--base {sb.source} is a {sb.kind} directory, not a model")
     if sf.kind == "delta":
         raise InputError(f"--finetuned {sf.source} is already a deltaport delta")
-    plan = plan_diff(sb, sf, pol, delta_dtype=delta_dtype)
+    plan = plan_diff(sb, sf, policies, delta_dtype=delta_dtype)
     fetch = _before_writing(plan, output, overwrite=overwrite, inputs=[sb.dir, sf.dir], dry_run=dry_run,
                             file_sources=(sf.dir, sb.dir))
     if dry_run:
@@ -348,7 +357,7 @@ def diff(base, finetuned, output, *, delta_dtype: str | None = DIFF.delta_dtype,
         "base": {"source": sb.source, "structure": sb.structure_signature(), "tensors": base_tensors,
                  "tied_word_embeddings": bool((sb.config or {}).get("tie_word_embeddings"))},
         "delta_dtype": {"requested": delta_dtype or "auto (exact)", "chosen": sorted({dtype_name(op.out_dtype) for op in plan.ops})},
-        "policies": _policy_record(pol), "compute_dtype": dtype_name(plan.compute_dtype),
+        "policies": _policy_record(policies), "compute_dtype": dtype_name(plan.compute_dtype),
         "skipped": plan.skipped, "warnings": plan.warnings, "summary": plan.summary(), "lora": plan.info.get("lora"),
     }
     files_src = sf.dir if (sf.dir / "config.json").exists() else sb.dir
@@ -366,11 +375,9 @@ def diff(base, finetuned, output, *, delta_dtype: str | None = DIFF.delta_dtype,
         _write_card(tmp, output, "diff", refs, plan, prov, argv)
         return {"source_finetuned_files": rec}
 
-    stats, timings = _run(plan, output, inputs=[sb.dir, sf.dir], overwrite=overwrite, shard_size=shard_size,
-                          progress=progress, threads=threads, strict=strict, provenance=prov, write_files=files,
-                          chunk_elems=chunk_elems, label="diff")
-    _write_timings(output, timings, stats)
-    return Result(output, plan, prov, stats, timings, fetch)
+    return _publish(plan, output, inputs=[sb.dir, sf.dir], overwrite=overwrite, shard_size=shard_size,
+                    progress=progress, threads=threads, strict=strict, provenance=prov, write_files=files,
+                    chunk_elems=chunk_elems, label="diff", fetch=fetch)
 
 
 def _open_target(to, *, allow_pickle: bool) -> Checkpoint:
@@ -430,11 +437,11 @@ def apply(delta, to, output, *, scale: float | list[float] = APPLY.scale, vocab_
         if len(scale) > 1:
             raise InputError(f"{len(scale)} --scale values for one delta; pass one λ per delta")
         scale = scale[0] if scale else 1.0
-    pol = make_policies(scale=scale, vocab_policy=vocab_policy, shape_policy=shape_policy, key_map=key_map,
+    policies = make_policies(scale=scale, vocab_policy=vocab_policy, shape_policy=shape_policy, key_map=key_map,
                         include=include, exclude=exclude, scale_map=scale_map, compute_dtype=compute_dtype, out_dtype=out_dtype)
     dk = open_checkpoint(delta, remote=True)
     tb = _open_target(to, allow_pickle=allow_pickle)
-    plan = plan_apply(dk, tb, pol, force=force)
+    plan = plan_apply(dk, tb, policies, force=force)
     config_src, tok_src, chat_src = _delta_file_sources(dk, tb, config_from, tokenizer_from, chat_template_from)
     out_dt, config_check, fetch = _check_then_fetch(plan, tb, output, out_dtype=out_dtype, inputs=[dk.dir, tb.dir],
                                                     sources=(config_src, tok_src, chat_src), overwrite=overwrite,
@@ -447,7 +454,7 @@ def apply(delta, to, output, *, scale: float | list[float] = APPLY.scale, vocab_
         "formula": "target_base + scale * delta",
         "inputs": {"delta": _input_record(dk), "target_base": _input_record(tb)},
         "delta_provenance": {k: dk.provenance.get(k) for k in ("inputs", "delta_dtype", "policies")},
-        "scale": pol.scale, "policies": _policy_record(pol), "compute_dtype": dtype_name(plan.compute_dtype),
+        "scale": policies.scale, "policies": _policy_record(policies), "compute_dtype": dtype_name(plan.compute_dtype),
         "choices": {"config_from": config_from, "tokenizer_from": tokenizer_from, "chat_template_from": chat_template_from},
         "forced": plan.info.get("forced"), "skipped": plan.skipped, "warnings": plan.warnings, "summary": plan.summary(),
     }
@@ -455,9 +462,7 @@ def apply(delta, to, output, *, scale: float | list[float] = APPLY.scale, vocab_
     def files(tmp: Path):
         from deltaport.card import command, command_arg as card_arg, input_ref
 
-        rec = write_model_files(tmp, config_src=config_src, tokenizer_src=tok_src, chat_src=chat_src,
-                                vocab_rows=plan.vocab_rows, out_dtype=out_dt)
-        rec["config_check"] = config_check
+        rec = _model_files(tmp, plan, (config_src, tok_src, chat_src), out_dt, config_check)
         refs = {"target_base": input_ref(tb), "delta": input_ref(dk)}
         made = (dk.provenance or {}).get("inputs", {}).get("finetuned") or {}
         lineage = ("target_base",)
@@ -469,11 +474,9 @@ def apply(delta, to, output, *, scale: float | list[float] = APPLY.scale, vocab_
         _write_card(tmp, output, "apply", refs, plan, prov, argv, lineage, tb, rec)
         return rec
 
-    stats, timings = _run(plan, output, inputs=[dk.dir, tb.dir], overwrite=overwrite, shard_size=shard_size,
-                          progress=progress, threads=threads, strict=strict, provenance=prov, write_files=files,
-                          chunk_elems=chunk_elems, label="apply")
-    _write_timings(output, timings, stats)
-    return Result(output, plan, prov, stats, timings, fetch)
+    return _publish(plan, output, inputs=[dk.dir, tb.dir], overwrite=overwrite, shard_size=shard_size,
+                    progress=progress, threads=threads, strict=strict, provenance=prov, write_files=files,
+                    chunk_elems=chunk_elems, label="apply", fetch=fetch)
 
 
 def _apply_many(deltas, to, output, *, scale, vocab_policy, shape_policy, key_map, include, exclude, scale_map,
@@ -491,15 +494,15 @@ def _apply_many(deltas, to, output, *, scale, vocab_policy, shape_policy, key_ma
     if len(lams) != len(deltas):
         raise InputError(f"{len(deltas)} deltas but {len(lams)} --scale values; pass one --scale per delta, in the "
                          "order of the deltas (or none: λ = 1 for each)")
-    base_pol = make_policies(vocab_policy=vocab_policy, shape_policy=shape_policy, key_map=key_map, include=include,
+    base_policies = make_policies(vocab_policy=vocab_policy, shape_policy=shape_policy, key_map=key_map, include=include,
                              exclude=exclude, scale_map=scale_map, compute_dtype=compute_dtype, out_dtype=out_dtype)
-    pols = []
+    policies_per_delta = []
     for lam in lams:
         # λ_i × (the scale map's value where a pattern matches, else 1): the first match wins, as for one delta
-        pol = make_policies(scale=lam, vocab_policy=vocab_policy, shape_policy=shape_policy, key_map=key_map,
+        policies = make_policies(scale=lam, vocab_policy=vocab_policy, shape_policy=shape_policy, key_map=key_map,
                             include=include, exclude=exclude, compute_dtype=compute_dtype, out_dtype=out_dtype)
-        pol.scale_map = [(p, float(lam) * m) for p, m in base_pol.scale_map]
-        pols.append(pol)
+        policies.scale_map = [(p, float(lam) * m) for p, m in base_policies.scale_map]
+        policies_per_delta.append(policies)
     dks = [open_checkpoint(d, remote=True) for d in deltas]
     seen: dict[Path, str] = {}
     for dk in dks:
@@ -508,7 +511,7 @@ def _apply_many(deltas, to, output, *, scale, vocab_policy, shape_policy, key_ma
             raise InputError(f"delta {dk.source} is given twice (also as {seen[key]}); pass it once with the summed λ")
         seen[key] = dk.source
     tb = _open_target(to, allow_pickle=allow_pickle)
-    plan = plan_apply_many(dks, tb, pols, force=force, ties=None if ties is None else float(ties))
+    plan = plan_apply_many(dks, tb, policies_per_delta, force=force, ties=None if ties is None else float(ties))
     config_src, tok_src, chat_src = _delta_file_sources(dks[0], tb, config_from, tokenizer_from, chat_template_from)
     out_dt, config_check, fetch = _check_then_fetch(plan, tb, output, out_dtype=out_dtype, inputs=[dk.dir for dk in dks] + [tb.dir],
                                                     sources=(config_src, tok_src, chat_src), overwrite=overwrite,
@@ -525,7 +528,7 @@ def _apply_many(deltas, to, output, *, scale, vocab_policy, shape_policy, key_ma
         "delta_provenance": [{k: dk.provenance.get(k) for k in ("inputs", "delta_dtype", "policies", "compression")}
                              for dk in dks],
         "scale": lams, "scale_rule": "scale_i times the --scale-map value where a pattern matches (first match), else scale_i",
-        "policies": _policy_record(base_pol), "compute_dtype": dtype_name(plan.compute_dtype),
+        "policies": _policy_record(base_policies), "compute_dtype": dtype_name(plan.compute_dtype),
         "choices": {"config_from": config_from, "tokenizer_from": tokenizer_from, "chat_template_from": chat_template_from,
                     "source_finetuned_files": "from the first delta"},
         "forced": plan.info.get("forced"), "skipped": plan.skipped, "warnings": plan.warnings, "summary": plan.summary(),
@@ -534,9 +537,7 @@ def _apply_many(deltas, to, output, *, scale, vocab_policy, shape_policy, key_ma
     def files(tmp: Path):
         from deltaport.card import command, command_arg as card_arg, input_ref
 
-        rec = write_model_files(tmp, config_src=config_src, tokenizer_src=tok_src, chat_src=chat_src,
-                                vocab_rows=plan.vocab_rows, out_dtype=out_dt)
-        rec["config_check"] = config_check
+        rec = _model_files(tmp, plan, (config_src, tok_src, chat_src), out_dt, config_check)
         refs = {"target_base": input_ref(tb), **{f"delta_{i + 1}": input_ref(dk) for i, dk in enumerate(dks)}}
         argv = command("apply", [*(("", card_arg(refs[f"delta_{i + 1}"])) for i in range(len(dks))),
                                  ("--to", card_arg(refs["target_base"])), ("-o", "OUTPUT")],
@@ -544,8 +545,6 @@ def _apply_many(deltas, to, output, *, scale, vocab_policy, shape_policy, key_ma
         _write_card(tmp, output, "compose", refs, plan, prov, argv, ("target_base",), tb, rec)
         return rec
 
-    stats, timings = _run(plan, output, inputs=[dk.dir for dk in dks] + [tb.dir], overwrite=overwrite,
-                          shard_size=shard_size, progress=progress, threads=threads, strict=strict, provenance=prov,
-                          write_files=files, chunk_elems=chunk_elems, label="apply")
-    _write_timings(output, timings, stats)
-    return Result(output, plan, prov, stats, timings, fetch)
+    return _publish(plan, output, inputs=[dk.dir for dk in dks] + [tb.dir], overwrite=overwrite,
+                    shard_size=shard_size, progress=progress, threads=threads, strict=strict, provenance=prov,
+                    write_files=files, chunk_elems=chunk_elems, label="apply", fetch=fetch)
