@@ -14,7 +14,7 @@ Families (one per seed; the first seed calibrates, the others are scored with it
   task. Built and scored by ``deltaport lab run`` (experiments grid + connectivity; cached in
   ``--lab-dir``). Outcome of M_t + Δ_s: recovery = [EM(M_t+Δ_s) − EM(M_t)] / [EM(FT(M_t)) − EM(M_t)]
   (held-out exact match; for Mx and M0, which the lab does not fine-tune, the source's gain).
-* ``tiny``: ``deltaport._tinylineage.build_grid`` (v1; v2 = v1 continued; v3 = v2 on shifted data;
+* ``tiny``: ``deltaport.tinylineage.build_grid`` (v1; v2 = v1 continued; v3 = v2 on shifted data;
   v2x = another init seed; rand). Outcome: recovery = [T(m_t) − T(m_t+Δ_s)] / [T(m_t) − T(m'_t)],
   T = task answer NLL, m'_t = the target fine-tuned with the same recipe.
 
@@ -46,7 +46,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from deltaport import _tinylineage as TL  # noqa: E402
+from deltaport import tinylineage as TL  # noqa: E402
 from deltaport.check import SIGNALS, add_delta_into, check, classify  # noqa: E402
 from deltaport import causal_lm  # noqa: E402
 
@@ -230,7 +230,7 @@ def _lab_text(rows, args) -> list[str]:
 
 def _tiny_text(rows, args) -> list[str]:
     return [
-        "A tiny model family built by `deltaport._tinylineage.build_grid` (tiny Llama, "
+        "A tiny model family built by `deltaport.tinylineage.build_grid` (tiny Llama, "
         f"{rows[0]['num_parameters']:,} parameters, vocabulary 64, a synthetic Markov-chain language): "
         "`v1` pretrained; `v2` = `v1` continued on the same data (within lineage); `v3` = `v2` continued on "
         "shifted data (cross-stage); `v2x` = the same schedule from another init seed (independent seed); "

@@ -65,19 +65,19 @@ def test_inspect_prints_words_not_reprs(family, capsys):
 
 
 def test_progress_bars_follow_the_terminal(monkeypatch):
-    from deltaport.cli import _common
+    from deltaport.cli import flags
 
-    monkeypatch.setattr(_common, "_isatty", lambda: True)
-    assert _common.progress_mode(quiet=False) is True
-    assert _common.progress_mode(quiet=True) is False
-    _common.restore_env()
-    monkeypatch.setattr(_common, "_isatty", lambda: False)
-    assert _common.progress_mode(quiet=False) is False
-    assert _common.progress_mode(quiet=False, progress=True) is True  # --progress forces them
+    monkeypatch.setattr(flags, "_isatty", lambda: True)
+    assert flags.progress_mode(quiet=False) is True
+    assert flags.progress_mode(quiet=True) is False
+    flags.restore_env()
+    monkeypatch.setattr(flags, "_isatty", lambda: False)
+    assert flags.progress_mode(quiet=False) is False
+    assert flags.progress_mode(quiet=False, progress=True) is True  # --progress forces them
     import tqdm
 
     assert tqdm.tqdm(range(3), disable=False).disable  # third-party bars are off, whatever they ask for
-    _common.restore_env()
+    flags.restore_env()
     assert not tqdm.tqdm(range(3), disable=False).disable
 
 

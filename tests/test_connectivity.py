@@ -171,7 +171,7 @@ def test_cli_connectivity_writes_report_and_plot(pair, tmp_path):
 @pytest.fixture(scope="module")
 def trained():
     """v1 (seed A, 300 steps), v1 continued (100 more steps), vx (seed B, 300 steps): a few seconds."""
-    from deltaport import _tinylineage as TL
+    from deltaport import tinylineage as TL
 
     lang = TL.Language(TL.tokenizer())
     v1 = TL.pretrain(1, lang, 300, data_seed=5)

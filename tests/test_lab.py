@@ -395,15 +395,15 @@ def test_cli_multi_seed_run_writes_a_summary_with_intervals(tmp_path):
 def test_redirected_lab_prints_status_lines_not_bars(monkeypatch, capsys):
     """A lab run whose stderr is not a terminal says what it is doing in plain lines (a stage's start, its
     end, about every 30 s between), nothing with --quiet or --no-progress, and bars on a terminal."""
-    from deltaport.cli import _common
+    from deltaport.cli import flags
     from deltaport.cli.lab import _lab_progress
     from deltaport.lab import run as R
 
-    monkeypatch.setattr(_common, "_isatty", lambda: False)
+    monkeypatch.setattr(flags, "_isatty", lambda: False)
     assert _lab_progress(quiet=False, progress=None) == "lines"
     assert _lab_progress(quiet=True, progress=None) is False
     assert _lab_progress(quiet=False, progress=False) is False
-    monkeypatch.setattr(_common, "_isatty", lambda: True)
+    monkeypatch.setattr(flags, "_isatty", lambda: True)
     assert _lab_progress(quiet=False, progress=None) is True
 
     clock = iter([0.0, 1.0, 2.0, 40.0, 41.0, 42.0, 43.0])

@@ -6,7 +6,7 @@ Both sides read it:
 - the library function takes each option as a keyword argument whose default is the declared one
   (``scale: float = TRANSFER.scale``), and :func:`declared` appends the options' help to its docstring
   (and refuses, at import, a function whose keyword arguments and declaration disagree);
-- the command line (:func:`deltaport.cli._common.with_options`) turns each field into the flag
+- the command line (:func:`deltaport.cli.flags.with_options`) turns each field into the flag
   ``--field-name`` with the declared type, default and help text.
 
 A field's annotation is the type the command line parses; the functions may accept more (a dict for

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from deltaport.cli._common import PROGRESS, QUIET, progress_mode, with_options
+from deltaport.cli.flags import PROGRESS, QUIET, progress_mode, with_options
 from deltaport.options import EvaluateOptions
 
 

@@ -7,7 +7,7 @@ from typing import Literal, Optional
 
 import typer
 
-from deltaport.cli._common import PROGRESS, QUIET, progress_mode
+from deltaport.cli.flags import PROGRESS, QUIET, progress_mode
 from deltaport.lab.config import PRESET_COST
 
 lab_app = typer.Typer(help="Reproduce the paper's controlled study on a tiny model family (CPU).",

@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import warnings
 
-    from deltaport.cli import _common
+    from deltaport.cli import flags
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     old_format, warnings.formatwarning = warnings.formatwarning, _format_warning
@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         raise
     finally:
         _restore_signal_handlers(old_handlers)
-        _common.restore_env()
+        flags.restore_env()
         warnings.formatwarning = old_format
     return 0
 
