@@ -1,6 +1,9 @@
-"""The three operations: :func:`transfer` (m_t + λ·(m'_s − m_s), one shot), :func:`diff` (Δ to disk)
-and :func:`apply` (m_t + λ·Δ from disk). Each one: open headers -> plan (every check) -> write into a
-temporary sibling (config/tokenizer first, then streamed shards) -> verify -> provenance -> rename.
+"""deltaport's public model-writing verbs: :func:`transfer` (m_t + λ·(m'_s − m_s), one shot), :func:`diff`
+(Δ to disk) and :func:`apply` (m_t + λ·Δ from disk; several deltas: m_t + Σ λ_i·Δ_i). Each one: open
+headers -> plan (every check, :mod:`deltaport.plan`) -> check the output and fetch only the planned files
+-> :func:`_publish`: write into a temporary sibling (config/tokenizer first, then streamed shards,
+:mod:`deltaport.engine`) -> verify -> provenance and card -> rename. The path of one transfer, file by
+file: docs/architecture.md.
 """
 
 from __future__ import annotations

@@ -33,6 +33,9 @@ RUN_DIR layout::
     results.json          every score, per strategy and version; table.md (paper Table 6 style)
     curves_<strategy>.png convergence curves per strategy (a line per version), from finetune.eval_every
     curves_<version>.png  the strategies compared on one version (paper Fig. 4: Δ^iter vs Δ^dir)
+
+Over ~500 lines because it is one resumable workflow: the chain file's checks, the four strategies'
+model graph, and the table and figures of its results.
 """
 
 from __future__ import annotations

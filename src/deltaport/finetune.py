@@ -19,6 +19,11 @@ Output (written to a temporary sibling, renamed when complete): a Hugging Face m
 in the input's dtype, tokenizer), ``train_log.json`` (loss, lr, tokens per logged step), ``evals.json``
 (``--eval-every``), ``checkpoints/step-N/`` every ``save_every`` steps (loadable model dirs; adapters with
 LoRA), ``adapter/`` with LoRA, and ``deltaport.json`` (provenance).
+
+Over ~500 lines because the steps above are one workflow that must agree with itself: data loading and
+loss masking, the recipe, TRL/PEFT set-up, resume from checkpoints and the atomic publish of the output.
+Its options are declared in :mod:`deltaport.options`, its model checks live in
+:mod:`deltaport.io.model_check`.
 """
 
 from __future__ import annotations
