@@ -35,7 +35,7 @@ def test_write_json_bytes_order_and_refusal(tmp_path):
 
 
 def test_one_dtype_parser_a_bad_spelling_is_a_usage_error():
-    from deltaport.io.checkpoint import parse_dtype, parse_dtype_name
+    from deltaport.io.tensors import parse_dtype, parse_dtype_name
 
     assert parse_dtype("bf16") is torch.bfloat16 and parse_dtype("FP64") is torch.float64
     assert parse_dtype(torch.float16) is torch.float16  # a torch dtype passes as is
@@ -83,7 +83,7 @@ def test_reader_does_not_import_the_checkpoint_resolver():
 
 def test_one_header_check_for_local_and_hub_files():
     """``parse_header`` is what a hub file's header (read by range requests) and a local file's are checked by."""
-    from deltaport.io.checkpoint import parse_header
+    from deltaport.io.tensors import parse_header
 
     def raw(entry):
         return json.dumps({"__metadata__": {"format": "pt"}, "w": entry}).encode()

@@ -19,7 +19,8 @@ import deltaport
 from deltaport.assets import SOURCES, check_config_against_plan, output_config, write_model_files
 from deltaport.errors import CheckpointError, DeltaportError, InputError, OutputError
 from deltaport.io.atomic import atomic_output_dir, check_output_location, write_json
-from deltaport.io.checkpoint import PROVENANCE_NAME, Checkpoint, dtype_name, open_checkpoint
+from deltaport.io.checkpoint import PROVENANCE_NAME, Checkpoint, open_checkpoint
+from deltaport.io.tensors import dtype_name
 from deltaport.io.prepare import Fetch, check_free_space, plan_fetch, run_fetch
 from deltaport.io.writer import OutEntry, ShardedWriter, parse_size
 from deltaport.options import APPLY, DIFF, TRANSFER, ApplyOptions, DiffOptions, TransferOptions, declared, flag, option_fields

@@ -78,16 +78,20 @@ def _local_dir(spec: Any) -> Path | None:
 
 
 def preflight(spec: Any, *, allow_pickle: bool = False) -> Path | None:
-    """Cheap checks before any model is loaded, by the core's reader
-    (:func:`deltaport.io.checkpoint.open_checkpoint`, headers only): the path exists and is a directory,
-    its safetensors are complete and valid (a truncated or corrupt shard is named, with the fix), and a
-    directory that holds only pickled weights is refused unless ``allow_pickle``. Pickled files beside
-    safetensors are ignored, as everywhere. Returns the local directory (None for a hub id or a module)."""
+    """Cheap checks before any model is loaded: the path exists and is a directory, and the checks every
+    command makes on a local model directory (:func:`deltaport.io.model_check.check_weights`, headers
+    only): its safetensors are complete and valid (a truncated or corrupt shard is named, with the fix),
+    every parameter config.json implies is there in its shape, and a directory that holds only pickled
+    weights is refused unless ``allow_pickle``. Pickled files beside safetensors are ignored, as
+    everywhere. Returns the local directory (None for a hub id or a module: a hub id is checked after
+    loading, by what transformers reports missing)."""
     if isinstance(spec, torch.nn.Module):
         return None
+    from deltaport.io.model_check import check_weights
+
     d = _local_dir(spec)
-    if d is not None and not (allow_pickle and pickle_only(d)):  # pickles are read (once) by _load_pickled
-        open_checkpoint(d, allow_pickle=allow_pickle)
+    if d is not None:
+        check_weights(d, allow_pickle=allow_pickle, pickle_option=True)
     return d
 
 
@@ -122,13 +126,15 @@ def load_causal_lm(spec: Any, *, dtype: torch.dtype = torch.float32, device: str
         if d is None and not allow_pickle and "safetensors" in str(exc):
             hint += "; a model with only pickled .bin weights is loaded only with --allow-pickle"
         raise CheckpointError(f"cannot load {src} as a causal LM with transformers: {exc}{hint}") from None
-    _refuse_incomplete(src, info)
+    if d is None:  # a local directory was checked from its headers by preflight
+        _refuse_incomplete(src, info)
     return model.to(device).eval()
 
 
 def _refuse_incomplete(src: str, info: dict) -> None:
     """transformers fills parameters the checkpoint lacks (or has in another shape) with random values
-    and only warns; a loss measured on such a model means nothing, so it is an input error here."""
+    and only warns; a loss measured on such a model means nothing, so it is an input error here. For
+    what :func:`preflight` cannot check from headers: a hub id, and pickled weights (read once, here)."""
     missing = list(info.get("missing_keys") or [])
     mismatched = [k[0] if isinstance(k, (tuple, list)) else k for k in (info.get("mismatched_keys") or [])]
     if missing or mismatched:

@@ -27,7 +27,7 @@ import torch
 
 from deltaport import causal_lm
 from deltaport.connectivity import alphas_for, loss_curve, token_blocks
-from deltaport.io.checkpoint import parse_dtype
+from deltaport.io.tensors import parse_dtype
 from deltaport.options import CHECK, CheckOptions, declared
 
 SIGNALS = ("relative_barrier", "rel_distance", "excess_loss_rel")

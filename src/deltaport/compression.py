@@ -24,7 +24,8 @@ import torch
 import deltaport
 from deltaport.errors import InputError, PlanError
 from deltaport.io.atomic import atomic_output_dir
-from deltaport.io.checkpoint import PROVENANCE_NAME, Checkpoint, dtype_name, open_checkpoint
+from deltaport.io.checkpoint import PROVENANCE_NAME, Checkpoint, open_checkpoint
+from deltaport.io.tensors import dtype_name
 from deltaport.io.writer import OutEntry, ShardedWriter, parse_size
 from deltaport.options import COMPRESS, CompressOptions, declared
 from deltaport.plan import is_vocab_tensor
@@ -323,7 +324,7 @@ def decompress(delta, output, *, overwrite: bool = False, compute_dtype: str = "
     """Write the dense delta a compressed delta means (D per tensor: float64 for low rank, as computed by
     the LoRA path; the stored dtype for sparse and sign), so that ``apply`` of either writes the same bytes."""
     from deltaport.engine import execute
-    from deltaport.io.checkpoint import parse_dtype
+    from deltaport.io.tensors import parse_dtype
     from deltaport.plan import Plan, Term, TensorOp, choose_compute_dtype, compressed_term
 
     dk = open_checkpoint(delta)

@@ -27,7 +27,7 @@ import torch
 from deltaport import causal_lm
 from deltaport.errors import InputError
 from deltaport.figures import pyplot, save_figure
-from deltaport.io.checkpoint import parse_dtype
+from deltaport.io.tensors import parse_dtype
 from deltaport.options import CONNECTIVITY, ConnectivityOptions, declared
 
 LOG = logging.getLogger(__name__)

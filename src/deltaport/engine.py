@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from deltaport.errors import DeltaportError, InputError, NumericalError, RuntimeFailure
-from deltaport.io.checkpoint import FLOAT_DTYPES
+from deltaport.io.tensors import FLOAT_DTYPES
 from deltaport.io.compressed_format import unpack_bits
 from deltaport.io.reader import FilePool, pread_into
 from deltaport.io.writer import ShardedWriter

@@ -146,7 +146,7 @@ def remote_header_bytes(repo: HubRepo, filename: str) -> tuple[bytes, int, int, 
     """A safetensors file's JSON header from the hub by two range requests (its length, then its JSON):
     no byte past the header is requested. Returns (header bytes, data start offset, file size or -1,
     the name errors use);
-    :func:`deltaport.io.checkpoint.parse_header` validates the header as for a local file."""
+    :func:`deltaport.io.tensors.parse_header` validates the header as for a local file."""
     from huggingface_hub import hf_hub_url
     from huggingface_hub.utils import build_hf_headers
 

@@ -1,4 +1,6 @@
-"""Checks of a model directory before transformers is asked to load it (eval, finetune, evolve).
+"""Checks of a model directory before transformers is asked to load it: :func:`check_model_dir` for
+eval and finetune, :func:`check_weights` for evolve and (through :func:`deltaport.causal_lm.preflight`)
+for the diagnostics, which also take hub ids and ``--allow-pickle``.
 
 Headers only: nothing here reads tensor bytes or unpickles anything. Each check names the directory
 and says what to do, instead of letting transformers fail late or, worse, fill missing parameters at
@@ -35,20 +37,25 @@ def check_model_dir(d: Path, source) -> None:
     check_weights(d)
 
 
-def check_weights(d: Path) -> None:
+def check_weights(d: Path, *, allow_pickle: bool = False, pickle_option: bool = False) -> None:
     """Before transformers is asked to load anything: safetensors weights present and readable (headers
-    only; a directory of pickled ``.bin`` files only is refused, ``.bin`` files beside safetensors are
-    ignored, never unpickled), and every parameter config.json implies present in its shape (the model
-    built on the meta device)."""
-    from deltaport.assets import missing_parameters
-    from deltaport.io.checkpoint import open_checkpoint, refuse_pickle
+    only; ``.bin`` files beside safetensors are ignored, never unpickled), and every parameter config.json
+    implies present in its shape (the model built on the meta device).
 
+    A directory of pickled weights only is refused unless ``allow_pickle``; the refusal offers
+    ``--allow-pickle`` when the command has it (``pickle_option``), and says how to convert otherwise.
+    With ``allow_pickle`` such a directory is not read here: its loader reads the pickles once and checks
+    what transformers reports as missing."""
+    from deltaport.assets import missing_parameters
+    from deltaport.io.checkpoint import open_checkpoint, pickle_only, refuse_pickle
+
+    if allow_pickle and pickle_only(d):
+        return
     try:
-        ck = open_checkpoint(d)
+        ck = open_checkpoint(d, allow_pickle=allow_pickle)
     except CheckpointError as exc:
-        if not hasattr(exc, "pickle_only"):
+        if pickle_option or not hasattr(exc, "pickle_only"):
             raise
-        # these commands have no --allow-pickle: say how to convert instead
         raise refuse_pickle(*exc.pickle_only, fix=(
             "The eval, finetune and evolve commands read safetensors only. Convert once, e.g. `python -c \"from transformers "
             f"import AutoModelForCausalLM as M; M.from_pretrained('{d}').save_pretrained('{d}-safetensors')\"` "

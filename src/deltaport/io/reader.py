@@ -1,7 +1,7 @@
 """Reading tensor bytes into reused buffers with ``os.preadv`` (no mmap: mapped pages would count
 towards the process's resident memory and grow with model size).
 
-Bytes only: where a tensor lives (:class:`deltaport.io.checkpoint.TensorSpec`) is known to the callers;
+Bytes only: where a tensor lives (:class:`deltaport.io.tensors.TensorSpec`) is known to the callers;
 this module imports nothing of deltaport but its errors."""
 
 from __future__ import annotations

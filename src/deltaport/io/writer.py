@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING
 
 from deltaport.errors import CheckpointError, DiskError, RuntimeFailure
 from deltaport.io.atomic import DISK_ERRORS
-from deltaport.io.checkpoint import INDEX_NAME, NAME_TO_ST, SINGLE_NAME, dtype_name, dtype_size, read_safetensors_header
+from deltaport.io.checkpoint import INDEX_NAME, SINGLE_NAME
+from deltaport.io.tensors import NAME_TO_ST, dtype_name, dtype_size, read_safetensors_header
 
 if TYPE_CHECKING:  # annotations only: these modules must not import torch (header-only paths)
     import torch

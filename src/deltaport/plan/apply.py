@@ -4,7 +4,8 @@ tensors) or a ``deltaport compress`` one (low-rank, sparse or sign parts)."""
 from __future__ import annotations
 
 from deltaport.errors import PlanError
-from deltaport.io.checkpoint import FLOAT_DTYPE_NAMES, Checkpoint
+from deltaport.io.checkpoint import Checkpoint
+from deltaport.io.tensors import FLOAT_DTYPE_NAMES
 from deltaport.plan.names import counterpart, is_vocab_tensor
 from deltaport.plan.policy import Policies, choose_compute_dtype
 from deltaport.plan.problems import Problems, refuse_no_delta

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import re
 
-from deltaport.io.checkpoint import FLOAT_DTYPE_NAMES, Checkpoint, torch_dtype
+from deltaport.io.checkpoint import Checkpoint
+from deltaport.io.tensors import FLOAT_DTYPE_NAMES, torch_dtype
 from deltaport.plan.lora import plan_lora_transfer
 from deltaport.plan.names import counterpart, is_vocab_tensor, ties_word_embeddings
 from deltaport.plan.policy import Policies, choose_compute_dtype, delta_dtype_for

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import re
 
-from deltaport.io.checkpoint import Checkpoint, TensorSpec
+from deltaport.io.checkpoint import Checkpoint
+from deltaport.io.tensors import TensorSpec
 from deltaport.plan.policy import Policies, choose_compute_dtype
 from deltaport.plan.problems import Problems
 from deltaport.plan.types import LoraTerm, Plan, TensorOp, Term

@@ -72,7 +72,7 @@ class Policies:
         name, without torch)."""
         if self.out_dtype in (None, "", "auto", "target"):
             return default
-        from deltaport.io.checkpoint import parse_dtype_name
+        from deltaport.io.tensors import parse_dtype_name
 
         return parse_dtype_name(self.out_dtype)
 
@@ -149,7 +149,7 @@ def delta_dtype_for(inputs: set[torch.dtype], requested: str | None) -> torch.dt
     import torch
 
     if requested not in (None, "", "auto"):
-        from deltaport.io.checkpoint import parse_dtype
+        from deltaport.io.tensors import parse_dtype
 
         return parse_dtype(requested)
     return torch.float64 if inputs & {torch.float32, torch.float64} else torch.float32

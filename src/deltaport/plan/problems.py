@@ -5,7 +5,7 @@ receives Δ are refused the same way for every operation."""
 from __future__ import annotations
 
 from deltaport.errors import PlanError
-from deltaport.io.checkpoint import FLOAT_DTYPE_NAMES, TensorSpec
+from deltaport.io.tensors import FLOAT_DTYPE_NAMES, TensorSpec
 from deltaport.plan.policy import Policies
 from deltaport.plan.types import Plan
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import json
 
-from deltaport.io.checkpoint import FLOAT_DTYPE_NAMES, Checkpoint, TensorSpec
+from deltaport.io.checkpoint import Checkpoint
+from deltaport.io.tensors import FLOAT_DTYPE_NAMES, TensorSpec
 from deltaport.plan.lora import plan_lora_transfer
 from deltaport.plan.names import counterpart, is_vocab_tensor, ties_word_embeddings
 from deltaport.plan.policy import Policies, choose_compute_dtype

@@ -9,7 +9,8 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from deltaport.io.checkpoint import Checkpoint, DtypeField, TensorSpec, dtype_size
+from deltaport.io.checkpoint import Checkpoint
+from deltaport.io.tensors import DtypeField, TensorSpec, dtype_size
 
 if TYPE_CHECKING:  # annotations only: planning must not import torch (header-only paths)
     import torch
