@@ -125,3 +125,23 @@ def test_a_signal_right_after_the_temp_folder_is_made_leaves_nothing(tmp_path, m
         with atomic_output_dir(out):
             pass
     assert not out.exists() and H.leftovers(out) == []
+
+
+@pytest.mark.parametrize("index, message", [
+    ({"weight_map": {"w": "../outside.bin"}}, "invalid shard file '../outside.bin'"),
+    ({"weight_map": {"w": "sub/pytorch_model-1.bin"}}, "invalid shard file"),
+    ([1, 2], "has no weight_map"),
+    ({"weight_map": {"w": "pytorch_model-2.bin"}}, "names shard pytorch_model-2.bin which is missing"),
+], ids=["parent", "subdir", "not-an-object", "missing"])
+def test_a_pickled_index_is_checked_like_a_safetensors_index(tmp_path, index, message):
+    """pytorch_model.bin.index.json goes through the same checks as model.safetensors.index.json: a shard
+    outside the directory is never loaded, and a malformed index is a CheckpointError (exit 2)."""
+    from deltaport.io.checkpoint import open_checkpoint
+
+    d = tmp_path / "m"
+    d.mkdir()
+    torch.save({"w": torch.ones(2)}, d / "pytorch_model-1.bin")
+    torch.save({"w": torch.full((2,), 7.0)}, tmp_path / "outside.bin")
+    (d / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=message):
+        open_checkpoint(d, allow_pickle=True)

@@ -217,10 +217,9 @@ def _specs_from_header(header: dict[str, Any], data_start: int, path: Path) -> d
     return out
 
 
-def _sharded(d: Path, index_path: Path, specs_of=None, present=None) -> tuple[dict[str, TensorSpec], list[Path]]:
-    """The tensors of a sharded checkpoint. ``specs_of(path)`` reads one shard's header (default: the
-    local file); ``present(path)`` says whether a shard exists (default: a local file)."""
-    specs_of = specs_of or _specs_from_file
+def _index_files(d: Path, index_path: Path, present=None) -> tuple[dict[str, str], list[Path]]:
+    """An index's ``weight_map`` and its shard files, checked: each a plain file name inside ``d``
+    (no path, no leading dot) that is present (``present(path)``, default: a local file)."""
     present = present or (lambda f: f.is_file())
     index = _read_json(index_path, "index")
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
@@ -232,13 +231,21 @@ def _sharded(d: Path, index_path: Path, specs_of=None, present=None) -> tuple[di
                               "re-download the index")
     files = []
     for fname in dict.fromkeys(weight_map.values()):
-        if not isinstance(fname, str) or "/" in fname or "\\" in fname or fname.startswith("."):
+        if "/" in fname or "\\" in fname or fname.startswith("."):
             raise CheckpointError(f"index {index_path} names an invalid shard file {fname!r}")
         f = d / fname
         if not present(f):
             raise CheckpointError(f"index {index_path} names shard {fname} which is missing from {d}; "
                                   "the download is incomplete - re-download the missing shard")
         files.append(f)
+    return weight_map, files
+
+
+def _sharded(d: Path, index_path: Path, specs_of=None, present=None) -> tuple[dict[str, TensorSpec], list[Path]]:
+    """The tensors of a sharded checkpoint. ``specs_of(path)`` reads one shard's header (default: the
+    local file); ``present(path)`` says whether a shard exists (default: a local file)."""
+    specs_of = specs_of or _specs_from_file
+    weight_map, files = _index_files(d, index_path, present)
     tensors: dict[str, TensorSpec] = {}
     for f in files:
         for name, spec in specs_of(f).items():
@@ -312,11 +319,7 @@ def _pickled(d: Path, allow_pickle: bool) -> tuple[dict[str, TensorSpec], list[P
 
     index = d / "pytorch_model.bin.index.json"
     if index.exists():
-        weight_map = _read_json(index, "index").get("weight_map", {})
-        bins = [d / f for f in dict.fromkeys(weight_map.values())]
-        for b in bins:
-            if not b.is_file():
-                raise CheckpointError(f"index {index} names missing file {b.name}; re-download it")
+        _, bins = _index_files(d, index)
     mem: dict[str, Any] = {}
     for b in bins:
         try:
