@@ -3,7 +3,9 @@
 headers -> plan (every check, :mod:`deltaport.plan`) -> check the output and fetch only the planned files
 -> :func:`_publish`: write into a temporary sibling (config/tokenizer first, then streamed shards,
 :mod:`deltaport.engine`) -> verify -> provenance and card -> rename. The path of one transfer, file by
-file: docs/architecture.md.
+file: docs/architecture.md. Over ~500 lines because it holds four verbs (transfer, diff, apply, the composed
+apply); each is a short sequence over the shared steps here (``_check_then_fetch``, ``_publish``,
+``_model_files``, ``_write_card``), and what differs between them is their inputs and provenance.
 """
 
 from __future__ import annotations
