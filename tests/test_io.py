@@ -145,3 +145,39 @@ def test_a_pickled_index_is_checked_like_a_safetensors_index(tmp_path, index, me
     (d / "pytorch_model.bin.index.json").write_text(json.dumps(index))
     with pytest.raises(CheckpointError, match=message):
         open_checkpoint(d, allow_pickle=True)
+
+
+def test_a_multi_process_finetune_output_replaces_the_old_one_only_when_the_new_one_is_in(tmp_path, monkeypatch):
+    """The staging folder that several ranks share is published like every other output (io.atomic.publish_dir):
+    the previous output is moved aside, not deleted first, so a failed rename puts it back."""
+    import errno
+    import os
+
+    from deltaport import finetune as F
+    from deltaport.io import atomic
+
+    out = tmp_path / "ft"
+    out.mkdir()
+    (out / "weights").write_text("old")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)  # the rename fallback, as without renameat2
+    real_rename = os.rename
+
+    def rename(src, dst):
+        if ".deltaport-tmp-dist-" in str(src):
+            raise OSError(errno.EXDEV, "cross-device link", str(src))
+        real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(OSError):
+        with F._output_dir(out, True, []) as tmp:
+            (tmp / "weights").write_text("new")
+    assert (out / "weights").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ft"]
+
+    monkeypatch.setattr(os, "rename", real_rename)
+    with F._output_dir(out, True, []) as tmp:
+        (tmp / "weights").write_text("new")
+    assert (out / "weights").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ft"]

@@ -258,7 +258,7 @@ def _output_dir(output: Path | None, overwrite: bool, inputs: list):
             yield tmp
         return
     # Distributed (accelerate launch): every rank must see one staging folder. UNTESTED until a GPU run log exists.
-    from deltaport.io.atomic import check_output_location
+    from deltaport.io.atomic import check_output_location, publish_dir
 
     out = check_output_location(output, inputs)
     if out.exists() and not overwrite:
@@ -267,10 +267,8 @@ def _output_dir(output: Path | None, overwrite: bool, inputs: list):
     tmp = out.parent / f".{out.name}.deltaport-tmp-dist-{run_id}"
     tmp.mkdir(parents=True, exist_ok=True)
     yield tmp
-    if rank == 0:
-        if out.exists():
-            shutil.rmtree(out)
-        os.rename(tmp, out)
+    if rank == 0:  # the new output is complete: swapped in, the old one deleted after (never before)
+        publish_dir(tmp, out, overwrite=overwrite)
 
 
 # --------------------------------------------------------------------------------------------------

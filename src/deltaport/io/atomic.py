@@ -222,10 +222,28 @@ def atomic_output_dir(out: str | Path, *, overwrite: bool = False, inputs: Itera
                           "completed first, then swapped in) or choose another path")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}{TMP_TAG}{os.getpid()}-{secrets.token_hex(4)}"
-    stranded: Path | None = None  # the previous output while it is moved aside (non-atomic fallback)
     try:
         tmp.mkdir()  # inside the try: a signal right after it still removes the folder
         yield tmp
+        publish_dir(tmp, out, overwrite=overwrite)
+    except BaseException as exc:
+        # not published: tmp is the partial new output (publish_dir cleans up after itself)
+        shutil.rmtree(tmp, ignore_errors=True)
+        disk = _disk_error(exc, out)
+        if disk is not None:
+            raise disk from None
+        raise
+
+
+def publish_dir(tmp: str | Path, out: str | Path, *, overwrite: bool) -> None:
+    """Move the completed folder ``tmp`` (a sibling of ``out``) to ``out``: renamed in when ``out`` does not
+    exist; with ``overwrite``, swapped with the existing ``out`` (atomically where the kernel can), whose old
+    contents are then deleted. Signals wait until the rename is done. On failure ``tmp`` is removed and
+    ``out`` is as it was. Used by :func:`atomic_output_dir`, and by callers that stage a folder themselves
+    (several processes writing one output)."""
+    tmp, out = Path(tmp), Path(out)
+    stranded: Path | None = None  # the previous output while it is moved aside (non-atomic fallback)
+    try:
         _fsync_dir(tmp)
         with _signals_deferred():
             if out.exists():
@@ -246,17 +264,25 @@ def atomic_output_dir(out: str | Path, *, overwrite: bool = False, inputs: Itera
             COMMITTED.append(out)
         shutil.rmtree(tmp, ignore_errors=True)  # the previous output, after an overwrite
     except BaseException as exc:
-        # not committed: tmp is the partial new output; committed: tmp is the replaced previous output
+        # not committed: tmp is the new output; committed: tmp is the replaced previous output
         shutil.rmtree(tmp, ignore_errors=True)
         if stranded is not None and not out.exists():
             with contextlib.suppress(OSError):
                 os.rename(stranded, out)  # put the previous output back
-        if isinstance(exc, OSError) and exc.errno in DISK_ERRORS:
-            where = exc.filename or out
-            raise DiskError(f"writing {where} failed: {DISK_ERRORS[exc.errno]} ({exc.strerror}). The partial output "
-                            f"was removed{' and the previous output is unchanged' if out.exists() else ''}; free space "
-                            "or choose another output location.") from None
+        disk = _disk_error(exc, out)
+        if disk is not None:
+            raise disk from None
         raise
+
+
+def _disk_error(exc: BaseException, out: Path) -> DiskError | None:
+    """A full disk, quota or read-only file system while writing ``out``, worded; None for anything else."""
+    if isinstance(exc, OSError) and exc.errno in DISK_ERRORS:
+        where = exc.filename or out
+        return DiskError(f"writing {where} failed: {DISK_ERRORS[exc.errno]} ({exc.strerror}). The partial output "
+                         f"was removed{' and the previous output is unchanged' if out.exists() else ''}; free space "
+                         "or choose another output location.")
+    return None
 
 
 def check_output_file(path: str | Path, *, overwrite: bool = False) -> Path:
