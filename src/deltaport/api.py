@@ -105,6 +105,18 @@ def _policy_record(policies) -> dict[str, Any]:
     }
 
 
+def _provenance(kind: str, operation: str, formula: str, inputs: dict, plan: Plan, policies, **fields) -> dict[str, Any]:
+    """``deltaport.json``'s record of one output: what every operation records, plus its own ``fields``
+    (written with sorted keys, so the order here is free)."""
+    return {"deltaport_version": deltaport.__version__, "kind": kind, "operation": operation, "formula": formula,
+            "inputs": inputs, "policies": _policy_record(policies), "compute_dtype": dtype_name(plan.compute_dtype),
+            "skipped": plan.skipped, "warnings": plan.warnings, "summary": plan.summary(), **fields}
+
+
+def _choices(config_from: str, tokenizer_from: str, chat_template_from: str, **more) -> dict[str, str]:
+    return {"config_from": config_from, "tokenizer_from": tokenizer_from, "chat_template_from": chat_template_from, **more}
+
+
 def _write_provenance(out: Path, prov: dict[str, Any]) -> None:
     (out / PROVENANCE_NAME).write_text(json.dumps(prov, indent=2, sort_keys=True, default=str) + "\n")
 
@@ -258,14 +270,11 @@ def transfer(source_base, source_finetuned, target_base, output, *, scale: float
     if dry_run:
         return Result(None, plan, fetch=fetch)
     output = Path(output)
-    prov = {
-        "deltaport_version": deltaport.__version__, "kind": "model", "operation": "transfer",
-        "formula": "target_base + scale * (source_finetuned - source_base)",
-        "inputs": {"source_base": _input_record(sb), "source_finetuned": _input_record(sf), "target_base": _input_record(tb)},
-        "scale": policies.scale, "policies": _policy_record(policies), "compute_dtype": dtype_name(plan.compute_dtype),
-        "choices": {"config_from": config_from, "tokenizer_from": tokenizer_from, "chat_template_from": chat_template_from},
-        "skipped": plan.skipped, "warnings": plan.warnings, "summary": plan.summary(), "lora": plan.info.get("lora"),
-    }
+    prov = _provenance("model", "transfer", "target_base + scale * (source_finetuned - source_base)",
+                       {"source_base": _input_record(sb), "source_finetuned": _input_record(sf),
+                        "target_base": _input_record(tb)}, plan, policies,
+                       scale=policies.scale, choices=_choices(config_from, tokenizer_from, chat_template_from),
+                       lora=plan.info.get("lora"))
     if "vocab_align" in plan.info:
         prov["vocab_align"] = plan.info["vocab_align"]
 
@@ -356,16 +365,13 @@ def diff(base, finetuned, output, *, delta_dtype: str | None = DIFF.delta_dtype,
         return Result(None, plan, fetch=fetch)
     output = Path(output)
     base_tensors = {n: [dtype_name(s.dtype), list(s.shape)] for n, s in sb.tensors.items()}
-    prov = {
-        "deltaport_version": deltaport.__version__, "kind": "delta", "operation": "diff",
-        "formula": "finetuned - base",
-        "inputs": {"base": _input_record(sb), "finetuned": _input_record(sf)},
-        "base": {"source": sb.source, "structure": sb.structure_signature(), "tensors": base_tensors,
-                 "tied_word_embeddings": bool((sb.config or {}).get("tie_word_embeddings"))},
-        "delta_dtype": {"requested": delta_dtype or "auto (exact)", "chosen": sorted({dtype_name(op.out_dtype) for op in plan.ops})},
-        "policies": _policy_record(policies), "compute_dtype": dtype_name(plan.compute_dtype),
-        "skipped": plan.skipped, "warnings": plan.warnings, "summary": plan.summary(), "lora": plan.info.get("lora"),
-    }
+    prov = _provenance("delta", "diff", "finetuned - base",
+                       {"base": _input_record(sb), "finetuned": _input_record(sf)}, plan, policies,
+                       base={"source": sb.source, "structure": sb.structure_signature(), "tensors": base_tensors,
+                             "tied_word_embeddings": bool((sb.config or {}).get("tie_word_embeddings"))},
+                       delta_dtype={"requested": delta_dtype or "auto (exact)",
+                                    "chosen": sorted({dtype_name(op.out_dtype) for op in plan.ops})},
+                       lora=plan.info.get("lora"))
     files_src = sf.dir if (sf.dir / "config.json").exists() else sb.dir
 
     def files(tmp: Path):
@@ -455,15 +461,11 @@ def apply(delta, to, output, *, scale: float | list[float] = APPLY.scale, vocab_
     if dry_run:
         return Result(None, plan, fetch=fetch)
     output = Path(output)
-    prov = {
-        "deltaport_version": deltaport.__version__, "kind": "model", "operation": "apply",
-        "formula": "target_base + scale * delta",
-        "inputs": {"delta": _input_record(dk), "target_base": _input_record(tb)},
-        "delta_provenance": {k: dk.provenance.get(k) for k in ("inputs", "delta_dtype", "policies")},
-        "scale": policies.scale, "policies": _policy_record(policies), "compute_dtype": dtype_name(plan.compute_dtype),
-        "choices": {"config_from": config_from, "tokenizer_from": tokenizer_from, "chat_template_from": chat_template_from},
-        "forced": plan.info.get("forced"), "skipped": plan.skipped, "warnings": plan.warnings, "summary": plan.summary(),
-    }
+    prov = _provenance("model", "apply", "target_base + scale * delta",
+                       {"delta": _input_record(dk), "target_base": _input_record(tb)}, plan, policies,
+                       delta_provenance={k: dk.provenance.get(k) for k in ("inputs", "delta_dtype", "policies")},
+                       scale=policies.scale, choices=_choices(config_from, tokenizer_from, chat_template_from),
+                       forced=plan.info.get("forced"))
 
     def files(tmp: Path):
         from deltaport.card import command, command_arg as card_arg, input_ref
@@ -525,20 +527,19 @@ def _apply_many(deltas, to, output, *, scale, vocab_policy, shape_policy, key_ma
     if dry_run:
         return Result(None, plan, fetch=fetch)
     output = Path(output)
-    prov = {
-        "deltaport_version": deltaport.__version__, "kind": "model", "operation": "apply",
-        "formula": ("target_base + sum_i scale_i * delta_i" if ties is None else
-                    "target_base + TIES(scale_i * delta_i): trim to density, elect sign, disjoint mean"),
-        "ties": None if ties is None else {"density": float(ties), "paper": "Yadav et al. 2023, TIES-Merging"},
-        "inputs": {**{f"delta_{i + 1}": _input_record(dk) for i, dk in enumerate(dks)}, "target_base": _input_record(tb)},
-        "delta_provenance": [{k: dk.provenance.get(k) for k in ("inputs", "delta_dtype", "policies", "compression")}
-                             for dk in dks],
-        "scale": lams, "scale_rule": "scale_i times the --scale-map value where a pattern matches (first match), else scale_i",
-        "policies": _policy_record(base_policies), "compute_dtype": dtype_name(plan.compute_dtype),
-        "choices": {"config_from": config_from, "tokenizer_from": tokenizer_from, "chat_template_from": chat_template_from,
-                    "source_finetuned_files": "from the first delta"},
-        "forced": plan.info.get("forced"), "skipped": plan.skipped, "warnings": plan.warnings, "summary": plan.summary(),
-    }
+    prov = _provenance("model", "apply",
+                       ("target_base + sum_i scale_i * delta_i" if ties is None else
+                        "target_base + TIES(scale_i * delta_i): trim to density, elect sign, disjoint mean"),
+                       {**{f"delta_{i + 1}": _input_record(dk) for i, dk in enumerate(dks)},
+                        "target_base": _input_record(tb)}, plan, base_policies,
+                       ties=None if ties is None else {"density": float(ties), "paper": "Yadav et al. 2023, TIES-Merging"},
+                       delta_provenance=[{k: dk.provenance.get(k) for k in ("inputs", "delta_dtype", "policies",
+                                                                              "compression")} for dk in dks],
+                       scale=lams, scale_rule="scale_i times the --scale-map value where a pattern matches (first "
+                                              "match), else scale_i",
+                       choices=_choices(config_from, tokenizer_from, chat_template_from,
+                                        source_finetuned_files="from the first delta"),
+                       forced=plan.info.get("forced"))
 
     def files(tmp: Path):
         from deltaport.card import command, command_arg as card_arg, input_ref
