@@ -152,6 +152,9 @@ def plot_comparisons(comparisons: list[dict], path: str | Path, *, overwrite: bo
         for xi, yi in zip(x, y):
             ax.annotate(f"{xi:+.1f}", (xi, yi), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
     ax.axvline(0.0, color="grey", linestyle="--", linewidth=1)
+    reach = max(abs(v) * k for c in comparisons for v in (c["ci_low"], c["ci_high"], c["difference"]))
+    reach = max(reach * 1.15, 1.0 if k == 100.0 else 0.01)  # centred on 0; a zero interval still has an axis
+    ax.set_xlim(-reach, reach)
     ax.set_yticks(range(len(keys)))
     ax.set_yticklabels([f"{t} · {m}\n(n={n_items[(t, m)]})" for t, m in keys], fontsize=9)
     ax.set_ylim(len(keys) - 0.5, -0.5)
@@ -160,5 +163,5 @@ def plot_comparisons(comparisons: list[dict], path: str | Path, *, overwrite: bo
     ax.set_xlabel(f"difference to {comparisons[0]['reference']}, {unit}")
     ax.set_title(f"Paired comparison: difference with its {level:.0%} bootstrap interval over items", fontsize=10)
     ax.grid(axis="x", alpha=0.3)
-    ax.legend(loc="best", fontsize=8, title="model", title_fontsize=8)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, title="model", title_fontsize=8)
     return save_figure(fig, path, overwrite=overwrite, record=True)
