@@ -72,14 +72,12 @@ def render_block() -> str:
 
     res = json.loads((OUT / "comparison.json").read_text())
     s = res["settings"]
-    import torch  # noqa: F401 - versions below
-    from importlib.metadata import version
-
+    v = s["versions"]
     lines = [res["table"].rstrip("\n"), "", comparisons_table(res["comparisons"]).rstrip("\n"), "",
-             f"From `docs/results/eval/comparison.json` (lm-eval {s['lm_eval_version']}, torch {version('torch')}, "
-             f"transformers {version('transformers')}; {s['device']}, batch size {s['batch_size']}, seed {s['seed']}, "
-             "no cache), made by `OMP_NUM_THREADS=1 python benchmarks/eval_comparison.py run`; per-item records "
-             "in `docs/results/eval/comparison.lm_eval/`."]
+             f"From `docs/results/eval/comparison.json` (deltaport {v['deltaport']}, lm-eval {v['lm_eval']}, torch "
+             f"{v['torch']}, transformers {v['transformers']}; {s['device']}, batch size {s['batch_size']}, seed "
+             f"{s['seed']}, no cache), made by `OMP_NUM_THREADS=1 python benchmarks/eval_comparison.py run`; the "
+             "per-item records are in `docs/results/eval/comparison.lm_eval/`."]
     return "\n".join(lines)
 
 

@@ -272,3 +272,23 @@ def test_different_tokenizers_on_generation_tasks_warn(models, caplog):
     assert res["warnings"][0] in caplog.text
     assert evaluate(pair, [QA], limit=2)["warnings"] == []
     assert evaluate({"a": models["a"], "b": models["b"]}, [GEN], limit=2)["warnings"] == []
+
+
+def test_docs_comparison_comes_from_the_committed_result_file():
+    """docs/eval.md's comparison block is what benchmarks/eval_comparison.py renders from
+    docs/results/eval/comparison.json, whose intervals contain their differences."""
+    import importlib.util
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("eval_comparison", root / "benchmarks" / "eval_comparison.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    from deltaport.lab.readme import replace_blocks
+
+    doc = (root / "docs" / "eval.md").read_text()
+    assert replace_blocks(doc, {"eval-comparison": mod.render_block()}) == doc, (
+        "docs/eval.md's comparison disagrees with docs/results/eval/comparison.json: run "
+        "`python benchmarks/eval_comparison.py render`")
+    res = json.loads((root / "docs" / "results" / "eval" / "comparison.json").read_text())
+    assert res["comparisons"] and all(c["ci_low"] <= c["difference"] <= c["ci_high"] for c in res["comparisons"])
+    assert (root / "docs" / "results" / "eval" / "comparison.png").read_bytes()[:4] == b"\x89PNG"

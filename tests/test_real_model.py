@@ -325,7 +325,7 @@ def test_eval_compares_base_and_a_transfer_item_by_item(smollm2, out_root, tmp_p
     assert main(["eval", base, str(out_model), "--tasks", task, "--limit", "20", "--device", "cpu", "--batch-size",
                  "8", "--no-cache", "--log-samples", "-o", str(out), "-q"]) == 0
     res = json.loads(out.read_text())
-    assert res["results"][base]["general_qa"]["acc"] >= 0.5  # a real model knows capitals (chance: 0.25)
+    assert res["results"][base]["general_qa"]["acc"] >= 0.4  # chance is 0.25 (SmolLM2-135M: 0.65 on these 20)
     recs = {}
     for row in (base, str(out_model)):
         (f,) = (Path(res["files"]["lm_eval"]) / row.replace("/", "__")).glob("samples_general_qa_*.jsonl")

@@ -101,7 +101,7 @@ def evaluate(models, tasks, *, preset=EVALUATE.preset, languages: list[str] | No
         "lm_eval_version": getattr(lm_eval, "__version__", "?"), "cache_dir": str(cache) if cache else None,
         "gen_kwargs": gen_kwargs, "include_path": str(include_path) if include_path is not None else None,
         "system_instruction": system_instruction, "fewshot_as_multiturn": fewshot_as_multiturn,
-        "log_samples": log_samples, "no_prompts": no_prompts,
+        "log_samples": log_samples, "no_prompts": no_prompts, "versions": _versions(),
     }
     results: dict[str, dict] = {}
     details: dict[str, dict] = {}
@@ -198,6 +198,19 @@ def _scores(lm_eval, m: EvalModel, proto: str, specs: list[TaskSpec], cache: Pat
     if status and cached_names:
         _status(f"eval: {m.name} ({proto} protocol): {len(cached_names)} of {len(specs)} task(s) from the cache")
     return recs, cached_names
+
+
+def _versions() -> dict[str, str | None]:
+    """The versions that make a score what it is (recorded, not part of the cache key beyond lm-eval's)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out: dict[str, str | None] = {}
+    for pkg in ("deltaport", "lm_eval", "torch", "transformers", "datasets"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out
 
 
 def _status(line: str) -> None:
