@@ -67,8 +67,10 @@ def eval_command(
     for i, (n1, p1) in enumerate(named):
         for n2, p2 in named[i + 1:]:
             if p1.resolve() == p2.resolve():
-                raise OutputError(f"{n1} and {n2} both name {p1}; one would replace the other. Give each its own "
-                                  "path (e.g. results.json, results.md, results.png)")
+                what = {"--table": "the table", "--plot": "the figure"}[n2]
+                replaced = "the JSON results" if n1 == "-o" else "the table"
+                raise OutputError(f"{n1} and {n2} both name {p1}; {what} would replace {replaced}. Give "
+                                  f"{what} its own path (e.g. results.{'md' if n2 == '--table' else 'png'})")
     for _, p in named:  # refuse before any model is evaluated
         if p.exists() and not overwrite:
             raise OutputError(f"output {p} already exists; pass --overwrite to replace it or choose another path")
@@ -80,7 +82,7 @@ def eval_command(
     if plot is not None:
         _check_plot_format(plot)
     if len(models) < 2 and plot is not None:
-        raise typer.BadParameter("--plot draws the comparison between models; give two or more MODELs")
+        raise typer.BadParameter("--plot draws the comparison between models; give two or more MODELs.")
 
     margs = {}  # the flags below are strings; the function takes a dict, a number and a list
     for kv in (options["model_args"] or "").split(","):
@@ -117,8 +119,6 @@ def eval_command(
     typer.echo(md, nl=False)
     if comparisons:
         typer.echo("\n" + comparisons_table(comparisons), nl=False)
-    for w in res["warnings"]:
-        typer.echo(f"warning: {w}", err=True)
     cached = sum(d.get("cached", False) for r in res["details"].values() for d in r.values())
     total = sum(len(r) for r in res["details"].values())
     extra = [str(x) for x in (table, plot if comparisons else None) if x is not None]
