@@ -262,7 +262,8 @@ def test_presets_resolve_to_simple_evaluate_arguments(preset, expected, rand_mod
     chat = [k for k in seen if k["apply_chat_template"]]
     assert all(k["fewshot_as_multiturn"] for k in chat) and len(chat) == len({n for _, n in expected})
     assert not any(k["fewshot_as_multiturn"] for k in seen if not k["apply_chat_template"])
-    assert all(k["device"] == "cpu" and k["fewshot_random_seed"] == 7 and k["log_samples"] is False for k in seen)
+    # per-item records are always asked for: the cache keeps them and the comparisons pair them
+    assert all(k["device"] == "cpu" and k["fewshot_random_seed"] == 7 and k["log_samples"] is True for k in seen)
     assert list(r["results"]["m [chat]"]) == [t for t, _ in expected]
     if preset == "llama3-instruct":
         assert r["columns"]["ifeval"] == {"metric": "strict_loose_avg", "label": "IFEval", "source": None}

@@ -310,3 +310,35 @@ def test_check_and_connectivity_agree_with_the_verified_transfer(smollm2, out_ro
     s = _sums(m)
     assert sig["rel_distance"] == pytest.approx((s["dist"] / s["ss"]) ** 0.5, rel=1e-10)
     assert sig["delta_rel"] == pytest.approx((s["dd"] / s["ss"]) ** 0.5, rel=1e-10)
+
+
+def test_eval_compares_base_and_a_transfer_item_by_item(smollm2, out_root, tmp_path):
+    """deltaport eval on the real model (20 items): per-item records for both models, and a paired
+    comparison whose difference is the score difference, inside its interval, with the flipped items
+    those the records show."""
+    from deltaport.cli.main import main
+
+    out_model = _transfer(smollm2, out_root, "t1")
+    base = str(smollm2["base"])
+    task = str(Path(__file__).parent / "data" / "general_qa" / "general_qa.yaml")
+    out = tmp_path / "r.json"
+    assert main(["eval", base, str(out_model), "--tasks", task, "--limit", "20", "--device", "cpu", "--batch-size",
+                 "8", "--no-cache", "--log-samples", "-o", str(out), "-q"]) == 0
+    res = json.loads(out.read_text())
+    assert res["results"][base]["general_qa"]["acc"] >= 0.4  # chance is 0.25 (SmolLM2-135M: 0.65 on these 20)
+    recs = {}
+    for row in (base, str(out_model)):
+        (f,) = (Path(res["files"]["lm_eval"]) / row.replace("/", "__")).glob("samples_general_qa_*.jsonl")
+        lines = [json.loads(x) for x in f.read_text().splitlines()]
+        assert [r["doc_id"] for r in lines] == list(range(20)) and all(len(r["loglikelihoods"]) == 4 for r in lines)
+        recs[row] = {r["doc_id"]: r["metrics"] for r in lines}
+    comps = {c["metric"]: c for c in res["comparisons"]}
+    assert set(comps) == {"acc", "acc_norm"}
+    for metric, c in comps.items():
+        assert (c["model"], c["reference"], c["n_items"]) == (str(out_model), base, 20)
+        a, b = res["results"][base]["general_qa"][metric], res["results"][str(out_model)]["general_qa"][metric]
+        assert c["difference"] == pytest.approx(b - a, abs=1e-12)
+        assert c["ci_low"] <= c["difference"] <= c["ci_high"]
+        ra, rb = recs[base], recs[str(out_model)]
+        assert c["right_to_wrong_items"] == [f"general_qa/{i}" for i in range(20) if ra[i][metric] > rb[i][metric]]
+        assert c["wrong_to_right_items"] == [f"general_qa/{i}" for i in range(20) if ra[i][metric] < rb[i][metric]]

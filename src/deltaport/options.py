@@ -382,6 +382,33 @@ class EvaluateOptions:
                                         "tensor_parallel_size=2)",
                                         doc="extra keyword arguments for the lm-eval model (HFLM / VLLM), e.g. "
                                             "max_length, tensor_parallel_size", cli_type=Optional[str])
+    # lm-eval's own flags, with lm-eval's meaning (docs/eval.md says how they combine with the above)
+    gen_kwargs: Optional[dict] = Option(None, "generation arguments for generation tasks, k=v,k=v or a JSON object "
+                                        "(e.g. temperature=0,max_gen_toks=64), as lm-eval's --gen_kwargs",
+                                        doc="generation arguments (a dict, or lm-eval's ``k=v,k=v`` / JSON string) "
+                                            "that update every generation task's ``generation_kwargs``; ignored by "
+                                            "log-likelihood tasks", cli_type=Optional[str])
+    include_path: Optional[str] = Option(None, "a folder of task YAMLs whose task names --tasks may use, as lm-eval's "
+                                         "--include_path",
+                                         doc="a folder of task YAML files whose task and group names ``tasks`` may "
+                                             "name (lm-eval's ``include_path``)")
+    system_instruction: Optional[str] = Option(None, "a system instruction put before every prompt, as lm-eval's "
+                                               "--system_instruction",
+                                               doc="a system instruction for every prompt (a system turn under the "
+                                                   "chat protocol, prepended text otherwise), as lm-eval's")
+    fewshot_as_multiturn: Optional[bool] = Option(None, "few-shot examples as a multi-turn conversation (chat "
+                                                  "protocol only; default: on with chat, as lm-eval)",
+                                                  doc="few-shot examples as a multi-turn conversation; needs the chat "
+                                                      "protocol. None: on for chat rows (lm-eval's default with a "
+                                                      "chat template); False: the chat rows get the examples in one "
+                                                      "user turn")
+    log_samples: bool = Option(False, "write per-item records (one JSONL per model and task) beside -o, as lm-eval's "
+                               "--log_samples",
+                               doc="return the per-item records (``samples``: prompt, target, response or choice "
+                                   "log-likelihoods, per-item metrics) with the results")
+    no_prompts: bool = Option(False, "per-item records carry the prompt's sha256 instead of its text (and no "
+                              "choices)",
+                              doc="per-item records carry ``prompt_hash`` but not the prompt text or the choices")
 
 
 # the defaults, for the functions' signatures (``scale: float = TRANSFER.scale``)

@@ -44,8 +44,10 @@ def with_options(declared, before: str = "quiet"):
             if _is_list(typ):
                 repeatable.add(f.name)
             default = ... if opt.default is REQUIRED else (None if f.name in repeatable else opt.default)
+            # an Optional[bool] (None: decided by other options) gets both --x and --no-x
+            names = f"{flag(f.name)}/--no-{flag(f.name)[2:]}" if typ == Optional[bool] else flag(f.name)
             added.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=typ,
-                                           default=typer.Option(default, flag(f.name), help=opt.help)))
+                                           default=typer.Option(default, names, help=opt.help)))
         at = next((i for i, p in enumerate(own) if p.name == before), len(own))
 
         @functools.wraps(fn)

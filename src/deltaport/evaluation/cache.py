@@ -21,14 +21,15 @@ from deltaport.io.atomic import atomic_write_file
 
 LOG = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: records carry per-item records (``items``) and lm-eval's own entries
 
 #: the non-weight files that make a model directory's identity, hashed in this order (assets' lists:
 #: every tokenizer file a model may carry, e.g. a BPE tokenizer's vocab.json/merges.txt)
 _MODEL_FILES = ("config.json", "generation_config.json", *TOKENIZER_FILES, *CHAT_FILES)
 
 #: settings that change a score (``device`` by its kind: cuda:0 and cuda:1 give the same numbers)
-_KEY_SETTINGS = ("limit", "device", "backend", "batch_size", "seed", "model_args", "lm_eval_version")
+_KEY_SETTINGS = ("limit", "device", "backend", "batch_size", "seed", "model_args", "lm_eval_version", "gen_kwargs",
+                 "system_instruction")
 
 
 def _sha(data: str) -> str:
@@ -72,11 +73,11 @@ def object_fingerprint(model, tok) -> str:
         h.update(f"{name}\0{t.dtype}\0{list(t.shape)}\n".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     h.update(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
-    h.update(_tokenizer_fingerprint(tok).encode())
+    h.update(tokenizer_fingerprint(tok).encode())
     return h.hexdigest()
 
 
-def _tokenizer_fingerprint(tok) -> str:
+def tokenizer_fingerprint(tok) -> str:
     return _sha(json.dumps({
         "class": type(tok).__name__,
         "vocab": sorted(tok.get_vocab().items()),
@@ -90,6 +91,7 @@ def cache_key(model_fingerprint: str | None, ts: TaskSpec, protocol: str, settin
     """The key of one (model, task, protocol) result under ``settings`` (those of :func:`evaluate`)."""
     relevant = {k: settings[k] for k in _KEY_SETTINGS}
     relevant["device"] = relevant["device"].split(":")[0]
+    relevant["fewshot_as_multiturn"] = protocol == "chat" and settings["fewshot_as_multiturn"] is not False
     return _sha(json.dumps({"v": CACHE_VERSION, "model": model_fingerprint, "task": ts.fingerprint,
                             "task_name": ts.name, "num_fewshot": ts.num_fewshot, "protocol": protocol,
                             "settings": relevant}, sort_keys=True, default=str))

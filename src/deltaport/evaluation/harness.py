@@ -116,10 +116,41 @@ def _subtasks(group_subtasks: dict, name: str) -> list[str]:
     return out
 
 
+def parse_gen_kwargs(value) -> dict | None:
+    """``--gen-kwargs`` as lm-eval's CLI reads it: a JSON object, or ``k=v,k=v`` (values through
+    ``ast.literal_eval`` where they parse: ``stop=["\\n"]``, ``temperature=0``); a dict passes as is.
+    A malformed string is an InputError that says the form."""
+    if value is None or isinstance(value, dict):
+        return dict(value) if value else None
+    if not isinstance(value, str):
+        raise InputError(f"gen_kwargs must be a dict or a 'k=v,k=v' string, got {type(value).__name__}")
+    from lm_eval._cli.utils import key_val_to_dict, try_parse_json
+
+    form = "use k=v pairs separated by commas (temperature=0,max_gen_toks=64) or a JSON object"
+    try:
+        parsed = try_parse_json(value)
+        parsed = parsed if isinstance(parsed, dict) else key_val_to_dict(value)
+    except ValueError as exc:
+        raise InputError(f"--gen-kwargs {value!r} is malformed ({exc}); {form}") from None
+    bad = [k for k in parsed if not isinstance(k, str) or not k.strip().isidentifier()]
+    if bad:
+        raise InputError(f"--gen-kwargs {value!r}: {bad[0]!r} is not an argument name; {form}")
+    return {k.strip(): v for k, v in parsed.items()} or None
+
+
+def fewshot_as_multiturn_for(proto: str, requested: bool | None) -> bool:
+    """lm-eval's rule: multi-turn few-shot needs a chat template; with one it is the default."""
+    return proto == "chat" and requested is not False
+
+
 def run_group(lm_eval, m: EvalModel, group: list[TaskSpec], proto: str, tm, *, limit, device, seed,
-              batch_size) -> dict[str, dict]:
-    """One simple_evaluate call for tasks sharing a few-shot count; a record per task."""
+              batch_size, gen_kwargs: dict | None = None, system_instruction: str | None = None,
+              fewshot_as_multiturn: bool | None = None) -> dict[str, dict]:
+    """One simple_evaluate call for tasks sharing a few-shot count; a record per task, with its per-item
+    records (``items``: :mod:`.items`) and lm-eval's own entries for its results file (``lm_eval``)."""
     import lm_eval.evaluator  # noqa: F401 - make sure the submodule is loaded for _cheap_env_info
+
+    from deltaport.evaluation.items import lm_eval_parts, records_from_samples
 
     chat = proto == "chat"
     names = ", ".join(ts.name for ts in group)
@@ -129,7 +160,8 @@ def run_group(lm_eval, m: EvalModel, group: list[TaskSpec], proto: str, tm, *, l
             out = lm_eval.simple_evaluate(
                 model=m.lm, tasks=[ts.spec for ts in group], num_fewshot=group[0].num_fewshot, limit=limit,
                 device=device, batch_size=batch_size, task_manager=tm, apply_chat_template=chat,
-                fewshot_as_multiturn=chat, log_samples=False,
+                fewshot_as_multiturn=fewshot_as_multiturn_for(proto, fewshot_as_multiturn), log_samples=True,
+                gen_kwargs=gen_kwargs, system_instruction=system_instruction,
                 random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
                 verbosity=None,
             )
@@ -159,6 +191,10 @@ def run_group(lm_eval, m: EvalModel, group: list[TaskSpec], proto: str, tm, *, l
             "versions": {k: v for k, v in (out.get("versions") or {}).items() if k in mine},
             "protocol": proto,
             "apply_chat_template": chat,
+            "output_types": sorted({str((out.get("configs") or {}).get(k, {}).get("output_type")) for k in mine
+                                    if k in (out.get("configs") or {})}),
+            "items": {k: records_from_samples(v) for k, v in (out.get("samples") or {}).items() if k in mine},
+            "lm_eval": lm_eval_parts(out, mine),
             "time_s": elapsed,  # of the whole call (tasks sharing a few-shot count run together)
         }
     return recs

@@ -22,6 +22,7 @@ class EvalModel:
     local_dir: Path | None = None
     fingerprint: str | None = None
     has_chat_template: bool = False
+    tokenizer_id: str | None = None  # the tokenizer's identity (comparisons warn when models' differ)
     lm: Any = None  # the lm-eval model while this model is evaluated
 
 
@@ -65,6 +66,7 @@ def prepare_model(m: EvalModel, cache_dir: Path | None, need_fp: bool) -> None:
         if tok is None:
             raise InputError(f"model {m.name!r}: an in-memory model needs its tokenizer: pass (model, tokenizer)")
         m.has_chat_template = bool(getattr(tok, "chat_template", None))
+        m.tokenizer_id = _vocab_id(tok)
         if need_fp:
             m.fingerprint = object_fingerprint(model, tok)
         return
@@ -75,6 +77,7 @@ def prepare_model(m: EvalModel, cache_dir: Path | None, need_fp: bool) -> None:
     check_model_dir(d, m.source)
     m.local_dir = d
     m.has_chat_template = _dir_has_chat_template(d)
+    m.tokenizer_id = _dir_tokenizer_id(d)
     if need_fp:
         m.fingerprint = dir_fingerprint(d, cache_dir)
 
@@ -89,3 +92,25 @@ def _dir_has_chat_template(d: Path) -> bool:
         except ValueError:
             return False
     return False
+
+
+def _dir_tokenizer_id(d: Path) -> str | None:
+    """The bytes of a directory's vocabulary files (assets' list, less the special-token and chat settings),
+    hashed; None when it has none."""
+    import hashlib
+
+    from deltaport.assets import TOKENIZER_FILES
+
+    h, found = hashlib.sha256(), False
+    for name in TOKENIZER_FILES:
+        if name not in ("tokenizer_config.json", "special_tokens_map.json") and (d / name).is_file():
+            h.update(name.encode() + b"\0" + (d / name).read_bytes())
+            found = True
+    return h.hexdigest() if found else None
+
+
+def _vocab_id(tok) -> str:
+    """An in-memory tokenizer's vocabulary, hashed."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(sorted(tok.get_vocab().items())).encode()).hexdigest()

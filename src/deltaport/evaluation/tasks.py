@@ -101,13 +101,19 @@ def _is_yaml_path(t: str) -> bool:
 
 
 def resolve_tasks(tasks: str | list[str] | None, *, preset: str | None = None, num_fewshot: int | None = None,
-                  languages: list[str] | None = None, task_manager=None) -> list[TaskSpec]:
-    """Turn task names / YAML paths / a preset into :class:`TaskSpec` s (validated, no model needed)."""
+                  languages: list[str] | None = None, task_manager=None,
+                  include_path: str | Path | None = None) -> list[TaskSpec]:
+    """Turn task names / YAML paths / a preset into :class:`TaskSpec` s (validated, no model needed).
+
+    ``include_path``: a folder of task YAMLs (lm-eval's ``include_path``); a name found there is taken as
+    that YAML file (its data paths relative to its folder, its bytes in the cache key), a group found
+    there is run from the folder, and other names are lm-eval's own tasks."""
     from deltaport.evaluation.presets import get_preset
 
     if isinstance(tasks, str):
         tasks = [t.strip() for t in tasks.split(",") if t.strip()]
     tasks = list(tasks or [])
+    included = _index_include_path(include_path) if include_path is not None else {}
     out: list[TaskSpec] = []
     if preset:
         p = get_preset(preset, languages=languages)
@@ -120,6 +126,14 @@ def resolve_tasks(tasks: str | list[str] | None, *, preset: str | None = None, n
             if not p.is_file():
                 raise InputError(f"task file {t} not found; pass an lm-eval task name or a path to a task YAML")
             out.append(_local_task(p))
+        elif t in included:
+            kind, yaml_path = included[t]
+            if kind == "task":
+                out.append(_local_task(yaml_path))
+            else:  # a group: lm-eval indexes the folder; its content is the identity
+                out.append(TaskSpec(name=t, spec=t, fingerprint=f"include:{t}:{_folder_sha(Path(include_path))}",
+                                    include_path=str(Path(include_path).resolve()),
+                                    source=str(yaml_path) if yaml_path else None))
         else:
             out.append(TaskSpec(name=t, spec=t, fingerprint=f"lm_eval:{t}"))
     if not out:
@@ -135,6 +149,39 @@ def resolve_tasks(tasks: str | list[str] | None, *, preset: str | None = None, n
     if task_manager is not None:
         check_known_tasks(out, task_manager)
     return out
+
+
+def _index_include_path(include_path: str | Path) -> dict[str, tuple[str, Path | None]]:
+    """``{name: ("task" | "group", yaml path)}`` of the task YAMLs under ``include_path`` (lm-eval's index of
+    that folder only: no built-in task is read)."""
+    p = Path(include_path).expanduser()
+    if not p.is_dir():
+        what = "is a file, not a folder" if p.exists() else "not found"
+        raise InputError(f"include path {include_path} {what}; --include-path takes a folder of task YAML files "
+                         "(to run one YAML file, pass its path to --tasks)")
+    from lm_eval.tasks import TaskManager
+
+    tm = TaskManager(include_path=str(p.resolve()), include_defaults=False)
+    out: dict[str, tuple[str, Path | None]] = {}
+    for name, entry in tm.task_index.items():
+        kind = getattr(getattr(entry, "kind", None), "name", "")
+        yaml_path = getattr(entry, "yaml_path", None)
+        if kind == "TASK" and yaml_path is not None:
+            out[name] = ("task", Path(yaml_path).resolve())
+        else:  # a group, a tag or a Python task: lm-eval runs it from the folder by name
+            out[name] = ("group", Path(yaml_path).resolve() if yaml_path is not None else None)
+    if not out:
+        raise InputError(f"include path {include_path} holds no task YAML files (lm-eval found no `task:` or "
+                         "`group:` in its *.yaml files)")
+    return out
+
+
+def _folder_sha(folder: Path) -> str:
+    """The bytes of every file under ``folder`` (a group's YAMLs, helpers and data), with their names."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in folder.rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(folder)).encode() + b"\0" + _file_sha(f).encode())
+    return h.hexdigest()
 
 
 def check_known_tasks(specs: list[TaskSpec], task_manager) -> None:

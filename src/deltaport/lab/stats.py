@@ -1,120 +1,20 @@
-"""Intervals for the lab's findings: a hierarchical bootstrap over seeds and items.
+"""Intervals for the lab's findings: the bootstrap of :mod:`deltaport.stats` (one implementation, shared
+with ``deltaport eval``'s paired comparisons) and the lab's encoding of per-item correctness.
 
-Every finding is a statistic computed *within one seed* from per-item correctness vectors (all
-models of a seed are scored on the same held-out items, so resampling items keeps the pairing).
-The multi-seed estimate is the mean over seeds. Its 95 % interval comes from a two-level bootstrap:
-resample the seeds with replacement, then, inside each drawn seed, resample its items with
-replacement, recompute the statistic per drawn seed and average. With one seed only the items are
-resampled (the interval then says nothing about seed-to-seed variation, and the report says so).
-
-Deterministic: the resampling uses ``numpy.random.default_rng(seed)``. :func:`spearman` is the rank
-correlation of the connectivity section and of finding (f).
+Every finding is a statistic computed within one seed from per-item correctness vectors; the
+multi-seed estimate is the mean over seeds, with the two-level (seeds, then items) bootstrap interval
+of :func:`deltaport.stats.hierarchical_bootstrap`.
 """
 
 from __future__ import annotations
 
-import math
-from typing import Callable, Sequence
-
 import numpy as np
 
-#: statistic(seed_data, item_index) -> value; ``item_index`` indexes every vector of ``seed_data``
-Statistic = Callable[[dict, np.ndarray], float]
+from deltaport.stats import Statistic, hierarchical_bootstrap, point, spearman, verdict
+
+__all__ = ["Statistic", "as_vector", "hierarchical_bootstrap", "point", "spearman", "verdict"]
 
 
 def as_vector(items: str) -> np.ndarray:
     """``"0110"`` (one character per item) -> float array."""
     return np.frombuffer(items.encode(), dtype=np.uint8).astype(np.float64) - ord("0")
-
-
-def point(stat: Statistic, seeds: Sequence[dict]) -> list[float]:
-    """The statistic of every seed on all its items."""
-    return [float(stat(d, np.arange(d["n_items"]))) for d in seeds]
-
-
-def hierarchical_bootstrap(stat: Statistic, seeds: Sequence[dict], *, n_boot: int = 2000, seed: int = 0,
-                           level: float = 0.95) -> dict:
-    """Mean over seeds of ``stat`` with a two-level (seeds, then items) percentile bootstrap interval.
-
-    Args:
-        stat: the within-seed statistic (see :data:`Statistic`).
-        seeds: one dict per seed, each with ``n_items`` and the vectors ``stat`` reads.
-        n_boot: bootstrap replicates.
-        seed: the resampling RNG seed (same inputs + same seed -> same interval).
-        level: the interval's coverage.
-
-    Returns:
-        ``{"per_seed", "mean", "lo", "hi", "seed_sd", "seed_range", "n_seeds", "n_boot", "level"}``;
-        ``lo``/``hi`` are None if the statistic is undefined (NaN) in more than 5 % of replicates.
-    """
-    if not seeds:
-        raise ValueError("hierarchical_bootstrap needs at least one seed")
-    per_seed = point(stat, seeds)
-    mean = float(np.mean(per_seed))
-    rng = np.random.default_rng(seed)
-    k = len(seeds)
-    reps = np.empty(n_boot)
-    for b in range(n_boot):
-        drawn = rng.integers(0, k, size=k) if k > 1 else np.zeros(1, dtype=int)
-        vals = []
-        for j in drawn:
-            n = seeds[j]["n_items"]
-            vals.append(stat(seeds[j], rng.integers(0, n, size=n)))
-        reps[b] = float(np.mean(vals))
-    ok = reps[~np.isnan(reps)]
-    alpha = (1 - level) / 2
-    if len(ok) < 0.95 * n_boot or math.isnan(mean):
-        lo = hi = None
-    else:
-        lo, hi = (float(x) for x in np.quantile(ok, [alpha, 1 - alpha]))
-        # percentile intervals of a skewed statistic can miss a mean of few seeds; widen to contain it
-        lo, hi = min(lo, mean), max(hi, mean)
-    return {"per_seed": per_seed, "mean": mean, "lo": lo, "hi": hi,
-            "seed_sd": float(np.std(per_seed, ddof=1)) if k > 1 else None,
-            "seed_range": [float(min(per_seed)), float(max(per_seed))], "n_seeds": k, "n_boot": n_boot,
-            "level": level}
-
-
-def verdict(ci: dict, threshold: float, direction: str) -> str:
-    """``yes`` / ``no`` / ``inconclusive`` for a claim about the statistic, decided on the interval.
-
-    ``direction``: ``">="`` (claim: θ ≥ threshold), ``">"`` (θ > threshold) or ``"<="`` (θ ≤ threshold).
-    yes: the whole interval is on the claim's side; no: the whole interval is on the other side;
-    inconclusive: the interval straddles the threshold (or is undefined).
-    """
-    lo, hi = ci.get("lo"), ci.get("hi")
-    if lo is None or hi is None:
-        return "inconclusive"
-    if direction == ">=":
-        return "yes" if lo >= threshold else "no" if hi < threshold else "inconclusive"
-    if direction == ">":
-        return "yes" if lo > threshold else "no" if hi <= threshold else "inconclusive"
-    if direction == "<=":
-        return "yes" if hi <= threshold else "no" if lo > threshold else "inconclusive"
-    raise ValueError(f"direction must be '>=', '>' or '<=', got {direction!r}")
-
-
-def spearman(x: list[float], y: list[float]) -> float | None:
-    """Spearman rank correlation (average ranks for ties); None when undefined."""
-    if len(x) < 3 or len(x) != len(y):
-        return None
-
-    def ranks(values):
-        order = sorted(range(len(values)), key=lambda i: values[i])
-        rank = [0.0] * len(values)
-        i = 0
-        while i < len(values):
-            j = i
-            while j + 1 < len(values) and values[order[j + 1]] == values[order[i]]:
-                j += 1
-            for k in range(i, j + 1):
-                rank[order[k]] = (i + j) / 2
-            i = j + 1
-        return rank
-
-    rx, ry = ranks(x), ranks(y)
-    mean_x, mean_y = sum(rx) / len(rx), sum(ry) / len(ry)
-    cov = sum((a - mean_x) * (b - mean_y) for a, b in zip(rx, ry))
-    sd_x = sum((a - mean_x) ** 2 for a in rx) ** 0.5
-    sd_y = sum((b - mean_y) ** 2 for b in ry) ** 0.5
-    return cov / (sd_x * sd_y) if sd_x > 0 and sd_y > 0 else None
