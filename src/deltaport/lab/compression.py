@@ -216,11 +216,9 @@ def figure(table: dict, path: Path, *, title: str) -> Path:
     the exact Δ and "no Δ" marked (no Δ has 0 bytes: a horizontal line). ``table``: :func:`frontier`'s or
     :func:`combine`'s (the mean over seeds; the seeds' spread is mostly a shift of every setting together,
     so it is in the tables, not drawn)."""
-    import matplotlib
+    from deltaport.figures import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     rows = table["rows"]
     y = (lambda r: r["score"]) if "score" in rows[0] else (lambda r: r["mean"])
     fig, ax = plt.subplots(figsize=(7.5, 4.4))
@@ -249,16 +247,22 @@ def figure(table: dict, path: Path, *, title: str) -> Path:
                 if note:
                     ax.annotate(note, (xv, yv), textcoords="offset points", xytext=(4, 4), fontsize=7, color=f"C{i}")
     ax.set_xscale("log")
+    # the y axis starts at 0 (no score is lower) so a gap of 0.1 points looks as small as it is
+    ax.set_ylim(0, y_top(rows, y))
     ax.set_xlabel("Δ bytes (tensor files, log scale)")
-    ax.set_ylabel("held-out exact match (%), mean over transfer cells")
+    ax.set_ylabel("held-out exact match (%), mean over\ntransfer cells (y axis from 0)")
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110, bbox_inches=None)
     return path
+
+
+def y_top(rows: list[dict], y: Callable[[dict], float]) -> float:
+    """The top of the figure's y axis (%): the highest score plus a fifth, at least 1."""
+    return max(1.0, 1.2 * max(100 * y(r) for r in rows))
 
 
 def _pct(x: float | None) -> str:
@@ -278,7 +282,7 @@ def report_section(table: dict, fig: str | None = None) -> str:
          f"{table['exact_delta_dtype']}. Gain retained: Σ over cells of (score − no Δ) / Σ of (exact Δ − no Δ). "
          f"One seed ({table['seed']}); across seeds see docs/compression.md.", ""]
     if fig:
-        L += [f"![compression]({fig})", ""]
+        L += [f"![compression]({fig})", "", "The figure's y axis starts at 0.", ""]
     hdr = ["Δ", "KiB", "of exact", "rel. Frobenius error (mean)", "held-out, mean over cells", "gain retained",
            "compress s", "apply s"]
     rows = []

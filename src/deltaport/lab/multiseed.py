@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 
 from deltaport.lab.config import LabConfig
-from deltaport.lab.findings import decide, fmt, rule_text
+from deltaport.lab.findings import decide, fmt, rule_text, seeds_text, with_seeds_needed
+from deltaport.lab.stats import z_of
 from deltaport.lab.store import write_text
 
 SUMMARY_SCHEMA = 1
@@ -72,19 +73,29 @@ def summary_md(sm: dict) -> str:
 
     env = sm.get("environment", {})
     seeds = ", ".join(map(str, sm["seeds"]))
+    findings = [with_seeds_needed(f) for f in sm["findings"]]  # from each finding's own numbers
+    level = _one({f.get("level", 0.95) for f in findings}, "level")
+    n_boot = _one({f.get("n_boot") for f in findings}, "n_boot")
+    pc = f"{100 * level:g} %"
     L = [f"# deltaport lab: `{sm['name']}` over seeds {seeds}", "",
          "Each finding is a statistic θ computed within one seed from per-item correctness on the held-out items; "
-         "the estimate is the mean over seeds, the 95 % interval a hierarchical bootstrap (resample seeds, then "
-         "items within each seed; 2000 replicates, fixed RNG seed). Verdict against the minimum effect frozen in "
+         f"the estimate is the mean over seeds, the {pc} interval a hierarchical bootstrap (resample seeds, then "
+         f"items within each seed; {n_boot} replicates, fixed RNG seed). Verdict against the minimum effect frozen in "
          "docs/lab.md: *yes* = interval entirely on the claim's side, *no* = entirely on the other side, "
          "*inconclusive* = it straddles the threshold.", "",
-         "| finding | statistic θ | rule | per seed | mean [95 % interval] | seed sd | reproduced? |",
+         f"| finding | statistic θ | rule | per seed | mean [{pc} interval] | seed sd | reproduced? |",
          "|---|---|---|---|---|---|---|"]
-    for f in sm["findings"]:
+    for f in findings:
         per = " / ".join(fmt(x, f["unit"]) for x in f["per_seed"])
         sd = "–" if f["seed_sd"] is None else fmt(f["seed_sd"], f["unit"]).lstrip("+")
-        v = f["verdict"] if f["verdict"] == "yes" else f"**{f['verdict']}**"
-        L.append(f"| ({f['id']}) {f['claim']} | {f['statistic']} | {f['rule']} | {per} | {f['ours']} | {sd} | {v} |")
+        L.append(f"| ({f['id']}) {f['claim']} | {f['statistic']} | {f['rule']} | {per} | {f['ours']} | {sd} | "
+                 f"{seeds_text(f)} |")
+    if any("seeds_needed" in f or "seeds_needed_note" in f for f in findings):
+        L += ["", f"Seeds for a decision (an undecided finding, `seeds_needed` in summary.json): n = ⌈(z · sd / "
+                  f"|mean − threshold|)²⌉, z = {z_of(level):.2f} for {pc}, sd the between-seed SD; the interval's "
+                  "half-width shrinks as z · sd / √n and the finding is decided once it is below the mean's distance "
+                  "from the threshold. At least one more seed than ran. It assumes more seeds show the same mean "
+                  "and SD, independent seeds and a normal mean over seeds: an estimate of scale, not a promise."]
     L += ["", "Held-out exact match (%) per seed:", "", "| model | " + " | ".join(f"seed {s}" for s in sm["seeds"]) + " |",
           "|---|" + "---|" * len(sm["seeds"])]
     for k, vals in sm["heldout_per_seed"].items():
@@ -104,12 +115,19 @@ def summary_md(sm: dict) -> str:
     return "\n".join(L)
 
 
+def _one(values: set, what: str):
+    """The one value every finding shares (the bootstrap's level and replicates are set once per summary)."""
+    if len(values) != 1:
+        raise ValueError(f"findings of one summary with different {what}: {sorted(values, key=str)}")
+    return values.pop()
+
+
 def write_summary(sm: dict, out: Path) -> None:
     out = Path(out)
     if sm.get("compression"):  # Δ bytes vs held-out score: deltaport.lab.compression
         from deltaport.lab.compression import figure
 
         figure(sm["compression"], out / "compression.png", title="compressed Δ: bytes vs held-out score, every "
-               f"transfer cell, seeds {', '.join(map(str, sm['seeds']))} (bars: min–max over seeds)")
+               f"transfer cell, mean over seeds {', '.join(map(str, sm['seeds']))}")
     write_text(out / "summary.json", json.dumps(sm, indent=1, sort_keys=True, default=str))
     write_text(out / "summary.md", summary_md(sm))

@@ -17,7 +17,8 @@ import re
 import shutil
 from pathlib import Path
 
-from deltaport.lab.findings import fmt
+from deltaport.lab.findings import fmt, seeds_text, with_seeds_needed
+from deltaport.lab.report import span
 
 QUICK = "docs/results/quick/results.json"
 FULL = "docs/results/full/summary.json"
@@ -27,6 +28,14 @@ BLOCKS = ("quick", "findings", "compression")
 
 def _p(x: float | None) -> str:
     return "–" if x is None else f"{100 * x:.1f}"
+
+
+def _nats(x: float) -> str:
+    return f"{x:.2f}"
+
+
+def _gain(x: float | None) -> str:
+    return "no gain to retain: the exact Δ gains nothing" if x is None else f"{100 * x:.0f} % of the gain"
 
 
 def quick_table(r: dict) -> str:
@@ -54,12 +63,12 @@ def quick_table(r: dict) -> str:
                      f"{_p(ttf.get('plain_final'))} ({r['config']['finetune']['steps']} steps)", "Table 4, Fig. 2"))
     if within and across:
         rows.append(("loss barrier: within the lineage / to Mx (nats)",
-                     f"{min(within):.2f}–{max(within):.2f} / {min(across):.2f}–{max(across):.2f}", "not in the paper"))
+                     f"{span(within, _nats)} / {span(across, _nats)}", "not in the paper"))
     if r.get("compression"):  # rows: the exact Δ, no Δ, then one per setting (lab.compression.frontier)
         exact, _no_delta, *settings = r["compression"]["rows"]
         for row in settings:
             rows.append((f"compressed Δ ({row['label']}, {row['ratio']:.2f} of the bytes) vs exact Δ, every transfer cell",
-                         f"{_p(row['mean'])} vs {_p(exact['mean'])} ({100 * row['gain_retained']:.0f} % of the gain)",
+                         f"{_p(row['mean'])} vs {_p(exact['mean'])} ({_gain(row['gain_retained'])})",
                          "not in the paper"))
     lines = [f"| | ours (quick, **one seed: {seed}**) | paper |", "|---|---|---|"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
@@ -78,11 +87,12 @@ def quick_table(r: dict) -> str:
 
 def findings_table(sm: dict) -> str:
     seeds = ", ".join(map(str, sm["seeds"]))
-    lines = [f"| finding | θ per seed ({seeds}) | mean [95 % interval] | rule | reproduced? |", "|---|---|---|---|---|"]
-    for f in sm["findings"]:
+    pc = {f"{100 * f.get('level', 0.95):g} %" for f in sm["findings"]}
+    lines = [f"| finding | θ per seed ({seeds}) | mean [{' / '.join(sorted(pc))} interval] | rule | reproduced? |",
+             "|---|---|---|---|---|"]
+    for f in map(with_seeds_needed, sm["findings"]):
         per = " / ".join(fmt(x, f["unit"]) for x in f["per_seed"])
-        v = f["verdict"] if f["verdict"] == "yes" else f"**{f['verdict']}**"
-        lines.append(f"| ({f['id']}) {f['claim']} | {per} | {f['ours']} | {f['rule']} | {v} |")
+        lines.append(f"| ({f['id']}) {f['claim']} | {per} | {f['ours']} | {f['rule']} | {seeds_text(f)} |")
     return "\n".join(lines)
 
 
