@@ -154,7 +154,7 @@ def decide(runs: list[dict], *, n_boot: int = 2000, boot_seed: int = 0) -> list[
 
 
 #: why a multi-seed finding left undecided has no ``seeds_needed`` (see :func:`deltaport.lab.stats.seeds_needed`)
-NO_SEED_COUNT = "no seed count follows from the spread: the mean is on the threshold or the seeds agree exactly"
+NO_SEED_COUNT = "no seed count follows from the spread: the mean is on the threshold, or the seeds agree exactly"
 
 
 def with_seeds_needed(f: dict) -> dict:
@@ -194,4 +194,6 @@ def seeds_text(f: dict) -> str:
         return "yes"
     if "seeds_needed" in f:
         return f"**{f['verdict']}** (about {f['seeds_needed']} seeds would decide it)"
+    if "seeds_needed_note" in f:
+        return f"**{f['verdict']}** ({f['seeds_needed_note']})"
     return f"**{f['verdict']}**"

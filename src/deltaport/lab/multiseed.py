@@ -93,9 +93,10 @@ def summary_md(sm: dict) -> str:
     if any("seeds_needed" in f or "seeds_needed_note" in f for f in findings):
         L += ["", f"Seeds for a decision (an undecided finding, `seeds_needed` in summary.json): n = ⌈(z · sd / "
                   f"|mean − threshold|)²⌉, z = {z_of(level):.2f} for {pc}, sd the between-seed SD; the interval's "
-                  "half-width shrinks as z · sd / √n and the finding is decided once it is below the mean's distance "
-                  "from the threshold. At least one more seed than ran. It assumes more seeds show the same mean "
-                  "and SD, independent seeds and a normal mean over seeds: an estimate of scale, not a promise."]
+                  "half-width shrinks as z · sd / √n and the finding is decided once it is below the mean's "
+                  "distance from the threshold. At least one more seed than ran. It assumes more seeds show the "
+                  "same mean and SD, independent seeds and a normal mean over seeds: an estimate of scale, not a "
+                  "promise."]
     L += ["", "Held-out exact match (%) per seed:", "", "| model | " + " | ".join(f"seed {s}" for s in sm["seeds"]) + " |",
           "|---|" + "---|" * len(sm["seeds"])]
     for k, vals in sm["heldout_per_seed"].items():

@@ -3,6 +3,7 @@
     python benchmarks/readme_tables.py collect --quick RUN_DIR --full RUN_DIR   # copy runs into docs/results
     python benchmarks/readme_tables.py                                          # rewrite README's tables
     python benchmarks/readme_tables.py --check                                  # exit 1 if README disagrees
+    python benchmarks/readme_tables.py reports [--check]     # re-render docs/results' report.md / summary.md
 
 The README holds three generated blocks between ``<!-- lab:quick:begin -->``/``<!-- lab:quick:end -->``,
 ``<!-- lab:findings:begin -->``/``<!-- lab:findings:end -->`` and ``<!-- lab:compression:begin -->``/
@@ -116,6 +117,20 @@ def replace_blocks(text: str, blocks: dict[str, str]) -> str:
             raise ValueError(f"README has no <!-- lab:{name}:begin --> ... <!-- lab:{name}:end --> block")
         text = pat.sub(lambda m: m.group(1) + (body + "\n" if body else "") + m.group(2), text)
     return text
+
+
+def rerender_reports(root: Path) -> dict[Path, str]:
+    """Every committed report.md and summary.md under ``root/docs/results`` rendered again from its
+    results.json / summary.json by today's code (the lab is not rerun): ``{path: text}``."""
+    from deltaport.lab.multiseed import summary_md
+    from deltaport.lab.report import rerender
+
+    out = {}
+    for results in sorted(Path(root, "docs/results").glob("**/results.json")):
+        out[results.parent / "report.md"] = rerender(results.parent)
+    for summary in sorted(Path(root, "docs/results").glob("**/summary.json")):
+        out[summary.parent / "summary.md"] = summary_md(json.loads(summary.read_text()))
+    return out
 
 
 def _relativise(obj, prefix: str):

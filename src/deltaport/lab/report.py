@@ -276,7 +276,8 @@ def report_md(r: dict, figs: dict[str, str] | None = None) -> str:
           "docs/lab.md before the results were seen: *yes* = the interval lies entirely on the claim's side of the "
           "threshold, *no* = entirely on the other side, *inconclusive* = it straddles it. With one seed the "
           "interval resamples the held-out items only and says nothing about seed-to-seed variation, which "
-          f"dominates here: the decided findings are the multi-seed ones (`deltaport demo --preset full`{_full_seeds()}; "
+          "dominates here: the decided findings are the multi-seed ones "
+          f"(`deltaport demo --preset full`{_full_seeds()}; "
           "committed results in docs/results/full/summary.md).", "",
           _table(["finding", "statistic θ", "rule (fixed before the run)", "ours: θ [95 % interval]", "reproduced?"],
                  [[c["claim"], c["statistic"], c["rule"], c["ours"],
@@ -454,7 +455,7 @@ def _reading_grid(r: dict) -> str:
     return "".join(parts)
 
 
-#: a fine-tune within this much of chance (exact match, as a fraction) "scores near chance"
+#: a fine-tune at most this much above chance (exact match, as a fraction) has learned the format only
 NEAR_CHANCE = 0.05
 
 
@@ -467,7 +468,7 @@ def _reading_recovery(r: dict) -> str:
     at_chance = [t for t in V if sc[f"FT({t})"]["heldout"] <= chance + NEAR_CHANCE]
     if at_chance:
         which = _names([f"FT({t}) {_pct(sc[f'FT({t})']['heldout'])}" for t in at_chance])
-        parts.append(f"Plain fine-tuning stays within {100 * NEAR_CHANCE:.0f} points of chance "
+        parts.append(f"Plain fine-tuning scores at most {100 * NEAR_CHANCE:.0f} points above chance "
                      f"({_pct(chance)} %) on {'that base' if len(at_chance) == 1 else 'those bases'} ({which} %): "
                      "the facts are not learned yet, so the 'gain' is the answer format only and a recovery above "
                      "100 % there means little. ")
@@ -572,10 +573,12 @@ def _reading_conn(r: dict) -> str:
     if best:
         tied = sorted(k for k, v in rho.items() if v is not None and f"{abs(v):.2f}" == f"{abs(best[1]):.2f}")
         if len(tied) > 1:
-            txt += (f"The strongest predictors of the gain here are {_names([k.replace('_vs_gain', '') for k in tied])} "
+            names = _names([k.replace("_vs_gain", "") for k in tied])
+            txt += (f"The strongest predictors of the gain here are {names} "
                     f"(|ρ| = {abs(best[1]):.2f}). ")
         else:
-            txt += f"The strongest predictor of the gain here is {best[0].replace('_vs_gain', '')} (ρ = {best[1]:+.2f}). "
+            name = best[0].replace("_vs_gain", "")
+            txt += f"The strongest predictor of the gain here is {name} (ρ = {best[1]:+.2f}). "
     if within and to_mx:
         if min(to_mx) > max(within):
             txt += (f"The barrier separates Mx from the family (every pair with Mx ≥ {_nats(min(to_mx))}, every pair "

@@ -117,14 +117,14 @@ def seeds_needed(mean: float, seed_sd: float | None, threshold: float, n_seeds: 
     sqrt(n)`` (resampling items inside each seed widens it a little, percentiles of a skewed statistic can
     narrow it), so the count is an estimate of scale, not a guarantee.
 
-    Returns None when no seed count follows from the spread: one seed (no SD), a mean exactly on the
-    threshold (no count moves the interval off it), or seeds that agree exactly (SD 0: the interval is item
+    Returns None when no seed count follows from the spread: one seed (no SD), a mean on the threshold
+    (within 1e-9: no count moves the interval off it), or seeds that agree exactly (SD 0: the interval is item
     noise inside each seed, which more items, not more seeds, would narrow).
     """
     if seed_sd is None or n_seeds < 2 or mean is None or math.isnan(mean) or math.isnan(seed_sd):
         return None
     d = abs(mean - threshold)
-    if d == 0 or seed_sd == 0:
+    if d <= 1e-9 or seed_sd == 0:  # on the threshold up to rounding (0.05 summed as 0.05000000000000001)
         return None
     return max(n_seeds + 1, math.ceil((z_of(level) * seed_sd / d) ** 2))
 
