@@ -302,8 +302,14 @@ def report_section(table: dict, fig: str | None = None) -> str:
     return "\n".join(L)
 
 
-def summary_section(sm: dict) -> str:
-    """Markdown for :func:`combine`'s table (a multi-seed run's summary and docs/compression.md)."""
+def threads_text(n: int | None) -> str:
+    """``one torch thread`` / ``2 torch threads`` as the run's environment recorded it (``torch_threads``)."""
+    return "torch threads not recorded" if n is None else "one torch thread" if n == 1 else f"{n} torch threads"
+
+
+def summary_section(sm: dict, *, threads: int | None = None) -> str:
+    """Markdown for :func:`combine`'s table (a multi-seed run's summary and docs/compression.md); ``threads``:
+    the runs' torch thread count (``environment.torch_threads``)."""
     seeds = ", ".join(map(str, sm["seeds"]))
     L = [f"Held-out exact match of M_t + compressed Δ_s over every transfer cell ({sm['n_cells']} per seed), "
          f"seeds {seeds}: per seed the mean over cells, then their mean [min, max]. Δ bytes: the "
@@ -319,8 +325,8 @@ def summary_section(sm: dict) -> str:
                      f"{r['compress_s']:.2f}" if r["method"] else "",
                      f"{r['apply_s']:.2f}" if r["method"] else ""] for r in sm["rows"]]),
          "", f"compress s: the {sm['n_deltas']} source Δs at that setting; apply s: all {sm['n_cells']} cells (mean "
-             "over seeds, wall time on a shared machine, one torch thread). The exact Δ's cells are the grid's own "
-             "models.", ""]
+             f"over seeds, wall time on a shared machine, {threads_text(threads)}). The exact Δ's cells are the "
+             "grid's own models.", ""]
     rec = sm.get("recommended")
     if rec:
         r = next(x for x in sm["rows"] if x["label"] == rec)
@@ -364,6 +370,6 @@ def readme_block(doc: dict) -> str:
     from deltaport.lab.env import kind_of
 
     env = doc.get("environment", {})
-    return (summary_section(doc["combined"]).rstrip("\n") + "\n\n"
+    return (summary_section(doc["combined"], threads=env.get("torch_threads")).rstrip("\n") + "\n\n"
             f"Run `{doc['name']}` (experiments: {', '.join(doc['experiments'])}); {kind_of(env)}, torch "
-            f"{env.get('versions', {}).get('torch')}, one torch thread.")
+            f"{env.get('versions', {}).get('torch')}, {threads_text(env.get('torch_threads'))}.")

@@ -107,7 +107,7 @@ def summary_md(sm: dict) -> str:
         from deltaport.lab.compression import summary_section
 
         L += ["", "## Compressed Δ: bytes vs held-out score", "", "![compression](compression.png)", "",
-              summary_section(sm["compression"])]
+              summary_section(sm["compression"], threads=env.get("torch_threads"))]
     L += ["", f"Environment: CPU {kind_of(env)}, python {env.get('versions', {}).get('python')}, "
               f"{env.get('platform')}; versions: "
           + ", ".join(f"{k} {v}" for k, v in (env.get("versions") or {}).items()) + ".",

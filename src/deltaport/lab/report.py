@@ -206,6 +206,12 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def _level(r: dict) -> str:
+    """The claims' interval coverage, ``95 %``."""
+    levels = sorted({c.get("level", 0.95) for c in r.get("claims", [])}) or [0.95]
+    return " / ".join(f"{100 * x:g} %" for x in levels)
+
+
 def _full_seeds() -> str:
     """``, seeds 0, 1, 2``: the seeds the full preset runs today ('' if the preset cannot be read)."""
     from deltaport.lab.config import load_config
@@ -272,15 +278,16 @@ def report_md(r: dict, figs: dict[str, str] | None = None) -> str:
 
     seed = cfg.get("seed")
     L += ["## What reproduced", "",
-          f"**One seed ({seed}).** Each verdict is decided on a 95 % interval against the minimum effect written in "
-          "docs/lab.md before the results were seen: *yes* = the interval lies entirely on the claim's side of the "
+          f"**One seed ({seed}).** Each verdict is decided on a {_level(r)} interval against the minimum effect "
+          "written in docs/lab.md before the results were seen: *yes* = the interval lies entirely on the claim's side of the "
           "threshold, *no* = entirely on the other side, *inconclusive* = it straddles it. With one seed the "
           "interval resamples the held-out items only and says nothing about seed-to-seed variation, which "
           "dominates here: the decided findings are the multi-seed ones "
           f"(`deltaport demo --preset full`{_full_seeds()}; "
           "committed results in docs/results/full/summary.md).", "",
-          _table(["finding", "statistic θ", "rule (fixed before the run)", "ours: θ [95 % interval]", "reproduced?"],
-                 [[c["claim"], c["statistic"], c["rule"], c["ours"],
+          _table(["finding", "statistic θ", "rule (fixed before the run)", f"ours: θ [{_level(r)} interval]",
+                  "reproduced?"],
+                 [[f"({c['id']}) {c['claim']}", c["statistic"], c["rule"], c["ours"],
                    c["reproduced"] if c["reproduced"] == "yes" else f"**{c['reproduced']}**"]
                   for c in r["claims"]]), ""]
     inv = r.get("invariants", {}).get("identity_Mi_plus_Di_equals_FT", {})
