@@ -417,7 +417,7 @@ def report_md(r: dict, figs: dict[str, str] | None = None) -> str:
           "Versions: " + ", ".join(f"{k} {v}" for k, v in (env.get("versions") or {}).items()) + ".", "",
           "Reproducibility: the same versions (`pip install -c constraints.txt`) on the same CPU kind with the same "
           "torch thread count give the same bytes and numbers. Another CPU kind or thread count rounds differently "
-          "(training kernels differ, e.g. with or without AVX-512), so the numbers differ; this report does not "
+          "(training kernels differ, e.g. with or without AVX-512), so the numbers can differ; this report does not "
           "measure by how much.", "",
           cache_text(r.get("cache") or {}), "",
           f"Per-item scorer vs lm-eval exact match: largest difference {r.get('item_scorer_max_mismatch', 0):.4f}.", "",
@@ -485,7 +485,7 @@ def _reading_recovery(r: dict) -> str:
         if vals:
             per_source[s] = vals
     if per_source:
-        parts.append("Recovery by source Δ over the other targets" + (" (those excluded)" if at_chance else "")
+        parts.append("Recovery by source Δ over the other targets" + (f" (leaving out {_names(at_chance)})" if at_chance else "")
                      + ": " + "; ".join(f"Δ{s[1:]} {span(vals, _frac)}" for s, vals in per_source.items()) + ".")
     return "".join(parts).rstrip()
 
