@@ -192,11 +192,11 @@ def test_ci_rerun_reuses_every_artifact(ci_run):
     again = run_lab(load_config("ci"), run_dir)
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     assert again["grid"]["cells"] == results["grid"]["cells"]
-    assert again["timings_s"].get("steps.finetune", 0) == 0
     rerun = again["cache"]
     assert rerun["family"] == 1 and rerun["computed_evals"] == rerun["computed_finetunes"] == 0
     assert rerun["evals"] >= fresh["computed_evals"] and rerun["finetunes"] == fresh["computed_finetunes"]
     assert "Reused from an earlier run in this directory: " in (run_dir / "report.md").read_text()
+    assert again["timings_s"].get("steps.finetune", 0) == 0
 
 
 def test_preset_costs_have_one_source_the_demo_help(capsys, monkeypatch):

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from deltaport.lab.config import LabConfig
-from deltaport.lab.findings import decide, fmt, rule_text, seeds_text, with_seeds_needed
+from deltaport.lab.findings import decide, fmt, rule_text, with_seeds_needed
 from deltaport.lab.stats import z_of
 from deltaport.lab.store import write_text
 
@@ -73,30 +73,19 @@ def summary_md(sm: dict) -> str:
 
     env = sm.get("environment", {})
     seeds = ", ".join(map(str, sm["seeds"]))
-    findings = [with_seeds_needed(f) for f in sm["findings"]]  # from each finding's own numbers
-    level = _one({f.get("level", 0.95) for f in findings}, "level")
-    n_boot = _one({f.get("n_boot") for f in findings}, "n_boot")
-    pc = f"{100 * level:g} %"
     L = [f"# deltaport lab: `{sm['name']}` over seeds {seeds}", "",
          "Each finding is a statistic θ computed within one seed from per-item correctness on the held-out items; "
-         f"the estimate is the mean over seeds, the {pc} interval a hierarchical bootstrap (resample seeds, then "
-         f"items within each seed; {n_boot} replicates, fixed RNG seed). Verdict against the minimum effect frozen in "
+         "the estimate is the mean over seeds, the 95 % interval a hierarchical bootstrap (resample seeds, then "
+         "items within each seed; 2000 replicates, fixed RNG seed). Verdict against the minimum effect frozen in "
          "docs/lab.md: *yes* = interval entirely on the claim's side, *no* = entirely on the other side, "
          "*inconclusive* = it straddles the threshold.", "",
-         f"| finding | statistic θ | rule | per seed | mean [{pc} interval] | seed sd | reproduced? |",
+         "| finding | statistic θ | rule | per seed | mean [95 % interval] | seed sd | reproduced? |",
          "|---|---|---|---|---|---|---|"]
-    for f in findings:
+    for f in sm["findings"]:
         per = " / ".join(fmt(x, f["unit"]) for x in f["per_seed"])
         sd = "–" if f["seed_sd"] is None else fmt(f["seed_sd"], f["unit"]).lstrip("+")
-        L.append(f"| ({f['id']}) {f['claim']} | {f['statistic']} | {f['rule']} | {per} | {f['ours']} | {sd} | "
-                 f"{seeds_text(f)} |")
-    if any("seeds_needed" in f or "seeds_needed_note" in f for f in findings):
-        L += ["", f"Seeds for a decision (an undecided finding, `seeds_needed` in summary.json): n = ⌈(z · sd / "
-                  f"|mean − threshold|)²⌉, z = {z_of(level):.2f} for {pc}, sd the between-seed SD; the interval's "
-                  "half-width shrinks as z · sd / √n and the finding is decided once it is below the mean's "
-                  "distance from the threshold. At least one more seed than ran. It assumes more seeds show the "
-                  "same mean and SD, independent seeds and a normal mean over seeds: an estimate of scale, not a "
-                  "promise."]
+        v = f["verdict"] if f["verdict"] == "yes" else f"**{f['verdict']}**"
+        L.append(f"| ({f['id']}) {f['claim']} | {f['statistic']} | {f['rule']} | {per} | {f['ours']} | {sd} | {v} |")
     L += ["", "Held-out exact match (%) per seed:", "", "| model | " + " | ".join(f"seed {s}" for s in sm["seeds"]) + " |",
           "|---|" + "---|" * len(sm["seeds"])]
     for k, vals in sm["heldout_per_seed"].items():
@@ -108,6 +97,7 @@ def summary_md(sm: dict) -> str:
 
         L += ["", "## Compressed Δ: bytes vs held-out score", "", "![compression](compression.png)", "",
               summary_section(sm["compression"], threads=env.get("torch_threads"))]
+    L += seeds_section(sm["findings"])
     L += ["", f"Environment: CPU {kind_of(env)}, python {env.get('versions', {}).get('python')}, "
               f"{env.get('platform')}; versions: "
           + ", ".join(f"{k} {v}" for k, v in (env.get("versions") or {}).items()) + ".",
@@ -116,11 +106,34 @@ def summary_md(sm: dict) -> str:
     return "\n".join(L)
 
 
-def _one(values: set, what: str):
-    """The one value every finding shares (the bootstrap's level and replicates are set once per summary)."""
-    if len(values) != 1:
-        raise ValueError(f"findings of one summary with different {what}: {sorted(values, key=str)}")
-    return values.pop()
+def _fine(x: float, unit: str, sign: str = "") -> str:
+    """A finding's number with one digit more than the tables (:func:`~deltaport.lab.findings.fmt`), so a reader
+    can redo the seed count from it."""
+    scale, digits, pc = {"points": (100, 2, ""), "fraction": (100, 1, " %")}.get(unit, (1, 3, ""))
+    return f"{scale * x:{sign}.{digits}f}{pc}"
+
+
+def seeds_section(findings: list[dict]) -> list[str]:
+    """summary.md's lines on the findings left undecided: how many seeds would decide each
+    (:func:`deltaport.lab.stats.seeds_needed`, from the finding's own numbers) and how that is estimated."""
+    undecided = [with_seeds_needed(f) for f in findings if f["verdict"] == "inconclusive" and f.get("n_seeds", 1) > 1]
+    if not undecided:
+        return []
+    level = undecided[0].get("level", 0.95)
+    L = ["", "## Undecided findings: the seeds a decision would need", ""]
+    for f in undecided:
+        u, d = f["unit"], abs(f["mean"] - f["threshold"])
+        L.append(f"- ({f['id']}) θ = {_fine(f['mean'], u, '+')}, {_fine(d, u)} from the threshold "
+                 f"{_fine(f['threshold'], u, '+')}, between-seed SD {_fine(f['seed_sd'], u)} over {f['n_seeds']} "
+                 "seeds: "
+                 + (f"about **{f['seeds_needed']}** seeds would decide it." if "seeds_needed" in f
+                    else f"{f['seeds_needed_note']}."))
+    L += ["", f"`seeds_needed` (summary.json) = ⌈(z · sd / |mean − threshold|)²⌉, z = {z_of(level):.2f} for a "
+              f"{100 * level:g} % interval, sd the between-seed SD: the interval's half-width shrinks as "
+              "z · sd / √n and the finding is decided once it is below the mean's distance from the threshold; at least one "
+              "more seed than ran. It assumes more seeds show the same mean and SD, independent seeds and a normal "
+              "mean over seeds: an estimate of scale, not a promise."]
+    return L
 
 
 def write_summary(sm: dict, out: Path) -> None:

@@ -206,12 +206,6 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def _level(r: dict) -> str:
-    """The claims' interval coverage, ``95 %``."""
-    levels = sorted({c.get("level", 0.95) for c in r.get("claims", [])}) or [0.95]
-    return " / ".join(f"{100 * x:g} %" for x in levels)
-
-
 def _full_seeds() -> str:
     """``, seeds 0, 1, 2``: the seeds the full preset runs today ('' if the preset cannot be read)."""
     from deltaport.lab.config import load_config
@@ -278,16 +272,14 @@ def report_md(r: dict, figs: dict[str, str] | None = None) -> str:
 
     seed = cfg.get("seed")
     L += ["## What reproduced", "",
-          f"**One seed ({seed}).** Each verdict is decided on a {_level(r)} interval against the minimum effect "
-          "written in docs/lab.md before the results were seen: *yes* = the interval lies entirely on the claim's side of the "
+          f"**One seed ({seed}).** Each verdict is decided on a 95 % interval against the minimum effect written in "
+          "docs/lab.md before the results were seen: *yes* = the interval lies entirely on the claim's side of the "
           "threshold, *no* = entirely on the other side, *inconclusive* = it straddles it. With one seed the "
           "interval resamples the held-out items only and says nothing about seed-to-seed variation, which "
-          "dominates here: the decided findings are the multi-seed ones "
-          f"(`deltaport demo --preset full`{_full_seeds()}; "
+          f"dominates here: the decided findings are the multi-seed ones (`deltaport demo --preset full`{_full_seeds()}; "
           "committed results in docs/results/full/summary.md).", "",
-          _table(["finding", "statistic θ", "rule (fixed before the run)", f"ours: θ [{_level(r)} interval]",
-                  "reproduced?"],
-                 [[f"({c['id']}) {c['claim']}", c["statistic"], c["rule"], c["ours"],
+          _table(["finding", "statistic θ", "rule (fixed before the run)", "ours: θ [95 % interval]", "reproduced?"],
+                 [[c["claim"], c["statistic"], c["rule"], c["ours"],
                    c["reproduced"] if c["reproduced"] == "yes" else f"**{c['reproduced']}**"]
                   for c in r["claims"]]), ""]
     inv = r.get("invariants", {}).get("identity_Mi_plus_Di_equals_FT", {})
@@ -385,10 +377,11 @@ def report_md(r: dict, figs: dict[str, str] | None = None) -> str:
                      [[k, f"{v['barrier']:.3f}", f"{v['relative_barrier']:.3f}", f"{v['loss_a']:.3f}",
                        f"{v['loss_b']:.3f}"] for k, v in ((k, c["curves"][k]) for k in pairs)]), ""]
         targets = sorted({x["target"] for x in c["cells"]}, key=lambda t: _rank(_model_order(r), t))
+        rho = c["spearman"]
+        predictors = sorted(rho, key=lambda k: (_rank(list(_PREDICTORS), k), k))
         L += ["Spearman correlation with the transfer outcome (held-out gain of M_t + Δ_s over M_t) across "
               f"{len(c['cells'])} grid cells (targets {_names(targets)}):", "",
-              _table(["predictor", "Spearman ρ"], [[k, "–" if c["spearman"][k] is None else f"{c['spearman'][k]:+.2f}"]
-                                                   for k in sorted(c["spearman"], key=lambda k: (_rank(list(_PREDICTORS), k), k))]),
+              _table(["predictor", "Spearman ρ"], [[k, "–" if rho[k] is None else f"{rho[k]:+.2f}"] for k in predictors]),
               ""]
         scope = c.get("check_calibration") or {}
         if scope:
@@ -485,8 +478,9 @@ def _reading_recovery(r: dict) -> str:
         if vals:
             per_source[s] = vals
     if per_source:
-        parts.append("Recovery by source Δ over the other targets" + (f" (leaving out {_names(at_chance)})" if at_chance else "")
-                     + ": " + "; ".join(f"Δ{s[1:]} {span(vals, _frac)}" for s, vals in per_source.items()) + ".")
+        left_out = f" (leaving out {_names(at_chance)})" if at_chance else ""
+        parts.append(f"Recovery by source Δ over the other targets{left_out}: "
+                     + "; ".join(f"Δ{s[1:]} {span(vals, _frac)}" for s, vals in per_source.items()) + ".")
     return "".join(parts).rstrip()
 
 
@@ -601,7 +595,8 @@ def _reading_conn(r: dict) -> str:
 def write_outputs(r: dict, run_dir: Path) -> None:
     run_dir = Path(run_dir)
     r["claims"] = claims(r)
-    r["figures"] = figures(r, run_dir / "figures")
+    figs = figures(r, run_dir / "figures")
+    r["figures"] = figs
     text = json.dumps(r, indent=1, sort_keys=True, default=str)
     write_text(run_dir / "results.json", text)
     # rendered from the file just written, so report.md is exactly what rerender(run_dir) gives
