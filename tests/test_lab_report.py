@@ -272,24 +272,25 @@ def test_inconclusive_finding_carries_seeds_needed_from_its_per_seed_spread():
 
 def test_summary_states_seeds_needed_for_every_undecided_finding():
     from deltaport.lab.multiseed import summary_md
-    from deltaport.lab.readme import findings_table
+    from deltaport.lab.readme import findings_block
 
     sm = json.loads(FULL.read_text())
-    text, table = summary_md(sm), findings_table(sm)
+    text, block = summary_md(sm), findings_block(sm)
     section = text.split("## Undecided findings: the seeds a decision would need", 1)[1].split("\n## ", 1)[0]
     said = {line[3:].split(")", 1)[0]: line for line in section.splitlines() if line.startswith("- (")}
-    readme_rows = {line.split(")", 1)[0][3:]: line for line in table.splitlines() if line.startswith("| (")}
     undecided = [f for f in sm["findings"] if f["verdict"] == "inconclusive"]
     assert undecided  # the committed 3-seed run leaves (d2), (e), (f) undecided
     assert set(said) == {f["id"] for f in undecided}
-    for f in sm["findings"]:
-        if f["verdict"] == "inconclusive":
-            d = abs(f["mean"] - f["threshold"])
-            n = max(f["n_seeds"] + 1, math.ceil((1.959963984540054 * f["seed_sd"] / d) ** 2))
-            assert said[f["id"]].endswith(f"over {f['n_seeds']} seeds: about **{n}** seeds would decide it.")
-            assert readme_rows[f["id"]].endswith(f"**inconclusive** (about {n} seeds would decide it) |")
-        else:
-            assert "seeds would decide" not in readme_rows[f["id"]]
+    counts = []
+    for f in undecided:
+        d = abs(f["mean"] - f["threshold"])
+        n = max(f["n_seeds"] + 1, math.ceil((1.959963984540054 * f["seed_sd"] / d) ** 2))
+        assert said[f["id"]].endswith(f"over {f['n_seeds']} seeds: about **{n}** seeds would decide it.")
+        counts.append(f"({f['id']}) about {n}")
+    readme_line = block.splitlines()[-1]
+    assert readme_line.startswith("Seeds a decision would need, n = ⌈(z · sd / |mean − threshold|)²⌉ with the "
+                                  "between-seed SD and z = 1.96 ")
+    assert readme_line.endswith("summary.json): " + "; ".join(counts) + ".")
     assert "z = 1.96 for a 95 % interval" in section
     f_rho = next(f for f in undecided if f["id"] == "f")  # a rank correlation: shown to three decimals
     assert said["f"].startswith(f"- (f) θ = {f_rho['mean']:+.3f}, {abs(f_rho['mean'] - f_rho['threshold']):.3f} from "
@@ -297,14 +298,14 @@ def test_summary_states_seeds_needed_for_every_undecided_finding():
     e = next(f for f in undecided if f["id"] == "e")  # points: two decimals
     assert said["e"].startswith(f"- (e) θ = {100 * e['mean']:+.2f}, {100 * abs(e['mean']):.2f} from the threshold "
                                 f"+0.00, between-seed SD {100 * e['seed_sd']:.2f} over 3 seeds")
-    e = next(f for f in sm["findings"] if f["id"] == "e")
     e["mean"] = e["threshold"]  # a mean on the threshold: no number of seeds moves the interval off it
     line = next(x for x in summary_md(sm).splitlines() if x.startswith("- (e)"))
     assert line.endswith("seeds: no seed count follows from the spread: the mean is on the threshold, or the seeds "
                          "agree exactly.")
-    assert findings_table(sm).splitlines()[[f["id"] for f in sm["findings"]].index("e") + 2].endswith(
-        "**inconclusive** (no seed count follows from the spread: the mean is on the threshold, or the seeds agree "
-        "exactly) |")
+    assert "(e) no seed count follows from the spread" in findings_block(sm)
+    for f in sm["findings"]:
+        f["verdict"] = "yes"
+    assert "## Undecided" not in summary_md(sm) and "Seeds a decision" not in findings_block(sm)
     assert _repeated_ends(text) == []
 
 

@@ -186,14 +186,3 @@ def rule_text(f: dict) -> str:
     sym = {">=": "≥", ">": ">", "<=": "≤"}[f["direction"]]
     return f"θ {sym} {fmt(f['threshold'], f['unit'])}"
 
-
-def seeds_text(f: dict) -> str:
-    """A finding's verdict as the summary and the README print it: ``yes``, ``**no**``, ``**inconclusive**``
-    with the seed count that would decide it (``seeds_needed``) where there is one."""
-    if f["verdict"] == "yes":
-        return "yes"
-    if "seeds_needed" in f:
-        return f"**{f['verdict']}** (about {f['seeds_needed']} seeds would decide it)"
-    if "seeds_needed_note" in f:
-        return f"**{f['verdict']}** ({f['seeds_needed_note']})"
-    return f"**{f['verdict']}**"

@@ -18,7 +18,7 @@ import re
 import shutil
 from pathlib import Path
 
-from deltaport.lab.findings import fmt, seeds_text, with_seeds_needed
+from deltaport.lab.findings import fmt, with_seeds_needed
 from deltaport.lab.report import span
 
 QUICK = "docs/results/quick/results.json"
@@ -29,14 +29,6 @@ BLOCKS = ("quick", "findings", "compression")
 
 def _p(x: float | None) -> str:
     return "–" if x is None else f"{100 * x:.1f}"
-
-
-def _nats(x: float) -> str:
-    return f"{x:.2f}"
-
-
-def _gain(x: float | None) -> str:
-    return "no gain to retain: the exact Δ gains nothing" if x is None else f"{100 * x:.0f} % of the gain"
 
 
 def quick_table(r: dict) -> str:
@@ -64,12 +56,12 @@ def quick_table(r: dict) -> str:
                      f"{_p(ttf.get('plain_final'))} ({r['config']['finetune']['steps']} steps)", "Table 4, Fig. 2"))
     if within and across:
         rows.append(("loss barrier: within the lineage / to Mx (nats)",
-                     f"{span(within, _nats)} / {span(across, _nats)}", "not in the paper"))
+                     f"{span(within, '{:.2f}'.format)} / {span(across, '{:.2f}'.format)}", "not in the paper"))
     if r.get("compression"):  # rows: the exact Δ, no Δ, then one per setting (lab.compression.frontier)
         exact, _no_delta, *settings = r["compression"]["rows"]
         for row in settings:
             rows.append((f"compressed Δ ({row['label']}, {row['ratio']:.2f} of the bytes) vs exact Δ, every transfer cell",
-                         f"{_p(row['mean'])} vs {_p(exact['mean'])} ({_gain(row['gain_retained'])})",
+                         f"{_p(row['mean'])} vs {_p(exact['mean'])} ({100 * row['gain_retained']:.0f} % of the gain)",
                          "not in the paper"))
     lines = [f"| | ours (quick, **one seed: {seed}**) | paper |", "|---|---|---|"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
@@ -88,13 +80,38 @@ def quick_table(r: dict) -> str:
 
 def findings_table(sm: dict) -> str:
     seeds = ", ".join(map(str, sm["seeds"]))
-    pc = {f"{100 * f.get('level', 0.95):g} %" for f in sm["findings"]}
-    lines = [f"| finding | θ per seed ({seeds}) | mean [{' / '.join(sorted(pc))} interval] | rule | reproduced? |",
-             "|---|---|---|---|---|"]
-    for f in map(with_seeds_needed, sm["findings"]):
+    lines = [f"| finding | θ per seed ({seeds}) | mean [95 % interval] | rule | reproduced? |", "|---|---|---|---|---|"]
+    for f in sm["findings"]:
         per = " / ".join(fmt(x, f["unit"]) for x in f["per_seed"])
-        lines.append(f"| ({f['id']}) {f['claim']} | {per} | {f['ours']} | {f['rule']} | {seeds_text(f)} |")
+        v = f["verdict"] if f["verdict"] == "yes" else f"**{f['verdict']}**"
+        lines.append(f"| ({f['id']}) {f['claim']} | {per} | {f['ours']} | {f['rule']} | {v} |")
     return "\n".join(lines)
+
+
+def undecided_lines(sm: dict) -> str:
+    """Below the findings table: how many seeds would decide each finding the run left undecided
+    (``seeds_needed``, :func:`deltaport.lab.stats.seeds_needed`, from the finding's own numbers)."""
+    from deltaport.lab.stats import z_of
+
+    said, levels = [], set()
+    for f in map(with_seeds_needed, sm["findings"]):
+        levels.add(f.get("level", 0.95))
+        if "seeds_needed" in f:
+            said.append(f"({f['id']}) about {f['seeds_needed']}")
+        elif "seeds_needed_note" in f:
+            said.append(f"({f['id']}) {f['seeds_needed_note']}")
+    if not said:
+        return ""
+    z = " / ".join(f"{z_of(x):.2f}" for x in sorted(levels))
+    return (f"Seeds a decision would need, n = ⌈(z · sd / |mean − threshold|)²⌉ with the between-seed SD and z = {z} "
+            "(an estimate that assumes more seeds show the same mean and SD; `seeds_needed` in summary.json): "
+            + "; ".join(said) + ".")
+
+
+def findings_block(sm: dict) -> str:
+    """The README's findings block: :func:`findings_table` and :func:`undecided_lines`."""
+    extra = undecided_lines(sm)
+    return findings_table(sm) + ("\n\n" + extra if extra else "")
 
 
 def render(root: Path) -> dict[str, str]:
@@ -103,7 +120,7 @@ def render(root: Path) -> dict[str, str]:
     out = {}
     from deltaport.lab.compression import readme_block
 
-    for name, rel, fn in (("quick", QUICK, quick_table), ("findings", FULL, findings_table),
+    for name, rel, fn in (("quick", QUICK, quick_table), ("findings", FULL, findings_block),
                           ("compression", COMPRESSION, readme_block)):
         f = root / rel
         out[name] = fn(json.loads(f.read_text())) if f.exists() else ""
