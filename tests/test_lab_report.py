@@ -303,6 +303,8 @@ def test_summary_states_seeds_needed_for_every_undecided_finding():
     assert line.endswith("seeds: no seed count follows from the spread: the mean is on the threshold, or the seeds "
                          "agree exactly.")
     assert "(e) no seed count follows from the spread" in findings_block(sm)
+    e["mean"] = float("nan")  # θ undefined on a seed (a recovery with no fine-tuning gain)
+    assert "- (e) θ is undefined on some seeds: no seed count follows." in summary_md(sm)
     for f in sm["findings"]:
         f["verdict"] = "yes"
     assert "## Undecided" not in summary_md(sm) and "Seeds a decision" not in findings_block(sm)

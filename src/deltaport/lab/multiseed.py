@@ -122,6 +122,9 @@ def seeds_section(findings: list[dict]) -> list[str]:
     level = undecided[0].get("level", 0.95)
     L = ["", "## Undecided findings: the seeds a decision would need", ""]
     for f in undecided:
+        if f["mean"] is None or f["mean"] != f["mean"] or f.get("seed_sd") is None or f["seed_sd"] != f["seed_sd"]:
+            L.append(f"- ({f['id']}) θ is undefined on some seeds: no seed count follows.")
+            continue
         u, d = f["unit"], abs(f["mean"] - f["threshold"])
         L.append(f"- ({f['id']}) θ = {_fine(f['mean'], u, '+')}, {_fine(d, u)} from the threshold "
                  f"{_fine(f['threshold'], u, '+')}, between-seed SD {_fine(f['seed_sd'], u)} over {f['n_seeds']} "
