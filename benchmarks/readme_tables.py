@@ -6,6 +6,8 @@
                                                           # copy finished runs into docs/results/ first
     python benchmarks/readme_tables.py collect --compression RUN_DIR
                                                           # a full run's compression frontier only
+    python benchmarks/readme_tables.py reports [--check]  # re-render docs/results' report.md and summary.md
+                                                          # from their results.json / summary.json
 
 The compression block is written into README.md and docs/compression.md.
 """
@@ -21,14 +23,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from deltaport.lab.compression import collect as collect_compression  # noqa: E402
-from deltaport.lab.readme import collect, render, replace_blocks  # noqa: E402
+from deltaport.lab.readme import collect, render, replace_blocks, rerender_reports  # noqa: E402
 
 DOCS = {"README.md": None, "docs/compression.md": ("compression",)}  # file -> its blocks (None: all)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("action", nargs="?", default="render", choices=["render", "collect"])
+    ap.add_argument("action", nargs="?", default="render", choices=["render", "collect", "reports"])
     ap.add_argument("--check", action="store_true")
     ap.add_argument("--quick")
     ap.add_argument("--full")
@@ -45,6 +47,8 @@ def main() -> int:
                             for p in Path(a.full).glob("seed-*/results.json")):
             collect_compression(Path(a.full), ROOT / "docs/results/full")
         return 0
+    if a.action == "reports":
+        return reports(check=a.check)
     blocks = render(ROOT)
     stale = []
     for rel, names in DOCS.items():
@@ -60,6 +64,21 @@ def main() -> int:
             print(f"{', '.join(stale)}: lab tables disagree with docs/results/; run python benchmarks/readme_tables.py")
             return 1
         print("README's (and docs/compression.md's) lab tables match docs/results/")
+    return 0
+
+
+def reports(*, check: bool) -> int:
+    """Write (or with ``check``, compare) every committed report.md / summary.md as today's code renders it."""
+    stale = []
+    for path, text in rerender_reports(ROOT).items():
+        if not path.exists() or path.read_text() != text:
+            stale.append(str(path.relative_to(ROOT)))
+            if not check:
+                path.write_text(text)
+    if check and stale:
+        print(f"{', '.join(stale)}: differ from their results; run python benchmarks/readme_tables.py reports")
+        return 1
+    print(("rewritten: " + ", ".join(stale)) if stale and not check else "reports match their results")
     return 0
 
 

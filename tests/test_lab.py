@@ -162,6 +162,10 @@ def test_ci_outputs_exist_parse_and_follow_the_schema(ci_run):
         img = mpimg.imread(run_dir / on_disk["figures"][name])
         assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
     report = (run_dir / "report.md").read_text()
+    from deltaport.lab.report import rerender
+
+    assert rerender(run_dir) == report  # the report is a function of results.json alone
+    assert "Nothing was reused from an earlier run." in report
     for heading in ("## What reproduced", "## 1. Transfer grid", "## 2. Fraction", "## 3. Transfer-then-finetune",
                     "## 4. Iterative", "## 5. Backporting", "## 6. Second-language", "## 7. Connectivity", "Seeds:"):
         assert heading in report, heading
@@ -182,9 +186,16 @@ def test_ci_rerun_reuses_every_artifact(ci_run):
     run_dir, results = ci_run
     stamps = {p: p.stat().st_mtime_ns for p in run_dir.glob("*/*/*.safetensors")}
     stamps.update({p: p.stat().st_mtime_ns for p in run_dir.glob("family/*/*/*.safetensors")})
+    # a fresh directory: hits on the cache are repeats of this run's own results, never reuse
+    fresh = results["cache"]
+    assert fresh["family"] == 0 and fresh["evals"] == fresh["finetunes"] == 0 and fresh["computed_evals"] > 0
     again = run_lab(load_config("ci"), run_dir)
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     assert again["grid"]["cells"] == results["grid"]["cells"]
+    rerun = again["cache"]
+    assert rerun["family"] == 1 and rerun["computed_evals"] == rerun["computed_finetunes"] == 0
+    assert rerun["evals"] >= fresh["computed_evals"] and rerun["finetunes"] == fresh["computed_finetunes"]
+    assert "Reused from an earlier run in this directory: " in (run_dir / "report.md").read_text()
     assert again["timings_s"].get("steps.finetune", 0) == 0
 
 

@@ -111,6 +111,41 @@ def verdict(ci: dict, threshold: float, direction: str) -> str:
     raise ValueError(f"direction must be '>=', '>' or '<=', got {direction!r}")
 
 
+def z_of(level: float) -> float:
+    """The two-sided normal quantile of a coverage ``level`` (1.959964 for 0.95)."""
+    from statistics import NormalDist
+
+    return NormalDist().inv_cdf(1 - (1 - level) / 2)
+
+
+def seeds_needed(mean: float, seed_sd: float | None, threshold: float, n_seeds: int, *,
+                 level: float = 0.95) -> int | None:
+    """How many seeds an undecided finding would need for its interval to clear the threshold.
+
+    The interval of a mean over ``n`` seeds has a half-width of about ``z · sd / sqrt(n)`` (``z`` the normal
+    quantile of ``level``, ``sd`` the between-seed standard deviation); it excludes the threshold once that
+    is below ``d = |mean − threshold|``, i.e. from ``n = ceil((z · sd / d)²)`` seeds. Never fewer than
+    ``n_seeds + 1``: the finding is undecided on the seeds that ran.
+
+    Assumes the observed mean and between-seed SD are what more seeds would show (the estimate moves with
+    them: a mean nearer the threshold needs many more seeds), that seeds are independent, and that the
+    normal approximation holds for the mean over seeds. The per-seed values already carry the item-level
+    noise, so ``sd`` covers both levels; the hierarchical bootstrap's interval is only near ``z · sd /
+    sqrt(n)`` (resampling items inside each seed widens it a little, percentiles of a skewed statistic can
+    narrow it), so the count is an estimate of scale, not a guarantee.
+
+    Returns None when no seed count follows from the spread: one seed (no SD), a mean on the threshold
+    (within 1e-9: no count moves the interval off it), or seeds that agree exactly (SD 0: the interval is item
+    noise inside each seed, which more items, not more seeds, would narrow).
+    """
+    if seed_sd is None or n_seeds < 2 or mean is None or math.isnan(mean) or math.isnan(seed_sd):
+        return None
+    d = abs(mean - threshold)
+    if d <= 1e-9 or seed_sd == 0:  # on the threshold up to rounding (0.05 summed as 0.05000000000000001)
+        return None
+    return max(n_seeds + 1, math.ceil((z_of(level) * seed_sd / d) ** 2))
+
+
 def spearman(x: list[float], y: list[float]) -> float | None:
     """Spearman rank correlation (average ranks for ties); None when undefined."""
     if len(x) < 3 or len(x) != len(y):

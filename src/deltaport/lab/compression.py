@@ -216,11 +216,9 @@ def figure(table: dict, path: Path, *, title: str) -> Path:
     the exact Δ and "no Δ" marked (no Δ has 0 bytes: a horizontal line). ``table``: :func:`frontier`'s or
     :func:`combine`'s (the mean over seeds; the seeds' spread is mostly a shift of every setting together,
     so it is in the tables, not drawn)."""
-    import matplotlib
+    from deltaport.figures import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     rows = table["rows"]
     y = (lambda r: r["score"]) if "score" in rows[0] else (lambda r: r["mean"])
     fig, ax = plt.subplots(figsize=(7.5, 4.4))
@@ -249,16 +247,22 @@ def figure(table: dict, path: Path, *, title: str) -> Path:
                 if note:
                     ax.annotate(note, (xv, yv), textcoords="offset points", xytext=(4, 4), fontsize=7, color=f"C{i}")
     ax.set_xscale("log")
+    # the y axis starts at 0 (no score is lower) so a gap of 0.1 points looks as small as it is
+    ax.set_ylim(0, y_top(rows, y))
     ax.set_xlabel("Δ bytes (tensor files, log scale)")
-    ax.set_ylabel("held-out exact match (%), mean over transfer cells")
+    ax.set_ylabel("held-out exact match (%), mean over\ntransfer cells (y axis from 0)")
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110, bbox_inches=None)
     return path
+
+
+def y_top(rows: list[dict], y: Callable[[dict], float]) -> float:
+    """The top of the figure's y axis (%): the highest score plus a fifth, at least 1."""
+    return max(1.0, 1.2 * max(100 * y(r) for r in rows))
 
 
 def _pct(x: float | None) -> str:
@@ -278,7 +282,7 @@ def report_section(table: dict, fig: str | None = None) -> str:
          f"{table['exact_delta_dtype']}. Gain retained: Σ over cells of (score − no Δ) / Σ of (exact Δ − no Δ). "
          f"One seed ({table['seed']}); across seeds see docs/compression.md.", ""]
     if fig:
-        L += [f"![compression]({fig})", ""]
+        L += [f"![compression]({fig})", "", "The figure's y axis starts at 0.", ""]
     hdr = ["Δ", "KiB", "of exact", "rel. Frobenius error (mean)", "held-out, mean over cells", "gain retained",
            "compress s", "apply s"]
     rows = []
@@ -298,8 +302,14 @@ def report_section(table: dict, fig: str | None = None) -> str:
     return "\n".join(L)
 
 
-def summary_section(sm: dict) -> str:
-    """Markdown for :func:`combine`'s table (a multi-seed run's summary and docs/compression.md)."""
+def threads_text(n: int | None) -> str:
+    """``one torch thread`` / ``2 torch threads`` as the run's environment recorded it (``torch_threads``)."""
+    return "torch threads not recorded" if n is None else "one torch thread" if n == 1 else f"{n} torch threads"
+
+
+def summary_section(sm: dict, *, threads: int | None = None) -> str:
+    """Markdown for :func:`combine`'s table (a multi-seed run's summary and docs/compression.md); ``threads``:
+    the runs' torch thread count (``environment.torch_threads``)."""
     seeds = ", ".join(map(str, sm["seeds"]))
     L = [f"Held-out exact match of M_t + compressed Δ_s over every transfer cell ({sm['n_cells']} per seed), "
          f"seeds {seeds}: per seed the mean over cells, then their mean [min, max]. Δ bytes: the "
@@ -315,8 +325,8 @@ def summary_section(sm: dict) -> str:
                      f"{r['compress_s']:.2f}" if r["method"] else "",
                      f"{r['apply_s']:.2f}" if r["method"] else ""] for r in sm["rows"]]),
          "", f"compress s: the {sm['n_deltas']} source Δs at that setting; apply s: all {sm['n_cells']} cells (mean "
-             "over seeds, wall time on a shared machine, one torch thread). The exact Δ's cells are the grid's own "
-             "models.", ""]
+             f"over seeds, wall time on a shared machine, {threads_text(threads)}). The exact Δ's cells are the "
+             "grid's own models.", ""]
     rec = sm.get("recommended")
     if rec:
         r = next(x for x in sm["rows"] if x["label"] == rec)
@@ -360,6 +370,6 @@ def readme_block(doc: dict) -> str:
     from deltaport.lab.env import kind_of
 
     env = doc.get("environment", {})
-    return (summary_section(doc["combined"]).rstrip("\n") + "\n\n"
+    return (summary_section(doc["combined"], threads=env.get("torch_threads")).rstrip("\n") + "\n\n"
             f"Run `{doc['name']}` (experiments: {', '.join(doc['experiments'])}); {kind_of(env)}, torch "
-            f"{env.get('versions', {}).get('torch')}, one torch thread.")
+            f"{env.get('versions', {}).get('torch')}, {threads_text(env.get('torch_threads'))}.")

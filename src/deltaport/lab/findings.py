@@ -15,7 +15,7 @@ from typing import Callable
 
 import numpy as np
 
-from deltaport.lab.stats import as_vector, hierarchical_bootstrap, spearman, verdict
+from deltaport.lab.stats import as_vector, hierarchical_bootstrap, seeds_needed, spearman, verdict
 
 
 @dataclass(frozen=True)
@@ -146,10 +146,30 @@ def decide(runs: list[dict], *, n_boot: int = 2000, boot_seed: int = 0) -> list[
         if not all(f.needs(d) for d in data):
             continue
         ci = hierarchical_bootstrap(f.fn, data, n_boot=n_boot, seed=boot_seed)
-        out.append({"id": f.id, "claim": f.claim, "statistic": f.statistic, "threshold": f.threshold,
-                    "direction": f.direction, "unit": f.unit, **ci, "seeds": [d["seed"] for d in data],
-                    "verdict": verdict(ci, f.threshold, f.direction)})
+        out.append(with_seeds_needed({"id": f.id, "claim": f.claim, "statistic": f.statistic,
+                                      "threshold": f.threshold, "direction": f.direction, "unit": f.unit, **ci,
+                                      "seeds": [d["seed"] for d in data],
+                                      "verdict": verdict(ci, f.threshold, f.direction)}))
     return out
+
+
+#: why a multi-seed finding left undecided has no ``seeds_needed`` (see :func:`deltaport.lab.stats.seeds_needed`)
+NO_SEED_COUNT = "no seed count follows from the spread: the mean is on the threshold, or the seeds agree exactly"
+
+
+def with_seeds_needed(f: dict) -> dict:
+    """``f`` with ``seeds_needed`` (:func:`deltaport.lab.stats.seeds_needed`) when it is inconclusive on
+    two or more seeds (``seeds_needed_note`` instead when no count follows); reads only ``f``'s own numbers,
+    so a committed summary.json gains it without rerunning anything."""
+    f = {k: v for k, v in f.items() if k not in ("seeds_needed", "seeds_needed_note")}
+    if f["verdict"] != "inconclusive" or f.get("n_seeds", 1) < 2:
+        return f
+    n = seeds_needed(f["mean"], f.get("seed_sd"), f["threshold"], f["n_seeds"], level=f.get("level", 0.95))
+    if n is None:
+        f["seeds_needed_note"] = NO_SEED_COUNT
+    else:
+        f["seeds_needed"] = n
+    return f
 
 
 def fmt(x: float | None, unit: str) -> str:
@@ -165,3 +185,4 @@ def fmt(x: float | None, unit: str) -> str:
 def rule_text(f: dict) -> str:
     sym = {">=": "≥", ">": ">", "<=": "≤"}[f["direction"]]
     return f"θ {sym} {fmt(f['threshold'], f['unit'])}"
+

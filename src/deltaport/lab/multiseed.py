@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 
 from deltaport.lab.config import LabConfig
-from deltaport.lab.findings import decide, fmt, rule_text
+from deltaport.lab.findings import decide, fmt, rule_text, with_seeds_needed
+from deltaport.lab.stats import z_of
 from deltaport.lab.store import write_text
 
 SUMMARY_SCHEMA = 1
@@ -95,7 +96,8 @@ def summary_md(sm: dict) -> str:
         from deltaport.lab.compression import summary_section
 
         L += ["", "## Compressed Δ: bytes vs held-out score", "", "![compression](compression.png)", "",
-              summary_section(sm["compression"])]
+              summary_section(sm["compression"], threads=env.get("torch_threads"))]
+    L += seeds_section(sm["findings"])
     L += ["", f"Environment: CPU {kind_of(env)}, python {env.get('versions', {}).get('python')}, "
               f"{env.get('platform')}; versions: "
           + ", ".join(f"{k} {v}" for k, v in (env.get("versions") or {}).items()) + ".",
@@ -104,12 +106,45 @@ def summary_md(sm: dict) -> str:
     return "\n".join(L)
 
 
+def _fine(x: float, unit: str, sign: str = "") -> str:
+    """A finding's number with one digit more than the tables (:func:`~deltaport.lab.findings.fmt`), so a reader
+    can redo the seed count from it."""
+    scale, digits, pc = {"points": (100, 2, ""), "fraction": (100, 1, " %")}.get(unit, (1, 3, ""))
+    return f"{scale * x:{sign}.{digits}f}{pc}"
+
+
+def seeds_section(findings: list[dict]) -> list[str]:
+    """summary.md's lines on the findings left undecided: how many seeds would decide each
+    (:func:`deltaport.lab.stats.seeds_needed`, from the finding's own numbers) and how that is estimated."""
+    undecided = [with_seeds_needed(f) for f in findings if f["verdict"] == "inconclusive" and f.get("n_seeds", 1) > 1]
+    if not undecided:
+        return []
+    level = undecided[0].get("level", 0.95)
+    L = ["", "## Undecided findings: the seeds a decision would need", ""]
+    for f in undecided:
+        if f["mean"] is None or f["mean"] != f["mean"] or f.get("seed_sd") is None or f["seed_sd"] != f["seed_sd"]:
+            L.append(f"- ({f['id']}) θ is undefined on some seeds: no seed count follows.")
+            continue
+        u, d = f["unit"], abs(f["mean"] - f["threshold"])
+        L.append(f"- ({f['id']}) θ = {_fine(f['mean'], u, '+')}, {_fine(d, u)} from the threshold "
+                 f"{_fine(f['threshold'], u, '+')}, between-seed SD {_fine(f['seed_sd'], u)} over {f['n_seeds']} "
+                 "seeds: "
+                 + (f"about **{f['seeds_needed']}** seeds would decide it." if "seeds_needed" in f
+                    else f"{f['seeds_needed_note']}."))
+    L += ["", f"`seeds_needed` (summary.json) = ⌈(z · sd / |mean − threshold|)²⌉, z = {z_of(level):.2f} for a "
+              f"{100 * level:g} % interval, sd the between-seed SD: the interval's half-width shrinks as "
+              "z · sd / √n and the finding is decided once it is below the mean's distance from the threshold; at least one "
+              "more seed than ran. It assumes more seeds show the same mean and SD, independent seeds and a normal "
+              "mean over seeds: an estimate of scale, not a promise."]
+    return L
+
+
 def write_summary(sm: dict, out: Path) -> None:
     out = Path(out)
     if sm.get("compression"):  # Δ bytes vs held-out score: deltaport.lab.compression
         from deltaport.lab.compression import figure
 
         figure(sm["compression"], out / "compression.png", title="compressed Δ: bytes vs held-out score, every "
-               f"transfer cell, seeds {', '.join(map(str, sm['seeds']))} (bars: min–max over seeds)")
+               f"transfer cell, mean over seeds {', '.join(map(str, sm['seeds']))}")
     write_text(out / "summary.json", json.dumps(sm, indent=1, sort_keys=True, default=str))
     write_text(out / "summary.md", summary_md(sm))

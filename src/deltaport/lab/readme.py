@@ -3,6 +3,7 @@
     python benchmarks/readme_tables.py collect --quick RUN_DIR --full RUN_DIR   # copy runs into docs/results
     python benchmarks/readme_tables.py                                          # rewrite README's tables
     python benchmarks/readme_tables.py --check                                  # exit 1 if README disagrees
+    python benchmarks/readme_tables.py reports [--check]     # re-render docs/results' report.md / summary.md
 
 The README holds three generated blocks between ``<!-- lab:quick:begin -->``/``<!-- lab:quick:end -->``,
 ``<!-- lab:findings:begin -->``/``<!-- lab:findings:end -->`` and ``<!-- lab:compression:begin -->``/
@@ -17,7 +18,8 @@ import re
 import shutil
 from pathlib import Path
 
-from deltaport.lab.findings import fmt
+from deltaport.lab.findings import fmt, with_seeds_needed
+from deltaport.lab.report import span
 
 QUICK = "docs/results/quick/results.json"
 FULL = "docs/results/full/summary.json"
@@ -54,7 +56,7 @@ def quick_table(r: dict) -> str:
                      f"{_p(ttf.get('plain_final'))} ({r['config']['finetune']['steps']} steps)", "Table 4, Fig. 2"))
     if within and across:
         rows.append(("loss barrier: within the lineage / to Mx (nats)",
-                     f"{min(within):.2f}–{max(within):.2f} / {min(across):.2f}–{max(across):.2f}", "not in the paper"))
+                     f"{span(within, '{:.2f}'.format)} / {span(across, '{:.2f}'.format)}", "not in the paper"))
     if r.get("compression"):  # rows: the exact Δ, no Δ, then one per setting (lab.compression.frontier)
         exact, _no_delta, *settings = r["compression"]["rows"]
         for row in settings:
@@ -86,13 +88,39 @@ def findings_table(sm: dict) -> str:
     return "\n".join(lines)
 
 
+def undecided_lines(sm: dict) -> str:
+    """Below the findings table: how many seeds would decide each finding the run left undecided
+    (``seeds_needed``, :func:`deltaport.lab.stats.seeds_needed`, from the finding's own numbers)."""
+    from deltaport.lab.stats import z_of
+
+    said, levels = [], set()
+    for f in map(with_seeds_needed, sm["findings"]):
+        levels.add(f.get("level", 0.95))
+        if "seeds_needed" in f:
+            said.append(f"({f['id']}) about {f['seeds_needed']}")
+        elif "seeds_needed_note" in f:
+            said.append(f"({f['id']}) {f['seeds_needed_note']}")
+    if not said:
+        return ""
+    z = " / ".join(f"{z_of(x):.2f}" for x in sorted(levels))
+    return (f"Seeds a decision would need, n = ⌈(z · sd / |mean − threshold|)²⌉ with the between-seed SD and z = {z} "
+            "(an estimate that assumes more seeds show the same mean and SD; `seeds_needed` in summary.json): "
+            + "; ".join(said) + ".")
+
+
+def findings_block(sm: dict) -> str:
+    """The README's findings block: :func:`findings_table` and :func:`undecided_lines`."""
+    extra = undecided_lines(sm)
+    return findings_table(sm) + ("\n\n" + extra if extra else "")
+
+
 def render(root: Path) -> dict[str, str]:
     """Both blocks from the committed files (a block whose file is not committed is empty)."""
     root = Path(root)
     out = {}
     from deltaport.lab.compression import readme_block
 
-    for name, rel, fn in (("quick", QUICK, quick_table), ("findings", FULL, findings_table),
+    for name, rel, fn in (("quick", QUICK, quick_table), ("findings", FULL, findings_block),
                           ("compression", COMPRESSION, readme_block)):
         f = root / rel
         out[name] = fn(json.loads(f.read_text())) if f.exists() else ""
@@ -106,6 +134,20 @@ def replace_blocks(text: str, blocks: dict[str, str]) -> str:
             raise ValueError(f"README has no <!-- lab:{name}:begin --> ... <!-- lab:{name}:end --> block")
         text = pat.sub(lambda m: m.group(1) + (body + "\n" if body else "") + m.group(2), text)
     return text
+
+
+def rerender_reports(root: Path) -> dict[Path, str]:
+    """Every committed report.md and summary.md under ``root/docs/results`` rendered again from its
+    results.json / summary.json by today's code (the lab is not rerun): ``{path: text}``."""
+    from deltaport.lab.multiseed import summary_md
+    from deltaport.lab.report import rerender
+
+    out = {}
+    for results in sorted(Path(root, "docs/results").glob("**/results.json")):
+        out[results.parent / "report.md"] = rerender(results.parent)
+    for summary in sorted(Path(root, "docs/results").glob("**/summary.json")):
+        out[summary.parent / "summary.md"] = summary_md(json.loads(summary.read_text()))
+    return out
 
 
 def _relativise(obj, prefix: str):

@@ -45,6 +45,44 @@ def _frac(x: float | None) -> str:
     return "–" if x is None else f"{100 * x:.0f} %"
 
 
+def span(values, show) -> str:
+    """``lo–hi`` of ``values`` as ``show`` prints them; one value when both ends print the same."""
+    lo, hi = show(min(values)), show(max(values))
+    return lo if lo == hi else f"{lo}–{hi}"
+
+
+def _names(names) -> str:
+    """``A``, ``A and B``, ``A, B and C``."""
+    names = list(names)
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def _model_order(r: dict) -> list[str]:
+    """The run's bases in the report's order: the versions, then Mx and M0."""
+    return list(r["config"]["versions"]) + ["Mx", "M0"]
+
+
+def _rank(order: list[str], name: str) -> int:
+    return order.index(name) if name in order else len(order)
+
+
+def _pair_key(order: list[str]):
+    """Sort key of a connectivity pair ``"A-B"`` (and of a cell ``"T+ΔS"``) by the run's model order."""
+    def key(pair: str):
+        if "+Δ" in pair:
+            t, s = pair.split("+Δ", 1)
+            a, b = t, f"M{s}"
+        else:
+            a, _, b = pair.partition("-")
+        return _rank(order, a), _rank(order, b), pair
+    return key
+
+
+#: the connectivity section's predictors in the order the experiment computes them
+_PREDICTORS = ("barrier_vs_gain", "check_verdict_vs_gain", "check_relative_barrier_vs_gain",
+               "check_rel_distance_vs_gain", "check_excess_loss_rel_vs_gain")
+
+
 def _paper_recovery(t: str, s: str) -> float | None:
     try:
         b, f, m = PAPER_T3["base"][t], PAPER_T3["FT"][t], PAPER_T3[t][s]
@@ -67,11 +105,9 @@ def claims(r: dict) -> list[dict]:
 
 # ----------------------------------------------------------------------------------------------- figures
 def figures(r: dict, fig_dir: Path) -> dict[str, str]:
-    import matplotlib
+    from deltaport.figures import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig_dir.mkdir(parents=True, exist_ok=True)
     out = {}
     g = r.get("grid")
@@ -104,11 +140,10 @@ def figures(r: dict, fig_dir: Path) -> dict[str, str]:
         ax.set_xlabel("Δ_s added (source of the fine-tuning update)  |  references for the target")
         ax.set_ylabel("target base M_t")
         ax.set_title("held-out exact match (%) of M_t + Δ_s, one decimal everywhere")
-        fig.colorbar(im, ax=ax, fraction=0.04)
+        fig.colorbar(im, ax=ax, fraction=0.04).set_label("held-out exact match (%), scale 0–100")
         fig.tight_layout()
         p = fig_dir / "grid.png"
-        fig.savefig(p, dpi=110)
-        plt.close(fig)
+        save_figure(fig, p, dpi=110, bbox_inches=None)
         out["grid"] = str(p.relative_to(fig_dir.parent))
     curves = r.get("curves") or {}
     if curves:
@@ -134,8 +169,7 @@ def figures(r: dict, fig_dir: Path) -> dict[str, str]:
         ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
         fig.tight_layout()
         p = fig_dir / "convergence.png"
-        fig.savefig(p, dpi=110)
-        plt.close(fig)
+        save_figure(fig, p, dpi=110, bbox_inches=None)
         out["convergence"] = str(p.relative_to(fig_dir.parent))
     c = r.get("connectivity")
     if c:
@@ -154,8 +188,7 @@ def figures(r: dict, fig_dir: Path) -> dict[str, str]:
         fig.suptitle("loss along the straight line between two bases")
         fig.tight_layout()
         p = fig_dir / "connectivity.png"
-        fig.savefig(p, dpi=110)
-        plt.close(fig)
+        save_figure(fig, p, dpi=110, bbox_inches=None)
         out["connectivity"] = str(p.relative_to(fig_dir.parent))
     if r.get("compression"):  # Δ bytes vs held-out score: deltaport.lab.compression
         from deltaport.lab.compression import figure
@@ -173,7 +206,54 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def report_md(r: dict, figs: dict[str, str]) -> str:
+def _full_seeds() -> str:
+    """``, seeds 0, 1, 2``: the seeds the full preset runs today ('' if the preset cannot be read)."""
+    from deltaport.lab.config import load_config
+
+    try:
+        seeds = load_config("full").seeds
+    except Exception:  # noqa: BLE001 - a sentence of the report is not worth failing it for
+        return ""
+    return f", seeds {', '.join(map(str, seeds))}" if seeds else ""
+
+
+def cache_text(cache: dict[str, int]) -> str:
+    """What a run computed and what it took from the cache (``results.json`` → ``cache``), said plainly: a hit
+    on a result made earlier in the same run is not reuse from an earlier run."""
+    kinds = {"evals": ("evaluation", "evaluations"), "finetunes": ("fine-tune", "fine-tunes"),
+             "compressed_deltas": ("compressed Δ", "compressed Δs")}
+
+    def count(prefix: str) -> list[str]:
+        return [f"{cache[prefix + k]} {one if cache[prefix + k] == 1 else many}" for k, (one, many) in kinds.items()
+                if cache.get(prefix + k)]
+
+    family = cache.get("family")
+    L = []
+    if family is not None:
+        L.append("the family was " + ("reused from an earlier run in this directory." if family
+                                      else "pretrained in this run."))
+    done = count("computed_")
+    L.append(f"Computed in this run: {_names(done)}." if done else "Nothing was computed in this run.")
+    if not any(k.startswith("repeated_") for k in cache):
+        # results.json written before the counters told the two apart: a hit may be from either
+        hits = count("")
+        if hits:
+            L.append(f"Answered from the cache (from an earlier run in this directory or from earlier in this run; "
+                     f"this results.json does not tell them apart): {_names(hits)}.")
+    else:
+        earlier, again = count(""), count("repeated_")
+        L.append(f"Reused from an earlier run in this directory: {_names(earlier)} (keys cover every input's content "
+                 "hash, the recipe and the library versions)." if earlier else
+                 "Nothing was reused from an earlier run.")
+        if again:
+            L.append(f"Asked for again within this run and answered from its own cache: {_names(again)}.")
+    return "Cache: " + " ".join(L)
+
+
+def report_md(r: dict, figs: dict[str, str] | None = None) -> str:
+    """``report.md`` from a results dict alone (``figs``: figure paths relative to the run directory; default
+    ``r["figures"]``), so a committed ``results.json`` re-renders its report (:func:`rerender`)."""
+    figs = r.get("figures") or {} if figs is None else figs
     cfg = r["config"]
     V = cfg["versions"]
     n = r["n_items"]
@@ -196,7 +276,7 @@ def report_md(r: dict, figs: dict[str, str]) -> str:
           "docs/lab.md before the results were seen: *yes* = the interval lies entirely on the claim's side of the "
           "threshold, *no* = entirely on the other side, *inconclusive* = it straddles it. With one seed the "
           "interval resamples the held-out items only and says nothing about seed-to-seed variation, which "
-          "dominates here: the decided findings are the multi-seed ones (`deltaport lab run full --seeds 0,1,2`; "
+          f"dominates here: the decided findings are the multi-seed ones (`deltaport demo --preset full`{_full_seeds()}; "
           "committed results in docs/results/full/summary.md).", "",
           _table(["finding", "statistic θ", "rule (fixed before the run)", "ours: θ [95 % interval]", "reproduced?"],
                  [[c["claim"], c["statistic"], c["rule"], c["ours"],
@@ -292,13 +372,17 @@ def report_md(r: dict, figs: dict[str, str]) -> str:
         L += [sec("Connectivity: loss barriers and `deltaport check` vs transfer outcome (not in the paper)"), ""]
         if "connectivity" in figs:
             L += [f"![connectivity]({figs['connectivity']})", ""]
+        pairs = sorted(c["curves"], key=_pair_key(_model_order(r)))
         L += [_table(["pair", "barrier (nats)", "relative barrier", "loss A", "loss B"],
                      [[k, f"{v['barrier']:.3f}", f"{v['relative_barrier']:.3f}", f"{v['loss_a']:.3f}",
-                       f"{v['loss_b']:.3f}"] for k, v in c["curves"].items()]), ""]
+                       f"{v['loss_b']:.3f}"] for k, v in ((k, c["curves"][k]) for k in pairs)]), ""]
+        targets = sorted({x["target"] for x in c["cells"]}, key=lambda t: _rank(_model_order(r), t))
+        rho = c["spearman"]
+        predictors = sorted(rho, key=lambda k: (_rank(list(_PREDICTORS), k), k))
         L += ["Spearman correlation with the transfer outcome (held-out gain of M_t + Δ_s over M_t) across "
-              f"{len(c['cells'])} grid cells (incl. Mx):", "",
-              _table(["predictor", "Spearman ρ"], [[k, "–" if v is None else f"{v:+.2f}"]
-                                                   for k, v in c["spearman"].items()]), ""]
+              f"{len(c['cells'])} grid cells (targets {_names(targets)}):", "",
+              _table(["predictor", "Spearman ρ"], [[k, "–" if rho[k] is None else f"{rho[k]:+.2f}"] for k in predictors]),
+              ""]
         scope = c.get("check_calibration") or {}
         if scope:
             L += [f"`deltaport check`'s thresholds were fitted on the {scope['fitted_on']}. This run's family "
@@ -309,7 +393,7 @@ def report_md(r: dict, figs: dict[str, str]) -> str:
                   f"family/<hash>/M5 --data {Path(c['sample']).name}` on it.", ""]
         if c["checks"]:
             L += ["`deltaport check` verdicts per cell: " + ", ".join(
-                f"{k}: {v['verdict']}" for k, v in c["checks"].items()), ""]
+                f"{k}: {c['checks'][k]['verdict']}" for k in sorted(c["checks"], key=_pair_key(_model_order(r)))), ""]
         L += [_reading_conn(r), ""]
     if r.get("compression"):  # Δ bytes vs held-out score: deltaport.lab.compression
         from deltaport.lab.compression import report_section
@@ -319,35 +403,60 @@ def report_md(r: dict, figs: dict[str, str]) -> str:
     env = r.get("environment") or {}
     from deltaport.lab.env import kind_of
 
-    cache = r.get("cache") or {}
-    reused = {k: v for k, v in cache.items() if not k.startswith("computed") and v}
     L += ["## Run", "", f"Seeds: {json.dumps(r['seeds'])}.", "",
           f"Environment: python {env.get('versions', {}).get('python')}, {env.get('platform')}, CPU "
           f"{kind_of(env)}, flags {', '.join(env.get('cpu', {}).get('kernel_flags', []))}, "
           f"{env.get('torch_threads')} torch thread(s).", "",
           "Versions: " + ", ".join(f"{k} {v}" for k, v in (env.get("versions") or {}).items()) + ".", "",
-          "Reproducibility: the same versions (`pip install -c constraints.txt`) on the same CPU kind give the same "
-          "bytes and numbers; another CPU kind (training kernels differ, e.g. with or without AVX-512) gives numbers "
-          "within the committed spread across seeds (docs/results/full/summary.md).", "",
-          ("Cache: reused " + ", ".join(f"{v} {k}" for k, v in reused.items()) + " from this run directory "
-           "(keys cover every input's content hash, the recipe and the library versions)." if reused else
-           "Cache: nothing reused; every step was computed in this run."), "",
+          "Reproducibility: the same versions (`pip install -c constraints.txt`) on the same CPU kind with the same "
+          "torch thread count give the same bytes and numbers. Another CPU kind or thread count rounds differently "
+          "(training kernels differ, e.g. with or without AVX-512), so the numbers can differ; this report does not "
+          "measure by how much.", "",
+          cache_text(r.get("cache") or {}), "",
           f"Per-item scorer vs lm-eval exact match: largest difference {r.get('item_scorer_max_mismatch', 0):.4f}.", "",
           "Timings (s): " + ", ".join(f"{k} {v}" for k, v in r.get("timings_s", {}).items()) + ".", ""]
     return "\n".join(L)
 
 
+def best_sources(row: dict[str, float]) -> list[str] | None:
+    """The sources whose Δ gives a target its highest score (several when tied at one decimal); None when
+    every Δ gives the same score (then no Δ is best)."""
+    top = _pct(max(row.values()))
+    best = [s for s, v in row.items() if _pct(v) == top]
+    return None if len(best) == len(row) else best
+
+
+def _pts(x: float) -> str:
+    return f"{100 * x:+.1f}"
+
+
 def _reading_grid(r: dict) -> str:
     g = r["grid"]
-    V = r["config"]["versions"]
-    best = {t: max(g["cells"][t].items(), key=lambda kv: kv[1]) for t in V}
+    V = [t for t in r["config"]["versions"] if g["cells"].get(t)]
     parts = ["**Reading.** "]
-    parts.append("Base models score near zero: they have never seen the question format (later versions know more facts). "
-                 "Adding another version's Δ gives the format back where the two versions are close: ")
-    parts.append(", ".join(f"{t} is best with Δ{s[1:]} ({_pct(v)} vs FT {_pct(g['ft'][t])})" for t, (s, v) in best.items()))
-    parts.append(f". Mx (same data, other initialisation) gains at most {_pct(max(g['cells']['Mx'].values()))} and "
-                 f"M0 (random) at most {_pct(max(g['cells']['M0'].values()))}.")
+    parts.append(f"The bases score {span([g['base'][t] for t in V], _pct)} % zero-shot: they have never seen the "
+                 "question format (later versions know more facts). Adding another version's Δ gives the format "
+                 "back where the two versions are close: ")
+    said = []
+    for t in V:
+        row, ft = g["cells"][t], _pct(g["ft"].get(t))
+        best = best_sources(row)
+        if best is None:
+            said.append(f"{t} scores {_pct(next(iter(row.values())))} with every Δ, none is best (FT {ft})")
+        else:
+            said.append(f"{t} is best with {_names([f'Δ{s[1:]}' for s in best])} ({_pct(row[best[0]])} vs FT {ft})")
+    parts.append(", ".join(said) + ".")
+    for name, what in (("Mx", "same data, other initialisation"), ("M0", "random")):
+        row = g["cells"].get(name)
+        if row and name in g["base"]:
+            gains = [v - g["base"][name] for v in row.values()]
+            parts.append(f" A Δ moves {name} ({what}) by {span(gains, _pts)} points over its base "
+                         f"({_pct(g['base'][name])}).")
     return "".join(parts)
+
+
+#: a fine-tune at most this much above chance (exact match, as a fraction) has learned the format only
+NEAR_CHANCE = 0.05
 
 
 def _reading_recovery(r: dict) -> str:
@@ -356,19 +465,23 @@ def _reading_recovery(r: dict) -> str:
     sc = r["scores"]
     chance = r["chance"]
     parts = ["**Reading.** "]
-    at_chance = [t for t in V if sc[f"FT({t})"]["heldout"] <= chance + 0.05]
+    at_chance = [t for t in V if sc[f"FT({t})"]["heldout"] <= chance + NEAR_CHANCE]
     if at_chance:
-        parts.append(f"FT({', '.join(at_chance)}) itself scores near chance: those bases have not learned the facts "
-                     "yet, so their 'gain' is the answer format only and a recovery above 100 % there means little. ")
+        which = _names([f"FT({t}) {_pct(sc[f'FT({t})']['heldout'])}" for t in at_chance])
+        parts.append(f"Plain fine-tuning scores at most {100 * NEAR_CHANCE:.0f} points above chance "
+                     f"({_pct(chance)} %) on {'that base' if len(at_chance) == 1 else 'those bases'} ({which} %): "
+                     "the facts are not learned yet, so the 'gain' is the answer format only and a recovery above "
+                     "100 % there means little. ")
     per_source = {}
     for s in V:
         vals = [rec[t][s] for t in V if t != s and t not in at_chance and rec[t].get(s) is not None]
         if vals:
-            per_source[s] = (min(vals), max(vals))
+            per_source[s] = vals
     if per_source:
-        parts.append("Recovery by source Δ over the other targets: " + "; ".join(
-            f"Δ{s[1:]} {_frac(lo)}–{_frac(hi)}" for s, (lo, hi) in per_source.items()) + ".")
-    return "".join(parts)
+        left_out = f" (leaving out {_names(at_chance)})" if at_chance else ""
+        parts.append(f"Recovery by source Δ over the other targets{left_out}: "
+                     + "; ".join(f"Δ{s[1:]} {span(vals, _frac)}" for s, vals in per_source.items()) + ".")
+    return "".join(parts).rstrip()
 
 
 def _reading_ttf(r: dict) -> str:
@@ -376,31 +489,36 @@ def _reading_ttf(r: dict) -> str:
     parts = ["**Reading.** "]
     for pair, d in t["steps_to_plain_final"].items():
         a, b = d["first_step_transfer"], d["first_step_plain"]
+        plain = "plain FT never did" if b is None else f"plain FT at step {b}"
         if a is None:
             parts.append(f"From {pair} fine-tuning never reached plain FT's final {_pct(d['plain_final'])} within the "
-                         f"budget (plain FT got there at step {b}). ")
+                         f"budget ({plain}). ")
         elif b is None or a < b:
-            parts.append(f"From {pair} it starts at {_pct(d['start_transfer'])} and reaches plain FT's final score at "
-                         f"step {a}, plain FT at step {b}. ")
+            parts.append(f"From {pair} it starts at {_pct(d['start_transfer'])} and reaches plain FT's final score "
+                         f"({_pct(d['plain_final'])}) at step {a}, {plain}. ")
         else:
-            parts.append(f"From {pair} it reaches plain FT's final score at step {a}, no earlier than plain FT ({b}). ")
-    return "".join(parts)
+            parts.append(f"From {pair} it reaches plain FT's final score ({_pct(d['plain_final'])}) at step {a}, no "
+                         f"earlier than plain FT ({b}). ")
+    return "".join(parts).rstrip()
 
 
 def _reading_iter(r: dict) -> str:
     rows = r["iterative"]["rows"]
-    wins = sum(x["iter"] >= x["dir"] for x in rows.values())
-    return (f"**Reading.** Δ^iter ≥ Δ^dir at {wins} of {len(rows)} versions; both vs plain FT: "
-            + "; ".join(f"{v} {_pct(x['iter'] - x['ft'])} / {_pct(x['dir'] - x['ft'])} points" for v, x in rows.items())
-            + " (iter / dir minus plain).")
+    cmp = [0 if _pct(x["iter"]) == _pct(x["dir"]) else 1 if x["iter"] > x["dir"] else -1 for x in rows.values()]
+    counts = [f"{what} at {n}" for n, what in ((cmp.count(1), "above"), (cmp.count(0), "equal"),
+                                               (cmp.count(-1), "below")) if n]
+    return (f"**Reading.** FT(M_i + Δ^iter) against FT(M_i + Δ^dir): {_names(counts)} of {len(rows)} versions "
+            f"(at the first link they are the same model). Both minus plain FT, in points: "
+            + "; ".join(f"{v} {_pts(x['iter'] - x['ft'])} / {_pts(x['dir'] - x['ft'])}" for v, x in rows.items())
+            + " (iter / dir).")
 
 
 def _reading_backport(r: dict) -> str:
     rows = r["backport"]["rows"]
     return ("**Reading.** " + "; ".join(
-        f"({x['old']}, {x['new']}): backporting recovers {_pct(x['backport'] - x['old_base'])} points of FT(old)'s "
-        f"{_pct(x['old_ft'] - x['old_base'])}, recycling {_pct(x['recycle'] - x['new_base'])} of FT(new)'s "
-        f"{_pct(x['new_ft'] - x['new_base'])}" for x in rows) + ".")
+        f"({x['old']}, {x['new']}): backporting gains {_pts(x['backport'] - x['old_base'])} points where FT(old) "
+        f"gains {_pts(x['old_ft'] - x['old_base'])}, recycling {_pts(x['recycle'] - x['new_base'])} where FT(new) "
+        f"gains {_pts(x['new_ft'] - x['new_base'])}" for x in rows) + ".")
 
 
 def _reading_language(r: dict) -> str:
@@ -411,24 +529,67 @@ def _reading_language(r: dict) -> str:
     tgt, merged = rows[f"FT({t})"]["heldout"], rows[f"FT({t})+Δb{s[1:]}"]["heldout"]
     return (f"**Reading.** The language-b fine-tune lifts the source instruct model from {_pct(src)} to {_pct(src_b)} "
             f"on language-b questions; adding its Δ to {t}'s instruct model moves that from {_pct(tgt)} to "
-            f"{_pct(merged)}" + (" — above the fine-tuned source, as Malagasy in Table 2." if merged > src_b else "."))
+            f"{_pct(merged)}" + (" — above the fine-tuned source, as Malagasy in Table 2."
+                                 if _pct(merged) != _pct(src_b) and merged > src_b else "."))
+
+
+#: a within-run barrier below this (nats) reads as "flat"
+FLAT_BARRIER = 0.05
+
+
+def barrier_groups(r: dict) -> dict[str, dict[str, float]]:
+    """The connectivity pairs' barriers (nats) in three groups: ``within`` (two versions of one run),
+    ``to_mx`` (a version and Mx, the other initialisation) and ``to_m0`` (M0, the random init, and any
+    other base, Mx included)."""
+    V = set(r["config"]["versions"])
+    out: dict[str, dict[str, float]] = {"within": {}, "to_mx": {}, "to_m0": {}}
+    for pair, v in (r.get("connectivity") or {}).get("curves", {}).items():
+        a, _, b = pair.partition("-")
+        group = "to_m0" if "M0" in (a, b) else "to_mx" if "Mx" in (a, b) else "within" if {a, b} <= V else None
+        if group:
+            out[group][pair] = v["barrier"]
+    return out
+
+
+def _nats(x: float) -> str:
+    return f"{x:.3f}"
 
 
 def _reading_conn(r: dict) -> str:
     c = r["connectivity"]
-    same = [v["barrier"] for k, v in c["curves"].items() if "Mx" not in k]
-    other = [v["barrier"] for k, v in c["curves"].items() if "Mx" in k]
+    g = barrier_groups(r)
+    within, to_mx, to_m0 = (list(g[k].values()) for k in ("within", "to_mx", "to_m0"))
+    said = []
+    if within:
+        said.append(f"between two versions of one run the loss barrier is {span(within, _nats)} nats")
+    if to_mx:
+        said.append(f"between a version and Mx (same data, other initialisation) {span(to_mx, _nats)}")
+    if to_m0:
+        said.append(f"between M0 (random initialisation) and any other base {span(to_m0, _nats)}")
     txt = "**Reading.** "
-    if same and other:
-        txt += (f"Between versions of one run the loss barrier is at most {max(same):.2f} nats; between any version "
-                f"and Mx at least {min(other):.2f}. ")
+    if said:
+        txt += said[0][0].upper() + "; ".join(said)[1:] + ". "
     rho = c["spearman"]
-    best = max(((k, v) for k, v in rho.items() if v is not None), key=lambda kv: abs(kv[1]), default=None)
+    best = max(((k, v) for k, v in rho.items() if v is not None), key=lambda kv: (abs(kv[1]), kv[0]), default=None)
     if best:
-        txt += (f"The strongest predictor of the gain here is {best[0].replace('_vs_gain', '')} (ρ = {best[1]:+.2f}); "
-                "the barrier separates Mx from the family but is flat inside it, so it cannot rank Δ sources of one "
-                "lineage." if same and max(same) < 0.05 else "")
-    return txt
+        tied = sorted(k for k, v in rho.items() if v is not None and f"{abs(v):.2f}" == f"{abs(best[1]):.2f}")
+        if len(tied) > 1:
+            names = _names([k.replace("_vs_gain", "") for k in tied])
+            txt += (f"The strongest predictors of the gain here are {names} "
+                    f"(|ρ| = {abs(best[1]):.2f}). ")
+        else:
+            name = best[0].replace("_vs_gain", "")
+            txt += f"The strongest predictor of the gain here is {name} (ρ = {best[1]:+.2f}). "
+    if within and to_mx:
+        if min(to_mx) > max(within):
+            txt += (f"The barrier separates Mx from the family (every pair with Mx ≥ {_nats(min(to_mx))}, every pair "
+                    f"within the run ≤ {_nats(max(within))} nats)")
+            txt += (f" but is flat inside it (below {FLAT_BARRIER} nats), so it cannot rank Δ sources of one lineage."
+                    if max(within) < FLAT_BARRIER else ".")
+        else:
+            txt += (f"The barrier does not separate Mx from the family: a pair within the run reaches "
+                    f"{_nats(max(within))} nats, a pair with Mx is as low as {_nats(min(to_mx))}.")
+    return txt.rstrip()
 
 
 def write_outputs(r: dict, run_dir: Path) -> None:
@@ -436,5 +597,12 @@ def write_outputs(r: dict, run_dir: Path) -> None:
     r["claims"] = claims(r)
     figs = figures(r, run_dir / "figures")
     r["figures"] = figs
-    write_text(run_dir / "results.json", json.dumps(r, indent=1, sort_keys=True, default=str))
-    write_text(run_dir / "report.md", report_md(r, figs))
+    text = json.dumps(r, indent=1, sort_keys=True, default=str)
+    write_text(run_dir / "results.json", text)
+    # rendered from the file just written, so report.md is exactly what rerender(run_dir) gives
+    write_text(run_dir / "report.md", report_md(json.loads(text)))
+
+
+def rerender(run_dir: Path) -> str:
+    """``report.md`` of a finished (or committed) run, from its ``results.json`` alone: no lab step reruns."""
+    return report_md(json.loads((Path(run_dir) / "results.json").read_text()))

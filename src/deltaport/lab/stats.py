@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from deltaport.stats import Statistic, hierarchical_bootstrap, point, spearman, verdict
+from deltaport.stats import Statistic, hierarchical_bootstrap, point, seeds_needed, spearman, verdict, z_of
 
-__all__ = ["Statistic", "as_vector", "hierarchical_bootstrap", "point", "spearman", "verdict"]
+__all__ = ["Statistic", "as_vector", "hierarchical_bootstrap", "point", "seeds_needed", "spearman", "verdict", "z_of"]
 
 
 def as_vector(items: str) -> np.ndarray:

@@ -28,7 +28,9 @@ from deltaport.lab.store import JsonCache, is_built, mark_built, model_hash, ste
 class CachedLibrary:
     """deltaport's library calls for one lab run, each cached by content.
 
-    Counters read by the report: ``reused`` (steps taken from the cache, and ``computed_*`` ones),
+    Counters read by the report: ``reused`` (``computed_<kind>``: steps run now; ``<kind>``: results found
+    from an earlier run in this directory; ``repeated_<kind>``: requests for a result already computed
+    earlier in this same run, so a fresh run reuses nothing from before),
     ``timings`` (seconds per kind of step), ``items`` (per-item correctness of every scored
     ``(model, task)``) and ``item_mismatch`` (largest gap between the per-item scorer and lm-eval).
     """
@@ -42,13 +44,24 @@ class CachedLibrary:
         self.cache = JsonCache(self.run_dir / "cache")
         self.tick = tick or (lambda label: None)
         self.timings: dict[str, float] = {}
-        self.reused: dict[str, int] = {}
+        # every counter present, zeros included (the report tells "from an earlier run" from "repeated")
+        self.reused: dict[str, int] = {f"{how}{what}": 0 for what in ("evals", "finetunes", "compressed_deltas")
+                                       for how in ("computed_", "", "repeated_")}
         self.items: dict[tuple[str, str], str] = {}
         self.item_mismatch = 0.0
         self._loaded: dict[str, object] = {}  # content hash -> model in memory
+        self._made: set[str] = set()  # keys of the steps computed in this run
 
     def _count(self, what: str) -> None:
         self.reused[what] = self.reused.get(what, 0) + 1
+
+    def _computed(self, what: str, key: str) -> None:
+        self._made.add(key)
+        self._count(f"computed_{what}")
+
+    def _found(self, what: str, key: str) -> None:
+        """A cache hit: from an earlier run (``what``) or from earlier in this run (``repeated_<what>``)."""
+        self._count(f"repeated_{what}" if key in self._made else what)
 
     @contextlib.contextmanager
     def timed(self, kind: str) -> Iterator[None]:
@@ -103,12 +116,12 @@ class CachedLibrary:
         out = self.run_dir / "deltas" / name
         key = step_key("compress", delta=model_hash(delta), setting={"method": method, **setting}, seed=seed)
         if is_built(out, key):
-            self._count("compressed_deltas")
+            self._found("compressed_deltas", key)
             return out
         with self.timed("compress"):
             compress(delta, out, method=method, seed=seed, overwrite=True, threads=1, **setting)
             mark_built(out, key, {"delta": str(delta), "setting": {"method": method, **setting}, "seed": seed})
-        self._count("computed_compressed_deltas")
+        self._computed("compressed_deltas", key)
         return out
 
     # ------------------------------------------------------------ fine-tuning
@@ -128,7 +141,7 @@ class CachedLibrary:
         curve_key = step_key("curve", ft=key, task=curve_task, items=_task_hash(self.tasks[curve_task])
                              if curve_task else None, every=curve_every)
         if is_built(out, key) and (curve_task is None or self.cache.get(curve_key) is not None):
-            self._count("finetunes")
+            self._found("finetunes", key)
             return out, (self.cache.get(curve_key) or {}).get("curve", [])
         with self.timed("finetune"):
             options = dict(recipe="quick", steps=steps, lr=lr, batch_size=batch_size, seed=self.seed, overwrite=True,
@@ -142,7 +155,7 @@ class CachedLibrary:
             mark_built(out, key, {"init": str(init), "steps": steps, "lr": lr, "data": data_label})
             if curve_task:
                 self.cache.put(curve_key, {"curve": curve})
-        self._count("computed_finetunes")
+        self._computed("finetunes", key)
         self.tick(f"finetune {name}")
         return out, curve
 
@@ -178,7 +191,7 @@ class CachedLibrary:
                     out[name][task] = record["exact_match"]
                     if "items" in record:
                         self.items[(name, task)] = record["items"]
-                    self._count("evals")
+                    self._found("evals", keys[(name, task)])
         if not todo:
             return out
         with self.timed("eval"):
@@ -196,7 +209,7 @@ class CachedLibrary:
                         mean = record["items"].count("1") / max(1, len(record["items"]))
                         self.item_mismatch = max(self.item_mismatch, abs(mean - out[name][task]))
                     self.cache.put(keys[(name, task)], record)
-                    self._count("computed_evals")
+                    self._computed("evals", keys[(name, task)])
         self.tick(f"eval {len(todo)} model(s)")
         return out
 
