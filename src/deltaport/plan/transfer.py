@@ -140,7 +140,7 @@ def plan_transfer(sb: Checkpoint, sf: Checkpoint, tb: Checkpoint, policies: Poli
             desc = f"source-base {list(b.shape)}, source-finetuned {list(a.shape)}, target {list(c.shape)}"
             if policies.vocab_policy == "error":
                 problems.add(f"{name}: vocabulary sizes differ ({desc}). Choose --vocab-policy pad (official script: "
-                             "zero rows appended to the shorter models, new tokens get the fine-tuned rows) or "
+                             "zero rows appended to the shorter models, new tokens get λ × their fine-tuned rows) or "
                              "--vocab-policy align (rows matched by token string using both tokenizers; "
                              "target-only tokens get no Δ)")
                 continue
