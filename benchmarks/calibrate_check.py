@@ -164,8 +164,8 @@ def measure_lab(seed: int, lab_dir: Path, max_tokens: int, size: str = "medium")
             ft_of = t if f"FT({t})" in scores else s
             ft_gain = scores[f"FT({ft_of})"]["heldout"] - scores[ft_of]["heldout"]
             recovery = gain / ft_gain if ft_gain >= 0.05 else float("nan")
-            rows.append({"family": f"lab {size} {seed}", "size": size, "seed": seed, "source": s, "target": t,
-                         "kind": lab_kind(s, t),
+            rows.append({"family": f"lab {size} {seed}", "size": size, "seed": seed, "model": cfg.to_dict()["model"],
+                         "source": s, "target": t, "kind": lab_kind(s, t),
                          **{k: r["signals"][k] for k in SIGNALS}, "barrier": r["signals"]["barrier"],
                          "score_base": grid["base"][t], "score_transfer": grid["cells"][t][s],
                          "ft_gain": ft_gain, "recovery": recovery,
@@ -194,7 +194,7 @@ def fit(rows: list[dict]) -> dict:
         "signals": signals,
         "scale": {"num_parameters": [sizes[0], sizes[-1]],
                   "rel_distance_max": 3 * max(r["rel_distance"] for r in rows)},
-        "families": [{"family": f, "num_parameters": next(r["num_parameters"] for r in rows if r["family"] == f)}
+        "families": [{k: next(r for r in rows if r["family"] == f).get(k) for k in ("family", "num_parameters", "seed", "model")}
                      for f in families],
         "source": f"benchmarks/calibrate_check.py (famil{'y' if len(families) == 1 else 'ies'} {', '.join(families)}; "
                   "table: docs/check-calibration.md)",
@@ -378,6 +378,7 @@ def main(argv=None) -> int:
                      else (lambda sd: measure_lab(sd, lab_dir, args.max_tokens)))
     cross_rows = [r for sd in args.cross_seeds for r in cross_measure(sd)]
     elapsed = time.perf_counter() - t0
+    calib["held_out"] = sorted({r["family"] for r in score_rows}) + sorted({r["family"] for r in cross_rows})
     cal_table = table(cal_rows, calib)
     score_table = table(score_rows, calib)
     c_ok, c_wrong, c_h, c_n = agreement(cal_rows)
