@@ -151,6 +151,53 @@ def test_shipped_calibration_is_well_formed_and_matches_the_doc():
         fmt = lambda v: "–" if v is None else f"{v:.4f}"  # noqa: E731
         assert cells[3:5] == [fmt(th["likely_max"]), fmt(th["unlikely_min"])]
     assert re.search(r"Calibrated scale: [\d,]+–[\d,]+ parameters", doc)
+    lo, hi = cal["scale"]["num_parameters"]
+    assert f"Calibrated scale: {lo:,}–{hi:,} parameters" in doc
+    if "families" in cal:  # a calibration of several sizes: its span is theirs, no wider, and its rows are committed
+        sizes = [f["num_parameters"] for f in cal["families"]]
+        assert [lo, hi] == [min(sizes), max(sizes)]
+        results = json.loads((ROOT / "docs" / "results" / "check-calibration.json").read_text())
+        assert results["calibration"]["signals"] == cal["signals"]
+        assert sorted({r["family"] for r in results["rows"]["calibration"]}) == sorted(f["family"] for f in cal["families"])
+
+
+def _calibration_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("calibrate_check", ROOT / "benchmarks" / "calibrate_check.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _row(size: str, n: int, source: str, target: str, kind: str, b: float, d: float, label: str) -> dict:
+    return {"family": f"lab {size} 0", "size": size, "seed": 0, "model": {"hidden_size": n}, "source": source,
+            "target": target, "kind": kind, "relative_barrier": b, "rel_distance": d, "excess_loss_rel": -0.1,
+            "label": label, "num_parameters": n, "recovery": 1.0 if label == "works" else 0.0}
+
+
+def test_calibration_over_sizes_states_their_span_and_scores_each_size_with_the_others():
+    """benchmarks/calibrate_check.py's fit and scale tables on hand-made rows of two sizes: the span is
+    exactly the two sizes; a size scored with the other size's thresholds is graded on them alone."""
+    cc = _calibration_script()
+    rows = [_row("small", 1_000, "M1", "M2", "within lineage", 0.0, 0.30, "works"),
+            _row("small", 1_000, "M1", "Mx", "independent seed", 0.40, 1.20, "fails"),
+            _row("small", 1_000, "M2", "M1", "within lineage (backport)", 0.0, 0.50, "works"),
+            _row("medium", 100_000, "M1", "M2", "within lineage", 0.0, 0.60, "works"),
+            _row("medium", 100_000, "M1", "M0", "random init", 0.02, 0.90, "fails")]
+    cal = cc.fit(rows)
+    assert cal["scale"]["num_parameters"] == [1_000, 100_000]
+    assert [f["family"] for f in cal["families"]] == ["lab small 0", "lab medium 0"]
+    th = cal["signals"]["rel_distance"]  # working up to 0.60, failing from 0.90 (pooled)
+    assert (th["max_working"], th["min_failing_above"]) == (0.60, 0.90)
+    assert th["likely_max"] == pytest.approx(0.70) and th["unlikely_min"] == pytest.approx(0.80)
+    lines, record = cc.scale_tables(rows)
+    assert record["small"]["signals"]["rel_distance"]["by_kind"]["within lineage"] == [0.30, 0.50]
+    assert record["small"]["signals"]["rel_distance"]["own_thresholds"]["min_failing_above"] == 1.20
+    # medium scored with small's thresholds alone (working ≤ 0.5, failing ≥ 1.2): 0.60 is "uncertain",
+    # the random-init target is caught by the barrier (0.02 ≥ 2/3 of the way to 0.40)
+    assert record["medium"]["left_out"] == {"fitted_on": ["small"], "right": 1, "wrong": 0, "hedged": 1, "of": 2}
+    assert any(line.startswith("| medium | 100,000 | small | 1 | 0 | 1 | 2 |") for line in lines)
 
 
 def test_cli_check(fam, tmp_path):
