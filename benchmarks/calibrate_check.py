@@ -425,7 +425,7 @@ def main(argv=None) -> int:
         f"    {cmd}",
         "",
         f"Run: {run['utc']} UTC, {elapsed:.0f} s (lab families cached in `--lab-dir` are reused), torch "
-        f"{torch.__version__}, 1 thread, {platform.machine()}. Every row below: `{Path(args.results).relative_to(ROOT)}`.",
+        f"{torch.__version__}, 1 thread, {platform.machine()}. Every row below: `{os.path.relpath(args.results, ROOT)}`.",
         "",
         "## What was measured",
         "",

@@ -69,16 +69,19 @@ def test_outside_the_calibrated_scale_the_signals_still_get_plain_words():
     against their thresholds (the grades of a calibrated model with the same signals)."""
     v, reason, grades = classify(sig(b=0.2, d=0.45), 5_000_000, CAL)
     assert v == "uncalibrated"
-    assert "fitted on lab families of 1,000–100,000 parameters" in reason
-    assert "5,000,000 parameters, 50× the largest calibration family's 100,000" in reason
+    assert "calibrated for models of 1,000–100,000 parameters" in reason
+    assert "5,000,000 parameters, 50× the top of that span" in reason
     assert "for comparison only" in reason
     assert "barrier between the two bases is 20.0% of their mean loss" in reason and "where failing pairs sat" in reason
     assert "between working and failing pairs" in reason  # rel_distance 0.45: between 0.4 and 0.5
     assert grades == classify(sig(b=0.2, d=0.45), 5000, CAL)[2] == {
         "relative_barrier": "bad", "rel_distance": "grey", "excess_loss_rel": "ok"}
     v, reason, _ = classify(sig(), 100, CAL)
-    assert v == "uncalibrated" and "100 parameters, 10× fewer than the smallest calibration family's 1,000" in reason
+    assert v == "uncalibrated" and "100 parameters, 10× below the bottom of that span" in reason
     assert reason.count("where working pairs sat") == 3
+    several = dict(CAL, families=[{"family": "lab small 0", "num_parameters": 1000}, {"family": "lab large 0",
+                                                                                      "num_parameters": 100_000}])
+    assert "the thresholds were fitted on lab families of 1,000–100,000 parameters" in classify(sig(), 100, several)[1]
 
 
 def test_target_equal_to_source_base_gives_exact_zero_signals(fam):

@@ -75,8 +75,8 @@ _GRADE_WORDS = {"ok": "where working pairs sat", "grey": "between working and fa
 def _where(n: int, lo: int, hi: int) -> str:
     """Where a parameter count sits relative to the calibrated span, in words."""
     if n > hi:
-        return f"{n:,} parameters, {n / hi:,.0f}× the largest calibration family's {hi:,}"
-    return f"{n:,} parameters, {lo / max(n, 1):,.0f}× fewer than the smallest calibration family's {lo:,}"
+        return f"{n:,} parameters, {n / hi:,.0f}× the top of that span"
+    return f"{n:,} parameters, {lo / max(n, 1):,.0f}× below the bottom of that span"
 
 
 def classify(signals: dict[str, float], num_parameters: int, calibration: dict | None) -> tuple[str, str, dict]:
@@ -92,8 +92,9 @@ def classify(signals: dict[str, float], num_parameters: int, calibration: dict |
     grades = _grades(signals, calibration)
     outside = None
     if not lo <= num_parameters <= hi:
-        outside = (f"the thresholds were fitted on lab families of {lo:,}–{hi:,} parameters; this model has "
-                   f"{_where(num_parameters, lo, hi)}, so there is no verdict")
+        span = (f"were fitted on lab families of {lo:,}–{hi:,} parameters" if calibration.get("families") else
+                f"are calibrated for models of {lo:,}–{hi:,} parameters")
+        outside = f"the thresholds {span}; this model has {_where(num_parameters, lo, hi)}, so there is no verdict"
     elif signals["rel_distance"] > scale["rel_distance_max"]:
         outside = (f"the relative distance {signals['rel_distance']:.3g} is far outside the calibrated range "
                    f"(≤ {scale['rel_distance_max']:.3g}), so there is no verdict")
