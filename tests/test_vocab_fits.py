@@ -192,3 +192,21 @@ def test_the_written_output_is_checked_again_before_it_is_published(models, tmp_
     with pytest.raises(deltaport.InputError, match="found in the written output, which was not published"):
         deltaport.transfer(models["sb"], models["sf_broken"], models["tb"], out, tokenizer_from="source-finetuned")
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_an_unreadable_tokenizer_is_reported_not_guessed(models, tmp_path):
+    """A tokenizer.json that is not JSON: the fine-tune's (not the output's) costs only the names of its
+    dropped tokens; the output's own is copied as given, with a warning that it could not be checked."""
+    import shutil
+
+    sf = tmp_path / "sf"
+    shutil.copytree(models["sf"], sf)
+    (sf / "tokenizer.json").write_text("{not json")
+    r = deltaport.transfer(models["sb"], sf, models["tb"], tmp_path / "o", vocab_policy="pad")
+    rec = r.provenance["output_tokenizer"]
+    assert rec["checked"] and "finetuned_tokens_dropped" not in rec
+    r = deltaport.transfer(models["sb"], sf, models["tb"], tmp_path / "o2", vocab_policy="pad",
+                           tokenizer_from="source-finetuned")
+    rec = r.provenance["output_tokenizer"]
+    assert not rec["checked"] and "not valid JSON" in rec["reason"]
+    assert any(w.startswith("could not check that every id of the output's tokenizer") for w in r.plan.warnings)

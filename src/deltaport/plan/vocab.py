@@ -191,7 +191,12 @@ def check_tokenizer_fits(tokenizer_dir: Path | None, rows: dict[str, int], *, fi
     the record for provenance, with the tokens of the fine-tune's tokenizer (``finetuned_dir``) that the
     output's tokenizer lacks (``finetuned_tokens_dropped``), and ``warnings`` to show."""
     record: dict = {"tokenizer": None if tokenizer_dir is None else str(tokenizer_dir), "checked": False, "warnings": []}
-    ids = tokenizer_ids(tokenizer_dir) if tokenizer_dir is not None else None
+    try:
+        ids = tokenizer_ids(tokenizer_dir) if tokenizer_dir is not None else None
+    except PlanError as exc:  # a tokenizer transformers cannot load either: say so, do not guess
+        record["reason"] = f"the output's tokenizer could not be read: {exc}"
+        record["warnings"].append(f"could not check that every id of the output's tokenizer has an embedding row: {exc}")
+        return record
     if ids is None:
         record["reason"] = "the output has no tokenizer"
         return record
@@ -206,7 +211,11 @@ def check_tokenizer_fits(tokenizer_dir: Path | None, rows: dict[str, int], *, fi
         raise PlanError(f"the output's tokenizer (from {tokenizer_dir}) has {len(over)} token id(s) at or past row {n}, "
                         f"but {has}: {shown}{', ...' if len(over) > WARNED else ''}. A forward pass over those tokens "
                         f"would fail (index out of range). {fix}".rstrip())
-    ft_ids = tokenizer_ids(finetuned_dir) if finetuned_dir is not None and Path(finetuned_dir) != Path(tokenizer_dir) else None
+    try:
+        ft_ids = (tokenizer_ids(finetuned_dir) if finetuned_dir is not None and Path(finetuned_dir) != Path(tokenizer_dir)
+                  else None)
+    except PlanError:  # the fine-tune's tokenizer is not the output's: an unreadable one only means no names
+        ft_ids = None
     if ft_ids is not None:
         dropped = sorted(((t, i) for t, i in ft_ids.items() if t not in ids), key=lambda kv: kv[1])
         record["finetuned_tokens_dropped"] = _tokens(dropped, "finetuned_id")
