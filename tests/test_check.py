@@ -64,6 +64,26 @@ def test_classify_rule():
     assert classify(sig(), 5000, None)[0] == "uncalibrated"
 
 
+def test_outside_the_calibrated_scale_the_signals_still_get_plain_words():
+    """No verdict, but where the model sits relative to the calibration families and how each signal reads
+    against their thresholds (the grades of a calibrated model with the same signals)."""
+    v, reason, grades = classify(sig(b=0.2, d=0.45), 5_000_000, CAL)
+    assert v == "uncalibrated"
+    assert "calibrated for models of 1,000–100,000 parameters" in reason
+    assert "5,000,000 parameters, 50× the top of that span" in reason
+    assert "for comparison only" in reason
+    assert "barrier between the two bases is 20.0% of their mean loss" in reason and "where failing pairs sat" in reason
+    assert "between working and failing pairs" in reason  # rel_distance 0.45: between 0.4 and 0.5
+    assert grades == classify(sig(b=0.2, d=0.45), 5000, CAL)[2] == {
+        "relative_barrier": "bad", "rel_distance": "grey", "excess_loss_rel": "ok"}
+    v, reason, _ = classify(sig(), 100, CAL)
+    assert v == "uncalibrated" and "100 parameters, 10× below the bottom of that span" in reason
+    assert reason.count("where working pairs sat") == 3
+    several = dict(CAL, families=[{"family": "lab small 0", "num_parameters": 1000}, {"family": "lab large 0",
+                                                                                      "num_parameters": 100_000}])
+    assert "the thresholds were fitted on lab families of 1,000–100,000 parameters" in classify(sig(), 100, several)[1]
+
+
 def test_target_equal_to_source_base_gives_exact_zero_signals(fam):
     r = check(fam["sb"], fam["sf"], fam["sb"], fam["data"], max_tokens=512)
     s = r["signals"]
@@ -134,6 +154,53 @@ def test_shipped_calibration_is_well_formed_and_matches_the_doc():
         fmt = lambda v: "–" if v is None else f"{v:.4f}"  # noqa: E731
         assert cells[3:5] == [fmt(th["likely_max"]), fmt(th["unlikely_min"])]
     assert re.search(r"Calibrated scale: [\d,]+–[\d,]+ parameters", doc)
+    lo, hi = cal["scale"]["num_parameters"]
+    assert f"Calibrated scale: {lo:,}–{hi:,} parameters" in doc
+    if "families" in cal:  # a calibration of several sizes: its span is theirs, no wider, and its rows are committed
+        sizes = [f["num_parameters"] for f in cal["families"]]
+        assert [lo, hi] == [min(sizes), max(sizes)]
+        results = json.loads((ROOT / "docs" / "results" / "check-calibration.json").read_text())
+        assert results["calibration"]["signals"] == cal["signals"]
+        assert sorted({r["family"] for r in results["rows"]["calibration"]}) == sorted(f["family"] for f in cal["families"])
+
+
+def _calibration_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("calibrate_check", ROOT / "benchmarks" / "calibrate_check.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _row(size: str, n: int, source: str, target: str, kind: str, b: float, d: float, label: str) -> dict:
+    return {"family": f"lab {size} 0", "size": size, "seed": 0, "model": {"hidden_size": n}, "source": source,
+            "target": target, "kind": kind, "relative_barrier": b, "rel_distance": d, "excess_loss_rel": -0.1,
+            "label": label, "num_parameters": n, "recovery": 1.0 if label == "works" else 0.0}
+
+
+def test_calibration_over_sizes_states_their_span_and_scores_each_size_with_the_others():
+    """benchmarks/calibrate_check.py's fit and scale tables on hand-made rows of two sizes: the span is
+    exactly the two sizes; a size scored with the other size's thresholds is graded on them alone."""
+    cc = _calibration_script()
+    rows = [_row("small", 1_000, "M1", "M2", "within lineage", 0.0, 0.30, "works"),
+            _row("small", 1_000, "M1", "Mx", "independent seed", 0.40, 1.20, "fails"),
+            _row("small", 1_000, "M2", "M1", "within lineage (backport)", 0.0, 0.50, "works"),
+            _row("medium", 100_000, "M1", "M2", "within lineage", 0.0, 0.60, "works"),
+            _row("medium", 100_000, "M1", "M0", "random init", 0.02, 0.90, "fails")]
+    cal = cc.fit(rows)
+    assert cal["scale"]["num_parameters"] == [1_000, 100_000]
+    assert [f["family"] for f in cal["families"]] == ["lab small 0", "lab medium 0"]
+    th = cal["signals"]["rel_distance"]  # working up to 0.60, failing from 0.90 (pooled)
+    assert (th["max_working"], th["min_failing_above"]) == (0.60, 0.90)
+    assert th["likely_max"] == pytest.approx(0.70) and th["unlikely_min"] == pytest.approx(0.80)
+    lines, record = cc.scale_tables(rows)
+    assert record["small"]["signals"]["rel_distance"]["by_kind"]["within lineage"] == [0.30, 0.50]
+    assert record["small"]["signals"]["rel_distance"]["own_thresholds"]["min_failing_above"] == 1.20
+    # medium scored with small's thresholds alone (working ≤ 0.5, failing ≥ 1.2): 0.60 is "uncertain",
+    # the random-init target is caught by the barrier (0.02 ≥ 2/3 of the way to 0.40)
+    assert record["medium"]["left_out"] == {"fitted_on": ["small"], "right": 1, "wrong": 0, "hedged": 1, "of": 2}
+    assert any(line.startswith("| medium | 100,000 | small | 1 | 0 | 1 | 2 |") for line in lines)
 
 
 def test_cli_check(fam, tmp_path):

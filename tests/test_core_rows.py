@@ -147,6 +147,54 @@ def test_align_unmatched_rows_finetuned_copies_the_finetuned_row(added, tmp_path
     assert "--vocab-policy align --unmatched-rows finetuned" in (tmp_path / "o" / "README.md").read_text()
 
 
+def _align_by_finetuned_tokenizer(added, scale: float) -> dict[str, torch.Tensor]:
+    """Row j is the fine-tune's token j: found in the target by its string (k), it gets T[k] + λ·(F − B)
+    when the base has it too, else keeps T[k]; a token the target lacks gets λ·F (target and base rows
+    read as zeros, as under pad). Rows no token of the fine-tune maps to keep T[j], or are zeros past the
+    target's rows. Rows: the target's, or the fine-tune's ids + 1 when more."""
+    a, b, c = (load_sd(added[k]) for k in ("sf", "sb", "tb"))
+    va, vb, vc = (added["vocab"][k] for k in ("sf", "sb", "tb"))
+    by_id = {i: s for s, i in va.items()}
+    want = {}
+    for k in (EMB, HEAD):
+        zero = torch.zeros_like(c[k][0])
+        rows = []
+        for j in range(max(c[k].shape[0], max(va.values()) + 1)):
+            s = by_id.get(j)
+            if s is None:
+                rows.append(c[k][j].clone() if j < c[k].shape[0] else zero)
+            elif vc.get(s, 1 << 30) >= c[k].shape[0]:
+                rows.append(exact_transfer(zero, a[k][j], zero, scale))
+            elif vb.get(s, 1 << 30) < b[k].shape[0]:
+                rows.append(exact_transfer(c[k][vc[s]], a[k][j], b[k][vb[s]], scale))
+            else:
+                rows.append(c[k][vc[s]].clone())
+        want[k] = torch.stack(rows)
+    return want
+
+
+@pytest.mark.parametrize("scale", [0.7, -0.5])
+def test_align_with_the_finetunes_tokenizer_indexes_rows_by_its_ids(added, tmp_path, scale):
+    """--tokenizer-from source-finetuned: the output's rows are the fine-tune's token ids (its tokenizer is
+    the output's), each matched to the target by token string; every id has a row and runs."""
+    from transformers import AutoModelForCausalLM
+
+    r = deltaport.transfer(added["sb"], added["sf"], added["tb"], tmp_path / "o", vocab_policy="align", scale=scale,
+                           tokenizer_from="source-finetuned", chunk_elems=4099)
+    out, want = load_sd(tmp_path / "o"), _align_by_finetuned_tokenizer(added, scale)
+    for k in (EMB, HEAD):
+        diff = (bits(out[k]) != bits(want[k])).any(dim=1).nonzero().flatten().tolist()
+        assert out[k].shape == want[k].shape and diff == [], f"{k}: rows {diff} differ from the row-by-row reference"
+    rec = r.provenance["vocab_align"]
+    assert rec["output_tokenizer"] == "source-finetuned"
+    assert [t["token"] for t in rec["tokens_new_to_target"]["first"]] == ["<fin>"]  # <think>, <tool>: the target has them
+    assert [t["token"] for t in rec["target_tokens_dropped"]["first"]] == ["newword", "<tgt>"]
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "o")
+    assert model.config.vocab_size == out[EMB].shape[0]
+    with torch.no_grad():
+        model(torch.tensor([sorted(added["vocab"]["sf"].values())]))
+
+
 def test_align_with_one_vocabulary_is_a_plain_transfer(family, tmp_path):
     """Same tokenizer, same row counts: align changes nothing (padding rows included)."""
     p = family("llama", torch.bfloat16)

@@ -374,6 +374,34 @@ def test_check_scope_says_which_family_the_thresholds_saw():
     assert check_calibration_scope(load_config("full"))["in_sample"] is False
 
 
+
+def test_check_scope_of_a_calibration_over_several_sizes(monkeypatch):
+    """A calibration that records its families (benchmarks/calibrate_check.py --sizes ...): every size is in
+    sample at its seed, and the report's sentence names each size and the held-out families."""
+    import dataclasses
+
+    import deltaport.check
+    from deltaport.lab.config import ModelConfig
+    from deltaport.lab.experiments import check_calibration_scope
+
+    quick = load_config("quick")
+    small = dict(quick.to_dict()["model"], hidden_size=16, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2)
+    families = [{"family": "lab small 0", "num_parameters": 14_256, "seed": 0, "model": small},
+                {"family": "lab medium 0", "num_parameters": 150_336, "seed": 0, "model": quick.to_dict()["model"]}]
+    monkeypatch.setattr(deltaport.check, "load_calibration",
+                        lambda: {"families": families, "held_out": ["lab medium 1", "tiny 1"]})
+    for fam in families:
+        cfg = dataclasses.replace(quick, seed=0, model=ModelConfig(**fam["model"]))
+        scope = check_calibration_scope(cfg)
+        assert scope["in_sample"] is True, fam
+        assert check_calibration_scope(dataclasses.replace(cfg, seed=1))["in_sample"] is False
+    assert scope["fitted_on"] == ("lab families of the quick preset's world and schedule with 2 model size(s) (14,256, "
+                                  "150,336 parameters), seed 0 (docs/check-calibration.md); scored there on lab "
+                                  "medium 1, tiny 1")
+    big = dict(small, hidden_size=160)
+    assert check_calibration_scope(dataclasses.replace(quick, seed=0, model=ModelConfig(**big)))["in_sample"] is False
+
+
 def test_readme_blocks_must_exist():
     from deltaport.lab.readme import replace_blocks
 

@@ -48,6 +48,9 @@ RUNS = {
     "t0": ("finetuned", "release", dict(scale=0.0, chat_template_from="target")),
     "self": ("finetuned", "base", dict(chunk_elems=CUT)),
     "align": ("finetuned_added", "release_added", dict(vocab_policy="align", chunk_elems=CUT)),
+    "added-ft-tok": ("finetuned_added", "release", dict(vocab_policy="align", tokenizer_from="source-finetuned",
+                                                        chunk_elems=CUT)),
+    "added-tgt-tok": ("finetuned_added", "release", dict(vocab_policy="align")),
     "lora-aligned": ("adapter", "release", dict(chunk_elems=ROW_ALIGNED)),
     "lora-default": ("adapter", "release", {}),
     "lora-cut": ("adapter", "release", dict(chunk_elems=CUT)),
@@ -208,6 +211,42 @@ def test_align_with_tokens_added_by_the_real_tokenizer(smollm2, out_root):
     sb, sf, tb = R.Ckpt(m["base"]), R.Ckpt(m["finetuned_added"]), R.Ckpt(m["release_added"])
     assert R.Ckpt(out).shape(EMB) == (49155, 576)
     _assert_matches(out, lambda n: R.transfer_tensor(n, sb, sf, tb, vocab="align", vocabs=vocabs))
+
+
+@pytest.mark.parametrize("tokenizer", ["source-finetuned", "target"])
+def test_tokens_the_finetune_added_run_in_the_output(smollm2, out_root, tokenizer):
+    """The held-out trial's case: the fine-tune added three tokens (ids 49152-49154), the new release did
+    not. With the fine-tune's tokenizer, align gives the added ids rows (λ = 1: the fine-tune's own rows)
+    and a forward pass runs over every one; with the target's, the output is the plain transfer and
+    deltaport.json names the three tokens it drops. The rest is the plain transfer ("t1"), bit for bit."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import smollm2 as S
+
+    m = smollm2
+    out = _transfer(m, out_root, "added-ft-tok" if tokenizer == "source-finetuned" else "added-tgt-tok")
+    got, plain = R.Ckpt(out), R.Ckpt(_transfer(m, out_root, "t1"))
+    rows = 49155 if tokenizer == "source-finetuned" else 49152
+    assert got.shape(EMB) == (rows, 576) and sorted(got.names()) == sorted(plain.names())
+    for n in plain.names():
+        if n != EMB:
+            assert np.array_equal(got.bits(n), plain.bits(n)), n
+    assert np.array_equal(got.bits(EMB)[:49152], plain.bits(EMB))
+    prov = json.loads((out / "deltaport.json").read_text())
+    dropped = prov["output_tokenizer"].get("finetuned_tokens_dropped")
+    tok = AutoTokenizer.from_pretrained(out)
+    if tokenizer == "source-finetuned":
+        assert np.array_equal(got.bits(EMB)[49152:], R.Ckpt(m["finetuned_added"]).bits(EMB)[49152:])
+        ids = tok.convert_tokens_to_ids(S.FT_ADDED)
+        assert ids == [49152, 49153, 49154] and dropped is None
+    else:
+        assert dropped == {"count": 3, "first": [{"token": t, "finetuned_id": 49152 + i} for i, t in enumerate(S.FT_ADDED)]}
+        ids = tok("".join(S.FT_ADDED)).input_ids  # the target's tokenizer spells them with its own pieces
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16).eval()
+    assert model.config.vocab_size == rows == max(tok.get_vocab().values()) + 1
+    with torch.no_grad():
+        logits = model(torch.tensor([ids + [rows - 1]])).logits
+    assert logits.shape == (1, len(ids) + 1, rows) and torch.isfinite(logits).all()
 
 
 # ---------------------------------------------------------------------------------- invariants

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import deltaport
 from deltaport.assets import SOURCES, check_config_against_plan, output_config, write_model_files
-from deltaport.errors import CheckpointError, DeltaportError, InputError, OutputError
+from deltaport.errors import CheckpointError, DeltaportError, InputError, OutputError, PlanError
 from deltaport.io.atomic import atomic_output_dir, check_output_location, write_json
 from deltaport.io.checkpoint import PROVENANCE_NAME, Checkpoint, open_checkpoint
 from deltaport.io.tensors import dtype_name
@@ -84,13 +85,50 @@ def _precheck_files(plan: Plan, tb: Checkpoint, *, config_src: Path, tok_src: Pa
     return _config_check(cfg, plan, config_src, tb)
 
 
+def _token_rows(shapes: dict[str, tuple[int, ...]]) -> dict[str, int]:
+    """Rows of an output's vocabulary matrices (input embedding; output head when untied), by name: a
+    2-D tensor named like one, outside the numbered layers."""
+    return {n: s[0] for n, s in shapes.items() if is_vocab_tensor(n) and len(s) == 2 and not re.search(r"\.\d+\.", n)}
+
+
+_VOCAB_FIX = ("Take the tokenizer whose ids fit (--tokenizer-from target), or give the fine-tune's added tokens rows "
+              "(--vocab-policy pad{})")
+
+
+def _check_vocab(plan: Plan, tok_src: Path, finetuned_files: Path | None, *, fix: str) -> None:
+    """After planning: every id of the output's tokenizer has a row in every vocabulary matrix of the plan,
+    or :class:`~deltaport.errors.PlanError` (exit 2) before a byte is written; the fine-tune's tokens the
+    output's tokenizer lacks are named in ``plan.warnings`` and in provenance (``output_tokenizer``)."""
+    from deltaport.plan.vocab import check_tokenizer_fits
+
+    record = check_tokenizer_fits(tok_src, _token_rows({op.name: tuple(op.shape) for op in plan.ops}),
+                                  finetuned_dir=finetuned_files, fix=fix)
+    plan.warnings.extend(record.pop("warnings"))
+    plan.info["output_tokenizer"] = record
+
+
+def _check_written_vocab(tmp: Path) -> None:
+    """The same check on the written output (its tokenizer files and shard headers), before it is published."""
+    from deltaport.plan.vocab import check_tokenizer_fits
+
+    written = open_checkpoint(tmp)
+    try:
+        check_tokenizer_fits(tmp, _token_rows({n: tuple(t.shape) for n, t in written.tensors.items()}))
+    except InputError as exc:
+        raise PlanError(f"{exc} (found in the written output, which was not published)") from None
+
+
 def _check_then_fetch(plan: Plan, tb: Checkpoint, output, *, out_dtype, inputs: list[Path], sources: tuple,
-                      overwrite: bool, dry_run: bool) -> tuple[Any, dict, Fetch]:
-    """The steps between a model-writing plan and its first byte: the output config checked against the
-    planned tensors (:func:`_precheck_files`), then :func:`_before_writing` (output location, free space,
-    hub downloads). Returns the uniform output dtype (``--out-dtype``), the config-check record and the fetch."""
+                      overwrite: bool, dry_run: bool, finetuned_files: Path | None = None,
+                      vocab_fix: str = "") -> tuple[Any, dict, Fetch]:
+    """The steps between a model-writing plan and its first byte: the output's tokenizer checked against
+    its vocabulary rows (:func:`_check_vocab`; ``finetuned_files``: the folder of the fine-tune's tokenizer,
+    whose dropped tokens are named), the output config checked against the planned tensors
+    (:func:`_precheck_files`), then :func:`_before_writing` (output location, free space, hub downloads).
+    Returns the uniform output dtype (``--out-dtype``), the config-check record and the fetch."""
     out_dt = _uniform_dtype(plan) if out_dtype else None
     config_src, tok_src, chat_src = sources
+    _check_vocab(plan, tok_src, finetuned_files, fix=vocab_fix or _VOCAB_FIX.format(""))
     config_check = _precheck_files(plan, tb, config_src=config_src, tok_src=tok_src, chat_src=chat_src, out_dtype=out_dt)
     fetch = _before_writing(plan, output, overwrite=overwrite, inputs=inputs, dry_run=dry_run, file_sources=sources)
     return out_dt, config_check, fetch
@@ -110,7 +148,8 @@ def _provenance(kind: str, operation: str, formula: str, inputs: dict, plan: Pla
     (written with sorted keys, so the order here is free)."""
     return {"deltaport_version": deltaport.__version__, "kind": kind, "operation": operation, "formula": formula,
             "inputs": inputs, "policies": _policy_record(policies), "compute_dtype": dtype_name(plan.compute_dtype),
-            "skipped": plan.skipped, "warnings": plan.warnings, "summary": plan.summary(), **fields}
+            "skipped": plan.skipped, "warnings": plan.warnings, "summary": plan.summary(),
+            **({"output_tokenizer": plan.info["output_tokenizer"]} if "output_tokenizer" in plan.info else {}), **fields}
 
 
 def _choices(config_from: str, tokenizer_from: str, chat_template_from: str, **more) -> dict[str, str]:
@@ -150,6 +189,8 @@ def _publish(plan: Plan, output: Path, *, inputs: list[Path], overwrite: bool, s
         t1 = time.perf_counter()
         stats = execute(plan, writer, progress=progress, threads=threads, chunk_elems=chunk_elems, strict=strict, label=label)
         writer.finalize()
+        if plan.operation != "diff":  # a model: its tokenizer must fit its embedding (checked after planning too)
+            _check_written_vocab(tmp)
         provenance.update(files=files_record, nonfinite_inputs=stats.nonfinite_inputs)
         if plan.operation == "diff":
             provenance["inexact_delta_elements"] = stats.inexact_delta
@@ -263,10 +304,12 @@ def transfer(source_base, source_finetuned, target_base, output, *, scale: float
     config_src = _resolve_src(config_from, "--config-from", tb.dir, sf_files_dir)
     tok_src = _resolve_src(tokenizer_from, "--tokenizer-from", tb.dir, sf.dir if sf.kind != "lora" else sf_files_dir)
     chat_src = _resolve_src(chat_template_from, "--chat-template-from", tb.dir, sf.dir)
-    plan = plan_transfer(sb, sf, tb, policies)
+    plan = plan_transfer(sb, sf, tb, policies, tokenizer_from=tokenizer_from)
     out_dt, config_check, fetch = _check_then_fetch(plan, tb, output, out_dtype=out_dtype, inputs=[sb.dir, sf.dir, tb.dir],
                                                     sources=(config_src, tok_src, chat_src), overwrite=overwrite,
-                                                    dry_run=dry_run)
+                                                    dry_run=dry_run, finetuned_files=sf.dir,
+                                                    vocab_fix=_VOCAB_FIX.format(", or --vocab-policy align with "
+                                                                                "--tokenizer-from source-finetuned"))
     if dry_run:
         return Result(None, plan, fetch=fetch)
     output = Path(output)
@@ -457,7 +500,7 @@ def apply(delta, to, output, *, scale: float | list[float] = APPLY.scale, vocab_
     config_src, tok_src, chat_src = _delta_file_sources(dk, tb, config_from, tokenizer_from, chat_template_from)
     out_dt, config_check, fetch = _check_then_fetch(plan, tb, output, out_dtype=out_dtype, inputs=[dk.dir, tb.dir],
                                                     sources=(config_src, tok_src, chat_src), overwrite=overwrite,
-                                                    dry_run=dry_run)
+                                                    dry_run=dry_run, finetuned_files=dk.dir / "source_finetuned")
     if dry_run:
         return Result(None, plan, fetch=fetch)
     output = Path(output)
@@ -523,7 +566,7 @@ def _apply_many(deltas, to, output, *, scale, vocab_policy, shape_policy, key_ma
     config_src, tok_src, chat_src = _delta_file_sources(dks[0], tb, config_from, tokenizer_from, chat_template_from)
     out_dt, config_check, fetch = _check_then_fetch(plan, tb, output, out_dtype=out_dtype, inputs=[dk.dir for dk in dks] + [tb.dir],
                                                     sources=(config_src, tok_src, chat_src), overwrite=overwrite,
-                                                    dry_run=dry_run)
+                                                    dry_run=dry_run, finetuned_files=dks[0].dir / "source_finetuned")
     if dry_run:
         return Result(None, plan, fetch=fetch)
     output = Path(output)

@@ -284,17 +284,31 @@ IN_REPORT_ORDER = {"grid": transfer_grid, "recovery": recovery, "transfer_then_f
                    "connectivity": connectivity, "compression": compression}
 
 
-#: the lab family ``deltaport check``'s shipped thresholds were fitted on (benchmarks/calibrate_check.py,
-#: config benchmarks/check-calibration-lab.yaml: the quick preset's world, model and pretraining, seed 0)
+#: the lab preset whose world and pretraining schedule ``deltaport check``'s shipped thresholds were fitted
+#: on (benchmarks/calibrate_check.py, configs benchmarks/check-calibration-lab*.yaml: the quick preset's
+#: world and schedule at several model sizes, seed 0); the sizes and seeds are in the calibration itself
 CHECK_CALIBRATION_FAMILY = {"preset": "quick", "seed": 0}
 
 
 def check_calibration_scope(cfg: LabConfig) -> dict:
-    """Whether this run's family is the one ``check``'s thresholds were fitted on (in sample) or not."""
+    """Whether this run's family is one ``check``'s thresholds were fitted on (in sample) or not, and a
+    sentence naming the families, read from the shipped calibration (``families``, ``held_out``)."""
+    from deltaport.check import load_calibration
     from deltaport.lab.config import load_config
 
     fitted = load_config(CHECK_CALIBRATION_FAMILY["preset"])
-    fitted_key = dict(fitted.family_key(), seed=CHECK_CALIBRATION_FAMILY["seed"])
-    return {"fitted_on": "lab family of the quick preset, seed 0 (docs/check-calibration.md); scored there on "
-                         "lab seed 1 and on a separate tiny lineage",
-            "this_family": f"{cfg.name} preset family, seed {cfg.seed}", "in_sample": cfg.family_key() == fitted_key}
+    calib = load_calibration() or {}
+    families = calib.get("families") or [{"seed": CHECK_CALIBRATION_FAMILY["seed"], "model": None}]
+    keys = [dict(fitted.family_key(), seed=f.get("seed", CHECK_CALIBRATION_FAMILY["seed"]),
+                 **({"model": f["model"]} if f.get("model") else {})) for f in families]
+    sizes = [f"{f['num_parameters']:,}" for f in families if f.get("num_parameters")]
+    if sizes:  # a calibration that records its families (benchmarks/calibrate_check.py since issue 22)
+        held = calib.get("held_out") or []
+        fitted_on = (f"lab families of the quick preset's world and schedule with {len(sizes)} model size(s) "
+                     f"({', '.join(sizes)} parameters), seed {CHECK_CALIBRATION_FAMILY['seed']} (docs/check-calibration.md)"
+                     + (f"; scored there on {', '.join(held)}" if held else ""))
+    else:  # the one-family calibration: what its generated table says
+        fitted_on = ("lab family of the quick preset, seed 0 (docs/check-calibration.md); scored there on "
+                     "lab seed 1 and on a separate tiny lineage")
+    return {"fitted_on": fitted_on,
+            "this_family": f"{cfg.name} preset family, seed {cfg.seed}", "in_sample": cfg.family_key() in keys}

@@ -16,11 +16,14 @@ from deltaport.plan.names import counterpart, is_vocab_tensor, ties_word_embeddi
 from deltaport.plan.policy import Policies, choose_compute_dtype
 from deltaport.plan.problems import Problems, all_float, refuse_no_delta
 from deltaport.plan.types import Plan, TensorOp, Term
-from deltaport.plan.vocab import UNMATCHED_SHOWN, align_rows, load_vocab
+from deltaport.plan.vocab import UNMATCHED_SHOWN, named_tokens, align_rows, load_vocab
 
 
-def plan_transfer(sb: Checkpoint, sf: Checkpoint, tb: Checkpoint, policies: Policies) -> Plan:
-    """Plan ``out = tb + λ·(sf − sb)`` over the target's tensors."""
+def plan_transfer(sb: Checkpoint, sf: Checkpoint, tb: Checkpoint, policies: Policies, *,
+                  tokenizer_from: str = "target") -> Plan:
+    """Plan ``out = tb + λ·(sf − sb)`` over the target's tensors. ``tokenizer_from`` (``target`` or
+    ``source-finetuned``): whose tokenizer the output gets; under vocabulary ``align`` its ids are the
+    output's rows (see :class:`~deltaport.plan.vocab.RowAlignment`)."""
     problems = Problems("cannot plan the transfer")
     plan = Plan("transfer", [], "float32")
     used_src: set[str] = set()
@@ -46,10 +49,17 @@ def plan_transfer(sb: Checkpoint, sf: Checkpoint, tb: Checkpoint, policies: Poli
         src_vocab, base_vocab, tgt_vocab = vocab_maps()
         if a.shape == b.shape == c.shape and src_vocab == base_vocab == tgt_vocab:
             return None
+        by_ft = tokenizer_from == "source-finetuned"
         alignment = align_rows(src_vocab, base_vocab, tgt_vocab, ft_rows=a.shape[0], base_rows=b.shape[0],
-                               tgt_rows=c.shape[0], unmatched=policies.unmatched_rows)
+                               tgt_rows=c.shape[0], unmatched=policies.unmatched_rows,
+                               out_vocab=src_vocab if by_ft else None)
         record = plan.info.setdefault("vocab_align", {
             "unmatched_rows": policies.unmatched_rows, "tensors": [], "target_rows": c.shape[0],
+            "output_tokenizer": "source-finetuned" if by_ft else "target", "output_rows": alignment.rows,
+            "tokens_new_to_target": {"count": len(alignment.new_tokens), "first": [
+                {"token": t, "output_id": j} for t, j in alignment.new_tokens[:UNMATCHED_SHOWN]]},
+            "target_tokens_dropped": {"count": len(alignment.target_dropped), "first": [
+                {"token": t, "target_id": j} for t, j in alignment.target_dropped[:UNMATCHED_SHOWN]]},
             "matched": alignment.matched,
             "tokens_without_base_row": {"count": len(alignment.no_base), "first": [
                 {"token": t, "target_id": j} for t, j in alignment.no_base[:UNMATCHED_SHOWN]]},
@@ -68,13 +78,24 @@ def plan_transfer(sb: Checkpoint, sf: Checkpoint, tb: Checkpoint, policies: Poli
                     shown = ", ".join(json.dumps(t, ensure_ascii=False) for t, _ in items[:10]) + (", ..." if len(items) > 10 else "")
                     plan.warnings.append(f"vocab align: {len(items)} target token(s) {what} (no Δ is defined): they {kept}: "
                                          f"{shown}")
-        base_term = Term(tb, c)
+            if alignment.new_tokens:
+                plan.warnings.append(f"vocab align: {len(alignment.new_tokens)} token(s) of the fine-tune's tokenizer have no "
+                                     "row in the target: they get new rows, λ × the fine-tune's row (as under --vocab-policy "
+                                     f"pad): {named_tokens(alignment.new_tokens)}")
+            if alignment.target_dropped:
+                plan.warnings.append(f"vocab align: {len(alignment.target_dropped)} target token(s) are not in the output's "
+                                     f"tokenizer (the fine-tune's), so their rows are left out: {named_tokens(alignment.target_dropped)}")
+        base_term = Term(tb, c, alignment.target)
         if alignment.overlay is not None:
             base_term = Term(tb, c, alignment.target, overlay=Term(sf, a, alignment.overlay))
         plus = Term(sf, a, alignment.plus, fill=-0.0 if scale >= 0 else 0.0)
-        return TensorOp(name, c.shape, out_dtype, "delta", base_term, plus, Term(sb, b, alignment.minus), scale=scale,
-                        notes=notes + [f"vocab align: {alignment.matched} of {c.shape[0]} target rows matched by token "
-                                       f"string in both source models; {desc}"])
+        if alignment.rows != c.shape[0]:
+            plan.vocab_rows = alignment.rows
+        new = f", {len(alignment.new_tokens)} new (λ·fine-tuned row)" if alignment.new_tokens else ""
+        return TensorOp(name, (alignment.rows, *c.shape[1:]), out_dtype, "delta", base_term, plus,
+                        Term(sb, b, alignment.minus), scale=scale,
+                        notes=notes + [f"vocab align: {alignment.matched} of {alignment.rows} output rows matched by token "
+                                       f"string in the target and both source models{new}; {desc}"])
 
     for name, c in tb.tensors.items():
         src = policies.map_key(name)
@@ -119,7 +140,7 @@ def plan_transfer(sb: Checkpoint, sf: Checkpoint, tb: Checkpoint, policies: Poli
             desc = f"source-base {list(b.shape)}, source-finetuned {list(a.shape)}, target {list(c.shape)}"
             if policies.vocab_policy == "error":
                 problems.add(f"{name}: vocabulary sizes differ ({desc}). Choose --vocab-policy pad (official script: "
-                             "zero rows appended to the shorter models, new tokens get the fine-tuned rows) or "
+                             "zero rows appended to the shorter models, new tokens get λ × their fine-tuned rows) or "
                              "--vocab-policy align (rows matched by token string using both tokenizers; "
                              "target-only tokens get no Δ)")
                 continue
