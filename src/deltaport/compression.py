@@ -214,6 +214,7 @@ def compress(delta, output, *, method: str, rank: int | None = COMPRESS.rank, de
     Returns the ``compression`` record written to ``deltaport.json`` (per-tensor method, parameters, bytes
     before/after, relative Frobenius error). Raises :class:`~deltaport.errors.InputError` for bad input.
     """
+    parse_size(shard_size)  # a bad --shard-size is refused before the delta is opened
     if method not in METHODS:
         raise InputError(f"--method must be one of {', '.join(METHODS)}, not {method!r}")
     if method == "lowrank":
