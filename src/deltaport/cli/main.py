@@ -51,7 +51,7 @@ def _flags_show_no_type(app_: typer.Typer) -> None:
     """``--help`` lists a flag as a flag: typer's rich help prints a ``<bool>`` type beside every flag
     (``--help`` included) and a ``<str>`` beside free-text options; give every command a class whose
     flags show no type column."""
-    from typer.core import TyperCommand
+    from typer.core import TyperCommand, TyperGroup
 
     names = {"<str>": "TEXT", "<int>": "INTEGER", "<float>": "FLOAT", "<path>": "PATH", "<list[str]>": "TEXT",
              "<list[float]>": "FLOAT", "<list[int]>": "INTEGER"}
@@ -68,19 +68,27 @@ def _flags_show_no_type(app_: typer.Typer) -> None:
             return t
         return display_type_rich
 
+    def typed(params):
+        for p in params:
+            if getattr(p, "_deltaport_help", False):
+                continue
+            p._deltaport_help = True
+            if getattr(p, "is_flag", False):
+                p.display_type_rich = lambda ctx=None: None
+            elif hasattr(p, "display_type_rich"):
+                p.display_type_rich = shown(p.display_type_rich)
+        return params
+
     class Command(TyperCommand):
         def get_params(self, ctx):
-            params = super().get_params(ctx)
-            for p in params:
-                if getattr(p, "_deltaport_help", False):
-                    continue
-                p._deltaport_help = True
-                if getattr(p, "is_flag", False):
-                    p.display_type_rich = lambda ctx=None: None
-                elif hasattr(p, "display_type_rich"):
-                    p.display_type_rich = shown(p.display_type_rich)
-            return params
+            return typed(super().get_params(ctx))
 
+    class Group(TyperGroup):  # the group's own --help (``deltaport --help``, ``deltaport lab --help``)
+        def get_params(self, ctx):
+            return typed(super().get_params(ctx))
+
+    if app_.info.cls is None or app_.info.cls is TyperGroup or type(app_.info.cls).__name__ == "DefaultPlaceholder":
+        app_.info.cls = Group
     for info in app_.registered_commands:
         if info.cls is None or info.cls is TyperCommand:
             info.cls = Command
@@ -171,7 +179,9 @@ def _is_click_exception(exc: BaseException) -> bool:
 
 
 def _usage_message(exc) -> str:
-    msg = exc.format_message().replace("Value error, ", "")
+    msg = exc.format_message().replace("Value error, ", "").rstrip()
+    if msg and msg[-1] not in ".!?:":
+        msg += "."  # click's and pydantic's messages end without a full stop
     ctx = getattr(exc, "ctx", None)
     parts = []
     while ctx is not None and ctx.parent is not None:

@@ -379,6 +379,29 @@ def atomic_output_dir(out: str | Path, *, overwrite: bool = False, inputs: Itera
             raise
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it (Linux ``/proc/self/status``; elsewhere set and restored)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def normalize_modes(folder: str | Path) -> None:
+    """Give every file under ``folder`` the mode a plainly created file has (0666 & ~umask): libraries that
+    save through a private temporary file (transformers writes ``model.safetensors`` 0600) would otherwise
+    publish weights other users cannot read while the rest of the output can be read."""
+    mode = 0o666 & ~current_umask()
+    for root, _dirs, files in os.walk(folder):
+        for name in files:
+            p = os.path.join(root, name)
+            if not os.path.islink(p):
+                os.chmod(p, mode)
+
+
 def publish_dir(tmp: str | Path, out: str | Path, *, overwrite: bool) -> None:
     """Move the completed folder ``tmp`` (a sibling of ``out``) to ``out``: renamed in when ``out`` does not
     exist; with ``overwrite``, swapped with the existing ``out`` (atomically where the kernel can), whose old
@@ -388,6 +411,7 @@ def publish_dir(tmp: str | Path, out: str | Path, *, overwrite: bool) -> None:
     tmp, out = Path(tmp), Path(out)
     stranded: Path | None = None  # the previous output while it is moved aside (non-atomic fallback)
     try:
+        normalize_modes(tmp)
         _fsync_dir(tmp)
         with _signals_deferred():
             if out.exists():

@@ -146,7 +146,7 @@ class ShardedWriter:
         s = self.shards[i]
         path = self.out_dir / s["file"]
         try:
-            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies
             self._written = self._flushed = 0
             self._write_all(struct.pack("<Q", len(s["header"])) + s["header"], path)
         except OSError as exc:
