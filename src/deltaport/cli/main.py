@@ -178,8 +178,8 @@ def _is_click_exception(exc: BaseException) -> bool:
     return isinstance(exc, tuple(classes))
 
 
-def _usage_message(exc) -> str:
-    msg = exc.format_message().replace("Value error, ", "").rstrip()
+def _usage_message(exc, argv: list[str] | None = None) -> str:
+    msg = " ".join(exc.format_message().replace("Value error, ", "").split())  # one line (click lists choices on several)
     if msg and msg[-1] not in ".!?:":
         msg += "."  # click's and pydantic's messages end without a full stop
     ctx = getattr(exc, "ctx", None)
@@ -187,6 +187,13 @@ def _usage_message(exc) -> str:
     while ctx is not None and ctx.parent is not None:
         parts.insert(0, ctx.info_name)
         ctx = ctx.parent
+    if not parts and argv:  # an option's missing value is reported from the group's context: name the command
+        import typer.main
+
+        group = typer.main.get_command(app)
+        cmd = getattr(group, "commands", {}).get(argv[0])
+        if cmd is not None:
+            parts = [argv[0]] + ([argv[1]] if hasattr(cmd, "commands") and len(argv) > 1 and argv[1] in cmd.commands else [])
     return f"{msg} See: deltaport {' '.join(parts) + ' ' if parts else ''}--help"
 
 
@@ -229,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         return 128 + int(signum)
     except Exception as exc:  # click.UsageError & co. (typer >= 0.20 vendors click as typer._click)
         if _is_click_exception(exc):  # usage errors read like every other deltaport error
-            sys.stderr.write(f"error (UsageError): {_usage_message(exc)}\n")
+            sys.stderr.write(f"error (UsageError): {_usage_message(exc, argv if argv is not None else sys.argv[1:])}\n")
             return 2
         if type(exc).__name__ == "Abort":  # click turns KeyboardInterrupt into Abort (cause kept)
             cause = exc.__cause__ or exc.__context__

@@ -142,10 +142,10 @@ _HELD_GUARD = threading.Lock()
 _PERMISSION_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS)
 
 
-def _unwritable(exc: OSError, path: Path, out: Path) -> OutputError:
+def _unwritable(exc: OSError, path: Path, out: Path, doing: str = "creating") -> OutputError:
     why = {errno.EACCES: "permission denied", errno.EPERM: "operation not permitted (an immutable or protected "
            "folder?)", errno.EROFS: "read-only file system"}.get(exc.errno, exc.strerror)
-    return OutputError(f"cannot write output {out}: creating {path} failed: {why}. Nothing was written; choose an "
+    return OutputError(f"cannot write output {out}: {doing} {path} failed: {why}. Nothing was written; choose an "
                        "output in a folder you can write (or make this one writable).")
 
 
@@ -158,6 +158,18 @@ def prepare_parent(out: Path) -> None:
         if exc.errno in _PERMISSION_ERRNOS or exc.errno == errno.ENOTDIR:
             raise _unwritable(exc, Path(exc.filename or out.parent), out) from None
         raise
+
+
+def check_writable(out: str | Path) -> Path:
+    """Refuse, before any work, an output (file or folder) that could not be written: its folder (``out``
+    itself when it is an existing folder, else its parent, created if missing) must be writable by this
+    process (``os.access`` sees read-only mounts and ``chattr +i``, which ``chmod`` does not show to root)."""
+    out = Path(out).absolute()
+    prepare_parent(out)
+    where = out if out.is_dir() else out.parent
+    if not os.access(where, os.W_OK):
+        raise _unwritable(OSError(errno.EACCES, "not writable"), where, out, doing="writing into")
+    return out
 
 
 def acquire_output_lock(out: str | Path) -> Path:
