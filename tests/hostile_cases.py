@@ -33,6 +33,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 TMP_TAG = ".deltaport-tmp-"
 OLD_TAG = ".deltaport-old-"
+LOCK_TAG = ".deltaport-lock"
 ROLES = ("source_base", "source_finetuned", "target_base")
 
 
@@ -71,12 +72,13 @@ def tree_hash(path: str | Path) -> dict[str, str]:
 
 
 def leftovers(out: str | Path) -> list[str]:
-    """Temporary / stranded folders deltaport left next to ``out``."""
+    """Temporary / stranded folders and writer-lock files deltaport left next to ``out``."""
     out = Path(out)
     if not out.parent.is_dir():
         return []
     return sorted(p.name for p in out.parent.iterdir()
-                  if p.name.startswith(f".{out.name}{TMP_TAG}") or p.name.startswith(f".{out.name}{OLD_TAG}"))
+                  if p.name.startswith(f".{out.name}{TMP_TAG}") or p.name.startswith(f".{out.name}{OLD_TAG}")
+                  or p.name == f".{out.name}{LOCK_TAG}")
 
 
 def st_read(path: Path) -> tuple[dict, bytes]:

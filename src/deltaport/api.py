@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any
 import deltaport
 from deltaport.assets import SOURCES, check_config_against_plan, output_config, write_model_files
 from deltaport.errors import CheckpointError, DeltaportError, InputError, OutputError, PlanError
-from deltaport.io.atomic import atomic_output_dir, check_output_location, write_json
+from deltaport.io.atomic import (acquire_output_lock, atomic_output_dir, check_output_location, output_lock,
+                                release_output_lock, write_json)
 from deltaport.io.checkpoint import PROVENANCE_NAME, Checkpoint, open_checkpoint
 from deltaport.io.tensors import dtype_name
 from deltaport.io.prepare import Fetch, check_free_space, plan_fetch, run_fetch
@@ -68,11 +69,16 @@ def _before_writing(plan: Plan, output, *, overwrite: bool, inputs: list[Path], 
     if dry_run:
         return fetch
     out = check_output_location(output, inputs)
-    if out.exists() and not overwrite:
-        raise OutputError(f"output {out} already exists; pass --overwrite to replace it (the new output is "
-                          "completed first, then swapped in) or choose another path")
-    check_free_space(fetch, out)
-    run_fetch(fetch)
+    acquire_output_lock(out)  # held until _publish is done: a second writer is refused now, not after the work
+    try:
+        if out.exists() and not overwrite:
+            raise OutputError(f"output {out} already exists; pass --overwrite to replace it (the new output is "
+                              "completed first, then swapped in) or choose another path")
+        check_free_space(fetch, out)
+        run_fetch(fetch)
+    except BaseException:
+        release_output_lock(out)
+        raise
     return fetch
 
 
@@ -183,7 +189,7 @@ def _publish(plan: Plan, output: Path, *, inputs: list[Path], overwrite: bool, s
         chunk_elems = DEFAULT_CHUNK_ELEMS
     t0 = time.perf_counter()
     entries = [OutEntry(op.name, op.out_dtype, op.shape) for op in plan.ops]
-    with atomic_output_dir(output, overwrite=overwrite, inputs=inputs) as tmp:
+    with output_lock(output, release=True), atomic_output_dir(output, overwrite=overwrite, inputs=inputs) as tmp:
         files_record = write_files(tmp)
         writer = ShardedWriter(tmp, entries, parse_size(shard_size), metadata={"producer": f"deltaport {deltaport.__version__}"})
         t1 = time.perf_counter()
@@ -287,6 +293,7 @@ def transfer(source_base, source_finetuned, target_base, output, *, scale: float
         ...                    "meta-llama/Llama-3.1-8B", "llama3.1-plus-delta3.0")  # doctest: +SKIP
     """
     args = dict(locals())  # the arguments as given: the card's command repeats them
+    parse_size(shard_size)  # a bad --shard-size is refused before any input is opened
     policies = make_policies(scale=scale, vocab_policy=vocab_policy, shape_policy=shape_policy, unmatched_rows=unmatched_rows,
                         key_map=key_map, include=include, exclude=exclude, scale_map=scale_map, compute_dtype=compute_dtype,
                         out_dtype=out_dtype)
@@ -393,6 +400,7 @@ def diff(base, finetuned, output, *, delta_dtype: str | None = DIFF.delta_dtype,
     are kept in ``source_finetuned/`` so ``apply`` can offer the same ``*_from`` choices.
     """
     args = dict(locals())  # the arguments as given: the card's command repeats them
+    parse_size(shard_size)  # a bad --shard-size is refused before any input is opened
     policies = make_policies(vocab_policy=vocab_policy, shape_policy=shape_policy, key_map=key_map, include=include,
                         exclude=exclude, compute_dtype=compute_dtype)
     sf = open_checkpoint(finetuned, allow_pickle=allow_pickle, remote=True)
@@ -475,6 +483,7 @@ def apply(delta, to, output, *, scale: float | list[float] = APPLY.scale, vocab_
     on; ``force=True`` applies to matching tensors anyway and records that in provenance.
     """
     args = dict(locals())  # the arguments as given: the card's command repeats them
+    parse_size(shard_size)  # a bad --shard-size is refused before any input is opened
     if isinstance(delta, (list, tuple)) and len(delta) > 1:
         return _apply_many(list(delta), to, output, scale=scale, vocab_policy=vocab_policy, shape_policy=shape_policy,
                            key_map=key_map, include=include, exclude=exclude, scale_map=scale_map,
@@ -535,6 +544,7 @@ def _apply_many(deltas, to, output, *, scale, vocab_policy, shape_policy, key_ma
                 dry_run, force, allow_pickle, strict, threads, progress, chunk_elems, ties=None) -> Result:
     """``to + Σ_i λ_i·Δ_i`` (see :func:`apply`)."""
     args = dict(locals())  # the arguments as given: the card's command repeats them
+    parse_size(shard_size)  # a bad --shard-size is refused before any input is opened
     from deltaport.plan import plan_apply_many
 
     if ties is not None and not (isinstance(ties, (int, float)) and 0.0 < ties <= 1.0):

@@ -211,25 +211,9 @@ def num_parameters(model: torch.nn.Module) -> int:
 def load_texts(data: str | Path | Sequence[Any]) -> list[Any]:
     """Documents from a JSONL file (``{"text": ...}`` per line) or a list of strings / lists of token ids."""
     if isinstance(data, (str, Path)):
-        path = Path(data)
-        if not path.is_file():
-            raise InputError(f"data file {path} does not exist; pass a JSONL file with one {{\"text\": ...}} per line")
-        docs: list[Any] = []
-        with open(path, encoding="utf-8") as f:
-            for i, line in enumerate(f, 1):
-                line = line.strip()
-                if not line:
-                    continue
-                try:
-                    obj = json.loads(line)
-                except ValueError as exc:
-                    raise InputError(f"{path}:{i} is not valid JSON ({exc}); each line must be {{\"text\": ...}}") from None
-                if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                    raise InputError(f"{path}:{i} has no string field \"text\"; each line must be {{\"text\": ...}}")
-                docs.append(obj["text"])
-        if not docs:
-            raise InputError(f"data file {path} has no documents")
-        return docs
+        from deltaport.preflight import read_jsonl_texts
+
+        return read_jsonl_texts(data)
     docs = list(data)
     if not docs:
         raise InputError("no documents given (empty data list)")

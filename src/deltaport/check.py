@@ -40,6 +40,9 @@ _SIGNAL_TEXT = {
 }
 
 
+_THRESHOLD_FORMAT = {"relative_barrier": ".2%", "rel_distance": ".3g", "excess_loss_rel": "+.2%"}
+
+
 def load_calibration() -> dict | None:
     try:
         from deltaport._check_calibration import CALIBRATION
@@ -107,8 +110,9 @@ def classify(signals: dict[str, float], num_parameters: int, calibration: dict |
 
 def _say(n: str, signals: dict[str, float], calibration: dict) -> str:
     th = calibration["signals"][n]
-    bad_at = "" if th.get("unlikely_min") is None else f", ≥ {th['unlikely_min']:.3g} flags failure"
-    return _SIGNAL_TEXT[n].format(v=signals[n]) + f" (calibration: ≤ {th['likely_max']:.3g} looks like working pairs{bad_at})"
+    unit = _THRESHOLD_FORMAT[n]  # the threshold in the unit of the value beside it
+    bad_at = "" if th.get("unlikely_min") is None else f", ≥ {th['unlikely_min']:{unit}} flags failure"
+    return _SIGNAL_TEXT[n].format(v=signals[n]) + f" (calibration: ≤ {th['likely_max']:{unit}} looks like working pairs{bad_at})"
 
 
 def _grades(signals: dict[str, float], calibration: dict) -> dict[str, str]:

@@ -214,28 +214,9 @@ def compress(delta, output, *, method: str, rank: int | None = COMPRESS.rank, de
     Returns the ``compression`` record written to ``deltaport.json`` (per-tensor method, parameters, bytes
     before/after, relative Frobenius error). Raises :class:`~deltaport.errors.InputError` for bad input.
     """
-    if method not in METHODS:
-        raise InputError(f"--method must be one of {', '.join(METHODS)}, not {method!r}")
-    if method == "lowrank":
-        if rank is None:
-            raise InputError("--method lowrank needs --rank R (a positive integer)")
-        if density is not None:
-            raise InputError("--density applies to --method sparse, not lowrank")
-        if int(rank) != rank or rank <= 0:
-            raise InputError(f"--rank must be a positive integer, not {rank}")
-        rank = int(rank)
-    elif method == "sparse":
-        if density is None:
-            raise InputError("--method sparse needs --density p, the fraction of entries kept, in (0, 1]")
-        if rank is not None:
-            raise InputError("--rank applies to --method lowrank, not sparse")
-        if not (isinstance(density, (int, float)) and 0.0 < density <= 1.0):
-            raise InputError(f"--density must be in (0, 1] (the fraction of entries kept), not {density}")
-        density = float(density)
-    elif rank is not None or density is not None:
-        raise InputError("--method sign takes neither --rank nor --density")
-    if int(seed) != seed or seed < 0:
-        raise InputError(f"--seed must be a non-negative integer, not {seed}")
+    from deltaport.preflight import compress_options
+
+    rank, density = compress_options(method, rank, density, seed, shard_size)  # also the CLI's, before torch
     inc, exc = _compile(include, "--include"), _compile(exclude, "--exclude")
     dk = open_checkpoint(delta)
     prov = dk.provenance or {}

@@ -320,6 +320,11 @@ def finetune(model, data, output, *, recipe: str = FINETUNE.recipe, steps: int |
         raise InputError("eval_every needs a positive step count and eval_tasks (lm-eval names or task YAMLs)")
     if save_every is not None and save_every <= 0:
         raise InputError(f"save_every must be positive, got {save_every}")
+    recs, data_info = load_records(data)  # a bad data file is refused before torch is imported
+    if output is not None:
+        from deltaport.io.atomic import check_writable
+
+        check_writable(output)
     _, world = _world()
     if world > 1 and eval_every is not None:
         raise InputError("--eval-every evaluates the in-memory model in one process; in a multi-GPU run save "
@@ -343,7 +348,6 @@ def finetune(model, data, output, *, recipe: str = FINETUNE.recipe, steps: int |
             LOG.warning("starting afresh: removing the previous run's trainer state in %s", work)
             shutil.rmtree(work)
 
-    recs, data_info = load_records(data)
     if eval_tasks:  # fail on a bad task before any training
         from deltaport.evaluation import resolve_tasks
 

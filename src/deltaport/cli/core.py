@@ -108,12 +108,16 @@ def register(app: typer.Typer) -> None:
         **options,
     ):
         """Compress a delta: low rank, sparse or sign, one tensor at a time (1-D and vocabulary tensors stay exact)."""
-        from deltaport.compression import compress
+        from deltaport.preflight import compress_options
 
+        compress_options(options["method"], options.get("rank"), options.get("density"), options.get("seed", 0),
+                         options.get("shard_size", "5GB"))  # refused before torch is imported
         if peft is not None and options["method"] != "lowrank":
             from deltaport.errors import InputError
 
             raise InputError("--peft exports low-rank factors; use it with --method lowrank")
+        from deltaport.compression import compress
+
         comp = compress(delta, output, **options)
         if peft is not None:
             from deltaport.compression import export_peft

@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 
+from deltaport import preflight
 from deltaport.cli.flags import PROGRESS, QUIET, progress_mode, with_options
 from deltaport.options import CheckOptions, ConnectivityOptions, SimilarityOptions
 
@@ -30,12 +31,13 @@ def _check_outputs(output: Path, plot: Optional[Path], overwrite: bool, inputs: 
     """Refuse unusable report/plot paths before any model is loaded: inside an input, a directory,
     an existing file without --overwrite, the same file twice, a plot format matplotlib cannot write."""
     from deltaport.errors import InputError, OutputError
-    from deltaport.io.atomic import check_output_file, check_output_location
+    from deltaport.io.atomic import check_output_file, check_output_location, check_writable
 
     for p in (output, plot):
         if p is not None:
             check_output_location(p, inputs)
             check_output_file(p, overwrite=overwrite)
+            check_writable(p)
     if plot is not None:
         if plot.absolute().resolve() == output.absolute().resolve():
             raise OutputError(f"--plot and -o both name {output}; choose two different files")
@@ -65,6 +67,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Loss along θ(α) = (1−α)·A + α·B and the loss barrier (one interpolated model in memory)."""
         _check_outputs(output, plot, overwrite, [a, b])
+        preflight.diagnostics([a, b], data, allow_pickle=options.get("allow_pickle", False), device=options.get("device"),
+                              dtype=options.get("dtype"), points=options.get("points"), max_tokens=options.get("max_tokens"))
         progress = progress_mode(quiet, progress)
         _setup(progress)
         from deltaport.io.atomic import write_json
@@ -93,6 +97,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Per-tensor and per-layer ‖m_t − m_s‖/‖m_s‖, ‖Δ_s‖ and cos(Δ_s, Δ_t) (streamed)."""
         _check_outputs(output, plot, overwrite, [source_base, source_finetuned, target_base, target_finetuned])
+        preflight.diagnostics([source_base, source_finetuned, target_base, target_finetuned], None,
+                              allow_pickle=options.get("allow_pickle", False))
         progress = progress_mode(quiet, progress)
         _setup(progress)
         from deltaport.io.atomic import write_json
@@ -123,6 +129,9 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Will m_t + Δ_s work? Cheap signals and a verdict: likely | uncertain | unlikely | uncalibrated."""
         _check_outputs(output, None, overwrite, [source_base, source_finetuned, target_base])
+        preflight.diagnostics([source_base, source_finetuned, target_base], data,
+                              allow_pickle=options.get("allow_pickle", False), device=options.get("device"),
+                              max_tokens=options.get("max_tokens"))
         progress = progress_mode(quiet, progress)
         _setup(progress)
         from deltaport.io.atomic import write_json

@@ -19,6 +19,8 @@ def _seeds(seed: int | None, seeds: str | None) -> list[int] | None:
 
     if seed is not None and seeds:
         raise InputError("give --seed or --seeds, not both")
+    if seeds is not None and not seeds.strip(", "):
+        raise InputError(f"--seeds {seeds!r} names no seed; give comma-separated integers like 0,1,2 (or leave it out)")
     if seeds:
         try:
             out = [int(x) for x in seeds.split(",") if x.strip()]
@@ -47,11 +49,16 @@ def _run(config: str, output: Path, resume: bool, progress: bool | str, threads:
     for name in ("lm_eval", "lm-eval", "datasets", "transformers"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
+    from deltaport.errors import InputError
+    from deltaport.io.atomic import check_writable
     from deltaport.lab.config import load_config
     from deltaport.lab.run import run_lab
 
     cfg = load_config(config)
     many = _seeds(seed, seeds)
+    if threads is not None and threads < 1:
+        raise InputError(f"--threads {threads}: give a positive number of torch threads (default 1)")
+    check_writable(output)  # an output folder that cannot be written is refused now, not after the family is built
     if many is None and seed is None and cfg.seeds:
         many = list(cfg.seeds)
     if threads is not None:

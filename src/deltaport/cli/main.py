@@ -51,7 +51,7 @@ def _flags_show_no_type(app_: typer.Typer) -> None:
     """``--help`` lists a flag as a flag: typer's rich help prints a ``<bool>`` type beside every flag
     (``--help`` included) and a ``<str>`` beside free-text options; give every command a class whose
     flags show no type column."""
-    from typer.core import TyperCommand
+    from typer.core import TyperCommand, TyperGroup
 
     names = {"<str>": "TEXT", "<int>": "INTEGER", "<float>": "FLOAT", "<path>": "PATH", "<list[str]>": "TEXT",
              "<list[float]>": "FLOAT", "<list[int]>": "INTEGER"}
@@ -68,19 +68,27 @@ def _flags_show_no_type(app_: typer.Typer) -> None:
             return t
         return display_type_rich
 
+    def typed(params):
+        for p in params:
+            if getattr(p, "_deltaport_help", False):
+                continue
+            p._deltaport_help = True
+            if getattr(p, "is_flag", False):
+                p.display_type_rich = lambda ctx=None: None
+            elif hasattr(p, "display_type_rich"):
+                p.display_type_rich = shown(p.display_type_rich)
+        return params
+
     class Command(TyperCommand):
         def get_params(self, ctx):
-            params = super().get_params(ctx)
-            for p in params:
-                if getattr(p, "_deltaport_help", False):
-                    continue
-                p._deltaport_help = True
-                if getattr(p, "is_flag", False):
-                    p.display_type_rich = lambda ctx=None: None
-                elif hasattr(p, "display_type_rich"):
-                    p.display_type_rich = shown(p.display_type_rich)
-            return params
+            return typed(super().get_params(ctx))
 
+    class Group(TyperGroup):  # the group's own --help (``deltaport --help``, ``deltaport lab --help``)
+        def get_params(self, ctx):
+            return typed(super().get_params(ctx))
+
+    if app_.info.cls is None or app_.info.cls is TyperGroup or type(app_.info.cls).__name__ == "DefaultPlaceholder":
+        app_.info.cls = Group
     for info in app_.registered_commands:
         if info.cls is None or info.cls is TyperCommand:
             info.cls = Command
@@ -170,13 +178,22 @@ def _is_click_exception(exc: BaseException) -> bool:
     return isinstance(exc, tuple(classes))
 
 
-def _usage_message(exc) -> str:
-    msg = exc.format_message().replace("Value error, ", "")
+def _usage_message(exc, argv: list[str] | None = None) -> str:
+    msg = " ".join(exc.format_message().replace("Value error, ", "").split())  # one line (click lists choices on several)
+    if msg and msg[-1] not in ".!?:":
+        msg += "."  # click's and pydantic's messages end without a full stop
     ctx = getattr(exc, "ctx", None)
     parts = []
     while ctx is not None and ctx.parent is not None:
         parts.insert(0, ctx.info_name)
         ctx = ctx.parent
+    if not parts and argv:  # an option's missing value is reported from the group's context: name the command
+        import typer.main
+
+        group = typer.main.get_command(app)
+        cmd = getattr(group, "commands", {}).get(argv[0])
+        if cmd is not None:
+            parts = [argv[0]] + ([argv[1]] if hasattr(cmd, "commands") and len(argv) > 1 and argv[1] in cmd.commands else [])
     return f"{msg} See: deltaport {' '.join(parts) + ' ' if parts else ''}--help"
 
 
@@ -219,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         return 128 + int(signum)
     except Exception as exc:  # click.UsageError & co. (typer >= 0.20 vendors click as typer._click)
         if _is_click_exception(exc):  # usage errors read like every other deltaport error
-            sys.stderr.write(f"error (UsageError): {_usage_message(exc)}\n")
+            sys.stderr.write(f"error (UsageError): {_usage_message(exc, argv if argv is not None else sys.argv[1:])}\n")
             return 2
         if type(exc).__name__ == "Abort":  # click turns KeyboardInterrupt into Abort (cause kept)
             cause = exc.__cause__ or exc.__context__

@@ -14,6 +14,7 @@ the non-atomic fallback), logging what it did.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
 import ctypes.util
@@ -93,9 +94,37 @@ def cleanup_leftovers(out: str | Path) -> list[str]:
         kind = "folder" if p.is_dir() else "file"
         _remove(p)
         actions.append(f"removed temporary {kind} {p} left by a killed run (pid {pid})")
+    stale = _stale_lock(out)
+    if stale is not None:
+        actions.append(f"removed the writer lock of {out} left by a killed run (pid {stale})")
     for a in actions:
         LOG.warning(a)
     return actions
+
+
+def _stale_lock(out: Path) -> int | None:
+    """Remove ``out``'s lock file when no process holds it (its writer was killed); returns the pid it named,
+    or None when there is no such file, this process holds it, or a live process does."""
+    import fcntl
+
+    path = out.parent / f".{out.name}{LOCK_TAG}"
+    if out in _HELD or not path.exists():
+        return None
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return None  # a live writer holds it
+        pid = _lock_pid(fd) or 0
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        return pid
+    finally:
+        os.close(fd)
 
 
 def _remove(p: Path) -> None:
@@ -105,6 +134,128 @@ def _remove(p: Path) -> None:
     else:
         with contextlib.suppress(OSError):
             p.unlink()
+
+
+LOCK_TAG = ".deltaport-lock"
+_HELD: dict[Path, int] = {}  # outputs whose writer lock this process holds -> the lock file's descriptor
+_HELD_GUARD = threading.Lock()
+_PERMISSION_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def _unwritable(exc: OSError, path: Path, out: Path, doing: str = "creating") -> OutputError:
+    why = {errno.EACCES: "permission denied", errno.EPERM: "operation not permitted (an immutable or protected "
+           "folder?)", errno.EROFS: "read-only file system"}.get(exc.errno, exc.strerror)
+    return OutputError(f"cannot write output {out}: {doing} {path} failed: {why}. Nothing was written; choose an "
+                       "output in a folder you can write (or make this one writable).")
+
+
+def prepare_parent(out: Path) -> None:
+    """Create ``out``'s parent folder; a parent that cannot be created or written is an :class:`OutputError`
+    (exit 2, one paragraph) rather than a traceback."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        if exc.errno in _PERMISSION_ERRNOS or exc.errno == errno.ENOTDIR:
+            raise _unwritable(exc, Path(exc.filename or out.parent), out) from None
+        raise
+
+
+def check_writable(out: str | Path) -> Path:
+    """Refuse, before any work, an output (file or folder) that could not be written: its folder (``out``
+    itself when it is an existing folder, else its parent, created if missing) must be writable by this
+    process (``os.access`` sees read-only mounts and ``chattr +i``, which ``chmod`` does not show to root)."""
+    out = Path(out).absolute()
+    prepare_parent(out)
+    where = out if out.is_dir() else out.parent
+    if not os.access(where, os.W_OK):
+        raise _unwritable(OSError(errno.EACCES, "not writable"), where, out, doing="writing into")
+    return out
+
+
+def acquire_output_lock(out: str | Path) -> Path:
+    """Take the writer lock of ``out``: ``.NAME.deltaport-lock`` beside it, holding the writer's pid, locked
+    with ``flock`` (released by the kernel when the process ends, however it ends). Another live deltaport
+    process holding it is an :class:`OutputError` naming its pid, raised before any work; a lock file left
+    by a process that is gone is taken over with a warning. Re-entrant within a process; released by
+    :func:`release_output_lock` (and at exit). Returns the absolute output path."""
+    import fcntl
+
+    out = Path(out).absolute()
+    with _HELD_GUARD:
+        if out in _HELD:
+            return out
+        prepare_parent(out)
+        path = out.parent / f".{out.name}{LOCK_TAG}"
+        while True:
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+            except OSError as exc:
+                if exc.errno in _PERMISSION_ERRNOS:
+                    raise _unwritable(exc, path, out) from None
+                raise
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = _lock_pid(fd)
+                os.close(fd)
+                who = f"pid {holder}" if holder else "pid unknown"
+                raise OutputError(f"another deltaport process ({who}) is writing {out}; wait for it to finish, or "
+                                  "choose another output path. Nothing was written.") from None
+            try:  # the file we locked must still be the one at the path (a finishing writer unlinks it)
+                same = os.path.samestat(os.fstat(fd), os.stat(path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        stale = _lock_pid(fd)
+        if stale and stale != os.getpid():
+            LOG.warning("took over the lock of %s left by pid %d, which is no longer running", out, stale)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        _HELD[out] = fd
+    return out
+
+
+def _lock_pid(fd: int) -> int | None:
+    try:
+        return int(os.pread(fd, 32, 0).decode().strip() or 0) or None
+    except (OSError, ValueError):
+        return None
+
+
+def release_output_lock(out: str | Path) -> None:
+    """Give up the writer lock of ``out`` taken by :func:`acquire_output_lock` (no-op if not held)."""
+    out = Path(out).absolute()
+    with _HELD_GUARD:
+        fd = _HELD.pop(out, None)
+        if fd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.unlink(out.parent / f".{out.name}{LOCK_TAG}")  # while still locked: a waiter re-checks the path
+        os.close(fd)
+
+
+def _release_all() -> None:
+    for out in list(_HELD):
+        release_output_lock(out)
+
+
+atexit.register(_release_all)
+
+
+@contextlib.contextmanager
+def output_lock(out: str | Path, *, release: bool = False) -> Iterator[Path]:
+    """:func:`acquire_output_lock` for the duration of a block. A lock this process already held is kept
+    after the block unless ``release`` (the block is the last step of the write that took it)."""
+    out = Path(out).absolute()
+    held = out in _HELD
+    acquire_output_lock(out)
+    try:
+        yield out
+    finally:
+        if release or not held:
+            release_output_lock(out)
 
 
 def check_output_location(out: str | Path, inputs: Iterable[str | Path] = ()) -> Path:
@@ -214,25 +365,53 @@ def atomic_output_dir(out: str | Path, *, overwrite: bool = False, inputs: Itera
     ``out`` is/contains/is inside one of ``inputs``.
     """
     out = check_output_location(out, inputs)
-    cleanup_leftovers(out)
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"output {out} exists and is not a directory; remove it or choose another path")
-    if out.exists() and not overwrite:
-        raise OutputError(f"output {out} already exists; pass --overwrite to replace it (the new output is "
-                          "completed first, then swapped in) or choose another path")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}{TMP_TAG}{os.getpid()}-{secrets.token_hex(4)}"
-    try:
-        tmp.mkdir()  # inside the try: a signal right after it still removes the folder
-        yield tmp
-        publish_dir(tmp, out, overwrite=overwrite)
-    except BaseException as exc:
-        # not published: tmp is the partial new output (publish_dir cleans up after itself)
-        shutil.rmtree(tmp, ignore_errors=True)
-        disk = _disk_error(exc, out)
-        if disk is not None:
-            raise disk from None
-        raise
+    with output_lock(out):  # a second writer of the same output is refused here, before any work
+        cleanup_leftovers(out)
+        if out.exists() and not out.is_dir():
+            raise OutputError(f"output {out} exists and is not a directory; remove it or choose another path")
+        if out.exists() and not overwrite:
+            raise OutputError(f"output {out} already exists; pass --overwrite to replace it (the new output is "
+                              "completed first, then swapped in) or choose another path")
+        tmp = out.parent / f".{out.name}{TMP_TAG}{os.getpid()}-{secrets.token_hex(4)}"
+        try:
+            try:
+                tmp.mkdir()  # inside the try: a signal right after it still removes the folder
+            except OSError as exc:
+                if exc.errno in _PERMISSION_ERRNOS:
+                    raise _unwritable(exc, tmp, out) from None
+                raise
+            yield tmp
+            publish_dir(tmp, out, overwrite=overwrite)
+        except BaseException as exc:
+            # not published: tmp is the partial new output (publish_dir cleans up after itself)
+            shutil.rmtree(tmp, ignore_errors=True)
+            disk = _disk_error(exc, out)
+            if disk is not None:
+                raise disk from None
+            raise
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it (Linux ``/proc/self/status``; elsewhere set and restored)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def normalize_modes(folder: str | Path) -> None:
+    """Give every file under ``folder`` the mode a plainly created file has (0666 & ~umask): libraries that
+    save through a private temporary file (transformers writes ``model.safetensors`` 0600) would otherwise
+    publish weights other users cannot read while the rest of the output can be read."""
+    mode = 0o666 & ~current_umask()
+    for root, _dirs, files in os.walk(folder):
+        for name in files:
+            p = os.path.join(root, name)
+            if not os.path.islink(p):
+                os.chmod(p, mode)
 
 
 def publish_dir(tmp: str | Path, out: str | Path, *, overwrite: bool) -> None:
@@ -244,6 +423,7 @@ def publish_dir(tmp: str | Path, out: str | Path, *, overwrite: bool) -> None:
     tmp, out = Path(tmp), Path(out)
     stranded: Path | None = None  # the previous output while it is moved aside (non-atomic fallback)
     try:
+        normalize_modes(tmp)
         _fsync_dir(tmp)
         with _signals_deferred():
             if out.exists():
@@ -308,8 +488,8 @@ def atomic_write_file(path: str | Path, write: Callable[[Path], None], *, overwr
     (a command's final output, so that an interruption right after it says it was written).
     """
     path = check_output_file(path, overwrite=overwrite)
+    prepare_parent(Path(path).absolute())
     cleanup_leftovers(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}{TMP_TAG}{os.getpid()}-{secrets.token_hex(4)}"
     try:
         write(tmp)
@@ -326,6 +506,8 @@ def atomic_write_file(path: str | Path, write: Callable[[Path], None], *, overwr
     except BaseException as exc:
         with contextlib.suppress(OSError):
             tmp.unlink()
+        if isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EPERM):
+            raise _unwritable(exc, Path(exc.filename or tmp), path) from None
         if isinstance(exc, OSError) and exc.errno in DISK_ERRORS:
             raise DiskError(f"writing {path} failed: {DISK_ERRORS[exc.errno]} ({exc.strerror}); nothing was written"
                             f"{' and the previous file is unchanged' if path.exists() else ''}. Free space or choose "

@@ -47,9 +47,9 @@ class Fetch:
                          f"{len(todo)} to download ({size / 1e6:.1f} MB)")
         if self.needed:
             lines.append(f"a real run downloads {self.download_bytes / 1e6:.1f} MB and writes about "
-                         f"{self.write_bytes / 1e6:.1f} MB")
+                         f"{self.write_bytes / 1e6:.1f} MB (tensors, config, tokenizer and card)")
         else:
-            lines.append(f"a real run writes about {self.write_bytes / 1e6:.1f} MB")
+            lines.append(f"a real run writes about {self.write_bytes / 1e6:.1f} MB (tensors, config, tokenizer and card)")
         return "\n".join(lines)
 
 

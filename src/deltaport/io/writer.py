@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from deltaport.errors import CheckpointError, DiskError, RuntimeFailure
+from deltaport.errors import CheckpointError, DiskError, InputError, RuntimeFailure
 from deltaport.io.atomic import DISK_ERRORS
 from deltaport.io.checkpoint import INDEX_NAME, SINGLE_NAME
 from deltaport.io.tensors import NAME_TO_ST, dtype_name, dtype_size, read_safetensors_header
@@ -50,15 +51,28 @@ class OutEntry:
         return n * self.itemsize
 
 
-def parse_size(size: str | int) -> int:
+_SIZE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([KMGT]I?B|B)?\s*", re.IGNORECASE)
+_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(size: str | int, what: str = "--shard-size") -> int:
+    """A size in bytes from an int or a string: a number of bytes (``1000000``) or a number with a unit
+    (``500MB``, ``5GB``, ``1.5GiB``; KB/MB/GB/TB are powers of 1000, KiB/MiB/GiB/TiB of 1024). Anything
+    else, and a size under one byte, is an :class:`~deltaport.errors.InputError` naming ``what``."""
+    fix = f"give a positive number of bytes or a number with a unit, e.g. {what} 5GB or {what} 500MB"
+    if isinstance(size, bool) or not isinstance(size, (int, str)):
+        raise InputError(f"{what} {size!r} is not a size; {fix}")
     if isinstance(size, int):
-        return size
-    s = size.strip().upper().replace("IB", "B")
-    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "B": 1}
-    for unit, factor in units.items():
-        if s.endswith(unit):
-            return int(float(s[: -len(unit)]) * factor)
-    return int(s)
+        n = size
+    else:
+        m = _SIZE.fullmatch(size)
+        if m is None:
+            raise InputError(f"{what} {size!r} is not a size (units: B, KB, MB, GB, TB, KiB, MiB, GiB, TiB); {fix}")
+        n = int(float(m.group(1)) * _UNITS[(m.group(2) or "B").upper()])
+    if n < 1:
+        raise InputError(f"{what} {size!r} is {n} bytes; a shard needs at least one byte: {fix}")
+    return n
 
 
 WRITEBACK_BYTES = 64 << 20  # start writing dirty pages to disk every this many bytes (see _start_writeback)
@@ -132,7 +146,7 @@ class ShardedWriter:
         s = self.shards[i]
         path = self.out_dir / s["file"]
         try:
-            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies
             self._written = self._flushed = 0
             self._write_all(struct.pack("<Q", len(s["header"])) + s["header"], path)
         except OSError as exc:

@@ -161,7 +161,7 @@ class Plan:
                  f"{self.received_delta} of {len(self.ops)} output tensors receive Δ")
         lines = [f"plan: {self.operation}, {cover}, compute dtype "
                  f"{self.compute_dtype_name}, reads {self.total_in_bytes / 1e6:.1f} MB, writes "
-                 f"{self.total_out_bytes / 1e6:.1f} MB"]
+                 f"{self.total_out_bytes / 1e6:.1f} MB of tensors"]
         for op in self.ops:
             scale = f" x{op.scale:g}" if op.kind == "delta" else ""
             if op.deltas:
