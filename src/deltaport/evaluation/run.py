@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from deltaport.devices import resolve_device
+from deltaport.devices import process_rank, resolve_device
 from deltaport.errors import InputError
 from deltaport.evaluation.cache import cache_get, cache_key, cache_put
 from deltaport.evaluation.harness import build_lm, by_fewshot, progress_bars, run_group
@@ -50,6 +50,10 @@ def evaluate(models, tasks, *, preset=EVALUATE.preset, languages: list[str] | No
         ``{"results": {row: {task: {metric: value, metric + "_stderr": value}}}, "details": {row: {task:
         {...}}}, "columns": {task: {"metric", "label"}}, "settings": {...}}``. A row is the model's name
         (``NAME [base]`` / ``NAME [chat]`` with ``protocol="both"``).
+
+    Under ``torchrun`` / ``accelerate launch`` (``settings["world_size"]`` > 1) lm-eval splits every task's
+    items across the processes and rank 0 gathers them: rank 0 returns the scores (and alone writes the
+    cache); the other ranks return rows without metrics. Every rank must be given the same arguments.
     """
     t_start = time.time()
     if protocol is None:
@@ -84,6 +88,7 @@ def evaluate(models, tasks, *, preset=EVALUATE.preset, languages: list[str] | No
         "limit": limit, "device": device, "backend": backend, "batch_size": batch_size, "protocol": protocol,
         "num_fewshot": num_fewshot, "preset": preset, "seed": seed, "model_args": model_args,
         "lm_eval_version": getattr(lm_eval, "__version__", "?"), "cache_dir": str(cache) if cache else None,
+        "world_size": process_rank()[1],
     }
     results: dict[str, dict] = {}
     details: dict[str, dict] = {}
@@ -142,7 +147,7 @@ def _scores(lm_eval, m: EvalModel, proto: str, specs: list[TaskSpec], cache: Pat
             _status(f"eval: {m.name} ({proto} protocol): {names} done in {time.time() - t_group:.1f} s")
         for ts in group:
             recs[ts.name] = done[ts.name]
-            if cache:
+            if cache and process_rank()[0] == 0:  # the other ranks of a multi-process run hold no scores
                 cache_put(cache, cache_key(m.fingerprint, ts, proto, settings), done[ts.name], model=m.name,
                           model_fingerprint=m.fingerprint, task=ts.name, protocol=proto)
     if status and cached_names:
