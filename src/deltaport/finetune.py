@@ -263,7 +263,7 @@ def _asked_processes(pid: int) -> int | None:
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
     except OSError:
         return None
-    if not any(a.endswith("accelerate") or a == "launch" for a in argv):
+    if not any("accelerate" in a for a in argv[:3]):  # `accelerate launch …`, `python -m accelerate.commands.launch …`
         return None
     value = lambda name: next((a.split("=", 1)[1] if "=" in a else (argv[i + 1] if i + 1 < len(argv) else "")  # noqa: E731
                                for i, a in enumerate(argv) if a == name or a.startswith(name + "=")), None)

@@ -7,6 +7,7 @@ calling conventions lives here.
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 
 from deltaport.errors import InputError, RuntimeFailure
@@ -40,6 +41,12 @@ def build_lm(m: EvalModel, *, backend: str, device: str, batch_size, seed: int, 
                              "(e.g. to the eos token) before evaluating")
         return HFLM(pretrained=model, tokenizer=tok, batch_size=batch_size, **model_args)
     args = {"dtype": "auto", **model_args}
+    if device == "cpu" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # accelerate makes CPU processes one group (gloo) only when told they are CPU processes; HFLM's own
+        # Accelerator() then joins this state instead of treating each process as alone
+        from accelerate import PartialState
+
+        PartialState(cpu=True)
     lm = HFLM(pretrained=str(m.local_dir), device=device, batch_size=batch_size, **args)
     _data_parallel_on_cpu(lm)
     return lm
