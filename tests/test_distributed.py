@@ -201,3 +201,33 @@ def test_eval_two_processes_split_the_items_and_equal_one(space, one_process, tm
     n2 = [int((tmp_path / "c2" / f"rank-{r}").read_text()) for r in (0, 1)]
     assert n1 == 16 * 6 and n2 == [48, 48]  # 16 questions × 6 choices, split in two
     assert len(wrote_lines(p)) == 1
+
+
+def test_evolve_chain_under_torchrun_equals_one_process(space, tmp_path):
+    """A two-version chain (``direct``: FT(M1), Δ, M2+Δ, FT(M2+Δ), four evaluations): under torchrun every
+    fine-tune and evaluation runs in both processes, rank 0 alone diffs, applies and writes; the models
+    match one process within the tolerance and the scores are equal."""
+    import yaml
+
+    from deltaport.evolve import slug
+    from deltaport.testing import perturbed
+
+    facts = json.loads((DATA / "facts.json").read_text())
+    m1 = make_model("llama", seed=0)
+    save(perturbed(m1, seed=1, scale=0.02), tmp_path / "m2", tokenizer=make_tokenizer(extra_words=list(facts)))
+    chain = {"versions": [str(space / "base"), str(tmp_path / "m2")], "data": str(SFT), "device": "cpu",
+             "finetune": {"steps": 2, "lr": 3e-3, "batch_size": 4}, "strategies": ["direct"],
+             "eval": {"tasks": [str(TASK)], "limit": 8}}
+    (tmp_path / "chain.yaml").write_text(yaml.safe_dump(chain))
+    ok(alone(["evolve", "chain.yaml", "-o", "one", "--no-progress"], tmp_path))
+    p = ok(torchrun(["evolve", "chain.yaml", "-o", "two", "--no-progress"], tmp_path))
+    one, two = (json.loads((tmp_path / r / "results.json").read_text()) for r in ("one", "two"))
+    assert two["scores"] == one["scores"] and len(two["scores"]) == 4
+    assert two["computed"] == one["computed"]  # every step once, by rank 0's account
+    for mid in ("FT(M1)", "FT(M2+Δ[FT(M1)])"):
+        a, b = (tmp_path / r / "models" / slug(mid) for r in ("one", "two"))
+        assert (settings(a)["world_size"], settings(b)["world_size"]) == (1, 2)
+        assert max_abs_diff(load_sd(a), load_sd(b)) <= 1e-5
+    steps = (tmp_path / "two" / "steps.jsonl").read_text().splitlines()
+    assert len(steps) == len(two["computed"])  # written by rank 0 only
+    assert p.stdout.count("step(s) computed in this call") == 1

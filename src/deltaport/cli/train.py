@@ -52,6 +52,8 @@ def evolve_command(
     from deltaport.evolve import run_chain
 
     res = run_chain(chain, output, **options, progress=progress_mode(quiet, progress))
+    if res.get("rank", 0) != 0:  # a multi-process launch: rank 0 prints the results
+        return
     typer.echo(res["table"], nl=False)
     typer.echo(f"{len(res['computed'])} step(s) computed in this call; results in {output}/results.json, "
                f"table.md, {', '.join(Path(p).name for p in res['curves'].values()) or 'no curves'}")
