@@ -4,6 +4,8 @@ compared with one process run with the same flags. Every launch is a real subpro
 starts it (the launchers' ``python -m`` entry points, so the interpreter is this one).
 
 Slow by nature (each launch starts two Python processes that import torch, transformers and TRL).
+``DELTAPORT_TEST_DEVICE=cuda`` (scripts/gpu_check.sh) runs the same tests on GPUs: one process per GPU,
+the configs with ``use_cpu: false``; the multi-process tests need two GPUs and skip otherwise.
 """
 
 from __future__ import annotations
@@ -22,7 +24,10 @@ import deltaport
 from conftest import load_sd, tree_hash
 from deltaport.testing import make_model, make_tokenizer, save
 
-pytestmark = pytest.mark.slow
+DEVICE = os.environ.get("DELTAPORT_TEST_DEVICE", "cpu")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(DEVICE == "cuda" and torch.cuda.device_count() < 2,
+                                 reason="two processes on GPUs need two GPUs")]
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).parent / "data" / "tiny_qa"
@@ -31,8 +36,17 @@ TASK = DATA / "tiny_qa.yaml"
 DDP_CFG = ROOT / "configs" / "accelerate_cpu_ddp.yaml"
 FSDP_CFG = ROOT / "configs" / "accelerate_cpu_fsdp.yaml"
 FLAGS = ["--data", str(SFT), "--recipe", "quick", "--steps", "8", "--batch-size", "8", "--micro-batch-size", "2",
-         "--seed", "0", "--device", "cpu", "--no-progress"]
+         "--seed", "0", "--device", DEVICE, "--no-progress"]
 PICKLES = ("*.bin", "*.pt", "*.pkl", "*.pickle", "*.pth")
+
+
+def config(cfg: Path, tmp: Path) -> Path:
+    """The shipped CPU config, or on GPUs the same with ``use_cpu: false`` (one process per GPU, NCCL)."""
+    if DEVICE == "cpu":
+        return cfg
+    gpu = tmp / f"gpu_{cfg.name}"
+    gpu.write_text(cfg.read_text().replace("use_cpu: true", "use_cpu: false"))
+    return gpu
 
 
 def _port() -> str:
@@ -133,10 +147,10 @@ def test_accelerate_ddp_config_starts_two_and_a_killed_run_resumes(space, torchr
     ref = torchrun_run[0]
     out = tmp_path / "outs" / "ft"
     args = ["finetune", "--model", str(space / "base"), "-o", str(out), *FLAGS, "--save-every", "4", "--resume"]
-    killed = accelerate(DDP_CFG, args, tmp_path, module="dist_driver", DELTAPORT_TEST_FAULT="6:0,1:kill")
+    killed = accelerate(config(DDP_CFG, tmp_path), args, tmp_path, module="dist_driver", DELTAPORT_TEST_FAULT="6:0,1:kill")
     assert killed.returncode != 0 and not out.exists()
     assert (tmp_path / "outs" / ".ft.deltaport-work" / "trainer" / "checkpoint-4").is_dir()
-    p = ok(accelerate(DDP_CFG, args, tmp_path))
+    p = ok(accelerate(config(DDP_CFG, tmp_path), args, tmp_path))
     assert len(wrote_lines(p)) == 1
     assert settings(out)["world_size"] == 2
     assert json.loads((out / "deltaport.json").read_text())["resumed_from_step"] == 4
@@ -151,7 +165,7 @@ def test_accelerate_fsdp_config_saves_a_full_checkpoint(space, one_process, torc
     from transformers import AutoModelForCausalLM
 
     out = space / "fsdp"
-    p = ok(accelerate(FSDP_CFG, ["finetune", "--model", str(space / "base"), "-o", str(out), *FLAGS], space))
+    p = ok(accelerate(config(FSDP_CFG, space), ["finetune", "--model", str(space / "base"), "-o", str(out), *FLAGS], space))
     assert len(wrote_lines(p)) == 1 and settings(out)["world_size"] == 2
     full = load_sd(out)  # every tensor, whole: the same names, shapes and dtypes as one process saves
     assert max_abs_diff(load_sd(torchrun_run[0]), full) <= 1e-5
@@ -174,6 +188,7 @@ def test_a_crashing_rank_fails_the_run_cleanly(space, tmp_path):
     assert not out.exists() and list((tmp_path / "outs").iterdir()) == []  # no half output, no temp folder
 
 
+@pytest.mark.skipif(DEVICE != "cpu", reason="about accelerate's --cpu flag")
 def test_accelerate_cpu_flag_starting_one_process_is_warned(space, tmp_path):
     """`accelerate launch --cpu --num_processes 2` starts ONE process (accelerate needs mpirun for several
     CPU processes); the run says so instead of silently training alone."""
@@ -186,7 +201,7 @@ def test_accelerate_cpu_flag_starting_one_process_is_warned(space, tmp_path):
 
 
 def test_eval_two_processes_split_the_items_and_equal_one(space, one_process, tmp_path):
-    args = ["eval", str(one_process), "--tasks", str(TASK), "--device", "cpu", "--no-cache", "-q"]
+    args = ["eval", str(one_process), "--tasks", str(TASK), "--device", DEVICE, "--no-cache", "-q"]
     (tmp_path / "c1").mkdir()
     (tmp_path / "c2").mkdir()
     ok(alone([*args, "-o", str(tmp_path / "one.json")], tmp_path, module="dist_driver",
@@ -215,7 +230,7 @@ def test_evolve_chain_under_torchrun_equals_one_process(space, tmp_path):
     facts = json.loads((DATA / "facts.json").read_text())
     m1 = make_model("llama", seed=0)
     save(perturbed(m1, seed=1, scale=0.02), tmp_path / "m2", tokenizer=make_tokenizer(extra_words=list(facts)))
-    chain = {"versions": [str(space / "base"), str(tmp_path / "m2")], "data": str(SFT), "device": "cpu",
+    chain = {"versions": [str(space / "base"), str(tmp_path / "m2")], "data": str(SFT), "device": DEVICE,
              "finetune": {"steps": 2, "lr": 3e-3, "batch_size": 4}, "strategies": ["direct"],
              "eval": {"tasks": [str(TASK)], "limit": 8}}
     (tmp_path / "chain.yaml").write_text(yaml.safe_dump(chain))
