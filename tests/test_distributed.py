@@ -60,7 +60,7 @@ def _run(cmd: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
     e = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", **env)
     paths = [str(Path(deltaport.__file__).parents[1]), str(Path(__file__).parent)]
     e["PYTHONPATH"] = os.pathsep.join(paths + ([e["PYTHONPATH"]] if e.get("PYTHONPATH") else []))
-    return subprocess.run(cmd, cwd=cwd, env=e, capture_output=True, text=True, timeout=600)
+    return subprocess.run(cmd, cwd=cwd, env=e, capture_output=True, text=True, timeout=1200)
 
 
 def torchrun(args: list[str], cwd: Path, module: str = "deltaport.cli.main", **env) -> subprocess.CompletedProcess:
