@@ -18,3 +18,10 @@ def resolve_device(device: str | None) -> str:
     if device not in ("cpu", "mps") and not device.startswith("cuda"):
         raise InputError(f"unknown device {device!r}; use cpu, cuda, cuda:N or auto")
     return device
+
+
+def process_rank() -> tuple[int, int]:
+    """(rank, world size) of this process in a ``torchrun`` / ``accelerate launch`` run; (0, 1) when alone."""
+    import os
+
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))

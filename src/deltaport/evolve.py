@@ -34,6 +34,12 @@ RUN_DIR layout::
     curves_<strategy>.png convergence curves per strategy (a line per version), from finetune.eval_every
     curves_<version>.png  the strategies compared on one version (paper Fig. 4: Δ^iter vs Δ^dir)
 
+Under ``torchrun`` / ``accelerate launch`` (several processes), rank 0 walks the chain and alone does the
+diffs, applies and every write of RUN_DIR; each fine-tuning step and each evaluation runs in every
+process (rank 0 sends the other ranks each call's arguments; :func:`deltaport.finetune.finetune` and
+:func:`deltaport.evaluate` share the work, and rank 0 writes their results).
+A chain with ``finetune.eval_every`` is refused there, as ``finetune`` refuses it.
+
 Over ~500 lines because it is one resumable workflow: the chain file's checks, the four strategies'
 model graph, and the table and figures of its results.
 """
@@ -289,10 +295,11 @@ class _Runner:
         if finetune_opts.get("save_every"):  # trainer state every save_every steps: a killed fine-tune resumes
             finetune_opts.update(resume=True, work_dir=self.run / "work" / slug(model_id))
         t0 = time.time()
-        res = finetune(str(init), self.chain.data, out, eval_every=eval_every,
-                       eval_tasks=eval_opts.get("tasks") if eval_every else None, eval_limit=eval_limit,
-                       eval_protocol=eval_opts.get("protocol", "base"), device=self.chain.device,
-                       progress=self.progress, **finetune_opts)
+        kwargs = dict(eval_every=eval_every, eval_tasks=eval_opts.get("tasks") if eval_every else None,
+                      eval_limit=eval_limit, eval_protocol=eval_opts.get("protocol", "base"),
+                      device=self.chain.device, **finetune_opts)
+        _send_to_workers(("finetune", (str(init), self.chain.data, str(out)), kwargs))
+        res = finetune(str(init), self.chain.data, out, progress=self.progress, **kwargs)
         last = res.log[-1]["loss"] if res.log else None
         self._log_step(model_id, "finetune", t0, init=str(init), output=str(out), final_loss=last)
 
@@ -306,10 +313,12 @@ class _Runner:
         d = self.ensure_model(model_id)
         eval_opts = self.chain.eval
         t0 = time.time()
-        res = evaluate({model_id: str(d)}, eval_opts.get("tasks"), limit=eval_opts.get("limit"),
-                       device=self.chain.device or "auto", batch_size=eval_opts.get("batch_size", 8),
-                       protocol=eval_opts.get("protocol", "base"), num_fewshot=eval_opts.get("num_fewshot"),
-                       preset=eval_opts.get("preset"), cache_dir=self.run / "eval_cache", progress=self.progress)
+        kwargs = dict(limit=eval_opts.get("limit"), device=self.chain.device or "auto",
+                      batch_size=eval_opts.get("batch_size", 8), protocol=eval_opts.get("protocol", "base"),
+                      num_fewshot=eval_opts.get("num_fewshot"), preset=eval_opts.get("preset"),
+                      cache_dir=self.run / "eval_cache")
+        _send_to_workers(("evaluate", ({model_id: str(d)}, eval_opts.get("tasks")), kwargs))
+        res = evaluate({model_id: str(d)}, eval_opts.get("tasks"), progress=self.progress, **kwargs)
         write_json(p, res)
         self._log_step(f"eval {model_id}", "eval", t0, model=str(d), output=str(p))
         return res
@@ -325,6 +334,11 @@ def run_chain(chain, run_dir, *, resume: bool = EVOLVE.resume, progress: bool = 
     Returns ``{"strategies": {strategy: {version: model id}}, "scores": {model id: {task: metrics}},
     "table": markdown, "curves": {strategy: png path}, "computed": [steps done by this call], ...}``.
     """
+    from deltaport.devices import process_rank
+
+    rank, world = process_rank()
+    if world > 1 and rank != 0:
+        return _work_for_rank0(chain)
     c = load_chain(chain)
     run = Path(run_dir).absolute()
     chain_json = json.dumps(dict(c.as_dict(), inputs=_input_fingerprints(c)), sort_keys=True, indent=2)
@@ -347,8 +361,10 @@ def run_chain(chain, run_dir, *, resume: bool = EVOLVE.resume, progress: bool = 
         check_weights(resolve_dir(p)[0])
     fresh = not run.exists()
     try:
-        return _run(c, run, chain_json, progress)
-    except BaseException:
+        out = _run(c, run, chain_json, progress)
+        _send_to_workers(None)  # done: the other ranks return
+        return out
+    except BaseException:  # the other ranks wait in _work_for_rank0; the launcher stops them when rank 0 fails
         if fresh and not (run / "steps.jsonl").exists():  # nothing finished: leave no half-made run dir
             import shutil
 
@@ -357,7 +373,11 @@ def run_chain(chain, run_dir, *, resume: bool = EVOLVE.resume, progress: bool = 
 
 
 def _run(c: Chain, run: Path, chain_json: str, progress: bool) -> dict:
+    from deltaport.devices import process_rank
     from deltaport.io.atomic import atomic_write_file, write_json
+
+    if process_rank()[1] > 1:
+        _rendezvous(c.device)
 
     run.mkdir(parents=True, exist_ok=True)
     atomic_write_file(run / "chain.json", lambda tmp: tmp.write_text(chain_json + "\n"), overwrite=True)
@@ -390,6 +410,54 @@ def _run(c: Chain, run: Path, chain_json: str, progress: bool) -> dict:
     write_json(run / "results.json", out)
     atomic_write_file(run / "table.md", lambda tmp: tmp.write_text(out["table"]), overwrite=True)
     return out
+
+
+def _rendezvous(device: str | None) -> None:
+    """Join the launch's process group (gloo on CPU processes, as finetune's trainer will)."""
+    from accelerate import PartialState
+
+    from deltaport.devices import resolve_device
+
+    PartialState(cpu=resolve_device(device) == "cpu")
+
+
+def _send_to_workers(call) -> None:
+    """Rank 0 of a multi-process launch: hand every other rank the next call, ``(name, args, kwargs)`` of
+    ``finetune`` or ``evaluate`` (None: done)."""
+    from deltaport.devices import process_rank
+
+    if process_rank()[1] == 1:
+        return
+    from accelerate.utils import broadcast_object_list
+
+    broadcast_object_list([call], from_process=0)
+
+
+def _work_for_rank0(chain) -> dict:
+    """A rank other than 0: take part in each fine-tuning and evaluation rank 0 sends, until it says done.
+    Returns ``{"rank": R, "computed": [(name, args) of each call]}``; rank 0 alone returns the results."""
+    from accelerate.utils import broadcast_object_list
+
+    from deltaport.evaluation import evaluate
+    from deltaport.finetune import finetune
+
+    c = load_chain(chain)
+    _rendezvous(c.device)
+    computed = []
+    while True:
+        msg = [None]
+        broadcast_object_list(msg, from_process=0)
+        if msg[0] is None:
+            return {"rank": _rank(), "computed": computed}
+        name, args, kwargs = msg[0]
+        {"finetune": finetune, "evaluate": evaluate}[name](*args, **kwargs)
+        computed.append((name, args))
+
+
+def _rank() -> int:
+    from deltaport.devices import process_rank
+
+    return process_rank()[0]
 
 
 def _input_fingerprints(c: Chain) -> dict:

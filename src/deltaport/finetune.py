@@ -91,7 +91,7 @@ RECIPES: dict[str, Recipe] = {
 class FinetuneResult:
     """``output``: the model directory (None when ``output=None``); ``log``: one dict per logged step
     (step, loss, lr, tokens, ...); ``evals``: one dict per evaluation (step, results); ``model`` /
-    ``tokenizer``: the trained model in memory (LoRA merged)."""
+    ``tokenizer``: the trained model in memory (LoRA merged); ``rank``: this process's rank (0 when alone)."""
 
     output: Path | None
     log: list[dict] = field(default_factory=list)
@@ -99,6 +99,7 @@ class FinetuneResult:
     provenance: dict = field(default_factory=dict)
     model: Any = None
     tokenizer: Any = None
+    rank: int = 0  #: this process's rank in a multi-process launch (only rank 0 writes the output)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -235,40 +236,98 @@ def _resolve_device(device: str | None) -> str:
 
 
 # --------------------------------------------------------------------------------------------------
-# output directory (single process: atomic temp sibling; distributed: shared staging dir, rank 0 renames)
+# several processes (torchrun / accelerate launch): rank 0 writes the output, every rank trains
 
 
 def _world() -> tuple[int, int]:
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def _check_launch() -> None:
+    """Warn when a launcher started fewer processes than it was asked for. ``accelerate launch --cpu
+    --num_processes N`` starts several processes only through mpirun (``--mpirun_hostfile``); without it,
+    it starts ONE ordinary process and says nothing (accelerate 1.x). The request is read from the
+    launcher's own command line (the parent process; Linux ``/proc``), its ``--config_file`` included."""
+    if "WORLD_SIZE" in os.environ or "ACCELERATE_USE_CPU" not in os.environ:
+        return
+    asked = _asked_processes(os.getppid())
+    if asked and asked > 1:
+        LOG.warning("accelerate launch was asked for %d processes but started 1: with --cpu (or a config with "
+                    "distributed_type MULTI_CPU) accelerate starts several processes only through mpirun. Launch "
+                    "with --config_file configs/accelerate_cpu_ddp.yaml (torchrun's launcher on CPU, gloo) or "
+                    "torchrun --nproc_per_node %d instead; this run trains in one process", asked, asked)
+
+
+def _asked_processes(pid: int) -> int | None:
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return None
+    if not any("accelerate" in a for a in argv[:3]):  # `accelerate launch …`, `python -m accelerate.commands.launch …`
+        return None
+    value = lambda name: next((a.split("=", 1)[1] if "=" in a else (argv[i + 1] if i + 1 < len(argv) else "")  # noqa: E731
+                               for i, a in enumerate(argv) if a == name or a.startswith(name + "=")), None)
+    n = value("--num_processes") or value("--num-processes")
+    if n is None and (cfg := value("--config_file") or value("--config-file")):
+        try:
+            import yaml
+
+            cfg_path = Path(cfg) if Path(cfg).is_absolute() else Path(f"/proc/{pid}/cwd") / cfg
+            n = (yaml.safe_load(cfg_path.read_text()) or {}).get("num_processes")
+        except (OSError, ValueError, AttributeError, ImportError):
+            return None
+    try:
+        return int(n) if n is not None else None
+    except ValueError:
+        return None
+
+
 @contextlib.contextmanager
 def _output_dir(output: Path | None, overwrite: bool, inputs: list):
-    if output is None:
-        import tempfile
+    """The folder this rank writes into. Rank 0 (the only rank of a one-process run) writes the output
+    through :func:`deltaport.io.atomic.atomic_output_dir`: a temporary sibling of ``output``, renamed in
+    when complete, so a launch takes one writer lock and publishes once. The other ranks check the
+    output location the same way (so a bad output fails every rank alike, before any work) and get a
+    private scratch folder: they write nothing next to the output."""
+    import tempfile
 
+    if output is None:
         with tempfile.TemporaryDirectory(prefix="deltaport-ft-") as tmp:
             yield Path(tmp)
         return
-    rank, world = _world()
-    if world == 1:
+    rank, _ = _world()
+    if rank == 0:
         from deltaport.io.atomic import atomic_output_dir
 
         with atomic_output_dir(output, overwrite=overwrite, inputs=inputs) as tmp:
             yield tmp
         return
-    # Distributed (accelerate launch): every rank must see one staging folder. UNTESTED until a GPU run log exists.
-    from deltaport.io.atomic import check_output_location, publish_dir
+    from deltaport.io.atomic import check_output_location
 
     out = check_output_location(output, inputs)
     if out.exists() and not overwrite:
-        raise OutputError(f"output {out} already exists; pass --overwrite or choose another path")
-    run_id = os.environ.get("TORCHELASTIC_RUN_ID") or os.environ.get("MASTER_PORT", "0")
-    tmp = out.parent / f".{out.name}.deltaport-tmp-dist-{run_id}"
-    tmp.mkdir(parents=True, exist_ok=True)
-    yield tmp
-    if rank == 0:  # the new output is complete: swapped in, the old one deleted after (never before)
-        publish_dir(tmp, out, overwrite=overwrite)
+        raise OutputError(f"output {out} already exists; pass --overwrite to replace it (the new output is "
+                          "completed first, then swapped in) or choose another path")
+    with tempfile.TemporaryDirectory(prefix=f"deltaport-ft-rank{rank}-") as tmp:
+        yield Path(tmp)
+
+
+def _save_model(trainer, model, path: Path, save_dtype) -> None:
+    """Save the full model in ``save_dtype`` as safetensors. Called by every rank: with FSDP or DeepSpeed
+    the full weights are gathered collectively; rank 0 writes them. No pickled ``training_args.bin``."""
+    import torch
+
+    rank, _ = _world()
+    if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
+        sd = trainer.accelerator.get_state_dict(trainer.model_wrapped)  # full weights on rank 0
+        if rank == 0:
+            sd = {k: v.to(save_dtype) for k, v in sd.items()}
+            trainer.accelerator.unwrap_model(trainer.model).save_pretrained(
+                str(path), state_dict=sd, safe_serialization=True, max_shard_size="5GB")
+        return
+    if rank == 0:
+        saved = copy.deepcopy(model).to(save_dtype) if save_dtype != torch.float32 else model
+        saved.save_pretrained(str(path), safe_serialization=True, max_shard_size="5GB")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -325,7 +384,9 @@ def finetune(model, data, output, *, recipe: str = FINETUNE.recipe, steps: int |
         from deltaport.io.atomic import check_writable
 
         check_writable(output)
-    _, world = _world()
+    rank, world = _world()
+    if world == 1:
+        _check_launch()
     if world > 1 and eval_every is not None:
         raise InputError("--eval-every evaluates the in-memory model in one process; in a multi-GPU run save "
                          "checkpoints (--save-every) and evaluate them with `deltaport eval` instead")
@@ -344,7 +405,7 @@ def finetune(model, data, output, *, recipe: str = FINETUNE.recipe, steps: int |
             raise InputError("resumable training needs save_every: the trainer state is saved every N steps")
         work = Path(work_dir) if work_dir is not None else \
             Path(output).absolute().parent / f".{Path(output).name}.deltaport-work"
-        if not resume and work.exists():
+        if not resume and work.exists() and rank == 0:
             LOG.warning("starting afresh: removing the previous run's trainer state in %s", work)
             shutil.rmtree(work)
 
@@ -451,6 +512,10 @@ def finetune(model, data, output, *, recipe: str = FINETUNE.recipe, steps: int |
 
         trainer = SFTTrainer(model=m, args=cfg, train_dataset=Dataset.from_list(rows), processing_class=tok,
                              peft_config=peft_config, callbacks=[_Hooks(), *tr_callbacks])
+        if lora and (trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled):
+            raise InputError("--lora with FSDP or DeepSpeed is not supported (its adapter is not gathered for "
+                             "saving); launch LoRA with plain data parallelism (configs/accelerate_cpu_ddp.yaml "
+                             "or torchrun) or train without --lora")
         state["trainer"] = trainer
         if not progress:  # Trainer prints every log dict to stdout when tqdm is off; the library stays quiet
             from transformers.trainer_callback import PrinterCallback
@@ -461,8 +526,16 @@ def finetune(model, data, output, *, recipe: str = FINETUNE.recipe, steps: int |
                 LOG.warning("resuming training from %s (step %d of %d)", last_ck, resumed_at, steps)
             out = trainer.train(resume_from_checkpoint=last_ck)
         except torch.cuda.OutOfMemoryError as exc:  # pragma: no cover - GPU only
-            raise RuntimeFailure(f"out of GPU memory while training: {exc}; lower --micro-batch-size or "
+            raise RuntimeFailure(f"{_where()}out of GPU memory while training: {exc}; lower --micro-batch-size or "
                                  "--max-seq-length, use --lora, or launch multi-GPU with FSDP/DeepSpeed") from None
+        except Exception as exc:
+            if world == 1:
+                raise
+            # one rank failing makes the others fail in their next collective (or be stopped by the launcher):
+            # each says which rank it is, so the first failure can be told from the ones it caused
+            raise RuntimeFailure(f"{_where()}training failed: {type(exc).__name__}: {exc}. Nothing was published "
+                                 "to the output. In a multi-process run, the first rank that failed is the cause; "
+                                 "the others fail in their next collective") from exc
         for e in trainer.state.log_history:
             if "loss" in e:
                 log.append({"step": e.get("step"), "loss": e["loss"], "lr": e.get("learning_rate"),
@@ -474,22 +547,17 @@ def finetune(model, data, output, *, recipe: str = FINETUNE.recipe, steps: int |
 
         final = trainer.model
         if lora:
-            (tmp / "adapter").mkdir(exist_ok=True)
-            final.save_pretrained(str(tmp / "adapter"))
+            if rank == 0:
+                (tmp / "adapter").mkdir(exist_ok=True)
+                final.save_pretrained(str(tmp / "adapter"))
             final = final.merge_and_unload()
         final.eval()
-        rank, world = _world()
-        if world > 1:  # pragma: no cover - UNTESTED until a GPU run log exists
-            trainer.save_model(str(tmp))
-        elif rank == 0:
-            saved = copy.deepcopy(final).to(save_dtype) if save_dtype != torch.float32 else final
-            saved.save_pretrained(str(tmp), safe_serialization=True, max_shard_size="5GB")
-            del saved
+        _save_model(trainer, final, tmp, save_dtype)
         if rank == 0:
             tok.save_pretrained(str(tmp))
         if work is None:
             shutil.rmtree(trainer_dir, ignore_errors=True)
-        elif ck_root.is_dir():
+        elif ck_root.is_dir() and rank == 0:
             shutil.copytree(ck_root, tmp / "checkpoints", dirs_exist_ok=True)
         prov = {
             "tool": "deltaport finetune",
@@ -514,20 +582,27 @@ def finetune(model, data, output, *, recipe: str = FINETUNE.recipe, steps: int |
             if evals:
                 (tmp / "evals.json").write_text(json.dumps(evals, indent=1, default=str) + "\n")
             (tmp / "deltaport.json").write_text(json.dumps(prov, indent=2, default=str) + "\n")
-    if work is not None and _world()[0] == 0:  # the output is complete and in place
+    if work is not None and rank == 0:  # the output is complete and in place
         shutil.rmtree(work, ignore_errors=True)
     return FinetuneResult(output=out_path.absolute() if out_path is not None else None, log=log, evals=evals,
-                          provenance=prov, model=final, tokenizer=tok)
+                          provenance=prov, model=final, tokenizer=tok, rank=rank)
 
 
 def _save_checkpoint(trainer, tok, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _, world = _world()
-    if world > 1:  # pragma: no cover - GPU only
-        trainer.save_model(str(path))
-    else:
-        trainer.model.save_pretrained(str(path), safe_serialization=True, max_shard_size="5GB")
-    tok.save_pretrained(str(path))
+    """``checkpoints/step-N/``: a loadable model dir (fp32 master weights; LoRA: the adapter)."""
+    import torch
+
+    if _world()[0] == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    _save_model(trainer, trainer.model, path, torch.float32)
+    if _world()[0] == 0:
+        tok.save_pretrained(str(path))
+
+
+def _where() -> str:
+    """``rank R of W: `` in a multi-process run (messages say which process failed), else nothing."""
+    rank, world = _world()
+    return f"rank {rank} of {world}: " if world > 1 else ""
 
 
 def _f(v):

@@ -98,6 +98,10 @@ def eval_command(
                    languages=[x.strip() for x in languages.split(",")] if languages else None)
     res = evaluate(models, tasks, **options, cache_dir=None if no_cache else (cache_dir or default_cache_dir()),
                    progress=progress_mode(quiet, progress), status=not quiet)
+    from deltaport.devices import process_rank
+
+    if process_rank()[0] != 0:  # a multi-process launch: rank 0 holds the gathered scores and writes them
+        return
     if baseline is not None and baseline not in res["results"]:
         rows = [r for r in res["results"] if r.startswith(f"{baseline} [")]
         baseline = rows[0] if rows else baseline

@@ -30,6 +30,8 @@ def finetune_command(
     tasks = options["eval_tasks"]  # the flag is comma-separated; the function takes a list
     options["eval_tasks"] = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
     r = finetune(model, data, output, **options, progress=progress_mode(quiet, progress))
+    if r.rank != 0:  # a multi-process launch: rank 0 wrote the output and says so, once
+        return
     first, last = (r.log[0], r.log[-1]) if r.log else ({}, {})
     parts = [f"{last.get('step') or 0} steps"]
     if isinstance(first.get("loss"), float) and isinstance(last.get("loss"), float):
@@ -50,6 +52,8 @@ def evolve_command(
     from deltaport.evolve import run_chain
 
     res = run_chain(chain, output, **options, progress=progress_mode(quiet, progress))
+    if res.get("rank", 0) != 0:  # a multi-process launch: rank 0 prints the results
+        return
     typer.echo(res["table"], nl=False)
     typer.echo(f"{len(res['computed'])} step(s) computed in this call; results in {output}/results.json, "
                f"table.md, {', '.join(Path(p).name for p in res['curves'].values()) or 'no curves'}")

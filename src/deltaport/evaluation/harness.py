@@ -7,6 +7,7 @@ calling conventions lives here.
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 
 from deltaport.errors import InputError, RuntimeFailure
@@ -40,7 +41,32 @@ def build_lm(m: EvalModel, *, backend: str, device: str, batch_size, seed: int, 
                              "(e.g. to the eos token) before evaluating")
         return HFLM(pretrained=model, tokenizer=tok, batch_size=batch_size, **model_args)
     args = {"dtype": "auto", **model_args}
-    return HFLM(pretrained=str(m.local_dir), device=device, batch_size=batch_size, **args)
+    if device == "cpu" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # accelerate makes CPU processes one group (gloo) only when told they are CPU processes; HFLM's own
+        # Accelerator() then joins this state instead of treating each process as alone
+        from accelerate import PartialState
+
+        PartialState(cpu=True)
+    lm = HFLM(pretrained=str(m.local_dir), device=device, batch_size=batch_size, **args)
+    _data_parallel_on_cpu(lm)
+    return lm
+
+
+def _data_parallel_on_cpu(lm) -> None:
+    """Under ``torchrun`` / ``accelerate launch`` on CPU processes, turn on lm-eval's own data-parallel path.
+
+    HFLM creates an ``Accelerator`` (one process group, gloo on CPU) but enables data parallelism only when
+    it counts more than one CUDA device; on CPU every process would score every item. Here each process
+    gets the rank and world size HFLM sets on GPUs (``accelerator.process_index`` / ``num_processes``), so
+    lm-eval splits the items across the processes and gathers the per-item metrics on rank 0 (its
+    ``gather_object``); the scores are computed from the same items as in one process."""
+    acc = getattr(lm, "accelerator", None)
+    if acc is None or acc.num_processes <= 1 or lm.world_size != 1 or acc.device.type != "cpu":
+        return
+    if not (hasattr(lm, "_rank") and hasattr(lm, "_world_size")):  # pragma: no cover - a future lm-eval
+        raise RuntimeFailure("this lm-eval's HFLM keeps its rank elsewhere; evaluate on CPU in one process "
+                             "(without torchrun/accelerate launch)")
+    lm._rank, lm._world_size = acc.process_index, acc.num_processes
 
 
 def by_fewshot(specs: list[TaskSpec]) -> list[list[TaskSpec]]:

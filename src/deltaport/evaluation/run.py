@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from deltaport.devices import resolve_device
+from deltaport.devices import process_rank, resolve_device
 from deltaport.errors import InputError
 from deltaport.evaluation.cache import cache_get, cache_key, cache_put
 from deltaport.evaluation.harness import build_lm, by_fewshot, parse_gen_kwargs, progress_bars, run_group
@@ -57,6 +57,10 @@ def evaluate(models, tasks, *, preset=EVALUATE.preset, languages: list[str] | No
         is the model's name (``NAME [base]`` / ``NAME [chat]`` with ``protocol="both"``). ``items`` (the
         per-item metric values, in the same item order for every row) is what
         :func:`deltaport.evaluation.compare` pairs.
+
+    Under ``torchrun`` / ``accelerate launch`` (``settings["world_size"]`` > 1) lm-eval splits every task's
+    items across the processes and rank 0 gathers them: rank 0 returns the scores (and alone writes the
+    cache); the other ranks return rows without metrics. Every rank must be given the same arguments.
     """
     t_start = time.time()
     if protocol is None:
@@ -102,6 +106,7 @@ def evaluate(models, tasks, *, preset=EVALUATE.preset, languages: list[str] | No
         "gen_kwargs": gen_kwargs, "include_path": str(include_path) if include_path is not None else None,
         "system_instruction": system_instruction, "fewshot_as_multiturn": fewshot_as_multiturn,
         "log_samples": log_samples, "no_prompts": no_prompts, "versions": _versions(),
+        "world_size": process_rank()[1],
     }
     results: dict[str, dict] = {}
     details: dict[str, dict] = {}
@@ -192,7 +197,7 @@ def _scores(lm_eval, m: EvalModel, proto: str, specs: list[TaskSpec], cache: Pat
             _status(f"eval: {m.name} ({proto} protocol): {names} done in {time.time() - t_group:.1f} s")
         for ts in group:
             recs[ts.name] = done[ts.name]
-            if cache:
+            if cache and process_rank()[0] == 0:  # the other ranks of a multi-process run hold no scores
                 cache_put(cache, cache_key(m.fingerprint, ts, proto, settings), done[ts.name], model=m.name,
                           model_fingerprint=m.fingerprint, task=ts.name, protocol=proto)
     if status and cached_names:
