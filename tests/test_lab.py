@@ -17,6 +17,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import torch  # noqa: E402
+from dataclasses import replace as dataclasses_replace  # noqa: E402
 
 from deltaport.errors import InputError  # noqa: E402
 from deltaport.lab.config import LabConfig, ModelConfig, PretrainConfig, WorldConfig, load_config  # noqa: E402
@@ -186,6 +187,84 @@ def test_ci_rerun_reuses_every_artifact(ci_run):
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     assert again["grid"]["cells"] == results["grid"]["cells"]
     assert again["timings_s"].get("steps.finetune", 0) == 0
+
+
+def test_size_presets_differ_only_in_the_model_and_span_100x():
+    """size-s/m/l: one family per size from one preset each; only `model:` (and the name) differs from size-m."""
+    from transformers import LlamaConfig
+
+    from deltaport.lab.family import _model_config
+
+    sizes = {n: load_config(n) for n in ("size-s", "size-m", "size-l")}
+    ref = sizes["size-m"].to_dict()
+    for name, cfg in sizes.items():
+        d = cfg.to_dict()
+        assert {k for k in d if d[k] != ref[k]} <= {"name", "model"}, name
+    tok = make_tokenizer(make_world(**{k: v for k, v in {"n_entities": 240, "n_sft": 40, "seed": 0}.items()}))
+    n = {}
+    for name, cfg in sizes.items():
+        c = _model_config(cfg, tok)
+        assert isinstance(c, LlamaConfig)
+        h, i, L, V = c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.vocab_size
+        n[name] = 2 * V * h + L * (4 * h * h + 3 * h * i + 2 * h) + h  # embeddings + lm_head, layers, final norm
+    assert n["size-s"] < n["size-m"] < n["size-l"] and n["size-l"] >= 100 * n["size-s"], n
+    assert n == {"size-s": 48544, "size-m": 940160, "size-l": 5545280}  # the counts the presets' comments state
+
+
+# ------------------------------------------------------------------ the noise twin (docs/lab.md, "Noise twin")
+def test_noise_twin_changes_only_floating_point_noise():
+    from deltaport.lab.noise import twin_config
+
+    cfg = load_config("ci")
+    twin = twin_config(cfg)
+    assert (twin.threads, twin.init_ulp, twin.noise_twin) == (2, 1, False)
+    assert twin_config(dataclasses_replace(cfg, threads=2)).threads == 1
+    assert "compression" not in twin.experiments and set(twin.experiments) == set(cfg.experiments) - {"compression"}
+    same = ("seed", "world", "model", "pretrain", "finetune", "versions", "curve_pairs", "eval_limit")
+    assert all(getattr(twin, k) == getattr(cfg, k) for k in same)
+    assert twin.family_key() != cfg.family_key() and cfg.family_key() == {
+        k: cfg.to_dict()[k] for k in ("seed", "world", "model", "pretrain")}  # init_ulp 0: old family hashes kept
+
+
+def test_noise_attach_flags_a_verdict_that_differs():
+    from deltaport.lab.noise import attach, differing_verdicts
+
+    claims = [{"id": "a", "mean": 0.9, "verdict": "yes"}, {"id": "c", "mean": 0.01, "verdict": "yes"},
+              {"id": "f", "mean": -0.6, "verdict": "yes"}]
+    record = {"claims": {"a": {"mean": 0.8, "verdict": "yes"}, "c": {"mean": -0.03, "verdict": "inconclusive"}}}
+    attach(claims, record)
+    assert [c["noise_spread"] for c in claims] == [pytest.approx(0.1), pytest.approx(0.04), None]
+    assert [c["same_verdict"] for c in claims] == [True, False, None]
+    assert differing_verdicts(claims) == ["c"]
+    assert attach([{"id": "a", "mean": 1.0, "verdict": "no"}], None)[0]["twin_verdict"] is None
+
+
+@pytest.mark.slow
+def test_ci_noise_twin_reaches_every_verdict_of_its_seed(ci_run):
+    """The twin (threads 1 -> 2, every initial weight one ULP up) of the ci run: its family really differs (M0
+    is exactly the main M0 one ULP up), the main run is reused from the cache, and no verdict differs."""
+    from deltaport.lab.noise import differing_verdicts
+    from deltaport.lab.run import run_lab
+
+    run_dir, results = ci_run
+    again = run_lab(load_config("ci"), run_dir, noise_twin=True)
+    assert again["timings_s"].get("steps.finetune", 0) == 0  # the main run: every step reused
+    torch.set_num_threads(1)
+    twin = json.loads((run_dir / "twin" / "results.json").read_text())
+    assert twin["config"]["threads"] == 2 and twin["config"]["init_ulp"] == 1
+    m0, m0_twin = _tensors(results["family"]["M0"]), _tensors(twin["family"]["M0"])
+    for k, w in m0.items():
+        assert torch.equal(m0_twin[k], torch.nextafter(w, torch.full_like(w, float("inf")))), k
+    m5, m5_twin = _tensors(results["family"]["M5"]), _tensors(twin["family"]["M5"])
+    assert any(not torch.equal(m5[k], m5_twin[k]) for k in m5)
+    on_disk = json.loads((run_dir / "results.json").read_text())
+    assert {c["id"] for c in on_disk["claims"]} == set(on_disk["noise_twin"]["claims"])
+    for c in on_disk["claims"]:
+        if c["noise_spread"] is not None:
+            assert c["noise_spread"] == pytest.approx(abs(c["mean"] - c["twin_mean"]))
+    assert differing_verdicts(on_disk["claims"]) == [], [(c["id"], c["verdict"], c["twin_verdict"])
+                                                          for c in on_disk["claims"]]
+    assert "noise twin" in (run_dir / "report.md").read_text()
 
 
 def test_preset_costs_have_one_source_the_demo_help(capsys, monkeypatch):

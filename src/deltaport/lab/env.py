@@ -69,9 +69,12 @@ def environment() -> dict:
 
 
 def cache_salt() -> dict:
-    """The part of every lab cache key that is not the step's own inputs: library versions and
-    deltaport's release version (a commit that does not change a release does not invalidate a cache)."""
-    return dict(versions())
+    """The part of every lab cache key that is not the step's own inputs: library versions,
+    deltaport's release version (a commit that does not change a release does not invalidate a cache) and
+    the torch thread count (another count sums in another order: other bytes, so never a cache hit)."""
+    import torch
+
+    return {**versions(), "torch_threads": torch.get_num_threads()}
 
 
 def kind_of(env: dict) -> str:
