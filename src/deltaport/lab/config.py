@@ -21,9 +21,10 @@ EXPERIMENTS = ("grid", "recovery", "transfer_then_finetune", "iterative", "backp
 #: what each shipped preset costs on one 2-core CPU at 1 torch thread, as measured (docs/lab.md, "Measured"):
 #: the one place ``deltaport demo --help`` and the presets' comments take it from
 PRESET_COST = {
-    "quick": "one seed, 146-166 s of CPU (221 s wall at load 2-4), plus ~10 s for the compressed-Δ row",
-    "full": "seeds 0, 1, 2, 380-470 s of CPU each plus ~100 s each for the compression frontier "
-            "(~30 min quiet, estimated from CPU time)",
+    "quick": "one seed; design v3 at --threads 2: 293 s of CPU (428 s wall on a shared machine); with "
+             "--noise-twin, run + twin 585 s of CPU",
+    "full": "seeds 0-4, each with its noise twin; v3 not yet timed (v2: 380-470 s of CPU per seed plus ~100 s "
+            "for the compression frontier)",
     "ci": "structure only, ~1 min",
     "size-s": "a 49 k-parameter family, the grid and connectivity (for calibrating check): not measured",
     "size-m": "a 0.94 M-parameter family, the grid and connectivity: not measured",

@@ -5,8 +5,9 @@ deltaport's release version, never its commit) goes into every cache key of a la
 computed under other library versions is never reused.
 
 The reproducibility promise (docs/lab.md): the same pinned versions (``constraints.txt``) on the same
-CPU kind give the same bytes; another CPU kind (training kernels differ, e.g. AVX-512 or not) gives
-numbers within the committed spread across seeds.
+CPU kind at the same torch thread count give the same bytes. Another CPU kind or thread count changes
+the bytes; how far that moves the numbers is measured, not promised: the noise twin
+(:mod:`deltaport.lab.noise`) reports it beside every claim.
 """
 
 from __future__ import annotations

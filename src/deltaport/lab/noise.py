@@ -114,3 +114,29 @@ def scores_table(r: dict) -> str:
     rows = [f"| {n} | {_pct(sc[n]['heldout'])} | {_pct(rec['scores'].get(n))} | {_pct(rec['score_spread'].get(n))} |"
             for n in headline_models(r["config"]["versions"]) if n in sc]
     return "\n".join(["| model | held-out EM | noise twin | noise spread (points) |", "|---|---|---|---|", *rows])
+
+
+#: how far two runs of one seed may differ and still "agree" (issue 20's acceptance: claim means within 0.03 for
+#: unit points, 0.10 otherwise, and identical verdicts)
+AGREEMENT_TOLERANCE = {"points": 0.03, "other": 0.10}
+
+
+def agreement(a: dict, b: dict) -> dict:
+    """Whether two runs of one seed (e.g. ``--threads 1`` and ``--threads 2``) agree: the same claim ids,
+    identical verdicts, and every claim's mean within :data:`AGREEMENT_TOLERANCE`.
+
+    Returns ``{"agree", "same_ids", "claims": {id: {"verdicts", "gap", "tolerance", "ok"}}, "max_score_gap"}``.
+    """
+    ca, cb = {c["id"]: c for c in a.get("claims", [])}, {c["id"]: c for c in b.get("claims", [])}
+    rows = {}
+    for i in sorted(set(ca) & set(cb)):
+        x, y = ca[i], cb[i]
+        tol = AGREEMENT_TOLERANCE["points" if x["unit"] == "points" else "other"]
+        gap = _gap(x.get("mean"), y.get("mean"))
+        rows[i] = {"verdicts": [x["verdict"], y["verdict"]], "gap": gap, "tolerance": tol,
+                   "ok": x["verdict"] == y["verdict"] and gap is not None and gap <= tol}
+    sa, sb = a.get("scores", {}), b.get("scores", {})
+    gaps = [abs(sa[k]["heldout"] - sb[k]["heldout"]) for k in sa if k in sb]
+    same_ids = set(ca) == set(cb)
+    return {"agree": same_ids and all(r["ok"] for r in rows.values()), "same_ids": same_ids, "claims": rows,
+            "max_score_gap": max(gaps, default=None)}

@@ -20,6 +20,8 @@ from pathlib import Path
 from deltaport.lab.findings import fmt
 
 QUICK = "docs/results/quick/results.json"
+#: the same demo at ``--threads 2`` on the same machine (its claims are compared with QUICK's in the README)
+QUICK_THREADS2 = "docs/results/quick/threads-2/results.json"
 FULL = "docs/results/full/summary.json"
 COMPRESSION = "docs/results/full/compression.json"  # deltaport.lab.compression.collect
 BLOCKS = ("quick", "findings", "compression")
@@ -91,10 +93,25 @@ def quick_table(r: dict) -> str:
         same = [c["id"] for c in r.get("claims", []) if c.get("twin_verdict") not in (None, c["verdict"])]
         gap = twin.get("max_score_spread")
         moved = "the same verdicts" if not same else "other verdicts on " + ", ".join(f"({x})" for x in same)
-        verdicts += (f"; its noise twin ({twin['what']}) reached {moved}, and no held-out score moved more than "
+        verdicts += (f"; its noise twin reached {moved}, and no held-out score moved more than "
                      f"{'–' if gap is None else f'{100 * gap:.1f}'} points")
     env = r.get("environment", {})
     from deltaport.lab.env import kind_of
+
+    other = r.get("_threads2")  # render() adds the committed --threads 2 run of the same seed, if any
+    if other:
+        from deltaport.lab.noise import agreement
+
+        ag = agreement(r, other)
+        bad = [f"({i})" for i, x in ag["claims"].items() if not x["ok"]]
+        worst = max((x["gap"] for x in ag["claims"].values() if x["gap"] is not None), default=None)
+        score_gap = ag["max_score_gap"]
+        verdicts += (f". The same demo at `--threads 2` on {kind_of(other.get('environment', {}))} "
+                     + ("agrees with it (same claims, identical verdicts, every claim mean within 0.03 for points, "
+                        "0.10 otherwise" if ag["agree"] else "does **not** agree with it (" + ", ".join(bad)
+                        + " in verdict or by more than 0.03 for points, 0.10 otherwise")
+                     + f"; largest claim gap {'–' if worst is None else f'{worst:.3f}'}, largest held-out score gap "
+                     + ("–" if score_gap is None else f"{100 * score_gap:.1f}") + " points)")
 
     lines += ["", f"One seed, intervals over items only — verdicts of this run: {verdicts}. The decided findings "
                   "are the multi-seed ones below. Produced with "
@@ -132,7 +149,10 @@ def render(root: Path) -> dict[str, str]:
     for name, rel, fn in (("quick", QUICK, quick_table), ("findings", FULL, findings_table),
                           ("compression", COMPRESSION, readme_block)):
         f = root / rel
-        out[name] = fn(json.loads(f.read_text())) if f.exists() else ""
+        data = json.loads(f.read_text()) if f.exists() else None
+        if name == "quick" and data is not None and (root / QUICK_THREADS2).exists():
+            data["_threads2"] = json.loads((root / QUICK_THREADS2).read_text())
+        out[name] = fn(data) if data is not None else ""
     return out
 
 
