@@ -239,6 +239,56 @@ def test_noise_attach_flags_a_verdict_that_differs():
     assert attach([{"id": "a", "mean": 1.0, "verdict": "no"}], None)[0]["twin_verdict"] is None
 
 
+def test_agreement_applies_the_acceptance_tolerances():
+    from deltaport.lab.noise import agreement
+
+    def run(c, f, e="yes"):
+        return {"claims": [{"id": "c", "unit": "points", "mean": c, "verdict": "yes"},
+                           {"id": "f", "unit": "rho", "mean": f, "verdict": e}],
+                "scores": {"FT(M5)": {"heldout": c}}}
+
+    assert agreement(run(0.0, -0.80), run(0.029, -0.71))["agree"]  # 0.03 for points, 0.10 otherwise
+    assert not agreement(run(0.0, -0.80), run(0.031, -0.80))["agree"]
+    assert not agreement(run(0.0, -0.80), run(0.0, -0.69))["agree"]
+    diff = agreement(run(0.0, -0.8), run(0.0, -0.8, e="inconclusive"))
+    assert not diff["agree"] and diff["claims"]["f"]["verdicts"] == ["yes", "inconclusive"]
+    assert not agreement(run(0.0, -0.8), {**run(0.0, -0.8), "claims": run(0.0, -0.8)["claims"][:1]})["same_ids"]
+    assert agreement(run(0.0, -0.8), run(0.02, -0.8))["max_score_gap"] == pytest.approx(0.02)
+
+
+def _fake_seed(seed: int, mx_gain: str, twin_dir: Path | None = None) -> dict:
+    """A results dict with just what the b1/b2 findings and the summary read (versions M3, M5; 4 items)."""
+    zero = "0000"
+    items = {"Mx": zero, "M0": zero, "Mx+Δ3": mx_gain, "Mx+Δ5": zero, "M0+Δ3": zero, "M0+Δ5": zero}
+    r = {"name": "fake", "config": {"versions": ["M3", "M5"], "seed": seed}, "items": {"heldout": items},
+         "scores": {"FT(M5)": {"heldout": 0.5 + 0.01 * seed}}}
+    if twin_dir is not None:
+        r["noise_twin"] = {"what": "twin", "run_dir": str(twin_dir), "scores": {"FT(M5)": 0.5}}
+    return r
+
+
+def test_summary_puts_noise_spread_beside_seed_spread(tmp_path):
+    from deltaport.lab.multiseed import summarize, summary_md
+
+    runs = []
+    for seed, (gain, twin_gain) in enumerate([("1000", "1100"), ("1100", "1100")]):
+        d = tmp_path / f"twin-{seed}"
+        d.mkdir()
+        (d / "results.json").write_text(json.dumps(_fake_seed(seed, twin_gain)))
+        runs.append(_fake_seed(seed, gain, d))
+    sm = summarize(runs)
+    b1 = next(f for f in sm["findings"] if f["id"] == "b1")
+    # θ = mean over s of EM(Mx+Δs) − EM(Mx): seed 0 0.125, seed 1 0.25; the twins 0.25, 0.25
+    assert b1["per_seed"] == pytest.approx([0.125, 0.25]) and b1["twin_per_seed"] == pytest.approx([0.25, 0.25])
+    assert b1["noise_per_seed"] == pytest.approx([0.125, 0.0]) and b1["noise_spread"] == pytest.approx(0.125)
+    assert b1["seed_spread"] == pytest.approx(0.125) and b1["twin_verdict"] in ("yes", "no", "inconclusive")
+    assert sm["heldout_noise_per_seed"]["FT(M5)"] == pytest.approx([0.0, 0.01])
+    assert sm["noise_twin"]["verdicts_identical"] == all(f["same_verdict"] for f in sm["findings"])
+    md = summary_md(sm)
+    assert "noise spread" in md and "seed spread" in md
+    assert "noise_twin" not in summarize([_fake_seed(0, "1000"), _fake_seed(1, "1100")])
+
+
 @pytest.mark.slow
 def test_ci_noise_twin_reaches_every_verdict_of_its_seed(ci_run):
     """The twin (threads 1 -> 2, every initial weight one ULP up) of the ci run: its family really differs (M0
