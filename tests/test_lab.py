@@ -17,6 +17,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import torch  # noqa: E402
+from dataclasses import replace as dataclasses_replace  # noqa: E402
 
 from deltaport.errors import InputError  # noqa: E402
 from deltaport.lab.config import LabConfig, ModelConfig, PretrainConfig, WorldConfig, load_config  # noqa: E402
@@ -197,6 +198,134 @@ def test_ci_rerun_reuses_every_artifact(ci_run):
     assert rerun["evals"] >= fresh["computed_evals"] and rerun["finetunes"] == fresh["computed_finetunes"]
     assert "Reused from an earlier run in this directory: " in (run_dir / "report.md").read_text()
     assert again["timings_s"].get("steps.finetune", 0) == 0
+
+
+def test_size_presets_differ_only_in_the_model_and_span_100x():
+    """size-s/m/l: one family per size from one preset each; only `model:` (and the name) differs from size-m."""
+    from transformers import LlamaConfig
+
+    from deltaport.lab.family import _model_config
+
+    sizes = {n: load_config(n) for n in ("size-s", "size-m", "size-l")}
+    ref = sizes["size-m"].to_dict()
+    for name, cfg in sizes.items():
+        d = cfg.to_dict()
+        assert {k for k in d if d[k] != ref[k]} <= {"name", "model"}, name
+    tok = make_tokenizer(make_world(**{k: v for k, v in {"n_entities": 240, "n_sft": 40, "seed": 0}.items()}))
+    n = {}
+    for name, cfg in sizes.items():
+        c = _model_config(cfg, tok)
+        assert isinstance(c, LlamaConfig)
+        h, i, L, V = c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.vocab_size
+        n[name] = 2 * V * h + L * (4 * h * h + 3 * h * i + 2 * h) + h  # embeddings + lm_head, layers, final norm
+    assert n["size-s"] < n["size-m"] < n["size-l"] and n["size-l"] >= 100 * n["size-s"], n
+    assert n == {"size-s": 48544, "size-m": 940160, "size-l": 5545280}  # the counts the presets' comments state
+
+
+# ------------------------------------------------------------------ the noise twin (docs/lab.md, "Noise twin")
+def test_noise_twin_changes_only_floating_point_noise():
+    from deltaport.lab.noise import twin_config
+
+    cfg = load_config("ci")
+    twin = twin_config(cfg)
+    assert (twin.threads, twin.init_ulp, twin.noise_twin) == (2, 1, False)
+    assert twin_config(dataclasses_replace(cfg, threads=2)).threads == 1
+    assert "compression" not in twin.experiments and set(twin.experiments) == set(cfg.experiments) - {"compression"}
+    same = ("seed", "world", "model", "pretrain", "finetune", "versions", "curve_pairs", "eval_limit")
+    assert all(getattr(twin, k) == getattr(cfg, k) for k in same)
+    assert twin.family_key() != cfg.family_key() and cfg.family_key() == {
+        k: cfg.to_dict()[k] for k in ("seed", "world", "model", "pretrain")}  # init_ulp 0: old family hashes kept
+
+
+def test_noise_attach_flags_a_verdict_that_differs():
+    from deltaport.lab.noise import attach, differing_verdicts
+
+    claims = [{"id": "a", "mean": 0.9, "verdict": "yes"}, {"id": "c", "mean": 0.01, "verdict": "yes"},
+              {"id": "f", "mean": -0.6, "verdict": "yes"}]
+    record = {"claims": {"a": {"mean": 0.8, "verdict": "yes"}, "c": {"mean": -0.03, "verdict": "inconclusive"}}}
+    attach(claims, record)
+    assert [c["noise_spread"] for c in claims] == [pytest.approx(0.1), pytest.approx(0.04), None]
+    assert [c["same_verdict"] for c in claims] == [True, False, None]
+    assert differing_verdicts(claims) == ["c"]
+    assert attach([{"id": "a", "mean": 1.0, "verdict": "no"}], None)[0]["twin_verdict"] is None
+
+
+def test_agreement_applies_the_acceptance_tolerances():
+    from deltaport.lab.noise import agreement
+
+    def run(c, f, e="yes"):
+        return {"claims": [{"id": "c", "unit": "points", "mean": c, "verdict": "yes"},
+                           {"id": "f", "unit": "rho", "mean": f, "verdict": e}],
+                "scores": {"FT(M5)": {"heldout": c}}}
+
+    assert agreement(run(0.0, -0.80), run(0.029, -0.71))["agree"]  # 0.03 for points, 0.10 otherwise
+    assert not agreement(run(0.0, -0.80), run(0.031, -0.80))["agree"]
+    assert not agreement(run(0.0, -0.80), run(0.0, -0.69))["agree"]
+    diff = agreement(run(0.0, -0.8), run(0.0, -0.8, e="inconclusive"))
+    assert not diff["agree"] and diff["claims"]["f"]["verdicts"] == ["yes", "inconclusive"]
+    assert not agreement(run(0.0, -0.8), {**run(0.0, -0.8), "claims": run(0.0, -0.8)["claims"][:1]})["same_ids"]
+    assert agreement(run(0.0, -0.8), run(0.02, -0.8))["max_score_gap"] == pytest.approx(0.02)
+
+
+def _fake_seed(seed: int, mx_gain: str, twin_dir: Path | None = None) -> dict:
+    """A results dict with just what the b1/b2 findings and the summary read (versions M3, M5; 4 items)."""
+    zero = "0000"
+    items = {"Mx": zero, "M0": zero, "Mx+Δ3": mx_gain, "Mx+Δ5": zero, "M0+Δ3": zero, "M0+Δ5": zero}
+    r = {"name": "fake", "config": {"versions": ["M3", "M5"], "seed": seed}, "items": {"heldout": items},
+         "scores": {"FT(M5)": {"heldout": 0.5 + 0.01 * seed}}}
+    if twin_dir is not None:
+        r["noise_twin"] = {"what": "twin", "run_dir": str(twin_dir), "scores": {"FT(M5)": 0.5}}
+    return r
+
+
+def test_summary_puts_noise_spread_beside_seed_spread(tmp_path):
+    from deltaport.lab.multiseed import summarize, summary_md
+
+    runs = []
+    for seed, (gain, twin_gain) in enumerate([("1000", "1100"), ("1100", "1100")]):
+        d = tmp_path / f"twin-{seed}"
+        d.mkdir()
+        (d / "results.json").write_text(json.dumps(_fake_seed(seed, twin_gain)))
+        runs.append(_fake_seed(seed, gain, d))
+    sm = summarize(runs)
+    b1 = next(f for f in sm["findings"] if f["id"] == "b1")
+    # θ = mean over s of EM(Mx+Δs) − EM(Mx): seed 0 0.125, seed 1 0.25; the twins 0.25, 0.25
+    assert b1["per_seed"] == pytest.approx([0.125, 0.25]) and b1["twin_per_seed"] == pytest.approx([0.25, 0.25])
+    assert b1["noise_per_seed"] == pytest.approx([0.125, 0.0]) and b1["noise_spread"] == pytest.approx(0.125)
+    assert b1["seed_spread"] == pytest.approx(0.125) and b1["twin_verdict"] in ("yes", "no", "inconclusive")
+    assert sm["heldout_noise_per_seed"]["FT(M5)"] == pytest.approx([0.0, 0.01])
+    assert sm["noise_twin"]["verdicts_identical"] == all(f["same_verdict"] for f in sm["findings"])
+    md = summary_md(sm)
+    assert "noise spread" in md and "seed spread" in md
+    assert "noise_twin" not in summarize([_fake_seed(0, "1000"), _fake_seed(1, "1100")])
+
+
+@pytest.mark.slow
+def test_ci_noise_twin_reaches_every_verdict_of_its_seed(ci_run):
+    """The twin (threads 1 -> 2, every initial weight one ULP up) of the ci run: its family really differs (M0
+    is exactly the main M0 one ULP up), the main run is reused from the cache, and no verdict differs."""
+    from deltaport.lab.noise import differing_verdicts
+    from deltaport.lab.run import run_lab
+
+    run_dir, results = ci_run
+    again = run_lab(load_config("ci"), run_dir, noise_twin=True)
+    assert again["timings_s"].get("steps.finetune", 0) == 0  # the main run: every step reused
+    torch.set_num_threads(1)
+    twin = json.loads((run_dir / "twin" / "results.json").read_text())
+    assert twin["config"]["threads"] == 2 and twin["config"]["init_ulp"] == 1
+    m0, m0_twin = _tensors(results["family"]["M0"]), _tensors(twin["family"]["M0"])
+    for k, w in m0.items():
+        assert torch.equal(m0_twin[k], torch.nextafter(w, torch.full_like(w, float("inf")))), k
+    m5, m5_twin = _tensors(results["family"]["M5"]), _tensors(twin["family"]["M5"])
+    assert any(not torch.equal(m5[k], m5_twin[k]) for k in m5)
+    on_disk = json.loads((run_dir / "results.json").read_text())
+    assert {c["id"] for c in on_disk["claims"]} == set(on_disk["noise_twin"]["claims"])
+    for c in on_disk["claims"]:
+        if c["noise_spread"] is not None:
+            assert c["noise_spread"] == pytest.approx(abs(c["mean"] - c["twin_mean"]))
+    assert differing_verdicts(on_disk["claims"]) == [], [(c["id"], c["verdict"], c["twin_verdict"])
+                                                          for c in on_disk["claims"]]
+    assert "noise twin" in (run_dir / "report.md").read_text()
 
 
 def test_preset_costs_have_one_source_the_demo_help(capsys, monkeypatch):

@@ -10,6 +10,12 @@ import typer
 from deltaport.cli.flags import PROGRESS, QUIET, progress_mode
 from deltaport.lab.config import PRESET_COST
 
+#: shared by ``lab run`` and ``demo`` (declared once)
+NOISE_TWIN = typer.Option(None, "--noise-twin/--no-noise-twin",
+                          help="also run each seed's noise twin (same config and seed, torch threads 1 <-> 2 and every "
+                               "initial weight one ULP up) into RUN_DIR/twin and report every claim's noise spread "
+                               "(default: the preset's noise_twin; docs/lab.md)")
+
 lab_app = typer.Typer(help="Reproduce the paper's controlled study on a tiny model family (CPU).",
                       no_args_is_help=True)
 
@@ -39,7 +45,7 @@ def _lab_progress(quiet: bool, progress: bool | None) -> bool | str:
 
 
 def _run(config: str, output: Path, resume: bool, progress: bool | str, threads: int | None, seed: int | None = None,
-         seeds: str | None = None) -> None:
+         seeds: str | None = None, noise_twin: bool | None = None) -> None:
     import dataclasses
     import logging
     import os
@@ -63,6 +69,8 @@ def _run(config: str, output: Path, resume: bool, progress: bool | str, threads:
         many = list(cfg.seeds)
     if threads is not None:
         cfg = dataclasses.replace(cfg, threads=threads)
+    if noise_twin is not None:
+        cfg = dataclasses.replace(cfg, noise_twin=noise_twin)
     if many:
         from deltaport.lab.multiseed import run_seeds
 
@@ -81,7 +89,10 @@ def _run(config: str, output: Path, resume: bool, progress: bool | str, threads:
     if cache:
         typer.echo("reused cached steps from this run directory: " + ", ".join(f"{v} {k}" for k, v in cache.items()))
     for c in results["claims"]:
-        typer.echo(f"  [{c['reproduced']}] ({c['id']}) {c['claim']}: {c['ours']}")
+        spread = c.get("noise_spread")
+        twin = "" if c.get("twin_verdict") is None else (
+            f" (noise twin: {c['twin_verdict']}, spread {'–' if spread is None else format(spread, '.3g')})")
+        typer.echo(f"  [{c['reproduced']}] ({c['id']}) {c['claim']}: {c['ours']}{twin}")
     typer.echo(f"total {results['timings_s']['total']:.0f} s")
 
 
@@ -95,9 +106,10 @@ def lab_run(
     seed: Optional[int] = typer.Option(None, "--seed", help="one seed for world, family and fine-tunes (default: the config's)"),
     seeds: Optional[str] = typer.Option(None, "--seeds", help="several seeds, e.g. 0,1,2: one run per seed in OUTPUT/seed-N "
                                         "and OUTPUT/summary.{md,json} with intervals across seeds"),
+    noise_twin: Optional[bool] = NOISE_TWIN,
 ) -> None:
     """Build the model family and run the config's experiments; writes report.md, figures, results.json."""
-    _run(config, output, resume, _lab_progress(quiet, progress), threads, seed, seeds)
+    _run(config, output, resume, _lab_progress(quiet, progress), threads, seed, seeds, noise_twin)
 
 
 def register(app: typer.Typer) -> None:
@@ -113,6 +125,7 @@ def register(app: typer.Typer) -> None:
         seed: Optional[int] = typer.Option(None, "--seed", help="one seed for world, family and fine-tunes (default: the "
                                            "preset's)"),
         seeds: Optional[str] = typer.Option(None, "--seeds", help="several seeds, e.g. 0,1,2 (intervals across seeds)"),
+        noise_twin: Optional[bool] = NOISE_TWIN,
     ) -> None:
         """Run the shipped lab preset: what fine-tuning transfer does and when it fails, on a laptop CPU."""
-        _run(preset, output, True, _lab_progress(quiet, progress), threads, seed, seeds)
+        _run(preset, output, True, _lab_progress(quiet, progress), threads, seed, seeds, noise_twin)

@@ -21,10 +21,14 @@ EXPERIMENTS = ("grid", "recovery", "transfer_then_finetune", "iterative", "backp
 #: what each shipped preset costs on one 2-core CPU at 1 torch thread, as measured (docs/lab.md, "Measured"):
 #: the one place ``deltaport demo --help`` and the presets' comments take it from
 PRESET_COST = {
-    "quick": "one seed, 146-166 s of CPU (221 s wall at load 2-4), plus ~10 s for the compressed-Δ row",
-    "full": "seeds 0, 1, 2, 380-470 s of CPU each plus ~100 s each for the compression frontier "
-            "(~30 min quiet, estimated from CPU time)",
+    "quick": "one seed; design v3 at --threads 2: 293 s of CPU (428 s wall on a shared machine); with "
+             "--noise-twin, run + twin 585 s of CPU",
+    "full": "seeds 0-4, each with its noise twin; v3 not yet timed (v2: 380-470 s of CPU per seed plus ~100 s "
+            "for the compression frontier)",
     "ci": "structure only, ~1 min",
+    "size-s": "a 49 k-parameter family, the grid and connectivity (for calibrating check): not measured",
+    "size-m": "a 0.94 M-parameter family, the grid and connectivity: not measured",
+    "size-l": "a 5.5 M-parameter family, the grid and connectivity: not measured",
 }
 
 
@@ -104,6 +108,14 @@ class LabConfig:
     """settings of the compression experiment, e.g. ``{method: lowrank, rank: 4}``, ``{method: sparse, density:
     0.3}``, ``{method: sign, include: ["."]}`` (deltaport.lab.compression)"""
     threads: int = 1
+    """torch threads of every step (part of every cache key: another thread count rounds differently)"""
+    init_ulp: int = 0
+    """move every initial weight (the M1..M5 run, Mx, M0) up by this many ULPs: floating-point noise only, used
+    by the noise twin (deltaport.lab.noise); 0 in every preset"""
+    noise_twin: bool = False
+    """also run the seed's noise twin (same config and seed, only floating-point noise changed:
+    :func:`deltaport.lab.noise.twin_config`) into ``RUN_DIR/twin`` and record the noise spread of every
+    claim and score"""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -111,7 +123,10 @@ class LabConfig:
     def family_key(self) -> dict[str, Any]:
         """The part of the config the model family depends on (its cache key)."""
         d = self.to_dict()
-        return {k: d[k] for k in ("seed", "world", "model", "pretrain")}
+        key = {k: d[k] for k in ("seed", "world", "model", "pretrain")}
+        if self.init_ulp:  # only when set, so that every family built before the noise twin keeps its hash
+            key["init_ulp"] = self.init_ulp
+        return key
 
 
 def config_hash(obj: Any) -> str:
@@ -175,6 +190,10 @@ def validate(cfg: LabConfig) -> list[str]:
         from deltaport.lab.compression import setting_errors
 
         errors += setting_errors(cfg.compression)
+    if not isinstance(cfg.init_ulp, int) or cfg.init_ulp < 0:
+        errors.append(f"init_ulp: need a non-negative integer, got {cfg.init_ulp!r}")
+    if not isinstance(cfg.threads, int) or cfg.threads < 1:
+        errors.append(f"threads: need a positive integer, got {cfg.threads!r}")
     if cfg.finetune.curve_every <= 0 or cfg.finetune.steps <= 0:
         errors.append("finetune.steps and finetune.curve_every must be positive")
     return errors

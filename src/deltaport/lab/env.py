@@ -5,8 +5,9 @@ deltaport's release version, never its commit) goes into every cache key of a la
 computed under other library versions is never reused.
 
 The reproducibility promise (docs/lab.md): the same pinned versions (``constraints.txt``) on the same
-CPU kind give the same bytes; another CPU kind (training kernels differ, e.g. AVX-512 or not) gives
-numbers within the committed spread across seeds.
+CPU kind at the same torch thread count give the same bytes. Another CPU kind or thread count changes
+the bytes; how far that moves the numbers is measured, not promised: the noise twin
+(:mod:`deltaport.lab.noise`) reports it beside every claim.
 """
 
 from __future__ import annotations
@@ -69,9 +70,12 @@ def environment() -> dict:
 
 
 def cache_salt() -> dict:
-    """The part of every lab cache key that is not the step's own inputs: library versions and
-    deltaport's release version (a commit that does not change a release does not invalidate a cache)."""
-    return dict(versions())
+    """The part of every lab cache key that is not the step's own inputs: library versions,
+    deltaport's release version (a commit that does not change a release does not invalidate a cache) and
+    the torch thread count (another count sums in another order: other bytes, so never a cache hit)."""
+    import torch
+
+    return {**versions(), "torch_threads": torch.get_num_threads()}
 
 
 def kind_of(env: dict) -> str:

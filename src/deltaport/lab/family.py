@@ -54,6 +54,11 @@ def _init_model(cfg: LabConfig, tok, seed: int):
 
     torch.manual_seed(seed)
     model = LlamaForCausalLM(_model_config(cfg, tok))
+    if cfg.init_ulp:  # the noise twin: every initial weight one (or more) ULP up, nothing else changed
+        with torch.no_grad():
+            for p in model.parameters():
+                for _ in range(cfg.init_ulp):
+                    p.copy_(torch.nextafter(p, torch.full_like(p, float("inf"))))
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.eos_token_id = tok.eos_token_id
     return model

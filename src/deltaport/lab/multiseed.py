@@ -56,11 +56,13 @@ def summarize(runs: list[dict]) -> dict:
         if len(vals) == len(runs):
             headline[key] = vals
     fewshot = {v: [r.get("fewshot", {}).get("base", {}).get(v) for r in runs] for v in V}
-    sm = {"schema": SUMMARY_SCHEMA, "name": runs[0]["name"], "seeds": [r["config"]["seed"] for r in runs],
+    sm = {"schema": SUMMARY_SCHEMA, "design": runs[0].get("design", 2), "name": runs[0]["name"], "seeds": [r["config"]["seed"] for r in runs],
           "findings": findings, "heldout_per_seed": headline, "fewshot_base_per_seed": fewshot,
           "environment": envs[0], "same_environment_every_seed": all(e == envs[0] for e in envs),
           "config": {k: v for k, v in runs[0]["config"].items() if k != "seed"},
           "timings_per_seed_s": [r.get("timings_s", {}).get("total") for r in runs]}
+    if all(r.get("noise_twin") for r in runs):  # every seed's noise twin: deltaport.lab.noise
+        _add_noise(sm, runs)
     if all(r.get("compression") for r in runs):  # Δ bytes vs held-out score: deltaport.lab.compression
         from deltaport.lab.compression import combine
 
@@ -68,28 +70,71 @@ def summarize(runs: list[dict]) -> dict:
     return sm
 
 
+def _add_noise(sm: dict, runs: list[dict]) -> None:
+    """Each finding's twin (the findings decided again on every seed's noise twin) and its noise spread: per
+    seed |θ − θ_twin|, ``noise_spread`` = the largest; beside it ``seed_spread`` = max − min over seeds. The
+    held-out scores get the same (``heldout_noise_per_seed``)."""
+    twins = [json.loads((Path(r["noise_twin"]["run_dir"]) / "results.json").read_text()) for r in runs]
+    by_id = {f["id"]: f for f in decide(twins)}
+    for f in sm["findings"]:
+        t = by_id.get(f["id"])
+        f["seed_spread"] = max(f["per_seed"]) - min(f["per_seed"])
+        if t is None:
+            f.update(twin_per_seed=None, twin_mean=None, twin_verdict=None, noise_per_seed=None, noise_spread=None)
+            continue
+        gaps = [abs(a - b) for a, b in zip(f["per_seed"], t["per_seed"])]
+        f.update(twin_per_seed=t["per_seed"], twin_mean=t["mean"], twin_lo=t["lo"], twin_hi=t["hi"],
+                 twin_verdict=t["verdict"], same_verdict=t["verdict"] == f["verdict"], noise_per_seed=gaps,
+                 noise_spread=None if any(g != g for g in gaps) else max(gaps))
+    sm["heldout_noise_per_seed"] = {k: [abs(r["scores"][k]["heldout"] - r["noise_twin"]["scores"][k])
+                                        if k in r["noise_twin"]["scores"] else None for r in runs]
+                                    for k in sm["heldout_per_seed"]}
+    sm["noise_twin"] = {"what": runs[0]["noise_twin"]["what"],
+                        "verdicts_identical": all(f.get("same_verdict", True) for f in sm["findings"]),
+                        "twin_timings_s": [r["noise_twin"].get("timings_s", {}).get("total") for r in runs]}
+
+
 def summary_md(sm: dict) -> str:
     from deltaport.lab.env import kind_of
 
     env = sm.get("environment", {})
     seeds = ", ".join(map(str, sm["seeds"]))
+    noisy = bool(sm.get("noise_twin"))
     L = [f"# deltaport lab: `{sm['name']}` over seeds {seeds}", "",
          "Each finding is a statistic θ computed within one seed from per-item correctness on the held-out items; "
          "the estimate is the mean over seeds, the 95 % interval a hierarchical bootstrap (resample seeds, then "
          "items within each seed; 2000 replicates, fixed RNG seed). Verdict against the minimum effect frozen in "
          "docs/lab.md: *yes* = interval entirely on the claim's side, *no* = entirely on the other side, "
-         "*inconclusive* = it straddles the threshold.", "",
-         "| finding | statistic θ | rule | per seed | mean [95 % interval] | seed sd | reproduced? |",
-         "|---|---|---|---|---|---|---|"]
+         "*inconclusive* = it straddles the threshold."
+         + (f" Every seed also ran its {sm['noise_twin']['what']}; the findings were decided again on the twins "
+            f"(verdicts identical: {'yes' if sm['noise_twin']['verdicts_identical'] else '**no**'})." if noisy else ""),
+         "",
+         "| finding | statistic θ | rule | per seed | mean [95 % interval] | seed sd | reproduced? |"
+         + (" seed spread (max − min) | noise spread (max over seeds) | noise twin: verdict |" if noisy else ""),
+         "|---|---|---|---|---|---|---|" + ("---|---|---|" if noisy else "")]
     for f in sm["findings"]:
         per = " / ".join(fmt(x, f["unit"]) for x in f["per_seed"])
         sd = "–" if f["seed_sd"] is None else fmt(f["seed_sd"], f["unit"]).lstrip("+")
         v = f["verdict"] if f["verdict"] == "yes" else f"**{f['verdict']}**"
-        L.append(f"| ({f['id']}) {f['claim']} | {f['statistic']} | {f['rule']} | {per} | {f['ours']} | {sd} | {v} |")
-    L += ["", "Held-out exact match (%) per seed:", "", "| model | " + " | ".join(f"seed {s}" for s in sm["seeds"]) + " |",
-          "|---|" + "---|" * len(sm["seeds"])]
+        row = f"| ({f['id']}) {f['claim']} | {f['statistic']} | {f['rule']} | {per} | {f['ours']} | {sd} | {v} |"
+        if noisy:
+            twin = f.get("twin_verdict") or "–"
+            row += (f" {fmt(f.get('seed_spread'), f['unit']).lstrip('+')} | "
+                    f"{fmt(f.get('noise_spread'), f['unit']).lstrip('+')} | "
+                    f"{twin if twin == f['verdict'] else f'**{twin}**'} |")
+        L.append(row)
+    noise = sm.get("heldout_noise_per_seed") or {}
+    L += ["", "Held-out exact match (%) per seed" + (", with the seed spread (max − min) and the noise spread "
+                                                     "(largest |seed − its noise twin|) side by side:" if noisy else ":"),
+          "", "| model | " + " | ".join(f"seed {s}" for s in sm["seeds"]) + " |"
+          + (" seed spread | noise spread |" if noisy else ""),
+          "|---|" + "---|" * len(sm["seeds"]) + ("---|---|" if noisy else "")]
     for k, vals in sm["heldout_per_seed"].items():
-        L.append(f"| {k} | " + " | ".join(f"{100 * x:.1f}" for x in vals) + " |")
+        row = f"| {k} | " + " | ".join(f"{100 * x:.1f}" for x in vals) + " |"
+        if noisy:
+            gaps = [g for g in noise.get(k, []) if g is not None]
+            row += f" {100 * (max(vals) - min(vals)):.1f} | {f'{100 * max(gaps):.1f}' if gaps else '–'} |"
+        L.append(row)
     for k, vals in sm["fewshot_base_per_seed"].items():
         L.append(f"| {k} few-shot | " + " | ".join("–" if x is None else f"{100 * x:.1f}" for x in vals) + " |")
     if sm.get("compression"):  # Δ bytes vs held-out score: deltaport.lab.compression

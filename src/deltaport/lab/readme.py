@@ -22,6 +22,8 @@ from deltaport.lab.findings import fmt, with_seeds_needed
 from deltaport.lab.report import span
 
 QUICK = "docs/results/quick/results.json"
+#: the same demo at ``--threads 2`` on the same machine (its claims are compared with QUICK's in the README)
+QUICK_THREADS2 = "docs/results/quick/threads-2/results.json"
 FULL = "docs/results/full/summary.json"
 COMPRESSION = "docs/results/full/compression.json"  # deltaport.lab.compression.collect
 BLOCKS = ("quick", "findings", "compression")
@@ -31,43 +33,87 @@ def _p(x: float | None) -> str:
     return "–" if x is None else f"{100 * x:.1f}"
 
 
+def design_of(r: dict) -> int:
+    """The lab design (docs/lab.md) a results.json or summary.json comes from (2 before the key existed)."""
+    return int(r.get("design", 2))
+
+
 def quick_table(r: dict) -> str:
-    """The one-seed demo's headline numbers (held-out exact match, %)."""
-    sc, V, g = r["scores"], r["config"]["versions"], r["grid"]
+    """The one-seed demo's headline numbers (held-out exact match, %), with its noise twin's beside them."""
+    V, g = r["config"]["versions"], r["grid"]
     fs = r.get("fewshot", {}).get("base", {})
     t, s = V[-1], V[-2]
     seed = r["config"]["seed"]
+    twin = r.get("noise_twin")
     conn = r.get("connectivity", {})
     within = [v["barrier"] for k, v in conn.get("curves", {}).items() if "Mx" not in k and "M0" not in k]
     across = [v["barrier"] for k, v in conn.get("curves", {}).items() if "Mx" in k and "M0" not in k]
     ttf = r.get("transfer_then_finetune", {}).get("steps_to_plain_final", {}).get(f"{t}+Δ{s[1:]}", {})
-    rows = [
-        (f"{t} + Δ{s[1:]} vs FT({t})", f"**{_p(sc[f'{t}+Δ{s[1:]}']['heldout'])}** vs {_p(sc[f'FT({t})']['heldout'])} "
-         f"(base {t}: {_p(sc[t]['heldout'])} zero-shot, {_p(fs.get(t))} few-shot)", "Table 3"),
-        (f"{s} + Δ{t[1:]} (backport) vs FT({s})", f"{_p(sc[f'{s}+Δ{t[1:]}']['heldout'])} vs {_p(sc[f'FT({s})']['heldout'])}",
-         "Table 1"),
-        (f"{t} + Δ{V[0][1:]} (weak source)", _p(sc[f"{t}+Δ{V[0][1:]}"]["heldout"]), "Table 3"),
-        ("Mx + Δ_s (other seed) / M0 + Δ_s (random init), best s",
-         f"{_p(max(g['cells']['Mx'].values()))} / {_p(max(g['cells']['M0'].values()))}", "Table 8"),
-    ]
+
+    def cells(sc: dict, bold: bool = False) -> dict[str, str]:
+        """The score rows from held-out scores ``{model: EM}`` (the run's or its twin's)."""
+        best = lambda target: max((v for n, v in sc.items() if n.startswith(f"{target}+Δ")), default=None)  # noqa: E731
+        first = f"**{_p(sc.get(f'{t}+Δ{s[1:]}'))}**" if bold else _p(sc.get(f"{t}+Δ{s[1:]}"))
+        out = {"recycle": f"{first} vs {_p(sc.get(f'FT({t})'))}",
+               "backport": f"{_p(sc.get(f'{s}+Δ{t[1:]}'))} vs {_p(sc.get(f'FT({s})'))}",
+               "weak": _p(sc.get(f"{t}+Δ{V[0][1:]}")), "controls": f"{_p(best('Mx'))} / {_p(best('M0'))}"}
+        if ttf:
+            out["ttf"] = f"{_p(sc.get(f'FT½({t}+Δ{s[1:]})'))} vs {_p(sc.get(f'FT({t})'))}"
+        return out
+
+    ours = cells({n: v["heldout"] for n, v in r["scores"].items()}, bold=True)
+    ours["recycle"] += f" (base {t}: {_p(r['scores'][t]['heldout'])} zero-shot, {_p(fs.get(t))} few-shot)"
     if ttf:
-        rows.append((f"FT from {t} + Δ{s[1:]} with half the steps vs plain FT({t})",
-                     f"{_p(ttf.get('half_budget_transfer'))} ({ttf.get('half_budget_steps')} steps) vs "
-                     f"{_p(ttf.get('plain_final'))} ({r['config']['finetune']['steps']} steps)", "Table 4, Fig. 2"))
+        ours["ttf"] = (f"{_p(ttf.get('half_budget_transfer'))} ({ttf.get('half_budget_steps')} steps) vs "
+                       f"{_p(ttf.get('plain_final'))} ({r['config']['finetune']['steps']} steps)")
+    noisy = cells(twin["scores"]) if twin else {}
+    labels = {"recycle": (f"{t} + Δ{s[1:]} vs FT({t})", "Table 3"),
+              "backport": (f"{s} + Δ{t[1:]} (backport) vs FT({s})", "Table 1"),
+              "weak": (f"{t} + Δ{V[0][1:]} (weak source)", "Table 3"),
+              "controls": ("Mx + Δ_s (other seed) / M0 + Δ_s (random init), best s", "Table 8"),
+              "ttf": (f"FT from {t} + Δ{s[1:]} with half the steps vs plain FT({t})", "Table 4, Fig. 2")}
+    rows = [(labels[k][0], v, noisy.get(k, "–"), labels[k][1]) for k, v in ours.items()]
     if within and across:
         rows.append(("loss barrier: within the lineage / to Mx (nats)",
-                     f"{span(within, '{:.2f}'.format)} / {span(across, '{:.2f}'.format)}", "not in the paper"))
+                     f"{span(within, '{:.2f}'.format)} / {span(across, '{:.2f}'.format)}", "–",
+                     "not in the paper"))
     if r.get("compression"):  # rows: the exact Δ, no Δ, then one per setting (lab.compression.frontier)
         exact, _no_delta, *settings = r["compression"]["rows"]
         for row in settings:
             rows.append((f"compressed Δ ({row['label']}, {row['ratio']:.2f} of the bytes) vs exact Δ, every transfer cell",
                          f"{_p(row['mean'])} vs {_p(exact['mean'])} ({100 * row['gain_retained']:.0f} % of the gain)",
-                         "not in the paper"))
-    lines = [f"| | ours (quick, **one seed: {seed}**) | paper |", "|---|---|---|"]
-    lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
+                         "–", "not in the paper"))
+    if twin:
+        lines = [f"| | ours (quick, design v{design_of(r)}, **one seed: {seed}**) | its noise twin | paper |",
+                 "|---|---|---|---|"]
+        lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
+    else:
+        lines = [f"| | ours (quick, design v{design_of(r)}, **one seed: {seed}**) | paper |", "|---|---|---|"]
+        lines += [f"| {a} | {b} | {d} |" for a, b, _c, d in rows]
     verdicts = ", ".join(f"({c['id']}) {c['reproduced']}" for c in r.get("claims", []))
+    if twin:
+        same = [c["id"] for c in r.get("claims", []) if c.get("twin_verdict") not in (None, c["verdict"])]
+        gap = twin.get("max_score_spread")
+        moved = "the same verdicts" if not same else "other verdicts on " + ", ".join(f"({x})" for x in same)
+        verdicts += (f"; its noise twin reached {moved}, and no held-out score moved more than "
+                     f"{'–' if gap is None else f'{100 * gap:.1f}'} points")
     env = r.get("environment", {})
     from deltaport.lab.env import kind_of
+
+    other = r.get("_threads2")  # render() adds the committed --threads 2 run of the same seed, if any
+    if other:
+        from deltaport.lab.noise import agreement
+
+        ag = agreement(r, other)
+        bad = [f"({i})" for i, x in ag["claims"].items() if not x["ok"]]
+        worst = max((x["gap"] for x in ag["claims"].values() if x["gap"] is not None), default=None)
+        score_gap = ag["max_score_gap"]
+        verdicts += (f". The same demo at `--threads 2` on {kind_of(other.get('environment', {}))} "
+                     + ("agrees with it (same claims, identical verdicts, every claim mean within 0.03 for points, "
+                        "0.10 otherwise" if ag["agree"] else "does **not** agree with it (" + ", ".join(bad)
+                        + " in verdict or by more than 0.03 for points, 0.10 otherwise")
+                     + f"; largest claim gap {'–' if worst is None else f'{worst:.3f}'}, largest held-out score gap "
+                     + ("–" if score_gap is None else f"{100 * score_gap:.1f}") + " points)")
 
     lines += ["", f"One seed, intervals over items only — verdicts of this run: {verdicts}. The decided findings "
                   "are the multi-seed ones below. Produced with "
@@ -80,11 +126,19 @@ def quick_table(r: dict) -> str:
 
 def findings_table(sm: dict) -> str:
     seeds = ", ".join(map(str, sm["seeds"]))
-    lines = [f"| finding | θ per seed ({seeds}) | mean [95 % interval] | rule | reproduced? |", "|---|---|---|---|---|"]
+    noisy = bool(sm.get("noise_twin"))
+    lines = [f"Design v{design_of(sm)} (docs/lab.md), `{sm['name']}` preset, seeds {seeds}:", "",
+             f"| finding | θ per seed ({seeds}) | mean [95 % interval] | rule | reproduced? |"
+             + (" seed spread | noise spread | noise twins' verdict |" if noisy else ""),
+             "|---|---|---|---|---|" + ("---|---|---|" if noisy else "")]
     for f in sm["findings"]:
         per = " / ".join(fmt(x, f["unit"]) for x in f["per_seed"])
         v = f["verdict"] if f["verdict"] == "yes" else f"**{f['verdict']}**"
-        lines.append(f"| ({f['id']}) {f['claim']} | {per} | {f['ours']} | {f['rule']} | {v} |")
+        row = f"| ({f['id']}) {f['claim']} | {per} | {f['ours']} | {f['rule']} | {v} |"
+        if noisy:
+            row += (f" {fmt(f.get('seed_spread'), f['unit']).lstrip('+')} | {fmt(f.get('noise_spread'), f['unit']).lstrip('+')}"
+                    f" | {f.get('twin_verdict') or '–'} |")
+        lines.append(row)
     return "\n".join(lines)
 
 
@@ -123,7 +177,10 @@ def render(root: Path) -> dict[str, str]:
     for name, rel, fn in (("quick", QUICK, quick_table), ("findings", FULL, findings_block),
                           ("compression", COMPRESSION, readme_block)):
         f = root / rel
-        out[name] = fn(json.loads(f.read_text())) if f.exists() else ""
+        data = json.loads(f.read_text()) if f.exists() else None
+        if name == "quick" and data is not None and (root / QUICK_THREADS2).exists():
+            data["_threads2"] = json.loads((root / QUICK_THREADS2).read_text())
+        out[name] = fn(data) if data is not None else ""
     return out
 
 

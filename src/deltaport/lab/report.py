@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from deltaport.lab.noise import claim_columns, scores_table
 from deltaport.lab.store import write_text
 
 # --- the paper's numbers (docs/paper.md; GSM8K unless noted) -------------------------------------
@@ -278,10 +279,14 @@ def report_md(r: dict, figs: dict[str, str] | None = None) -> str:
           "interval resamples the held-out items only and says nothing about seed-to-seed variation, which "
           f"dominates here: the decided findings are the multi-seed ones (`deltaport demo --preset full`{_full_seeds()}; "
           "committed results in docs/results/full/summary.md).", "",
-          _table(["finding", "statistic θ", "rule (fixed before the run)", "ours: θ [95 % interval]", "reproduced?"],
+          _table(["finding", "statistic θ", "rule (fixed before the run)", "ours: θ [95 % interval]", "reproduced?"]
+                 + (["noise twin: θ (verdict)", "noise spread |θ − θ_twin|"] if r.get("noise_twin") else []),
                  [[c["claim"], c["statistic"], c["rule"], c["ours"],
                    c["reproduced"] if c["reproduced"] == "yes" else f"**{c['reproduced']}**"]
-                  for c in r["claims"]]), ""]
+                  + (claim_columns(c) if r.get("noise_twin") else []) for c in r["claims"]]), ""]
+    if r.get("noise_twin"):  # floating-point noise beside every headline number (deltaport.lab.noise)
+        L += [f"Noise: the {r['noise_twin']['what']}; it ran in `twin/`. Held-out scores beside the twin's (the seed "
+              "spread of these numbers is in the multi-seed summary):", "", scores_table(r), ""]
     inv = r.get("invariants", {}).get("identity_Mi_plus_Di_equals_FT", {})
     L += ["Invariant M_i + Δ_i == FT(M_i), tensor-equal: "
           + ", ".join(f"{v}: {'exact' if ok else 'NOT exact'}" for v, ok in inv.items()), ""]
@@ -595,6 +600,9 @@ def _reading_conn(r: dict) -> str:
 def write_outputs(r: dict, run_dir: Path) -> None:
     run_dir = Path(run_dir)
     r["claims"] = claims(r)
+    from deltaport.lab.noise import attach  # the noise twin's value beside every claim (docs/lab.md)
+
+    attach(r["claims"], r.get("noise_twin"))
     figs = figures(r, run_dir / "figures")
     r["figures"] = figs
     text = json.dumps(r, indent=1, sort_keys=True, default=str)

@@ -48,6 +48,8 @@ from deltaport.lab.world import COLORS, N_SHOTS, World, make_tokenizer, sft_reco
 CHANCE = 1 / len(COLORS)
 #: 2: ``backends`` (results.json) and ``iterative.backend`` removed - every step runs through the library
 RESULTS_SCHEMA = 2
+#: the design (docs/lab.md, "Design v3") a run of this code follows; results.json → ``design``
+LAB_DESIGN = 3
 
 
 class Progress:
@@ -181,7 +183,8 @@ class Lab:
         return path
 
 
-def run_lab(cfg: LabConfig, run_dir: str | Path, *, progress: bool | str = False, resume: bool = True) -> dict:
+def run_lab(cfg: LabConfig, run_dir: str | Path, *, progress: bool | str = False, resume: bool = True,
+            noise_twin: bool | None = None) -> dict:
     """Run the lab described by ``cfg`` into ``run_dir``; returns the results dict (also in results.json).
 
     Args:
@@ -191,6 +194,9 @@ def run_lab(cfg: LabConfig, run_dir: str | Path, *, progress: bool | str = False
         progress: ``True`` for rich progress bars on stderr, ``"lines"`` for plain status lines (a
             redirected log), ``False`` for nothing.
         resume: if False, refuse a non-empty ``run_dir`` made by another config.
+        noise_twin: also run the seed's noise twin into ``run_dir/twin`` (:mod:`deltaport.lab.noise`) and
+            record every claim's and score's noise spread (``results.json`` → ``noise_twin``,
+            ``claims[].noise_spread``); default: the config's ``noise_twin``.
     """
     started = time.perf_counter()
     run_dir = Path(run_dir)
@@ -226,6 +232,13 @@ def run_lab(cfg: LabConfig, run_dir: str | Path, *, progress: bool | str = False
     results["environment"] = environment()
     results["cache"] = dict(lib.reused)
     results["item_scorer_max_mismatch"] = lib.item_mismatch
+    if cfg.noise_twin if noise_twin is None else noise_twin:
+        from deltaport.lab.noise import twin_config, twin_record
+
+        twin = run_lab(twin_config(cfg), run_dir / "twin", progress=progress, resume=resume, noise_twin=False)
+        _quiet_libraries(cfg.threads)  # the twin ran at its own thread count
+        results["noise_twin"] = twin_record(results, twin, run_dir / "twin")
+        results["timings_s"]["twin_total"] = twin["timings_s"]["total"]
     # 5. report: results.json, figures/, report.md
     from deltaport.lab.report import write_outputs
 
@@ -310,7 +323,7 @@ def _counter(cfg: LabConfig, shown: Progress) -> Callable[[str], None]:
 def _header(lab: Lab) -> dict[str, Any]:
     """results.json's description of the run: config, seeds, items, the family and its provenance."""
     cfg = lab.cfg
-    return {"schema": RESULTS_SCHEMA, "name": cfg.name, "config": cfg.to_dict(),
+    return {"schema": RESULTS_SCHEMA, "design": LAB_DESIGN, "name": cfg.name, "config": cfg.to_dict(),
             "seeds": {"world": cfg.seed, "M1-M5": cfg.seed, "Mx": cfg.seed + 1000, "M0": cfg.seed + 2000,
                       "finetune": cfg.seed, "eval": cfg.seed},
             "chance": CHANCE,
