@@ -201,6 +201,8 @@ def rerender_reports(root: Path) -> dict[Path, str]:
 
     out = {}
     for results in sorted(Path(root, "docs/results").glob("**/results.json")):
+        if "claims" not in json.loads(results.read_text()):  # not a lab run (e.g. docs/results/eval)
+            continue
         out[results.parent / "report.md"] = rerender(results.parent)
     for summary in sorted(Path(root, "docs/results").glob("**/summary.json")):
         out[summary.parent / "summary.md"] = summary_md(json.loads(summary.read_text()))
