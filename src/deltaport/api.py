@@ -150,7 +150,7 @@ def _publish(plan: Plan, output: Path, *, inputs: list[Path], overwrite: bool, s
         t1 = time.perf_counter()
         stats = execute(plan, writer, progress=progress, threads=threads, chunk_elems=chunk_elems, strict=strict, label=label)
         writer.finalize()
-        provenance.update(files=files_record, nonfinite_inputs=stats.nonfinite_inputs)
+        provenance.update(files=files_record, nonfinite_inputs=stats.nonfinite_inputs, arithmetic=stats.arithmetic_record())
         if plan.operation == "diff":
             provenance["inexact_delta_elements"] = stats.inexact_delta
             if stats.inexact_delta:

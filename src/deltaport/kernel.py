@@ -57,7 +57,7 @@ _numba_error: str | None = None
 try:
     import numba
     from llvmlite import ir
-    from numba import njit, prange, types
+    from numba import njit, types
     from numba.core import cgutils
     from numba.extending import intrinsic, overload
 except ImportError as exc:  # pragma: no cover - numba is a core dependency; kept for exotic platforms
@@ -279,6 +279,10 @@ if numba is not None:
         k = lo / q
         up = sg > 0 or (sg == 0 and np.floor(k * 0.5) * 2.0 != k)
         v = lo + q if up else lo
+        if v == 0.0:  # x ≠ 0 rounds to zero: the fallback's zero, i.e. that of the float64 result where it rounds
+            r0 = _round_bits(s, p, emin, bias, ebits, width, nanmode)  # to zero too (its brackets are ±0, equal)
+            if (r0 & ((np.int64(1) << (width - 1)) - 1)) == 0:
+                return r0
         return _round_bits(-v if neg else v, p, emin, bias, ebits, width, nanmode)
 
     @njit(inline="always", error_model="numpy")
@@ -478,15 +482,53 @@ def fused_into(out: np.ndarray, out_dtype: str, target: np.ndarray | None, terms
         plus, minus = terms[0]
         lam = float(scales[0])
         has_t, has_b = target is not None, minus is not None
+        if len({a.dtype for a in (target, plus, minus) if a is not None}) > 1:  # one specialisation per dtype
+            target, plus, minus = (None if a is None else widen(a) for a in (target, plus, minus))
         return int(_transfer_kernel(out, target if has_t else plus, plus, minus if has_b else plus, lam, has_t, has_b,
                                     not _is_pow2(lam) and lam != 0.0 and out_dtype != "float64", fmt))
-    if target is None or any(m is not None for _, m in terms) or len({a.dtype for a, _ in terms}) != 1:
+    if target is None or any(m is not None for _, m in terms):
         return KERNEL_REFUSED
+    if len({a.dtype for a, _ in terms}) != 1:
+        terms = [(widen(a), None) for a, _ in terms]
     return int(_compose_kernel(out, target, tuple(a for a, _ in terms), np.asarray(scales, dtype=np.float64), fmt))
 
 
-def set_threads(n: int) -> int:
-    """Use ``n`` numba threads in this thread's kernel calls (capped at numba's pool); returns the old count."""
-    old = numba.get_num_threads()
-    numba.set_num_threads(max(1, min(int(n), numba.config.NUMBA_NUM_THREADS)))
-    return old
+def widen(a: np.ndarray) -> np.ndarray:
+    """float64 values of a kernel input (a copy; used only where a chunk mixes dtypes, so that numba compiles
+    one specialisation per stored dtype rather than one per combination)."""
+    if a.dtype == np.uint16:
+        return (a.astype(np.uint32) << np.uint32(16)).view(np.float32).astype(np.float64)
+    if a.dtype == np.int16:
+        return a.view(np.float16).astype(np.float64)
+    return a.astype(np.float64)
+
+
+_TORCH_OF_VIEW = {np.dtype(np.uint16): "bfloat16", np.dtype(np.int16): "float16", np.dtype(np.float32): "float32",
+                  np.dtype(np.float64): "float64"}
+
+
+def torch_into(out: np.ndarray, out_dtype: str, target: np.ndarray | None, terms: list[tuple[np.ndarray, np.ndarray | None]],
+               scales: list[float]) -> int:
+    """The fallback, with :func:`fused_into`'s arguments: the same result from ``deltaport.numerics`` (element-
+    wise torch operations in float64, the exact decisions where float64 cannot tell), as the engine computes
+    a chunk without the kernel. Returns the number of elements decided exactly."""
+    import torch
+
+    from deltaport.numerics import compose_deltas, round_composed_exactly, transfer_into
+
+    def f64(a):
+        t = torch.from_numpy(np.ascontiguousarray(a))
+        name = _TORCH_OF_VIEW[a.dtype]
+        return t.view(getattr(torch, name)).to(torch.float64) if name != "float64" else t.clone()
+
+    res = torch.from_numpy(out).view(getattr(torch, out_dtype))
+    t = None if target is None else f64(target)
+    if len(terms) == 1:
+        plus, minus = terms[0]
+        return transfer_into(res, t, f64(plus), None if minus is None else f64(minus), float(scales[0]))
+    vals = [f64(p) for p, _ in terms]
+    d, mag, unsure = compose_deltas(vals, [float(s) for s in scales])
+    transfer_into(res, t.clone(), d, None, 1.0)
+    if out_dtype == "float64":
+        return 0
+    return round_composed_exactly(res, t, d, mag, vals, [float(s) for s in scales], None, unsure)
