@@ -7,6 +7,8 @@ RSS, ratio to the I/O floor, and how many output values differ from deltaport's 
     python benchmarks/transfer_bench.py --workdir /tmp/dpbench --threads 1 --repeat 3
     python benchmarks/transfer_bench.py --sizes 1x,2x --skip-mergekit --skip-naive   # RSS growth check
     python benchmarks/transfer_bench.py --methods floor,deltaport,deltaport-f32,deltaport-w2 --repeat 5
+    python benchmarks/transfer_bench.py --layers 5 --methods floor,deltaport,deltaport-f32,deltaport-torch,\
+        deltaport-l07,deltaport-w2,apply1,apply2,apply2-ties --repeat 3          # issue #21's ratios
 
 What is measured:
   * wall: seconds of the work inside the subprocess, after its imports (``time.perf_counter``); the
@@ -24,7 +26,14 @@ Methods:
   deltaport  ``deltaport.transfer(sb, sf, tb, out, threads=N)`` (exact: float64 arithmetic, one rounding)
   deltaport-f32  the same with ``compute_dtype="float32"`` (not exact; the speed reference: the table's
              "exact / float32" line is deltaport's wall over this one's, per round, median)
-  deltaport-w2  the same with 2 worker threads (``threads=2``; each worker runs torch on one thread)
+  deltaport-w2  the same with ``threads=2``: the fused kernel splits each chunk over 2 threads (the torch
+             fallback, where it runs, uses 2 worker threads with one torch thread each)
+  deltaport-torch  the exact arithmetic on the torch fallback (``DELTAPORT_KERNEL=torch``): deltaport before
+             the fused kernel, same build
+  deltaport-l07  ``scale=0.7`` (λ not a power of two: the kernel's exact decisions near bf16 midpoints)
+  apply1     ``deltaport.apply(D1, target_base)``; D1 = diff(source_base, source_finetuned), built once
+  apply2     ``deltaport.apply([D1, D2], target_base, scale=[0.7, 0.3])``; D2 = diff(source_base, target_base)
+  apply2-ties  the same with ``ties=0.2`` (streamed thresholds; the torch fallback computes TIES)
   naive      three full state dicts in memory (safetensors ``load_file``), fp32 math per tensor, bf16
              result, ``save_file`` per shard - what the paper's official script does with ``from_pretrained``
   mergekit   ``task_arithmetic`` (base = source base, models = [source finetuned, target base] at weight 1,
@@ -247,6 +256,69 @@ def worker_deltaport_w2(fam: Path, out: Path, threads: int) -> dict:
     return {"seconds": time.perf_counter() - t0, "engine": res.timings}
 
 
+def worker_deltaport_torch(fam: Path, out: Path, threads: int) -> dict:
+    """The exact arithmetic on the torch fallback (``DELTAPORT_KERNEL=torch``), i.e. deltaport before the kernel."""
+    os.environ["DELTAPORT_KERNEL"] = "torch"
+    return worker_deltaport(fam, out, threads)
+
+
+def worker_deltaport_l07(fam: Path, out: Path, threads: int) -> dict:
+    import torch
+
+    import deltaport
+
+    torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    res = deltaport.transfer(fam / "source_base", fam / "source_finetuned", fam / "target_base", out, threads=threads,
+                             scale=0.7)
+    return {"seconds": time.perf_counter() - t0, "engine": res.timings}
+
+
+def _deltas(fam: Path) -> list[Path]:
+    """Two Δ directories of the family (built once, kept beside the models): D1 = SF − SB, D2 = TB − SB."""
+    import deltaport
+
+    out = []
+    for name, ft in (("delta_1", "source_finetuned"), ("delta_2", "target_base")):
+        d = fam / name
+        if not (d / "deltaport.json").exists():
+            deltaport.diff(fam / "source_base", fam / ft, d, overwrite=True)
+        out.append(d)
+    return out
+
+
+def worker_apply1(fam: Path, out: Path, threads: int) -> dict:
+    import torch
+
+    import deltaport
+
+    torch.set_num_threads(threads)
+    d1, _ = _deltas(fam)
+    t0 = time.perf_counter()
+    res = deltaport.apply(d1, fam / "target_base", out, threads=threads)
+    return {"seconds": time.perf_counter() - t0, "engine": res.timings}
+
+
+def _apply2(fam: Path, out: Path, threads: int, **kw) -> dict:
+    import torch
+
+    import deltaport
+
+    torch.set_num_threads(threads)
+    ds = _deltas(fam)
+    t0 = time.perf_counter()
+    res = deltaport.apply(ds, fam / "target_base", out, threads=threads, scale=[0.7, 0.3], **kw)
+    return {"seconds": time.perf_counter() - t0, "engine": res.timings}
+
+
+def worker_apply2(fam: Path, out: Path, threads: int) -> dict:
+    return _apply2(fam, out, threads)
+
+
+def worker_apply2_ties(fam: Path, out: Path, threads: int) -> dict:
+    return _apply2(fam, out, threads, ties=0.2)
+
+
 def worker_naive(fam: Path, out: Path, threads: int) -> dict:
     import torch
     from safetensors.torch import load_file, save_file
@@ -315,7 +387,14 @@ def worker_compare(ref: Path, other: Path, threads: int) -> dict:
 
 
 WORKERS = {"floor": worker_floor, "deltaport": worker_deltaport, "deltaport-f32": worker_deltaport_f32,
-           "deltaport-w2": worker_deltaport_w2, "naive": worker_naive, "compare": worker_compare}
+           "deltaport-w2": worker_deltaport_w2, "deltaport-torch": worker_deltaport_torch,
+           "deltaport-l07": worker_deltaport_l07, "apply1": worker_apply1, "apply2": worker_apply2,
+           "apply2-ties": worker_apply2_ties, "naive": worker_naive, "compare": worker_compare,
+           "deltas": lambda fam, out, threads: {"deltas": [str(d) for d in _deltas(fam)]}}
+# (numerator, denominator, the issue's target): the ratios the benchmark prints when both methods ran
+RATIOS = [("deltaport", "deltaport-f32", "≤ 1.15"), ("deltaport", "floor", "≤ 1.3"),
+          ("deltaport", "deltaport-torch", "(kernel vs fallback)"), ("deltaport-l07", "deltaport", "≤ 1.15"),
+          ("deltaport", "deltaport-w2", "≥ 1.6"), ("apply2", "apply1", "≤ 1.3"), ("apply2-ties", "apply2", "≤ 2")]
 VECTOR_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512", "amx")  # prefixes shown from /proc/cpuinfo
 
 
@@ -343,8 +422,8 @@ def cpu_info(env: dict) -> str:
 # ---------------------------------------------------------------------------------------------------
 def warm(fam: Path) -> None:
     buf = bytearray(BUF)
-    for m in MODELS:
-        for f in _shard_files(fam / m):
+    for m in MODELS + ("delta_1", "delta_2"):
+        for f in (_shard_files(fam / m) if (fam / m).is_dir() else []):
             with open(f, "rb", buffering=0) as fh:
                 while fh.readinto(buf):
                     pass
@@ -419,8 +498,8 @@ def main(argv=None) -> int:
     ap.add_argument("--sizes", default="1x", help="comma list of layer multipliers, e.g. 1x,2x (default: 1x)")
     ap.add_argument("--repeat", type=int, default=1, help="runs per method; the median is reported (default: 1)")
     ap.add_argument("--methods", default="floor,deltaport,deltaport-f32,naive,mergekit",
-                    help="comma list of floor,deltaport,deltaport-f32,deltaport-w2,naive,mergekit "
-                         "(default: all but deltaport-w2)")
+                    help="comma list of floor,deltaport,deltaport-f32,deltaport-w2,deltaport-torch,deltaport-l07,"
+                         "apply1,apply2,apply2-ties,naive,mergekit (default: floor,deltaport,deltaport-f32,naive,mergekit)")
     ap.add_argument("--skip-mergekit", action="store_true")
     ap.add_argument("--skip-naive", action="store_true")
     ap.add_argument("--baselines-all-sizes", action="store_true",
@@ -484,6 +563,9 @@ def main(argv=None) -> int:
         gb = info["bytes_per_model"] / 1e9
         print(f"# size {size}: {layers} layers, {info['params'] / 1e6:.0f} M params, {gb:.2f} GB per model (bf16)",
               flush=True)
+        if any(m.startswith("apply") for m in methods):  # the deltas, once, outside every measured run
+            subprocess.run([sys.executable, str(HERE), "--_worker", "deltas", "--_fam", str(fam), "--_out", str(fam)],
+                           env=env, check=True, stdout=subprocess.DEVNULL)
         ref = work / f"out-deltaport-{size}"
         size_methods = [m for m in methods if m == "floor" or m.startswith("deltaport") or si == 0 or args.baselines_all_sizes]
         if "deltaport" not in size_methods and any(m in size_methods for m in ("naive", "mergekit")):
@@ -534,10 +616,10 @@ def main(argv=None) -> int:
                    "peak_rss_mb": statistics.median(x["peak_rss_mb"] for x in rs),
                    "cpu": statistics.median(x["cpu"] for x in rs),
                    "runs": rs}
-            if m.startswith("deltaport"):
+            if "engine" in rs[0]:
                 row["engine"] = {k: statistics.median(x["engine"][k] for x in rs) for k in rs[0]["engine"]}
             out = outs[label]
-            if m not in ("floor", "deltaport"):
+            if m not in ("floor", "deltaport", "deltaport-l07", "apply2", "apply2-ties"):  # others: other models
                 c = json.loads(subprocess.run([sys.executable, str(HERE), "--_worker", "compare", "--_fam", str(ref),
                                                "--_out", str(out)], env=env, check=True,
                                               stdout=subprocess.PIPE).stdout.decode().splitlines()[-1])
@@ -568,6 +650,18 @@ def main(argv=None) -> int:
         ratio = f"{x['ratio']:.2f}" if x["ratio"] is not None else "–"
         print(f"| {x['size']} ({x['gb']:.2f} GB) | {x['method']} | {x['seconds']:.2f} | {ratio} | {x['process_wall']:.2f} | "
               f"{x['cpu']:.2f} | {x['peak_rss_mb']:.0f} | {eq} |")
+    print("\nRatios of methods run in the same rounds (median of per-round ratios; wall, then process CPU):\n")
+    print("| size | ratio | target | wall | process CPU | per-round walls |")
+    print("|---|---|---|---|---|---|")
+    for size in sizes:
+        rows = {x["method"]: x for x in results if x["size"] == size}
+        for num, den, target in RATIOS:
+            if num in rows and den in rows:
+                a, b = rows[num], rows[den]
+                per_round = [ra["seconds"] / rb["seconds"] for ra, rb in zip(a["runs"], b["runs"])]
+                cpu = [ra["cpu"] / rb["cpu"] for ra, rb in zip(a["runs"], b["runs"])]
+                print(f"| {size} | {num} / {den} | {target} | {statistics.median(per_round):.2f}× | "
+                      f"{statistics.median(cpu):.2f}× | {', '.join(f'{r:.2f}' for r in per_round)} |")
     for size in sizes:
         rows = {x["method"]: x for x in results if x["size"] == size}
         for other in ("deltaport-f32", "deltaport-w2"):

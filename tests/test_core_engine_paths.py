@@ -149,7 +149,9 @@ def test_lora_worker_counts_give_identical_bytes(family, tmp_path):
 
 def test_workers_run_chunks_side_by_side_on_one_torch_thread_each(family, tmp_path, monkeypatch):
     """threads=3 computes chunks on 3 worker threads (not on OpenMP threads inside one chunk), with at
-    most 3 chunks in flight, 3 + 3 output buffers and 2 + 2 + 2 prefetched input sets."""
+    most 3 chunks in flight, 3 + 3 output buffers and 2 + 2 + 2 prefetched input sets. This is the torch
+    fallback's parallelism (the fused kernel splits one chunk over threads instead: test_kernel.py)."""
+    monkeypatch.setenv("DELTAPORT_KERNEL", "torch")
     p = family("llama", torch.bfloat16)
     seen_threads, seen_torch, in_flight, peak = set(), set(), [0], [0]
     lock = threading.Lock()

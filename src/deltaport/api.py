@@ -197,7 +197,7 @@ def _publish(plan: Plan, output: Path, *, inputs: list[Path], overwrite: bool, s
         writer.finalize()
         if plan.operation != "diff":  # a model: its tokenizer must fit its embedding (checked after planning too)
             _check_written_vocab(tmp)
-        provenance.update(files=files_record, nonfinite_inputs=stats.nonfinite_inputs)
+        provenance.update(files=files_record, nonfinite_inputs=stats.nonfinite_inputs, arithmetic=stats.arithmetic_record())
         if plan.operation == "diff":
             provenance["inexact_delta_elements"] = stats.inexact_delta
             if stats.inexact_delta:

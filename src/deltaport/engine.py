@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import queue
 import threading
 import time
@@ -25,12 +26,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+from deltaport import kernel
 from deltaport.errors import DeltaportError, InputError, NumericalError, RuntimeFailure
-from deltaport.io.tensors import FLOAT_DTYPES
+from deltaport.io.tensors import FLOAT_DTYPES, dtype_name
 from deltaport.io.compressed_format import unpack_bits
 from deltaport.io.reader import FilePool, pread_into
 from deltaport.io.writer import ShardedWriter
-from deltaport.numerics import compose_deltas, round_composed_exactly, round_into, ties_threshold, transfer_into
+from deltaport.numerics import compose_deltas, round_composed_exactly, round_into, transfer_into
 from deltaport.plan import Plan, TensorOp, Term
 
 LOG = logging.getLogger(__name__)
@@ -45,6 +47,9 @@ DEFAULT_CHUNK_ELEMS = 1 << 19
 # 2 cores the reader and writer threads already use the second one.
 DEFAULT_THREADS = 1
 
+# TIES thresholds: candidates gathered for the final kthvalue once this few remain (8 MB of float64 bits)
+TIES_GATHER = 1 << 20
+
 
 @dataclass
 class Stats:
@@ -55,6 +60,16 @@ class Stats:
     nonfinite_inputs: list[str] = field(default_factory=list)
     inexact_delta: dict[str, int] = field(default_factory=dict)  # diff: elements where base + Δ != finetuned
     exact_fixups: int = 0  # elements rounded from the exact value (composed apply; λ not a power of two)
+    arithmetic: dict[str, str] = field(default_factory=dict)  # tensor -> "numba" (the kernel) or "torch" (fallback)
+
+    def arithmetic_record(self) -> dict[str, int]:
+        """What ``deltaport.json`` records of the path that computed the output: tensors per path."""
+        paths = list(self.arithmetic.values())
+        return {"numba_kernel": paths.count("numba"), "torch_fallback": paths.count("torch")}
+
+    def ran(self, name: str, path: str) -> None:
+        if self.arithmetic.get(name) != "torch":  # a tensor with any fallback chunk counts as the fallback's
+            self.arithmetic[name] = path
 
 
 def _all_finite(x: torch.Tensor) -> bool:
@@ -231,6 +246,10 @@ class Engine:
         self._raw: dict[str, torch.Tensor] = {}  # the raw bytes _fill last converted, by key
         self._workers = 1
         self._packed_cache: dict[str, dict] = {}  # compressed tensor parts, by key (one tensor each)
+        # the fused kernel (deltaport.kernel) computes the float64 (exact) arithmetic unless DELTAPORT_KERNEL=torch
+        self.use_kernel = kernel.available() and self.compute_dtype == torch.float64
+        self._kernel_threads = 1
+        self._kernel_pool: ThreadPoolExecutor | None = None
 
     # -- reading -------------------------------------------------------------------------------------
     def _fill(self, key: str, term: Term, e0: int, e1: int, row_elems: int) -> torch.Tensor:
@@ -388,14 +407,49 @@ class Engine:
 
     def _ties_thresholds(self, op: TensorOp, row_elems: int) -> list[float]:
         """TIES trim: per delta, the magnitude its entries must reach in this tensor to be kept
-        (:func:`~deltaport.numerics.ties_threshold`). Reads each Δ_i of this tensor whole (memory: one tensor)."""
+        (:func:`~deltaport.numerics.ties_threshold`: the ⌈density·N⌉-th largest |Δ_i|), found by streaming."""
         cache = getattr(self, "_ties_cache", None)
         if cache is not None and cache[0] == op.name:
             return cache[1]
-        thresholds = [ties_threshold(self._part_values(op, i, part, 0, op.numel, row_elems, key=f"ties{i}").abs(),
-                                     op.ties_density) for i, part in enumerate(op.deltas)]
+        thresholds = [self._streamed_threshold(op, i, part) for i, part in enumerate(op.deltas)]
         self._ties_cache = (op.name, thresholds)
         return thresholds
+
+    def _streamed_threshold(self, op: TensorOp, i: int, part) -> float:
+        """The k-th largest |Δ_i| of one tensor (k = ⌈density·N⌉), the value ``torch.kthvalue`` gives on the
+        whole tensor, without holding it: a radix select on the float64 bit patterns of the magnitudes
+        (non-negative floats order as their bits do). Each pass streams the Δ chunk by chunk and counts the
+        candidates by their next 16 bits; once at most :data:`TIES_GATHER` candidates remain they are
+        gathered and the rest is one ``kthvalue`` (memory: a 65 536-bin histogram and those candidates)."""
+        numel = op.numel
+        k = max(1, math.ceil(op.ties_density * numel))
+        if k >= numel:
+            return 0.0
+        rank = numel - k + 1  # 1-based, ascending: kthvalue's k
+
+        def magnitudes():
+            for e0, e1, rows in self._chunks(op):
+                v = self._part_values(op, i, part, e0, e1, rows, key=f"ties{i}")
+                yield v.abs().view(torch.int64)
+
+        prefix, shift = 0, 64
+        while shift > 0:
+            shift -= 16
+            hist = torch.zeros(1 << 16, dtype=torch.int64)
+            for bits in magnitudes():
+                if shift < 48:
+                    bits = bits[(bits >> (shift + 16)) == prefix]
+                hist += torch.bincount(((bits >> shift) & 0xFFFF).reshape(-1), minlength=1 << 16)
+            cum = hist.cumsum(0)
+            b = int(torch.searchsorted(cum, torch.tensor([rank]))[0])
+            rank -= int(cum[b - 1]) if b else 0
+            prefix = (prefix << 16) | b
+            if int(hist[b]) <= TIES_GATHER:
+                break
+        if shift > 0:
+            cand = torch.cat([bits[(bits >> shift) == prefix] for bits in magnitudes()])
+            prefix = int(torch.kthvalue(cand, rank).values)
+        return float(torch.tensor([prefix], dtype=torch.int64).view(torch.float64)[0])
 
     def _compose(self, op: TensorOp, e0: int, e1: int, row_elems: int) -> torch.Tensor:
         """d = Σ_i λ_i·Δ_i (or the TIES merge of the λ_i·Δ_i) for a composed apply, in float64
@@ -502,7 +556,10 @@ class Engine:
             out = obuf[: n * out_itemsize].view(op.out_dtype)
             if op.kind == "copy" or op.scale == 0.0:
                 self._round(out, self._fill("base", op.base, e0, e1, row_elems), n)
+            elif self._kernel_chunk(op, e0, e1, row_elems, obuf[: n * out_itemsize]):
+                self.stats.ran(op.name, "numba")
             else:
+                self.stats.ran(op.name, "torch")
                 minus = None
                 if op.deltas:
                     plus = self._compose(op, e0, e1, row_elems)
@@ -517,12 +574,77 @@ class Engine:
                 target = None if op.base is None else self._fill("base", op.base, e0, e1, row_elems)
                 self.stats.exact_fixups += transfer_into(out, target, plus, minus, op.scale,
                                                          scratch=self.bufs.get("round", n, torch.int64), buf=self.bufs.get)
-            if op.deltas and op.kind != "copy":
-                self._compose_fixup(op, out, e0, e1)
+                if op.deltas:
+                    self._compose_fixup(op, out, e0, e1)
             if not _all_finite(out):
                 self._diagnose(op, e0, e1, row_elems)
             if op.base is None and (op.minus is not None or op.check is not None):
                 self._verify_roundtrip(op, out, e0, e1, row_elems)
+
+    # -- the fused kernel ------------------------------------------------------------------------------
+    def _kernel_input(self, key: str, term: Term, e0: int, e1: int, row_elems: int):
+        """``term``'s values for output elements [e0, e1) as the kernel reads them: the stored bytes (this
+        chunk's prefetched ones, or read now) viewed as :func:`deltaport.kernel.in_view`; float64 values
+        from :meth:`_fill` where the term is not one plain file range (row maps, padding, memory)."""
+        spec = term.spec
+        view = kernel.in_view(dtype_name(spec.dtype))
+        if view is None or term.rowmap is not None or spec.numel < e1 or term.ck.memory_tensor(spec.name) is not None:
+            return self._fill(key, term, e0, e1, row_elems).numpy()
+        nbytes = (e1 - e0) * spec.dtype.itemsize
+        raw = self._pre.get(key)
+        if raw is None:
+            raw = self.bufs.get(key + ":r", nbytes, torch.uint8)
+            pread_into(self.files.fd(spec.file), raw, spec.start + e0 * spec.dtype.itemsize, nbytes, f"{spec.file}:{spec.name}")
+        self._raw[key] = raw
+        self.stats.bytes_read += nbytes
+        return raw[:nbytes].numpy().view(view)
+
+    def _kernel_chunk(self, op: TensorOp, e0: int, e1: int, row_elems: int, obuf: torch.Tensor) -> bool:
+        """Compute a chunk with :func:`deltaport.kernel.fused_into` into the byte buffer ``obuf``; False where
+        the kernel does not apply (forced off, float32 math, TIES, a diff's round-trip check, a chunk it
+        refuses): the torch fallback then computes it."""
+        out_name = dtype_name(op.out_dtype)
+        if (not self.use_kernel or op.ties_density is not None or kernel.out_view(out_name) is None
+                or (op.base is None and (op.minus is not None or op.check is not None))
+                or getattr(op, "residual", None) or any(getattr(p, "residual", None) for p in op.deltas)):
+            return False  # (a Δ's exact residual, #21b: summed by the fallback)
+        target = None if op.base is None else self._kernel_input("base", op.base, e0, e1, row_elems)
+        if op.deltas:
+            vals = [self._kernel_input(f"d{i}", part.plus, e0, e1, row_elems) if part.lora is None and part.packed is None
+                    else self._part_values(op, i, part, e0, e1, row_elems, key=f"d{i}").numpy()
+                    for i, part in enumerate(op.deltas)]
+            if len({v.dtype for v in vals}) > 1:  # one dtype per call: the mixed ones as float64
+                vals = [self._part_values(op, i, part, e0, e1, row_elems, key=f"d{i}").numpy()
+                        for i, part in enumerate(op.deltas)]
+            terms, scales = [(v, None) for v in vals], [part.scale for part in op.deltas]
+        else:
+            if op.lora is not None:
+                plus = self._lora(op, e0, e1, row_elems).numpy()
+            elif op.packed is not None:
+                plus = self._packed(op.packed, op.name, e0, e1).numpy()
+            else:
+                plus = self._kernel_input("plus", op.plus, e0, e1, row_elems)
+            minus = None if op.minus is None else self._kernel_input("minus", op.minus, e0, e1, row_elems)
+            terms, scales = [(plus, minus)], [op.scale]
+        out = obuf.numpy().view(kernel.out_view(out_name))
+        got = self._kernel_run(out, out_name, target, terms, scales)
+        if got == kernel.KERNEL_REFUSED:
+            return False
+        self.stats.exact_fixups += got
+        return True
+
+    def _kernel_run(self, out, out_name: str, target, terms, scales) -> int:
+        """The kernel over the chunk, split into ``threads`` parts run side by side (it releases the GIL)."""
+        n = out.shape[0]
+        parts = self._kernel_threads if n >= 8 * kernel.BLOCK else 1
+        if parts == 1:
+            return kernel.fused_into(out, out_name, target, terms, scales)
+        step = -(-n // parts // kernel.BLOCK) * kernel.BLOCK
+        cut = lambda a, i: None if a is None else a[i:i + step]  # noqa: E731
+        futs = [self._kernel_pool.submit(kernel.fused_into, out[i:i + step], out_name, cut(target, i),
+                                         [(cut(p, i), cut(m, i)) for p, m in terms], scales) for i in range(0, n, step)]
+        got = [f.result() for f in futs]
+        return kernel.KERNEL_REFUSED if kernel.KERNEL_REFUSED in got else sum(got)
 
     # -- workers -------------------------------------------------------------------------------------
     def _worker_copy(self) -> "Engine":
@@ -593,6 +715,8 @@ class Engine:
                 w.files.close()
                 self.stats.bytes_read += w.stats.bytes_read
                 self.stats.exact_fixups += w.stats.exact_fixups
+                for k, v in w.stats.arithmetic.items():
+                    self.stats.ran(k, v)
                 for k, v in w.stats.inexact_delta.items():
                     self.stats.inexact_delta[k] = self.stats.inexact_delta.get(k, 0) + v
                 self.stats.nonfinite_inputs += [x for x in w.stats.nonfinite_inputs if x not in self.stats.nonfinite_inputs]
@@ -676,6 +800,11 @@ class Engine:
         old_threads = torch.get_num_threads()
         workers = max(1, int(threads or DEFAULT_THREADS))
         torch.set_num_threads(1)  # each worker runs torch on one thread (see DEFAULT_THREADS)
+        if self.use_kernel and self.plan.operation != "diff" and workers > 1:
+            # the kernel's own parallelism: one chunk split over ``threads`` threads (the fallback's chunks,
+            # where the kernel does not apply, then run on one worker)
+            self._kernel_threads, workers = workers, 1
+            self._kernel_pool = ThreadPoolExecutor(max_workers=self._kernel_threads, thread_name_prefix="deltaport-kernel")
         self._workers = workers
         self._nout = 0
         self._bar = None
@@ -713,6 +842,9 @@ class Engine:
                 self._reader = None
             self.files.close()
             torch.set_num_threads(old_threads)
+            if self._kernel_pool is not None:
+                self._kernel_pool.shutdown(wait=True)
+                self._kernel_pool = None
         self.stats.bytes_written = writer_thread.bytes
         self.stats.seconds = time.perf_counter() - t0
         return self.stats
