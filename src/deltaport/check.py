@@ -230,10 +230,19 @@ def _streamed(prep: lw.Prepared, blocks: list[torch.Tensor], alphas: list[float]
     sums = {"ss": 0.0, "dist": 0.0, "dd": 0.0}
 
     def norms(name: str, t: dict[str, torch.Tensor]) -> None:  # as _norms, tensor by tensor, in the same order
-        a64 = t["s"].to(dtype).double()
-        sums["ss"] += float(a64.pow(2).sum())
-        sums["dist"] += float((t["t"].to(dtype).double() - a64).pow(2).sum())
-        sums["dd"] += float((t["f"].to(dtype).double() - a64).pow(2).sum())
+        flat = {k: v.reshape(-1) for k, v in t.items()}
+        step = lw.BUILD_CHUNK  # a large tensor in pieces: float64 copies of a whole 8B-model matrix are GBs
+        parts = range(0, flat["s"].numel(), step) if flat["s"].numel() > step else [None]
+        ss = dist = dd = 0.0
+        for i in parts:
+            piece = {k: (v if i is None else v[i:i + step]) for k, v in flat.items()}
+            a64 = piece["s"].to(dtype).double()
+            ss += float(a64.pow(2).sum())
+            dist += float((piece["t"].to(dtype).double() - a64).pow(2).sum())
+            dd += float((piece["f"].to(dtype).double() - a64).pow(2).sum())
+        sums["ss"] += ss
+        sums["dist"] += dist
+        sums["dd"] += dd
 
     streams = [lw.lerp("s", "t", x, dtype) for x in alphas] + [lw.cast("f", dtype), transferred]
     sk = prep.skeleton

@@ -47,10 +47,29 @@ _CONFIG_IGNORED = {"_name_or_path", "transformers_version", "dtype", "torch_dtyp
                    "bos_token_id", "eos_token_id", "pad_token_id", "_commit_hash", "tokenizer_class",
                    "output_attentions", "output_hidden_states", "return_dict", "id2label", "label2id"}
 
-#: logits elements per slice of the head: 8 M (32 MB of float32); the whole-model path allows 128 M
-LOGITS_CHUNK = 1 << 23
-#: elements per slice when a stream's tensor is built from its inputs, or the embedding/head is read: 4 M
-BUILD_CHUNK = 1 << 22
+#: logits elements per slice of the head: 4 M (16 MB of float32); the whole-model path allows 128 M
+LOGITS_CHUNK = 1 << 22
+#: elements per slice when a stream's tensor is built from its inputs, or the embedding/head is read: 1 M
+BUILD_CHUNK = 1 << 20
+
+
+def trim_heap() -> None:
+    """Hand freed heap memory back to the system (glibc ``malloc_trim``; elsewhere nothing). Between layers
+    the temporaries of one layer are all freed, but glibc keeps most of them mapped, and the next layer's,
+    of other sizes, do not fit the holes: without this the resident set grows by hundreds of MB."""
+    global _TRIM
+    if _TRIM is None:
+        try:
+            import ctypes
+
+            _TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _TRIM = False
+    if _TRIM:
+        _TRIM(0)
+
+
+_TRIM: Any = None
 
 
 def peak_rss_mb() -> float:
@@ -256,6 +275,7 @@ def stream_losses(sk: Skeleton, inputs: dict[str, Any], streams: Sequence[Stream
         for r0 in range(0, shape[0], step):
             r1 = min(shape[0], r0 + step)
             yield r0, r1, {k: read_rows(ck, name, r0, r1) for k, ck in inputs.items()}
+            trim_heap()
 
     # 1. the layers' inputs: the model's own embedding and forward, up to the first decoder layer
     ids = torch.cat([b.reshape(-1) for b in batches]).unique()  # sorted
@@ -297,6 +317,7 @@ def stream_losses(sk: Skeleton, inputs: dict[str, Any], streams: Sequence[Stream
         dec.layers = real_layers
         emb_mod.weight, emb_mod.padding_idx = saved
     del rows
+    trim_heap()
     if advance:
         advance()
 
@@ -315,6 +336,7 @@ def stream_losses(sk: Skeleton, inputs: dict[str, Any], streams: Sequence[Stream
                 hidden[s][b] = out[0] if isinstance(out, tuple) else out
             del weights
         del tensors
+        trim_heap()
         if advance:
             advance()
 
@@ -334,6 +356,7 @@ def stream_losses(sk: Skeleton, inputs: dict[str, Any], streams: Sequence[Stream
                              for h in hidden[s]]))
         hidden[s] = []
     del hidden
+    trim_heap()
     n_pred = target.numel()
     cap = getattr(sk.config, "final_logit_softcapping", None)
     run_max = [torch.full((n_pred,), -math.inf, dtype=torch.float64, device=dev) for _ in streams]
@@ -351,16 +374,16 @@ def stream_losses(sk: Skeleton, inputs: dict[str, Any], streams: Sequence[Stream
         for s, make in enumerate(streams):
             logits = functional_call(head_mod, {"weight": make(sk.head, part).to(dev)}, (xs[s],), strict=False)
             if cap is not None:
-                logits = torch.tanh(logits / cap) * cap
+                logits.div_(cap).tanh_().mul_(cap)
             logits = logits.float()
-            top = logits.max(dim=1).values.double()
-            new_max = torch.maximum(run_max[s], top)
-            run_sum[s].mul_(torch.exp(run_max[s] - new_max))
-            run_sum[s].add_(torch.exp(logits - new_max[:, None].float()).sum(dim=1, dtype=torch.float64))
-            run_max[s] = new_max
             picked_logit[s][where] = logits[where, target[where] - v0].double()
+            new_max = torch.maximum(run_max[s], logits.max(dim=1).values.double())
+            run_sum[s].mul_(torch.exp(run_max[s] - new_max))
+            run_sum[s].add_(logits.sub_(new_max[:, None].to(logits.dtype)).exp_().sum(dim=1, dtype=torch.float64))
+            run_max[s] = new_max
             del logits
         del part
+        trim_heap()
     losses = []
     for s in range(len(streams)):
         nll = (run_max[s] + run_sum[s].log() - picked_logit[s]).sum().cpu()
