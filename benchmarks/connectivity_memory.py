@@ -129,6 +129,9 @@ def main(argv=None) -> int:
             for path in paths:
                 res[f"{cmd} {path}"] = r = child(cmd, path, models, data, tokens)
                 print(f"[{cmd} {path}: {r['vmhwm_mb']:.0f} MB, {r['seconds']:.1f} s]", file=sys.stderr, flush=True)
+                if args.output:  # each result as soon as it exists: a long run cut short keeps what it measured
+                    args.output.parent.mkdir(parents=True, exist_ok=True)
+                    args.output.write_text(json.dumps({"partial": True, "results": res, "load_before": load}, indent=1))
         load_after = os.getloadavg()
     import torch
     import transformers

@@ -63,7 +63,7 @@ def register(app: typer.Typer) -> None:
         overwrite: bool = typer.Option(False, "--overwrite", help=_OVERWRITE_HELP),
         quiet: bool = QUIET, progress: Optional[bool] = PROGRESS, **options,
     ) -> None:
-        """Loss along θ(α) = (1−α)·A + α·B and the loss barrier (one interpolated model in memory)."""
+        """Loss along θ(α) = (1−α)·A + α·B and the loss barrier (read layer by layer: one layer of each model in memory)."""
         _check_outputs(output, plot, overwrite, [a, b])
         progress = progress_mode(quiet, progress)
         _setup(progress)
