@@ -264,6 +264,10 @@ def stream_losses(sk: Skeleton, inputs: dict[str, Any], streams: Sequence[Stream
 
     dev = torch.device(device)
     batches = batches_of(blocks, batch_tokens)
+    for mod in sk.model.modules():  # the real buffers (rotary frequencies, embedding scales) go to the device
+        for k, buf in mod._buffers.items():
+            if buf is not None and buf.device.type != "meta" and buf.device != dev:
+                mod._buffers[k] = buf.to(dev)
 
     def read(name: str) -> dict[str, torch.Tensor]:
         return {k: ck.tensor(name) for k, ck in inputs.items()}
