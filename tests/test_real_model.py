@@ -381,3 +381,25 @@ def test_eval_compares_base_and_a_transfer_item_by_item(smollm2, out_root, tmp_p
         ra, rb = recs[base], recs[str(out_model)]
         assert c["right_to_wrong_items"] == [f"general_qa/{i}" for i in range(20) if ra[i][metric] > rb[i][metric]]
         assert c["wrong_to_right_items"] == [f"general_qa/{i}" for i in range(20) if ra[i][metric] < rb[i][metric]]
+
+
+def test_layer_by_layer_diagnostics_equal_the_whole_model_path(smollm2):
+    """connectivity and check read SmolLM2 layer by layer (tied embedding, 3 shards, bf16 on disk, float32
+    compute): the same losses and signals as whole models loaded by transformers, on a short sample."""
+    from deltaport.check import check
+    from deltaport.connectivity import connectivity
+
+    m = smollm2
+    kw = dict(points=3, max_tokens=96)
+    new = connectivity(m["base"], m["release"], TEXTS, **kw)
+    old = connectivity(m["base"], m["release"], TEXTS, **kw, layerwise=False)
+    assert new["streamed"] and not old["streamed"] and new["n_tokens"] == old["n_tokens"] == 65  # all of TEXTS
+    assert new["losses"] == pytest.approx(old["losses"], rel=1e-5, abs=0)
+    assert new["num_parameters"] == old["num_parameters"] == 134515008
+    cn = check(m["base"], m["finetuned"], m["release"], TEXTS, max_tokens=96, calibration={})
+    co = check(m["base"], m["finetuned"], m["release"], TEXTS, max_tokens=96, calibration={}, layerwise=False)
+    assert cn["streamed"] and not co["streamed"]
+    for k in ("loss_source_base", "loss_source_finetuned", "loss_target_base", "loss_transfer", "rel_distance",
+              "delta_rel"):
+        assert cn["signals"][k] == pytest.approx(co["signals"][k], rel=1e-5, abs=0), k
+    assert cn["signals"]["loss_transfer"] != cn["signals"]["loss_target_base"]

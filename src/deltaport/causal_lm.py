@@ -263,6 +263,12 @@ def token_sample(docs: Sequence[Any], tokenizer: Any, *, max_tokens: int, seed: 
 LOGITS_BUDGET = 1 << 27
 
 
+def batch_tokens_for(vocab: int) -> int:
+    """Tokens per forward pass: 8192, fewer for large vocabularies so the logits stay within
+    :data:`LOGITS_BUDGET` (the layer-by-layer path forms the same batches and cuts the logits finer)."""
+    return max(1, min(8192, LOGITS_BUDGET // vocab))
+
+
 @torch.no_grad()
 def mean_nll(model: torch.nn.Module, blocks: list[torch.Tensor], *, batch_tokens: int | None = None) -> float:
     """Mean next-token negative log-likelihood (nats/token) of ``model`` over ``blocks``.
@@ -274,7 +280,7 @@ def mean_nll(model: torch.nn.Module, blocks: list[torch.Tensor], *, batch_tokens
     device = next(model.parameters()).device
     if batch_tokens is None:
         vocab = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None else 32000
-        batch_tokens = max(1, min(8192, LOGITS_BUDGET // vocab))
+        batch_tokens = batch_tokens_for(vocab)
     was_training = model.training
     model.eval()
     total = torch.zeros((), dtype=torch.float64)

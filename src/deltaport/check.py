@@ -14,8 +14,12 @@ table in ``docs/check-calibration.md``). Outside the calibrated scale the verdic
 the signals are still reported, with words on where the model sits relative to the calibration
 families and how each signal reads against their thresholds.
 
-Memory: at most three models at once (m_s, m_t and one working model: first the interpolated
-model of the barrier curve, then m'_s, turned in place into m_t + Δ_s).
+Memory: checkpoints of an architecture in :data:`deltaport.layerwise.STREAMED` are read once, layer by
+layer, and every model the signals need (the points of the barrier curve, m'_s and m_t + Δ_s, built per
+tensor in float64 and rounded once) runs through that layer at once; the distances are summed from
+the same reads. Otherwise (models passed in memory, another architecture) at most three whole models
+at once (m_s, m_t and one working model: first the interpolated model of the barrier curve, then m'_s,
+turned in place into m_t + Δ_s).
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ from typing import Any
 import torch
 
 from deltaport import causal_lm
-from deltaport.connectivity import alphas_for, loss_curve, token_blocks
+from deltaport import layerwise as lw
+from deltaport.connectivity import alphas_for, curve_of, loss_curve, token_blocks
 from deltaport.io.tensors import parse_dtype
 from deltaport.options import CHECK, CheckOptions, declared
 
@@ -153,7 +158,7 @@ def _verdict(signals: dict[str, float], calibration: dict, grades: dict[str, str
 def check(source_base: Any, source_finetuned: Any, target_base: Any, data: Any, *, max_tokens: int = CHECK.max_tokens,
           seed: int = CHECK.seed, progress: bool = False, points: int = 5, device: str = CHECK.device,
           dtype: str | torch.dtype = "float32", tokenizer: Any = None, calibration: dict | None = None,
-          allow_pickle: bool = CHECK.allow_pickle) -> dict:
+          allow_pickle: bool = CHECK.allow_pickle, layerwise: bool = True) -> dict:
     """Measure the cheap signals for transferring Δ_s = m'_s − m_s onto m_t, and give a verdict.
 
     Args:
@@ -166,10 +171,14 @@ def check(source_base: Any, source_finetuned: Any, target_base: Any, data: Any, 
         dtype: dtype models are loaded in (paths only).
         tokenizer: tokenizer or directory for text data (default: ``source_base``'s tokenizer).
         calibration: thresholds (default: the table shipped in :mod:`deltaport._check_calibration`).
+        layerwise: read the checkpoints layer by layer, every model at once (the default, where the
+            inputs allow it; ``streamed`` in the report says which path ran, a note says why not);
+            False loads whole models.
 
     Returns:
         ``{"verdict": "likely"|"uncertain"|"unlikely"|"uncalibrated", "signals": {...},
-        "grades": {...}, "reason": str, "thresholds": {...}, "curve": {...}, ...}``.
+        "grades": {...}, "reason": str, "thresholds": {...}, "curve": {...}, "streamed": bool,
+        "peak_rss_mb": float, ...}``.
     """
     t0 = time.perf_counter()
     torch_dtype = parse_dtype(dtype)
@@ -179,10 +188,11 @@ def check(source_base: Any, source_finetuned: Any, target_base: Any, data: Any, 
     notes: list[str] = []
     for spec in (source_base, source_finetuned, target_base):  # all three, before any work
         causal_lm.preflight(spec, allow_pickle=allow_pickle)
-    m_s = causal_lm.load_causal_lm(source_base, dtype=torch_dtype, device=device, allow_pickle=allow_pickle)
-    m_t = causal_lm.load_causal_lm(target_base, dtype=torch_dtype, device=device, allow_pickle=allow_pickle)
-    ps, pt = causal_lm.named_params(m_s), causal_lm.named_params(m_t)
-    causal_lm.check_same_architecture(ps, pt, labels["source_base"], labels["target_base"])
+    specs = [source_base, target_base, source_finetuned]
+    names = [labels["source_base"], labels["target_base"], labels["source_finetuned"]]
+    prep: lw.Prepared | str = "layerwise=False"
+    if layerwise:
+        prep = lw.prepare(specs, names, dtype=torch_dtype, allow_pickle=allow_pickle)
     if tokenizer is None and not isinstance(source_base, torch.nn.Module) and not isinstance(target_base, torch.nn.Module):
         try:
             tok_s, tok_t = causal_lm.load_tokenizer(source_base), causal_lm.load_tokenizer(target_base)
@@ -192,23 +202,19 @@ def check(source_base: Any, source_finetuned: Any, target_base: Any, data: Any, 
             tokenizer = tok_s
         except Exception:  # noqa: BLE001 - a missing tokenizer is reported by token_blocks if text needs one
             tokenizer = None
-    blocks = token_blocks(source_base, m_s, data, tokenizer, max_tokens=max_tokens, seed=seed, block_len=None)
-    curve = loss_curve(m_s, m_t, blocks, alphas_for(points), progress=progress)
-    gc.collect()  # the curve's interpolated model is gone before m'_s is loaded: three models at most
-
-    m_f = causal_lm.load_causal_lm(source_finetuned, dtype=torch_dtype, device=device, allow_pickle=allow_pickle)
-    if m_f is source_finetuned:  # never modify a caller's module: work on a copy
-        import copy
-
-        m_f = copy.deepcopy(m_f)
-    pf = causal_lm.named_params(m_f)
-    causal_lm.check_same_architecture(ps, pf, labels["source_base"], labels["source_finetuned"])
-    rel_distance, delta_rel = _norms(ps, pt, pf)
+    alphas = alphas_for(points)
+    if isinstance(prep, lw.Prepared):
+        blocks = token_blocks(source_base, prep.configs[0], data, tokenizer, max_tokens=max_tokens, seed=seed,
+                              block_len=None, vocab=prep.vocab)
+        curve, loss_f, loss_tr, rel_distance, delta_rel = _streamed(prep, blocks, alphas, torch_dtype, device,
+                                                                     progress)
+        n_params = prep.skeleton.num_parameters
+    else:
+        notes.append(f"whole models loaded: {prep}")
+        curve, loss_f, loss_tr, rel_distance, delta_rel, n_params, blocks = _whole(
+            source_base, source_finetuned, target_base, data, labels, tokenizer, alphas, torch_dtype, device,
+            progress, max_tokens=max_tokens, seed=seed, allow_pickle=allow_pickle)
     loss_s, loss_t = curve["loss_a"], curve["loss_b"]
-    loss_f = causal_lm.mean_nll(m_f, blocks)
-    add_delta_into(pf, ps, pt)
-    loss_tr = causal_lm.mean_nll(m_f, blocks)
-    del m_f, pf
     excess = (loss_tr - loss_t) - (loss_f - loss_s)
     signals = {
         "relative_barrier": curve["relative_barrier"],
@@ -223,7 +229,6 @@ def check(source_base: Any, source_finetuned: Any, target_base: Any, data: Any, 
         "loss_transfer": loss_tr,
         "excess_loss": excess,
     }
-    n_params = causal_lm.num_parameters(m_s)
     verdict, reason, grades = classify(signals, n_params, calib)
     return {
         "verdict": verdict,
@@ -240,5 +245,74 @@ def check(source_base: Any, source_finetuned: Any, target_base: Any, data: Any, 
         "seed": seed,
         "curve": {k: curve[k] for k in ("alphas", "losses", "linear", "barrier", "barrier_alpha")},
         "notes": notes,
+        "streamed": isinstance(prep, lw.Prepared),
         "seconds": round(time.perf_counter() - t0, 3),
+        "peak_rss_mb": lw.peak_rss_mb(),
     }
+
+
+def _streamed(prep: lw.Prepared, blocks: list[torch.Tensor], alphas: list[float], dtype: torch.dtype, device: str,
+              progress: bool) -> tuple[dict, float, float, float, float]:
+    """Every loss of the signals in one layer-by-layer pass: the curve's points (m_s … m_t), m'_s and
+    m_t + Δ_s; the distances from the same reads. Inputs: "s" m_s, "t" m_t, "f" m'_s."""
+    from deltaport.numerics import transfer_into
+
+    def transferred(name: str, t: dict[str, torch.Tensor]) -> torch.Tensor:
+        out = torch.empty(t["f"].shape, dtype=dtype)
+        f64 = [t[k].to(dtype).to(torch.float64, copy=True) for k in ("t", "f", "s")]
+        transfer_into(out, *f64)  # as add_delta_into: t + (f − s) in float64, rounded once
+        return out
+
+    sums = {"ss": 0.0, "dist": 0.0, "dd": 0.0}
+
+    def norms(name: str, t: dict[str, torch.Tensor]) -> None:  # as _norms, tensor by tensor, in the same order
+        flat = {k: v.reshape(-1) for k, v in t.items()}
+        step = lw.BUILD_CHUNK  # a large tensor in pieces: float64 copies of a whole 8B-model matrix are GBs
+        parts = range(0, flat["s"].numel(), step) if flat["s"].numel() > step else [None]
+        ss = dist = dd = 0.0
+        for i in parts:
+            piece = {k: (v if i is None else v[i:i + step]) for k, v in flat.items()}
+            a64 = piece["s"].to(dtype).double()
+            ss += float(a64.pow(2).sum())
+            dist += float((piece["t"].to(dtype).double() - a64).pow(2).sum())
+            dd += float((piece["f"].to(dtype).double() - a64).pow(2).sum())
+        sums["ss"] += ss
+        sums["dist"] += dist
+        sums["dd"] += dd
+
+    streams = [lw.lerp("s", "t", x, dtype) for x in alphas] + [lw.cast("f", dtype), transferred]
+    sk = prep.skeleton
+    inputs = dict(zip("stf", prep.checkpoints))
+    with causal_lm.progress_bar(progress, len(sk.layers) + 2, "check") as bar:
+        losses = lw.stream_losses(sk, inputs, streams, blocks, dtype=dtype, device=device,
+                                  batch_tokens=causal_lm.batch_tokens_for(prep.head_rows), on_tensor=norms,
+                                  advance=bar.advance)
+    curve = curve_of(alphas, losses[:len(alphas)], losses[0], losses[len(alphas) - 1])
+    ss = sums["ss"] ** 0.5
+    return curve, losses[-2], losses[-1], sums["dist"] ** 0.5 / ss, sums["dd"] ** 0.5 / ss
+
+
+def _whole(source_base: Any, source_finetuned: Any, target_base: Any, data: Any, labels: dict, tokenizer: Any,
+           alphas: list[float], dtype: torch.dtype, device: str, progress: bool, *, max_tokens: int, seed: int,
+           allow_pickle: bool) -> tuple:
+    """The signals from whole models: m_s and m_t, then one working model (the curve's, then m'_s)."""
+    m_s = causal_lm.load_causal_lm(source_base, dtype=dtype, device=device, allow_pickle=allow_pickle)
+    m_t = causal_lm.load_causal_lm(target_base, dtype=dtype, device=device, allow_pickle=allow_pickle)
+    ps, pt = causal_lm.named_params(m_s), causal_lm.named_params(m_t)
+    causal_lm.check_same_architecture(ps, pt, labels["source_base"], labels["target_base"])
+    blocks = token_blocks(source_base, m_s, data, tokenizer, max_tokens=max_tokens, seed=seed, block_len=None)
+    curve = loss_curve(m_s, m_t, blocks, alphas, progress=progress)
+    gc.collect()  # the curve's interpolated model is gone before m'_s is loaded: three models at most
+
+    m_f = causal_lm.load_causal_lm(source_finetuned, dtype=dtype, device=device, allow_pickle=allow_pickle)
+    if m_f is source_finetuned:  # never modify a caller's module: work on a copy
+        import copy
+
+        m_f = copy.deepcopy(m_f)
+    pf = causal_lm.named_params(m_f)
+    causal_lm.check_same_architecture(ps, pf, labels["source_base"], labels["source_finetuned"])
+    rel_distance, delta_rel = _norms(ps, pt, pf)
+    loss_f = causal_lm.mean_nll(m_f, blocks)
+    add_delta_into(pf, ps, pt)
+    loss_tr = causal_lm.mean_nll(m_f, blocks)
+    return curve, loss_f, loss_tr, rel_distance, delta_rel, causal_lm.num_parameters(m_s), blocks

@@ -8,9 +8,12 @@ The paper argues that fine-tuning transfer works when source and target are "lin
 
 (≥ 0 by construction, since the endpoints are included and equal L(A), L(B) exactly).
 
-Memory: the two endpoint models plus one interpolated model, built in place into the third model's
-parameters with ``torch.lerp``; α = 0 and α = 1 are plain copies, so the curve's endpoints are bit
-for bit the endpoint models.
+Memory: checkpoints of an architecture in :data:`deltaport.layerwise.STREAMED` are read layer by layer
+and every point of the curve is computed at once (:func:`deltaport.layerwise.stream_losses`): one layer of
+A and B, one point's weights for it, the activations of every point. Otherwise (models passed in
+memory, a ``task`` metric, another architecture) the two endpoint models plus one interpolated model,
+built in place into the third model's parameters with ``torch.lerp``. Either way α = 0 and α = 1 are
+plain copies, so the curve's endpoints are bit for bit the endpoint models.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from typing import Any
 import torch
 
 from deltaport import causal_lm
+from deltaport import layerwise as lw
 from deltaport.errors import InputError
 from deltaport.figures import pyplot, save_figure
 from deltaport.io.tensors import parse_dtype
@@ -69,10 +73,11 @@ def _data_label(data: Any) -> str:
     return f"<{len(data)} in-memory documents>"
 
 
-def token_blocks(a_spec: Any, model_a: torch.nn.Module, data: Any, tokenizer: Any, *, max_tokens: int,
-                 seed: int, block_len: int | None) -> list[torch.Tensor]:
+def token_blocks(a_spec: Any, model_a: Any, data: Any, tokenizer: Any, *, max_tokens: int,
+                 seed: int, block_len: int | None, vocab: int | None = None) -> list[torch.Tensor]:
     """The fixed token sample of ``data`` (texts tokenized with ``tokenizer``, default ``a_spec``'s), in blocks
-    of ``block_len`` tokens (default: min(model max positions, 512)); refused if a token id exceeds the vocabulary."""
+    of ``block_len`` tokens (default: min(model max positions, 512)); refused if a token id exceeds the vocabulary.
+    ``model_a`` is the loaded model, or its config with ``vocab`` its embedding's rows."""
     docs = causal_lm.load_texts(data)
     if any(isinstance(d, str) for d in docs):
         if tokenizer is None:
@@ -81,11 +86,13 @@ def token_blocks(a_spec: Any, model_a: torch.nn.Module, data: Any, tokenizer: An
             tokenizer = causal_lm.load_tokenizer(tokenizer)
     else:
         tokenizer = None
+    config = model_a.config if isinstance(model_a, torch.nn.Module) else model_a
     if block_len is None:
-        block_len = int(getattr(model_a.config, "max_position_embeddings", 512) or 512)
+        block_len = int(getattr(config, "max_position_embeddings", 512) or 512)
         block_len = max(2, min(block_len, 512))
     blocks = causal_lm.token_sample(docs, tokenizer, max_tokens=max_tokens, seed=seed, block_len=block_len)
-    vocab = model_a.get_input_embeddings().weight.shape[0]
+    if vocab is None:
+        vocab = model_a.get_input_embeddings().weight.shape[0]
     top = max(int(b.max()) for b in blocks)
     if top >= vocab:
         raise InputError(f"the data has token id {top} but the model's vocabulary has {vocab} rows; "
@@ -98,7 +105,8 @@ def connectivity(a: Any, b: Any, data: Any, *, points: int = CONNECTIVITY.points
                  max_tokens: int = CONNECTIVITY.max_tokens, seed: int = CONNECTIVITY.seed,
                  device: str = CONNECTIVITY.device, task: Callable[[torch.nn.Module], float] | None = None,
                  progress: bool = False, tokenizer: Any = None, dtype: str | torch.dtype = CONNECTIVITY.dtype,
-                 block_len: int | None = None, allow_pickle: bool = CONNECTIVITY.allow_pickle) -> dict:
+                 block_len: int | None = None, allow_pickle: bool = CONNECTIVITY.allow_pickle,
+                 layerwise: bool = True) -> dict:
     """Loss (mean token NLL) along the straight line from ``a`` to ``b``, and its barrier.
 
     Args:
@@ -109,23 +117,53 @@ def connectivity(a: Any, b: Any, data: Any, *, points: int = CONNECTIVITY.points
         progress: draw progress bars.
         tokenizer: tokenizer or directory for text data (default: ``a``'s tokenizer).
         block_len: tokens per evaluated sequence (default: min(model max positions, 512)).
+        layerwise: read the checkpoints layer by layer and compute every point at once (the default,
+            where the inputs allow it; ``streamed`` and ``note`` in the report say which path ran);
+            False loads the two models whole.
 
     Returns:
         ``{"alphas", "losses", "barrier", "barrier_alpha", "relative_barrier", "loss_a", "loss_b",
-        "metrics", "metric_a", "metric_b", "n_tokens", ...}``; losses in nats per predicted token.
+        "metrics", "metric_a", "metric_b", "n_tokens", "streamed", "peak_rss_mb", ...}``; losses in nats
+        per predicted token, ``peak_rss_mb`` the process's peak resident memory at the end of the call.
     """
     t0 = time.perf_counter()
     alphas = alphas_for(points)
     torch_dtype = parse_dtype(dtype)
     for spec in (a, b):  # both refused before either is loaded
         causal_lm.preflight(spec, allow_pickle=allow_pickle)
-    model_a = causal_lm.load_causal_lm(a, dtype=torch_dtype, device=device, allow_pickle=allow_pickle)
-    model_b = causal_lm.load_causal_lm(b, dtype=torch_dtype, device=device, allow_pickle=allow_pickle)
     la, lb = causal_lm.model_label(a), causal_lm.model_label(b)
-    pa, pb = causal_lm.named_params(model_a), causal_lm.named_params(model_b)
-    causal_lm.check_same_architecture(pa, pb, la, lb)
-    blocks = token_blocks(a, model_a, data, tokenizer, max_tokens=max_tokens, seed=seed, block_len=block_len)
-    curve = loss_curve(model_a, model_b, blocks, alphas, task=task, progress=progress)
+    prep: lw.Prepared | str = "layerwise=False"
+    if not layerwise:
+        pass
+    elif task is not None:
+        prep = "a task metric needs whole models"
+    else:
+        prep = lw.prepare([a, b], [la, lb], dtype=torch_dtype, allow_pickle=allow_pickle)
+    if isinstance(prep, lw.Prepared):
+        sk = prep.skeleton
+        blocks = token_blocks(a, prep.configs[0], data, tokenizer, max_tokens=max_tokens, seed=seed,
+                              block_len=block_len, vocab=prep.vocab)
+        streams = [lw.lerp("a", "b", x, torch_dtype) for x in alphas]
+        inputs = dict(zip("ab", prep.checkpoints))
+        with causal_lm.progress_bar(progress, len(sk.layers) + 2, "connectivity") as bar:
+            losses = lw.stream_losses(sk, inputs, streams, blocks, dtype=torch_dtype, device=device,
+                                             batch_tokens=causal_lm.batch_tokens_for(prep.head_rows),
+                                             advance=bar.advance)
+        curve = curve_of(alphas, losses, losses[0], losses[-1])
+        n_params, note = sk.num_parameters, None
+        dev, dt = str(torch.device(device)), str(torch_dtype).replace("torch.", "")
+    else:
+        note = f"whole models loaded: {prep}"
+        LOG.info("connectivity: %s", note)
+        model_a = causal_lm.load_causal_lm(a, dtype=torch_dtype, device=device, allow_pickle=allow_pickle)
+        model_b = causal_lm.load_causal_lm(b, dtype=torch_dtype, device=device, allow_pickle=allow_pickle)
+        pa, pb = causal_lm.named_params(model_a), causal_lm.named_params(model_b)
+        causal_lm.check_same_architecture(pa, pb, la, lb)
+        blocks = token_blocks(a, model_a, data, tokenizer, max_tokens=max_tokens, seed=seed, block_len=block_len)
+        curve = loss_curve(model_a, model_b, blocks, alphas, task=task, progress=progress)
+        n_params = causal_lm.num_parameters(model_a)
+        dev = str(next(model_a.parameters()).device)
+        dt = str(next(model_a.parameters()).dtype).replace("torch.", "")
     n_tokens = sum(bl.numel() for bl in blocks)
     report = {
         "a": la,
@@ -137,10 +175,13 @@ def connectivity(a: Any, b: Any, data: Any, *, points: int = CONNECTIVITY.points
         "block_len": max(bl.numel() for bl in blocks),
         "max_tokens": max_tokens,
         "seed": seed,
-        "dtype": str(next(model_a.parameters()).dtype).replace("torch.", ""),
-        "device": str(next(model_a.parameters()).device),
-        "num_parameters": causal_lm.num_parameters(model_a),
+        "dtype": dt,
+        "device": dev,
+        "num_parameters": n_params,
+        "streamed": note is None,
+        "note": note,
         "seconds": round(time.perf_counter() - t0, 3),
+        "peak_rss_mb": lw.peak_rss_mb(),
     }
     return report
 
@@ -168,9 +209,20 @@ def loss_curve(model_a: torch.nn.Module, model_b: torch.nn.Module, blocks: list[
                 bar.advance()
         finally:
             del mid, pm
+    out = curve_of(alphas, losses, loss_a, loss_b, metrics=metrics if task else None, metric_a=metric_a,
+                   metric_b=metric_b)
+    if not out["endpoints_exact"]:  # same weights, same sample: only a non-deterministic kernel can do this
+        LOG.warning("curve endpoints differ from the endpoint models' losses (%r vs %r, %r vs %r): the forward "
+                    "pass is not deterministic on this device", losses[0], loss_a, losses[-1], loss_b)
+    return out
+
+
+def curve_of(alphas: list[float], losses: list[float], loss_a: float, loss_b: float, *, metrics: list | None = None,
+             metric_a: float | None = None, metric_b: float | None = None) -> dict:
+    """The curve's part of the report: losses, the chord, the barrier and where it occurs."""
     barrier, at = barrier_of(alphas, losses, loss_a, loss_b)
     mean_end = (loss_a + loss_b) / 2
-    out = {
+    return {
         "alphas": alphas,
         "losses": losses,
         "loss_a": loss_a,
@@ -180,14 +232,10 @@ def loss_curve(model_a: torch.nn.Module, model_b: torch.nn.Module, blocks: list[
         "barrier_alpha": at,
         "relative_barrier": barrier / mean_end if mean_end > 0 else float("inf"),
         "endpoints_exact": losses[0] == loss_a and losses[-1] == loss_b,
-        "metrics": metrics if task else None,
+        "metrics": metrics,
         "metric_a": metric_a,
         "metric_b": metric_b,
     }
-    if not out["endpoints_exact"]:  # same weights, same sample: only a non-deterministic kernel can do this
-        LOG.warning("curve endpoints differ from the endpoint models' losses (%r vs %r, %r vs %r): the forward "
-                    "pass is not deterministic on this device", losses[0], loss_a, losses[-1], loss_b)
-    return out
 
 
 def plot_curve(report: dict, path: str | Path, *, overwrite: bool = True) -> Path:

@@ -65,7 +65,7 @@ def register(app: typer.Typer) -> None:
         overwrite: bool = typer.Option(False, "--overwrite", help=_OVERWRITE_HELP),
         quiet: bool = QUIET, progress: Optional[bool] = PROGRESS, **options,
     ) -> None:
-        """Loss along θ(α) = (1−α)·A + α·B and the loss barrier (one interpolated model in memory)."""
+        """Loss along θ(α) = (1−α)·A + α·B and the loss barrier (read layer by layer: one layer of each model in memory)."""
         _check_outputs(output, plot, overwrite, [a, b])
         preflight.diagnostics([a, b], data, allow_pickle=options.get("allow_pickle", False), device=options.get("device"),
                               dtype=options.get("dtype"), points=options.get("points"), max_tokens=options.get("max_tokens"))
