@@ -149,14 +149,21 @@ def _publish(plan: Plan, output: Path, *, inputs: list[Path], overwrite: bool, s
         writer = ShardedWriter(tmp, entries, parse_size(shard_size), metadata={"producer": f"deltaport {deltaport.__version__}"})
         t1 = time.perf_counter()
         stats = execute(plan, writer, progress=progress, threads=threads, chunk_elems=chunk_elems, strict=strict, label=label)
-        writer.finalize()
+        weight_map = writer.finalize()
         provenance.update(files=files_record, nonfinite_inputs=stats.nonfinite_inputs)
         if plan.operation == "diff":
+            if any(op.residual for op in plan.ops):
+                from deltaport.io.residual import RECORD, write_residuals
+
+                record = write_residuals(tmp, stats.residuals, {op.name: op.numel for op in plan.ops}, weight_map,
+                                         sum(s["data_bytes"] for s in writer.shards), f"deltaport {deltaport.__version__}")
+                if record:  # recorded only where there is one: a delta without residuals keeps its bytes
+                    provenance[RECORD] = record
             provenance["inexact_delta_elements"] = stats.inexact_delta
             if stats.inexact_delta:
                 LOG.warning("the stored Δ does not reproduce the finetuned model exactly for %d element(s) in %d tensor(s) "
                             "(values that nearly cancel their base, or a LoRA product stored narrower than computed); "
-                            "use --delta-dtype float64 for an exact delta",
+                            "use the default --delta-dtype auto for an exact delta",
                             sum(stats.inexact_delta.values()), len(stats.inexact_delta))
         _write_provenance(tmp, provenance)
         t2 = time.perf_counter()
@@ -344,9 +351,10 @@ def diff(base, finetuned, output, *, delta_dtype: str | None = DIFF.delta_dtype,
     """Store ``Δ = finetuned − base`` as a delta directory (safetensors + ``deltaport.json``).
 
     ``base`` and ``finetuned`` are local HF model dirs or hub ids; ``finetuned`` may be a PEFT LoRA adapter
-    dir (``base`` may then be None: the adapter's ``base_model_name_or_path``). The default Δ dtype is exact:
-    float32 for bf16/fp16 models (2× the size of the model), float64 for float32 models (2×), so
-    ``apply(diff(F, B), to=B) == F`` bit for bit. The finetuned model's config, tokenizer and chat template
+    dir (``base`` may then be None: the adapter's ``base_model_name_or_path``). The default Δ is lossless:
+    float32 for bf16/fp16 models (2× the size of the model), float64 for float32 models (2×), plus the
+    exact residual (sparse, ``delta-residual.safetensors``) where they cannot hold f − b, so
+    ``apply(diff(F, B), to=B) == F`` bit for bit (docs/FORMAT.md, "Δ dtype"). The finetuned model's config, tokenizer and chat template
     are kept in ``source_finetuned/`` so ``apply`` can offer the same ``*_from`` choices.
     """
     args = dict(locals())  # the arguments as given: the card's command repeats them

@@ -25,6 +25,8 @@ import deltaport
 from deltaport.errors import InputError, PlanError
 from deltaport.io.atomic import atomic_output_dir
 from deltaport.io.checkpoint import PROVENANCE_NAME, Checkpoint, open_checkpoint
+from deltaport.io.residual import RECORD as RESIDUAL_RECORD
+from deltaport.io.residual import is_residual_part, residual_parts, residual_record, with_residual
 from deltaport.io.tensors import dtype_name
 from deltaport.io.writer import OutEntry, ShardedWriter, parse_size
 from deltaport.options import COMPRESS, CompressOptions, declared
@@ -164,7 +166,10 @@ def _compressible(name: str, shape: tuple[int, ...], method: str, include: list[
 
 def _plan(dk: Checkpoint, method: str, rank, density, seed, include, exclude) -> list[_Item]:
     items = []
+    residuals = residual_record(dk)
     for name, spec in dk.tensors.items():
+        if is_residual_part(name) and name.split(PART_SEP)[0] in residuals:
+            continue  # belongs to its tensor: kept beside it when that stays exact, added to it when compressed
         if PART_SEP in name:
             raise InputError(f"{dk.source}: tensor {name!r} is a compressed part; compress takes an exact delta made by "
                              "`deltaport diff`")
@@ -173,6 +178,9 @@ def _plan(dk: Checkpoint, method: str, rank, density, seed, include, exclude) ->
             continue
         why = _compressible(name, spec.shape, method, include, exclude)
         it = _Item(name, spec.dtype, spec.shape, "exact" if why else method, why)
+        if why and name in residuals:
+            it.parts = {role: OutEntry(p, dk.tensors[p].dtype, dk.tensors[p].shape)
+                        for role, p in residual_parts(name).items()}
         if not why:
             pn = part_names(name, method)
             nbits = (spec.numel + 7) // 8
@@ -251,12 +259,16 @@ def compress(delta, output, *, method: str, rank: int | None = COMPRESS.rank, de
                         "by --include/--exclude. Check the regexes (a vocabulary tensor needs an --include naming it).")
     entries: list[OutEntry] = []
     for it in items:
-        entries.extend(it.parts.values() if it.parts else [OutEntry(it.name, it.dtype, it.shape)])
+        if it.method == "exact":
+            entries.append(OutEntry(it.name, it.dtype, it.shape))
+        entries.extend(it.parts.values())
     output = Path(output)
     t0 = time.perf_counter()
     old_threads = torch.get_num_threads()
     torch.set_num_threads(threads or 1)
-    by_part = {e.name: (it, role) for it in items for role, e in it.parts.items()}
+    by_part = {e.name: (it, role) for it in items if it.method != "exact" for role, e in it.parts.items()}
+    kept_residual = {e.name for it in items if it.method == "exact" for e in it.parts.values()}
+    residuals = residual_record(dk)
     by_name = {it.name: it for it in items}
     records: dict[str, dict[str, Any]] = {}
     try:
@@ -268,22 +280,26 @@ def compress(delta, output, *, method: str, rank: int | None = COMPRESS.rank, de
                                    metadata={"producer": f"deltaport {deltaport.__version__}"})
             cache: tuple[str, dict[str, torch.Tensor]] | None = None
             for e in writer.order:
-                if e.name in by_name and by_name[e.name].method == "exact":
+                if e.name in kept_residual:  # the exact residual of a tensor kept exact, copied
+                    data = dk.tensor(e.name).contiguous()
+                elif e.name in by_name and by_name[e.name].method == "exact":
                     data = dk.tensor(e.name).contiguous()
                     it = by_name[e.name]
+                    nbytes = e.nbytes + sum(p.nbytes for p in it.parts.values())
                     records[it.name] = {"method": "exact", "reason": it.reason, "shape": list(it.shape),
-                                        "dtype": dtype_name(it.dtype), "bytes_before": e.nbytes, "bytes_after": e.nbytes,
+                                        "dtype": dtype_name(it.dtype), "bytes_before": nbytes, "bytes_after": nbytes,
                                         "rel_frobenius_error": 0.0}
                 else:
                     it, role = by_part[e.name]
                     if cache is None or cache[0] != it.name:
                         # parts of one tensor may sit apart in the shard order (sorted by item size, then name):
                         # the tensor is then compressed again (deterministic) rather than kept in memory
-                        parts, rec = compress_tensor(dk.tensor(it.name), it.name, method, rank=rank, density=density,
-                                                     seed=seed, stored=it.dtype)
+                        parts, rec = compress_tensor(with_residual(dk, it.name, dk.tensor(it.name)), it.name, method,
+                                                     rank=rank, density=density, seed=seed, stored=it.dtype)
                         cache = (it.name, parts)
                         if it.name not in records:
-                            before = math.prod(it.shape) * it.dtype.itemsize
+                            before = math.prod(it.shape) * it.dtype.itemsize + (sum(
+                                dk.tensors[p].nbytes for p in residual_parts(it.name).values()) if it.name in residuals else 0)
                             after = sum(p.nbytes for p in it.parts.values())
                             records[it.name] = {"method": method, "shape": list(it.shape), "dtype": dtype_name(it.dtype),
                                                 "parts": {p.name: r for r, p in it.parts.items()}, **rec,
@@ -313,6 +329,10 @@ def compress(delta, output, *, method: str, rank: int | None = COMPRESS.rank, de
             }
             new = dict(prov)
             new.update(operation="compress", deltaport_version=deltaport.__version__, compression=comp)
+            kept = {n: c for n, c in residuals.items() if by_name.get(n) is not None and by_name[n].method == "exact"}
+            new.pop(RESIDUAL_RECORD, None)
+            if kept:  # the residuals of the tensors kept exact, now in the shards beside them
+                new[RESIDUAL_RECORD] = {"tensors": kept, "elements": sum(kept.values())}
             (tmp / PROVENANCE_NAME).write_text(json.dumps(new, indent=2, sort_keys=True, default=str) + "\n")
     finally:
         torch.set_num_threads(old_threads)
@@ -336,6 +356,8 @@ def decompress(delta, output, *, overwrite: bool = False, compute_dtype: str = "
     for name, spec in dk.tensors.items():
         if PART_SEP not in name:
             plan.ops.append(TensorOp(name, spec.shape, spec.dtype, "delta", plus=Term(dk, spec)))
+        elif is_residual_part(name):  # the exact residual of a tensor kept exact: kept, byte for byte
+            plan.ops.append(TensorOp(name, spec.shape, spec.dtype, "copy", base=Term(dk, spec)))
     for name, rec in comp["tensors"].items():
         if rec.get("method") not in METHODS:
             continue

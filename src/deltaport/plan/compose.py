@@ -52,6 +52,13 @@ def plan_apply_many(deltas: list[Checkpoint], tb: Checkpoint, policies_each: lis
         for delta, o in zip(deltas, ops):
             if o.kind != "delta":
                 continue
+            if o.deltas:  # a Δ with its exact residual (plan/apply.residual_terms): stored part, residual part
+                stored, residual = o.deltas
+                if ties is None:  # two parts of the sum: exact
+                    parts.extend(o.deltas)
+                else:  # TIES trims and elects on each Δ: the residual is added to its Δ (float64) first
+                    parts.append(DeltaPart(stored.scale, plus=stored.plus, source=delta.source, residual=residual.packed))
+                continue
             if o.minus is not None or (o.plus is not None and o.plus.rowmap is not None):
                 problems.add(f"{name}: {delta.source}: internal: unexpected Δ term")  # pragma: no cover
                 continue
@@ -60,7 +67,7 @@ def plan_apply_many(deltas: list[Checkpoint], tb: Checkpoint, policies_each: lis
             out.ops.append(first)
             continue
         base = next(o.base for o in ops if o.kind == "delta")
-        notes = [f"{len(parts)} of {len(deltas)} deltas"] + [n for o in ops for n in o.notes if o.kind == "delta"]
+        notes = [f"{sum(o.kind == 'delta' for o in ops)} of {len(deltas)} deltas"] + [n for o in ops for n in o.notes if o.kind == "delta"]
         out.ops.append(TensorOp(name, first.shape, first.out_dtype, "delta", base=base, deltas=parts, notes=notes,
                                 ties_density=ties))
     problems.raise_if_any()

@@ -84,6 +84,10 @@ def plan_diff(sb: Checkpoint, sf: Checkpoint, policies: Policies, delta_dtype: s
     problems.raise_if_any()
     plan.compute_dtype = choose_compute_dtype(policies.compute_dtype)
     stored = delta_dtype_for({torch_dtype(d) for d in dtypes}, delta_dtype)
+    # the default encoding is lossless: where the stored dtype cannot hold f − b, the exact residual is kept
+    # beside it (docs/FORMAT.md); an explicit --delta-dtype is lossy where it must be, and counted
+    exact = delta_dtype in (None, "", "auto") and plan.compute_dtype_name == "float64"
     for op in plan.ops:
         op.out_dtype = stored
+        op.residual = exact
     return plan
