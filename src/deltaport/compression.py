@@ -159,9 +159,19 @@ def _compressible(name: str, shape: tuple[int, ...], method: str, include: list[
         return "1-D tensor (norm or bias): kept exact"
     if method == "lowrank" and len(shape) != 2:
         return f"{len(shape)}-D tensor: low rank applies to matrices"
-    if is_vocab_tensor(name) and not include:
-        return "vocabulary tensor: kept exact (name it with --include to compress it)"
+    if is_vocab_tensor(name) and not include and method != "lowrank":
+        return VOCAB_EXACT_WHY[method]
     return ""
+
+
+#: why a vocabulary tensor stays exact by default with ``sparse`` and ``sign`` (``lowrank`` compresses it:
+#: the lab frontier's recommendation, lowrank r16 with the vocabulary, docs/compression.md)
+VOCAB_EXACT_WHY = {
+    "sign": "vocabulary tensor: kept exact (one scale per embedding matrix lost 63 % of the gain in the lab's "
+            "frontier; name it with --include to compress it)",
+    "sparse": "vocabulary tensor: kept exact (sparse values are stored at the Δ's precision, so it saves less "
+              "than low rank; name it with --include to compress it)",
+}
 
 
 def _plan(dk: Checkpoint, method: str, rank, density, seed, include, exclude) -> list[_Item]:
@@ -216,8 +226,9 @@ def compress(delta, output, *, method: str, rank: int | None = COMPRESS.rank, de
     """Write a compressed copy of the delta directory ``delta`` (made by ``deltaport diff``) to ``output``.
 
     ``lowrank`` stores factors B [m, R], A [R, n] per matrix (applied through the LoRA path). By default
-    every 2-D tensor except vocabulary tensors is compressed (``include``/``exclude`` select others); 1-D
-    tensors always stay exact.
+    ``lowrank`` compresses every 2-D tensor, embeddings and lm_head included (the lab frontier's
+    recommendation, docs/compression.md), and ``sparse``/``sign`` every 2-D tensor except vocabulary
+    tensors (``include``/``exclude`` select others); 1-D tensors always stay exact.
 
     Returns the ``compression`` record written to ``deltaport.json`` (per-tensor method, parameters, bytes
     before/after, relative Frobenius error). Raises :class:`~deltaport.errors.InputError` for bad input.
@@ -392,8 +403,9 @@ def export_peft(delta, output, *, overwrite: bool = False) -> dict[str, Any]:
     (``adapter_config.json`` + ``adapter_model.safetensors``): ``lora_A`` = A, ``lora_B`` = B, ``lora_alpha`` = r
     (scaling 1), so PEFT's merge and ``deltaport transfer --source-finetuned ADAPTER`` add B·A.
 
-    Only the low-rank tensors are in the adapter: the Δ of the tensors kept exact (norms, biases,
-    embeddings) is not, which the returned record (also ``deltaport.json`` in the adapter) lists. Every
+    Only the low-rank matrices of linear layers are in the adapter: the Δ of the tensors kept exact (norms,
+    biases) and of vocabulary tensors (PEFT stores embedding factors in another layout) is not, which the
+    returned record (also ``export.json`` in the adapter) lists. Every
     matrix must have the same rank (a rank above a matrix's smaller side gives it a smaller one: compress
     with a rank at most every matrix's smaller side)."""
     from safetensors.torch import save_file
@@ -403,7 +415,7 @@ def export_peft(delta, output, *, overwrite: bool = False) -> dict[str, Any]:
     if comp is None or comp.get("method") != "lowrank":
         raise InputError(f"{dk.source} is not a low-rank compressed delta; make one with "
                          "`deltaport compress DELTA -o OUT --method lowrank --rank R`")
-    low = {n: r for n, r in comp["tensors"].items() if r.get("method") == "lowrank"}
+    low = {n: r for n, r in comp["tensors"].items() if r.get("method") == "lowrank" and not is_vocab_tensor(n)}
     ranks = {r["rank"] for r in low.values()}
     if len(ranks) != 1:
         raise InputError(f"{dk.source}: the matrices have ranks {sorted(ranks)}; a PEFT adapter here needs one rank. "
@@ -420,6 +432,9 @@ def export_peft(delta, output, *, overwrite: bool = False) -> dict[str, Any]:
         tensors[f"base_model.model.{mod}.lora_B.weight"] = dk.tensor(parts["B"]).contiguous()
     targets = sorted({n[: -len(".weight")].rsplit(".", 1)[-1] for n in low})
     left = {n: rec.get("reason", "") for n, rec in comp["tensors"].items() if rec.get("method") == "exact"}
+    left.update({n: "vocabulary tensor: low rank in the delta, but PEFT keeps embedding factors in another layout "
+                    "(lora_embedding_A/B); apply the compressed delta for it" for n, rec in comp["tensors"].items()
+                 if rec.get("method") == "lowrank" and is_vocab_tensor(n)})
     prov = dk.provenance or {}
     cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": r, "lora_dropout": 0.0,
            "target_modules": targets, "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
