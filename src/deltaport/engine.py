@@ -184,6 +184,7 @@ class _Prefetcher(threading.Thread):
                                 raw = bufs.get(key, k * itemsize, torch.uint8)
                                 pread_into(self.files.fd(spec.file), raw, spec.start + e0 * itemsize, k * itemsize,
                                            f"{spec.file}:{spec.name}")
+                                self.engine._observe(spec, e0 * itemsize, raw)
                                 raws[key] = raw
                     if not self._put((op.name, e0, bufs, raws)):
                         return
@@ -218,8 +219,10 @@ class _LoraView:
 
 
 class Engine:
-    def __init__(self, plan: Plan, *, chunk_elems: int = DEFAULT_CHUNK_ELEMS, strict: bool = False, prefetch: bool = True):
+    def __init__(self, plan: Plan, *, chunk_elems: int = DEFAULT_CHUNK_ELEMS, strict: bool = False, prefetch: bool = True,
+                 hashers: dict | None = None):
         self.plan = plan
+        self.hashers = hashers or {}  # file -> io.checkpoint.StreamedHash: the card's content hashes, from these reads
         self.prefetch = prefetch
         self.chunk = max(int(chunk_elems), 1)
         self.strict = strict
@@ -251,6 +254,7 @@ class Engine:
                     if raw is None:
                         raw = self.bufs.get(key + ":r", k * itemsize, torch.uint8)
                         pread_into(self.files.fd(spec.file), raw, spec.start + e0 * itemsize, k * itemsize, f"{spec.file}:{spec.name}")
+                        self._observe(spec, e0 * itemsize, raw)
                     self._raw[key] = raw
                     self.stats.bytes_read += k * itemsize
                     out[:k].copy_(raw.view(spec.dtype))
@@ -294,6 +298,12 @@ class Engine:
                 self.stats.bytes_read += run * rowbytes
                 out2[j:j + run].copy_(part.view(spec.dtype).view(run, row_elems))
             j += run
+
+    def _observe(self, spec, offset: int, raw: torch.Tensor) -> None:
+        """Bytes just read from ``spec`` at byte ``offset``: to the content hash of its checkpoint, if one is kept."""
+        hasher = self.hashers.get(spec.file)
+        if hasher is not None:
+            hasher.feed(spec, offset, raw.numpy())
 
     # -- one tensor ----------------------------------------------------------------------------------
     def _chunks(self, op: TensorOp):
@@ -492,6 +502,7 @@ class Engine:
         if self._raw_copy(op):
             spec = op.base.spec
             pread_into(self.files.fd(spec.file), obuf, spec.start + e0 * out_itemsize, n * out_itemsize, f"{spec.file}:{spec.name}")
+            self._observe(spec, e0 * out_itemsize, obuf[: n * out_itemsize])
             self.stats.bytes_read += n * out_itemsize
             if floating and not _all_finite(obuf[: n * out_itemsize].view(op.out_dtype)):
                 self._diagnose(op, e0, e1, row_elems)
@@ -762,10 +773,12 @@ class Engine:
 
 
 def execute(plan: Plan, writer: ShardedWriter, *, progress: bool = False, threads: int | None = None,
-            chunk_elems: int = DEFAULT_CHUNK_ELEMS, strict: bool = False, label: str = "") -> Stats:
-    """Run ``plan`` into ``writer``; raises DeltaportError subclasses on bad data."""
+            chunk_elems: int = DEFAULT_CHUNK_ELEMS, strict: bool = False, label: str = "", hashers: dict | None = None) -> Stats:
+    """Run ``plan`` into ``writer``; raises DeltaportError subclasses on bad data. ``hashers``: file ->
+    :class:`~deltaport.io.checkpoint.StreamedHash`, fed with the bytes read from that file."""
     try:
-        return Engine(plan, chunk_elems=chunk_elems, strict=strict).run(writer, progress=progress, threads=threads, label=label)
+        return Engine(plan, chunk_elems=chunk_elems, strict=strict, hashers=hashers).run(writer, progress=progress, threads=threads,
+                                                                                      label=label)
     except (DeltaportError, KeyboardInterrupt, SystemExit):
         raise
     except OSError as exc:
