@@ -106,6 +106,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", default="/tmp/dp-output-hashes")
     ap.add_argument("--compare", help="a file this script printed before; exit 1 on any difference")
+    ap.add_argument("--only", help="regex: run only the cases it matches (re.search), and the cases they read")
     a = ap.parse_args()
     work = Path(a.workdir)
     if work.exists():
@@ -115,7 +116,16 @@ def main() -> int:
     inputs = build_inputs(work / "in")
     outs: dict[str, Path] = {}
     lines = []
-    for name, argv in cases(inputs):
+    todo = cases(inputs)
+    if a.only:
+        import re
+
+        need = {n for n, _ in todo if re.search(a.only, n)}
+        for n, argv in reversed(todo):  # a case's inputs come before it
+            if n in need:
+                need |= {x[5:-1] for x in argv if x.startswith("{out:")}
+        todo = [(n, argv) for n, argv in todo if n in need]
+    for name, argv in todo:
         argv = [outs[x[5:-1]].as_posix() if x.startswith("{out:") else x for x in argv]
         out = work / "out" / name
         r = subprocess.run([sys.executable, "-m", "deltaport.cli.main", *argv, "-o", str(out), "--quiet"],
@@ -129,6 +139,8 @@ def main() -> int:
     if a.compare:
         before = dict(line.split(" ", 1) for line in Path(a.compare).read_text().splitlines() if line.strip())
         now = dict(line.split(" ", 1) for line in lines)
+        if a.only:
+            before = {k: v for k, v in before.items() if k in now}
         bad = [k for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
         print(f"{len(now) - len(bad)} of {len(set(before) | set(now))} cases identical" +
               (f"; differ: {', '.join(bad)}" if bad else ""))

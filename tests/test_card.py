@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import pytest
 import torch
 from huggingface_hub import ModelCard
 
@@ -64,3 +65,46 @@ def test_diff_card_and_apply_ignores_it(family, tmp_path):
     assert "local directory `delta`" in text and "deltaport apply delta --to target_base -o OUTPUT" in text
     prov = json.loads((tmp_path / "out" / "deltaport.json").read_text())
     assert prov["operation"] == "apply"
+
+
+def _mixed_dirs(root):
+    """Three tiny checkpoints of mixed dtypes (bf16 'a', 'c'; fp32 'b', written first: shards hold tensors by
+    item size), so the engine reads 'b' before 'a' while the content hash takes them in name order."""
+    import json as _json
+
+    import torch as _torch
+    from safetensors.torch import save_file as _save
+
+    dirs = []
+    for i, name in enumerate(("sb", "sf", "tb")):
+        d = root / name
+        d.mkdir()
+        g = _torch.Generator().manual_seed(i)
+        _save({"a": _torch.randn(300, generator=g).to(_torch.bfloat16), "b": _torch.randn(200, generator=g),
+               "c": _torch.randn(100, generator=g).to(_torch.bfloat16)}, str(d / "model.safetensors"))
+        (d / "config.json").write_text(_json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
+        dirs.append(d)
+    return dirs
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_card_content_hash_comes_from_the_engine_reads(family, tmp_path, threads):
+    """The card's content sha256 of each local input is content_hash(dir), now computed from the bytes the
+    transfer reads: a uniform-dtype model is hashed without reading it again (0 bytes re-read); where the
+    engine reads out of the hash's order (mixed dtypes) the rest is read at the end, with the same value."""
+    import json as _json
+
+    from deltaport.io.checkpoint import content_hash
+
+    p = family("llama", torch.bfloat16)
+    out = tmp_path / "out"
+    deltaport.transfer(p["source_base"], p["source_finetuned"], p["target_base"], out, threads=threads, chunk_elems=1000)
+    card = (out / "README.md").read_text()
+    for k in ("source_base", "source_finetuned", "target_base"):
+        assert f"content sha256 `{content_hash(p[k])}`" in card, k
+    assert _json.loads((tmp_path / "out.timings.json").read_text())["content_hash_reread_bytes"] == 0
+    sb, sf, tb = _mixed_dirs(tmp_path)
+    deltaport.transfer(sb, sf, tb, tmp_path / "mixed", threads=threads, chunk_elems=64)
+    card = (tmp_path / "mixed" / "README.md").read_text()
+    assert all(f"content sha256 `{content_hash(d)}`" in card for d in (sb, sf, tb))
+    assert _json.loads((tmp_path / "mixed.timings.json").read_text())["content_hash_reread_bytes"] > 0

@@ -225,3 +225,24 @@ def test_lowrank_exported_as_peft_adapter(fam, tmp_path, capsys):
 def test_peft_export_needs_lowrank(fam, tmp_path, capsys):
     assert main(["compress", str(fam["delta"]), "-o", str(tmp_path / "o"), "--method", "sign", "--peft", str(tmp_path / "a")]) == 2
     assert "use it with --method lowrank" in capsys.readouterr().err
+
+
+def test_lowrank_compresses_the_vocabulary_by_default_and_the_summary_says_what_it_did(fam, tmp_path, capsys):
+    """lowrank's default is the lab frontier's recommendation (r16 with the vocabulary, docs/compression.md);
+    sign and sparse keep vocabulary tensors exact and the summary says why, with their share of the bytes."""
+    assert main(["compress", str(fam["delta"]), "-o", str(tmp_path / "lr"), "--method", "lowrank", "--rank", "2"]) == 0
+    err = capsys.readouterr().err
+    comp = json.loads((tmp_path / "lr" / "deltaport.json").read_text())["compression"]
+    vocab = [n for n in comp["tensors"] if "embed_tokens" in n or "lm_head" in n]
+    assert vocab and all(comp["tensors"][n]["method"] == "lowrank" for n in vocab)
+    assert "vocabulary tensors compressed too" in err and "--exclude them to keep them exact" in err
+    assert main(["compress", str(fam["delta"]), "-o", str(tmp_path / "sg"), "--method", "sign"]) == 0
+    err = capsys.readouterr().err
+    comp = json.loads((tmp_path / "sg" / "deltaport.json").read_text())["compression"]
+    assert all(comp["tensors"][n]["method"] == "exact" for n in vocab)
+    share = sum(comp["tensors"][n]["bytes_after"] for n in vocab) / comp["totals"]["bytes_after"]
+    assert f"vocabulary tensors kept exact ({', '.join(sorted(vocab))}): {share:.0%} of the output's bytes" in err
+    assert "lost 63 % of the gain" in err
+    # a vocabulary tensor low rank in the delta is not in a PEFT adapter (PEFT's embedding layout differs): listed
+    rec = deltaport.compression.export_peft(tmp_path / "lr", tmp_path / "peft")
+    assert set(vocab) <= set(rec["not_in_adapter"]) and not set(vocab) & set(rec["tensors"])

@@ -145,6 +145,73 @@ def test_diff_apply_matches_transfer_and_reference(smollm2, out_root):
     _same_tensors(out_root / "applied", _transfer(m, out_root, "t07"))
 
 
+PLANTED = (EMB, "model.layers.0.mlp.down_proj.weight")
+
+
+def _planted_copy(src: Path, dst: Path, edit) -> Path:
+    """``src`` with the shards holding PLANTED rewritten by ``edit(name, tensor)`` (in place); every other
+    file hard-linked (or copied)."""
+    import os
+
+    from safetensors.torch import load_file, save_file
+
+    dst.mkdir()
+    for f in src.iterdir():
+        if f.is_dir():
+            shutil.copytree(f, dst / f.name)
+            continue
+        if f.suffix == ".safetensors":
+            tensors = load_file(str(f))
+            if any(n in tensors for n in PLANTED):
+                for n in PLANTED:
+                    if n in tensors:
+                        edit(n, tensors[n])
+                save_file(tensors, str(dst / f.name), metadata={"format": "pt"})
+                continue
+        try:
+            os.link(f, dst / f.name)
+        except OSError:
+            shutil.copy2(f, dst / f.name)
+    return dst
+
+
+def test_default_delta_is_lossless_with_planted_near_cancellations(smollm2, out_root):
+    """Values a float32 Δ cannot hold, planted in the real checkpoints (the mergekit comparison's pair
+    B = −0.0024871826171875, F = 1.8975697457790375e-08; fine-tuned values 2⁻²⁰..2⁻⁶⁰ of their base;
+    subnormals; ±0) in the embedding and one matrix: apply(diff(F, B), to=B) == F bit for bit, zeros
+    of either sign aside (docs/FORMAT.md). Only the two planted tensors are diffed (the tier's full
+    diff/apply is checked above), which keeps this to seconds."""
+    g = torch.Generator().manual_seed(7)
+    spots = {n: torch.randperm(int(np.prod(R.Ckpt(smollm2["base"]).shape(n))), generator=g)[:4000] for n in PLANTED}
+
+    def edit_base(name, t):
+        t.view(-1)[spots[name][0]] = -0.0024871826171875
+
+    def edit_finetuned(name, t):
+        flat, idx = t.view(-1), spots[name]
+        base = R.Ckpt(smollm2["base"]).f64(name).reshape(-1)[idx.numpy()]
+        base[0] = -0.0024871826171875
+        k = torch.randint(20, 61, (len(idx),), generator=g).double()
+        flat[idx] = (torch.from_numpy(base) * 2.0 ** -k).to(torch.bfloat16)  # nearly cancels its base
+        flat[idx[0]] = 1.8975697457790375e-08
+        flat[idx[1:4]] = torch.tensor([2.0 ** -133, -(2.0 ** -130), -0.0], dtype=torch.bfloat16)
+
+    pb = _planted_copy(smollm2["base"], out_root / "planted-base", edit_base)
+    pf = _planted_copy(smollm2["finetuned"], out_root / "planted-ft", edit_finetuned)
+    include = [rf"^{n.replace('.', chr(92) + '.')}$" for n in PLANTED]
+    r = deltaport.diff(pb, pf, out_root / "planted-delta", include=include)
+    assert r.provenance["inexact_delta_elements"] == {}
+    assert sum(r.provenance["exact_residual"]["tensors"].values()) >= 2 * 3000  # most planted values need one
+    out = deltaport.apply(out_root / "planted-delta", pb, out_root / "planted-back").output
+    got, want = R.Ckpt(out), R.Ckpt(pf)
+    for n in PLANTED:
+        a, b = got.bits(n).reshape(-1), want.bits(n).reshape(-1)
+        zero = (b & 0x7FFF) == 0
+        assert np.array_equal(a[~zero], b[~zero]), _differences(n, got.bits(n), want.bits(n))
+        assert ((a[zero] & 0x7FFF) == 0).all()
+    assert float(R.decode(got.bits(EMB).reshape(-1)[int(spots[EMB][0]):][:1], "BF16")[0]) == 1.8975697457790375e-08
+
+
 # ---------------------------------------------------------------------------------- LoRA
 @pytest.fixture(scope="module")
 def peft_merged(smollm2):

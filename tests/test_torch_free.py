@@ -83,7 +83,7 @@ for argv in calls:
         rc = main(argv)
     except SystemExit as exc:
         rc = exc.code
-    print(json.dumps({"argv": argv, "rc": rc, "torch": "torch" in sys.modules,
+    print(json.dumps({"argv": argv, "rc": rc, "torch": "torch" in sys.modules, "numba": "numba" in sys.modules,
                       "transformers": "transformers" in sys.modules}), file=sys.stderr)
 """
 
@@ -150,3 +150,27 @@ def test_dtypes_are_names_until_read(models):
     assert {op.out_dtype_name for op in plan.ops} == {"float16"} and plan.ops[0].out_dtype is torch.float16
     assert plan.compute_dtype is torch.float64 and plan.summary()["compute_dtype"] == "float64"
     assert Plan("diff", [], torch.float32).compute_dtype_name == "float32"
+
+
+def test_successful_dry_runs_import_neither_torch_nor_the_jit(models, tmp_path):
+    """A dry run that plans successfully (transfer from three directories, diff, apply of one delta and a
+    composed TIES apply) prints its plan and exits 0 without importing torch, numba or transformers: a
+    plan is names, shapes and dtype names (the timing is benchmarks/header_only_bench.py's)."""
+    import shutil
+
+    m = {k: str(v) for k, v in models.items()}
+    out = str(tmp_path / "out")
+    second = shutil.copytree(models["delta"], tmp_path / "delta2")
+    calls = [["transfer", "--source-base", m["base"], "--source-finetuned", m["finetuned"], "--target-base", m["renamed"],
+              "-o", out, "--dry-run", "--quiet", "--shape-policy", "skip"],
+             ["transfer", "--source-base", m["base"], "--source-finetuned", m["finetuned"], "--target-base", m["finetuned"],
+              "-o", out, "--dry-run", "--quiet", "--scale", "0.7"],
+             ["diff", "--base", m["base"], "--finetuned", m["finetuned"], "-o", out, "--dry-run", "--quiet"],
+             ["apply", m["delta"], "--to", m["finetuned"], "-o", out, "--dry-run", "--quiet"],
+             ["apply", m["delta"], str(second), "--to", m["base"], "-o", out, "--dry-run", "--ties", "0.2"]]
+    recs, text = _run(calls)
+    assert [r["rc"] for r in recs] == [0, 0, 0, 0, 0], text
+    assert "x(1, 1) TIES" in text, text
+    assert text.count("plan: transfer, ") == 2 and "plan: diff, Δ stored for 11 tensors" in text, text
+    assert [r["argv"][0] for r in recs if r["torch"] or r["numba"] or r["transformers"]] == []
+    assert not (tmp_path / "out").exists()

@@ -166,9 +166,9 @@ def _write_provenance(out: Path, prov: dict[str, Any]) -> None:
     (out / PROVENANCE_NAME).write_text(json.dumps(prov, indent=2, sort_keys=True, default=str) + "\n")
 
 
-def _write_timings(output: Path, timings: dict[str, float], stats: Stats | None) -> None:
+def _write_timings(output: Path, timings: dict[str, float], stats: Stats | None, **more) -> None:
     """Timings live beside the output (``OUT.timings.json``) so the output itself is byte-identical on rerun."""
-    rec = {"output": str(output), "seconds": timings}
+    rec = {"output": str(output), "seconds": timings, **more}
     if stats is not None:
         rec.update(bytes_read=stats.bytes_read, bytes_written=stats.bytes_written, tensors=stats.tensors)
     path = output.parent / f"{output.name}.timings.json"
@@ -178,37 +178,75 @@ def _write_timings(output: Path, timings: dict[str, float], stats: Stats | None)
         LOG.warning("could not write timings to %s: %s", path, exc)
 
 
+def _streamed_hashes(cks) -> tuple[dict, list]:
+    """A :class:`~deltaport.io.checkpoint.StreamedHash` per local input directory whose content hash the card
+    names (one per directory, also when it is two inputs): ``({file: hasher}, [(hasher, [checkpoints])])``."""
+    from deltaport.io.checkpoint import StreamedHash
+
+    by_dir: dict[Path, tuple] = {}
+    for ck in cks:
+        if ck.hub is not None or ck.in_memory or not Path(str(ck.source)).expanduser().is_dir():
+            continue  # hub ids are named by commit; pickles are hashed from memory (card.input_ref)
+        key = Path(ck.dir).resolve()
+        if key not in by_dir:
+            by_dir[key] = (StreamedHash(ck), [])
+        by_dir[key][1].append(ck)
+    files = {spec.file: h for h, group in by_dir.values() for ck in group for spec in ck.tensors.values()}
+    return files, list(by_dir.values())
+
+
 def _publish(plan: Plan, output: Path, *, inputs: list[Path], overwrite: bool, shard_size, progress: bool, threads,
              strict: bool, provenance: dict[str, Any], write_files, chunk_elems: int | None, label: str,
-             fetch: Fetch | None) -> Result:
-    """Write the output: into a temporary sibling, ``write_files(tmp)`` (config, tokenizer, card), the streamed
-    shards, the provenance; then rename it into place and write the timings beside it."""
+             fetch: Fetch | None, hash_inputs: tuple = ()) -> Result:
+    """Write the output: into a temporary sibling, the streamed shards, then ``write_files(tmp)`` (config,
+    tokenizer, card) and the provenance; then rename it into place and write the timings beside it.
+
+    The card names each local input by its content hash, computed from the bytes the engine reads anyway
+    (``hash_inputs``: the input checkpoints; :class:`~deltaport.io.checkpoint.StreamedHash`): the files are
+    read again only where the engine did not read them in the hash's order."""
     from deltaport.engine import DEFAULT_CHUNK_ELEMS, execute
 
     if chunk_elems is None:
         chunk_elems = DEFAULT_CHUNK_ELEMS
     t0 = time.perf_counter()
     entries = [OutEntry(op.name, op.out_dtype, op.shape) for op in plan.ops]
+    hashers, hashes = _streamed_hashes(hash_inputs)
     with output_lock(output, release=True), atomic_output_dir(output, overwrite=overwrite, inputs=inputs) as tmp:
-        files_record = write_files(tmp)
         writer = ShardedWriter(tmp, entries, parse_size(shard_size), metadata={"producer": f"deltaport {deltaport.__version__}"})
         t1 = time.perf_counter()
-        stats = execute(plan, writer, progress=progress, threads=threads, chunk_elems=chunk_elems, strict=strict, label=label)
-        writer.finalize()
+        stats = execute(plan, writer, progress=progress, threads=threads, chunk_elems=chunk_elems, strict=strict, label=label,
+                        hashers=hashers)
+        weight_map = writer.finalize()
+        th = time.perf_counter()
+        for hasher, group in hashes:
+            digest = hasher.finish()
+            for ck in group:
+                ck.content_sha256 = digest
+        tf = time.perf_counter()
+        files_record = write_files(tmp)
+        t_files = time.perf_counter() - tf
         if plan.operation != "diff":  # a model: its tokenizer must fit its embedding (checked after planning too)
             _check_written_vocab(tmp)
         provenance.update(files=files_record, nonfinite_inputs=stats.nonfinite_inputs, arithmetic=stats.arithmetic_record())
         if plan.operation == "diff":
+            if any(op.residual for op in plan.ops):
+                from deltaport.io.residual import RECORD, write_residuals
+
+                record = write_residuals(tmp, stats.residuals, {op.name: op.numel for op in plan.ops}, weight_map,
+                                         sum(s["data_bytes"] for s in writer.shards), f"deltaport {deltaport.__version__}")
+                if record:  # recorded only where there is one: a delta without residuals keeps its bytes
+                    provenance[RECORD] = record
             provenance["inexact_delta_elements"] = stats.inexact_delta
             if stats.inexact_delta:
                 LOG.warning("the stored Δ does not reproduce the finetuned model exactly for %d element(s) in %d tensor(s) "
                             "(values that nearly cancel their base, or a LoRA product stored narrower than computed); "
-                            "use --delta-dtype float64 for an exact delta",
+                            "use the default --delta-dtype auto for an exact delta",
                             sum(stats.inexact_delta.values()), len(stats.inexact_delta))
         _write_provenance(tmp, provenance)
         t2 = time.perf_counter()
-    timings = {"plan_and_files": t1 - t0, "stream": t2 - t1, "total": time.perf_counter() - t0}
-    _write_timings(output, timings, stats)
+    timings = {"plan_and_files": t1 - t0 + t_files, "stream": t2 - t1 - t_files, "total": time.perf_counter() - t0,
+               "content_hash_finish": tf - th}
+    _write_timings(output, timings, stats, content_hash_reread_bytes=sum(h.reread for h, _ in hashes))
     return Result(output, plan, provenance, stats, timings, fetch)
 
 
@@ -342,7 +380,7 @@ def transfer(source_base, source_finetuned, target_base, output, *, scale: float
 
     return _publish(plan, output, inputs=[sb.dir, sf.dir, tb.dir], overwrite=overwrite, shard_size=shard_size,
                     progress=progress, threads=threads, strict=strict, provenance=prov, write_files=files,
-                    chunk_elems=chunk_elems, label="transfer", fetch=fetch)
+                    chunk_elems=chunk_elems, label="transfer", fetch=fetch, hash_inputs=(sb, sf, tb))
 
 
 def _config_check(cfg: dict, plan: Plan, config_src: Path, tb: Checkpoint) -> dict:
@@ -394,9 +432,10 @@ def diff(base, finetuned, output, *, delta_dtype: str | None = DIFF.delta_dtype,
     """Store ``Δ = finetuned − base`` as a delta directory (safetensors + ``deltaport.json``).
 
     ``base`` and ``finetuned`` are local HF model dirs or hub ids; ``finetuned`` may be a PEFT LoRA adapter
-    dir (``base`` may then be None: the adapter's ``base_model_name_or_path``). The default Δ dtype is exact:
-    float32 for bf16/fp16 models (2× the size of the model), float64 for float32 models (2×), so
-    ``apply(diff(F, B), to=B) == F`` bit for bit. The finetuned model's config, tokenizer and chat template
+    dir (``base`` may then be None: the adapter's ``base_model_name_or_path``). The default Δ is lossless:
+    float32 for bf16/fp16 models (2× the size of the model), float64 for float32 models (2×), plus the
+    exact residual (sparse, ``delta-residual.safetensors``) where they cannot hold f − b, so
+    ``apply(diff(F, B), to=B) == F`` bit for bit (docs/FORMAT.md, "Δ dtype"). The finetuned model's config, tokenizer and chat template
     are kept in ``source_finetuned/`` so ``apply`` can offer the same ``*_from`` choices.
     """
     args = dict(locals())  # the arguments as given: the card's command repeats them
@@ -440,7 +479,7 @@ def diff(base, finetuned, output, *, delta_dtype: str | None = DIFF.delta_dtype,
 
     return _publish(plan, output, inputs=[sb.dir, sf.dir], overwrite=overwrite, shard_size=shard_size,
                     progress=progress, threads=threads, strict=strict, provenance=prov, write_files=files,
-                    chunk_elems=chunk_elems, label="diff", fetch=fetch)
+                    chunk_elems=chunk_elems, label="diff", fetch=fetch, hash_inputs=(sb, sf))
 
 
 def _open_target(to, *, allow_pickle: bool) -> Checkpoint:
@@ -536,7 +575,7 @@ def apply(delta, to, output, *, scale: float | list[float] = APPLY.scale, vocab_
 
     return _publish(plan, output, inputs=[dk.dir, tb.dir], overwrite=overwrite, shard_size=shard_size,
                     progress=progress, threads=threads, strict=strict, provenance=prov, write_files=files,
-                    chunk_elems=chunk_elems, label="apply", fetch=fetch)
+                    chunk_elems=chunk_elems, label="apply", fetch=fetch, hash_inputs=(dk, tb))
 
 
 def _apply_many(deltas, to, output, *, scale, vocab_policy, shape_policy, key_map, include, exclude, scale_map,
@@ -607,4 +646,4 @@ def _apply_many(deltas, to, output, *, scale, vocab_policy, shape_policy, key_ma
 
     return _publish(plan, output, inputs=[dk.dir for dk in dks] + [tb.dir], overwrite=overwrite,
                     shard_size=shard_size, progress=progress, threads=threads, strict=strict, provenance=prov,
-                    write_files=files, chunk_elems=chunk_elems, label="apply", fetch=fetch)
+                    write_files=files, chunk_elems=chunk_elems, label="apply", fetch=fetch, hash_inputs=(*dks, tb))

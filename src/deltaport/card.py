@@ -35,7 +35,8 @@ def input_ref(ck) -> dict[str, Any]:
         return {"hub": src.partition("@")[0], "commit": ck.revision}
     from deltaport.io.checkpoint import content_hash
 
-    return {"local": Path(src).expanduser().absolute().name, "content_sha256": content_hash(ck.dir, allow_pickle=ck.in_memory)}
+    digest = ck.content_sha256 or content_hash(ck.dir, allow_pickle=ck.in_memory)  # set when a run streamed it
+    return {"local": Path(src).expanduser().absolute().name, "content_sha256": digest}
 
 
 def describe_ref(ref: dict[str, Any]) -> str:

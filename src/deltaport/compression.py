@@ -25,6 +25,8 @@ import deltaport
 from deltaport.errors import InputError, PlanError
 from deltaport.io.atomic import atomic_output_dir
 from deltaport.io.checkpoint import PROVENANCE_NAME, Checkpoint, open_checkpoint
+from deltaport.io.residual import RECORD as RESIDUAL_RECORD
+from deltaport.io.residual import is_residual_part, residual_parts, residual_record, with_residual
 from deltaport.io.tensors import dtype_name
 from deltaport.io.writer import OutEntry, ShardedWriter, parse_size
 from deltaport.options import COMPRESS, CompressOptions, declared
@@ -157,14 +159,27 @@ def _compressible(name: str, shape: tuple[int, ...], method: str, include: list[
         return "1-D tensor (norm or bias): kept exact"
     if method == "lowrank" and len(shape) != 2:
         return f"{len(shape)}-D tensor: low rank applies to matrices"
-    if is_vocab_tensor(name) and not include:
-        return "vocabulary tensor: kept exact (name it with --include to compress it)"
+    if is_vocab_tensor(name) and not include and method != "lowrank":
+        return VOCAB_EXACT_WHY[method]
     return ""
+
+
+#: why a vocabulary tensor stays exact by default with ``sparse`` and ``sign`` (``lowrank`` compresses it:
+#: the lab frontier's recommendation, lowrank r16 with the vocabulary, docs/compression.md)
+VOCAB_EXACT_WHY = {
+    "sign": "vocabulary tensor: kept exact (one scale per embedding matrix lost 63 % of the gain in the lab's "
+            "frontier; name it with --include to compress it)",
+    "sparse": "vocabulary tensor: kept exact (sparse values are stored at the Δ's precision, so it saves less "
+              "than low rank; name it with --include to compress it)",
+}
 
 
 def _plan(dk: Checkpoint, method: str, rank, density, seed, include, exclude) -> list[_Item]:
     items = []
+    residuals = residual_record(dk)
     for name, spec in dk.tensors.items():
+        if is_residual_part(name) and name.split(PART_SEP)[0] in residuals:
+            continue  # belongs to its tensor: kept beside it when that stays exact, added to it when compressed
         if PART_SEP in name:
             raise InputError(f"{dk.source}: tensor {name!r} is a compressed part; compress takes an exact delta made by "
                              "`deltaport diff`")
@@ -173,6 +188,9 @@ def _plan(dk: Checkpoint, method: str, rank, density, seed, include, exclude) ->
             continue
         why = _compressible(name, spec.shape, method, include, exclude)
         it = _Item(name, spec.dtype, spec.shape, "exact" if why else method, why)
+        if why and name in residuals:
+            it.parts = {role: OutEntry(p, dk.tensors[p].dtype, dk.tensors[p].shape)
+                        for role, p in residual_parts(name).items()}
         if not why:
             pn = part_names(name, method)
             nbits = (spec.numel + 7) // 8
@@ -208,8 +226,9 @@ def compress(delta, output, *, method: str, rank: int | None = COMPRESS.rank, de
     """Write a compressed copy of the delta directory ``delta`` (made by ``deltaport diff``) to ``output``.
 
     ``lowrank`` stores factors B [m, R], A [R, n] per matrix (applied through the LoRA path). By default
-    every 2-D tensor except vocabulary tensors is compressed (``include``/``exclude`` select others); 1-D
-    tensors always stay exact.
+    ``lowrank`` compresses every 2-D tensor, embeddings and lm_head included (the lab frontier's
+    recommendation, docs/compression.md), and ``sparse``/``sign`` every 2-D tensor except vocabulary
+    tensors (``include``/``exclude`` select others); 1-D tensors always stay exact.
 
     Returns the ``compression`` record written to ``deltaport.json`` (per-tensor method, parameters, bytes
     before/after, relative Frobenius error). Raises :class:`~deltaport.errors.InputError` for bad input.
@@ -232,12 +251,16 @@ def compress(delta, output, *, method: str, rank: int | None = COMPRESS.rank, de
                         "by --include/--exclude. Check the regexes (a vocabulary tensor needs an --include naming it).")
     entries: list[OutEntry] = []
     for it in items:
-        entries.extend(it.parts.values() if it.parts else [OutEntry(it.name, it.dtype, it.shape)])
+        if it.method == "exact":
+            entries.append(OutEntry(it.name, it.dtype, it.shape))
+        entries.extend(it.parts.values())
     output = Path(output)
     t0 = time.perf_counter()
     old_threads = torch.get_num_threads()
     torch.set_num_threads(threads or 1)
-    by_part = {e.name: (it, role) for it in items for role, e in it.parts.items()}
+    by_part = {e.name: (it, role) for it in items if it.method != "exact" for role, e in it.parts.items()}
+    kept_residual = {e.name for it in items if it.method == "exact" for e in it.parts.values()}
+    residuals = residual_record(dk)
     by_name = {it.name: it for it in items}
     records: dict[str, dict[str, Any]] = {}
     try:
@@ -249,22 +272,26 @@ def compress(delta, output, *, method: str, rank: int | None = COMPRESS.rank, de
                                    metadata={"producer": f"deltaport {deltaport.__version__}"})
             cache: tuple[str, dict[str, torch.Tensor]] | None = None
             for e in writer.order:
-                if e.name in by_name and by_name[e.name].method == "exact":
+                if e.name in kept_residual:  # the exact residual of a tensor kept exact, copied
+                    data = dk.tensor(e.name).contiguous()
+                elif e.name in by_name and by_name[e.name].method == "exact":
                     data = dk.tensor(e.name).contiguous()
                     it = by_name[e.name]
+                    nbytes = e.nbytes + sum(p.nbytes for p in it.parts.values())
                     records[it.name] = {"method": "exact", "reason": it.reason, "shape": list(it.shape),
-                                        "dtype": dtype_name(it.dtype), "bytes_before": e.nbytes, "bytes_after": e.nbytes,
+                                        "dtype": dtype_name(it.dtype), "bytes_before": nbytes, "bytes_after": nbytes,
                                         "rel_frobenius_error": 0.0}
                 else:
                     it, role = by_part[e.name]
                     if cache is None or cache[0] != it.name:
                         # parts of one tensor may sit apart in the shard order (sorted by item size, then name):
                         # the tensor is then compressed again (deterministic) rather than kept in memory
-                        parts, rec = compress_tensor(dk.tensor(it.name), it.name, method, rank=rank, density=density,
-                                                     seed=seed, stored=it.dtype)
+                        parts, rec = compress_tensor(with_residual(dk, it.name, dk.tensor(it.name)), it.name, method,
+                                                     rank=rank, density=density, seed=seed, stored=it.dtype)
                         cache = (it.name, parts)
                         if it.name not in records:
-                            before = math.prod(it.shape) * it.dtype.itemsize
+                            before = math.prod(it.shape) * it.dtype.itemsize + (sum(
+                                dk.tensors[p].nbytes for p in residual_parts(it.name).values()) if it.name in residuals else 0)
                             after = sum(p.nbytes for p in it.parts.values())
                             records[it.name] = {"method": method, "shape": list(it.shape), "dtype": dtype_name(it.dtype),
                                                 "parts": {p.name: r for r, p in it.parts.items()}, **rec,
@@ -294,6 +321,10 @@ def compress(delta, output, *, method: str, rank: int | None = COMPRESS.rank, de
             }
             new = dict(prov)
             new.update(operation="compress", deltaport_version=deltaport.__version__, compression=comp)
+            kept = {n: c for n, c in residuals.items() if by_name.get(n) is not None and by_name[n].method == "exact"}
+            new.pop(RESIDUAL_RECORD, None)
+            if kept:  # the residuals of the tensors kept exact, now in the shards beside them
+                new[RESIDUAL_RECORD] = {"tensors": kept, "elements": sum(kept.values())}
             (tmp / PROVENANCE_NAME).write_text(json.dumps(new, indent=2, sort_keys=True, default=str) + "\n")
     finally:
         torch.set_num_threads(old_threads)
@@ -317,6 +348,8 @@ def decompress(delta, output, *, overwrite: bool = False, compute_dtype: str = "
     for name, spec in dk.tensors.items():
         if PART_SEP not in name:
             plan.ops.append(TensorOp(name, spec.shape, spec.dtype, "delta", plus=Term(dk, spec)))
+        elif is_residual_part(name):  # the exact residual of a tensor kept exact: kept, byte for byte
+            plan.ops.append(TensorOp(name, spec.shape, spec.dtype, "copy", base=Term(dk, spec)))
     for name, rec in comp["tensors"].items():
         if rec.get("method") not in METHODS:
             continue
@@ -351,8 +384,9 @@ def export_peft(delta, output, *, overwrite: bool = False) -> dict[str, Any]:
     (``adapter_config.json`` + ``adapter_model.safetensors``): ``lora_A`` = A, ``lora_B`` = B, ``lora_alpha`` = r
     (scaling 1), so PEFT's merge and ``deltaport transfer --source-finetuned ADAPTER`` add B·A.
 
-    Only the low-rank tensors are in the adapter: the Δ of the tensors kept exact (norms, biases,
-    embeddings) is not, which the returned record (also ``deltaport.json`` in the adapter) lists. Every
+    Only the low-rank matrices of linear layers are in the adapter: the Δ of the tensors kept exact (norms,
+    biases) and of vocabulary tensors (PEFT stores embedding factors in another layout) is not, which the
+    returned record (also ``export.json`` in the adapter) lists. Every
     matrix must have the same rank (a rank above a matrix's smaller side gives it a smaller one: compress
     with a rank at most every matrix's smaller side)."""
     from safetensors.torch import save_file
@@ -362,7 +396,7 @@ def export_peft(delta, output, *, overwrite: bool = False) -> dict[str, Any]:
     if comp is None or comp.get("method") != "lowrank":
         raise InputError(f"{dk.source} is not a low-rank compressed delta; make one with "
                          "`deltaport compress DELTA -o OUT --method lowrank --rank R`")
-    low = {n: r for n, r in comp["tensors"].items() if r.get("method") == "lowrank"}
+    low = {n: r for n, r in comp["tensors"].items() if r.get("method") == "lowrank" and not is_vocab_tensor(n)}
     ranks = {r["rank"] for r in low.values()}
     if len(ranks) != 1:
         raise InputError(f"{dk.source}: the matrices have ranks {sorted(ranks)}; a PEFT adapter here needs one rank. "
@@ -379,6 +413,9 @@ def export_peft(delta, output, *, overwrite: bool = False) -> dict[str, Any]:
         tensors[f"base_model.model.{mod}.lora_B.weight"] = dk.tensor(parts["B"]).contiguous()
     targets = sorted({n[: -len(".weight")].rsplit(".", 1)[-1] for n in low})
     left = {n: rec.get("reason", "") for n, rec in comp["tensors"].items() if rec.get("method") == "exact"}
+    left.update({n: "vocabulary tensor: low rank in the delta, but PEFT keeps embedding factors in another layout "
+                    "(lora_embedding_A/B); apply the compressed delta for it" for n, rec in comp["tensors"].items()
+                 if rec.get("method") == "lowrank" and is_vocab_tensor(n)})
     prov = dk.provenance or {}
     cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": r, "lora_dropout": 0.0,
            "target_modules": targets, "bias": "none", "fan_in_fan_out": False, "use_rslora": False,

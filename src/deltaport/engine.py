@@ -60,6 +60,7 @@ class Stats:
     nonfinite_inputs: list[str] = field(default_factory=list)
     inexact_delta: dict[str, int] = field(default_factory=dict)  # diff: elements where base + Δ != finetuned
     exact_fixups: int = 0  # elements rounded from the exact value (composed apply; λ not a power of two)
+    residuals: dict[str, list] = field(default_factory=dict)  # diff: (flat indices, r) where Δ != f − b (io/residual)
     arithmetic: dict[str, str] = field(default_factory=dict)  # tensor -> "numba" (the kernel) or "torch" (fallback)
 
     def arithmetic_record(self) -> dict[str, int]:
@@ -198,6 +199,7 @@ class _Prefetcher(threading.Thread):
                                 raw = bufs.get(key, k * itemsize, torch.uint8)
                                 pread_into(self.files.fd(spec.file), raw, spec.start + e0 * itemsize, k * itemsize,
                                            f"{spec.file}:{spec.name}")
+                                self.engine._observe(spec, e0 * itemsize, raw)
                                 raws[key] = raw
                     if not self._put((op.name, e0, bufs, raws)):
                         return
@@ -232,8 +234,10 @@ class _LoraView:
 
 
 class Engine:
-    def __init__(self, plan: Plan, *, chunk_elems: int = DEFAULT_CHUNK_ELEMS, strict: bool = False, prefetch: bool = True):
+    def __init__(self, plan: Plan, *, chunk_elems: int = DEFAULT_CHUNK_ELEMS, strict: bool = False, prefetch: bool = True,
+                 hashers: dict | None = None):
         self.plan = plan
+        self.hashers = hashers or {}  # file -> io.checkpoint.StreamedHash: the card's content hashes, from these reads
         self.prefetch = prefetch
         self.chunk = max(int(chunk_elems), 1)
         self.strict = strict
@@ -269,6 +273,7 @@ class Engine:
                     if raw is None:
                         raw = self.bufs.get(key + ":r", k * itemsize, torch.uint8)
                         pread_into(self.files.fd(spec.file), raw, spec.start + e0 * itemsize, k * itemsize, f"{spec.file}:{spec.name}")
+                        self._observe(spec, e0 * itemsize, raw)
                     self._raw[key] = raw
                     self.stats.bytes_read += k * itemsize
                     out[:k].copy_(raw.view(spec.dtype))
@@ -312,6 +317,12 @@ class Engine:
                 self.stats.bytes_read += run * rowbytes
                 out2[j:j + run].copy_(part.view(spec.dtype).view(run, row_elems))
             j += run
+
+    def _observe(self, spec, offset: int, raw: torch.Tensor) -> None:
+        """Bytes just read from ``spec`` at byte ``offset``: to the content hash of its checkpoint, if one is kept."""
+        hasher = self.hashers.get(spec.file)
+        if hasher is not None:
+            hasher.feed(spec, offset, raw.numpy())
 
     # -- one tensor ----------------------------------------------------------------------------------
     def _chunks(self, op: TensorOp):
@@ -403,7 +414,10 @@ class Engine:
             v = self._packed(part.packed, op.name, e0, e1, key=key + ":f")
         else:
             v = self._fill(key, part.plus, e0, e1, row_elems)
-        return v if v.dtype == torch.float64 else v.to(torch.float64)
+        v = v if v.dtype == torch.float64 else v.to(torch.float64)
+        if part.residual is not None:  # TIES: Δ = stored + exact residual, summed in float64 (docs/FORMAT.md)
+            v = v + self._packed(part.residual, op.name, e0, e1, key=key + ":res")
+        return v
 
     def _ties_thresholds(self, op: TensorOp, row_elems: int) -> list[float]:
         """TIES trim: per delta, the magnitude its entries must reach in this tensor to be kept
@@ -542,6 +556,7 @@ class Engine:
         if self._raw_copy(op):
             spec = op.base.spec
             pread_into(self.files.fd(spec.file), obuf, spec.start + e0 * out_itemsize, n * out_itemsize, f"{spec.file}:{spec.name}")
+            self._observe(spec, e0 * out_itemsize, obuf[: n * out_itemsize])
             self.stats.bytes_read += n * out_itemsize
             if floating and not _all_finite(obuf[: n * out_itemsize].view(op.out_dtype)):
                 self._diagnose(op, e0, e1, row_elems)
@@ -574,6 +589,8 @@ class Engine:
                 target = None if op.base is None else self._fill("base", op.base, e0, e1, row_elems)
                 self.stats.exact_fixups += transfer_into(out, target, plus, minus, op.scale,
                                                          scratch=self.bufs.get("round", n, torch.int64), buf=self.bufs.get)
+                if op.residual:
+                    self._keep_residual(op, out, plus, minus, e0, e1, row_elems)
                 if op.deltas:
                     self._compose_fixup(op, out, e0, e1)
             if not _all_finite(out):
@@ -719,6 +736,8 @@ class Engine:
                     self.stats.ran(k, v)
                 for k, v in w.stats.inexact_delta.items():
                     self.stats.inexact_delta[k] = self.stats.inexact_delta.get(k, 0) + v
+                for k, v in w.stats.residuals.items():
+                    self.stats.residuals.setdefault(k, []).extend(v)
                 self.stats.nonfinite_inputs += [x for x in w.stats.nonfinite_inputs if x not in self.stats.nonfinite_inputs]
             order = {op.name: i for i, op in enumerate(ops)}
             self.stats.nonfinite_inputs.sort(key=lambda x: order.get(x, len(order)))
@@ -730,8 +749,43 @@ class Engine:
         else:
             out.copy_(acc)
 
+    def _keep_residual(self, op: TensorOp, out: torch.Tensor, s: torch.Tensor, b: torch.Tensor, e0: int, e1: int,
+                       row_elems: int) -> None:
+        """diff, exact encoding: keep r = (f − b) − Δ where the stored Δ (``out``) is not the exact difference
+        (``s``: fl64(f − b), ``b``: the base values, both float64; :mod:`deltaport.io.residual`)."""
+        from deltaport.io.residual import residual_of
+
+        n = e1 - e0
+        spec, raw = op.plus.spec, self._raw.get("plus")
+        f = self.bufs.get("residual:f", n, torch.float64)
+        if (op.plus.rowmap is None and spec.numel >= e1 and raw is not None and raw.numel() >= n * spec.dtype.itemsize
+                and op.plus.ck.memory_tensor(spec.name) is None):
+            f.copy_(raw[: n * spec.dtype.itemsize].view(spec.dtype))  # this chunk's bytes, read by _fill just now
+        else:
+            f.copy_(self._fill("residual", op.plus, e0, e1, row_elems))
+        # screen: Δ + b == f and f − Δ == b in float64 wherever r = 0; where r != 0 one of them fails (r is a
+        # multiple of the last bit of the smaller of f, b: far above float64's rounding of either)
+        h = self.bufs.get("residual:h", n, torch.float64)
+        t = self.bufs.get("residual:t", n, torch.float64)
+        h.copy_(out)
+        unsure = torch.add(h, b, out=t) != f
+        unsure |= torch.sub(f, h, out=t) != b
+        if not bool(unsure.any()):
+            return
+        idx = torch.nonzero(unsure).flatten()
+        r, ok = residual_of(f[idx], b[idx], s[idx], h[idx])
+        keep = (r != 0) & torch.isfinite(r) & ok
+        if bool(keep.any()):
+            self.stats.residuals.setdefault(op.name, []).append((idx[keep] + e0, r[keep]))
+        bad = int((~ok).sum())
+        if bad:
+            self.stats.inexact_delta[op.name] = self.stats.inexact_delta.get(op.name, 0) + bad
+
     def _verify_roundtrip(self, op: TensorOp, out: torch.Tensor, e0: int, e1: int, row_elems: int) -> None:
-        """diff: check that base + stored Δ rounds back to the finetuned value, element by element."""
+        """diff: check that base + stored Δ rounds back to the finetuned value, element by element (an exact
+        encoding, ``op.residual``, was checked by :meth:`_keep_residual` instead)."""
+        if op.residual:
+            return
         n = e1 - e0
         if op.lora is not None:
             self._verify_lora(op, out, e0, e1, row_elems)
@@ -851,10 +905,12 @@ class Engine:
 
 
 def execute(plan: Plan, writer: ShardedWriter, *, progress: bool = False, threads: int | None = None,
-            chunk_elems: int = DEFAULT_CHUNK_ELEMS, strict: bool = False, label: str = "") -> Stats:
-    """Run ``plan`` into ``writer``; raises DeltaportError subclasses on bad data."""
+            chunk_elems: int = DEFAULT_CHUNK_ELEMS, strict: bool = False, label: str = "", hashers: dict | None = None) -> Stats:
+    """Run ``plan`` into ``writer``; raises DeltaportError subclasses on bad data. ``hashers``: file ->
+    :class:`~deltaport.io.checkpoint.StreamedHash`, fed with the bytes read from that file."""
     try:
-        return Engine(plan, chunk_elems=chunk_elems, strict=strict).run(writer, progress=progress, threads=threads, label=label)
+        return Engine(plan, chunk_elems=chunk_elems, strict=strict, hashers=hashers).run(writer, progress=progress, threads=threads,
+                                                                                      label=label)
     except (DeltaportError, KeyboardInterrupt, SystemExit):
         raise
     except OSError as exc:

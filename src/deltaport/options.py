@@ -186,8 +186,9 @@ class DiffOptions:
     """``deltaport diff`` / :func:`deltaport.diff`: Δ = finetuned − base, stored."""
 
     verb = "diff"
-    delta_dtype: Optional[str] = Option(None, "stored Δ dtype (default exact: float32 for 16-bit models, float64 for "
-                                        "float32 models); bfloat16/float16/float32 are smaller but lossy")
+    delta_dtype: Optional[str] = Option(None, "stored Δ dtype (default lossless: float32 for 16-bit models, float64 "
+                                        "for float32 models, plus the exact residual where they cannot hold f − b); "
+                                        "an explicit dtype stores no residual: bfloat16/float16 are smaller but lossy")
     vocab_policy: VocabPolicy = VOCAB_POLICY
     shape_policy: ShapePolicy = SHAPE_POLICY
     key_map: Optional[Path] = KEY_MAP

@@ -107,7 +107,7 @@ def register(app: typer.Typer) -> None:
         peft: Optional[Path] = Opt(None, "--peft", help="lowrank: also write the low-rank matrices as a PEFT LoRA adapter directory (scaling 1; tensors kept exact are not in it)"),
         **options,
     ):
-        """Compress a delta: low rank, sparse or sign, one tensor at a time (1-D and vocabulary tensors stay exact)."""
+        """Compress a delta: low rank, sparse or sign, one tensor at a time (1-D tensors stay exact; vocabulary tensors too, except with lowrank)."""
         from deltaport.preflight import compress_options
 
         compress_options(options["method"], options.get("rank"), options.get("density"), options.get("seed", 0),
@@ -137,6 +137,18 @@ def register(app: typer.Typer) -> None:
                          f"{tot['bytes_after'] / 1e6:.2f} MB of {tot['bytes_before'] / 1e6:.2f} MB ({tot['ratio']:.3f}; compressed "
                          f"tensors {tot['compressed_ratio']:.3f}), relative Frobenius error mean {sum(errs) / max(len(errs), 1):.3g}, "
                          f"max {max(errs, default=0):.3g}\n")
+        from deltaport.plan import is_vocab_tensor
+
+        vocab = {n: r for n, r in comp["tensors"].items() if is_vocab_tensor(n)}
+        if vocab:
+            exact = [n for n, r in vocab.items() if r["method"] == "exact"]
+            if exact:  # say why, and what naming them would do
+                sys.stderr.write(f"vocabulary tensors kept exact ({', '.join(sorted(exact))}): "
+                                 f"{sum(vocab[n]['bytes_after'] for n in exact) / max(tot['bytes_after'], 1):.0%} of the output's "
+                                 f"bytes; {vocab[exact[0]]['reason'].split(': ', 1)[-1]}\n")
+            else:
+                sys.stderr.write(f"vocabulary tensors compressed too ({', '.join(sorted(vocab))}): the lab frontier's "
+                                 "recommendation for lowrank (docs/compression.md); --exclude them to keep them exact\n")
 
     @app.command("inspect")
     @with_options(InspectOptions, before="tensors")

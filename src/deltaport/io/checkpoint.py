@@ -15,6 +15,7 @@ import fnmatch
 import hashlib
 import json
 import logging
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,7 @@ class Checkpoint:
     lora: dict[str, Any] | None = None  # adapter_config for LoRA adapters
     hub: Any = None  # deltaport.io.hub.HubRepo when planned from the hub (weights downloaded after the plan)
     _memory: dict[str, Any] | None = None  # pickled checkpoints are loaded into memory
+    content_sha256: str | None = field(default=None, repr=False, compare=False)  # set by StreamedHash.finish
 
     @property
     def names(self) -> list[str]:
@@ -113,26 +115,82 @@ def content_hash(path: str | Path, *, allow_pickle: bool = False) -> str:
     Independent of sharding and header layout: the same weights give the same hash.
     """
     ck = open_checkpoint(path, allow_pickle=allow_pickle)
-    h = hashlib.sha256()
-    for name in sorted(ck.tensors):
-        spec = ck.tensors[name]
-        h.update(f"{name}\0{spec.dtype_name}\0{list(spec.shape)}\n".encode())
-        if ck._memory is not None:
-            import torch
+    if ck._memory is not None:
+        import torch
 
+        h = hashlib.sha256()
+        for name in sorted(ck.tensors):
+            spec = ck.tensors[name]
+            h.update(_hash_line(name, spec))
             t = ck._memory[name].contiguous()
             h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-            continue
-        with open(spec.file, "rb") as f:
-            f.seek(spec.start)
-            left = spec.nbytes
-            while left:
-                chunk = f.read(min(left, 1 << 24))
-                if not chunk:
-                    raise CheckpointError(f"{spec.file} ended early while reading {name!r}")
-                h.update(chunk)
-                left -= len(chunk)
-    return h.hexdigest()
+        return h.hexdigest()
+    return StreamedHash(ck).finish()
+
+
+def _hash_line(name: str, spec: TensorSpec) -> bytes:
+    return f"{name}\0{spec.dtype_name}\0{list(spec.shape)}\n".encode()
+
+
+class StreamedHash:
+    """:func:`content_hash` of a local safetensors checkpoint, fed with the bytes a run reads anyway.
+
+    The hash is sequential over the tensors in name order, so it takes a read only where it continues
+    the stream (this tensor, this byte offset); the engine reads a uniform-dtype model in that order
+    (shards hold tensors by item size, then name). :meth:`finish` reads from the file whatever was not
+    fed in order, so the value is :func:`content_hash`'s whatever the order (``reread`` says how much)."""
+
+    def __init__(self, ck: Checkpoint):
+        self.ck = ck
+        self.order = sorted(ck.tensors)
+        self.h = hashlib.sha256()
+        self.i, self.off = 0, 0
+        self.reread = 0
+        self._lock = threading.Lock()
+        self._next_tensor(advance=False)
+
+    def _next_tensor(self, *, advance: bool = True) -> None:
+        """Move to the next tensor (``advance``) and hash the header lines up to one with bytes."""
+        if advance:
+            self.i, self.off = self.i + 1, 0
+        while self.i < len(self.order):
+            spec = self.ck.tensors[self.order[self.i]]
+            self.h.update(_hash_line(spec.name, spec))
+            if spec.nbytes:
+                return
+            self.i += 1
+
+    def feed(self, spec: TensorSpec, offset: int, data) -> None:
+        """``data`` (a buffer of bytes) was read from ``spec``'s tensor at byte ``offset``."""
+        with self._lock:
+            if self.i >= len(self.order) or spec.name != self.order[self.i] or offset != self.off:
+                return
+            mine = self.ck.tensors[spec.name]
+            if spec.start != mine.start or spec.file.name != mine.file.name:
+                return
+            view = memoryview(data).cast("B")[: mine.nbytes - self.off]
+            self.h.update(view)
+            self.off += len(view)
+            if self.off == mine.nbytes:
+                self._next_tensor()
+
+    def finish(self) -> str:
+        """The hash: what was not fed in order is read from the files now."""
+        with self._lock:
+            while self.i < len(self.order):
+                spec = self.ck.tensors[self.order[self.i]]
+                with open(spec.file, "rb") as f:
+                    f.seek(spec.start + self.off)
+                    left = spec.nbytes - self.off
+                    while left:
+                        chunk = f.read(min(left, 1 << 24))
+                        if not chunk:
+                            raise CheckpointError(f"{spec.file} ended early while reading {spec.name!r}")
+                        self.h.update(chunk)
+                        left -= len(chunk)
+                        self.reread += len(chunk)
+                self._next_tensor()
+            return self.h.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 from deltaport.errors import PlanError
 from deltaport.io.checkpoint import Checkpoint
+from deltaport.io.residual import residual_parts, residual_record
 from deltaport.io.tensors import FLOAT_DTYPE_NAMES
 from deltaport.plan.names import counterpart, is_vocab_tensor
 from deltaport.plan.policy import Policies, choose_compute_dtype
 from deltaport.plan.problems import Problems, refuse_no_delta
 from deltaport.plan.provenance import check_delta_provenance, differences_from_recorded_base
-from deltaport.plan.types import LoraTerm, PackedTerm, Plan, TensorOp, Term
+from deltaport.plan.types import DeltaPart, LoraTerm, PackedTerm, Plan, TensorOp, Term
 
 SHOWN = 20  # structure differences listed in the error (all are counted)
 
@@ -34,6 +35,7 @@ def plan_apply(delta: Checkpoint, tb: Checkpoint, policies: Policies, *, force: 
 
     compression = compression_record(delta)
     packed = {n: r for n, r in (compression or {}).get("tensors", {}).items() if r.get("method") not in (None, "exact")}
+    residuals = residual_record(delta)
     for name, c in tb.tensors.items():
         out_dtype = policies.output_dtype_for(c.dtype_name)
         if policies.map_key(name) in packed and policies.selected(name) and c.dtype_name in FLOAT_DTYPE_NAMES:
@@ -71,7 +73,10 @@ def plan_apply(delta: Checkpoint, tb: Checkpoint, policies: Policies, *, force: 
             else:
                 problems.add(msg + "; use --vocab-policy pad for vocabulary rows or --shape-policy skip")
             continue
-        plan.ops.append(TensorOp(name, c.shape, out_dtype, "delta", Term(tb, c), Term(delta, d), None, scale=scale, notes=[note] if note else []))
+        op = TensorOp(name, c.shape, out_dtype, "delta", Term(tb, c), Term(delta, d), None, scale=scale, notes=[note] if note else [])
+        if d_name in residuals and scale != 0.0:
+            residual_terms(op, delta, d_name, residuals[d_name])
+        plan.ops.append(op)
     problems.raise_if_any()
     refuse_no_delta(plan, policies, "the delta")
     plan.compute_dtype = choose_compute_dtype(policies.compute_dtype)
@@ -97,3 +102,14 @@ def compressed_term(op: TensorOp, delta: Checkpoint, name: str, record: dict) ->
     else:
         op.packed = PackedTerm("sign", delta, parts["bits"], parts["scale"])
         op.notes.append("compressed: sign")
+
+
+def residual_terms(op: TensorOp, delta: Checkpoint, name: str, count: int) -> None:
+    """Make ``op`` (``out = t + λ·Δ``) add the exact residual r of the stored Δ ``name`` too (docs/FORMAT.md):
+    ``out = t + λ·Δ + λ·r``, two parts of a composed sum, which the engine rounds once from the exact value."""
+    parts = residual_parts(name)
+    r = PackedTerm("sparse", delta, delta.tensors[parts["mask"]], delta.tensors[parts["values"]])
+    op.deltas = [DeltaPart(op.scale, plus=op.plus, source=delta.source),
+                 DeltaPart(op.scale, packed=r, source=delta.source, residual=None)]
+    op.plus, op.scale = None, 1.0  # λ is in the parts
+    op.notes.append(f"exact residual: {count} element(s)")

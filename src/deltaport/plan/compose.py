@@ -52,6 +52,13 @@ def plan_apply_many(deltas: list[Checkpoint], tb: Checkpoint, policies_each: lis
         for delta, o in zip(deltas, ops):
             if o.kind != "delta":
                 continue
+            if o.deltas:  # a Δ with its exact residual (plan/apply.residual_terms): stored part, residual part
+                stored, residual = o.deltas
+                if ties is None:  # two parts of the sum: exact
+                    parts.extend(o.deltas)
+                else:  # TIES trims and elects on each Δ: the residual is added to its Δ (float64) first
+                    parts.append(DeltaPart(stored.scale, plus=stored.plus, source=delta.source, residual=residual.packed))
+                continue
             if o.minus is not None or (o.plus is not None and o.plus.rowmap is not None):
                 problems.add(f"{name}: {delta.source}: internal: unexpected Δ term")  # pragma: no cover
                 continue
@@ -60,8 +67,8 @@ def plan_apply_many(deltas: list[Checkpoint], tb: Checkpoint, policies_each: lis
             out.ops.append(first)
             continue
         base = next(o.base for o in ops if o.kind == "delta")
-        notes = [f"{len(parts)} of {len(deltas)} deltas"] + [n for o in ops for n in o.notes if o.kind == "delta"]
-        out.ops.append(TensorOp(name, first.shape, first.out_dtype, "delta", base=base, deltas=parts, notes=notes,
+        notes = [f"{sum(o.kind == 'delta' for o in ops)} of {len(deltas)} deltas"] + [n for o in ops for n in o.notes if o.kind == "delta"]
+        out.ops.append(TensorOp(name, first.shape, first.out_dtype_name, "delta", base=base, deltas=parts, notes=notes,
                                 ties_density=ties))
     problems.raise_if_any()
     for plan in plans:
@@ -69,8 +76,8 @@ def plan_apply_many(deltas: list[Checkpoint], tb: Checkpoint, policies_each: lis
         out.warnings.extend(plan.warnings)
         if plan.vocab_rows is not None:
             out.vocab_rows = plan.vocab_rows
-    out.compute_dtype = float64 if any(plan.compute_dtype == float64 for plan in plans) else plans[0].compute_dtype
-    if out.compute_dtype != float64 and any(o.deltas for o in out.ops):
+    out.compute_dtype = float64 if any(plan.compute_dtype_name == float64 for plan in plans) else plans[0].compute_dtype_name
+    if out.compute_dtype_name != float64 and any(o.deltas for o in out.ops):
         out.warnings.append("--compute-dtype float32: a composed sum is rounded in float32, not checked against the "
                             "exact sum")
     out.info["forced"] = [f for plan in plans for f in (plan.info.get("forced") or [])] or None

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 
 from deltaport.io.checkpoint import Checkpoint
-from deltaport.io.tensors import FLOAT_DTYPE_NAMES, torch_dtype
+from deltaport.io.tensors import FLOAT_DTYPE_NAMES
 from deltaport.plan.lora import plan_lora_transfer
 from deltaport.plan.names import counterpart, is_vocab_tensor, ties_word_embeddings
 from deltaport.plan.policy import Policies, choose_compute_dtype, delta_dtype_for
@@ -18,15 +18,15 @@ def plan_diff(sb: Checkpoint, sf: Checkpoint, policies: Policies, delta_dtype: s
     """Plan ``Δ = sf − sb`` over the finetuned model's tensors (stored unscaled)."""
     if sf.kind == "lora":
         lora_plan = plan_lora_transfer(sb, sf, sb, policies)  # Δ over the base's tensors
-        plan = Plan("diff", [], lora_plan.compute_dtype, info=lora_plan.info)
+        plan = Plan("diff", [], lora_plan.compute_dtype_name, info=lora_plan.info)
         # scaling·B·A is computed in the compute dtype and is not exactly representable in a narrower one:
         # auto stores it as computed (float64), so apply(diff(adapter)) equals a direct LoRA transfer for
         # every target and λ. A narrower --delta-dtype is checked element by element like a full diff.
-        stored = lora_plan.compute_dtype if delta_dtype in (None, "", "auto") else delta_dtype_for(set(), delta_dtype)
+        stored = lora_plan.compute_dtype_name if delta_dtype in (None, "", "auto") else delta_dtype_for(set(), delta_dtype)
         for op in lora_plan.ops:
             if op.kind == "copy":
                 continue  # Δ = 0: not stored; apply copies the target for tensors absent from the delta
-            if op.lora is not None and stored != lora_plan.compute_dtype:
+            if op.lora is not None and stored != lora_plan.compute_dtype_name:
                 op.check = op.base
             op.base, op.out_dtype, op.scale = None, stored, 1.0
             plan.ops.append(op)
@@ -83,7 +83,11 @@ def plan_diff(sb: Checkpoint, sf: Checkpoint, policies: Policies, delta_dtype: s
                 problems.add(msg + "; use --shape-policy skip to leave it out")
     problems.raise_if_any()
     plan.compute_dtype = choose_compute_dtype(policies.compute_dtype)
-    stored = delta_dtype_for({torch_dtype(d) for d in dtypes}, delta_dtype)
+    stored = delta_dtype_for(dtypes, delta_dtype)
+    # the default encoding is lossless: where the stored dtype cannot hold f − b, the exact residual is kept
+    # beside it (docs/FORMAT.md); an explicit --delta-dtype is lossy where it must be, and counted
+    exact = delta_dtype in (None, "", "auto") and plan.compute_dtype_name == "float64"
     for op in plan.ops:
         op.out_dtype = stored
+        op.residual = exact
     return plan

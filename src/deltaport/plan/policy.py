@@ -130,26 +130,21 @@ def make_policies(*, scale: float = 1.0, vocab_policy: str = "error", shape_poli
     return policies
 
 
-def choose_compute_dtype(policy: str) -> torch.dtype:
-    """``auto`` is float64. float32 arithmetic is not exact for the identities: when a fine-tuned value
+def choose_compute_dtype(policy: str) -> str:
+    """The compute dtype's name (a plan's ``compute_dtype`` takes names; no torch import). ``auto`` is float64. float32 arithmetic is not exact for the identities: when a fine-tuned value
     nearly cancels its base value (|F| < 2^-16·|B| for bf16), ``b + fl32(a - b)`` rounds to a neighbour
     of ``a``; random tests hit that in ~4 of a million elements. In float64 the difference of two
     16/32-bit floats is exact unless their exponents differ by more than ~29-45, so ``transfer`` onto
     the source base reproduces the fine-tuned model and λ = 0 reproduces the target bit for bit. The
     cost is ~15 % slower arithmetic; ``float32`` is offered for speed."""
-    import torch
-
-    if policy == "float32":
-        return torch.float32
-    return torch.float64
+    return "float32" if policy == "float32" else "float64"
 
 
-def delta_dtype_for(inputs: set[torch.dtype], requested: str | None) -> torch.dtype:
-    """Stored Δ dtype: exact by default (float32 for 16-bit inputs, float64 for float32 inputs)."""
-    import torch
+def delta_dtype_for(inputs: set, requested: str | None) -> str:
+    """Stored Δ dtype's name: float32 for 16-bit inputs, float64 for float32 inputs, by default (with the
+    exact residual where they cannot hold f − b, docs/FORMAT.md); ``inputs``: dtype names or torch dtypes."""
+    from deltaport.io.tensors import dtype_name, parse_dtype_name
 
     if requested not in (None, "", "auto"):
-        from deltaport.io.tensors import parse_dtype
-
-        return parse_dtype(requested)
-    return torch.float64 if inputs & {torch.float32, torch.float64} else torch.float32
+        return parse_dtype_name(requested)
+    return "float64" if {dtype_name(d) for d in inputs} & {"float32", "float64"} else "float32"

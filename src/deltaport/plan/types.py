@@ -63,6 +63,8 @@ class DeltaPart:
     lora: LoraTerm | None = None
     packed: PackedTerm | None = None
     source: str = ""
+    residual: PackedTerm | None = None  # TIES only: the exact residual of ``plus`` (a diff's, docs/FORMAT.md),
+    # added to it in float64 before trimming; without TIES the residual is a part of its own (exact sum)
 
 
 @dataclass
@@ -84,6 +86,7 @@ class TensorOp:
     packed: PackedTerm | None = None  # Δ from a compressed delta's sparse/sign parts
     deltas: list[DeltaPart] = field(default_factory=list)  # composed apply: out = base + Σ scale_i·Δ_i
     ties_density: float | None = None  # composed apply with TIES sign consensus: trim to this density
+    residual: bool = False  # diff: keep, beside the stored Δ, where it differs from the exact f − b (docs/FORMAT.md)
 
     @property
     def numel(self) -> int:
@@ -124,6 +127,7 @@ class Plan:
                 n += part.plus.spec.nbytes if part.plus else 0
                 n += (part.lora.a.nbytes + part.lora.b.nbytes) if part.lora else 0
                 n += (part.packed.bits.nbytes + part.packed.values.nbytes) if part.packed else 0
+                n += (part.residual.bits.nbytes + part.residual.values.nbytes) if part.residual else 0
             return n
 
         return sum(t.spec.nbytes for op in self.ops for t in op.inputs()) + sum(parts(op) for op in self.ops)
