@@ -188,12 +188,13 @@ def cli_fuzz_summary(log, examples: int = CLI_FUZZ_EXAMPLES) -> dict:
     """Run tests/test_cli_fuzz.py with ``examples`` vectors per command; read the per-command exit-code counts
     from the line it prints at teardown ("CLI fuzzer: N argument vectors, none crashed; exit codes per command
     {...}") -- printed only when every vector held the property (exit 0/1/2, no traceback, inputs unchanged,
-    nothing left behind), so a failed run has no counts."""
+    nothing left behind), so a failed run has no counts. ``--capture=sys``: with pytest's default fd capture
+    that line, written to the real stderr at teardown, would be swallowed."""
     t0 = time.perf_counter()
     env = {**os.environ, "DELTAPORT_FUZZ_EXAMPLES": str(examples)}
     env.pop("DELTAPORT_FUZZ_RANDOM", None)
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "ignore::DeprecationWarning",
-                        str(REPO / "tests" / "test_cli_fuzz.py")], capture_output=True, text=True, cwd=REPO, env=env)
+                        "--capture=sys", str(REPO / "tests" / "test_cli_fuzz.py")], capture_output=True, text=True, cwd=REPO, env=env)
     tail = [ln for ln in r.stdout.splitlines() if re.search(r"passed|failed|skipped|error", ln)]
     m = re.search(r"CLI fuzzer: (\d+) argument vectors, none crashed; exit codes per command (\{.*\})", r.stderr)
     counts = ast.literal_eval(m.group(2)) if m else None

@@ -168,7 +168,7 @@ def case(name: str, category: str, command: str = "transfer", needs: str | None 
          known_issue: str | None = None):
     def deco(fn):
         CASES.append(Case(name, category, command, fn, needs or (command if command not in
-                                                                   ("transfer", "diff", "apply", "inspect") else None),
+                                                                   ("transfer", "diff", "apply", "inspect", "deltaport") else None),
                           known_issue))
         fn.real_cli_only = real_cli_only
         return fn
@@ -1304,6 +1304,11 @@ for _size in ("0", "-5MB", "5XB", "abc", "12 MB MB"):
             return Spec(transfer_argv(fam, out, f"--shard-size={size}"), list(fam.values()), out, 2,
                         r"--shard-size .* (is not a size|a shard needs at least one byte)")
     _size_case()
+
+
+@case("deltaport --help shows no <bool> placeholder", "usage", "deltaport")
+def _help_no_bool(ws):
+    return Spec(["--help"], [], None, 0, r"\A(?!.*<bool>).*Usage: .*Carry fine-tuning over")
 
 
 _HOLDER = ("import sys\nfrom deltaport.io.atomic import acquire_output_lock\nacquire_output_lock(sys.argv[1])\n"
