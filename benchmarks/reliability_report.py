@@ -22,6 +22,7 @@ import os
 import platform
 import re
 import resource
+import shlex
 import shutil
 import signal
 import subprocess
@@ -63,6 +64,7 @@ def run_catalogue(work: Path, pristine: dict, runner, log) -> tuple[list, list]:
             o = H.Outcome(c.name, c.category, c.command, None, "?", f"case setup failed: {type(exc).__name__}: {exc}",
                           False, "n/a", [f"setup failed: {exc}"])
         o.message = _shorten(o.message, [(str(ws.root), "<ws>"), (str(work), "<work>")])
+        o.argv = [_shorten(a, [(str(ws.root), "<ws>"), (str(work), "<work>"), (str(REPO), ".")]) for a in o.argv]
         outcomes.append(o)
         log(f"[{i + 1}/{len(run)}] {'ok  ' if o.ok else 'FAIL'} rc={o.rc} {o.seconds:5.1f}s {c.name}")
         shutil.rmtree(ws.root, ignore_errors=True)
@@ -248,13 +250,13 @@ def write_markdown(path: Path, outcomes, skipped, disk, sig, kills, fuzz, load, 
     L.append(f"**{len(outcomes) - len(bad)} of {len(outcomes)} catalogue cases behaved as required**"
              + (f"; not as required: {', '.join(o.name for o in bad)}." if bad else "."))
     L.append("")
-    L.append("| # | category | case | command | exit (expected) | first line of the message | inputs intact | output | ok |")
+    L.append("| # | category | case | command line (`deltaport …`; `<ws>`: the case's folder) | exit (expected) | first line of the message | inputs intact | output | ok |")
     L.append("|---|---|---|---|---|---|---|---|---|")
     for i, o in enumerate(outcomes, 1):
         known = next((c.known_issue for c in H.CASES if c.name == o.name and c.known_issue), None)
         if known and not o.ok:
             o.problems.append(f"known issue: {known}")
-        L.append(f"| {i} | {o.category} | {_md(o.name, 90)} | {o.command} | {o.rc} ({o.expect_rc}) | `{_md(o.message)}` | "
+        L.append(f"| {i} | {o.category} | {_md(o.name, 90)} | `{_md(shlex.join(o.argv) if o.argv else o.command, 260)}` | {o.rc} ({o.expect_rc}) | `{_md(o.message)}` | "
                  f"{'yes' if o.inputs_intact else '**NO**'} | {o.output_state} | "
                  f"{'yes' if o.ok else '**NO**: ' + _md('; '.join(o.problems), 200)} |")
     L.append("")
@@ -320,7 +322,7 @@ def write_markdown(path: Path, outcomes, skipped, disk, sig, kills, fuzz, load, 
         L.append("")
     if cli_fuzz:
         c = cli_fuzz
-        L.append("### Every option of every command (`tests/test_cli_fuzz.py`)")
+        L.append("## Fuzzing every option of every command (`tests/test_cli_fuzz.py`)")
         L.append("")
         L.append(f"Hypothesis draws argument vectors for every command from its declared options: valid, boundary, "
                  "wrong-typed, missing and duplicated values, and hostile paths (missing, a file, `chattr +i`, inside an "

@@ -1074,6 +1074,7 @@ class Outcome:
     problems: list[str] = field(default_factory=list)
     seconds: float = 0.0
     stderr: str = ""
+    argv: list[str] = field(default_factory=list)  # the command line that reproduces the case (after `deltaport`)
 
     @property
     def ok(self) -> bool:
@@ -1179,7 +1180,7 @@ def run_case(c: Case, ws: Workspace, runner: Callable[..., tuple[int, str, str]]
         if p:
             problems.append(p)
     return Outcome(c.name, c.category, c.command, rc, spec.expect_rc, first_message_line(err, out), inputs_intact, state,
-                   problems, secs, err)
+                   problems, secs, err, list(spec.argv))
 
 
 def check_case(c: Case, pristine: dict, ws_dir: Path) -> Outcome:
