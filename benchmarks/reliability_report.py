@@ -8,18 +8,21 @@ For each case (catalogue: ``tests/hostile_cases.py``) it records the exit code, 
 message, whether every input is byte-identical afterwards (sha256 of every file) and what is at the output
 path (nothing / the previous output intact / a complete new output), plus: kill trials (SIGKILL/SIGTERM/
 SIGINT at random moments, ``tests/test_kill.py``), disk full (RLIMIT_FSIZE and a tiny tmpfs), the fuzz
-tests' result, determinism across ``--threads`` and a 2,000-tensor/40-shard load run (peak RSS, descriptors).
+tests' result, the CLI fuzzer's argument vectors per command and exit code (``tests/test_cli_fuzz.py``,
+:data:`CLI_FUZZ_EXAMPLES` per command), determinism across ``--threads`` and a 2,000-tensor/40-shard load run (peak RSS, descriptors).
 Nothing in the Markdown is written by hand.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import datetime as dt
 import os
 import platform
 import re
 import resource
+import shlex
 import shutil
 import signal
 import subprocess
@@ -61,6 +64,7 @@ def run_catalogue(work: Path, pristine: dict, runner, log) -> tuple[list, list]:
             o = H.Outcome(c.name, c.category, c.command, None, "?", f"case setup failed: {type(exc).__name__}: {exc}",
                           False, "n/a", [f"setup failed: {exc}"])
         o.message = _shorten(o.message, [(str(ws.root), "<ws>"), (str(work), "<work>")])
+        o.argv = [_shorten(a, [(str(ws.root), "<ws>"), (str(work), "<work>"), (str(REPO), ".")]) for a in o.argv]
         outcomes.append(o)
         log(f"[{i + 1}/{len(run)}] {'ok  ' if o.ok else 'FAIL'} rc={o.rc} {o.seconds:5.1f}s {c.name}")
         shutil.rmtree(ws.root, ignore_errors=True)
@@ -176,6 +180,32 @@ def fuzz_summary(log) -> dict:
     return {"rc": r.returncode, "summary": tail[-1] if tail else "(no summary)", "seconds": time.perf_counter() - t0}
 
 
+#: the CLI fuzzer's budget in this report (vectors per command, derandomized: the same vectors every run)
+CLI_FUZZ_EXAMPLES = 40
+#: its budget in CI: tests/test_cli_fuzz.py's default of DELTAPORT_FUZZ_EXAMPLES
+CLI_FUZZ_CI_EXAMPLES = 15
+
+
+def cli_fuzz_summary(log, examples: int = CLI_FUZZ_EXAMPLES) -> dict:
+    """Run tests/test_cli_fuzz.py with ``examples`` vectors per command; read the per-command exit-code counts
+    from the line it prints at teardown ("CLI fuzzer: N argument vectors, none crashed; exit codes per command
+    {...}") -- printed only when every vector held the property (exit 0/1/2, no traceback, inputs unchanged,
+    nothing left behind), so a failed run has no counts. ``--capture=sys``: with pytest's default fd capture
+    that line, written to the real stderr at teardown, would be swallowed."""
+    t0 = time.perf_counter()
+    env = {**os.environ, "DELTAPORT_FUZZ_EXAMPLES": str(examples)}
+    env.pop("DELTAPORT_FUZZ_RANDOM", None)
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "ignore::DeprecationWarning",
+                        "--capture=sys", str(REPO / "tests" / "test_cli_fuzz.py")], capture_output=True, text=True, cwd=REPO, env=env)
+    tail = [ln for ln in r.stdout.splitlines() if re.search(r"passed|failed|skipped|error", ln)]
+    m = re.search(r"CLI fuzzer: (\d+) argument vectors, none crashed; exit codes per command (\{.*\})", r.stderr)
+    counts = ast.literal_eval(m.group(2)) if m else None
+    res = {"rc": r.returncode, "summary": tail[-1] if tail else "(no summary)", "seconds": time.perf_counter() - t0,
+           "examples": examples, "total": int(m.group(1)) if m else None, "counts": counts}
+    log(f"cli fuzz: {res['summary']}; {res['total']} vectors")
+    return res
+
+
 def load_and_determinism(work: Path, log) -> dict:
     from test_hostile_load import _peak
 
@@ -200,7 +230,8 @@ def load_and_determinism(work: Path, log) -> dict:
     return res
 
 
-def write_markdown(path: Path, outcomes, skipped, disk, sig, kills, fuzz, load, args, started, seconds) -> None:
+def write_markdown(path: Path, outcomes, skipped, disk, sig, kills, fuzz, load, args, started, seconds,
+                   cli_fuzz=None) -> None:
     L = []
     L.append("# deltaport reliability under hostile input and faults")
     L.append("")
@@ -219,13 +250,13 @@ def write_markdown(path: Path, outcomes, skipped, disk, sig, kills, fuzz, load, 
     L.append(f"**{len(outcomes) - len(bad)} of {len(outcomes)} catalogue cases behaved as required**"
              + (f"; not as required: {', '.join(o.name for o in bad)}." if bad else "."))
     L.append("")
-    L.append("| # | category | case | command | exit (expected) | first line of the message | inputs intact | output | ok |")
+    L.append("| # | category | case | command line (`deltaport …`; `<ws>`: the case's folder) | exit (expected) | first line of the message | inputs intact | output | ok |")
     L.append("|---|---|---|---|---|---|---|---|---|")
     for i, o in enumerate(outcomes, 1):
         known = next((c.known_issue for c in H.CASES if c.name == o.name and c.known_issue), None)
         if known and not o.ok:
             o.problems.append(f"known issue: {known}")
-        L.append(f"| {i} | {o.category} | {_md(o.name, 90)} | {o.command} | {o.rc} ({o.expect_rc}) | `{_md(o.message)}` | "
+        L.append(f"| {i} | {o.category} | {_md(o.name, 90)} | `{_md(shlex.join(o.argv) if o.argv else o.command, 260)}` | {o.rc} ({o.expect_rc}) | `{_md(o.message)}` | "
                  f"{'yes' if o.inputs_intact else '**NO**'} | {o.output_state} | "
                  f"{'yes' if o.ok else '**NO**: ' + _md('; '.join(o.problems), 200)} |")
     L.append("")
@@ -289,6 +320,31 @@ def write_markdown(path: Path, outcomes, skipped, disk, sig, kills, fuzz, load, 
                  f"inputs, `tests/fuzz_atheris.py`). Result: `{fuzz['summary']}` (exit {fuzz['rc']}, "
                  f"{fuzz['seconds']:.0f} s).")
         L.append("")
+    if cli_fuzz:
+        c = cli_fuzz
+        L.append("## Fuzzing every option of every command (`tests/test_cli_fuzz.py`)")
+        L.append("")
+        L.append(f"Hypothesis draws argument vectors for every command from its declared options: valid, boundary, "
+                 "wrong-typed, missing and duplicated values, and hostile paths (missing, a file, `chattr +i`, inside an "
+                 "input, a symlink to one); `finetune`, `eval`, `evolve` and `demo` only with vectors they must refuse. "
+                 "Each vector must exit 0, 1 or 2 with no traceback, one error paragraph, inputs byte-identical and "
+                 f"nothing left behind. Budget here: `DELTAPORT_FUZZ_EXAMPLES={c['examples']}` vectors per command, "
+                 f"derandomized (the same vectors every run); in CI {CLI_FUZZ_CI_EXAMPLES} per command (the default). "
+                 f"Command: `DELTAPORT_FUZZ_EXAMPLES={c['examples']} pytest tests/test_cli_fuzz.py` "
+                 f"(`DELTAPORT_FUZZ_RANDOM=1` for a fresh search). Result: `{c['summary']}` (exit {c['rc']}, "
+                 f"{c['seconds']:.0f} s).")
+        L.append("")
+        if c["counts"]:
+            L.append(f"**{c['total']} argument vectors tried, 0 tracebacks.**")
+            L.append("")
+            L.append("| command | vectors | exit 0 | exit 1 | exit 2 |")
+            L.append("|---|---|---|---|---|")
+            for cmd, per in sorted(c["counts"].items()):
+                L.append(f"| {cmd} | {sum(per.values())} | {per.get(0, 0)} | {per.get(1, 0)} | {per.get(2, 0)} |")
+            L.append("")
+        else:
+            L.append("**The fuzzer failed** (its count line is printed only when every vector held the property).")
+            L.append("")
     if load:
         s, b = load["small"], load["big"]
         L.append("## Load and determinism")
@@ -329,10 +385,11 @@ def main() -> int:
         kills = kill_trials(work / "kills", n_trials=5 if args.quick else args.trials)
         log(f"kills: {sum(1 for r in kills['records'] if r['output'] != 'CORRUPT')} valid")
         fuzz = None if args.quick else fuzz_summary(log)
+        cli_fuzz = None if args.quick else cli_fuzz_summary(log)
         load = None if args.quick else load_and_determinism(work, log)
         args.output.parent.mkdir(parents=True, exist_ok=True)
         write_markdown(args.output, outcomes, skipped, disk, sig, kills, fuzz, load, args, started,
-                       time.perf_counter() - t0)
+                       time.perf_counter() - t0, cli_fuzz)
         log(f"wrote {args.output}")
     finally:
         shutil.rmtree(work, ignore_errors=True)

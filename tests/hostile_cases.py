@@ -148,6 +148,7 @@ class Spec:
     signal: int | None = None
     preexec: Callable[[], None] | None = None  # (real CLI only) e.g. resource limits
     real_cli_only: bool = False
+    after_run: Callable[[], str | None] | None = None  # right after the run, before the output is checked: a problem or None
 
 
 @dataclass
@@ -167,7 +168,7 @@ def case(name: str, category: str, command: str = "transfer", needs: str | None 
          known_issue: str | None = None):
     def deco(fn):
         CASES.append(Case(name, category, command, fn, needs or (command if command not in
-                                                                   ("transfer", "diff", "apply", "inspect") else None),
+                                                                   ("transfer", "diff", "apply", "inspect", "deltaport") else None),
                           known_issue))
         fn.real_cli_only = real_cli_only
         return fn
@@ -1073,6 +1074,7 @@ class Outcome:
     problems: list[str] = field(default_factory=list)
     seconds: float = 0.0
     stderr: str = ""
+    argv: list[str] = field(default_factory=list)  # the command line that reproduces the case (after `deltaport`)
 
     @property
     def ok(self) -> bool:
@@ -1136,6 +1138,10 @@ def run_case(c: Case, ws: Workspace, runner: Callable[..., tuple[int, str, str]]
         rc, out, err = runner(spec.argv)
     secs = time.perf_counter() - t0
     problems = []
+    if spec.after_run is not None:
+        p = spec.after_run()
+        if p:
+            problems.append(p)
     expect = spec.expect_rc if isinstance(spec.expect_rc, tuple) else (spec.expect_rc,)
     if rc not in expect:
         problems.append(f"exit code {rc}, expected {spec.expect_rc}")
@@ -1174,7 +1180,7 @@ def run_case(c: Case, ws: Workspace, runner: Callable[..., tuple[int, str, str]]
         if p:
             problems.append(p)
     return Outcome(c.name, c.category, c.command, rc, spec.expect_rc, first_message_line(err, out), inputs_intact, state,
-                   problems, secs, err)
+                   problems, secs, err, list(spec.argv))
 
 
 def check_case(c: Case, pristine: dict, ws_dir: Path) -> Outcome:
@@ -1242,6 +1248,109 @@ def make_many_family(root: str | Path, n_tensors: int = 2000, n_shards: int = 40
         (d / "config.json").write_text(json.dumps({"model_type": "deltaport-synthetic", "architectures": ["Synthetic"]}))
         out[role] = d
     return out
+
+
+# --------------------------------------------------------------------------------------------------
+# issue 25: an output folder that cannot be written, --shard-size, concurrent writers, a stale lock
+
+
+def _immutable(d: Path) -> Callable[[], str | None]:
+    """``chattr +i`` on ``d`` (as root ``chmod`` does not stop writes); the returned check lifts it again so
+    the workspace can be removed, and reports anything written into ``d`` by the run."""
+    d.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["chattr", "+i", str(d)], check=True)
+
+    def lift() -> str | None:
+        subprocess.run(["chattr", "-i", str(d)], check=False)
+        left = sorted(p.name for p in d.iterdir())
+        return f"written into the read-only folder: {left}" if left else None
+
+    return lift
+
+
+def _ro_argv(ws: Workspace, cmd: str, out: Path) -> tuple[list[str], list[Path]]:
+    """(argv of ``cmd`` writing ``out``, its inputs)."""
+    if cmd == "transfer":
+        fam = ws.family()
+        return transfer_argv(fam, out), list(fam.values())
+    if cmd == "diff":
+        b, f = ws.copy("source_base"), ws.copy("source_finetuned")
+        return ["diff", "--base", str(b), "--finetuned", str(f), "-o", str(out), "-q"], [b, f]
+    if cmd == "compress":
+        d = ws.copy("delta")
+        return ["compress", str(d), "-o", str(out), "--method", "sign", "-q"], [d]
+    m = ws.copy("target_base")
+    return DIAG_ARGV[cmd](ws, m, out), [m]
+
+
+for _cmd in ("transfer", "diff", "compress", "connectivity"):
+    def _ro_case(cmd=_cmd):
+        @case(f"{cmd}: output's parent folder is read-only (chattr +i)", "output safety", cmd)
+        def _ro(ws):
+            ro = ws.root / "rodir"
+            out = ro / ("report.json" if cmd == "connectivity" else "out")
+            argv, inputs = _ro_argv(ws, cmd, out)
+            lift = _immutable(ro)
+            return Spec(argv, inputs, out, 2, r"cannot write output .*rodir.*(not permitted|permission denied).*"
+                        r"Nothing was written", check=lift)
+    _ro_case()
+
+
+for _size in ("0", "-5MB", "5XB", "abc", "12 MB MB"):
+    def _size_case(size=_size):
+        @case(f"--shard-size {size!r} (not a positive size)", "bad option")
+        def _bad_size(ws):
+            fam = ws.family()
+            out = ws.out()
+            return Spec(transfer_argv(fam, out, f"--shard-size={size}"), list(fam.values()), out, 2,
+                        r"--shard-size .* (is not a size|a shard needs at least one byte)")
+    _size_case()
+
+
+@case("deltaport --help shows no <bool> placeholder", "usage", "deltaport")
+def _help_no_bool(ws):
+    return Spec(["--help"], [], None, 0, r"\A(?!.*<bool>).*Usage: .*Carry fine-tuning over")
+
+
+_HOLDER = ("import sys\nfrom deltaport.io.atomic import acquire_output_lock\nacquire_output_lock(sys.argv[1])\n"
+           "print('locked', flush=True)\nsys.stdin.read()\n")  # holds the lock until its stdin closes
+
+
+@case("a second writer to an output another deltaport process is writing (refused at the start, names its pid)",
+      "output safety")
+def _concurrent_writer(ws):
+    fam = ws.family()
+    out = ws.out()
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True)
+    if holder.stdout.readline().strip() != "locked":
+        holder.kill()
+        raise RuntimeError("the lock-holding child did not start")
+
+    def release() -> str | None:  # the holder ends normally, so its lock file goes with it
+        alive = holder.poll() is None
+        holder.stdin.close()
+        try:
+            holder.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            holder.kill()
+            holder.wait()
+            return "the process holding the lock did not end"
+        return None if alive else "the process holding the lock ended during the run"
+
+    return Spec(transfer_argv(fam, out), list(fam.values()), out, 2,
+                rf"another deltaport process \(pid {holder.pid}\) is writing .*out.*Nothing was written", after_run=release)
+
+
+@case("a stale writer lock (its pid is gone) is taken over with a warning", "output safety")
+def _stale_lock(ws):
+    fam = ws.family()
+    out = ws.out()
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    (ws.root / f".{out.name}{LOCK_TAG}").write_text(f"{gone.pid}\n")
+    return Spec(transfer_argv(fam, out), list(fam.values()), out, 0,
+                rf"took over the lock of .*out left by pid {gone.pid}, which is no longer running")
 
 
 #: argv of the model-development commands on one model writing ``o``

@@ -28,7 +28,7 @@ def test_loop_case(c, pristine, tmp_path):
 def test_every_catalogue_case_runs_in_the_test_suite():
     """Each case of the catalogue is run by one of the hostile test files (the report claims no more than
     CI checks); only the real-executable cases (signals, resource limits) are left to the report."""
-    covered = {"transfer", "diff", "apply", "inspect", "connectivity", "similarity", "check", *LOOP_COMMANDS}
+    covered = {"deltaport", "transfer", "diff", "apply", "inspect", "compress", "connectivity", "similarity", "check", *LOOP_COMMANDS}
     left = [c.name for c in H.CASES if c.command not in covered and not getattr(c.build, "real_cli_only", False)]
     assert not left, left
     for cmd in ("eval", "finetune", "evolve"):
