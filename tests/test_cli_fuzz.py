@@ -46,8 +46,8 @@ import hostile_cases as H
 
 EXAMPLES = int(os.environ.get("DELTAPORT_FUZZ_EXAMPLES", "15"))
 RANDOM = os.environ.get("DELTAPORT_FUZZ_RANDOM") == "1"
-REFUSAL_SECONDS = 20  # a vector of a heavy command that is not refused by then has started a real job
-CASE_SECONDS = 60  # any vector
+REFUSAL_SECONDS = 120  # a vector of a heavy command not refused by then has started a real job (generous: CI may be loaded)
+CASE_SECONDS = 300  # any vector (a hang, not a slow machine)
 HEAVY = {"finetune", "eval", "evolve", "demo", "lab run"}
 DRY_RUN = {"transfer", "diff", "apply"}
 
@@ -329,6 +329,9 @@ def check_vector(space: Space, argv: list[str]) -> None:
     assert H.tree_hash(space.root / "in") == space.inputs_hash, f"an input changed\n{shown}"
     left = _leftovers(space.root)
     assert not left, f"left behind: {left}\n{shown}"
+    from deltaport.io import atomic
+
+    assert not atomic._HELD, f"a writer lock is still held after the command returned: {list(atomic._HELD)}\n{shown}"
     COUNTS.setdefault(heavy, {0: 0, 1: 0, 2: 0})[r["code"]] += 1
     show = os.environ.get("DELTAPORT_FUZZ_SHOW")
     if show and (r["code"] != 2 or show == "all"):

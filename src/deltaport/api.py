@@ -21,8 +21,7 @@ from typing import TYPE_CHECKING, Any
 import deltaport
 from deltaport.assets import SOURCES, check_config_against_plan, output_config, write_model_files
 from deltaport.errors import CheckpointError, DeltaportError, InputError, OutputError, PlanError
-from deltaport.io.atomic import (acquire_output_lock, atomic_output_dir, check_output_location, output_lock,
-                                release_output_lock, write_json)
+from deltaport.io.atomic import atomic_output_dir, check_output_location, output_lock, write_json
 from deltaport.io.checkpoint import PROVENANCE_NAME, Checkpoint, open_checkpoint
 from deltaport.io.tensors import dtype_name
 from deltaport.io.prepare import Fetch, check_free_space, plan_fetch, run_fetch
@@ -69,16 +68,14 @@ def _before_writing(plan: Plan, output, *, overwrite: bool, inputs: list[Path], 
     if dry_run:
         return fetch
     out = check_output_location(output, inputs)
-    acquire_output_lock(out)  # held until _publish is done: a second writer is refused now, not after the work
-    try:
+    # a second writer is refused now, before the downloads and the work; _publish takes the lock again for the
+    # write itself (not held in between, so a refusal or an error on the way can never leave it held)
+    with output_lock(out):
         if out.exists() and not overwrite:
             raise OutputError(f"output {out} already exists; pass --overwrite to replace it (the new output is "
                               "completed first, then swapped in) or choose another path")
         check_free_space(fetch, out)
         run_fetch(fetch)
-    except BaseException:
-        release_output_lock(out)
-        raise
     return fetch
 
 
@@ -211,7 +208,7 @@ def _publish(plan: Plan, output: Path, *, inputs: list[Path], overwrite: bool, s
     t0 = time.perf_counter()
     entries = [OutEntry(op.name, op.out_dtype, op.shape) for op in plan.ops]
     hashers, hashes = _streamed_hashes(hash_inputs)
-    with output_lock(output, release=True), atomic_output_dir(output, overwrite=overwrite, inputs=inputs) as tmp:
+    with output_lock(output), atomic_output_dir(output, overwrite=overwrite, inputs=inputs) as tmp:
         writer = ShardedWriter(tmp, entries, parse_size(shard_size), metadata={"producer": f"deltaport {deltaport.__version__}"})
         t1 = time.perf_counter()
         stats = execute(plan, writer, progress=progress, threads=threads, chunk_elems=chunk_elems, strict=strict, label=label,
