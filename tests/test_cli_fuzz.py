@@ -144,6 +144,8 @@ class Space:
         self.chain.write_text("versions: []\n")
         self.scale_map = d / "scale_map.yaml"
         self.scale_map.write_text("mlp: 0.5\n")
+        self.existing = root / "existing.json"  # an existing file that is no input (--overwrite may replace it)
+        self.existing.write_text("{}\n")
         self.ro = root / "readonly"
         self.ro.mkdir()
         (self.ro / "existing").mkdir()
@@ -165,7 +167,7 @@ class Space:
                 str(self.data), "", "ünïcode-model", str(self.link), str(self.ro), "org/does-not-exist@main"]
 
     def out_paths(self) -> list[str]:
-        return [str(self.outs / "new"), str(self.outs / "new.json"), str(self.data), str(self.models["source_base"] / "sub"),
+        return [str(self.outs / "new"), str(self.outs / "new.json"), str(self.existing), str(self.models["source_base"] / "sub"),
                 str(self.link), str(self.ro / "out"), str(self.ro / "existing"), str(self.ro), "", str(self.outs / "ü ñ")]
 
     def data_paths(self) -> list[str]:
@@ -369,6 +371,7 @@ def test_fuzz_command(space, command):
 
 # the vectors that found bugs (issue 25), replayed every run
 PINNED = [
+    ["connectivity", "-o", "{data}", "--overwrite"], ["check", "-o", "{data}", "--overwrite"],
     ["transfer", "--shard-size", "5XB"], ["transfer", "--shard-size", "abc"], ["transfer", "--shard-size", "0"],
     ["transfer", "--shard-size", "-5MB"], ["transfer", "--shard-size", "12 MB MB"],
     ["transfer", "-o", "{ro}/out"], ["diff", "-o", "{ro}/out"], ["compress", "-o", "{ro}/out"],
@@ -380,7 +383,7 @@ PINNED = [
 @pytest.mark.parametrize("extra", PINNED, ids=lambda v: " ".join(v))
 def test_pinned_vectors(space, extra):
     m, d = space.models, space.models["delta"]
-    fill = {"ro": str(space.ro), "link": str(space.link)}
+    fill = {"ro": str(space.ro), "link": str(space.link), "data": str(space.data)}
     extra = [e.format(**fill) for e in extra]
     base = {
         "transfer": ["transfer", "--source-base", str(m["source_base"]), "--source-finetuned", str(m["source_finetuned"]),
@@ -389,6 +392,8 @@ def test_pinned_vectors(space, extra):
         "compress": ["compress", str(d), "--method", "lowrank", "--rank", "2"],
         "connectivity": ["connectivity", str(m["source_base"]), str(m["target_base"]), "--data", str(space.data),
                          "--max-tokens", "32", "--points", "2"],
+        "check": ["check", "--source-base", str(m["source_base"]), "--source-finetuned", str(m["source_finetuned"]),
+                  "--target-base", str(m["target_base"]), "--data", str(space.data), "--max-tokens", "32"],
     }[extra[0]]
     argv = base + extra[1:]
     if "-o" not in argv:

@@ -148,7 +148,7 @@ def test_a_pickled_index_is_checked_like_a_safetensors_index(tmp_path, index, me
 
 
 def test_a_multi_process_finetune_output_replaces_the_old_one_only_when_the_new_one_is_in(tmp_path, monkeypatch):
-    """The staging folder that several ranks share is published like every other output (io.atomic.publish_dir):
+    """A multi-process run's output (rank 0 writes it) is published like every other output (io.atomic.publish_dir):
     the previous output is moved aside, not deleted first, so a failed rename puts it back."""
     import errno
     import os
@@ -165,7 +165,7 @@ def test_a_multi_process_finetune_output_replaces_the_old_one_only_when_the_new_
     real_rename = os.rename
 
     def rename(src, dst):
-        if ".deltaport-tmp-dist-" in str(src):
+        if ".deltaport-tmp-" in str(src):
             raise OSError(errno.EXDEV, "cross-device link", str(src))
         real_rename(src, dst)
 

@@ -27,12 +27,17 @@ def _setup(progress: bool) -> None:
         torch.set_num_threads(int(n))
 
 
-def _check_outputs(output: Path, plot: Optional[Path], overwrite: bool, inputs: list) -> None:
+def _check_outputs(output: Path, plot: Optional[Path], overwrite: bool, inputs: list, data: Optional[Path] = None) -> None:
     """Refuse unusable report/plot paths before any model is loaded: inside an input, a directory,
-    an existing file without --overwrite, the same file twice, a plot format matplotlib cannot write."""
+    an existing file without --overwrite, the --data file itself (even with --overwrite: an input is never
+    replaced), the same file twice, a plot format matplotlib cannot write."""
     from deltaport.errors import InputError, OutputError
     from deltaport.io.atomic import check_output_file, check_output_location, check_writable
 
+    for p in (output, plot):
+        if p is not None and data is not None and p.absolute().resolve() == Path(data).absolute().resolve():
+            raise OutputError(f"{p} is the --data file; deltaport never writes over an input. Choose another "
+                              "output path.")
     for p in (output, plot):
         if p is not None:
             check_output_location(p, inputs)
@@ -66,7 +71,7 @@ def register(app: typer.Typer) -> None:
         quiet: bool = QUIET, progress: Optional[bool] = PROGRESS, **options,
     ) -> None:
         """Loss along θ(α) = (1−α)·A + α·B and the loss barrier (read layer by layer: one layer of each model in memory)."""
-        _check_outputs(output, plot, overwrite, [a, b])
+        _check_outputs(output, plot, overwrite, [a, b], data)
         preflight.diagnostics([a, b], data, allow_pickle=options.get("allow_pickle", False), device=options.get("device"),
                               dtype=options.get("dtype"), points=options.get("points"), max_tokens=options.get("max_tokens"))
         progress = progress_mode(quiet, progress)
@@ -128,7 +133,7 @@ def register(app: typer.Typer) -> None:
         quiet: bool = QUIET, progress: Optional[bool] = PROGRESS, **options,
     ) -> None:
         """Will m_t + Δ_s work? Cheap signals and a verdict: likely | uncertain | unlikely | uncalibrated."""
-        _check_outputs(output, None, overwrite, [source_base, source_finetuned, target_base])
+        _check_outputs(output, None, overwrite, [source_base, source_finetuned, target_base], data)
         preflight.diagnostics([source_base, source_finetuned, target_base], data,
                               allow_pickle=options.get("allow_pickle", False), device=options.get("device"),
                               max_tokens=options.get("max_tokens"))

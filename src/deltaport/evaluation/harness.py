@@ -197,8 +197,8 @@ def run_group(lm_eval, m: EvalModel, group: list[TaskSpec], proto: str, tm, *, l
     except Exception as exc:  # noqa: BLE001 - surface any harness failure as a deltaport error
         raise RuntimeFailure(f"lm-eval failed on task(s) {names}, model {m.name!r}: "
                              f"{type(exc).__name__}: {exc}") from exc
-    if out is None:  # non-zero rank in a distributed run
-        return {ts.name: {"metrics": {}, "subtasks": {}} for ts in group}
+    if out is None:  # non-zero rank in a distributed run: rank 0 holds the scores and the per-item records
+        return {ts.name: {"metrics": {}, "subtasks": {}, "items": {}, "lm_eval": {}} for ts in group}
     res = out.get("results", {})
     gs = out.get("group_subtasks", {}) or {}
     elapsed = round(time.time() - t0, 3)
