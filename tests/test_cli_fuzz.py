@@ -372,6 +372,7 @@ def test_fuzz_command(space, command):
 # the vectors that found bugs (issue 25), replayed every run
 PINNED = [
     ["connectivity", "-o", "{data}", "--overwrite"], ["check", "-o", "{data}", "--overwrite"],
+    ["check", "--target-base", "{delta}"],
     ["transfer", "--shard-size", "5XB"], ["transfer", "--shard-size", "abc"], ["transfer", "--shard-size", "0"],
     ["transfer", "--shard-size", "-5MB"], ["transfer", "--shard-size", "12 MB MB"],
     ["transfer", "-o", "{ro}/out"], ["diff", "-o", "{ro}/out"], ["compress", "-o", "{ro}/out"],
@@ -383,7 +384,7 @@ PINNED = [
 @pytest.mark.parametrize("extra", PINNED, ids=lambda v: " ".join(v))
 def test_pinned_vectors(space, extra):
     m, d = space.models, space.models["delta"]
-    fill = {"ro": str(space.ro), "link": str(space.link), "data": str(space.data)}
+    fill = {"ro": str(space.ro), "link": str(space.link), "data": str(space.data), "delta": str(d)}
     extra = [e.format(**fill) for e in extra]
     base = {
         "transfer": ["transfer", "--source-base", str(m["source_base"]), "--source-finetuned", str(m["source_finetuned"]),

@@ -77,6 +77,34 @@ def _local_models(specs: Iterable[Any]) -> dict[str, Path]:
     return out
 
 
+def full_model(label: str, d: Path) -> None:
+    """Refuse a directory the diagnostics cannot load as a model: a deltaport delta or a LoRA adapter (they
+    hold differences, not weights), or a config.json without ``model_type`` (transformers cannot build it)."""
+    import json as _json
+
+    if (d / "adapter_config.json").is_file() and not (d / "config.json").is_file():
+        raise InputError(f"{label} is a LoRA adapter, not a model; the diagnostics compare full models (merge it "
+                         "first, e.g. with `deltaport transfer`)")
+    prov = d / "deltaport.json"
+    if prov.is_file():
+        try:
+            kind = _json.loads(prov.read_text()).get("kind")
+        except (ValueError, AttributeError, OSError):
+            kind = None
+        if kind == "delta":
+            raise InputError(f"{label} is a deltaport delta (Δ = finetuned − base), not a model; pass full models "
+                             f"(`deltaport apply {label} --to BASE -o MODEL` makes one)")
+    cfg = d / "config.json"
+    if cfg.is_file():
+        try:
+            model_type = _json.loads(cfg.read_text()).get("model_type")
+        except (ValueError, AttributeError, OSError):
+            return  # an unreadable config is the model check's to word
+        if not model_type:
+            raise InputError(f"{cfg} has no \"model_type\"; transformers cannot build this model. Add it (e.g. "
+                             "\"llama\") or pass a Hugging Face model directory")
+
+
 def _shapes(d: Path) -> dict[str, tuple[int, ...]] | None:
     """Tensor name -> shape from a safetensors model directory's headers; None when it has none (pickles)."""
     from deltaport.io.checkpoint import open_checkpoint
@@ -120,6 +148,8 @@ def diagnostics(models: Iterable[Any], data: str | Path | None, *, allow_pickle:
     if data is not None:
         read_jsonl_texts(data)
     local = _local_models(models)
+    for label, d in local.items():
+        full_model(label, d)
     same_shapes(local)  # headers only
     from deltaport.io.model_check import check_weights
 

@@ -26,6 +26,7 @@ import secrets
 import shutil
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -181,7 +182,7 @@ def acquire_output_lock(out: str | Path) -> Path:
     import fcntl
 
     out = Path(out).absolute()
-    with _HELD_GUARD:
+    with _HELD_GUARD, _signals_deferred():  # a signal lands before the lock file exists or after it is registered
         if out in _HELD:
             return out
         prepare_parent(out)
@@ -197,6 +198,11 @@ def acquire_output_lock(out: str | Path) -> Path:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
                 holder = _lock_pid(fd)
+                for _ in range(50):  # the holder writes its pid right after locking: give it a moment
+                    if holder:
+                        break
+                    time.sleep(0.01)
+                    holder = _lock_pid(fd)
                 os.close(fd)
                 who = f"pid {holder}" if holder else "pid unknown"
                 raise OutputError(f"another deltaport process ({who}) is writing {out}; wait for it to finish, or "
@@ -227,7 +233,7 @@ def _lock_pid(fd: int) -> int | None:
 def release_output_lock(out: str | Path) -> None:
     """Give up the writer lock of ``out`` taken by :func:`acquire_output_lock` (no-op if not held)."""
     out = Path(out).absolute()
-    with _HELD_GUARD:
+    with _HELD_GUARD, _signals_deferred():
         fd = _HELD.pop(out, None)
         if fd is None:
             return
