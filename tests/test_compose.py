@@ -102,12 +102,13 @@ def test_one_scale_per_delta_cli(two, tmp_path, capsys):
 
 def _no_reads(monkeypatch):
     import deltaport.engine as E
+    from deltaport.io import reader
     from deltaport.io.checkpoint import Checkpoint
 
     def boom(*a, **k):
         raise AssertionError("a tensor byte was read")
 
-    monkeypatch.setattr(E, "pread_into", boom)
+    monkeypatch.setattr(reader, "pread_into", boom)
     monkeypatch.setattr(Checkpoint, "tensor", boom)
     monkeypatch.setattr(E.Engine, "run", boom)
 

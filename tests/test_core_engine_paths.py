@@ -22,7 +22,9 @@ def _no_prefetch(monkeypatch):
 def _fail_read(monkeypatch, *, at_call: int) -> None:
     """Make the engine's ``at_call``-th file read raise a CheckpointError (an injected I/O failure)."""
     calls = {"n": 0}
-    real = E.pread_into
+    from deltaport.io import reader
+
+    real = reader.pread_into
 
     def flaky(fd, buf, offset, nbytes, what):
         calls["n"] += 1
@@ -30,7 +32,7 @@ def _fail_read(monkeypatch, *, at_call: int) -> None:
             raise CheckpointError(f"{what}: injected read failure")
         return real(fd, buf, offset, nbytes, what)
 
-    monkeypatch.setattr(E, "pread_into", flaky)
+    monkeypatch.setattr(reader, "pread_into", flaky)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
@@ -72,8 +74,10 @@ def test_all_finite_matches_isfinite():
         torch.tensor([3.0e38, 3.0e38], dtype=torch.bfloat16),
         torch.tensor([], dtype=torch.float64),
     ]
+    from deltaport.engine.stats import all_finite
+
     for x in cases:
-        assert E._all_finite(x) == bool(torch.isfinite(x).all()), x
+        assert all_finite(x) == bool(torch.isfinite(x).all()), x
 
 
 def test_overflow_to_inf_still_raises(family, tmp_path):

@@ -226,9 +226,11 @@ def test_streamed_ties_threshold_is_kthvalue_of_the_whole_tensor(family, tmp_pat
     deltaport.diff(p["source_base"], p["source_finetuned"], tmp_path / "d1")
     deltaport.diff(p["source_base"], tmp_path / "ft2", tmp_path / "d2")
     ds = [load_sd(tmp_path / "d1"), load_sd(tmp_path / "d2")]
+    import deltaport.engine.compose as compose_mod
+
     real = E.Engine._streamed_threshold
     for gather in (3,):  # several 16-bit levels, then the gather (the default: test_compose's TIES test)
-        monkeypatch.setattr(E, "TIES_GATHER", gather)
+        monkeypatch.setattr(compose_mod, "TIES_GATHER", gather)
         seen = {}
 
         def spy(self, op, i, part):

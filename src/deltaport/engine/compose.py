@@ -1,0 +1,89 @@
+"""A composed apply (several Δs onto one target): the sum Σ λ_i·Δ_i or its TIES merge, per chunk in float64
+(the arithmetic is :func:`deltaport.numerics.compose_deltas`), the TIES magnitude cut-offs found by
+streaming each Δ (never held whole), and the exact rounding where float64 cannot decide."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from deltaport.numerics import compose_deltas, round_composed_exactly
+from deltaport.plan import TensorOp
+
+# TIES thresholds: candidates gathered for the final kthvalue once this few remain (8 MB of float64 bits)
+TIES_GATHER = 1 << 20
+
+
+class ComposeMixin:
+    """:class:`~deltaport.engine.core.Engine`'s composed apply."""
+
+    def _ties_thresholds(self, op: TensorOp, row_elems: int) -> list[float]:
+        """TIES trim: per delta, the magnitude its entries must reach in this tensor to be kept
+        (:func:`~deltaport.numerics.ties_threshold`: the ⌈density·N⌉-th largest |Δ_i|), found by streaming."""
+        cache = getattr(self, "_ties_cache", None)
+        if cache is not None and cache[0] == op.name:
+            return cache[1]
+        thresholds = [self._streamed_threshold(op, i, part) for i, part in enumerate(op.deltas)]
+        self._ties_cache = (op.name, thresholds)
+        return thresholds
+
+    def _streamed_threshold(self, op: TensorOp, i: int, part) -> float:
+        """The k-th largest |Δ_i| of one tensor (k = ⌈density·N⌉), the value ``torch.kthvalue`` gives on the
+        whole tensor, without holding it: a radix select on the float64 bit patterns of the magnitudes
+        (non-negative floats order as their bits do). Each pass streams the Δ chunk by chunk and counts the
+        candidates by their next 16 bits; once at most :data:`TIES_GATHER` candidates remain they are
+        gathered and the rest is one ``kthvalue`` (memory: a 65 536-bin histogram and those candidates)."""
+        numel = op.numel
+        k = max(1, math.ceil(op.ties_density * numel))
+        if k >= numel:
+            return 0.0
+        rank = numel - k + 1  # 1-based, ascending: kthvalue's k
+
+        def magnitudes():
+            for e0, e1, rows in self._chunks(op):
+                v = self._part_values(op, i, part, e0, e1, rows, key=f"ties{i}")
+                yield v.abs().view(torch.int64)
+
+        prefix, shift = 0, 64
+        while shift > 0:
+            shift -= 16
+            hist = torch.zeros(1 << 16, dtype=torch.int64)
+            for bits in magnitudes():
+                if shift < 48:
+                    bits = bits[(bits >> (shift + 16)) == prefix]
+                hist += torch.bincount(((bits >> shift) & 0xFFFF).reshape(-1), minlength=1 << 16)
+            cum = hist.cumsum(0)
+            b = int(torch.searchsorted(cum, torch.tensor([rank]))[0])
+            rank -= int(cum[b - 1]) if b else 0
+            prefix = (prefix << 16) | b
+            if int(hist[b]) <= TIES_GATHER:
+                break
+        if shift > 0:
+            cand = torch.cat([bits[(bits >> shift) == prefix] for bits in magnitudes()])
+            prefix = int(torch.kthvalue(cand, rank).values)
+        return float(torch.tensor([prefix], dtype=torch.int64).view(torch.float64)[0])
+
+    def _compose(self, op: TensorOp, e0: int, e1: int, row_elems: int) -> torch.Tensor:
+        """d = Σ_i λ_i·Δ_i (or the TIES merge of the λ_i·Δ_i) for a composed apply, in float64
+        (:func:`~deltaport.numerics.compose_deltas`); the Δ_i and the error bound are kept for
+        :meth:`_compose_fixup`."""
+        thresholds = self._ties_thresholds(op, row_elems) if op.ties_density is not None else None
+        self._compose_vals = [self._part_values(op, i, part, e0, e1, row_elems, key=f"d{i}")
+                              for i, part in enumerate(op.deltas)]
+        d, self._compose_mag, self._compose_unsure = compose_deltas(
+            self._compose_vals, [part.scale for part in op.deltas], thresholds, buf=self.bufs.get)
+        self._compose_d = d
+        return d
+
+    def _compose_fixup(self, op: TensorOp, out: torch.Tensor, e0: int, e1: int) -> None:
+        """Round a composed chunk from the exact value where float64 cannot decide
+        (:func:`~deltaport.numerics.round_composed_exactly`). float64 outputs and a float32 compute dtype keep
+        the result as computed."""
+        if op.out_dtype == torch.float64 or self.compute_dtype != torch.float64:
+            return
+        target = self._fill("base", op.base, e0, e1, op.shape[-1] if op.shape else 1)
+        thresholds = self._ties_thresholds(op, 1) if op.ties_density is not None else None
+        self.stats.exact_fixups += round_composed_exactly(
+            out, target, self._compose_d, self._compose_mag, self._compose_vals, [part.scale for part in op.deltas],
+            thresholds, self._compose_unsure, buf=self.bufs.get)

@@ -1,0 +1,267 @@
+"""The chunk loop: every output tensor of a :class:`~deltaport.plan.Plan` in chunks through reused buffers
+(memory stays a small multiple of one chunk, whatever the model size), each chunk computed by the fused
+kernel or the torch path, checked for NaN/Inf and rounded once to the output dtype, while the reader and
+writer threads (:mod:`~deltaport.engine.pipeline`) overlap I/O with the arithmetic."""
+
+from __future__ import annotations
+
+import queue
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
+
+import torch
+
+from deltaport import kernel
+from deltaport.engine.checks import ChecksMixin
+from deltaport.engine.compose import ComposeMixin
+from deltaport.engine.fused import FusedMixin
+from deltaport.engine.pipeline import Buffers, Prefetcher, Writer
+from deltaport.engine.reads import ReadsMixin
+from deltaport.engine.stats import Stats, all_finite
+from deltaport.engine.workers import WorkersMixin
+from deltaport.errors import DeltaportError, RuntimeFailure
+from deltaport.io import reader
+from deltaport.io.tensors import FLOAT_DTYPES
+from deltaport.io.writer import ShardedWriter
+from deltaport.numerics import round_into, transfer_into
+from deltaport.plan import Plan, TensorOp, Term
+
+# 512K elements: 2 MB per float32 buffer, so a chunk's working set (raw reads, three float32 operands, the
+# output) stays in this CPU's L3 cache; 4M-element chunks measured ~1.5x the CPU time (and +160 MB RSS)
+DEFAULT_CHUNK_ELEMS = 1 << 19
+
+# ``threads`` = worker threads for the arithmetic, each running torch on ONE thread over whole chunks (never
+# OpenMP threads inside a chunk: with 2 torch threads and the second core busy, the benchmark's transfer
+# took 25-62 s instead of 5-9 s, the OpenMP threads spinning while waiting for each other). Default 1: on
+# 2 cores the reader and writer threads already use the second one.
+DEFAULT_THREADS = 1
+
+
+class Engine(ReadsMixin, FusedMixin, ComposeMixin, ChecksMixin, WorkersMixin):
+    """Runs one plan into one writer (:meth:`run`). Its parts, each in its own module: reading inputs
+    (:mod:`~deltaport.engine.reads`), the fused kernel (:mod:`~deltaport.engine.fused`), composed applies and
+    TIES (:mod:`~deltaport.engine.compose`), checks of a computed chunk (:mod:`~deltaport.engine.checks`),
+    worker threads (:mod:`~deltaport.engine.workers`); the chunk loop is here."""
+
+    def __init__(self, plan: Plan, *, chunk_elems: int = DEFAULT_CHUNK_ELEMS, strict: bool = False, prefetch: bool = True,
+                 hashers: dict | None = None):
+        self.plan = plan
+        self.hashers = hashers or {}  # file -> io.checkpoint.StreamedHash: the card's content hashes, from these reads
+        self.prefetch = prefetch
+        self.chunk = max(int(chunk_elems), 1)
+        self.strict = strict
+        self.compute_dtype = plan.compute_dtype
+        self.bufs = Buffers()
+        self.files = reader.FilePool()
+        self.stats = Stats()
+        self._reader: Prefetcher | None = None
+        self._pre: dict[str, torch.Tensor] = {}  # this chunk's prefetched raw bytes, by key
+        self._raw: dict[str, torch.Tensor] = {}  # the raw bytes _fill last converted, by key
+        self._workers = 1
+        self._packed_cache: dict[str, dict] = {}  # compressed tensor parts, by key (one tensor each)
+        # the fused kernel (deltaport.kernel) computes the float64 (exact) arithmetic unless DELTAPORT_KERNEL=torch
+        self.use_kernel = kernel.available() and self.compute_dtype == torch.float64
+        self._kernel_threads = 1
+        self._kernel_pool: ThreadPoolExecutor | None = None
+
+    def _chunks(self, op: TensorOp):
+        numel = op.numel
+        rows = op.shape[0] if op.shape else 1
+        row_elems = numel // rows if rows else 1
+        aligned = any(t.rowmap is not None for t in op.inputs())
+        step = self.chunk
+        if aligned:
+            step = max(1, self.chunk // max(row_elems, 1)) * row_elems
+        e = 0
+        while e < numel:
+            yield e, min(numel, e + step), row_elems
+            e += step
+
+    @staticmethod
+    def _raw_copy(op: TensorOp) -> bool:
+        return (op.kind == "copy" and op.base.rowmap is None and op.base.spec.dtype == op.out_dtype
+                and op.base.spec.numel == op.numel and op.base.ck.memory_tensor(op.base.spec.name) is None)
+
+    def _prefetchable(self, op: TensorOp) -> list[tuple[str, Term]]:
+        """The (key, term) pairs :meth:`_fill` reads from a file for every chunk of ``op`` (see _run_op)."""
+        if self._raw_copy(op) or op.out_dtype not in FLOAT_DTYPES:
+            return []
+        if op.kind == "copy" or op.scale == 0.0:
+            terms = [("base", op.base)]
+        else:
+            direct = op.lora is None and op.packed is None and not op.deltas
+            terms = [("plus", op.plus), ("minus", op.minus)] if direct else []
+            terms.append(("base", op.base))
+        return [(k, t) for k, t in terms
+                if t is not None and t.rowmap is None and t.ck.memory_tensor(t.spec.name) is None]
+
+    def _run_op(self, op: TensorOp, writer_thread: Writer) -> None:
+        writer_thread.q.put(("begin", op.name, op.nbytes))
+        out_itemsize = op.out_dtype.itemsize
+        for e0, e1, row_elems in self._chunks(op):
+            n = e1 - e0
+            pre_bufs = None
+            if self._reader is not None:
+                pre_bufs, self._pre = self._reader.next(op.name, e0)
+            obuf = self._take(writer_thread, n * out_itemsize)
+            self._chunk(op, e0, e1, row_elems, obuf)
+            if self._reader is not None:
+                self._pre = {}
+                self._reader.release(pre_bufs)
+            writer_thread.q.put(("data", obuf, n * out_itemsize))
+            writer_thread.check()
+            self._progress(n * out_itemsize)
+        self.stats.tensors += 1
+
+    def _chunk(self, op: TensorOp, e0: int, e1: int, row_elems: int, obuf: torch.Tensor) -> None:
+        """Output elements [e0, e1) of ``op`` into the byte buffer ``obuf`` (this chunk's prefetched raw
+        bytes, if any, in ``self._pre``). Touches only this engine's own buffers, files and stats, so
+        workers (copies of the engine, see :meth:`_run_workers`) can run it side by side."""
+        n = e1 - e0
+        out_itemsize = op.out_dtype.itemsize
+        floating = op.out_dtype in FLOAT_DTYPES
+        if self._raw_copy(op):
+            spec = op.base.spec
+            reader.pread_into(self.files.fd(spec.file), obuf, spec.start + e0 * out_itemsize, n * out_itemsize, f"{spec.file}:{spec.name}")
+            self._observe(spec, e0 * out_itemsize, obuf[: n * out_itemsize])
+            self.stats.bytes_read += n * out_itemsize
+            if floating and not all_finite(obuf[: n * out_itemsize].view(op.out_dtype)):
+                self._diagnose(op, e0, e1, row_elems)
+        elif not floating:  # non-float copy with a row map or from memory
+            src = op.base.ck.memory_tensor(op.base.spec.name)
+            if src is None:
+                spec = op.base.spec
+                reader.pread_into(self.files.fd(spec.file), obuf, spec.start + e0 * out_itemsize, n * out_itemsize, f"{spec.file}:{spec.name}")
+            else:
+                obuf[: n * out_itemsize].copy_(src.reshape(-1)[e0:e1].contiguous().view(torch.uint8))
+        else:
+            out = obuf[: n * out_itemsize].view(op.out_dtype)
+            if op.kind == "copy" or op.scale == 0.0:
+                self._round(out, self._fill("base", op.base, e0, e1, row_elems), n)
+            elif self._kernel_chunk(op, e0, e1, row_elems, obuf[: n * out_itemsize]):
+                self.stats.ran(op.name, "numba")
+            else:
+                self.stats.ran(op.name, "torch")
+                minus = None
+                if op.deltas:
+                    plus = self._compose(op, e0, e1, row_elems)
+                elif op.lora is not None:
+                    plus = self._lora(op, e0, e1, row_elems)
+                elif op.packed is not None:
+                    plus = self._packed(op.packed, op.name, e0, e1)
+                else:
+                    plus = self._fill("plus", op.plus, e0, e1, row_elems)
+                    if op.minus is not None:
+                        minus = self._fill("minus", op.minus, e0, e1, row_elems)
+                target = None if op.base is None else self._fill("base", op.base, e0, e1, row_elems)
+                self.stats.exact_fixups += transfer_into(out, target, plus, minus, op.scale,
+                                                         scratch=self.bufs.get("round", n, torch.int64), buf=self.bufs.get)
+                if op.residual:
+                    self._keep_residual(op, out, plus, minus, e0, e1, row_elems)
+                if op.deltas:
+                    self._compose_fixup(op, out, e0, e1)
+            if not all_finite(out):
+                self._diagnose(op, e0, e1, row_elems)
+            if op.base is None and (op.minus is not None or op.check is not None):
+                self._verify_roundtrip(op, out, e0, e1, row_elems)
+
+    def _round(self, out: torch.Tensor, acc: torch.Tensor, n: int) -> None:
+        """One correct rounding of the compute-dtype result into the output dtype (see numerics)."""
+        if acc.dtype == torch.float64 and out.dtype in (torch.bfloat16, torch.float16):
+            round_into(out, acc, self.bufs.get("round", n, torch.int64))  # (acc is scratch: modified)
+        else:
+            out.copy_(acc)
+
+    def _take(self, writer_thread: Writer, nbytes: int) -> torch.Tensor:
+        while True:
+            try:
+                b = writer_thread.free.get_nowait()
+            except queue.Empty:
+                if self._nout < 3 + self._workers:
+                    self._nout += 1
+                    b = torch.empty(0, dtype=torch.uint8)
+                else:
+                    b = writer_thread.free.get()
+            if b.numel() < nbytes:
+                b = torch.empty(max(nbytes, self._out_cap()), dtype=torch.uint8)
+            return b
+
+    def _out_cap(self) -> int:
+        return self.chunk * 8
+
+    def _progress(self, n: int) -> None:
+        if self._bar is not None:
+            self._bar[0].update(self._bar[1], advance=n)
+
+    def run(self, writer: ShardedWriter, *, progress: bool = False, threads: int | None = None, label: str = "") -> Stats:
+        ops = {op.name: op for op in self.plan.ops}
+        t0 = time.perf_counter()
+        old_threads = torch.get_num_threads()
+        workers = max(1, int(threads or DEFAULT_THREADS))
+        torch.set_num_threads(1)  # each worker runs torch on one thread (see DEFAULT_THREADS)
+        if self.use_kernel and self.plan.operation != "diff" and workers > 1:
+            # the kernel's own parallelism: one chunk split over ``threads`` threads (the fallback's chunks,
+            # where the kernel does not apply, then run on one worker)
+            self._kernel_threads, workers = workers, 1
+            self._kernel_pool = ThreadPoolExecutor(max_workers=self._kernel_threads, thread_name_prefix="deltaport-kernel")
+        self._workers = workers
+        self._nout = 0
+        self._bar = None
+        writer_thread = Writer(writer)
+        writer_thread.start()
+        ctx = nullcontext()
+        if progress:
+            from rich.console import Console
+            from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                                       TransferSpeedColumn)
+
+            prog = Progress(TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                            TimeRemainingColumn(), console=Console(stderr=True), transient=False)
+            ctx = prog
+            self._bar = (prog, prog.add_task(label or self.plan.operation, total=self.plan.total_out_bytes))
+        if self.prefetch:
+            self._reader = Prefetcher(self, [ops[entry.name] for entry in writer.order], extra_sets=workers - 1)
+            self._reader.start()
+        try:
+            with ctx, torch.inference_mode():
+                if workers == 1:
+                    for entry in writer.order:
+                        self._run_op(ops[entry.name], writer_thread)
+                else:
+                    self._run_workers([ops[entry.name] for entry in writer.order], writer_thread, workers)
+            writer_thread.close()
+            writer_thread.check()
+        except BaseException:
+            writer_thread.close()
+            writer.abort()
+            raise
+        finally:
+            if self._reader is not None:
+                self._reader.stop()
+                self._reader = None
+            self.files.close()
+            torch.set_num_threads(old_threads)
+            if self._kernel_pool is not None:
+                self._kernel_pool.shutdown(wait=True)
+                self._kernel_pool = None
+        self.stats.bytes_written = writer_thread.bytes
+        self.stats.seconds = time.perf_counter() - t0
+        return self.stats
+
+
+def execute(plan: Plan, writer: ShardedWriter, *, progress: bool = False, threads: int | None = None,
+            chunk_elems: int = DEFAULT_CHUNK_ELEMS, strict: bool = False, label: str = "", hashers: dict | None = None) -> Stats:
+    """Run ``plan`` into ``writer``; raises DeltaportError subclasses on bad data. ``hashers``: file ->
+    :class:`~deltaport.io.checkpoint.StreamedHash`, fed with the bytes read from that file."""
+    try:
+        return Engine(plan, chunk_elems=chunk_elems, strict=strict, hashers=hashers).run(writer, progress=progress, threads=threads,
+                                                                                      label=label)
+    except (DeltaportError, KeyboardInterrupt, SystemExit):
+        raise
+    except OSError as exc:
+        from deltaport.errors import DiskError
+
+        raise DiskError(f"I/O error: {exc}") from None
+    except RuntimeError as exc:  # torch runtime errors (out of memory, ...)
+        raise RuntimeFailure(f"{type(exc).__name__}: {exc}") from None

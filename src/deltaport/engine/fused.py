@@ -1,0 +1,79 @@
+"""A chunk through the fused kernel (:func:`deltaport.kernel.fused_into`): the inputs as their stored bytes,
+one pass, one rounding; where the kernel does not apply the engine's torch path computes the chunk."""
+
+from __future__ import annotations
+
+import torch
+
+from deltaport import kernel
+from deltaport.io import reader
+from deltaport.io.tensors import dtype_name
+from deltaport.plan import TensorOp, Term
+
+
+class FusedMixin:
+    """:class:`~deltaport.engine.core.Engine`'s use of the fused kernel."""
+
+    def _kernel_input(self, key: str, term: Term, e0: int, e1: int, row_elems: int):
+        """``term``'s values for output elements [e0, e1) as the kernel reads them: the stored bytes (this
+        chunk's prefetched ones, or read now) viewed as :func:`deltaport.kernel.in_view`; float64 values
+        from :meth:`_fill` where the term is not one plain file range (row maps, padding, memory)."""
+        spec = term.spec
+        view = kernel.in_view(dtype_name(spec.dtype))
+        if view is None or term.rowmap is not None or spec.numel < e1 or term.ck.memory_tensor(spec.name) is not None:
+            return self._fill(key, term, e0, e1, row_elems).numpy()
+        nbytes = (e1 - e0) * spec.dtype.itemsize
+        raw = self._pre.get(key)
+        if raw is None:
+            raw = self.bufs.get(key + ":r", nbytes, torch.uint8)
+            reader.pread_into(self.files.fd(spec.file), raw, spec.start + e0 * spec.dtype.itemsize, nbytes, f"{spec.file}:{spec.name}")
+        self._raw[key] = raw
+        self.stats.bytes_read += nbytes
+        return raw[:nbytes].numpy().view(view)
+
+    def _kernel_chunk(self, op: TensorOp, e0: int, e1: int, row_elems: int, obuf: torch.Tensor) -> bool:
+        """Compute a chunk with :func:`deltaport.kernel.fused_into` into the byte buffer ``obuf``; False where
+        the kernel does not apply (forced off, float32 math, TIES, a diff's round-trip check, a chunk it
+        refuses): the torch fallback then computes it."""
+        out_name = dtype_name(op.out_dtype)
+        if (not self.use_kernel or op.ties_density is not None or kernel.out_view(out_name) is None
+                or (op.base is None and (op.minus is not None or op.check is not None))
+                or getattr(op, "residual", None) or any(getattr(p, "residual", None) for p in op.deltas)):
+            return False  # (a Δ's exact residual, #21b: summed by the fallback)
+        target = None if op.base is None else self._kernel_input("base", op.base, e0, e1, row_elems)
+        if op.deltas:
+            vals = [self._kernel_input(f"d{i}", part.plus, e0, e1, row_elems) if part.lora is None and part.packed is None
+                    else self._part_values(op, i, part, e0, e1, row_elems, key=f"d{i}").numpy()
+                    for i, part in enumerate(op.deltas)]
+            if len({v.dtype for v in vals}) > 1:  # one dtype per call: the mixed ones as float64
+                vals = [self._part_values(op, i, part, e0, e1, row_elems, key=f"d{i}").numpy()
+                        for i, part in enumerate(op.deltas)]
+            terms, scales = [(v, None) for v in vals], [part.scale for part in op.deltas]
+        else:
+            if op.lora is not None:
+                plus = self._lora(op, e0, e1, row_elems).numpy()
+            elif op.packed is not None:
+                plus = self._packed(op.packed, op.name, e0, e1).numpy()
+            else:
+                plus = self._kernel_input("plus", op.plus, e0, e1, row_elems)
+            minus = None if op.minus is None else self._kernel_input("minus", op.minus, e0, e1, row_elems)
+            terms, scales = [(plus, minus)], [op.scale]
+        out = obuf.numpy().view(kernel.out_view(out_name))
+        got = self._kernel_run(out, out_name, target, terms, scales)
+        if got == kernel.KERNEL_REFUSED:
+            return False
+        self.stats.exact_fixups += got
+        return True
+
+    def _kernel_run(self, out, out_name: str, target, terms, scales) -> int:
+        """The kernel over the chunk, split into ``threads`` parts run side by side (it releases the GIL)."""
+        n = out.shape[0]
+        parts = self._kernel_threads if n >= 8 * kernel.BLOCK else 1
+        if parts == 1:
+            return kernel.fused_into(out, out_name, target, terms, scales)
+        step = -(-n // parts // kernel.BLOCK) * kernel.BLOCK
+        cut = lambda a, i: None if a is None else a[i:i + step]  # noqa: E731
+        futs = [self._kernel_pool.submit(kernel.fused_into, out[i:i + step], out_name, cut(target, i),
+                                         [(cut(p, i), cut(m, i)) for p, m in terms], scales) for i in range(0, n, step)]
+        got = [f.result() for f in futs]
+        return kernel.KERNEL_REFUSED if kernel.KERNEL_REFUSED in got else sum(got)
