@@ -99,6 +99,17 @@ def test_bad_config_lists_every_error(tmp_path):
         load_config(tmp_path / "missing.yaml")
 
 
+def test_a_preset_name_wins_over_a_same_named_run_directory(tmp_path, monkeypatch):
+    # `lab run full -o full` leaves a directory called "full"; the next `lab run full` from there
+    # crashed with IsADirectoryError before: the preset must win, any other directory is refused clearly
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "full").mkdir()
+    (tmp_path / "runs").mkdir()
+    assert load_config("full") == load_config(Path(__file__).parents[1] / "src/deltaport/lab/presets/full.yaml")
+    with pytest.raises(InputError, match="is a directory"):
+        load_config("runs")
+
+
 def test_family_resume_after_kill_is_bit_identical(tmp_path):
     from deltaport.lab.family import build_family
 

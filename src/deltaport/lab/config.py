@@ -204,8 +204,13 @@ def load_config(path_or_name: str | Path) -> LabConfig:
     import yaml
 
     path = Path(path_or_name)
-    if not path.exists() and (PRESETS_DIR / f"{path_or_name}.yaml").exists():
+    # a preset name wins over a same-named directory: `lab run full -o full` leaves a run directory
+    # called "full" in the working directory, and the next `lab run full` must still mean the preset
+    if not path.is_file() and (PRESETS_DIR / f"{path_or_name}.yaml").exists():
         path = PRESETS_DIR / f"{path_or_name}.yaml"
+    if path.is_dir():
+        raise LabConfigError(f"lab config {str(path_or_name)!r} is a directory: give a YAML file or a preset "
+                             f"name ({', '.join(sorted(p.stem for p in PRESETS_DIR.glob('*.yaml')))})")
     if not path.exists():
         presets = sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
         raise LabConfigError(f"lab config {str(path_or_name)!r} not found: give a YAML file or a preset name "
