@@ -325,5 +325,57 @@ def test_every_committed_report_and_summary_rerenders():
     assert ROOT / "docs/results/full/summary.md" in out
     assert out[QUICK / "report.md"] == R.rerender(QUICK)
     for path, text in out.items():
+        if path.suffix == ".json":  # the claims decided again by today's rules: the committed file must agree
+            assert path.read_text() == text, f"{path}: run python benchmarks/readme_tables.py reports"
+            continue
         assert text.startswith("# deltaport lab"), path
         assert _repeated_ends(text) == [], path
+
+
+# ------------------------------------------------------------------ one-seed verdicts and the noise margin
+@pytest.mark.parametrize("unit,thr,direction,lo,hi,item,one_seed", [
+    ("points", -0.02, ">=", -0.035, 0.0, "inconclusive", "inconclusive"),
+    ("points", -0.02, ">=", -0.005, 0.01, "yes", "inconclusive"),  # clears −2 by 1.5 points only: within 3
+    ("points", -0.02, ">=", 0.015, 0.04, "yes", "yes"),
+    ("points", 0.0, ">", -0.03, 0.0, "no", "inconclusive"),
+    ("points", 0.0, ">", -0.20, -0.031, "no", "no"),
+    ("fraction", 0.75, ">=", 0.965, 1.0, "yes", "yes"),
+    ("fraction", 0.75, ">=", 0.80, 0.95, "yes", "inconclusive"),
+    ("rho", -0.5, "<=", -0.85, -0.84, "yes", "yes"),
+    ("rho", -0.5, "<=", -0.62, -0.55, "yes", "inconclusive"),
+    ("points", 0.05, "<=", 0.0, 0.0, "yes", "yes"),
+])
+def test_one_seed_verdict_widens_the_item_interval_by_the_noise_margin(unit, thr, direction, lo, hi, item, one_seed):
+    from deltaport.lab.findings import one_seed_verdict
+    from deltaport.stats import verdict
+
+    f = {"unit": unit, "threshold": thr, "direction": direction, "lo": lo, "hi": hi}
+    assert verdict(f, thr, direction) == item
+    assert one_seed_verdict(f) == one_seed
+
+
+def test_noise_margin_only_turns_a_decided_verdict_inconclusive():
+    import random
+
+    from deltaport.lab.findings import NOISE_MARGIN, one_seed_verdict
+    from deltaport.stats import verdict
+
+    rng = random.Random(0)
+    for _ in range(2000):
+        unit = rng.choice(list(NOISE_MARGIN))
+        lo = rng.uniform(-1, 1)
+        f = {"unit": unit, "threshold": rng.uniform(-1, 1), "direction": rng.choice([">=", ">", "<="]),
+             "lo": lo, "hi": lo + rng.uniform(0, 0.3)}
+        v = one_seed_verdict(f)
+        assert v == "inconclusive" or v == verdict(f, f["threshold"], f["direction"])
+
+
+def test_claims_record_the_item_verdict_and_the_report_names_what_the_margin_held_back(quick):
+    cl = R.claims(quick)
+    assert cl and all({"item_verdict", "noise_margin", "verdict"} <= set(c) for c in cl)
+    r = {**quick, "claims": cl, "noise_twin": None}
+    text = R.report_md(r)
+    assert "widened on both sides by the design's noise bound (3.0 points for a difference of scores" in text
+    held = [c for c in cl if c["item_verdict"] != "inconclusive" and c["verdict"] == "inconclusive"]
+    for c in held:
+        assert f"({c['id']})" in text.split("That margin alone leaves", 1)[1].split(".", 1)[0]

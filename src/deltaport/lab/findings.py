@@ -153,6 +153,24 @@ def decide(runs: list[dict], *, n_boot: int = 2000, boot_seed: int = 0) -> list[
     return out
 
 
+#: The design's noise bounds (issue 20, docs/lab.md "Design v3"): the most a statistic may move between a run and
+#: its noise twin. A one-seed run's interval resamples items only; neither seed variation nor floating-point
+#: noise is in it, so a one-seed verdict is decided on the interval widened by this margin on both sides
+#: (:func:`one_seed_verdict`). Across seeds the hierarchical bootstrap carries the seed variation (a larger
+#: perturbation than the noise twin's), and no margin is added.
+NOISE_MARGIN = {"points": 0.03, "fraction": 0.10, "rho": 0.10}
+
+
+def one_seed_verdict(f: dict) -> str:
+    """The verdict of a one-seed claim: its item interval widened by ``NOISE_MARGIN[unit]`` on both sides,
+    then decided as across seeds. The margin can only turn a yes or a no into ``inconclusive``."""
+    lo, hi = f.get("lo"), f.get("hi")
+    if lo is None or hi is None or np.isnan(lo) or np.isnan(hi):
+        return "inconclusive"
+    m = NOISE_MARGIN[f["unit"]]
+    return verdict({"lo": lo - m, "hi": hi + m}, f["threshold"], f["direction"])
+
+
 #: why a multi-seed finding left undecided has no ``seeds_needed`` (see :func:`deltaport.lab.stats.seeds_needed`)
 NO_SEED_COUNT = "no seed count follows from the spread: the mean is on the threshold, or the seeds agree exactly"
 

@@ -115,7 +115,7 @@ def quick_table(r: dict) -> str:
                      + f"; largest claim gap {'–' if worst is None else f'{worst:.3f}'}, largest held-out score gap "
                      + ("–" if score_gap is None else f"{100 * score_gap:.1f}") + " points)")
 
-    lines += ["", f"One seed, intervals over items only — verdicts of this run: {verdicts}. The decided findings "
+    lines += ["", f"One seed, item intervals widened by the design's noise margin (docs/lab.md) — verdicts of this run: {verdicts}. The decided findings "
                   "are the multi-seed ones below. Produced with "
               + ", ".join(f"{k} {v}" for k, v in env.get("versions", {}).items() if k in
                           ("deltaport", "python", "torch", "transformers", "trl", "lm-eval"))
@@ -195,15 +195,21 @@ def replace_blocks(text: str, blocks: dict[str, str]) -> str:
 
 def rerender_reports(root: Path) -> dict[Path, str]:
     """Every committed report.md and summary.md under ``root/docs/results`` rendered again from its
-    results.json / summary.json by today's code (the lab is not rerun): ``{path: text}``."""
+    results.json / summary.json by today's code (the lab is not rerun), and every results.json with its
+    claims decided again from its per-item answers (:func:`deltaport.lab.report.refresh_claims`):
+    ``{path: text}``."""
     from deltaport.lab.multiseed import summary_md
-    from deltaport.lab.report import rerender
+    from deltaport.lab.report import refresh_claims, report_md
 
     out = {}
     for results in sorted(Path(root, "docs/results").glob("**/results.json")):
-        if "claims" not in json.loads(results.read_text()):  # not a lab run (e.g. docs/results/eval)
+        r = json.loads(results.read_text())
+        if "claims" not in r:  # not a lab run (e.g. docs/results/eval)
             continue
-        out[results.parent / "report.md"] = rerender(results.parent)
+        # claims decided again from the run's own per-item answers by today's rules (findings.py)
+        text = json.dumps(refresh_claims(r), indent=1, sort_keys=True, default=str) + "\n"
+        out[results] = text
+        out[results.parent / "report.md"] = report_md(json.loads(text))
     for summary in sorted(Path(root, "docs/results").glob("**/summary.json")):
         out[summary.parent / "summary.md"] = summary_md(json.loads(summary.read_text()))
     return out

@@ -93,14 +93,19 @@ def _paper_recovery(t: str, s: str) -> float | None:
 
 
 def claims(r: dict) -> list[dict]:
-    """The findings of docs/lab.md decided on this run alone (one seed: the interval resamples items only)."""
-    from deltaport.lab.findings import decide, fmt, rule_text
+    """The findings of docs/lab.md decided on this run alone (one seed: the interval resamples items only).
+
+    ``verdict`` is decided on the item interval widened by the design's noise margin
+    (:func:`deltaport.lab.findings.one_seed_verdict`); ``item_verdict`` is the interval's own verdict."""
+    from deltaport.lab.findings import NOISE_MARGIN, decide, fmt, one_seed_verdict, rule_text
 
     out = []
     for f in decide([r]):
-        out.append({**f, "rule": rule_text(f), "ours": f"{fmt(f['mean'], f['unit'])} "
-                                                      f"[{fmt(f['lo'], f['unit'])}, {fmt(f['hi'], f['unit'])}]",
-                    "reproduced": f["verdict"]})
+        v = one_seed_verdict(f)
+        out.append({**f, "item_verdict": f["verdict"], "verdict": v, "noise_margin": NOISE_MARGIN[f["unit"]],
+                    "rule": rule_text(f), "ours": f"{fmt(f['mean'], f['unit'])} "
+                                                  f"[{fmt(f['lo'], f['unit'])}, {fmt(f['hi'], f['unit'])}]",
+                    "reproduced": v})
     return out
 
 
@@ -278,7 +283,7 @@ def report_md(r: dict, figs: dict[str, str] | None = None) -> str:
           "threshold, *no* = entirely on the other side, *inconclusive* = it straddles it. With one seed the "
           "interval resamples the held-out items only and says nothing about seed-to-seed variation, which "
           f"dominates here: the decided findings are the multi-seed ones (`deltaport demo --preset full`{_full_seeds()}; "
-          "committed results in docs/results/full/summary.md).", "",
+          "committed results in docs/results/full/summary.md)." + _margin_sentence(r["claims"]), "",
           _table(["finding", "statistic θ", "rule (fixed before the run)", "ours: θ [95 % interval]", "reproduced?"]
                  + (["noise twin: θ (verdict)", "noise spread |θ − θ_twin|"] if r.get("noise_twin") else []),
                  [[c["claim"], c["statistic"], c["rule"], c["ours"],
@@ -595,6 +600,43 @@ def _reading_conn(r: dict) -> str:
             txt += (f"The barrier does not separate Mx from the family: a pair within the run reaches "
                     f"{_nats(max(within))} nats, a pair with Mx is as low as {_nats(min(to_mx))}.")
     return txt.rstrip()
+
+
+def _margin_sentence(cl: list[dict]) -> str:
+    """How a one-seed verdict is decided (the noise margin), from the claims' own numbers; lists the claims the
+    margin leaves undecided although their item interval alone clears the threshold."""
+    from deltaport.lab.findings import NOISE_MARGIN, fmt
+
+    if not cl or "noise_margin" not in cl[0]:
+        return ""
+    width = ", ".join(f"{fmt(m, u).lstrip('+')} {name}" for u, m, name in
+                      [(u, m, {"points": "points for a difference of scores", "fraction": "for a recovery", "rho": "for a rank correlation"}[u])
+                       for u, m in NOISE_MARGIN.items()])
+    txt = (" Floating-point noise is not in a one-seed interval either, so each verdict here is decided on the "
+           f"interval widened on both sides by the design's noise bound ({width}): a claim within that bound of its "
+           "threshold is left *inconclusive* at one seed.")
+    held = [c["id"] for c in cl if c.get("item_verdict") not in (None, "inconclusive") and c["verdict"] == "inconclusive"]
+    if held:
+        txt += (f" That margin alone leaves {', '.join(f'({i})' for i in held)} undecided here; the item interval alone "
+                "would say " + ", ".join(f"{c['item_verdict']} for ({c['id']})" for c in cl if c["id"] in held) + ".")
+    return txt
+
+
+def refresh_claims(r: dict) -> dict:
+    """``r`` with its claims decided again by today's rules from its own per-item answers, and its noise twin's
+    verdicts likewise from the twin's stored interval (no lab step reruns)."""
+    from deltaport.lab.findings import FINDINGS, one_seed_verdict
+    from deltaport.lab.noise import attach
+
+    r["claims"] = claims(r)
+    tw = r.get("noise_twin")
+    if tw:
+        meta = {f.id: f for f in FINDINGS}
+        for i, c in tw["claims"].items():
+            f = meta[i]
+            c["verdict"] = one_seed_verdict({**c, "unit": f.unit, "threshold": f.threshold, "direction": f.direction})
+    attach(r["claims"], tw)
+    return r
 
 
 def write_outputs(r: dict, run_dir: Path) -> None:
