@@ -311,6 +311,51 @@ def test_summary_puts_noise_spread_beside_seed_spread(tmp_path):
     assert "noise_twin" not in summarize([_fake_seed(0, "1000"), _fake_seed(1, "1100")])
 
 
+def test_summary_with_twins_on_some_seeds_only_and_from_finished_seed_dirs(tmp_path):
+    # the full run may twin some seeds only (a twin costs a second run); the summary can also be written later
+    # from seed dirs that separate processes filled (summarize_dir rereads results.json, reruns nothing)
+    from deltaport.errors import InputError
+    from deltaport.lab.multiseed import summarize, summarize_dir, summary_md
+
+    out = tmp_path / "full"
+    gains = {0: ("1000", "1100"), 1: ("1100", None), 2: ("0000", "1000")}
+    runs = []
+    for seed, (gain, twin_gain) in gains.items():
+        d = out / f"seed-{seed}"
+        d.mkdir(parents=True)
+        tw = None
+        if twin_gain is not None:
+            tw = d / "twin"
+            tw.mkdir()
+            (tw / "results.json").write_text(json.dumps(_fake_seed(seed, twin_gain)))
+        runs.append(_fake_seed(seed, gain, tw))
+        (d / "results.json").write_text(json.dumps(runs[-1]))
+    sm = summarize(runs)
+    b1 = next(f for f in sm["findings"] if f["id"] == "b1")
+    # θ per seed 0.125 / 0.25 / 0; the twins of seeds 0 and 2: 0.25, 0.125; seed 1 enters the twin decision as itself
+    assert b1["per_seed"] == pytest.approx([0.125, 0.25, 0.0])
+    assert b1["twin_per_seed"] == pytest.approx([0.25, 0.25, 0.125])
+    assert b1["noise_per_seed"][1] is None and b1["noise_per_seed"][0] == pytest.approx(0.125)
+    assert b1["noise_spread"] == pytest.approx(0.125)
+    assert sm["noise_twin"]["seeds"] == [0, 2] and sm["noise_twin"]["twin_timings_s"][1] is None
+    assert sm["heldout_noise_per_seed"]["FT(M5)"][1] is None
+    assert sm["heldout_noise_per_seed"]["FT(M5)"][2] == pytest.approx(0.02)
+    assert "Seeds 0, 2 of 3 also ran their twin" in summary_md(sm)
+    again = summarize_dir(out)
+    assert [f["per_seed"] for f in again["findings"]] == [f["per_seed"] for f in sm["findings"]]
+    assert json.loads((out / "summary.json").read_text())["noise_twin"]["seeds"] == [0, 2]
+    assert "Seeds 0, 2 of 3" in (out / "summary.md").read_text()
+    with pytest.raises(InputError, match="seed-7"):
+        summarize_dir(out, [0, 7])
+    from deltaport.cli.main import main
+
+    (out / "summary.json").unlink()
+    assert main(["lab", "summarize", str(out)]) == 0 and (out / "summary.json").is_file()
+    assert main(["lab", "summarize", str(tmp_path / "nothing-here")]) == 2
+    (out / "seed-1" / "results.json").write_text("{not json")
+    assert main(["lab", "summarize", str(out)]) == 2
+
+
 @pytest.mark.slow
 def test_ci_noise_twin_reaches_every_verdict_of_its_seed(ci_run):
     """The twin (threads 1 -> 2, every initial weight one ULP up) of the ci run: its family really differs (M0

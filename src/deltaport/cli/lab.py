@@ -85,15 +85,33 @@ def _run(config: str, output: Path, resume: bool, progress: bool | str, threads:
     results = run_lab(cfg, output, progress=progress, resume=resume)
     typer.echo(f"report: {output / 'report.md'} (one seed: {cfg.seed}; intervals across seeds come from "
                "--seeds, e.g. the committed docs/results/full/summary.md)")
-    cache = {k: v for k, v in results.get("cache", {}).items() if not k.startswith("computed") and v}
-    if cache:
-        typer.echo("reused cached steps from this run directory: " + ", ".join(f"{v} {k}" for k, v in cache.items()))
+    cache = results.get("cache", {})
+    earlier = {k: v for k, v in cache.items() if v and not k.startswith(("computed_", "repeated_"))}
+    if earlier:  # a step asked for twice within this run (repeated_*) is not reuse from an earlier run
+        typer.echo("reused from an earlier run in this directory: "
+                   + ", ".join(f"{v} {k.replace('_', ' ')}" if k != "family" else "the family"
+                               for k, v in earlier.items()))
     for c in results["claims"]:
         spread = c.get("noise_spread")
         twin = "" if c.get("twin_verdict") is None else (
             f" (noise twin: {c['twin_verdict']}, spread {'–' if spread is None else format(spread, '.3g')})")
         typer.echo(f"  [{c['reproduced']}] ({c['id']}) {c['claim']}: {c['ours']}{twin}")
     typer.echo(f"total {results['timings_s']['total']:.0f} s")
+
+
+@lab_app.command("summarize")
+def lab_summarize(
+    output: Path = typer.Argument(..., help="run directory holding finished seed runs in OUTPUT/seed-N"),
+    seeds: Optional[str] = typer.Option(None, "--seeds", help="the seeds to summarise, e.g. 0,1,2 (default: every "
+                                        "OUTPUT/seed-N)"),
+) -> None:
+    """Write OUTPUT/summary.{md,json} from seed runs already finished (by one process or several), rerunning nothing."""
+    from deltaport.lab.multiseed import summarize_dir
+
+    summary = summarize_dir(output, _seeds(None, seeds))
+    typer.echo(f"summary: {output / 'summary.md'} (seeds {', '.join(map(str, summary['seeds']))})")
+    for f in summary["findings"]:
+        typer.echo(f"  [{f['verdict']}] ({f['id']}) {f['claim']}: {f['ours']}")
 
 
 @lab_app.command("run")

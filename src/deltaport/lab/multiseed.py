@@ -61,7 +61,7 @@ def summarize(runs: list[dict]) -> dict:
           "environment": envs[0], "same_environment_every_seed": all(e == envs[0] for e in envs),
           "config": {k: v for k, v in runs[0]["config"].items() if k != "seed"},
           "timings_per_seed_s": [r.get("timings_s", {}).get("total") for r in runs]}
-    if all(r.get("noise_twin") for r in runs):  # every seed's noise twin: deltaport.lab.noise
+    if any(r.get("noise_twin") for r in runs):  # the seeds' noise twins: deltaport.lab.noise
         _add_noise(sm, runs)
     if all(r.get("compression") for r in runs):  # Δ bytes vs held-out score: deltaport.lab.compression
         from deltaport.lab.compression import combine
@@ -71,27 +71,82 @@ def summarize(runs: list[dict]) -> dict:
 
 
 def _add_noise(sm: dict, runs: list[dict]) -> None:
-    """Each finding's twin (the findings decided again on every seed's noise twin) and its noise spread: per
-    seed |θ − θ_twin|, ``noise_spread`` = the largest; beside it ``seed_spread`` = max − min over seeds. The
-    held-out scores get the same (``heldout_noise_per_seed``)."""
-    twins = [json.loads((Path(r["noise_twin"]["run_dir"]) / "results.json").read_text()) for r in runs]
-    by_id = {f["id"]: f for f in decide(twins)}
+    """Each finding's twin and its noise spread, from the seeds that ran a noise twin (all of them, or some).
+
+    The findings are decided again on the runs with every twinned seed's run replaced by its twin (the multi-seed
+    verdict under floating-point noise: ``twin_verdict``); per seed |θ − θ_twin| (``None`` for a seed without a
+    twin), ``noise_spread`` = the largest; beside it ``seed_spread`` = max − min over seeds. The held-out scores get
+    the same (``heldout_noise_per_seed``). ``noise_twin.seeds`` lists the twinned seeds."""
+    twin_of = {i: json.loads((Path(r["noise_twin"]["run_dir"]) / "results.json").read_text())
+               for i, r in enumerate(runs) if r.get("noise_twin")}
+    by_id = {f["id"]: f for f in decide([twin_of.get(i, r) for i, r in enumerate(runs)])}
     for f in sm["findings"]:
         t = by_id.get(f["id"])
         f["seed_spread"] = max(f["per_seed"]) - min(f["per_seed"])
         if t is None:
             f.update(twin_per_seed=None, twin_mean=None, twin_verdict=None, noise_per_seed=None, noise_spread=None)
             continue
-        gaps = [abs(a - b) for a, b in zip(f["per_seed"], t["per_seed"])]
+        gaps = [abs(a - b) if i in twin_of else None for i, (a, b) in enumerate(zip(f["per_seed"], t["per_seed"]))]
+        known = [g for g in gaps if g is not None]
         f.update(twin_per_seed=t["per_seed"], twin_mean=t["mean"], twin_lo=t["lo"], twin_hi=t["hi"],
                  twin_verdict=t["verdict"], same_verdict=t["verdict"] == f["verdict"], noise_per_seed=gaps,
-                 noise_spread=None if any(g != g for g in gaps) else max(gaps))
+                 noise_spread=None if not known or any(g != g for g in known) else max(known))
     sm["heldout_noise_per_seed"] = {k: [abs(r["scores"][k]["heldout"] - r["noise_twin"]["scores"][k])
-                                        if k in r["noise_twin"]["scores"] else None for r in runs]
+                                        if r.get("noise_twin") and k in r["noise_twin"]["scores"] else None
+                                        for r in runs]
                                     for k in sm["heldout_per_seed"]}
-    sm["noise_twin"] = {"what": runs[0]["noise_twin"]["what"],
+    first = next(r for r in runs if r.get("noise_twin"))
+    sm["noise_twin"] = {"what": first["noise_twin"]["what"],
+                        "seeds": [r["config"]["seed"] for r in runs if r.get("noise_twin")],
                         "verdicts_identical": all(f.get("same_verdict", True) for f in sm["findings"]),
-                        "twin_timings_s": [r["noise_twin"].get("timings_s", {}).get("total") for r in runs]}
+                        "twin_timings_s": [r["noise_twin"].get("timings_s", {}).get("total") if r.get("noise_twin")
+                                           else None for r in runs]}
+
+
+def summarize_dir(out: str | Path, seeds: list[int] | None = None) -> dict:
+    """``OUT/summary.{json,md}`` from finished seed runs already in ``OUT/seed-N`` (every ``seed-*`` by default),
+    reading their ``results.json`` and rerunning nothing: for seeds run by separate processes (or machines) into
+    one directory, or some with a noise twin and some without."""
+    out = Path(out)
+    dirs = ([out / f"seed-{s}" for s in seeds] if seeds is not None
+            else sorted(out.glob("seed-*"), key=lambda d: int(d.name.split("-", 1)[1])))
+    from deltaport.errors import InputError
+
+    missing = [str(d) for d in dirs if not (d / "results.json").is_file()]
+    if missing or len(dirs) < 2:
+        raise InputError(f"{out}: a summary needs at least two finished seed runs (OUT/seed-N/results.json); "
+                         + (f"missing: {', '.join(missing)}" if missing else f"found {len(dirs)}")
+                         + ". Run them with `deltaport lab run CONFIG -o OUT --seeds ...` first.")
+    runs = []
+    for d in dirs:
+        try:
+            r = json.loads((d / "results.json").read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise InputError(f"{d / 'results.json'}: not a readable lab results file ({exc}); rerun that seed") from exc
+        if not isinstance(r, dict) or "config" not in r or "name" not in r:
+            raise InputError(f"{d / 'results.json'}: not a lab run's results.json (no config/name); rerun that seed")
+        runs.append(r)
+    try:
+        summary = summarize(runs)
+    except ValueError as exc:  # runs of different configs
+        raise InputError(f"{out}: {exc}") from exc
+    summary["timings_s"] = {"per_seed": {r["config"]["seed"]: r.get("timings_s", {}).get("total") for r in runs},
+                            "from": "each seed's results.json (summarised apart)"}
+    write_summary(summary, out)
+    return summary
+
+
+def _noise_sentence(sm: dict) -> str:
+    nt = sm["noise_twin"]
+    tw = nt.get("seeds", sm["seeds"])
+    same = "yes" if nt["verdicts_identical"] else "**no**"
+    if list(tw) == list(sm["seeds"]):
+        return (f" Every seed also ran its {nt['what']}; the findings were decided again on the twins "
+                f"(verdicts identical: {same}).")
+    return (f" Seed{'s' if len(tw) > 1 else ''} {', '.join(map(str, tw))} of {len(sm['seeds'])} also ran "
+            f"{'their' if len(tw) > 1 else 'its'} {nt['what']}; the findings were decided again with "
+            f"{'those seeds' if len(tw) > 1 else 'that seed'} replaced by {'their twins' if len(tw) > 1 else 'its twin'}"
+            f" (verdicts identical: {same}); noise spreads are over the twinned seeds only.")
 
 
 def summary_md(sm: dict) -> str:
@@ -106,8 +161,7 @@ def summary_md(sm: dict) -> str:
          "items within each seed; 2000 replicates, fixed RNG seed). Verdict against the minimum effect frozen in "
          "docs/lab.md: *yes* = interval entirely on the claim's side, *no* = entirely on the other side, "
          "*inconclusive* = it straddles the threshold."
-         + (f" Every seed also ran its {sm['noise_twin']['what']}; the findings were decided again on the twins "
-            f"(verdicts identical: {'yes' if sm['noise_twin']['verdicts_identical'] else '**no**'})." if noisy else ""),
+         + (_noise_sentence(sm) if noisy else ""),
          "",
          "| finding | statistic θ | rule | per seed | mean [95 % interval] | seed sd | reproduced? |"
          + (" seed spread (max − min) | noise spread (max over seeds) | noise twin: verdict |" if noisy else ""),
