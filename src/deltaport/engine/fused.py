@@ -3,6 +3,7 @@ one pass, one rounding; where the kernel does not apply the engine's torch path 
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from deltaport import kernel
@@ -46,8 +47,11 @@ class FusedMixin:
                     else self._part_values(op, i, part, e0, e1, row_elems, key=f"d{i}").numpy()
                     for i, part in enumerate(op.deltas)]
             if len({v.dtype for v in vals}) > 1:  # one dtype per call: the mixed ones as float64
-                vals = [self._part_values(op, i, part, e0, e1, row_elems, key=f"d{i}").numpy()
-                        for i, part in enumerate(op.deltas)]
+                # (float32 values widen exactly in place of a second read; 16-bit views are bit patterns: read
+                # again as values; a packed part's values are float64 already)
+                vals = [v if v.dtype == np.float64 else v.astype(np.float64) if v.dtype == np.float32
+                        else self._part_values(op, i, part, e0, e1, row_elems, key=f"d{i}").numpy()
+                        for i, (v, part) in enumerate(zip(vals, op.deltas))]
             terms, scales = [(v, None) for v in vals], [part.scale for part in op.deltas]
         else:
             if op.lora is not None:

@@ -149,12 +149,14 @@ class ReadsMixin:
             out.mul_(2.0).sub_(1.0).mul_(alpha)  # ±1 · α: exact
             return out
         e_next, v_next = cache["next"]
-        if e0 != e_next:  # out of order: count the kept entries before e0
+        if e0 == cache.get("last", (None, 0))[0]:  # the same chunk again (the kernel's mixed-dtype retry)
+            v_next = cache["last"][1]
+        elif e0 != e_next:  # out of order: count the kept entries before e0
             v_next = int(unpack_bits(cache["bits"], 0, e0).sum()) if e0 else 0
         k = int(mask.sum())
         out.zero_()
         out[mask] = cache["values"][v_next:v_next + k].to(self.compute_dtype)
-        cache["next"] = (e1, v_next + k)
+        cache["next"], cache["last"] = (e1, v_next + k), (e0, v_next)
         return out
 
     def _part_values(self, op: TensorOp, i: int, part, e0: int, e1: int, row_elems: int, key: str) -> torch.Tensor:
