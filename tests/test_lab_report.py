@@ -21,7 +21,7 @@ from deltaport.lab import report as R
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = ROOT / "docs/results/quick"
-FULL = ROOT / "docs/results/full/summary.json"
+FULL = ROOT / "docs/results/v2-full/summary.json"  # v2: three seeds, (d2), (e), (f) undecided
 
 
 #: the design-v2 quick run's results.json (as committed before the v3 rerun): a fixed fixture whose numbers the

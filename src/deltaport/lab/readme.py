@@ -127,9 +127,14 @@ def quick_table(r: dict) -> str:
 def findings_table(sm: dict) -> str:
     seeds = ", ".join(map(str, sm["seeds"]))
     noisy = bool(sm.get("noise_twin"))
-    lines = [f"Design v{design_of(sm)} (docs/lab.md), `{sm['name']}` preset, seeds {seeds}:", "",
+    twinned = (sm.get("noise_twin") or {}).get("seeds", sm["seeds"])
+    some = noisy and list(twinned) != list(sm["seeds"])
+    lines = [f"Design v{design_of(sm)} (docs/lab.md), `{sm['name']}` preset, seeds {seeds}"
+             + (f"; noise twins of seed{'s' if len(twinned) > 1 else ''} {', '.join(map(str, twinned))}" if some else "")
+             + ":", "",
              f"| finding | θ per seed ({seeds}) | mean [95 % interval] | rule | reproduced? |"
-             + (" seed spread | noise spread | noise twins' verdict |" if noisy else ""),
+             + ((" seed spread | noise spread" + (f" (seeds {', '.join(map(str, twinned))})" if some else "")
+                 + " | noise twins' verdict |") if noisy else ""),
              "|---|---|---|---|---|" + ("---|---|---|" if noisy else "")]
     for f in sm["findings"]:
         per = " / ".join(fmt(x, f["unit"]) for x in f["per_seed"])
