@@ -71,6 +71,29 @@ def trim_heap() -> None:
 
 _TRIM: Any = None
 
+#: glibc's M_MMAP_THRESHOLD for the layer-by-layer path: every allocation above it is its own mapping, returned
+#: to the system when freed. glibc otherwise raises the threshold each time such a block is freed (up to 32 MB),
+#: so a layer's activation-sized temporaries come from the heap, which fragments: on SmolLM2 `connectivity`
+#: peaked at 819 MB with the dynamic threshold, 679 MB with 4 MB (609 MB with 1 MB, but 10 % slower again;
+#: docs/diagnostics.md).
+MMAP_THRESHOLD = 4 << 20
+_PINNED = False
+
+
+def pin_mmap_threshold() -> None:
+    """Fix glibc's mmap threshold at :data:`MMAP_THRESHOLD` for this process (once; elsewhere nothing).
+    Process-wide and not undone: it only changes where large blocks come from."""
+    global _PINNED
+    if _PINNED:
+        return
+    _PINNED = True
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
 
 def peak_rss_mb() -> float:
     """The process's peak resident set size so far (``ru_maxrss``, Linux's VmHWM), in MiB."""
@@ -262,6 +285,7 @@ def stream_losses(sk: Skeleton, inputs: dict[str, Any], streams: Sequence[Stream
     after the embedding, each layer and the head."""
     from torch.func import functional_call
 
+    pin_mmap_threshold()
     dev = torch.device(device)
     batches = batches_of(blocks, batch_tokens)
     for mod in sk.model.modules():  # the real buffers (rotary frequencies, embedding scales) go to the device
