@@ -134,6 +134,55 @@ def test_family_resume_after_kill_is_bit_identical(tmp_path):
         assert json.loads((resumed[name] / "lab_provenance.json").read_text())["config"] == cfg.family_key()
 
 
+def test_unseen_rows_are_exactly_the_tokens_pretraining_never_reads():
+    """unseen_in_pretraining (design v4) against a reference: the words of 3000 sampled blocks of both mixes."""
+    import random
+
+    from deltaport.lab.world import Mix, make_world, sample_block, unseen_in_pretraining
+
+    w = make_world(24, 4, seed=3)
+    seen: set[str] = set()
+    rng = random.Random(0)
+    for mix in (Mix(0.3, 0.0, 0.7, 0.2), Mix(0.3, 0.4, 0.3, 0.2)):
+        for _ in range(1500):
+            seen.update(sample_block(w, mix, rng, 48))
+    assert set(unseen_in_pretraining(w)) == set(w.vocabulary()) - seen
+    assert {"<|user|>", "<|assistant|>", "what", "color", "?"} <= set(unseen_in_pretraining(w))
+
+
+def test_zero_unseen_rows_change_only_those_rows_of_every_model(tmp_path):
+    """v4's family equals v3's bit for bit but for the input rows of the tokens pretraining never reads: those
+    rows get no gradient (identical in M1..M5 of v3) and are 0 in every v4 model, M0 and Mx included; a v3
+    config keeps its family hash."""
+    import dataclasses
+
+    from deltaport.lab.family import build_family, family_root, world_of
+    from deltaport.lab.world import make_tokenizer, unseen_in_pretraining
+
+    cfg = LabConfig(world=WorldConfig(n_entities=24, n_sft=4),
+                    model=ModelConfig(hidden_size=16, intermediate_size=32, num_attention_heads=2, seq_len=24),
+                    pretrain=PretrainConfig(batch_size=4, warmup=2, stage1_steps=[4, 8, 12], stage2_steps=[4, 8],
+                                            mx_like="M1"))
+    v4 = dataclasses.replace(cfg, pretrain=dataclasses.replace(cfg.pretrain, unseen_rows="zero"))
+    assert "unseen_rows" not in cfg.family_key()["pretrain"] and v4.family_key()["pretrain"]["unseen_rows"] == "zero"
+    assert family_root(cfg, tmp_path) != family_root(v4, tmp_path)
+    old, new = build_family(cfg, tmp_path / "v3"), build_family(v4, tmp_path / "v4")
+    vocab = make_tokenizer(world_of(cfg)).get_vocab()
+    rows = sorted(vocab[t] for t in unseen_in_pretraining(world_of(cfg)))
+    emb = "model.embed_tokens.weight"
+    for name in ("M0", "M1", "M2", "M3", "M4", "M5", "Mx"):
+        a, b = _tensors(old[name]), _tensors(new[name])
+        assert a.keys() == b.keys()
+        for k in a:
+            if k != emb:
+                assert torch.equal(a[k], b[k]), (name, k)
+        assert torch.count_nonzero(b[emb][rows]) == 0 and torch.count_nonzero(a[emb][rows]) > 0, name
+        keep = [i for i in range(a[emb].shape[0]) if i not in rows]
+        assert torch.equal(a[emb][keep], b[emb][keep]), name
+    m1, m5 = _tensors(old["M1"])[emb], _tensors(old["M5"])[emb]
+    assert torch.equal(m1[rows], m5[rows])  # never trained: why their random draw was the seed's lottery
+
+
 # ------------------------------------------------------------------ the whole pipeline (ci preset)
 @pytest.mark.slow
 def test_ci_identity_Mi_plus_Di_equals_FT_exactly(ci_run):
@@ -555,7 +604,11 @@ def test_check_scope_says_which_family_the_thresholds_saw():
 
     quick = load_config("quick")
     assert quick.seed != 0 and check_calibration_scope(quick)["in_sample"] is False  # the demo: out of sample
-    assert check_calibration_scope(dataclasses.replace(quick, seed=0))["in_sample"] is True
+    # design v4 zeroes the rows pretraining never trains; the calibration families kept v3's random rows
+    assert quick.pretrain.unseen_rows == "zero"
+    assert check_calibration_scope(dataclasses.replace(quick, seed=0))["in_sample"] is False
+    v3 = dataclasses.replace(quick, seed=0, pretrain=dataclasses.replace(quick.pretrain, unseen_rows="random"))
+    assert check_calibration_scope(v3)["in_sample"] is True
     assert check_calibration_scope(load_config("full"))["in_sample"] is False
 
 
@@ -575,12 +628,14 @@ def test_check_scope_of_a_calibration_over_several_sizes(monkeypatch):
                 {"family": "lab medium 0", "num_parameters": 150_336, "seed": 0, "model": quick.to_dict()["model"]}]
     monkeypatch.setattr(deltaport.check, "load_calibration",
                         lambda: {"families": families, "held_out": ["lab medium 1", "tiny 1"]})
+    quick = dataclasses.replace(quick, pretrain=dataclasses.replace(quick.pretrain, unseen_rows="random"))
     for fam in families:
         cfg = dataclasses.replace(quick, seed=0, model=ModelConfig(**fam["model"]))
         scope = check_calibration_scope(cfg)
         assert scope["in_sample"] is True, fam
         assert check_calibration_scope(dataclasses.replace(cfg, seed=1))["in_sample"] is False
-    assert scope["fitted_on"] == ("lab families of the quick preset's world and schedule with 2 model size(s) (14,256, "
+    assert scope["fitted_on"] == ("lab families of the quick preset's world and schedule (design v3's random rows "
+                                  "for the tokens pretraining never sees) with 2 model size(s) (14,256, "
                                   "150,336 parameters), seed 0 (docs/check-calibration.md); scored there on lab "
                                   "medium 1, tiny 1")
     big = dict(small, hidden_size=160)

@@ -68,6 +68,11 @@ class PretrainConfig:
     stage2_mix: dict[str, float] = field(default_factory=lambda: {"f1": 0.3, "f2": 0.4, "filler": 0.3, "lang_b": 0.2})
     mx_like: str = "M5"
     """Mx follows the same data schedule as this version, from another random initialisation"""
+    unseen_rows: str = "random"
+    """input-embedding rows of the tokens the pretraining text never contains (chat markers, the question
+    words; ``deltaport.lab.world.unseen_in_pretraining``): ``random`` keeps the seed's initialisation (v1-v3),
+    ``zero`` sets them to 0 in every model of the family (design v4, docs/lab.md: their random draw decided
+    whether plain fine-tuning found the interface)"""
 
 
 @dataclass(frozen=True)
@@ -124,6 +129,8 @@ class LabConfig:
         """The part of the config the model family depends on (its cache key)."""
         d = self.to_dict()
         key = {k: d[k] for k in ("seed", "world", "model", "pretrain")}
+        if key["pretrain"].get("unseen_rows") == "random":  # the default: every family built before v4 keeps its hash
+            key["pretrain"] = {k: v for k, v in key["pretrain"].items() if k != "unseen_rows"}
         if self.init_ulp:  # only when set, so that every family built before the noise twin keeps its hash
             key["init_ulp"] = self.init_ulp
         return key
@@ -169,6 +176,8 @@ def validate(cfg: LabConfig) -> list[str]:
         errors.append("pretrain.stage1_steps: need 3 increasing step counts (M1, M2, M3)")
     if len(cfg.pretrain.stage2_steps) != 2 or sorted(cfg.pretrain.stage2_steps) != list(cfg.pretrain.stage2_steps):
         errors.append("pretrain.stage2_steps: need 2 increasing step counts (M4, M5)")
+    if cfg.pretrain.unseen_rows not in ("random", "zero"):
+        errors.append(f"pretrain.unseen_rows: {cfg.pretrain.unseen_rows!r} is not one of random, zero")
     if cfg.pretrain.mx_like not in VERSIONS:
         errors.append(f"pretrain.mx_like: {cfg.pretrain.mx_like!r} is not one of {', '.join(VERSIONS)}")
     for mixname in ("stage1_mix", "stage2_mix"):

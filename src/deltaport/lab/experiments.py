@@ -286,8 +286,10 @@ IN_REPORT_ORDER = {"grid": transfer_grid, "recovery": recovery, "transfer_then_f
 
 #: the lab preset whose world and pretraining schedule ``deltaport check``'s shipped thresholds were fitted
 #: on (benchmarks/calibrate_check.py, configs benchmarks/check-calibration-lab*.yaml: the quick preset's
-#: world and schedule at several model sizes, seed 0); the sizes and seeds are in the calibration itself
-CHECK_CALIBRATION_FAMILY = {"preset": "quick", "seed": 0}
+#: world and schedule at several model sizes, seed 0); the sizes and seeds are in the calibration itself. Those
+#: families keep the seed's random rows for the tokens pretraining never sees (``unseen_rows: random``, designs
+#: v1-v3); the quick preset zeroes them since design v4, so a v4 quick family is never in sample
+CHECK_CALIBRATION_FAMILY = {"preset": "quick", "seed": 0, "unseen_rows": "random"}
 
 
 def check_calibration_scope(cfg: LabConfig) -> dict:
@@ -296,7 +298,11 @@ def check_calibration_scope(cfg: LabConfig) -> dict:
     from deltaport.check import load_calibration
     from deltaport.lab.config import load_config
 
+    import dataclasses
+
     fitted = load_config(CHECK_CALIBRATION_FAMILY["preset"])
+    fitted = dataclasses.replace(fitted, pretrain=dataclasses.replace(
+        fitted.pretrain, unseen_rows=CHECK_CALIBRATION_FAMILY["unseen_rows"]))
     calib = load_calibration() or {}
     families = calib.get("families") or [{"seed": CHECK_CALIBRATION_FAMILY["seed"], "model": None}]
     keys = [dict(fitted.family_key(), seed=f.get("seed", CHECK_CALIBRATION_FAMILY["seed"]),
@@ -304,11 +310,13 @@ def check_calibration_scope(cfg: LabConfig) -> dict:
     sizes = [f"{f['num_parameters']:,}" for f in families if f.get("num_parameters")]
     if sizes:  # a calibration that records its families (benchmarks/calibrate_check.py since issue 22)
         held = calib.get("held_out") or []
-        fitted_on = (f"lab families of the quick preset's world and schedule with {len(sizes)} model size(s) "
+        fitted_on = (f"lab families of the quick preset's world and schedule (design v3's random rows for the "
+                     f"tokens pretraining never sees) with {len(sizes)} model size(s) "
                      f"({', '.join(sizes)} parameters), seed {CHECK_CALIBRATION_FAMILY['seed']} (docs/check-calibration.md)"
                      + (f"; scored there on {', '.join(held)}" if held else ""))
     else:  # the one-family calibration: what its generated table says
-        fitted_on = ("lab family of the quick preset, seed 0 (docs/check-calibration.md); scored there on "
+        fitted_on = ("lab family of the quick preset (design v3's random rows for the tokens pretraining never "
+                     "sees), seed 0 (docs/check-calibration.md); scored there on "
                      "lab seed 1 and on a separate tiny lineage")
     return {"fitted_on": fitted_on,
             "this_family": f"{cfg.name} preset family, seed {cfg.seed}", "in_sample": cfg.family_key() in keys}

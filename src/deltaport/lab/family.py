@@ -24,7 +24,7 @@ from typing import Callable
 
 from deltaport.io.atomic import atomic_output_dir, atomic_write_file
 from deltaport.lab.config import LabConfig, config_hash
-from deltaport.lab.world import Mix, World, make_tokenizer, make_world, sample_block
+from deltaport.lab.world import Mix, World, make_tokenizer, make_world, sample_block, unseen_in_pretraining
 
 LOG = logging.getLogger(__name__)
 FAMILY = ("M0", "M1", "M2", "M3", "M4", "M5", "Mx")
@@ -54,6 +54,11 @@ def _init_model(cfg: LabConfig, tok, seed: int):
 
     torch.manual_seed(seed)
     model = LlamaForCausalLM(_model_config(cfg, tok))
+    if cfg.pretrain.unseen_rows == "zero":  # design v4: no seed-dependent draw where pretraining never trains
+        vocab = tok.get_vocab()
+        rows = [vocab[w] for w in unseen_in_pretraining(world_of(cfg))]
+        with torch.no_grad():
+            model.get_input_embeddings().weight[rows] = 0.0
     if cfg.init_ulp:  # the noise twin: every initial weight one (or more) ULP up, nothing else changed
         with torch.no_grad():
             for p in model.parameters():

@@ -114,6 +114,19 @@ class World:
         return SPECIAL_TOKENS + base + [to_lang_b(w) for w in base if to_lang_b(w) != w] + self.entities
 
 
+def unseen_in_pretraining(world: World) -> list[str]:
+    """Tokens of the vocabulary that no pretraining sentence contains (``sample_block`` writes ``<s>`` and
+    sentences of the flag, animal and size templates, in both languages): the other special tokens, the chat
+    markers and the question words of the QA interface. Pretraining never trains their input-embedding rows."""
+    words: set[str] = set()
+    for t in FLAG_TEMPLATES + ANIMAL_TEMPLATES + SIZE_TEMPLATES:
+        words |= {w for w in t.split() if not w.startswith("{")}
+    # an attribute value no entity has is never written (a small world may leave out a size or an animal)
+    words |= set(world.flag.values()) | set(world.animal.values()) | set(world.size.values())
+    seen = {"<s>"} | set(world.entities) | words | {to_lang_b(w) for w in words}
+    return [w for w in world.vocabulary() if w not in seen]
+
+
 def translate(text: str, world: World) -> str:
     ents = set(world.entities)
     return " ".join(w if w in ents else to_lang_b(w) for w in text.split())
