@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from deltaport._memory import MMAP_THRESHOLD, pin_mmap_threshold  # noqa: F401 - the layer path pins it
 from deltaport.errors import NumericalError
 
 LOG = logging.getLogger(__name__)
@@ -70,30 +71,6 @@ def trim_heap() -> None:
 
 
 _TRIM: Any = None
-
-#: glibc's M_MMAP_THRESHOLD for the layer-by-layer path: every allocation above it is its own mapping, returned
-#: to the system when freed. glibc otherwise raises the threshold each time such a block is freed (up to 32 MB),
-#: so a layer's activation-sized temporaries come from the heap, which fragments: on SmolLM2 `connectivity`
-#: peaked at 819 MB with the dynamic threshold, 679 MB with 4 MB (609 MB with 1 MB, but 10 % slower again;
-#: docs/diagnostics.md).
-MMAP_THRESHOLD = 4 << 20
-_PINNED = False
-
-
-def pin_mmap_threshold() -> None:
-    """Fix glibc's mmap threshold at :data:`MMAP_THRESHOLD` for this process (once; elsewhere nothing).
-    Process-wide and not undone: it only changes where large blocks come from."""
-    global _PINNED
-    if _PINNED:
-        return
-    _PINNED = True
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass
-
 
 def peak_rss_mb() -> float:
     """The process's peak resident set size so far (``ru_maxrss``, Linux's VmHWM), in MiB."""

@@ -13,6 +13,7 @@ from contextlib import nullcontext
 import torch
 
 from deltaport import kernel
+from deltaport._memory import pin_mmap_threshold
 from deltaport.engine.checks import ChecksMixin
 from deltaport.engine.compose import ComposeMixin
 from deltaport.engine.fused import FusedMixin
@@ -197,6 +198,7 @@ class Engine(ReadsMixin, FusedMixin, ComposeMixin, ChecksMixin, WorkersMixin):
     def run(self, writer: ShardedWriter, *, progress: bool = False, threads: int | None = None, label: str = "") -> Stats:
         ops = {op.name: op for op in self.plan.ops}
         t0 = time.perf_counter()
+        pin_mmap_threshold()  # chunk-sized temporaries are mapped and unmapped, not left to fragment the heap
         old_threads = torch.get_num_threads()
         workers = max(1, int(threads or DEFAULT_THREADS))
         torch.set_num_threads(1)  # each worker runs torch on one thread (see DEFAULT_THREADS)
