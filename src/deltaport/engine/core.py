@@ -189,7 +189,8 @@ class Engine(ReadsMixin, FusedMixin, ComposeMixin, ChecksMixin, WorkersMixin):
             return b
 
     def _out_cap(self) -> int:
-        return self.chunk * 8
+        # a chunk of the plan's widest output dtype: 1 MB per buffer for a bf16 model (8 bytes an element: 4 MB)
+        return self.chunk * max((op.out_dtype.itemsize for op in self.plan.ops), default=8)
 
     def _progress(self, n: int) -> None:
         if self._bar is not None:

@@ -4,6 +4,7 @@ B·A in a fixed summation order, compressed Δs (sparse bitmask + values, sign b
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from deltaport.io import reader
@@ -152,15 +153,16 @@ class ReadsMixin:
         if e0 == cache.get("last", (None, 0))[0]:  # the same chunk again (the kernel's mixed-dtype retry)
             v_next = cache["last"][1]
         elif e0 != e_next:  # out of order: count the kept entries before e0
-            v_next = int(unpack_bits(cache["bits"], 0, e0).sum()) if e0 else 0
-        k = int(mask.sum())
+            v_next = int(np.count_nonzero(unpack_bits(cache["bits"], 0, e0).numpy())) if e0 else 0
+        k = int(np.count_nonzero(mask.numpy()))  # (torch's sum of a bool tensor makes an int64 copy of it)
         out.zero_()
         out[mask] = cache["values"][v_next:v_next + k].to(self.compute_dtype)
         cache["next"], cache["last"] = (e1, v_next + k), (e0, v_next)
         return out
 
     def _part_values(self, op: TensorOp, i: int, part, e0: int, e1: int, row_elems: int, key: str) -> torch.Tensor:
-        """Δ_i of a composed op for elements [e0, e1), in float64."""
+        """Δ_i of a composed op for elements [e0, e1), in float64, in a buffer of this engine (the caller's
+        scratch until the next read of ``key``)."""
         if part.lora is not None:
             v = self._lora(_LoraView(op.name + f"#{i}", part.lora), e0, e1, row_elems, key=key + ":f")
         elif part.packed is not None:
@@ -169,5 +171,5 @@ class ReadsMixin:
             v = self._fill(key, part.plus, e0, e1, row_elems)
         v = v if v.dtype == torch.float64 else v.to(torch.float64)
         if part.residual is not None:  # TIES: Δ = stored + exact residual, summed in float64 (docs/FORMAT.md)
-            v = v + self._packed(part.residual, op.name, e0, e1, key=key + ":res")
+            v.add_(self._packed(part.residual, op.name, e0, e1, key=key + ":res"))
         return v
