@@ -165,6 +165,21 @@ def test_ties_uses_the_delta_with_its_residual(planted):
     assert np.array_equal(np.where(_is_zero(a, p["fmt"]), 0, a), np.where(_is_zero(b, p["fmt"]), 0, b))
 
 
+def test_ties_bytes_do_not_depend_on_the_chunk(planted, monkeypatch):
+    """The TIES thresholds' passes read through the composed chunks' buffers and residual cache, and a TIES
+    apply streams chunks of its own default size (engine.TIES_CHUNK_ELEMS): the bytes are the same in one
+    chunk and in chunks that end inside the planted runs, with the thresholds' final gather as well."""
+    import deltaport.engine.compose as compose_mod
+
+    p = planted
+    ds = [p["r1"].output, p["r2"].output]
+    whole = deltaport.apply(ds, p["m"]["t"], p["root"] / "ties-whole", scale=[0.7, 0.3], ties=0.3).output
+    monkeypatch.setattr(compose_mod, "TIES_GATHER", 50)
+    chunked = deltaport.apply(ds, p["m"]["t"], p["root"] / "ties-chunked", scale=[0.7, 0.3], ties=0.3,
+                              chunk_elems=CHUNK).output
+    assert np.array_equal(_bits(whole, "w"), _bits(chunked, "w"))
+
+
 def test_explicit_lossy_dtype_counts_what_it_loses(planted, tmp_path):
     """--delta-dtype float32 is taken as asked: no residual, and the elements where base + Δ does not round
     back to F are counted in inexact_delta_elements (as before)."""

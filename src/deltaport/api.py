@@ -201,10 +201,10 @@ def _publish(plan: Plan, output: Path, *, inputs: list[Path], overwrite: bool, s
     The card names each local input by its content hash, computed from the bytes the engine reads anyway
     (``hash_inputs``: the input checkpoints; :class:`~deltaport.io.checkpoint.StreamedHash`): the files are
     read again only where the engine did not read them in the hash's order."""
-    from deltaport.engine import DEFAULT_CHUNK_ELEMS, execute
+    from deltaport.engine import default_chunk_elems, execute
 
     if chunk_elems is None:
-        chunk_elems = DEFAULT_CHUNK_ELEMS
+        chunk_elems = default_chunk_elems(plan)
     t0 = time.perf_counter()
     entries = [OutEntry(op.name, op.out_dtype, op.shape) for op in plan.ops]
     hashers, hashes = _streamed_hashes(hash_inputs)

@@ -13,7 +13,7 @@ dtype. The arithmetic itself lives in :mod:`deltaport.kernel` (the fused kernel)
 - :mod:`~deltaport.engine.stats`: what a run counts.
 """
 
-from deltaport.engine.core import DEFAULT_CHUNK_ELEMS, DEFAULT_THREADS, Engine, execute
+from deltaport.engine.core import DEFAULT_CHUNK_ELEMS, DEFAULT_THREADS, Engine, default_chunk_elems, execute
 from deltaport.engine.stats import Stats
 
-__all__ = ["DEFAULT_CHUNK_ELEMS", "DEFAULT_THREADS", "Engine", "Stats", "execute"]
+__all__ = ["DEFAULT_CHUNK_ELEMS", "DEFAULT_THREADS", "Engine", "Stats", "default_chunk_elems", "execute"]

@@ -11,7 +11,7 @@ import torch
 from deltaport.numerics import compose_deltas, round_composed_exactly
 from deltaport.plan import TensorOp
 
-# TIES thresholds: candidates gathered for the final kthvalue once this few remain (8 MB of float64 bits)
+# TIES thresholds: candidates gathered for the final selection once this few remain (8 MB of float64 bits)
 TIES_GATHER = 1 << 20
 
 
@@ -33,7 +33,9 @@ class ComposeMixin:
         whole tensor, without holding it: a radix select on the float64 bit patterns of the magnitudes
         (non-negative floats order as their bits do). Each pass streams the Δ chunk by chunk and counts the
         candidates by their next 16 bits; once at most :data:`TIES_GATHER` candidates remain they are
-        gathered and the rest is one ``kthvalue`` (memory: a 65 536-bin histogram and those candidates)."""
+        gathered and the rest is one selection (memory: a 65 536-bin histogram and those candidates).
+        The passes read through the chunk buffers and residual cache of :meth:`_compose` (key ``d{i}``):
+        the thresholds are found before the tensor's first chunk is composed, which then reads them again."""
         numel = op.numel
         k = max(1, math.ceil(op.ties_density * numel))
         if k >= numel:
@@ -42,8 +44,8 @@ class ComposeMixin:
 
         def magnitudes():
             for e0, e1, rows in self._chunks(op):
-                v = self._part_values(op, i, part, e0, e1, rows, key=f"ties{i}")
-                yield v.abs().view(torch.int64)
+                v = self._part_values(op, i, part, e0, e1, rows, key=f"d{i}")
+                yield v.abs_().view(torch.int64)  # (v is this chunk's own buffer)
 
         prefix, shift = 0, 64
         while shift > 0:
@@ -59,9 +61,16 @@ class ComposeMixin:
             prefix = (prefix << 16) | b
             if int(hist[b]) <= TIES_GATHER:
                 break
-        if shift > 0:
-            cand = torch.cat([bits[(bits >> shift) == prefix] for bits in magnitudes()])
-            prefix = int(torch.kthvalue(cand, rank).values)
+        if shift > 0:  # the hist[b] candidates into one array, selected in place (kthvalue would copy them)
+            cand = torch.empty(int(hist[b]), dtype=torch.int64)
+            j = 0
+            for bits in magnitudes():
+                sel = bits[(bits >> shift) == prefix]
+                cand[j:j + len(sel)] = sel
+                j += len(sel)
+            cand = cand.numpy()
+            cand.partition(rank - 1)
+            prefix = int(cand[rank - 1])
         return float(torch.tensor([prefix], dtype=torch.int64).view(torch.float64)[0])
 
     def _compose(self, op: TensorOp, e0: int, e1: int, row_elems: int) -> torch.Tensor:

@@ -31,6 +31,11 @@ from deltaport.plan import Plan, TensorOp, Term
 # 512K elements: 2 MB per float32 buffer, so a chunk's working set (raw reads, three float32 operands, the
 # output) stays in this CPU's L3 cache; 4M-element chunks measured ~1.5x the CPU time (and +160 MB RSS)
 DEFAULT_CHUNK_ELEMS = 1 << 19
+# a TIES apply holds ~16 float64 chunk buffers (each Δ_i, its residual, the merge's terms), a transfer ~6: half
+# a chunk keeps it near a transfer's memory, and its float64 temporaries (2 MB) under the mmap threshold
+# (deltaport._memory), which maps and unmaps each 4 MB one. Two Δs onto a 0.77 GB bf16 model, in-process at load
+# ~4: 372 MB in 59-61 s instead of 397 MB in 69-76 s (same bytes: every step is elementwise or an exact selection)
+TIES_CHUNK_ELEMS = DEFAULT_CHUNK_ELEMS // 2
 
 # ``threads`` = worker threads for the arithmetic, each running torch on ONE thread over whole chunks (never
 # OpenMP threads inside a chunk: with 2 torch threads and the second core busy, the benchmark's transfer
@@ -251,6 +256,11 @@ class Engine(ReadsMixin, FusedMixin, ComposeMixin, ChecksMixin, WorkersMixin):
         self.stats.bytes_written = writer_thread.bytes
         self.stats.seconds = time.perf_counter() - t0
         return self.stats
+
+
+def default_chunk_elems(plan: Plan) -> int:
+    """Elements per chunk for ``plan`` when the caller names none: :data:`TIES_CHUNK_ELEMS` for a TIES apply."""
+    return TIES_CHUNK_ELEMS if any(op.ties_density is not None for op in plan.ops) else DEFAULT_CHUNK_ELEMS
 
 
 def execute(plan: Plan, writer: ShardedWriter, *, progress: bool = False, threads: int | None = None,
