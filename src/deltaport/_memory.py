@@ -6,7 +6,7 @@ from __future__ import annotations
 #: the system when freed. glibc otherwise raises the threshold each time such a block is freed (up to 32 MB),
 #: so chunk- and layer-sized temporaries come from the heap, which fragments: on SmolLM2 `connectivity`
 #: peaked at 819 MB with the dynamic threshold, 679 MB with 4 MB (609 MB with 1 MB, but 10 % slower again;
-#: docs/diagnostics.md); a TIES apply of two Δs onto a 0.77 GB bf16 model peaked at 806 MB, 480 MB with 4 MB
+#: docs/diagnostics.md); a TIES apply of two Δs onto a 0.77 GB bf16 model peaked at 787 MB, 469 MB with 4 MB
 #: (docs/performance.md).
 MMAP_THRESHOLD = 4 << 20
 _PINNED = False
