@@ -40,7 +40,7 @@ def design_of(r: dict) -> int:
 
 def quick_table(r: dict) -> str:
     """The one-seed demo's headline numbers (held-out exact match, %), with its noise twin's beside them."""
-    V, g = r["config"]["versions"], r["grid"]
+    V = r["config"]["versions"]
     fs = r.get("fewshot", {}).get("base", {})
     t, s = V[-1], V[-2]
     seed = r["config"]["seed"]
