@@ -242,3 +242,22 @@ def _check(got: np.ndarray, want: np.ndarray, exact: np.ndarray, fmt: str, what:
 def _is_zero(bits: np.ndarray, fmt: str) -> np.ndarray:
     """A zero of either sign: bits 0, or the sign bit alone (as the signed integers _bits returns)."""
     return np.isin(bits, (0, -(1 << (15 if fmt in ("BF16", "F16") else 31))))
+
+
+def test_a_delta_with_its_residual_is_byte_identical_across_processes(planted, tmp_path):
+    """Two processes diffing the same pair write the same bytes, the residual file included (safetensors
+    serialises a metadata map of two keys in a per-process random order: the file keeps one key)."""
+    import hashlib
+    import subprocess
+    import sys
+
+    p = planted
+    digests = []
+    for i in range(5):  # with two metadata keys, five processes agree by chance 1 time in 16
+        out = tmp_path / f"d{i}"
+        subprocess.run([sys.executable, "-c", "import sys, deltaport; deltaport.diff(*sys.argv[1:])", str(p["m"]["b"]),
+                        str(p["m"]["f"]), str(out)], check=True, capture_output=True)
+        digests.append({f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(out.iterdir())
+                        if f.suffix in (".safetensors", ".json") and f.name != "deltaport.json"})
+    assert "delta-residual.safetensors" in digests[0]
+    assert all(d == digests[0] for d in digests)

@@ -230,7 +230,7 @@ def _publish(plan: Plan, output: Path, *, inputs: list[Path], overwrite: bool, s
                 from deltaport.io.residual import RECORD, write_residuals
 
                 record = write_residuals(tmp, stats.residuals, {op.name: op.numel for op in plan.ops}, weight_map,
-                                         sum(s["data_bytes"] for s in writer.shards), f"deltaport {deltaport.__version__}")
+                                         sum(s["data_bytes"] for s in writer.shards))
                 if record:  # recorded only where there is one: a delta without residuals keeps its bytes
                     provenance[RECORD] = record
             provenance["inexact_delta_elements"] = stats.inexact_delta

@@ -86,7 +86,7 @@ def residual_of(f, b, s, hi):
 # writing (after the Δ's shards: the residuals are known only once every chunk was computed)
 
 def write_residuals(out_dir: Path, residuals: dict[str, list], numels: dict[str, int], weight_map: dict[str, str],
-                    data_bytes: int, producer: str) -> dict[str, Any]:
+                    data_bytes: int) -> dict[str, Any]:
     """Write ``RESIDUAL_FILE`` and the index that lists it with the Δ's shards (``weight_map``: tensor -> shard,
     ``data_bytes``: their tensor bytes). ``residuals``: tensor -> list of (flat indices int64, values float64)
     chunks in any order. Returns the ``exact_residual`` record."""
@@ -115,7 +115,9 @@ def write_residuals(out_dir: Path, residuals: dict[str, list], numels: dict[str,
     if not tensors:
         return {}
     path = out_dir / RESIDUAL_FILE
-    save_file(tensors, str(path), metadata={"format": "pt", "producer": producer})
+    # one metadata key: safetensors serialises its metadata map in a per-process random order, so two keys
+    # made the file's bytes differ between runs of the same diff (the producer is in deltaport.json anyway)
+    save_file(tensors, str(path), metadata={"format": "pt"})
     wm = dict(weight_map)
     wm.update({n: RESIDUAL_FILE for n in tensors})
     total = data_bytes + sum(t.numel() * t.element_size() for t in tensors.values())
