@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from deltaport._memory import MMAP_THRESHOLD, pin_mmap_threshold  # noqa: F401 - the layer path pins it
+from deltaport._memory import pin_mmap_threshold, trim_heap
 from deltaport.errors import NumericalError
 
 LOG = logging.getLogger(__name__)
@@ -53,24 +53,6 @@ LOGITS_CHUNK = 1 << 22
 #: elements per slice when a stream's tensor is built from its inputs, or the embedding/head is read: 1 M
 BUILD_CHUNK = 1 << 20
 
-
-def trim_heap() -> None:
-    """Hand freed heap memory back to the system (glibc ``malloc_trim``; elsewhere nothing). Between layers
-    the temporaries of one layer are all freed, but glibc keeps most of them mapped, and the next layer's,
-    of other sizes, do not fit the holes: without this the resident set grows by hundreds of MB."""
-    global _TRIM
-    if _TRIM is None:
-        try:
-            import ctypes
-
-            _TRIM = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _TRIM = False
-    if _TRIM:
-        _TRIM(0)
-
-
-_TRIM: Any = None
 
 def peak_rss_mb() -> float:
     """The process's peak resident set size so far (``ru_maxrss``, Linux's VmHWM), in MiB."""

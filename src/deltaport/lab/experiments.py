@@ -16,6 +16,7 @@ in brackets):
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import random
@@ -297,8 +298,6 @@ def check_calibration_scope(cfg: LabConfig) -> dict:
     sentence naming the families, read from the shipped calibration (``families``, ``held_out``)."""
     from deltaport.check import load_calibration
     from deltaport.lab.config import load_config
-
-    import dataclasses
 
     fitted = load_config(CHECK_CALIBRATION_FAMILY["preset"])
     fitted = dataclasses.replace(fitted, pretrain=dataclasses.replace(
