@@ -25,3 +25,30 @@ def process_rank() -> tuple[int, int]:
     import os
 
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def release_process_group() -> None:
+    """Destroy the default process group of a ``torchrun`` / ``accelerate launch`` run, if one is open.
+
+    A process that exits with a gloo group still open can abort during interpreter shutdown ("terminate
+    called without an active exception", SIGABRT): gloo's worker threads outlive the objects they hold.
+    The CLI calls this when a command ends; :func:`release_at_exit` registers it for library callers.
+    Does nothing (and imports nothing) in a process that never loaded ``torch.distributed``."""
+    import sys
+
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return
+    dist.destroy_process_group()
+
+
+_RELEASE_REGISTERED = []
+
+
+def release_at_exit() -> None:
+    """Register :func:`release_process_group` to run at interpreter exit (once), while Python is still whole."""
+    if not _RELEASE_REGISTERED:
+        import atexit
+
+        atexit.register(release_process_group)
+        _RELEASE_REGISTERED.append(True)

@@ -416,9 +416,10 @@ def _rendezvous(device: str | None) -> None:
     """Join the launch's process group (gloo on CPU processes, as finetune's trainer will)."""
     from accelerate import PartialState
 
-    from deltaport.devices import resolve_device
+    from deltaport.devices import release_at_exit, resolve_device
 
     PartialState(cpu=resolve_device(device) == "cpu")
+    release_at_exit()
 
 
 def _send_to_workers(call) -> None:

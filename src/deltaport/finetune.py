@@ -240,7 +240,9 @@ def _resolve_device(device: str | None) -> str:
 
 
 def _world() -> tuple[int, int]:
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    from deltaport.devices import process_rank
+
+    return process_rank()
 
 
 def _check_launch() -> None:
@@ -387,6 +389,10 @@ def finetune(model, data, output, *, recipe: str = FINETUNE.recipe, steps: int |
     rank, world = _world()
     if world == 1:
         _check_launch()
+    else:  # the Trainer opens the launch's process group: close it before this process exits
+        from deltaport.devices import release_at_exit
+
+        release_at_exit()
     if world > 1 and eval_every is not None:
         raise InputError("--eval-every evaluates the in-memory model in one process; in a multi-GPU run save "
                          "checkpoints (--save-every) and evaluate them with `deltaport eval` instead")

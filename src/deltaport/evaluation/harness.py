@@ -46,7 +46,10 @@ def build_lm(m: EvalModel, *, backend: str, device: str, batch_size, seed: int, 
         # Accelerator() then joins this state instead of treating each process as alone
         from accelerate import PartialState
 
+        from deltaport.devices import release_at_exit
+
         PartialState(cpu=True)
+        release_at_exit()
     lm = HFLM(pretrained=str(m.local_dir), device=device, batch_size=batch_size, **args)
     _data_parallel_on_cpu(lm)
     return lm
