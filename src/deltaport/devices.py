@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 from deltaport.errors import InputError
 
 
@@ -42,13 +44,9 @@ def release_process_group() -> None:
     dist.destroy_process_group()
 
 
-_RELEASE_REGISTERED = []
-
-
+@functools.cache
 def release_at_exit() -> None:
     """Register :func:`release_process_group` to run at interpreter exit (once), while Python is still whole."""
-    if not _RELEASE_REGISTERED:
-        import atexit
+    import atexit
 
-        atexit.register(release_process_group)
-        _RELEASE_REGISTERED.append(True)
+    atexit.register(release_process_group)

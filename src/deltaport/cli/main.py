@@ -245,18 +245,13 @@ def main(argv: list[str] | None = None) -> int:
             return 128 + int(signum)
         raise
     finally:
-        _release_process_group()
+        from deltaport.devices import release_process_group
+
+        release_process_group()  # a launch's gloo group left open aborts the process at shutdown
         _restore_signal_handlers(old_handlers)
         flags.restore_env()
         warnings.formatwarning = old_format
     return 0
-
-
-def _release_process_group() -> None:
-    """End a multi-process launch's group before this process exits (gloo aborts at shutdown otherwise)."""
-    from deltaport.devices import release_process_group
-
-    release_process_group()
 
 
 def entry() -> None:  # pragma: no cover
