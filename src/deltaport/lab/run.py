@@ -48,8 +48,8 @@ from deltaport.lab.world import COLORS, N_SHOTS, World, make_tokenizer, sft_reco
 CHANCE = 1 / len(COLORS)
 #: 2: ``backends`` (results.json) and ``iterative.backend`` removed - every step runs through the library
 RESULTS_SCHEMA = 2
-#: the design (docs/lab.md, "Design v4") a run of this code follows; results.json → ``design``
-LAB_DESIGN = 4
+#: the design (docs/lab.md, "Design v5") a run of this code follows; results.json → ``design``
+LAB_DESIGN = 5
 
 
 class Progress:
