@@ -88,6 +88,38 @@ def test_cli_closes_an_open_process_group_when_a_command_ends(argv, tmp_path):
     assert "initialized-after False" in p.stdout, p.stdout + p.stderr[-2000:]
 
 
+_EXIT = """
+import atexit, sys
+import torch.distributed
+from deltaport.cli.main import exit_process
+atexit.register(lambda: sys.stdout.write("atexit ran;"))
+sys.stdout.write("buffered;")
+try:
+    exit_process(3)
+except SystemExit as exc:
+    sys.stdout.write(f"SystemExit {exc.code};")
+    raise
+"""
+
+
+@pytest.mark.parametrize("world", ["1", "2"])
+def test_exit_process_keeps_code_output_and_atexit_and_skips_finalisation_in_a_launch(world):
+    """In a multi-process launch the CLI ends with os._exit after flushing and running the atexit handlers
+    (a gloo worker thread still holding a tensor aborts the process in interpreter finalisation); alone it
+    exits normally through SystemExit. Either way: the same exit code, every byte written, atexit run."""
+    import os
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-c", _EXIT], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "WORLD_SIZE": world, "RANK": "0", "HF_HUB_OFFLINE": "1"})
+    assert p.returncode == 3, p.stderr[-3000:]
+    if world == "2":
+        assert p.stdout == "buffered;atexit ran;", p.stdout + p.stderr[-2000:]
+    else:
+        assert p.stdout == "buffered;SystemExit 3;atexit ran;", p.stdout + p.stderr[-2000:]
+
+
 def test_release_process_group_is_a_no_op_without_torch_distributed_loaded():
     import subprocess
     import sys

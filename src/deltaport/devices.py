@@ -35,6 +35,8 @@ def release_process_group() -> None:
     A process that exits with a gloo group still open can abort during interpreter shutdown ("terminate
     called without an active exception", SIGABRT): gloo's worker threads outlive the objects they hold.
     The CLI calls this when a command ends; :func:`release_at_exit` registers it for library callers.
+    It is not always enough: while anything else still refers to the group its worker threads live on,
+    and the CLI then also skips interpreter finalisation (:func:`deltaport.cli.main.exit_process`).
     Does nothing (and imports nothing) in a process that never loaded ``torch.distributed``."""
     import sys
 

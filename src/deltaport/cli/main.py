@@ -255,8 +255,37 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry() -> None:  # pragma: no cover
-    sys.exit(main())
+    exit_process(main())
+
+
+def exit_process(code: int) -> None:
+    """End the process with ``code``. In a multi-process launch (``WORLD_SIZE`` > 1) whose command loaded
+    ``torch.distributed``, skip interpreter finalisation: flush stdout/stderr, run the atexit handlers, then
+    ``os._exit(code)``.
+
+    Why: a gloo worker thread can still hold the last reference to a tensor of the command's final
+    broadcast when the main thread finalises the interpreter (``destroy_process_group`` does not join the
+    workers while anything else still refers to the group, and torch/accelerate/Trainer objects do). The
+    worker then waits for the GIL, CPython ends it with ``pthread_exit`` inside a ``noexcept`` destructor,
+    and the process aborts ("terminate called without an active exception", SIGABRT) after the command
+    has succeeded: core dump backtrace ``runLoop → ~AsyncBroadcastWork → THPVariable_dealloc → take_gil →
+    PyThread_exit_thread``, tests/test_distributed.py 1 run in 7-20. Nothing is left to finalise at this
+    point: outputs are written and renamed, the group destroyed by :func:`main`."""
+    import os
+
+    from deltaport.devices import process_rank
+
+    if process_rank()[1] > 1 and "torch.distributed" in sys.modules:
+        import atexit
+
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        atexit._run_exitfuncs()  # logging.shutdown, weakref.finalize, tempfile cleanup, library handlers
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    exit_process(main())
