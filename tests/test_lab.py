@@ -243,6 +243,7 @@ def test_ci_outputs_exist_parse_and_follow_the_schema(ci_run):
 @pytest.mark.slow
 def test_ci_rerun_reuses_every_artifact(ci_run):
     from deltaport.lab.run import run_lab
+    from deltaport.lab.store import wall_seconds
 
     run_dir, results = ci_run
     stamps = {p: p.stat().st_mtime_ns for p in run_dir.glob("*/*/*.safetensors")}
@@ -258,6 +259,12 @@ def test_ci_rerun_reuses_every_artifact(ci_run):
     assert rerun["evals"] >= fresh["computed_evals"] and rerun["finetunes"] == fresh["computed_finetunes"]
     assert "Reused from an earlier run in this directory: " in (run_dir / "report.md").read_text()
     assert again["timings_s"].get("steps.finetune", 0) == 0
+    # the rerun's own total is seconds; the run's cost is every pass summed (the first one kept)
+    first = results["timings_s"]["passes"]
+    assert len(first) == 1 and first[0] == results["timings_s"]["total"]
+    assert again["timings_s"]["passes"][:1] == first and len(again["timings_s"]["passes"]) >= 2
+    assert again["timings_s"]["passes"][-1] == again["timings_s"]["total"]
+    assert wall_seconds(again) == round(sum(again["timings_s"]["passes"]), 1) > results["timings_s"]["total"]
 
 
 def test_size_presets_differ_only_in_the_model_and_span_100x():

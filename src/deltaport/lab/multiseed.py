@@ -16,7 +16,7 @@ from pathlib import Path
 from deltaport.lab.config import LabConfig
 from deltaport.lab.findings import decide, fmt, rule_text, with_seeds_needed
 from deltaport.lab.stats import z_of
-from deltaport.lab.store import write_text
+from deltaport.lab.store import wall_seconds, write_text
 
 SUMMARY_SCHEMA = 1
 
@@ -60,7 +60,7 @@ def summarize(runs: list[dict]) -> dict:
           "findings": findings, "heldout_per_seed": headline, "fewshot_base_per_seed": fewshot,
           "environment": envs[0], "same_environment_every_seed": all(e == envs[0] for e in envs),
           "config": {k: v for k, v in runs[0]["config"].items() if k != "seed"},
-          "timings_per_seed_s": [r.get("timings_s", {}).get("total") for r in runs]}
+          "timings_per_seed_s": [wall_seconds(r) for r in runs]}
     if any(r.get("noise_twin") for r in runs):  # the seeds' noise twins: deltaport.lab.noise
         _add_noise(sm, runs)
     if all(r.get("compression") for r in runs):  # Δ bytes vs held-out score: deltaport.lab.compression
@@ -99,7 +99,7 @@ def _add_noise(sm: dict, runs: list[dict]) -> None:
     sm["noise_twin"] = {"what": first["noise_twin"]["what"],
                         "seeds": [r["config"]["seed"] for r in runs if r.get("noise_twin")],
                         "verdicts_identical": all(f.get("same_verdict", True) for f in sm["findings"]),
-                        "twin_timings_s": [r["noise_twin"].get("timings_s", {}).get("total") if r.get("noise_twin")
+                        "twin_timings_s": [wall_seconds(r["noise_twin"]) if r.get("noise_twin")
                                            else None for r in runs]}
 
 
@@ -130,7 +130,7 @@ def summarize_dir(out: str | Path, seeds: list[int] | None = None) -> dict:
         summary = summarize(runs)
     except ValueError as exc:  # runs of different configs
         raise InputError(f"{out}: {exc}") from exc
-    summary["timings_s"] = {"per_seed": {r["config"]["seed"]: r.get("timings_s", {}).get("total") for r in runs},
+    summary["timings_s"] = {"per_seed": {r["config"]["seed"]: wall_seconds(r) for r in runs},
                             "from": "each seed's results.json (summarised apart)"}
     write_summary(summary, out)
     return summary
@@ -200,8 +200,10 @@ def summary_md(sm: dict) -> str:
     L += ["", f"Environment: CPU {kind_of(env)}, python {env.get('versions', {}).get('python')}, "
               f"{env.get('platform')}; versions: "
           + ", ".join(f"{k} {v}" for k, v in (env.get("versions") or {}).items()) + ".",
-          "", f"Wall time per seed (s): {', '.join(str(x) for x in sm.get('timings_per_seed_s', []))} "
-              "(shared machine: see docs/lab.md for the load during the run).", ""]
+          "", f"Wall time per seed (s, every pass over the seed's directory summed): "
+              f"{', '.join(str(x) for x in sm.get('timings_per_seed_s', []))} "
+              "(shared machine: see docs/lab.md for the load during the run; results written before deltaport "
+              "recorded passes hold only the last pass, seconds when it was a resume).", ""]
     return "\n".join(L)
 
 

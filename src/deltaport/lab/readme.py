@@ -20,6 +20,7 @@ from pathlib import Path
 
 from deltaport.lab.findings import fmt, with_seeds_needed
 from deltaport.lab.report import span
+from deltaport.lab.store import wall_seconds
 
 QUICK = "docs/results/quick/results.json"
 #: the same demo at ``--threads 2`` on the same machine (its claims are compared with QUICK's in the README)
@@ -119,7 +120,7 @@ def quick_table(r: dict) -> str:
                   "are the multi-seed ones below. Produced with "
               + ", ".join(f"{k} {v}" for k, v in env.get("versions", {}).items() if k in
                           ("deltaport", "python", "torch", "transformers", "trl", "lm-eval"))
-              + f" on {kind_of(env)}; total {r.get('timings_s', {}).get('total', 0):.0f} s "
+              + f" on {kind_of(env)}; total {wall_seconds(r) or 0:.0f} s "
                 "(shared machine: load in docs/lab.md)."]
     return "\n".join(lines)
 

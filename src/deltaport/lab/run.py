@@ -42,7 +42,7 @@ from deltaport.lab.experiments import delta_label, transfer_name
 from deltaport.lab.config import LabConfig, config_hash
 from deltaport.lab.family import build_family, family_exists, world_of
 from deltaport.lab.steps import CachedLibrary
-from deltaport.lab.store import write_text
+from deltaport.lab.store import wall_seconds, write_text
 from deltaport.lab.world import COLORS, N_SHOTS, World, make_tokenizer, sft_records, write_eval_tasks
 
 CHANCE = 1 / len(COLORS)
@@ -227,6 +227,7 @@ def run_lab(cfg: LabConfig, run_dir: str | Path, *, progress: bool | str = False
     timings = {"family": family_seconds, **{f"steps.{k}": round(v, 2) for k, v in lib.timings.items()},
                "total": time.perf_counter() - started}
     results["timings_s"] = {k: round(v, 2) for k, v in timings.items()}
+    results["timings_s"]["passes"] = [*_earlier_passes(run_dir), results["timings_s"]["total"]]
     from deltaport.lab.env import environment
 
     results["environment"] = environment()
@@ -238,12 +239,22 @@ def run_lab(cfg: LabConfig, run_dir: str | Path, *, progress: bool | str = False
         twin = run_lab(twin_config(cfg), run_dir / "twin", progress=progress, resume=resume, noise_twin=False)
         _quiet_libraries(cfg.threads)  # the twin ran at its own thread count
         results["noise_twin"] = twin_record(results, twin, run_dir / "twin")
-        results["timings_s"]["twin_total"] = twin["timings_s"]["total"]
+        results["timings_s"]["twin_total"] = wall_seconds(twin)
     # 5. report: results.json, figures/, report.md
     from deltaport.lab.report import write_outputs
 
     write_outputs(results, run_dir)
     return results
+
+
+def _earlier_passes(run_dir: Path) -> list[float]:
+    """Wall seconds of every earlier pass over ``run_dir`` (a resumed run finds its artifacts cached, so its
+    own ``total`` is seconds, not the minutes the run cost): from the results.json an earlier pass wrote."""
+    try:
+        t = json.loads((run_dir / "results.json").read_text()).get("timings_s", {})
+    except (OSError, ValueError):
+        return []
+    return list(t.get("passes", [t["total"]] if "total" in t else []))
 
 
 def prepare_data(cfg: LabConfig, run_dir: Path) -> tuple[World, Any, dict[str, Path]]:

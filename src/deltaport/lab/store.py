@@ -69,3 +69,10 @@ class JsonCache:
 
     def put(self, key: str, value: Any) -> None:
         write_text(self.root / f"{key}.json", json.dumps(value, indent=1, sort_keys=True, default=str))
+
+
+def wall_seconds(results: dict) -> float | None:
+    """Wall seconds a lab run cost over all its passes (a first run, then resumed ones): ``timings_s.passes``
+    summed; ``timings_s.total`` (this pass alone) for results written before passes were recorded."""
+    t = results.get("timings_s", {})
+    return round(sum(t["passes"]), 1) if "passes" in t else t.get("total")
