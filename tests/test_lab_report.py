@@ -194,6 +194,33 @@ def test_cache_counts_tell_reuse_from_an_earlier_run_from_a_repeat(tmp_path, mon
     assert (second.reused["computed_evals"], second.reused["evals"], second.reused["repeated_evals"]) == (0, 1, 0)
 
 
+def test_a_rerun_reports_the_scorer_mismatch_of_the_evals_it_reads_from_the_cache(tmp_path, monkeypatch):
+    """item_scorer_max_mismatch (per-item scorer vs lm-eval) is the gap of every eval a run uses: a resumed
+    run that reads its evals from the cache reports the same gap as the run that computed them (it said 0)."""
+    import torch
+    from safetensors.torch import save_file
+
+    import deltaport.evaluation
+    import deltaport.lab.steps as steps
+
+    model = tmp_path / "m"
+    model.mkdir()
+    save_file({"w": torch.arange(6, dtype=torch.float32).reshape(2, 3)}, str(model / "model.safetensors"))
+    task = tmp_path / "t.yaml"
+    task.write_text("task: t\n")
+    (tmp_path / "t.jsonl").write_text("".join(f'{{"prompt": "q{i}", "answer": "a"}}\n' for i in range(4)))
+    monkeypatch.setattr(deltaport.evaluation, "evaluate",
+                        lambda models, tasks, **kw: {"results": {n: {"t": {"exact_match,none": 0.75}} for n in models}})
+    monkeypatch.setattr(steps, "item_correct", lambda model, tok, items: "0100")  # 0.25: one scorer disagrees
+    first = steps.CachedLibrary(tmp_path / "run", None, {"t": task})
+    monkeypatch.setattr(first, "load", lambda path: None)
+    assert first.exact_match({"A": model}, ["t"]) == {"A": {"t": 0.75}}
+    assert first.item_mismatch == pytest.approx(0.5)
+    second = steps.CachedLibrary(tmp_path / "run", None, {"t": task})
+    assert second.exact_match({"A": model}, ["t"]) == {"A": {"t": 0.75}} and second.reused["evals"] == 1
+    assert second.item_mismatch == first.item_mismatch
+
+
 # ------------------------------------------------------------------ figures
 def _captured_figure(monkeypatch):
     import deltaport.figures

@@ -21,10 +21,10 @@ EXPERIMENTS = ("grid", "recovery", "transfer_then_finetune", "iterative", "backp
 #: what each shipped preset costs on one 2-core CPU at 1 torch thread, as measured (docs/lab.md, "Measured"):
 #: the one place ``deltaport demo --help`` and the presets' comments take it from
 PRESET_COST = {
-    "quick": "one seed; design v4 at 1 thread: 126 s of CPU (240 s wall beside another lab run); "
-             "--threads 2: 154 s of CPU, 103 s wall; --noise-twin adds ~165 s of CPU",
-    "full": "seeds 0-4, each with its noise twin; design v4: ~430 s of CPU per seed at 1 thread plus ~475 s "
-            "per twin (2 threads, ~5 min wall on a quiet machine); 83 min wall for all of it, two seeds at a time",
+    "quick": "one seed; design v5 at 1 thread in a fresh directory: 231 s of CPU, 236 s wall beside one other "
+             "CPU-bound job; --threads 2 (family reused): 152 s of CPU, 104 s wall; --noise-twin adds ~150 s of CPU",
+    "full": "seeds 0-4, each with its noise twin; design v5: 9-16 min wall per seed at 1 thread, two seeds at a "
+            "time, plus ~700 s of CPU per twin (2 threads, 7.5-8.5 min wall alone); 78 min wall for all of it",
     "ci": "structure only, ~1 min",
     "size-s": "a 49 k-parameter family, the grid and connectivity (for calibrating check): not measured",
     "size-m": "a 0.94 M-parameter family, the grid and connectivity: not measured",

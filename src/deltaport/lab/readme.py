@@ -120,8 +120,11 @@ def quick_table(r: dict) -> str:
                   "are the multi-seed ones below. Produced with "
               + ", ".join(f"{k} {v}" for k, v in env.get("versions", {}).items() if k in
                           ("deltaport", "python", "torch", "transformers", "trl", "lm-eval"))
-              + f" on {kind_of(env)}; total {wall_seconds(r) or 0:.0f} s "
-                "(shared machine: load in docs/lab.md)."]
+              + f" on {kind_of(env)}; " + (
+                  f"total {wall_seconds(r) or 0:.0f} s (shared machine: load in docs/lab.md)."
+                  if "passes" in r.get("timings_s", {}) else
+                  "its results hold only the last pass's time (written before deltaport recorded every pass): "
+                  "measured wall times and load in docs/lab.md.")]
     return "\n".join(lines)
 
 

@@ -196,6 +196,7 @@ class CachedLibrary:
                     out[name][task] = record["exact_match"]
                     if "items" in record:
                         self.items[(name, task)] = record["items"]
+                        self._note_mismatch(record["items"], record["exact_match"])
                     self._found("evals", keys[(name, task)])
         if not todo:
             return out
@@ -211,12 +212,17 @@ class CachedLibrary:
                         items = self.task_items(task)[:limit] if limit else self.task_items(task)
                         record["items"] = item_correct(self.load(path), self.tokenizer, items)
                         self.items[(name, task)] = record["items"]
-                        mean = record["items"].count("1") / max(1, len(record["items"]))
-                        self.item_mismatch = max(self.item_mismatch, abs(mean - out[name][task]))
+                        self._note_mismatch(record["items"], out[name][task])
                     self.cache.put(keys[(name, task)], record)
                     self._computed("evals", keys[(name, task)])
         self.tick(f"eval {len(todo)} model(s)")
         return out
+
+    def _note_mismatch(self, items: str, exact_match: float) -> None:
+        """Keep the largest gap between the per-item scorer's mean and lm-eval's exact match, for evals computed
+        now and read from the cache alike (a resumed run reports the gap of every eval it uses)."""
+        mean = items.count("1") / max(1, len(items))
+        self.item_mismatch = max(self.item_mismatch, abs(mean - exact_match))
 
     # ------------------------------------------------------------ diagnostics
     def barrier(self, a: Path, b: Path, texts: list[str], *, points: int, max_tokens: int) -> dict:
