@@ -174,3 +174,37 @@ def test_successful_dry_runs_import_neither_torch_nor_the_jit(models, tmp_path):
     assert text.count("plan: transfer, ") == 2 and "plan: diff, Δ stored for 11 tensors" in text, text
     assert [r["argv"][0] for r in recs if r["torch"] or r["numba"] or r["transformers"]] == []
     assert not (tmp_path / "out").exists()
+
+
+def test_transfers_and_applies_the_kernel_computes_import_no_torch(models, tmp_path, monkeypatch):
+    """A transfer (λ = 1 and 0.7), an apply of one Δ and a composed apply of two, every tensor computed by the
+    fused kernel from plain file reads, never import torch (~220 MB of the process: the fused path's peak RSS
+    target) and write the bytes the torch fallback writes in this process (DELTAPORT_KERNEL=torch)."""
+    import hashlib
+    import shutil
+
+    m = {k: str(v) for k, v in models.items()}
+    second = shutil.copytree(models["delta"], tmp_path / "delta2")
+    tr = ["transfer", "--source-base", m["base"], "--source-finetuned", m["finetuned"], "--target-base", m["renamed"],
+          "--shape-policy", "skip", "--quiet"]
+    calls = {"t1": tr + ["-o", str(tmp_path / "t1")], "t07": tr + ["--scale", "0.7", "-o", str(tmp_path / "t07")],
+             "a1": ["apply", m["delta"], "--to", m["finetuned"], "-o", str(tmp_path / "a1"), "--quiet"],
+             "a2": ["apply", m["delta"], str(second), "--to", m["base"], "--scale", "0.7", "--scale", "0.3", "-o",
+                    str(tmp_path / "a2"), "--quiet"]}
+    recs, text = _run(list(calls.values()))
+    assert [r["rc"] for r in recs] == [0, 0, 0, 0], text
+    assert [r["argv"][0] for r in recs if r["torch"] or r["transformers"]] == [], recs
+    assert all(r["numba"] for r in recs), recs  # (the kernel ran: it is what imports numba)
+
+    def digests(d: Path) -> dict[str, str]:
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.glob("*.safetensors"))}
+
+    monkeypatch.setenv("DELTAPORT_KERNEL", "torch")
+    from deltaport.cli.main import main
+
+    for name, argv in calls.items():
+        ref = tmp_path / f"{name}-torch"
+        assert main([*argv[:argv.index("-o")], "-o", str(ref), *argv[argv.index("-o") + 2:]]) == 0
+        assert json.loads((tmp_path / name / "deltaport.json").read_text())["arithmetic"]["torch_fallback"] == 0
+        assert json.loads((ref / "deltaport.json").read_text())["arithmetic"]["numba_kernel"] == 0
+        assert digests(tmp_path / name) == digests(ref) != {}, name

@@ -150,7 +150,7 @@ def _provenance(kind: str, operation: str, formula: str, inputs: dict, plan: Pla
     """``deltaport.json``'s record of one output: what every operation records, plus its own ``fields``
     (written with sorted keys, so the order here is free)."""
     return {"deltaport_version": deltaport.__version__, "kind": kind, "operation": operation, "formula": formula,
-            "inputs": inputs, "policies": _policy_record(policies), "compute_dtype": dtype_name(plan.compute_dtype),
+            "inputs": inputs, "policies": _policy_record(policies), "compute_dtype": plan.compute_dtype_name,
             "skipped": plan.skipped, "warnings": plan.warnings, "summary": plan.summary(),
             **({"output_tokenizer": plan.info["output_tokenizer"]} if "output_tokenizer" in plan.info else {}), **fields}
 
@@ -206,7 +206,7 @@ def _publish(plan: Plan, output: Path, *, inputs: list[Path], overwrite: bool, s
     if chunk_elems is None:
         chunk_elems = default_chunk_elems(plan)
     t0 = time.perf_counter()
-    entries = [OutEntry(op.name, op.out_dtype, op.shape) for op in plan.ops]
+    entries = [OutEntry(op.name, op.out_dtype_name, op.shape) for op in plan.ops]
     hashers, hashes = _streamed_hashes(hash_inputs)
     with output_lock(output), atomic_output_dir(output, overwrite=overwrite, inputs=inputs) as tmp:
         writer = ShardedWriter(tmp, entries, parse_size(shard_size), metadata={"producer": f"deltaport {deltaport.__version__}"})

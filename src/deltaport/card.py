@@ -131,7 +131,7 @@ def model_card(*, operation: str, refs: dict[str, dict], plan, policies: dict[st
     out += ["```", formula, "```", "", "## Inputs", "", "| role | model |", "| --- | --- |"]
     for role, ref in refs.items():
         out.append(f"| {_ROLES.get(role, role)} | {describe_ref(ref)} |")
-    out += ["", "## Settings", ""] + _policies(policies, scale, str(plan.compute_dtype).replace("torch.", "")) + [f"- {_counts(plan)}", ""]
+    out += ["", "## Settings", ""] + _policies(policies, scale, plan.compute_dtype_name) + [f"- {_counts(plan)}", ""]
     if operation != "diff" and choices:
         out += ["## Files", "",
                 f"- config.json from the {_WHO[choices['config_from']]}",

@@ -463,6 +463,28 @@ if numba is not None:
         return KERNEL_REFUSED if refused else unsure
 
 
+if numba is not None:
+    @njit(nogil=True, cache=True)
+    def _count_nonfinite(bits, mask):  # elements whose exponent bits are all ones (Inf, NaN): one vectorised pass
+        n = 0
+        for i in range(bits.shape[0]):
+            n += (bits[i] & mask) == mask
+        return n
+
+
+#: exponent mask of each output format, for :func:`all_finite` on its bits (as :func:`out_view`)
+_EXP_MASK = {"bfloat16": 0x7F80, "float16": 0x7C00, "float32": 0x7F800000, "float64": 0x7FF0000000000000}
+
+
+def all_finite(raw: np.ndarray, dtype_name: str) -> bool | None:
+    """True iff the bytes ``raw`` hold only finite ``dtype_name`` values, decided on the bits without torch;
+    None where the kernel cannot tell (numba missing, or a dtype without :func:`out_view`)."""
+    view = _OUT_VIEW.get(dtype_name)
+    if numba is None or view is None:
+        return None
+    return _count_nonfinite(raw.view(view), view(_EXP_MASK[dtype_name])) == 0
+
+
 def _is_pow2(lam: float) -> bool:
     import math
     return lam != 0.0 and math.isfinite(lam) and math.frexp(abs(lam))[0] == 0.5

@@ -5,12 +5,14 @@ stored Δ cannot, :mod:`deltaport.io.residual`)."""
 from __future__ import annotations
 
 import logging
-
-import torch
+from typing import TYPE_CHECKING
 
 from deltaport.errors import InputError, NumericalError
-from deltaport.io.tensors import FLOAT_DTYPES
+from deltaport.io.tensors import FLOAT_DTYPE_NAMES
 from deltaport.plan import TensorOp
+
+if TYPE_CHECKING:
+    import torch
 
 LOG = logging.getLogger("deltaport.engine")
 
@@ -19,9 +21,11 @@ class ChecksMixin:
     """:class:`~deltaport.engine.core.Engine`'s checks of a computed chunk."""
 
     def _diagnose(self, op: TensorOp, e0: int, e1: int, row_elems: int) -> None:
+        import torch
+
         bad_inputs = []
         for key, term in (("diag_c", op.base), ("diag_a", op.plus), ("diag_b", op.minus)):
-            if term is not None and term.spec.dtype in FLOAT_DTYPES:
+            if term is not None and term.spec.dtype_name in FLOAT_DTYPE_NAMES:
                 v = self._fill(key, term, e0, e1, row_elems)
                 if not torch.isfinite(v).all():
                     bad_inputs.append(f"{term.ck.source}")
@@ -35,7 +39,7 @@ class ChecksMixin:
             return
         raise NumericalError(
             f"tensor {op.name}: the arithmetic produced NaN/Inf from finite inputs (scale {op.scale:g}, output dtype "
-            f"{str(op.out_dtype).replace('torch.', '')}): the result overflows the output dtype. Use a smaller --scale, "
+            f"{op.out_dtype_name}): the result overflows the output dtype. Use a smaller --scale, "
             "a wider --out-dtype, or exclude the tensor. No output was written."
         )
 
@@ -43,14 +47,17 @@ class ChecksMixin:
                        row_elems: int) -> None:
         """diff, exact encoding: keep r = (f − b) − Δ where the stored Δ (``out``) is not the exact difference
         (``s``: fl64(f − b), ``b``: the base values, both float64; :mod:`deltaport.io.residual`)."""
+        import torch
+
         from deltaport.io.residual import residual_of
 
         n = e1 - e0
         spec, raw = op.plus.spec, self._raw.get("plus")
         f = self.bufs.get("residual:f", n, torch.float64)
-        if (op.plus.rowmap is None and spec.numel >= e1 and raw is not None and raw.numel() >= n * spec.dtype.itemsize
+        if (op.plus.rowmap is None and spec.numel >= e1 and raw is not None and len(raw) >= n * spec.dtype.itemsize
                 and op.plus.ck.memory_tensor(spec.name) is None):
-            f.copy_(raw[: n * spec.dtype.itemsize].view(spec.dtype))  # this chunk's bytes, read by _fill just now
+            # this chunk's bytes, read by _fill just now
+            f.copy_(torch.from_numpy(raw[: n * spec.dtype.itemsize]).view(spec.dtype))
         else:
             f.copy_(self._fill("residual", op.plus, e0, e1, row_elems))
         # screen: Δ + b == f and f − Δ == b in float64 wherever r = 0; where r != 0 one of them fails (r is a
@@ -76,6 +83,8 @@ class ChecksMixin:
         encoding, ``op.residual``, was checked by :meth:`_keep_residual` instead)."""
         if op.residual:
             return
+        import torch
+
         n = e1 - e0
         if op.lora is not None:
             self._verify_lora(op, out, e0, e1, row_elems)
@@ -90,7 +99,7 @@ class ChecksMixin:
         tmp.add_(bvals)
         rt = self.bufs.get("verify2", n, a.dtype)
         self._round(rt, tmp, n)
-        araw = self._raw["plus"][: n * a.dtype.itemsize].view(a.dtype)
+        araw = torch.from_numpy(self._raw["plus"][: n * a.dtype.itemsize]).view(a.dtype)
         bad = int((rt != araw).sum()) - int((rt.isnan() & araw.isnan()).sum())
         if bad:
             self.stats.inexact_delta[op.name] = self.stats.inexact_delta.get(op.name, 0) + bad
@@ -100,6 +109,8 @@ class ChecksMixin:
         the computed Δ rounds to (the merged model), element by element."""
         if op.check is None:
             return
+        import torch
+
         n = e1 - e0
         exact = self._lora(op, e0, e1, row_elems, key="verify:x")
         b = self._fill("check", op.check, e0, e1, row_elems)

@@ -5,11 +5,12 @@ streaming each Δ (never held whole), and the exact rounding where float64 canno
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
-import torch
-
-from deltaport.numerics import compose_deltas, round_composed_exactly
 from deltaport.plan import TensorOp
+
+if TYPE_CHECKING:
+    import torch
 
 # TIES thresholds: candidates gathered for the final selection once this few remain (8 MB of float64 bits)
 TIES_GATHER = 1 << 20
@@ -36,6 +37,8 @@ class ComposeMixin:
         gathered and the rest is one selection (memory: a 65 536-bin histogram and those candidates).
         The passes read through the chunk buffers and residual cache of :meth:`_compose` (key ``d{i}``):
         the thresholds are found before the tensor's first chunk is composed, which then reads them again."""
+        import torch
+
         numel = op.numel
         k = max(1, math.ceil(op.ties_density * numel))
         if k >= numel:
@@ -77,6 +80,8 @@ class ComposeMixin:
         """d = Σ_i λ_i·Δ_i (or the TIES merge of the λ_i·Δ_i) for a composed apply, in float64
         (:func:`~deltaport.numerics.compose_deltas`); the Δ_i and the error bound are kept for
         :meth:`_compose_fixup`."""
+        from deltaport.numerics import compose_deltas
+
         thresholds = self._ties_thresholds(op, row_elems) if op.ties_density is not None else None
         self._compose_vals = [self._part_values(op, i, part, e0, e1, row_elems, key=f"d{i}")
                               for i, part in enumerate(op.deltas)]
@@ -89,7 +94,9 @@ class ComposeMixin:
         """Round a composed chunk from the exact value where float64 cannot decide
         (:func:`~deltaport.numerics.round_composed_exactly`). float64 outputs and a float32 compute dtype keep
         the result as computed."""
-        if op.out_dtype == torch.float64 or self.compute_dtype != torch.float64:
+        from deltaport.numerics import round_composed_exactly
+
+        if op.out_dtype_name == "float64" or self.compute_dtype_name != "float64":
             return
         target = self._fill("base", op.base, e0, e1, op.shape[-1] if op.shape else 1)
         thresholds = self._ties_thresholds(op, 1) if op.ties_density is not None else None

@@ -6,11 +6,13 @@ writer threads (:mod:`~deltaport.engine.pipeline`) overlap I/O with the arithmet
 from __future__ import annotations
 
 import queue
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
+from typing import TYPE_CHECKING
 
-import torch
+import numpy as np
 
 from deltaport import kernel
 from deltaport._memory import pin_mmap_threshold
@@ -19,14 +21,16 @@ from deltaport.engine.compose import ComposeMixin
 from deltaport.engine.fused import FusedMixin
 from deltaport.engine.pipeline import Buffers, Prefetcher, Writer
 from deltaport.engine.reads import ReadsMixin
-from deltaport.engine.stats import Stats, all_finite
+from deltaport.engine.stats import Stats, all_finite, all_finite_bytes
 from deltaport.engine.workers import WorkersMixin
 from deltaport.errors import DeltaportError, RuntimeFailure
 from deltaport.io import reader
-from deltaport.io.tensors import FLOAT_DTYPES
+from deltaport.io.tensors import FLOAT_DTYPE_NAMES, dtype_size, torch_dtype
 from deltaport.io.writer import ShardedWriter
-from deltaport.numerics import round_into, transfer_into
 from deltaport.plan import Plan, TensorOp, Term
+
+if TYPE_CHECKING:
+    import torch
 
 # 512K elements: 2 MB per float32 buffer, so a chunk's working set (raw reads, three float32 operands, the
 # output) stays in this CPU's L3 cache; 4M-element chunks measured ~1.5x the CPU time (and +160 MB RSS)
@@ -57,19 +61,24 @@ class Engine(ReadsMixin, FusedMixin, ComposeMixin, ChecksMixin, WorkersMixin):
         self.prefetch = prefetch
         self.chunk = max(int(chunk_elems), 1)
         self.strict = strict
-        self.compute_dtype = plan.compute_dtype
+        self.compute_dtype_name = plan.compute_dtype_name
         self.bufs = Buffers()
         self.files = reader.FilePool()
         self.stats = Stats()
         self._reader: Prefetcher | None = None
-        self._pre: dict[str, torch.Tensor] = {}  # this chunk's prefetched raw bytes, by key
-        self._raw: dict[str, torch.Tensor] = {}  # the raw bytes _fill last converted, by key
+        self._pre: dict[str, np.ndarray] = {}  # this chunk's prefetched raw bytes, by key
+        self._raw: dict[str, np.ndarray] = {}  # the raw bytes _fill last converted, by key
         self._workers = 1
         self._packed_cache: dict[str, dict] = {}  # compressed tensor parts, by key (one tensor each)
         # the fused kernel (deltaport.kernel) computes the float64 (exact) arithmetic unless DELTAPORT_KERNEL=torch
-        self.use_kernel = kernel.available() and self.compute_dtype == torch.float64
+        self.use_kernel = kernel.available() and self.compute_dtype_name == "float64"
         self._kernel_threads = 1
         self._kernel_pool: ThreadPoolExecutor | None = None
+
+    @property
+    def compute_dtype(self) -> "torch.dtype":
+        """The torch path's compute dtype (imports torch: the kernel's path reads ``compute_dtype_name``)."""
+        return torch_dtype(self.compute_dtype_name)
 
     def _chunks(self, op: TensorOp):
         numel = op.numel
@@ -84,14 +93,38 @@ class Engine(ReadsMixin, FusedMixin, ComposeMixin, ChecksMixin, WorkersMixin):
             yield e, min(numel, e + step), row_elems
             e += step
 
+    def _kernel_only(self) -> bool:
+        """True when every op is a plain copy of file bytes or a chunk the kernel computes from plain file reads
+        (as :meth:`_kernel_chunk` decides, before any chunk): such a plan needs no torch."""
+        if not self.use_kernel or self.plan.operation == "diff":
+            return False
+        for op in self.plan.ops:
+            if self._raw_copy(op) or (op.kind == "copy" and op.out_dtype_name not in FLOAT_DTYPE_NAMES
+                                      and op.base.rowmap is None and op.base.ck.memory_tensor(op.base.spec.name) is None):
+                continue
+            if (op.kind == "copy" or op.scale == 0.0 or op.ties_density is not None or op.lora is not None
+                    or op.packed is not None or getattr(op, "residual", None) or op.base is None
+                    or kernel.out_view(op.out_dtype_name) is None):
+                return False
+            parts = [op.base, op.plus, op.minus] if not op.deltas else [op.base] + [
+                None if (p.lora is not None or p.packed is not None or getattr(p, "residual", None)) else p.plus
+                for p in op.deltas]
+            if op.deltas and (None in parts or len({t.spec.dtype_name for t in parts[1:]}) > 1):
+                return False  # (a mixed-dtype composed chunk widens through the torch path's values)
+            for t in parts:
+                if t is not None and (kernel.in_view(t.spec.dtype_name) is None or t.rowmap is not None
+                                      or t.spec.numel < op.numel or t.ck.memory_tensor(t.spec.name) is not None):
+                    return False
+        return True
+
     @staticmethod
     def _raw_copy(op: TensorOp) -> bool:
-        return (op.kind == "copy" and op.base.rowmap is None and op.base.spec.dtype == op.out_dtype
+        return (op.kind == "copy" and op.base.rowmap is None and op.base.spec.dtype_name == op.out_dtype_name
                 and op.base.spec.numel == op.numel and op.base.ck.memory_tensor(op.base.spec.name) is None)
 
     def _prefetchable(self, op: TensorOp) -> list[tuple[str, Term]]:
         """The (key, term) pairs :meth:`_fill` reads from a file for every chunk of ``op`` (see _run_op)."""
-        if self._raw_copy(op) or op.out_dtype not in FLOAT_DTYPES:
+        if self._raw_copy(op) or op.out_dtype_name not in FLOAT_DTYPE_NAMES:
             return []
         if op.kind == "copy" or op.scale == 0.0:
             terms = [("base", op.base)]
@@ -104,7 +137,7 @@ class Engine(ReadsMixin, FusedMixin, ComposeMixin, ChecksMixin, WorkersMixin):
 
     def _run_op(self, op: TensorOp, writer_thread: Writer) -> None:
         writer_thread.q.put(("begin", op.name, op.nbytes))
-        out_itemsize = op.out_dtype.itemsize
+        out_itemsize = dtype_size(op.out_dtype_name)
         for e0, e1, row_elems in self._chunks(op):
             n = e1 - e0
             pre_bufs = None
@@ -120,33 +153,43 @@ class Engine(ReadsMixin, FusedMixin, ComposeMixin, ChecksMixin, WorkersMixin):
             self._progress(n * out_itemsize)
         self.stats.tensors += 1
 
-    def _chunk(self, op: TensorOp, e0: int, e1: int, row_elems: int, obuf: torch.Tensor) -> None:
+    def _chunk(self, op: TensorOp, e0: int, e1: int, row_elems: int, obuf: np.ndarray) -> None:
         """Output elements [e0, e1) of ``op`` into the byte buffer ``obuf`` (this chunk's prefetched raw
         bytes, if any, in ``self._pre``). Touches only this engine's own buffers, files and stats, so
         workers (copies of the engine, see :meth:`_run_workers`) can run it side by side."""
         n = e1 - e0
-        out_itemsize = op.out_dtype.itemsize
-        floating = op.out_dtype in FLOAT_DTYPES
+        out_name = op.out_dtype_name
+        out_itemsize = dtype_size(out_name)
+        nbytes = n * out_itemsize
+        floating = out_name in FLOAT_DTYPE_NAMES
         if self._raw_copy(op):
             spec = op.base.spec
-            reader.pread_into(self.files.fd(spec.file), obuf, spec.start + e0 * out_itemsize, n * out_itemsize, f"{spec.file}:{spec.name}")
-            self._observe(spec, e0 * out_itemsize, obuf[: n * out_itemsize])
-            self.stats.bytes_read += n * out_itemsize
-            if floating and not all_finite(obuf[: n * out_itemsize].view(op.out_dtype)):
+            reader.pread_into(self.files.fd(spec.file), obuf, spec.start + e0 * out_itemsize, nbytes, f"{spec.file}:{spec.name}")
+            self._observe(spec, e0 * out_itemsize, obuf[:nbytes])
+            self.stats.bytes_read += nbytes
+            if floating and not all_finite_bytes(obuf[:nbytes], out_name):
                 self._diagnose(op, e0, e1, row_elems)
         elif not floating:  # non-float copy with a row map or from memory
             src = op.base.ck.memory_tensor(op.base.spec.name)
             if src is None:
                 spec = op.base.spec
-                reader.pread_into(self.files.fd(spec.file), obuf, spec.start + e0 * out_itemsize, n * out_itemsize, f"{spec.file}:{spec.name}")
+                reader.pread_into(self.files.fd(spec.file), obuf, spec.start + e0 * out_itemsize, nbytes, f"{spec.file}:{spec.name}")
             else:
-                obuf[: n * out_itemsize].copy_(src.reshape(-1)[e0:e1].contiguous().view(torch.uint8))
-        else:
-            out = obuf[: n * out_itemsize].view(op.out_dtype)
+                import torch
+
+                obuf[:nbytes] = src.reshape(-1)[e0:e1].contiguous().view(torch.uint8).numpy()
+        elif op.kind != "copy" and op.scale != 0.0 and self._kernel_chunk(op, e0, e1, row_elems, obuf[:nbytes]):
+            self.stats.ran(op.name, "numba")
+            if not all_finite_bytes(obuf[:nbytes], out_name):
+                self._diagnose(op, e0, e1, row_elems)
+        else:  # the torch path, on the chunk's bytes viewed as the output dtype
+            import torch
+
+            from deltaport.numerics import transfer_into
+
+            out = torch_view(obuf[:nbytes], op.out_dtype)
             if op.kind == "copy" or op.scale == 0.0:
                 self._round(out, self._fill("base", op.base, e0, e1, row_elems), n)
-            elif self._kernel_chunk(op, e0, e1, row_elems, obuf[: n * out_itemsize]):
-                self.stats.ran(op.name, "numba")
             else:
                 self.stats.ran(op.name, "torch")
                 minus = None
@@ -174,28 +217,32 @@ class Engine(ReadsMixin, FusedMixin, ComposeMixin, ChecksMixin, WorkersMixin):
 
     def _round(self, out: torch.Tensor, acc: torch.Tensor, n: int) -> None:
         """One correct rounding of the compute-dtype result into the output dtype (see numerics)."""
+        import torch
+
+        from deltaport.numerics import round_into
+
         if acc.dtype == torch.float64 and out.dtype in (torch.bfloat16, torch.float16):
             round_into(out, acc, self.bufs.get("round", n, torch.int64))  # (acc is scratch: modified)
         else:
             out.copy_(acc)
 
-    def _take(self, writer_thread: Writer, nbytes: int) -> torch.Tensor:
+    def _take(self, writer_thread: Writer, nbytes: int) -> np.ndarray:
         while True:
             try:
                 b = writer_thread.free.get_nowait()
             except queue.Empty:
                 if self._nout < 3 + self._workers:
                     self._nout += 1
-                    b = torch.empty(0, dtype=torch.uint8)
+                    b = np.empty(0, dtype=np.uint8)
                 else:
                     b = writer_thread.free.get()
-            if b.numel() < nbytes:
-                b = torch.empty(max(nbytes, self._out_cap()), dtype=torch.uint8)
+            if len(b) < nbytes:
+                b = np.empty(max(nbytes, self._out_cap()), dtype=np.uint8)
             return b
 
     def _out_cap(self) -> int:
         # a chunk of the plan's widest output dtype: 1 MB per buffer for a bf16 model (8 bytes an element: 4 MB)
-        return self.chunk * max((op.out_dtype.itemsize for op in self.plan.ops), default=8)
+        return self.chunk * max((dtype_size(op.out_dtype_name) for op in self.plan.ops), default=8)
 
     def _progress(self, n: int) -> None:
         if self._bar is not None:
@@ -205,9 +252,14 @@ class Engine(ReadsMixin, FusedMixin, ComposeMixin, ChecksMixin, WorkersMixin):
         ops = {op.name: op for op in self.plan.ops}
         t0 = time.perf_counter()
         pin_mmap_threshold()  # chunk-sized temporaries are mapped and unmapped, not left to fragment the heap
-        old_threads = torch.get_num_threads()
         workers = max(1, int(threads or DEFAULT_THREADS))
-        torch.set_num_threads(1)  # each worker runs torch on one thread (see DEFAULT_THREADS)
+        # torch only where a chunk needs it: a plan the kernel computes whole (plain file reads, kernel dtypes)
+        # never imports it (~220 MB of the process and its import time); a chunk the kernel refuses after all
+        # imports it then (element-wise, so its bytes do not depend on torch's thread count)
+        torch = None if self._kernel_only() and "torch" not in sys.modules else _torch()
+        old_threads = None if torch is None else torch.get_num_threads()
+        if torch is not None:
+            torch.set_num_threads(1)  # each worker runs torch on one thread (see DEFAULT_THREADS)
         if self.use_kernel and self.plan.operation != "diff" and workers > 1:
             # the kernel's own parallelism: one chunk split over ``threads`` threads (the fallback's chunks,
             # where the kernel does not apply, then run on one worker)
@@ -232,7 +284,7 @@ class Engine(ReadsMixin, FusedMixin, ComposeMixin, ChecksMixin, WorkersMixin):
             self._reader = Prefetcher(self, [ops[entry.name] for entry in writer.order], extra_sets=workers - 1)
             self._reader.start()
         try:
-            with ctx, torch.inference_mode():
+            with ctx, (nullcontext() if torch is None else torch.inference_mode()):
                 if workers == 1:
                     for entry in writer.order:
                         self._run_op(ops[entry.name], writer_thread)
@@ -249,13 +301,27 @@ class Engine(ReadsMixin, FusedMixin, ComposeMixin, ChecksMixin, WorkersMixin):
                 self._reader.stop()
                 self._reader = None
             self.files.close()
-            torch.set_num_threads(old_threads)
+            if old_threads is not None:
+                torch.set_num_threads(old_threads)
             if self._kernel_pool is not None:
                 self._kernel_pool.shutdown(wait=True)
                 self._kernel_pool = None
         self.stats.bytes_written = writer_thread.bytes
         self.stats.seconds = time.perf_counter() - t0
         return self.stats
+
+
+def _torch():
+    import torch
+
+    return torch
+
+
+def torch_view(buf: np.ndarray, dtype) -> "torch.Tensor":
+    """The bytes ``buf`` as a torch tensor of ``dtype`` (no copy)."""
+    import torch
+
+    return torch.from_numpy(buf).view(dtype)
 
 
 def default_chunk_elems(plan: Plan) -> int:

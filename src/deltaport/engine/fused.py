@@ -4,11 +4,10 @@ one pass, one rounding; where the kernel does not apply the engine's torch path 
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from deltaport import kernel
 from deltaport.io import reader
-from deltaport.io.tensors import dtype_name
+from deltaport.io.tensors import dtype_size
 from deltaport.plan import TensorOp, Term
 
 
@@ -20,23 +19,24 @@ class FusedMixin:
         chunk's prefetched ones, or read now) viewed as :func:`deltaport.kernel.in_view`; float64 values
         from :meth:`_fill` where the term is not one plain file range (row maps, padding, memory)."""
         spec = term.spec
-        view = kernel.in_view(dtype_name(spec.dtype))
+        view = kernel.in_view(spec.dtype_name)
         if view is None or term.rowmap is not None or spec.numel < e1 or term.ck.memory_tensor(spec.name) is not None:
             return self._fill(key, term, e0, e1, row_elems).numpy()
-        nbytes = (e1 - e0) * spec.dtype.itemsize
+        itemsize = dtype_size(spec.dtype_name)
+        nbytes = (e1 - e0) * itemsize
         raw = self._pre.get(key)
         if raw is None:
-            raw = self.bufs.get(key + ":r", nbytes, torch.uint8)
-            reader.pread_into(self.files.fd(spec.file), raw, spec.start + e0 * spec.dtype.itemsize, nbytes, f"{spec.file}:{spec.name}")
+            raw = self.bufs.get(key + ":r", nbytes, np.uint8)
+            reader.pread_into(self.files.fd(spec.file), raw, spec.start + e0 * itemsize, nbytes, f"{spec.file}:{spec.name}")
         self._raw[key] = raw
         self.stats.bytes_read += nbytes
-        return raw[:nbytes].numpy().view(view)
+        return raw[:nbytes].view(view)
 
-    def _kernel_chunk(self, op: TensorOp, e0: int, e1: int, row_elems: int, obuf: torch.Tensor) -> bool:
+    def _kernel_chunk(self, op: TensorOp, e0: int, e1: int, row_elems: int, obuf: np.ndarray) -> bool:
         """Compute a chunk with :func:`deltaport.kernel.fused_into` into the byte buffer ``obuf``; False where
         the kernel does not apply (forced off, float32 math, TIES, a diff's round-trip check, a chunk it
         refuses): the torch fallback then computes it."""
-        out_name = dtype_name(op.out_dtype)
+        out_name = op.out_dtype_name
         if (not self.use_kernel or op.ties_density is not None or kernel.out_view(out_name) is None
                 or (op.base is None and (op.minus is not None or op.check is not None))
                 or getattr(op, "residual", None) or any(getattr(p, "residual", None) for p in op.deltas)):
@@ -62,7 +62,7 @@ class FusedMixin:
                 plus = self._kernel_input("plus", op.plus, e0, e1, row_elems)
             minus = None if op.minus is None else self._kernel_input("minus", op.minus, e0, e1, row_elems)
             terms, scales = [(plus, minus)], [op.scale]
-        out = obuf.numpy().view(kernel.out_view(out_name))
+        out = obuf.view(kernel.out_view(out_name))
         got = self._kernel_run(out, out_name, target, terms, scales)
         if got == kernel.KERNEL_REFUSED:
             return False
@@ -72,7 +72,7 @@ class FusedMixin:
     def _widened(self, key: str, v: np.ndarray) -> np.ndarray:
         """float32 values as float64 (exact) in a reused buffer: a new 4 MB array per chunk would be mapped and
         unmapped each time (the mmap threshold, deltaport._memory), ~10 % of an apply's CPU time."""
-        out = self.bufs.get(key + ":w", len(v), torch.float64).numpy()
+        out = self.bufs.get(key + ":w", len(v), np.float64)
         out[:] = v
         return out
 

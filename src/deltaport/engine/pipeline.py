@@ -8,27 +8,37 @@ import queue
 import threading
 from typing import TYPE_CHECKING
 
-import torch
+import numpy as np
 
 from deltaport.errors import RuntimeFailure
 from deltaport.io import reader
+from deltaport.io.tensors import dtype_size
 from deltaport.io.writer import ShardedWriter
 from deltaport.plan import TensorOp
 
 if TYPE_CHECKING:
+    import torch
+
     from deltaport.engine.core import Engine
 
 
 class Buffers:
-    """Reused buffers, grown on demand (never shrunk), so steady state allocates nothing."""
+    """Reused buffers, grown on demand (never shrunk), so steady state allocates nothing: numpy arrays for a
+    numpy dtype (raw bytes: ``np.uint8``; what the kernel reads and writes), torch tensors for a torch dtype
+    (the torch path's values), so that a plan the kernel computes whole never imports torch."""
 
     def __init__(self) -> None:
-        self._bufs: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+        self._bufs: dict[tuple[str, object], np.ndarray | torch.Tensor] = {}
 
-    def get(self, key: str, n: int, dtype: torch.dtype) -> torch.Tensor:
+    def get(self, key: str, n: int, dtype) -> np.ndarray | torch.Tensor:
         b = self._bufs.get((key, dtype))
-        if b is None or b.numel() < n:
-            b = torch.empty(max(n, 1), dtype=dtype)
+        if b is None or len(b) < n:
+            if type(dtype).__module__ == "torch":
+                import torch
+
+                b = torch.empty(max(n, 1), dtype=dtype)
+            else:
+                b = np.empty(max(n, 1), dtype=dtype)
             self._bufs[(key, dtype)] = b
         return b[:n]
 
@@ -119,7 +129,7 @@ class Prefetcher(threading.Thread):
             for op in self.ops:
                 reads = self.engine._prefetchable(op)
                 for e0, e1, _ in self.engine._chunks(op):
-                    raws: dict[str, torch.Tensor] = {}
+                    raws: dict[str, np.ndarray] = {}
                     bufs = None
                     if reads:
                         bufs = self._take()
@@ -127,10 +137,10 @@ class Prefetcher(threading.Thread):
                             return
                         for key, term in reads:
                             spec = term.spec
-                            itemsize = spec.dtype.itemsize
+                            itemsize = dtype_size(spec.dtype_name)
                             k = max(0, min(e1, spec.numel) - e0)
                             if k:
-                                raw = bufs.get(key, k * itemsize, torch.uint8)
+                                raw = bufs.get(key, k * itemsize, np.uint8)
                                 reader.pread_into(self.files.fd(spec.file), raw, spec.start + e0 * itemsize, k * itemsize,
                                            f"{spec.file}:{spec.name}")
                                 self.engine._observe(spec, e0 * itemsize, raw)
@@ -143,7 +153,7 @@ class Prefetcher(threading.Thread):
         finally:
             self.files.close()
 
-    def next(self, name: str, e0: int) -> tuple[Buffers | None, dict[str, torch.Tensor]]:
+    def next(self, name: str, e0: int) -> tuple[Buffers | None, dict[str, np.ndarray]]:
         item = self.q.get()
         if isinstance(item, BaseException):
             raise item

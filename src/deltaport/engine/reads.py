@@ -4,12 +4,16 @@ B·A in a fixed summation order, compressed Δs (sparse bitmask + values, sign b
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 
 from deltaport.io import reader
 from deltaport.io.compressed_format import unpack_bits
 from deltaport.plan import TensorOp, Term
+
+if TYPE_CHECKING:
+    import torch
 
 
 class _LoraView:
@@ -24,6 +28,8 @@ class ReadsMixin:
 
     def _fill(self, key: str, term: Term, e0: int, e1: int, row_elems: int) -> torch.Tensor:
         """Values of ``term`` for output elements [e0, e1) in the compute dtype (zeros past its end)."""
+        import torch
+
         n = e1 - e0
         spec = term.spec
         out = self.bufs.get(key + ":f", n, self.compute_dtype)
@@ -37,12 +43,12 @@ class ReadsMixin:
                 else:
                     raw = self._pre.get(key)
                     if raw is None:
-                        raw = self.bufs.get(key + ":r", k * itemsize, torch.uint8)
+                        raw = self.bufs.get(key + ":r", k * itemsize, np.uint8)
                         reader.pread_into(self.files.fd(spec.file), raw, spec.start + e0 * itemsize, k * itemsize, f"{spec.file}:{spec.name}")
                         self._observe(spec, e0 * itemsize, raw)
                     self._raw[key] = raw
                     self.stats.bytes_read += k * itemsize
-                    out[:k].copy_(raw.view(spec.dtype))
+                    out[:k].copy_(torch.from_numpy(raw[: k * itemsize]).view(spec.dtype))
             if k < n:
                 out[k:].zero_()
             return out
@@ -58,11 +64,13 @@ class ReadsMixin:
                      zero: bool) -> None:
         """Write ``term``'s rows ``rowmap[r0:r1]`` into ``out2`` (runs of consecutive rows in one read);
         rows mapped to -1 are set to ``term.fill`` (``zero``; ±0.0) or left as they are (an overlay)."""
+        import torch
+
         spec = term.spec
         itemsize = spec.dtype.itemsize
         mem = term.ck.memory_tensor(spec.name)
         idx = term.rowmap[r0:r1].tolist()
-        raw = self.bufs.get(key + ":r", (r1 - r0) * row_elems * itemsize, torch.uint8)
+        raw = self.bufs.get(key + ":r", (r1 - r0) * row_elems * itemsize, np.uint8)
         rowbytes = row_elems * itemsize
         j = 0
         while j < len(idx):
@@ -81,14 +89,14 @@ class ReadsMixin:
                 part = raw[: run * rowbytes]
                 reader.pread_into(self.files.fd(spec.file), part, spec.start + i * rowbytes, run * rowbytes, f"{spec.file}:{spec.name}")
                 self.stats.bytes_read += run * rowbytes
-                out2[j:j + run].copy_(part.view(spec.dtype).view(run, row_elems))
+                out2[j:j + run].copy_(torch.from_numpy(part).view(spec.dtype).view(run, row_elems))
             j += run
 
-    def _observe(self, spec, offset: int, raw: torch.Tensor) -> None:
+    def _observe(self, spec, offset: int, raw: np.ndarray) -> None:
         """Bytes just read from ``spec`` at byte ``offset``: to the content hash of its checkpoint, if one is kept."""
         hasher = self.hashers.get(spec.file)
         if hasher is not None:
-            hasher.feed(spec, offset, raw.numpy())
+            hasher.feed(spec, offset, raw)
 
     def _lora(self, op: TensorOp, e0: int, e1: int, row_elems: int, key: str = "plus:f") -> torch.Tensor:
         """Δ = scaling·B·A for output elements [e0, e1), which may start and end inside a row.
@@ -96,6 +104,8 @@ class ReadsMixin:
         Every element is ``scaling · Σ_k B[i,k]·A[k,j]`` summed in the order k = 0..r-1 with one rounding per
         product and per addition (no BLAS, whose blocking, FMA use and kernel choice vary with the number of
         rows), so the bytes do not depend on the chunk size, and memory is the chunk (a row may be split)."""
+        import torch
+
         cache = getattr(self, "_lora_cache", None)
         if cache is None or cache[0] != op.name:
             A = op.lora.ck.tensor(op.lora.a.name).to(self.compute_dtype)
@@ -163,6 +173,8 @@ class ReadsMixin:
     def _part_values(self, op: TensorOp, i: int, part, e0: int, e1: int, row_elems: int, key: str) -> torch.Tensor:
         """Δ_i of a composed op for elements [e0, e1), in float64, in a buffer of this engine (the caller's
         scratch until the next read of ``key``)."""
+        import torch
+
         if part.lora is not None:
             v = self._lora(_LoraView(op.name + f"#{i}", part.lora), e0, e1, row_elems, key=key + ":f")
         elif part.packed is not None:

@@ -4,8 +4,12 @@ its cheap finiteness test."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -37,6 +41,27 @@ def all_finite(x: torch.Tensor) -> bool:
     (a third of the whole transfer's time); a sum runs at ~10 G elements/s and is finite only when every
     value is (NaN and Inf propagate). A non-finite sum can also be an overflow of large finite values, so
     that case falls back to the exact test."""
+    import torch
+
     if torch.isfinite(x.sum()):
         return True
     return bool(torch.isfinite(x).all())
+
+
+def all_finite_bytes(raw: np.ndarray, dtype_name: str) -> bool:
+    """True iff the bytes ``raw`` hold only finite ``dtype_name`` values: on their bits where torch is not
+    loaded (:func:`deltaport.kernel.all_finite`; a plan the kernel computes whole never imports torch), by
+    :func:`all_finite` where it is (its float sum is the faster pass), or where the kernel cannot tell."""
+    import sys
+
+    from deltaport import kernel
+
+    if "torch" not in sys.modules:
+        found = kernel.all_finite(raw, dtype_name)
+        if found is not None:
+            return found
+    import torch
+
+    from deltaport.io.tensors import torch_dtype
+
+    return all_finite(torch.from_numpy(raw).view(torch_dtype(dtype_name)))

@@ -10,11 +10,12 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
-import torch
+import numpy as np
 
 from deltaport.engine.pipeline import Buffers, Writer
 from deltaport.engine.stats import Stats
 from deltaport.io import reader
+from deltaport.io.tensors import dtype_size
 from deltaport.plan import TensorOp
 
 if TYPE_CHECKING:
@@ -41,7 +42,9 @@ class WorkersMixin:
         copies: list[Engine] = []
         lock = threading.Lock()
 
-        def task(op: TensorOp, e0: int, e1: int, row_elems: int, obuf: torch.Tensor, pre: dict) -> None:
+        import torch
+
+        def task(op: TensorOp, e0: int, e1: int, row_elems: int, obuf: np.ndarray, pre: dict) -> None:
             w = getattr(local, "engine", None)
             if w is None:
                 w = local.engine = self._worker_copy()
@@ -74,7 +77,7 @@ class WorkersMixin:
         pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="deltaport-worker")
         try:
             for op in ops:
-                out_itemsize = op.out_dtype.itemsize
+                out_itemsize = dtype_size(op.out_dtype_name)
                 pending.append(("begin", None, op, None, 0, None))
                 for e0, e1, row_elems in self._chunks(op):
                     pre_bufs, pre = (None, {}) if self._reader is None else self._reader.next(op.name, e0)

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import os
 
-import torch
-
 from deltaport.errors import CheckpointError
 
 
@@ -40,9 +38,9 @@ class FilePool:
         self.close()
 
 
-def pread_into(fd: int, buf: torch.Tensor, offset: int, nbytes: int, what: str) -> None:
-    """Fill ``buf[:nbytes]`` (a uint8 tensor) from ``fd`` at ``offset``."""
-    mv = memoryview(buf.numpy())[:nbytes]
+def pread_into(fd: int, buf, offset: int, nbytes: int, what: str) -> None:
+    """Fill ``buf[:nbytes]`` (a uint8 numpy array, or a uint8 torch tensor) from ``fd`` at ``offset``."""
+    mv = memoryview(buf.numpy() if hasattr(buf, "numpy") else buf)[:nbytes]
     got = 0
     while got < nbytes:
         n = os.preadv(fd, [mv[got:]], offset + got)
