@@ -223,22 +223,16 @@ def worker_floor(fam: Path, out: Path, threads: int) -> dict:
 
 
 def worker_deltaport(fam: Path, out: Path, threads: int) -> dict:
-    import torch
+    import deltaport  # (no torch here: the engine sets its threads, and the kernel's path never imports it)
 
-    import deltaport
-
-    torch.set_num_threads(threads)
     t0 = time.perf_counter()
     res = deltaport.transfer(fam / "source_base", fam / "source_finetuned", fam / "target_base", out, threads=threads)
     return {"seconds": time.perf_counter() - t0, "engine": res.timings}
 
 
 def worker_deltaport_f32(fam: Path, out: Path, threads: int) -> dict:
-    import torch
+    import deltaport  # (no torch here: the engine sets its threads, and the kernel's path never imports it)
 
-    import deltaport
-
-    torch.set_num_threads(threads)
     t0 = time.perf_counter()
     res = deltaport.transfer(fam / "source_base", fam / "source_finetuned", fam / "target_base", out, threads=threads,
                              compute_dtype="float32")
@@ -246,11 +240,8 @@ def worker_deltaport_f32(fam: Path, out: Path, threads: int) -> dict:
 
 
 def worker_deltaport_w2(fam: Path, out: Path, threads: int) -> dict:
-    import torch
-
     import deltaport
 
-    torch.set_num_threads(1)
     t0 = time.perf_counter()
     res = deltaport.transfer(fam / "source_base", fam / "source_finetuned", fam / "target_base", out, threads=2)
     return {"seconds": time.perf_counter() - t0, "engine": res.timings}
@@ -263,11 +254,8 @@ def worker_deltaport_torch(fam: Path, out: Path, threads: int) -> dict:
 
 
 def worker_deltaport_l07(fam: Path, out: Path, threads: int) -> dict:
-    import torch
+    import deltaport  # (no torch here: the engine sets its threads, and the kernel's path never imports it)
 
-    import deltaport
-
-    torch.set_num_threads(threads)
     t0 = time.perf_counter()
     res = deltaport.transfer(fam / "source_base", fam / "source_finetuned", fam / "target_base", out, threads=threads,
                              scale=0.7)
@@ -288,11 +276,8 @@ def _deltas(fam: Path) -> list[Path]:
 
 
 def worker_apply1(fam: Path, out: Path, threads: int) -> dict:
-    import torch
+    import deltaport  # (no torch here: the engine sets its threads, and the kernel's path never imports it)
 
-    import deltaport
-
-    torch.set_num_threads(threads)
     d1, _ = _deltas(fam)
     t0 = time.perf_counter()
     res = deltaport.apply(d1, fam / "target_base", out, threads=threads)
@@ -300,11 +285,8 @@ def worker_apply1(fam: Path, out: Path, threads: int) -> dict:
 
 
 def _apply2(fam: Path, out: Path, threads: int, **kw) -> dict:
-    import torch
+    import deltaport  # (no torch here: the engine sets its threads, and the kernel's path never imports it)
 
-    import deltaport
-
-    torch.set_num_threads(threads)
     ds = _deltas(fam)
     t0 = time.perf_counter()
     res = deltaport.apply(ds, fam / "target_base", out, threads=threads, scale=[0.7, 0.3], **kw)
