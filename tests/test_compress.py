@@ -227,15 +227,21 @@ def test_peft_export_needs_lowrank(fam, tmp_path, capsys):
     assert "use it with --method lowrank" in capsys.readouterr().err
 
 
-def test_lowrank_compresses_the_vocabulary_by_default_and_the_summary_says_what_it_did(fam, tmp_path, capsys):
-    """lowrank's default is the lab frontier's recommendation (r16 with the vocabulary, docs/compression.md);
-    sign and sparse keep vocabulary tensors exact and the summary says why, with their share of the bytes."""
-    assert main(["compress", str(fam["delta"]), "-o", str(tmp_path / "lr"), "--method", "lowrank", "--rank", "2"]) == 0
+def test_every_method_keeps_the_vocabulary_exact_by_default_and_the_summary_says_why(fam, tmp_path, capsys):
+    """The default is the lab frontier's recommendation since design v4 (vocabulary exact: docs/compression.md);
+    --include compresses vocabulary tensors, and the summary says what it did and why, with their share."""
+    assert main(["compress", str(fam["delta"]), "-o", str(tmp_path / "lr"), "--method", "lowrank", "--rank", "2",
+                 "--include", "."]) == 0
     err = capsys.readouterr().err
     comp = json.loads((tmp_path / "lr" / "deltaport.json").read_text())["compression"]
     vocab = [n for n in comp["tensors"] if "embed_tokens" in n or "lm_head" in n]
     assert vocab and all(comp["tensors"][n]["method"] == "lowrank" for n in vocab)
-    assert "vocabulary tensors compressed too" in err and "--exclude them to keep them exact" in err
+    assert "vocabulary tensors compressed too" in err and "named by --include" in err
+    assert main(["compress", str(fam["delta"]), "-o", str(tmp_path / "lr-default"), "--method", "lowrank", "--rank", "2"]) == 0
+    err = capsys.readouterr().err
+    comp = json.loads((tmp_path / "lr-default" / "deltaport.json").read_text())["compression"]
+    assert all(comp["tensors"][n]["method"] == "exact" for n in vocab)
+    assert "kept exact" in err and "the lab frontier's recommendation since design v4" in err
     assert main(["compress", str(fam["delta"]), "-o", str(tmp_path / "sg"), "--method", "sign"]) == 0
     err = capsys.readouterr().err
     comp = json.loads((tmp_path / "sg" / "deltaport.json").read_text())["compression"]

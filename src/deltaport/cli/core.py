@@ -147,8 +147,8 @@ def register(app: typer.Typer) -> None:
                                  f"{sum(vocab[n]['bytes_after'] for n in exact) / max(tot['bytes_after'], 1):.0%} of the output's "
                                  f"bytes; {vocab[exact[0]]['reason'].split(': ', 1)[-1]}\n")
             else:
-                sys.stderr.write(f"vocabulary tensors compressed too ({', '.join(sorted(vocab))}): the lab frontier's "
-                                 "recommendation for lowrank (docs/compression.md); --exclude them to keep them exact\n")
+                sys.stderr.write(f"vocabulary tensors compressed too ({', '.join(sorted(vocab))}): named by --include "
+                                 "(the lab frontier keeps them exact: docs/compression.md)\n")
 
     @app.command("inspect")
     @with_options(InspectOptions, before="tensors")

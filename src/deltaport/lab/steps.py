@@ -118,13 +118,8 @@ class CachedLibrary:
         if is_built(out, key):
             self._found("compressed_deltas", key)
             return out
-        kw = dict(setting)
-        if method == "lowrank" and not setting.get("include"):  # a setting without include keeps the vocabulary
-            from deltaport.plan.names import EMBED_PATTERNS  # exact (its label has no "+ vocab"): lowrank's default
-
-            kw["exclude"] = list(EMBED_PATTERNS)  # compresses it (the frontier's recommendation), so say so
-        with self.timed("compress"):
-            compress(delta, out, method=method, seed=seed, overwrite=True, threads=1, **kw)
+        with self.timed("compress"):  # (a setting without include keeps the vocabulary exact: compress's default)
+            compress(delta, out, method=method, seed=seed, overwrite=True, threads=1, **setting)
             mark_built(out, key, {"delta": str(delta), "setting": {"method": method, **setting}, "seed": seed})
         self._computed("compressed_deltas", key)
         return out
