@@ -108,3 +108,37 @@ def test_card_content_hash_comes_from_the_engine_reads(family, tmp_path, threads
     card = (tmp_path / "mixed" / "README.md").read_text()
     assert all(f"content sha256 `{content_hash(d)}`" in card for d in (sb, sf, tb))
     assert _json.loads((tmp_path / "mixed.timings.json").read_text())["content_hash_reread_bytes"] > 0
+
+
+def test_applies_of_deltas_with_an_exact_residual_hash_them_from_the_engine_reads(tmp_path):
+    """A Δ whose stored values need an exact residual (diff's default) and a composed apply of two Δs: the card's
+    content hashes equal content_hash, and only the residual's parts (read whole by the engine, named X@…) are
+    read again for them — before, the Δ's reads outside the prefetcher left the whole Δ to be read again."""
+    import json as _json
+
+    from safetensors.torch import save_file
+
+    from deltaport.io.checkpoint import content_hash, open_checkpoint
+
+    g = torch.Generator().manual_seed(0)
+    names = [f"model.layers.{i}.mlp.w.weight" for i in range(4)]
+    base = {n: (torch.randn(64, 32, generator=g) * 0.02).to(torch.bfloat16) for n in names}
+    ft = {n: (v.float() + torch.randn(v.shape, generator=g) * 1e-3).to(torch.bfloat16) for n, v in base.items()}
+    base[names[1]][0, 0], ft[names[1]][0, 0] = -0.0024871826171875, 1.8975697457790375e-08  # float32 Δ inexact
+    tgt = {n: (v.float() + torch.randn(v.shape, generator=g) * 3e-3).to(torch.bfloat16) for n, v in base.items()}
+    for d, sd in (("b", base), ("f", ft), ("t", tgt)):
+        (tmp_path / d).mkdir()
+        save_file(sd, str(tmp_path / d / "model.safetensors"), metadata={"format": "pt"})
+        (tmp_path / d / "config.json").write_text(_json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
+    delta = deltaport.diff(tmp_path / "b", tmp_path / "f", tmp_path / "d").output
+    parts = [s for n, s in open_checkpoint(delta).tensors.items() if "@" in n]
+    assert parts, "the planted element must need a residual"
+    import shutil
+
+    second = shutil.copytree(delta, tmp_path / "d2")
+    for name, deltas in (("one", [delta]), ("two", [delta, second])):
+        deltaport.apply(deltas if len(deltas) > 1 else deltas[0], tmp_path / "t", tmp_path / name, chunk_elems=500)
+        card = (tmp_path / name / "README.md").read_text()
+        assert f"content sha256 `{content_hash(delta)}`" in card and f"content sha256 `{content_hash(tmp_path / 't')}`" in card
+        reread = _json.loads((tmp_path / f"{name}.timings.json").read_text())["content_hash_reread_bytes"]
+        assert reread == len(deltas) * sum(s.nbytes for s in parts), (name, reread)

@@ -131,6 +131,10 @@ class Engine(ReadsMixin, FusedMixin, ComposeMixin, ChecksMixin, WorkersMixin):
         else:
             direct = op.lora is None and op.packed is None and not op.deltas
             terms = [("plus", op.plus), ("minus", op.minus)] if direct else []
+            if op.deltas and op.ties_density is None:  # a composed apply's plain Δs, read once per chunk in order
+                # (TIES reads every chunk of a Δ for its cut-off before the first one is composed: not prefetched)
+                terms += [(f"d{i}", part.plus) for i, part in enumerate(op.deltas)
+                          if part.lora is None and part.packed is None and part.plus is not None]
             terms.append(("base", op.base))
         return [(k, t) for k, t in terms
                 if t is not None and t.rowmap is None and t.ck.memory_tensor(t.spec.name) is None]

@@ -28,6 +28,7 @@ class FusedMixin:
         if raw is None:
             raw = self.bufs.get(key + ":r", nbytes, np.uint8)
             reader.pread_into(self.files.fd(spec.file), raw, spec.start + e0 * itemsize, nbytes, f"{spec.file}:{spec.name}")
+            self._observe(spec, e0 * itemsize, raw)  # (a composed apply's Δs are read here, not prefetched)
         self._raw[key] = raw
         self.stats.bytes_read += nbytes
         return raw[:nbytes].view(view)

@@ -137,8 +137,12 @@ class StreamedHash:
 
     The hash is sequential over the tensors in name order, so it takes a read only where it continues
     the stream (this tensor, this byte offset); the engine reads a uniform-dtype model in that order
-    (shards hold tensors by item size, then name). :meth:`finish` reads from the file whatever was not
-    fed in order, so the value is :func:`content_hash`'s whatever the order (``reread`` says how much)."""
+    (shards hold tensors by item size, then name). The parts of a deltaport Δ that the engine reads whole
+    rather than in chunks (names with ``@``: a Δ's exact residual, ``X@residual.mask``; a compressed Δ's
+    factors, masks and signs) are read from the file when the stream reaches them, so that they never stop
+    it: they are small, and what follows them is still taken from the engine's reads. :meth:`finish` reads
+    whatever else was not fed in order, so the value is :func:`content_hash`'s whatever the order (``reread``
+    says how much)."""
 
     def __init__(self, ck: Checkpoint):
         self.ck = ck
@@ -153,11 +157,15 @@ class StreamedHash:
         """Move to the next tensor (``advance``) and hash the header lines up to one with bytes."""
         if advance:
             self.i, self.off = self.i + 1, 0
+        from deltaport.io.compressed_format import PART_SEP
+
         while self.i < len(self.order):
             spec = self.ck.tensors[self.order[self.i]]
             self.h.update(_hash_line(spec.name, spec))
-            if spec.nbytes:
+            if spec.nbytes and PART_SEP not in spec.name:
                 return
+            if spec.nbytes:  # a part read whole by the engine, at its own time: hashed from the file now
+                self._read_rest(spec)
             self.i += 1
 
     def feed(self, spec: TensorSpec, offset: int, data) -> None:
@@ -178,19 +186,22 @@ class StreamedHash:
         """The hash: what was not fed in order is read from the files now."""
         with self._lock:
             while self.i < len(self.order):
-                spec = self.ck.tensors[self.order[self.i]]
-                with open(spec.file, "rb") as f:
-                    f.seek(spec.start + self.off)
-                    left = spec.nbytes - self.off
-                    while left:
-                        chunk = f.read(min(left, 1 << 24))
-                        if not chunk:
-                            raise CheckpointError(f"{spec.file} ended early while reading {spec.name!r}")
-                        self.h.update(chunk)
-                        left -= len(chunk)
-                        self.reread += len(chunk)
+                self._read_rest(self.ck.tensors[self.order[self.i]])
                 self._next_tensor()
             return self.h.hexdigest()
+
+    def _read_rest(self, spec: TensorSpec) -> None:
+        """Hash ``spec``'s bytes from ``self.off`` on, read from its file."""
+        with open(spec.file, "rb") as f:
+            f.seek(spec.start + self.off)
+            left = spec.nbytes - self.off
+            while left:
+                chunk = f.read(min(left, 1 << 24))
+                if not chunk:
+                    raise CheckpointError(f"{spec.file} ended early while reading {spec.name!r}")
+                self.h.update(chunk)
+                left -= len(chunk)
+                self.reread += len(chunk)
 
 
 # --------------------------------------------------------------------------------------------------
