@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
+from deltaport.engine.pipeline import torch_view
 from deltaport.errors import InputError, NumericalError
 from deltaport.io.tensors import FLOAT_DTYPE_NAMES
 from deltaport.plan import TensorOp
@@ -57,7 +58,7 @@ class ChecksMixin:
         if (op.plus.rowmap is None and spec.numel >= e1 and raw is not None and len(raw) >= n * spec.dtype.itemsize
                 and op.plus.ck.memory_tensor(spec.name) is None):
             # this chunk's bytes, read by _fill just now
-            f.copy_(torch.from_numpy(raw[: n * spec.dtype.itemsize]).view(spec.dtype))
+            f.copy_(torch_view(raw[: n * spec.dtype.itemsize], spec.dtype))
         else:
             f.copy_(self._fill("residual", op.plus, e0, e1, row_elems))
         # screen: Δ + b == f and f − Δ == b in float64 wherever r = 0; where r != 0 one of them fails (r is a
@@ -99,7 +100,7 @@ class ChecksMixin:
         tmp.add_(bvals)
         rt = self.bufs.get("verify2", n, a.dtype)
         self._round(rt, tmp, n)
-        araw = torch.from_numpy(self._raw["plus"][: n * a.dtype.itemsize]).view(a.dtype)
+        araw = torch_view(self._raw["plus"][: n * a.dtype.itemsize], a.dtype)
         bad = int((rt != araw).sum()) - int((rt.isnan() & araw.isnan()).sum())
         if bad:
             self.stats.inexact_delta[op.name] = self.stats.inexact_delta.get(op.name, 0) + bad

@@ -19,7 +19,7 @@ from deltaport._memory import pin_mmap_threshold
 from deltaport.engine.checks import ChecksMixin
 from deltaport.engine.compose import ComposeMixin
 from deltaport.engine.fused import FusedMixin
-from deltaport.engine.pipeline import Buffers, Prefetcher, Writer
+from deltaport.engine.pipeline import Buffers, Prefetcher, Writer, torch_view
 from deltaport.engine.reads import ReadsMixin
 from deltaport.engine.stats import Stats, all_finite, all_finite_bytes
 from deltaport.engine.workers import WorkersMixin
@@ -94,20 +94,19 @@ class Engine(ReadsMixin, FusedMixin, ComposeMixin, ChecksMixin, WorkersMixin):
             e += step
 
     def _kernel_only(self) -> bool:
-        """True when every op is a plain copy of file bytes or a chunk the kernel computes from plain file reads
-        (as :meth:`_kernel_chunk` decides, before any chunk): such a plan needs no torch."""
-        if not self.use_kernel or self.plan.operation == "diff":
+        """True when every op is a plain copy of file bytes or an op the kernel computes
+        (:meth:`_kernel_applies`) from plain file reads of its own dtypes: such a plan needs no torch."""
+        if self.plan.operation == "diff":
             return False
         for op in self.plan.ops:
             if self._raw_copy(op) or (op.kind == "copy" and op.out_dtype_name not in FLOAT_DTYPE_NAMES
                                       and op.base.rowmap is None and op.base.ck.memory_tensor(op.base.spec.name) is None):
                 continue
-            if (op.kind == "copy" or op.scale == 0.0 or op.ties_density is not None or op.lora is not None
-                    or op.packed is not None or getattr(op, "residual", None) or op.base is None
-                    or kernel.out_view(op.out_dtype_name) is None):
+            if (op.kind == "copy" or op.scale == 0.0 or op.base is None or op.lora is not None or op.packed is not None
+                    or not self._kernel_applies(op)):
                 return False
             parts = [op.base, op.plus, op.minus] if not op.deltas else [op.base] + [
-                None if (p.lora is not None or p.packed is not None or getattr(p, "residual", None)) else p.plus
+                None if (p.lora is not None or p.packed is not None) else p.plus
                 for p in op.deltas]
             if op.deltas and (None in parts or len({t.spec.dtype_name for t in parts[1:]}) > 1):
                 return False  # (a mixed-dtype composed chunk widens through the torch path's values)
@@ -319,13 +318,6 @@ def _torch():
     import torch
 
     return torch
-
-
-def torch_view(buf: np.ndarray, dtype) -> "torch.Tensor":
-    """The bytes ``buf`` as a torch tensor of ``dtype`` (no copy)."""
-    import torch
-
-    return torch.from_numpy(buf).view(dtype)
 
 
 def default_chunk_elems(plan: Plan) -> int:

@@ -33,15 +33,21 @@ class FusedMixin:
         self.stats.bytes_read += nbytes
         return raw[:nbytes].view(view)
 
+    def _kernel_applies(self, op: TensorOp) -> bool:
+        """Whether the kernel computes ``op``'s chunks (bar a chunk it refuses): not when forced off or with float32
+        math, nor for TIES, an output dtype it does not write, a diff's round-trip check or a Δ's exact residual
+        kept by a diff or added by TIES (#21b: the fallback sums those)."""
+        return (self.use_kernel and op.ties_density is None and kernel.out_view(op.out_dtype_name) is not None
+                and not (op.base is None and (op.minus is not None or op.check is not None))
+                and not getattr(op, "residual", None) and not any(getattr(p, "residual", None) for p in op.deltas))
+
     def _kernel_chunk(self, op: TensorOp, e0: int, e1: int, row_elems: int, obuf: np.ndarray) -> bool:
         """Compute a chunk with :func:`deltaport.kernel.fused_into` into the byte buffer ``obuf``; False where
         the kernel does not apply (forced off, float32 math, TIES, a diff's round-trip check, a chunk it
         refuses): the torch fallback then computes it."""
         out_name = op.out_dtype_name
-        if (not self.use_kernel or op.ties_density is not None or kernel.out_view(out_name) is None
-                or (op.base is None and (op.minus is not None or op.check is not None))
-                or getattr(op, "residual", None) or any(getattr(p, "residual", None) for p in op.deltas)):
-            return False  # (a Δ's exact residual, #21b: summed by the fallback)
+        if not self._kernel_applies(op):
+            return False
         target = None if op.base is None else self._kernel_input("base", op.base, e0, e1, row_elems)
         if op.deltas:
             vals = [self._kernel_input(f"d{i}", part.plus, e0, e1, row_elems) if part.lora is None and part.packed is None

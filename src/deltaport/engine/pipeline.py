@@ -43,6 +43,14 @@ class Buffers:
         return b[:n]
 
 
+def torch_view(buf: np.ndarray, dtype) -> torch.Tensor:
+    """The bytes ``buf`` (a numpy buffer of :class:`Buffers`) as a torch tensor of ``dtype``, without a copy:
+    how the torch path reads what the kernel's path keeps in numpy."""
+    import torch
+
+    return torch.from_numpy(buf).view(dtype)
+
+
 class Writer(threading.Thread):
     """Writes finished chunks while the main thread computes the next one."""
 

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from deltaport.engine.pipeline import torch_view
 from deltaport.io import reader
 from deltaport.io.compressed_format import unpack_bits
 from deltaport.plan import TensorOp, Term
@@ -28,8 +29,6 @@ class ReadsMixin:
 
     def _fill(self, key: str, term: Term, e0: int, e1: int, row_elems: int) -> torch.Tensor:
         """Values of ``term`` for output elements [e0, e1) in the compute dtype (zeros past its end)."""
-        import torch
-
         n = e1 - e0
         spec = term.spec
         out = self.bufs.get(key + ":f", n, self.compute_dtype)
@@ -48,7 +47,7 @@ class ReadsMixin:
                         self._observe(spec, e0 * itemsize, raw)
                     self._raw[key] = raw
                     self.stats.bytes_read += k * itemsize
-                    out[:k].copy_(torch.from_numpy(raw[: k * itemsize]).view(spec.dtype))
+                    out[:k].copy_(torch_view(raw[: k * itemsize], spec.dtype))
             if k < n:
                 out[k:].zero_()
             return out
@@ -64,8 +63,6 @@ class ReadsMixin:
                      zero: bool) -> None:
         """Write ``term``'s rows ``rowmap[r0:r1]`` into ``out2`` (runs of consecutive rows in one read);
         rows mapped to -1 are set to ``term.fill`` (``zero``; ±0.0) or left as they are (an overlay)."""
-        import torch
-
         spec = term.spec
         itemsize = spec.dtype.itemsize
         mem = term.ck.memory_tensor(spec.name)
@@ -89,7 +86,7 @@ class ReadsMixin:
                 part = raw[: run * rowbytes]
                 reader.pread_into(self.files.fd(spec.file), part, spec.start + i * rowbytes, run * rowbytes, f"{spec.file}:{spec.name}")
                 self.stats.bytes_read += run * rowbytes
-                out2[j:j + run].copy_(torch.from_numpy(part).view(spec.dtype).view(run, row_elems))
+                out2[j:j + run].copy_(torch_view(part, spec.dtype).view(run, row_elems))
             j += run
 
     def _observe(self, spec, offset: int, raw: np.ndarray) -> None:

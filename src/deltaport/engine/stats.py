@@ -60,8 +60,7 @@ def all_finite_bytes(raw: np.ndarray, dtype_name: str) -> bool:
         found = kernel.all_finite(raw, dtype_name)
         if found is not None:
             return found
-    import torch
-
+    from deltaport.engine.pipeline import torch_view
     from deltaport.io.tensors import torch_dtype
 
-    return all_finite(torch.from_numpy(raw).view(torch_dtype(dtype_name)))
+    return all_finite(torch_view(raw, torch_dtype(dtype_name)))

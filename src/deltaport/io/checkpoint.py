@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from deltaport.errors import CheckpointError
+from deltaport.io.compressed_format import PART_SEP
 from deltaport.io.tensors import ST_DTYPE_NAMES, TensorSpec, dtype_name, parse_header, read_safetensors_header
 
 LOG = logging.getLogger(__name__)
@@ -157,8 +158,6 @@ class StreamedHash:
         """Move to the next tensor (``advance``) and hash the header lines up to one with bytes."""
         if advance:
             self.i, self.off = self.i + 1, 0
-        from deltaport.io.compressed_format import PART_SEP
-
         while self.i < len(self.order):
             spec = self.ck.tensors[self.order[self.i]]
             self.h.update(_hash_line(spec.name, spec))
