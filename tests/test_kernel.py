@@ -244,3 +244,19 @@ def test_streamed_ties_threshold_is_kthvalue_of_the_whole_tensor(family, tmp_pat
         assert seen
         for (name, i), v in seen.items():
             assert v == ties_threshold(ds[i][name].double().abs().reshape(-1), 0.3), (name, i)
+
+
+@pytest.mark.parametrize("name", ["bfloat16", "float16", "float32", "float64"])
+def test_all_finite_on_bits_agrees_with_torch(name):
+    """K.all_finite (the engine's finiteness test where torch is not loaded) against torch.isfinite: finite
+    extremes (largest finite, smallest subnormal, ±0) pass; one Inf, -Inf or NaN anywhere fails."""
+    dt = getattr(torch, name)
+    fi = torch.finfo(dt)
+    base = torch.cat([torch.randn(997).to(dt), torch.tensor([fi.max, -fi.max, fi.smallest_normal / 2, 0.0, -0.0], dtype=dt)])
+    assert bool(torch.isfinite(base).all()) and K.all_finite(base.view(torch.uint8).numpy(), name) is True
+    for bad in (float("inf"), float("-inf"), float("nan")):
+        for i in (0, 517, len(base) - 1):
+            t = base.clone()
+            t[i] = bad
+            assert K.all_finite(t.view(torch.uint8).numpy(), name) is False, (bad, i)
+    assert K.all_finite(base.view(torch.uint8).numpy(), "float8_e4m3fn") is None  # no bit view: the caller asks torch

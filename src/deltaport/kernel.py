@@ -472,17 +472,14 @@ if numba is not None:
         return n
 
 
-#: exponent mask of each output format, for :func:`all_finite` on its bits (as :func:`out_view`)
-_EXP_MASK = {"bfloat16": 0x7F80, "float16": 0x7C00, "float32": 0x7F800000, "float64": 0x7FF0000000000000}
-
-
 def all_finite(raw: np.ndarray, dtype_name: str) -> bool | None:
     """True iff the bytes ``raw`` hold only finite ``dtype_name`` values, decided on the bits without torch;
     None where the kernel cannot tell (numba missing, or a dtype without :func:`out_view`)."""
     view = _OUT_VIEW.get(dtype_name)
     if numba is None or view is None:
         return None
-    return _count_nonfinite(raw.view(view), view(_EXP_MASK[dtype_name])) == 0
+    p, _, _, ebits, _, _ = FORMATS[dtype_name]
+    return _count_nonfinite(raw.view(view), view(((1 << ebits) - 1) << (p - 1))) == 0  # (the exponent field)
 
 
 def _is_pow2(lam: float) -> bool:
