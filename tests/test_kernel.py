@@ -84,6 +84,47 @@ def _same(a: np.ndarray, b: np.ndarray, dtype: str) -> None:
     assert not len(bad), f"{len(bad)} element(s) differ, first at {bad[:5].tolist()}: {a[bad[:5]]} vs {b[bad[:5]]}"
 
 
+def test_every_16_bit_pattern_widens_exactly():
+    """The kernel's loads: every bf16 and fp16 bit pattern (normals, subnormals, ±0, ±Inf, NaNs) enters as
+    its float64 value (a float64 output is the plain float64 result: here the input itself)."""
+    bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    for name, view in (("bfloat16", np.uint16), ("float16", np.int16)):
+        out = np.empty(1 << 16, np.uint64)
+        K.fused_into(out, "float64", None, [(bits.view(view), None)], [1.0])
+        ref = torch.from_numpy(bits.view(np.int16).copy()).view(_TORCH[name]).double().numpy()
+        nan = np.isnan(ref)
+        assert np.array_equal(np.isnan(out.view(np.float64)), nan), name
+        assert np.array_equal(out[~nan], ref.view(np.uint64)[~nan]), name
+
+
+@pytest.mark.parametrize("lam", [0.7, 1.3])
+def test_uncertain_elements_in_the_last_partial_word(lam):
+    """The second pass visits flagged elements by 8-byte words of flags: in chunks whose length is not a
+    multiple of 8 and that end with elements needing an exact decision (the last, partial word), every such
+    element is visited (the kernel's count equals the sum of one-element calls) and the bytes equal the
+    fallback's, for a transfer and a composed apply."""
+    t, f, b = (_view(x) for x in _adversarial(torch.bfloat16, lam))
+
+    def one(i, composed):
+        o = np.empty(1, np.uint16)
+        terms = [(f[i:i + 1], None), (b[i:i + 1], None)] if composed else [(f[i:i + 1], b[i:i + 1])]
+        return K.fused_into(o, "bfloat16", t[i:i + 1], terms, [lam, 1 - lam] if composed else [lam])
+
+    for composed in (False, True):
+        hard = [i for i in range(1000) if one(i, composed) > 0][:40]
+        easy = [i for i in range(len(t)) if one(i, composed) == 0][:1300]
+        assert len(hard) >= 10
+        for n_easy, n_hard in ((0, 1), (6, 1), (8, 1), (1229, 9), (1300, 23)):
+            idx = np.array(easy[:n_easy] + hard[:n_hard])
+            ts, fs, bs = t[idx], f[idx], b[idx]
+            terms = [(fs, None), (bs, None)] if composed else [(fs, bs)]
+            lams = [lam, 1 - lam] if composed else [lam]
+            got, fb = np.empty(len(idx), np.uint16), np.empty(len(idx), np.uint16)
+            assert K.fused_into(got, "bfloat16", ts, terms, lams) == n_hard, (composed, n_easy, n_hard)
+            K.torch_into(fb, "bfloat16", ts, terms, lams)
+            _same(got, fb, "bfloat16")
+
+
 @pytest.mark.parametrize("lam", [1.0, 0.5, 0.7, 1.3])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
 def test_transfer_kernel_equals_fallback_and_exact_reference(dtype, lam):

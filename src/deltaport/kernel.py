@@ -140,11 +140,14 @@ if numba is not None:
                 sign = (h >> np.uint32(15)) << np.uint32(31)
                 e = (h >> np.uint32(10)) & np.uint32(0x1F)
                 m = h & np.uint32(0x3FF)
-                normal = _bits_f32(sign | ((e + np.uint32(112)) << np.uint32(23)) | (m << np.uint32(13)))
-                special = _bits_f32(sign | np.uint32(0x7F800000) | (m << np.uint32(13)))
-                sub = np.float32(m) * np.float32(2.0 ** -24)
-                sub = -sub if sign else sub
-                v = normal if (e != 0) & (e != 31) else (special if e == 31 else sub)
+                # float32 bits of a normal (exponent rebiased) or Inf/NaN (e = 31 → 255), then the subnormals
+                # (e = 0: m·2⁻²⁴, exact in float32) blended in arithmetically: numba's SSA check warns (at compile
+                # time, on the user's screen) about selects here
+                top = (e + np.uint32(112) + np.uint32(e == 31) * np.uint32(112)) << np.uint32(23)
+                v = _bits_f32(sign | top | (m << np.uint32(13)))
+                sub = np.float32(m) * np.float32(2.0 ** -24) * (np.float32(1.0) - np.float32(sign >> np.uint32(30)))
+                z = np.float32(e == 0)
+                v = v * (np.float32(1.0) - z) + sub * z  # exact: one term is ±0 (v finite where e = 0)
                 return np.float64(v)
             return f16
         if dt == types.float32:
@@ -348,6 +351,29 @@ if numba is not None:
         v = lo + q if up else lo
         return _round_bits(-v if s < 0.0 else v, p, emin, bias, ebits, width, nanmode), ok
 
+    @intrinsic
+    def _cttz(typingctx, x):  # trailing zero bits of a nonzero uint64 (LLVM's cttz: one instruction)
+        if x != types.uint64:
+            return None
+
+        def codegen(context, builder, sig, args):
+            i64 = ir.IntType(64)
+            fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(i64, [i64, ir.IntType(1)]), "llvm.cttz.i64")
+            return builder.call(fn, [args[0], ir.Constant(ir.IntType(1), 1)])
+        return types.uint64(types.uint64), codegen
+
+    @njit(inline="always")
+    def _flag_array(n):
+        """Flags of n elements (0 or 1 bytes; the tail of the last 8-byte word zeroed) and their 8-byte words."""
+        flags = np.empty(((n + 7) // 8) * 8, dtype=np.uint8)
+        flags[n:] = 0
+        return flags, flags.view(np.uint64)
+
+    @njit(inline="always")
+    def _flagged_at(w, k):
+        """The element of word ``k``'s lowest set flag (``w`` its remaining flags: nonzero)."""
+        return k * 8 + np.int64(_cttz(w) >> np.uint64(3))
+
     @njit(nogil=True, cache=True, error_model="numpy")
     def _transfer_kernel(out, T, F, Bm, lam, has_t, has_b, zero_target, fmt):
         p, emin, bias, ebits, width, nanmode = fmt
@@ -355,56 +381,58 @@ if numba is not None:
         n = out.shape[0]
         exact_out = nanmode != 3  # float64 outputs are the plain result (as the fallback's)
         fuse = exact_out & (lam != 1.0)  # λ·d inexact: decide near-midpoint elements in the first pass
-        flags = np.zeros(BLOCK, dtype=np.uint8)
+        flags, words = _flag_array(n)  # one byte per element: LLVM vectorises a flat loop storing them (a small
+        # per-block array defeated it: 2x slower); pass 2 visits the set flags by words (bit scans, few branches)
         unsure = 0
         refused = 0
         terms = np.empty(8)
-        for i0 in range(0, n, BLOCK):
-            i1 = min(n, i0 + BLOCK)
-            hard = 0
-            if fuse:  # pass 1, vectorised: every output, and which ones lie near a midpoint
-                for i in range(i0, i1):
-                    s, err = _transfer_plain(T, F, Bm, i, lam, has_t, has_b, zero_target)
-                    out[i] = _round_bits(s, p, emin, bias, ebits, width, nanmode)
-                    u = _unsure(s, err, p, emin, emax)
-                    flags[i - i0] = u
-                    hard += u
-            else:
-                for i in range(i0, i1):  # λ a power of two: nearly always exact; inexact steps are checked below
-                    s, err = _transfer_plain(T, F, Bm, i, lam, has_t, has_b, zero_target)
-                    out[i] = _round_bits(s, p, emin, bias, ebits, width, nanmode)
-                    u = (err != 0.0) & exact_out
-                    flags[i - i0] = u
-                    hard += u
-            if hard == 0:
-                continue
-            for i in range(i0, i1):  # pass 2: the rest of this block's uncertain elements, from the expansion
-                if not flags[i - i0]:
-                    continue
+        hard = 0
+        if fuse:  # pass 1, vectorised: every output, and which ones lie near a midpoint
+            for i in range(n):
                 s, err = _transfer_plain(T, F, Bm, i, lam, has_t, has_b, zero_target)
-                if not fuse and not _unsure(s, err, p, emin, emax):
-                    continue
-                unsure += 1
-                if fuse:
-                    r2, ok = _transfer_fix(T, F, Bm, i, lam, has_t, has_b, s, err, p, emin, bias, ebits, width, nanmode)
-                    if ok:
-                        out[i] = r2
-                        continue
-                f = _load(F, i)
-                k = 0
-                if has_t:
-                    terms[k] = _load(T, i)
-                    k += 1
-                ok = _split_product(lam, f, terms, k)
-                k += 2
-                if has_b:
-                    ok &= _split_product(-lam, _load(Bm, i), terms, k)
-                    k += 2
-                r = _decide(terms, k, s, p, emin, bias, ebits, width, nanmode) if ok else -1
-                if r < 0:
-                    refused += 1
-                else:
-                    out[i] = r
+                out[i] = _round_bits(s, p, emin, bias, ebits, width, nanmode)
+                u = _unsure(s, err, p, emin, emax)
+                flags[i] = u
+                hard += u
+        else:
+            for i in range(n):  # λ a power of two: nearly always exact; inexact steps are checked below
+                s, err = _transfer_plain(T, F, Bm, i, lam, has_t, has_b, zero_target)
+                out[i] = _round_bits(s, p, emin, bias, ebits, width, nanmode)
+                u = (err != 0.0) & exact_out
+                flags[i] = u
+                hard += u
+        if hard == 0:
+            return 0
+        for kw in range(words.shape[0]):  # pass 2: the uncertain elements, from the exact decisions
+            w = words[kw]
+            while w != 0:
+                i = _flagged_at(w, kw)
+                w &= w - np.uint64(1)
+                s, err = _transfer_plain(T, F, Bm, i, lam, has_t, has_b, zero_target)
+                if fuse or _unsure(s, err, p, emin, emax):
+                    unsure += 1
+                    done = False
+                    if fuse:
+                        r2, ok = _transfer_fix(T, F, Bm, i, lam, has_t, has_b, s, err, p, emin, bias, ebits, width, nanmode)
+                        if ok:
+                            out[i] = r2
+                            done = True
+                    if not done:
+                        f = _load(F, i)
+                        k = 0
+                        if has_t:
+                            terms[k] = _load(T, i)
+                            k += 1
+                        ok = _split_product(lam, f, terms, k)
+                        k += 2
+                        if has_b:
+                            ok &= _split_product(-lam, _load(Bm, i), terms, k)
+                            k += 2
+                        r = _decide(terms, k, s, p, emin, bias, ebits, width, nanmode) if ok else -1
+                        if r < 0:
+                            refused += 1
+                        else:
+                            out[i] = r
         return KERNEL_REFUSED if refused else unsure
 
     # ---- composed apply: out = t + Σ λ_i·Δ_i ---------------------------------------------------------
@@ -431,25 +459,23 @@ if numba is not None:
         n = out.shape[0]
         nd = len(Ds)
         exact_out = nanmode != 3
-        flags = np.zeros(BLOCK, dtype=np.uint8)
+        flags, words = _flag_array(n)
         terms = np.empty(2 * nd + 2)
         unsure = 0
         refused = 0
-        for i0 in range(0, n, BLOCK):
-            i1 = min(n, i0 + BLOCK)
-            hard = 0
-            for i in range(i0, i1):
-                s, err = _compose_plain(T, Ds, lams, i)
-                out[i] = _round_bits(s, p, emin, bias, ebits, width, nanmode)
-                u = _unsure(s, err, p, emin, emax) & exact_out
-                flags[i - i0] = u
-                hard += u
-            if hard == 0:
-                continue
-            unsure += hard
-            for i in range(i0, i1):
-                if not flags[i - i0]:
-                    continue
+        for i in range(n):
+            s, err = _compose_plain(T, Ds, lams, i)
+            out[i] = _round_bits(s, p, emin, bias, ebits, width, nanmode)
+            u = _unsure(s, err, p, emin, emax) & exact_out
+            flags[i] = u
+            unsure += u
+        if unsure == 0:
+            return 0
+        for kw in range(words.shape[0]):
+            w = words[kw]
+            while w != 0:
+                i = _flagged_at(w, kw)
+                w &= w - np.uint64(1)
                 s, err = _compose_plain(T, Ds, lams, i)
                 terms[0] = _load(T, i)
                 ok = True
