@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# content hashes remembered in a directory of this session only (never the user's ~/.cache)
+os.environ.setdefault("DELTAPORT_HASH_CACHE", tempfile.mkdtemp(prefix="deltaport-test-hashes-"))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -88,7 +88,7 @@ def _mixed_dirs(root):
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-def test_card_content_hash_comes_from_the_engine_reads(family, tmp_path, threads):
+def test_card_content_hash_comes_from_the_engine_reads(family, tmp_path, threads, monkeypatch):
     """The card's content sha256 of each local input is content_hash(dir), now computed from the bytes the
     transfer reads: a uniform-dtype model is hashed without reading it again (0 bytes re-read); where the
     engine reads out of the hash's order (mixed dtypes) the rest is read at the end, with the same value."""
@@ -96,6 +96,7 @@ def test_card_content_hash_comes_from_the_engine_reads(family, tmp_path, threads
 
     from deltaport.io.checkpoint import content_hash
 
+    monkeypatch.setenv("DELTAPORT_HASH_CACHE", "off")  # every hash computed (none remembered: test_hashmemo.py)
     p = family("llama", torch.bfloat16)
     out = tmp_path / "out"
     deltaport.transfer(p["source_base"], p["source_finetuned"], p["target_base"], out, threads=threads, chunk_elems=1000)
@@ -110,7 +111,7 @@ def test_card_content_hash_comes_from_the_engine_reads(family, tmp_path, threads
     assert _json.loads((tmp_path / "mixed.timings.json").read_text())["content_hash_reread_bytes"] > 0
 
 
-def test_applies_of_deltas_with_an_exact_residual_hash_them_from_the_engine_reads(tmp_path):
+def test_applies_of_deltas_with_an_exact_residual_hash_them_from_the_engine_reads(tmp_path, monkeypatch):
     """A Δ whose stored values need an exact residual (diff's default) and a composed apply of two Δs: the card's
     content hashes equal content_hash, and only the residual's parts (read whole by the engine, named X@…) are
     read again for them — before, the Δ's reads outside the prefetcher left the whole Δ to be read again."""
@@ -120,6 +121,7 @@ def test_applies_of_deltas_with_an_exact_residual_hash_them_from_the_engine_read
 
     from deltaport.io.checkpoint import content_hash, open_checkpoint
 
+    monkeypatch.setenv("DELTAPORT_HASH_CACHE", "off")  # every hash computed (none remembered: test_hashmemo.py)
     g = torch.Generator().manual_seed(0)
     names = [f"model.layers.{i}.mlp.w.weight" for i in range(4)]
     base = {n: (torch.randn(64, 32, generator=g) * 0.02).to(torch.bfloat16) for n in names}

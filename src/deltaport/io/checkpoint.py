@@ -143,15 +143,22 @@ class StreamedHash:
     factors, masks and signs) are read from the file when the stream reaches them, so that they never stop
     it: they are small, and what follows them is still taken from the engine's reads. :meth:`finish` reads
     whatever else was not fed in order, so the value is :func:`content_hash`'s whatever the order (``reread``
-    says how much)."""
+    says how much). A hash remembered for these very files (:mod:`deltaport.io.hashmemo`) is not computed
+    again (``known``): the feeds are ignored; a computed one is remembered by :meth:`finish`."""
 
     def __init__(self, ck: Checkpoint):
+        from deltaport.io.hashmemo import Memo
+
         self.ck = ck
         self.order = sorted(ck.tensors)
         self.h = hashlib.sha256()
         self.i, self.off = 0, 0
         self.reread = 0
         self._lock = threading.Lock()
+        self.memo = Memo.begin(spec.file for spec in ck.tensors.values())
+        self.known = self.memo.get() if self.memo is not None else None  # remembered: nothing to hash
+        if self.known is not None:
+            self.i = len(self.order)
         self._next_tensor(advance=False)
 
     def _next_tensor(self, *, advance: bool = True) -> None:
@@ -184,10 +191,15 @@ class StreamedHash:
     def finish(self) -> str:
         """The hash: what was not fed in order is read from the files now."""
         with self._lock:
+            if self.known is not None:
+                return self.known
             while self.i < len(self.order):
                 self._read_rest(self.ck.tensors[self.order[self.i]])
                 self._next_tensor()
-            return self.h.hexdigest()
+            self.known = self.h.hexdigest()
+            if self.memo is not None:
+                self.memo.put(self.known)
+            return self.known
 
     def _read_rest(self, spec: TensorSpec) -> None:
         """Hash ``spec``'s bytes from ``self.off`` on, read from its file."""
