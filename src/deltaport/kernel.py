@@ -26,11 +26,15 @@ midpoint M: ~3 % at λ = 0.7 on N(0, 0.02) bf16 weights, where the value for 7/1
 decided by the sign of x − M, exactly: for a transfer ``fma(λ, f − b, t − M)`` (one rounding of an
 exact value keeps its sign) when ``f − b`` and ``t − M`` are exact; otherwise an error-free sum of the
 products' halves (Ogita–Rump–Oishi Sum2 with its error bound) and, where even that cannot tell, a
-Shewchuk expansion of x − M. A chunk is computed in blocks of 512 elements: a branch-free first pass
-(which LLVM vectorises) writes every output and flags the uncertain elements; only those get the second,
-scalar pass. A result that rounds to zero without being exactly zero keeps the float64 result's sign of
-zero, as the fallback's. The engine splits a chunk over ``--threads`` threads, one kernel call each (the
-kernel releases the GIL); its reader and writer threads run beside them.
+Shewchuk expansion of x − M. A chunk takes two passes: a branch-free first pass over the whole chunk
+(which LLVM vectorises) writes every output and a flag byte per element (uncertain or not); the second,
+scalar pass visits only the flagged elements, found eight flags at a time by a bit scan of 8-byte words
+(little-endian byte order, as on every platform numba supports). (Blocks of 512 elements with a small flag
+array, as before 2026-12-06, kept LLVM from vectorising the first pass: twice the time at λ = 1.) A result
+that rounds to zero without being exactly zero keeps the float64 result's sign of zero, as the fallback's.
+The engine splits a chunk over ``--threads`` threads (whole multiples of :data:`BLOCK` elements), one kernel
+call each, the first on its own thread (the kernel releases the GIL); its reader and writer threads run
+beside them.
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ LOG = logging.getLogger(__name__)
 
 ENV_SWITCH = "DELTAPORT_KERNEL"  # "torch": always the fallback; "numba" (default): the kernel where it applies
 KERNEL_REFUSED = -1  # what the kernel returns for a chunk it cannot decide exactly (the fallback then computes it)
-BLOCK = 512
+BLOCK = 512  # the engine cuts a chunk for --threads at multiples of this
 
 # output formats: (significand bits p, min normal exponent, exponent bias, exponent bits, width, NaN mode)
 # NaN modes mimic torch's conversions on this CPU: 0 = bf16 (torch writes 0xFFFF), 1 = fp16 (sign | 0x7E00),

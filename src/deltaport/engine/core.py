@@ -267,7 +267,7 @@ class Engine(ReadsMixin, FusedMixin, ComposeMixin, ChecksMixin, WorkersMixin):
             # the kernel's own parallelism: one chunk split over ``threads`` threads (the fallback's chunks,
             # where the kernel does not apply, then run on one worker)
             self._kernel_threads, workers = workers, 1
-            self._kernel_pool = ThreadPoolExecutor(max_workers=self._kernel_threads, thread_name_prefix="deltaport-kernel")
+            self._kernel_pool = ThreadPoolExecutor(max_workers=self._kernel_threads - 1, thread_name_prefix="deltaport-kernel")
         self._workers = workers
         self._nout = 0
         self._bar = None

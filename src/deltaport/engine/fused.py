@@ -91,7 +91,9 @@ class FusedMixin:
             return kernel.fused_into(out, out_name, target, terms, scales)
         step = -(-n // parts // kernel.BLOCK) * kernel.BLOCK
         cut = lambda a, i: None if a is None else a[i:i + step]  # noqa: E731
-        futs = [self._kernel_pool.submit(kernel.fused_into, out[i:i + step], out_name, cut(target, i),
-                                         [(cut(p, i), cut(m, i)) for p, m in terms], scales) for i in range(0, n, step)]
-        got = [f.result() for f in futs]
+        starts = list(range(0, n, step))
+        run = lambda i: kernel.fused_into(out[i:i + step], out_name, cut(target, i),  # noqa: E731
+                                          [(cut(p, i), cut(m, i)) for p, m in terms], scales)
+        futs = [self._kernel_pool.submit(run, i) for i in starts[1:]]
+        got = [run(starts[0])] + [f.result() for f in futs]  # (the first part on this thread: one hand-off fewer)
         return kernel.KERNEL_REFUSED if kernel.KERNEL_REFUSED in got else sum(got)
