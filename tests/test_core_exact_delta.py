@@ -128,16 +128,23 @@ def test_the_residual_is_read_in_one_pass_and_the_kernel_agrees_with_the_fallbac
     # found by benchmarks/transfer_bench.py: a Δ with a residual went through the kernel's mixed-dtype path, which
     # asked for the residual's chunk twice; the second request recounted the kept entries from element 0, so
     # an apply cost O(chunks²) (50 s for a 0.77 GB model against 3 s for a transfer)
+    # (the kernel's path reads the residual with numpy since 2026-12-06, engine.fused._sparse_values, the
+    # fallback with torch, engine.reads._packed: both are watched)
+    import deltaport.engine.fused as fused_mod
     import deltaport.engine.reads as reads_mod
 
     p = planted
-    unpacked = []
-    real = reads_mod.unpack_bits
+    unpacked, recounts = [], []
+    real, real_np = reads_mod.unpack_bits, fused_mod._mask_bits
     monkeypatch.setattr(reads_mod, "unpack_bits", lambda bits, start, n: unpacked.append(n) or real(bits, start, n))
+    monkeypatch.setattr(fused_mod, "_mask_bits", lambda bits, e0, n: unpacked.append(n) or real_np(bits, e0, n))
+    monkeypatch.setattr(fused_mod, "_count_before", lambda bits, e0: recounts.append(e0))
     fast = deltaport.apply(p["r1"].output, p["m"]["t"], p["root"] / "one-pass", scale=0.7, chunk_elems=CHUNK).output
-    assert 0 < sum(unpacked) <= 2 * N, unpacked  # each chunk's mask once (twice at most), never a prefix recount
+    assert 0 < sum(unpacked) <= 2 * N and not recounts, unpacked  # each chunk's mask once, never a prefix recount
+    unpacked.clear()
     monkeypatch.setenv("DELTAPORT_KERNEL", "torch")
     slow = deltaport.apply(p["r1"].output, p["m"]["t"], p["root"] / "one-pass-torch", scale=0.7, chunk_elems=CHUNK).output
+    assert 0 < sum(unpacked) <= 2 * N, unpacked
     assert np.array_equal(_bits(fast, "w"), _bits(slow, "w"))
 
 

@@ -301,3 +301,51 @@ def test_all_finite_on_bits_agrees_with_torch(name):
             t[i] = bad
             assert K.all_finite(t.view(torch.uint8).numpy(), name) is False, (bad, i)
     assert K.all_finite(base.view(torch.uint8).numpy(), "float8_e4m3fn") is None  # no bit view: the caller asks torch
+
+
+@pytest.mark.parametrize("scale", [1.0, -1.0, 0.7])
+def test_apply_of_a_diff_leaves_empty_residual_chunks_out_with_the_fallbacks_bytes(tmp_path, monkeypatch, scale):
+    """An apply of a diff's Δ (stored float32 + exact residual in a few elements) composes, chunk by chunk, only
+    the parts with a kept entry there: the kernel's bytes equal the fallback's (which sums every part), also
+    for the zero signs a transfer's arithmetic would give otherwise (t = −0 and Δ = −0: t + (+0 + Δ) = +0, not
+    −0) and for negative and inexact λ; the residual chunks themselves go through the widened sum."""
+    from safetensors.torch import save_file
+
+    from deltaport.io.checkpoint import open_checkpoint
+
+    g = torch.Generator().manual_seed(3)
+    names = [f"model.layers.{i}.mlp.w.weight" for i in range(3)]
+    base = {n: (torch.randn(64, 64, generator=g) * 0.02).to(torch.bfloat16) for n in names}
+    ft = {n: (v.float() + torch.randn(v.shape, generator=g) * 1e-3).to(torch.bfloat16) for n, v in base.items()}
+    tgt = {n: (v.float() + torch.randn(v.shape, generator=g) * 3e-3).to(torch.bfloat16) for n, v in base.items()}
+    for n in names:  # zeros whose sign a transfer's and a composed sum's arithmetic decide differently
+        for k in range(0, 4096, 97):
+            base[n].view(-1)[k], ft[n].view(-1)[k], tgt[n].view(-1)[k] = 0.0, -0.0, -0.0
+    for k in (1000, 3001):  # a float32 Δ cannot hold f − b here: the residual's elements, two chunks of 64
+        base[names[1]].view(-1)[k], ft[names[1]].view(-1)[k] = -0.0024871826171875, 1.8975697457790375e-08
+    for d, sd in (("b", base), ("f", ft), ("t", tgt)):
+        (tmp_path / d).mkdir()
+        save_file(sd, str(tmp_path / d / "model.safetensors"), metadata={"format": "pt"})
+        (tmp_path / d / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
+    delta = deltaport.diff(tmp_path / "b", tmp_path / "f", tmp_path / "d").output
+    assert [n for n in open_checkpoint(delta).tensors if "@residual" in n], "the planted elements need a residual"
+    import deltaport.engine.fused as fused_mod
+
+    found = []
+    real = fused_mod.FusedMixin._sparse_values
+    monkeypatch.setattr(fused_mod.FusedMixin, "_sparse_values",
+                        lambda *a, **k: (lambda r: found.append(r is None) or r)(real(*a, **k)))
+    deltaport.apply(delta, tmp_path / "t", tmp_path / "k", scale=scale, chunk_elems=64)
+    assert found.count(True) == 62 and found.count(False) == 2, found  # left out where empty: 62 of 64 chunks
+    monkeypatch.setenv(K.ENV_SWITCH, "torch")
+    deltaport.apply(delta, tmp_path / "t", tmp_path / "fb", scale=scale, chunk_elems=64)
+    a, b = _shards(tmp_path / "k"), _shards(tmp_path / "fb")
+    for n in names:
+        assert torch.equal(a[n].view(torch.int16), b[n].view(torch.int16)), n
+    # the planted zeros: t + (+0 + λ·Δ) = +0 where the tensor has a residual (a composed sum: names[1], also in
+    # its chunks without a residual element); t + λ·Δ elsewhere (names[0]: −0 + λ·(−0), −0 unless λ < 0)
+    composed, plain = (a[n].view(-1)[0:4096:97] for n in (names[1], names[0]))
+    assert bool((composed == 0).all()) and not bool(torch.signbit(composed).any())
+    assert bool((plain == 0).all()) and bool(torch.signbit(plain).all()) == (scale > 0)
+    rec = json.loads((tmp_path / "k" / "deltaport.json").read_text())["arithmetic"]
+    assert rec == {"numba_kernel": 3, "torch_fallback": 0}

@@ -208,3 +208,30 @@ def test_transfers_and_applies_the_kernel_computes_import_no_torch(models, tmp_p
         assert json.loads((tmp_path / name / "deltaport.json").read_text())["arithmetic"]["torch_fallback"] == 0
         assert json.loads((ref / "deltaport.json").read_text())["arithmetic"]["numba_kernel"] == 0
         assert digests(tmp_path / name) == digests(ref) != {}, name
+
+
+def test_apply_of_a_delta_with_an_exact_residual_imports_no_torch(models, tmp_path, monkeypatch):
+    """diff's default Δ carries an exact residual where float32 cannot hold f − b: its apply reads the residual
+    with numpy (engine.fused._sparse_values) and imports no torch, with the fallback's bytes."""
+    import hashlib
+    import shutil
+
+    from safetensors.torch import load_file
+
+    b, f = (shutil.copytree(models[k], tmp_path / k) for k in ("base", "finetuned"))
+    shard = next(p for p in sorted(f.glob("*.safetensors")) if CHANGED in load_file(str(p)))
+    for d, v in ((b, -0.0024871826171875), (f, 1.8975697457790375e-08)):  # f − b not a float32: a residual
+        sd = load_file(str(d / shard.name))
+        sd[CHANGED].view(-1)[5] = v
+        save_file(sd, str(d / shard.name), metadata={"format": "pt"})
+    delta = deltaport.diff(b, f, tmp_path / "delta").output
+    assert any("@residual" in n for n in open_checkpoint(delta).tensors)
+    argv = ["apply", str(delta), "--to", str(models["base"]), "--scale", "0.7", "--quiet"]
+    recs, text = _run([argv + ["-o", str(tmp_path / "a")]])
+    assert recs[0]["rc"] == 0 and not recs[0]["torch"] and recs[0]["numba"], text
+    from deltaport.cli.main import main
+
+    monkeypatch.setenv("DELTAPORT_KERNEL", "torch")
+    assert main(argv + ["-o", str(tmp_path / "fb")]) == 0
+    digest = lambda d: {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.glob("*.safetensors"))}  # noqa: E731
+    assert digest(tmp_path / "a") == digest(tmp_path / "fb") != {}

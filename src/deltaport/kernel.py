@@ -518,7 +518,7 @@ def _is_pow2(lam: float) -> bool:
 
 
 def fused_into(out: np.ndarray, out_dtype: str, target: np.ndarray | None, terms: list[tuple[np.ndarray, np.ndarray | None]],
-               scales: list[float]) -> int:
+               scales: list[float], *, compose: bool = False) -> int:
     """The kernel: ``out ← round(target + Σ λ_i·(plus_i − minus_i))`` (one term with a ``minus``: a transfer;
     several without: a composed apply), each element the ``out_dtype`` value nearest the exact result.
 
@@ -526,9 +526,11 @@ def fused_into(out: np.ndarray, out_dtype: str, target: np.ndarray | None, terms
     uint64 for fp64); inputs: 1-D arrays of the chunk's length in their stored dtype, viewed as
     :func:`in_view`; ``target`` None for none (a diff). float64 outputs are the plain float64 result, as the
     fallback's. Returns how many elements needed a decision beyond the float64 result, or
-    :data:`KERNEL_REFUSED` (then ``out`` is incomplete: compute the chunk with the fallback)."""
+    :data:`KERNEL_REFUSED` (then ``out`` is incomplete: compute the chunk with the fallback). ``compose``: a
+    single term without ``minus`` is summed as a composed apply's one Δ (its sum starts at +0: t + (+0 + λ·Δ),
+    whose zero signs differ from a transfer's t + λ·Δ where both t and λ·Δ are −0)."""
     fmt = FORMATS[out_dtype]
-    if len(terms) == 1:
+    if len(terms) == 1 and not (compose and target is not None and terms[0][1] is None):
         plus, minus = terms[0]
         lam = float(scales[0])
         has_t, has_b = target is not None, minus is not None
@@ -558,7 +560,7 @@ _TORCH_OF_VIEW = {np.dtype(np.uint16): "bfloat16", np.dtype(np.int16): "float16"
 
 
 def torch_into(out: np.ndarray, out_dtype: str, target: np.ndarray | None, terms: list[tuple[np.ndarray, np.ndarray | None]],
-               scales: list[float]) -> int:
+               scales: list[float], *, compose: bool = False) -> int:
     """The fallback, with :func:`fused_into`'s arguments: the same result from ``deltaport.numerics`` (element-
     wise torch operations in float64, the exact decisions where float64 cannot tell), as the engine computes
     a chunk without the kernel. Returns the number of elements decided exactly."""
@@ -573,7 +575,7 @@ def torch_into(out: np.ndarray, out_dtype: str, target: np.ndarray | None, terms
 
     res = torch.from_numpy(out).view(getattr(torch, out_dtype))
     t = None if target is None else f64(target)
-    if len(terms) == 1:
+    if len(terms) == 1 and not (compose and t is not None and terms[0][1] is None):
         plus, minus = terms[0]
         return transfer_into(res, t, f64(plus), None if minus is None else f64(minus), float(scales[0]))
     vals = [f64(p) for p, _ in terms]

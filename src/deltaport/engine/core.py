@@ -18,7 +18,7 @@ from deltaport import kernel
 from deltaport._memory import pin_mmap_threshold
 from deltaport.engine.checks import ChecksMixin
 from deltaport.engine.compose import ComposeMixin
-from deltaport.engine.fused import FusedMixin
+from deltaport.engine.fused import FusedMixin, _sparse
 from deltaport.engine.pipeline import Buffers, Prefetcher, Writer, torch_view
 from deltaport.engine.reads import ReadsMixin
 from deltaport.engine.stats import Stats, all_finite, all_finite_bytes
@@ -70,6 +70,7 @@ class Engine(ReadsMixin, FusedMixin, ComposeMixin, ChecksMixin, WorkersMixin):
         self._raw: dict[str, np.ndarray] = {}  # the raw bytes _fill last converted, by key
         self._workers = 1
         self._packed_cache: dict[str, dict] = {}  # compressed tensor parts, by key (one tensor each)
+        self._sparse_cache: dict[str, dict] = {}  # the kernel's numpy copy of sparse parts (engine.fused)
         # the fused kernel (deltaport.kernel) computes the float64 (exact) arithmetic unless DELTAPORT_KERNEL=torch
         self.use_kernel = kernel.available() and self.compute_dtype_name == "float64"
         self._kernel_threads = 1
@@ -105,11 +106,14 @@ class Engine(ReadsMixin, FusedMixin, ComposeMixin, ChecksMixin, WorkersMixin):
             if (op.kind == "copy" or op.scale == 0.0 or op.base is None or op.lora is not None or op.packed is not None
                     or not self._kernel_applies(op)):
                 return False
+            sparse = [p for p in op.deltas if _sparse(p)]  # read by numpy (engine.fused._sparse_values)
             parts = [op.base, op.plus, op.minus] if not op.deltas else [op.base] + [
                 None if (p.lora is not None or p.packed is not None) else p.plus
-                for p in op.deltas]
+                for p in op.deltas if not _sparse(p)]
             if op.deltas and (None in parts or len({t.spec.dtype_name for t in parts[1:]}) > 1):
                 return False  # (a mixed-dtype composed chunk widens through the torch path's values)
+            if sparse and any(t.spec.dtype_name not in ("float32", "float64") for t in parts[1:]):
+                return False  # (beside a sparse part's float64 values a 16-bit Δ widens through torch)
             for t in parts:
                 if t is not None and (kernel.in_view(t.spec.dtype_name) is None or t.rowmap is not None
                                       or t.spec.numel < op.numel or t.ck.memory_tensor(t.spec.name) is not None):

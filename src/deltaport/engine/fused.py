@@ -11,6 +11,22 @@ from deltaport.io.tensors import dtype_size
 from deltaport.plan import TensorOp, Term
 
 
+def _sparse(part) -> bool:
+    """A composed op's part that is a sparse packed Δ (read by :meth:`FusedMixin._sparse_values`, no torch)."""
+    return part.lora is None and part.packed is not None and part.packed.method == "sparse" and part.residual is None
+
+
+def _mask_bits(bits: np.ndarray, e0: int, n: int) -> np.ndarray:
+    """Bits [e0, e0 + n) of a packed mask (element i at bit i % 8 of byte i // 8), as a bool array."""
+    b0 = e0 // 8
+    return np.unpackbits(bits[b0:(e0 + n + 7) // 8], bitorder="little")[e0 - 8 * b0:e0 - 8 * b0 + n].view(bool)
+
+
+def _count_before(bits: np.ndarray, e0: int) -> int:
+    """How many bits of a packed mask are set before element e0."""
+    return int(np.count_nonzero(_mask_bits(bits, 0, e0))) if e0 else 0
+
+
 class FusedMixin:
     """:class:`~deltaport.engine.core.Engine`'s use of the fused kernel."""
 
@@ -49,17 +65,30 @@ class FusedMixin:
         if not self._kernel_applies(op):
             return False
         target = None if op.base is None else self._kernel_input("base", op.base, e0, e1, row_elems)
+        compose = bool(op.deltas)
         if op.deltas:
-            vals = [self._kernel_input(f"d{i}", part.plus, e0, e1, row_elems) if part.lora is None and part.packed is None
-                    else self._part_values(op, i, part, e0, e1, row_elems, key=f"d{i}").numpy()
-                    for i, part in enumerate(op.deltas)]
+            vals, parts = [], []
+            for i, part in enumerate(op.deltas):
+                if part.lora is None and part.packed is None:
+                    v = self._kernel_input(f"d{i}", part.plus, e0, e1, row_elems)
+                elif _sparse(part):
+                    v = self._sparse_values(part.packed, op.name, e0, e1, key=f"d{i}")
+                    if v is None and (vals or i + 1 < len(op.deltas)):
+                        continue  # no kept entry in this chunk: see _sparse_values
+                    if v is None:  # every part left out: one zero term keeps the composed sum's form
+                        v = self.bufs.get(f"d{i}:sparse", e1 - e0, np.float64)
+                        v[:] = 0.0
+                else:
+                    v = self._part_values(op, i, part, e0, e1, row_elems, key=f"d{i}").numpy()
+                vals.append(v)
+                parts.append((i, part))
             if len({v.dtype for v in vals}) > 1:  # one dtype per call: the mixed ones as float64
                 # (float32 values widen exactly in place of a second read; 16-bit views are bit patterns: read
-                # again as values; a packed part's values are float64 already)
+                # again as values; packed parts' values are float64 already)
                 vals = [v if v.dtype == np.float64 else self._widened(f"d{i}", v) if v.dtype == np.float32
                         else self._part_values(op, i, part, e0, e1, row_elems, key=f"d{i}").numpy()
-                        for i, (v, part) in enumerate(zip(vals, op.deltas))]
-            terms, scales = [(v, None) for v in vals], [part.scale for part in op.deltas]
+                        for v, (i, part) in zip(vals, parts)]
+            terms, scales = [(v, None) for v in vals], [part.scale for _, part in parts]
         else:
             if op.lora is not None:
                 plus = self._lora(op, e0, e1, row_elems).numpy()
@@ -70,11 +99,50 @@ class FusedMixin:
             minus = None if op.minus is None else self._kernel_input("minus", op.minus, e0, e1, row_elems)
             terms, scales = [(plus, minus)], [op.scale]
         out = obuf.view(kernel.out_view(out_name))
-        got = self._kernel_run(out, out_name, target, terms, scales)
+        got = self._kernel_run(out, out_name, target, terms, scales, compose)
         if got == kernel.KERNEL_REFUSED:
             return False
         self.stats.exact_fixups += got
         return True
+
+    def _sparse_values(self, packed, name: str, e0: int, e1: int, key: str) -> np.ndarray | None:
+        """A sparse packed Δ part (a diff's exact residual, a compressed Δ's kept entries) for elements [e0, e1),
+        as float64 values (0 where the mask is clear), read without torch; None where the chunk has no kept
+        entry.
+
+        Leaving such a term out of the kernel's composed sum changes no bit: the sum starts at +0 and is never −0
+        after its first term (x + (±0) = x for x ≠ 0, +0 + (±0) = +0), and a zero term adds no rounding error;
+        so an apply of a diff's Δ (Δ + residual, the residual in a few elements) is, chunk by chunk, the plain
+        Δ's composed sum: the stored dtypes, no widening. The torch fallback sums every part (same bytes,
+        tests/test_kernel.py). The parts are read whole on the tensor's first chunk (like :meth:`_packed`);
+        the kept values are counted on, so chunks in order cost one pass."""
+        cache = self._sparse_cache.get(key)
+        if cache is None or cache["name"] != name:
+            cache = {"name": name, "bits": self._read_whole(packed.bits, key + ":bits"),
+                     "values": kernel.widen(self._read_whole(packed.values, key + ":vals").view(
+                         kernel.in_view(packed.values.dtype_name))),
+                     "next": (0, 0)}
+            self._sparse_cache[key] = cache
+        bits, n = cache["bits"], e1 - e0
+        seg = _mask_bits(bits, e0, n)
+        e_next, v_next = cache["next"]
+        if e0 != e_next:  # out of order: count the kept entries before e0
+            v_next = _count_before(bits, e0)
+        k = int(np.count_nonzero(seg))
+        cache["next"] = (e1, v_next + k)
+        if k == 0:
+            return None
+        out = self.bufs.get(key + ":sparse", n, np.float64)
+        out[:] = 0.0
+        out[seg] = cache["values"][v_next:v_next + k]
+        return out
+
+    def _read_whole(self, spec, key: str) -> np.ndarray:
+        raw = np.empty(spec.nbytes, dtype=np.uint8)
+        if spec.nbytes:
+            reader.pread_into(self.files.fd(spec.file), raw, spec.start, spec.nbytes, f"{spec.file}:{spec.name}")
+        self.stats.bytes_read += spec.nbytes
+        return raw
 
     def _widened(self, key: str, v: np.ndarray) -> np.ndarray:
         """float32 values as float64 (exact) in a reused buffer: a new 4 MB array per chunk would be mapped and
@@ -83,17 +151,17 @@ class FusedMixin:
         out[:] = v
         return out
 
-    def _kernel_run(self, out, out_name: str, target, terms, scales) -> int:
+    def _kernel_run(self, out, out_name: str, target, terms, scales, compose: bool = False) -> int:
         """The kernel over the chunk, split into ``threads`` parts run side by side (it releases the GIL)."""
         n = out.shape[0]
         parts = self._kernel_threads if n >= 8 * kernel.BLOCK else 1
         if parts == 1:
-            return kernel.fused_into(out, out_name, target, terms, scales)
+            return kernel.fused_into(out, out_name, target, terms, scales, compose=compose)
         step = -(-n // parts // kernel.BLOCK) * kernel.BLOCK
         cut = lambda a, i: None if a is None else a[i:i + step]  # noqa: E731
         starts = list(range(0, n, step))
         run = lambda i: kernel.fused_into(out[i:i + step], out_name, cut(target, i),  # noqa: E731
-                                          [(cut(p, i), cut(m, i)) for p, m in terms], scales)
+                                          [(cut(p, i), cut(m, i)) for p, m in terms], scales, compose=compose)
         futs = [self._kernel_pool.submit(run, i) for i in starts[1:]]
         got = [run(starts[0])] + [f.result() for f in futs]  # (the first part on this thread: one hand-off fewer)
         return kernel.KERNEL_REFUSED if kernel.KERNEL_REFUSED in got else sum(got)
