@@ -13,7 +13,8 @@ from deltaport.plan import TensorOp, Term
 
 def _sparse(part) -> bool:
     """A composed op's part that is a sparse packed Δ (read by :meth:`FusedMixin._sparse_values`, no torch)."""
-    return part.lora is None and part.packed is not None and part.packed.method == "sparse" and part.residual is None
+    return (part.lora is None and part.packed is not None and part.packed.method == "sparse" and part.residual is None
+            and kernel.in_view(part.packed.values.dtype_name) is not None)
 
 
 def _mask_bits(bits: np.ndarray, e0: int, n: int) -> np.ndarray:
@@ -119,8 +120,7 @@ class FusedMixin:
         cache = self._sparse_cache.get(key)
         if cache is None or cache["name"] != name:
             cache = {"name": name, "bits": self._read_whole(packed.bits, key + ":bits"),
-                     "values": kernel.widen(self._read_whole(packed.values, key + ":vals").view(
-                         kernel.in_view(packed.values.dtype_name))),
+                     "values": self._read_whole(packed.values, key + ":vals").view(kernel.in_view(packed.values.dtype_name)),
                      "next": (0, 0)}
             self._sparse_cache[key] = cache
         bits, n = cache["bits"], e1 - e0
@@ -134,7 +134,7 @@ class FusedMixin:
             return None
         out = self.bufs.get(key + ":sparse", n, np.float64)
         out[:] = 0.0
-        out[seg] = cache["values"][v_next:v_next + k]
+        out[seg] = kernel.widen(cache["values"][v_next:v_next + k])  # (stored dtype kept: widened per chunk)
         return out
 
     def _read_whole(self, spec, key: str) -> np.ndarray:
