@@ -502,41 +502,6 @@ if numba is not None:
         return n
 
 
-if numba is not None:
-    @njit(nogil=True, cache=True)
-    def _magnitude_histogram(values, shift, prefix, hist):
-        """hist[(bits >> shift) & 0xFFFF] += 1 over the float64 bits of |v| (v in ``values``) whose bits above
-        ``shift + 16`` equal ``prefix`` (all of them at shift 48): one level of a TIES radix select."""
-        for i in range(values.shape[0]):
-            bits = np.int64(_f64_bits(abs(values[i])))
-            if shift >= 48 or (bits >> (shift + 16)) == prefix:
-                hist[(bits >> shift) & 0xFFFF] += 1
-
-    @njit(nogil=True, cache=True)
-    def _magnitude_gather(values, shift, prefix, out, j):
-        """Append to ``out`` from ``j`` the bits of |v| whose bits above ``shift`` equal ``prefix``; returns the
-        new end."""
-        for i in range(values.shape[0]):
-            bits = np.int64(_f64_bits(abs(values[i])))
-            if (bits >> shift) == prefix:
-                out[j] = bits
-                j += 1
-        return j
-
-
-def magnitude_histogram(values: np.ndarray, shift: int, prefix: int, hist: np.ndarray) -> bool:
-    """One level of the TIES threshold's radix select on float64 ``values`` (see engine.compose), in one pass;
-    False where numba is missing (the caller counts with torch)."""
-    if numba is None:
-        return False
-    _magnitude_histogram(values, shift, prefix, hist)
-    return True
-
-
-def magnitude_gather(values: np.ndarray, shift: int, prefix: int, out: np.ndarray, j: int) -> int:
-    return int(_magnitude_gather(values, shift, prefix, out, j))
-
-
 def all_finite(raw: np.ndarray, dtype_name: str) -> bool | None:
     """True iff the bytes ``raw`` hold only finite ``dtype_name`` values, decided on the bits without torch;
     None where the kernel cannot tell (numba missing, or a dtype without :func:`out_view`)."""

@@ -45,47 +45,36 @@ class ComposeMixin:
             return 0.0
         rank = numel - k + 1  # 1-based, ascending: kthvalue's k
 
-        import numpy as np
-
-        from deltaport import kernel
-
-        fused = kernel.available()  # one numba pass per chunk (kernel.magnitude_histogram) instead of torch's four
-
         def magnitudes():
             for e0, e1, rows in self._chunks(op):
                 v = self._part_values(op, i, part, e0, e1, rows, key=f"d{i}")
-                yield v.numpy() if fused else v.abs_().view(torch.int64)  # (v is this chunk's own buffer)
+                yield v.abs_().view(torch.int64)  # (v is this chunk's own buffer)
 
         prefix, shift = 0, 64
         while shift > 0:
             shift -= 16
-            hist = np.zeros(1 << 16, dtype=np.int64)
+            hist = torch.zeros(1 << 16, dtype=torch.int64)
             for bits in magnitudes():
-                if fused:
-                    kernel.magnitude_histogram(bits, shift, prefix, hist)
-                    continue
                 if shift < 48:
                     bits = bits[(bits >> (shift + 16)) == prefix]
-                hist += torch.bincount(((bits >> shift) & 0xFFFF).reshape(-1), minlength=1 << 16).numpy()
+                hist += torch.bincount(((bits >> shift) & 0xFFFF).reshape(-1), minlength=1 << 16)
             cum = hist.cumsum(0)
-            b = int(np.searchsorted(cum, rank))
+            b = int(torch.searchsorted(cum, torch.tensor([rank]))[0])
             rank -= int(cum[b - 1]) if b else 0
             prefix = (prefix << 16) | b
             if int(hist[b]) <= TIES_GATHER:
                 break
         if shift > 0:  # the hist[b] candidates into one array, selected in place (kthvalue would copy them)
-            cand = np.empty(int(hist[b]), dtype=np.int64)
+            cand = torch.empty(int(hist[b]), dtype=torch.int64)
             j = 0
             for bits in magnitudes():
-                if fused:
-                    j = kernel.magnitude_gather(bits, shift, prefix, cand, j)
-                    continue
-                sel = bits[(bits >> shift) == prefix].numpy()
+                sel = bits[(bits >> shift) == prefix]
                 cand[j:j + len(sel)] = sel
                 j += len(sel)
+            cand = cand.numpy()
             cand.partition(rank - 1)
             prefix = int(cand[rank - 1])
-        return float(np.array([prefix], dtype=np.int64).view(np.float64)[0])
+        return float(torch.tensor([prefix], dtype=torch.int64).view(torch.float64)[0])
 
     def _compose(self, op: TensorOp, e0: int, e1: int, row_elems: int) -> torch.Tensor:
         """d = Σ_i λ_i·Δ_i (or the TIES merge of the λ_i·Δ_i) for a composed apply, in float64
