@@ -18,7 +18,7 @@ from deltaport import kernel
 from deltaport._memory import pin_mmap_threshold
 from deltaport.engine.checks import ChecksMixin
 from deltaport.engine.compose import ComposeMixin
-from deltaport.engine.fused import FusedMixin, _sparse
+from deltaport.engine.fused import FusedMixin, is_sparse_part
 from deltaport.engine.pipeline import Buffers, Prefetcher, Writer, torch_view
 from deltaport.engine.reads import ReadsMixin
 from deltaport.engine.stats import Stats, all_finite, all_finite_bytes
@@ -106,10 +106,10 @@ class Engine(ReadsMixin, FusedMixin, ComposeMixin, ChecksMixin, WorkersMixin):
             if (op.kind == "copy" or op.scale == 0.0 or op.base is None or op.lora is not None or op.packed is not None
                     or not self._kernel_applies(op)):
                 return False
-            sparse = [p for p in op.deltas if _sparse(p)]  # read by numpy (engine.fused._sparse_values)
+            sparse = [p for p in op.deltas if is_sparse_part(p)]  # read by numpy (engine.fused._sparse_values)
             parts = [op.base, op.plus, op.minus] if not op.deltas else [op.base] + [
                 None if (p.lora is not None or p.packed is not None) else p.plus
-                for p in op.deltas if not _sparse(p)]
+                for p in op.deltas if not is_sparse_part(p)]
             if op.deltas and (None in parts or len({t.spec.dtype_name for t in parts[1:]}) > 1):
                 return False  # (a mixed-dtype composed chunk widens through the torch path's values)
             if sparse and any(t.spec.dtype_name not in ("float32", "float64") for t in parts[1:]):

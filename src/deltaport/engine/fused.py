@@ -11,7 +11,7 @@ from deltaport.io.tensors import dtype_size
 from deltaport.plan import TensorOp, Term
 
 
-def _sparse(part) -> bool:
+def is_sparse_part(part) -> bool:
     """A composed op's part that is a sparse packed Δ (read by :meth:`FusedMixin._sparse_values`, no torch)."""
     return (part.lora is None and part.packed is not None and part.packed.method == "sparse" and part.residual is None
             and kernel.in_view(part.packed.values.dtype_name) is not None)
@@ -72,7 +72,7 @@ class FusedMixin:
             for i, part in enumerate(op.deltas):
                 if part.lora is None and part.packed is None:
                     v = self._kernel_input(f"d{i}", part.plus, e0, e1, row_elems)
-                elif _sparse(part):
+                elif is_sparse_part(part):
                     v = self._sparse_values(part.packed, op.name, e0, e1, key=f"d{i}")
                     if v is None and (vals or i + 1 < len(op.deltas)):
                         continue  # no kept entry in this chunk: see _sparse_values
@@ -119,8 +119,8 @@ class FusedMixin:
         the kept values are counted on, so chunks in order cost one pass."""
         cache = self._sparse_cache.get(key)
         if cache is None or cache["name"] != name:
-            cache = {"name": name, "bits": self._read_whole(packed.bits, key + ":bits"),
-                     "values": self._read_whole(packed.values, key + ":vals").view(kernel.in_view(packed.values.dtype_name)),
+            cache = {"name": name, "bits": self._read_whole(packed.bits),
+                     "values": self._read_whole(packed.values).view(kernel.in_view(packed.values.dtype_name)),
                      "next": (0, 0)}
             self._sparse_cache[key] = cache
         bits, n = cache["bits"], e1 - e0
@@ -137,7 +137,8 @@ class FusedMixin:
         out[seg] = kernel.widen(cache["values"][v_next:v_next + k])  # (stored dtype kept: widened per chunk)
         return out
 
-    def _read_whole(self, spec, key: str) -> np.ndarray:
+    def _read_whole(self, spec) -> np.ndarray:
+        """A stored tensor's bytes, whole (a sparse part's mask or kept values)."""
         raw = np.empty(spec.nbytes, dtype=np.uint8)
         if spec.nbytes:
             reader.pread_into(self.files.fd(spec.file), raw, spec.start, spec.nbytes, f"{spec.file}:{spec.name}")

@@ -41,7 +41,10 @@ def cache_dir() -> Path | None:
     root = os.environ.get("DELTAPORT_CACHE")
     if root:
         return Path(root) / "content-hashes"
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "deltaport" / "content-hashes"
+    try:
+        return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "deltaport" / "content-hashes"
+    except RuntimeError:  # no home directory to be found: nothing remembered
+        return None
 
 
 def _stat(files: list[Path]) -> list[list] | None:
