@@ -209,6 +209,32 @@ def test_compose_kernel_equals_fallback_and_exact_rationals(lams):
     assert not bad, bad[:5]
 
 
+@pytest.mark.parametrize("lams", [(0.7,), (0.7, 0.3), (0.3, -1.1, 0.45)])
+def test_compose_near_midpoints_of_diff_like_deltas(lams):
+    """A composed apply of diffs of bf16 weights (float32 Δs holding bf16 differences) at λ not a power of two:
+    ~3 % of elements lie near a bf16 midpoint (the second pass's short decision, the midpoint cut from the
+    float64 result's bits, and :func:`_decide` where that cannot tell); kernel == fallback, and every such
+    element equals the exact rational's rounding."""
+    g = torch.Generator().manual_seed(8)
+    n = 1 << 15
+    t, b = ((torch.randn(n, generator=g) * 0.02).to(torch.bfloat16) for _ in range(2))
+    ds = [((b.double() + torch.randn(n, generator=g, dtype=torch.float64) * 5e-4).to(torch.bfloat16).double()
+           - b.double()).float() for _ in lams]
+    ds[-1][:64] = 0.0  # zero terms beside near-midpoint ones
+    args = (_view(t), [(d.numpy(), None) for d in ds], list(lams))
+    got, fb = np.empty(n, np.uint16), np.empty(n, np.uint16)
+    unsure = K.fused_into(got, "bfloat16", *args, compose=True)
+    assert unsure > n // 100
+    K.torch_into(fb, "bfloat16", *args, compose=True)
+    _same(got, fb, "bfloat16")
+    s64 = t.double().numpy() + sum(lam * d.double().numpy() for lam, d in zip(lams, ds))
+    near = np.nonzero(R.round_bits(s64, "BF16") != got)[0]  # where float64 alone would be one step off
+    idx = np.concatenate([near, np.arange(200)])
+    want = _compose_exact(t[idx], [d[idx] for d in ds], lams, "bfloat16")
+    vals = torch.from_numpy(got[idx].copy()).view(torch.bfloat16).double().tolist()
+    assert len(near) > 0 and [v for v, w in zip(vals, want)] == want
+
+
 def test_float64_output_is_the_plain_float64_result():
     t, f, b = (x.double() for x in _adversarial(torch.float32, 0.7, n=2000, seed=6))
     got, fb = np.empty(t.numel(), np.uint64), np.empty(t.numel(), np.uint64)
