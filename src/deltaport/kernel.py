@@ -29,11 +29,11 @@ Ogita–Rump–Oishi Sum2 of t, the products' halves (FMA-split) and −M, with 
 s's bits (2026-12-06: 61 → ~23 ns per such element); otherwise the full decision: an estimate of x by
 Sum2, its bracket, Sum2 again and, where even that cannot tell, a Shewchuk expansion of x − M. A chunk
 takes two passes: a branch-free first pass over the whole chunk (which LLVM vectorises) writes every
-output and a flag byte per element (uncertain or not); the second, scalar pass visits only the flagged elements, found eight flags at a time by a bit scan of 8-byte words
-(little-endian byte order, as on every platform numba supports). (Blocks of 512 elements with a small flag
-array, as before 2026-12-06, kept LLVM from vectorising the first pass: twice the time at λ = 1.) A result
-that rounds to zero without being exactly zero keeps the float64 result's sign of zero, as the fallback's.
-The engine splits a chunk over ``--threads`` threads (whole multiples of :data:`BLOCK` elements), one kernel
+output and a flag byte per element (uncertain or not); the second, scalar pass visits only the flagged
+elements, found eight flags at a time by a bit scan of 8-byte words (little-endian byte order, as on
+every platform numba supports). (Blocks of 512 elements with a small flag array, as before 2026-12-06,
+kept LLVM from vectorising the first pass: twice the time at λ = 1.) A result that rounds to zero
+without being exactly zero keeps the float64 result's sign of zero, as the fallback's. The engine splits a chunk over ``--threads`` threads (whole multiples of :data:`BLOCK` elements), one kernel
 call each, the first on its own thread (the kernel releases the GIL); its reader and writer threads run
 beside them.
 """
