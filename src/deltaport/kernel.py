@@ -33,9 +33,10 @@ output and a flag byte per element (uncertain or not); the second, scalar pass v
 elements, found eight flags at a time by a bit scan of 8-byte words (little-endian byte order, as on
 every platform numba supports). (Blocks of 512 elements with a small flag array, as before 2026-12-06,
 kept LLVM from vectorising the first pass: twice the time at λ = 1.) A result that rounds to zero
-without being exactly zero keeps the float64 result's sign of zero, as the fallback's. The engine splits a chunk over ``--threads`` threads (whole multiples of :data:`BLOCK` elements), one kernel
-call each, the first on its own thread (the kernel releases the GIL); its reader and writer threads run
-beside them.
+without being exactly zero keeps the float64 result's sign of zero, as the fallback's. The engine
+splits a chunk over ``--threads`` threads (whole multiples of :data:`BLOCK` elements), one kernel call
+each, the first on its own thread (the kernel releases the GIL); its reader and writer threads run beside
+them.
 """
 
 from __future__ import annotations
