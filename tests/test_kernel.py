@@ -275,11 +275,14 @@ def test_composed_apply_and_ties_same_bytes_both_paths(family, tmp_path, monkeyp
     deltaport.apply(ds, p["target_base"], tmp_path / "kt", scale=[0.7, 0.3], ties=0.2)
     monkeypatch.setenv(K.ENV_SWITCH, "torch")
     deltaport.apply(ds, p["target_base"], tmp_path / "t", scale=[0.7, 0.3])
-    for x, y in (("k", "t"),):
+    deltaport.apply(ds, p["target_base"], tmp_path / "tt", scale=[0.7, 0.3], ties=0.2)
+    for x, y in (("k", "t"), ("kt", "tt")):
         a, b = _shards(tmp_path / x), _shards(tmp_path / y)
         for k in a:
-            assert torch.equal(a[k].view(torch.int16), b[k].view(torch.int16)), k
-    assert json.loads((tmp_path / "kt" / "deltaport.json").read_text())["arithmetic"]["torch_fallback"] > 0
+            assert torch.equal(a[k].view(torch.int16), b[k].view(torch.int16)), (x, k)
+    ran = json.loads((tmp_path / "kt" / "deltaport.json").read_text())["arithmetic"]
+    assert ran["torch_fallback"] == 0 and ran["numba_kernel"] > 0, ran  # TIES through kernel_ties
+    assert json.loads((tmp_path / "tt" / "deltaport.json").read_text())["arithmetic"]["numba_kernel"] == 0
 
 
 def test_streamed_ties_threshold_is_kthvalue_of_the_whole_tensor(family, tmp_path, monkeypatch):
@@ -296,8 +299,10 @@ def test_streamed_ties_threshold_is_kthvalue_of_the_whole_tensor(family, tmp_pat
     import deltaport.engine.compose as compose_mod
 
     real = E.Engine._streamed_threshold
-    for gather in (3,):  # several 16-bit levels, then the gather (the default: test_compose's TIES test)
+    # several 16-bit levels, then the gather (the default: test_compose's TIES test); numba's and torch's passes
+    for gather, path in ((3, "numba"), (3, "torch")):
         monkeypatch.setattr(compose_mod, "TIES_GATHER", gather)
+        monkeypatch.setenv(K.ENV_SWITCH, path)
         seen = {}
 
         def spy(self, op, i, part):
@@ -306,11 +311,75 @@ def test_streamed_ties_threshold_is_kthvalue_of_the_whole_tensor(family, tmp_pat
             return v
 
         monkeypatch.setattr(E.Engine, "_streamed_threshold", spy)
-        deltaport.apply([tmp_path / "d1", tmp_path / "d2"], p["target_base"], tmp_path / f"o{gather}",
+        deltaport.apply([tmp_path / "d1", tmp_path / "d2"], p["target_base"], tmp_path / f"o{gather}{path}",
                         scale=[0.5, 0.5], ties=0.3, chunk_elems=1 << 14)
         assert seen
         for (name, i), v in seen.items():
             assert v == ties_threshold(ds[i][name].double().abs().reshape(-1), 0.3), (name, i)
+
+
+def _ties_exact(t, vs, lams, ths, dtype):
+    """TIES at one element in exact rationals (the election on the exact total), rounded once; None if not finite."""
+    if not all(math.isfinite(x) for x in [t] + vs):
+        return None
+    cs = [Fraction(lam) * Fraction(v) if abs(v) >= th else Fraction(0) for v, lam, th in zip(vs, lams, ths)]
+    total = sum(cs, Fraction(0))
+    agree = [c for c in cs if c != 0 and total != 0 and (c > 0) == (total > 0)]
+    return round_fraction(Fraction(t) + sum(agree, Fraction(0)) / max(len(agree), 1), _TORCH[dtype])
+
+
+@pytest.mark.parametrize("lams", [(1.0, 1.0), (0.7, 0.3), (1.0, -0.45, 0.3)])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32", "float64"])
+def test_ties_kernel_equals_fallback_and_exact_rationals(dtype, lams):
+    """kernel_ties.ties_into against the torch path (torch_ties_into: compose_deltas, round_composed_exactly) on
+    chunks built to break it: bf16 midpoints, near- and exact cancellation of the kept entries (the election
+    within its rounding error of 0), entries at the cut-off, subnormals, ±0, inf/NaN; same bytes, and every
+    finite element the rounding of the exact TIES merge."""
+    from deltaport import kernel_ties as KT
+
+    t, f, b = _adversarial(_TORCH[dtype] if dtype != "float64" else torch.float32, lams[0], n=3000, seed=11)
+    t = t.to(_TORCH[dtype])
+    g = torch.Generator().manual_seed(12)
+    vs = [(f.double() - b.double())] + [torch.randn(t.numel(), generator=g, dtype=torch.float64) * 1e-3
+                                        for _ in lams[1:]]
+    vs[1][:300] = -vs[0][:300] * (lams[0] / lams[1])  # kept entries that cancel (exactly where representable)
+    vs[1][300:400] = vs[0][300:400]
+    vs[0][400:420] = 0.0
+    vs[0][420:440] = -0.0
+    ths = [float(np.nanquantile(np.abs(v.numpy()), 0.6)) for v in vs]
+    vs[1][440:460] = ths[1]  # exactly at the cut-off: kept
+    vs[1][460:480] = -math.nextafter(ths[1], 0.0)  # just below: trimmed
+    vs[0][480] = float("inf")
+    vs[1][481] = float("nan")
+    n = t.numel()
+    got, fb = np.empty(n, K.out_view(dtype)), np.empty(n, K.out_view(dtype))
+    args = (_view(t), [v.numpy() for v in vs], list(lams), ths)
+    hard = KT.ties_into(got, dtype, *args)
+    assert hard > 0 or dtype == "float64"  # (the kept cancellations among them: decided exactly)
+    assert KT.torch_ties_into(fb, dtype, *args) == hard
+    _same(got, fb, dtype)
+    if dtype == "float64":
+        return
+    vals = torch.from_numpy(got.copy()).view(_TORCH[dtype]).double().tolist()
+    ts, cols = t.double().tolist(), [v.tolist() for v in vs]
+    bad = []
+    for j in range(n):
+        want = _ties_exact(ts[j], [c[j] for c in cols], lams, ths, dtype)
+        if want is not None and math.isfinite(vals[j]) and vals[j] != want:
+            bad.append((j, vals[j], want))
+    assert not bad, bad[:5]
+
+
+def test_ties_kernel_refuses_what_it_cannot_decide():
+    """A flagged element with a product below 2⁻⁹⁶⁰ (its FMA error could underflow): the chunk is refused
+    (the engine then computes it on the torch path)."""
+    from deltaport import kernel_ties as KT
+
+    t = np.zeros(4, np.float32)
+    vs = [np.array([1e-300, 1.0, 0, 0]), np.array([-1e-300, -1.0, 0, 0])]
+    out = np.empty(4, np.uint32)
+    assert KT.ties_into(out, "float32", t, vs, [0.7, 0.7], [0.0, 0.0]) == K.KERNEL_REFUSED
+    assert KT.ties_into(out, "float32", t, [v[1:] for v in vs], [0.7, 0.7], [0.0, 0.0]) >= 0
 
 
 @pytest.mark.parametrize("name", ["bfloat16", "float16", "float32", "float64"])

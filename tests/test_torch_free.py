@@ -177,8 +177,8 @@ def test_successful_dry_runs_import_neither_torch_nor_the_jit(models, tmp_path):
 
 
 def test_transfers_and_applies_the_kernel_computes_import_no_torch(models, tmp_path, monkeypatch):
-    """A transfer (λ = 1 and 0.7), an apply of one Δ and a composed apply of two, every tensor computed by the
-    fused kernel from plain file reads, never import torch (~220 MB of the process: the fused path's peak RSS
+    """A transfer (λ = 1 and 0.7), an apply of one Δ and a composed apply of two (plain and TIES), every tensor
+    computed by the fused kernel from plain file reads, never import torch (~220 MB of the process: the fused path's peak RSS
     target) and write the bytes the torch fallback writes in this process (DELTAPORT_KERNEL=torch)."""
     import hashlib
     import shutil
@@ -190,9 +190,11 @@ def test_transfers_and_applies_the_kernel_computes_import_no_torch(models, tmp_p
     calls = {"t1": tr + ["-o", str(tmp_path / "t1")], "t07": tr + ["--scale", "0.7", "-o", str(tmp_path / "t07")],
              "a1": ["apply", m["delta"], "--to", m["finetuned"], "-o", str(tmp_path / "a1"), "--quiet"],
              "a2": ["apply", m["delta"], str(second), "--to", m["base"], "--scale", "0.7", "--scale", "0.3", "-o",
-                    str(tmp_path / "a2"), "--quiet"]}
+                    str(tmp_path / "a2"), "--quiet"],
+             "a2t": ["apply", m["delta"], str(second), "--to", m["base"], "--scale", "0.7", "--scale", "0.3",
+                     "--ties", "0.2", "-o", str(tmp_path / "a2t"), "--quiet"]}
     recs, text = _run(list(calls.values()))
-    assert [r["rc"] for r in recs] == [0, 0, 0, 0], text
+    assert [r["rc"] for r in recs] == [0, 0, 0, 0, 0], text
     assert [r["argv"][0] for r in recs if r["torch"] or r["transformers"]] == [], recs
     assert all(r["numba"] for r in recs), recs  # (the kernel ran: it is what imports numba)
 
@@ -227,11 +229,16 @@ def test_apply_of_a_delta_with_an_exact_residual_imports_no_torch(models, tmp_pa
     delta = deltaport.diff(b, f, tmp_path / "delta").output
     assert any("@residual" in n for n in open_checkpoint(delta).tensors)
     argv = ["apply", str(delta), "--to", str(models["base"]), "--scale", "0.7", "--quiet"]
-    recs, text = _run([argv + ["-o", str(tmp_path / "a")]])
-    assert recs[0]["rc"] == 0 and not recs[0]["torch"] and recs[0]["numba"], text
+    # and TIES of that Δ (Δ + residual, trimmed and elected) with a second one: kernel_ties, no torch either
+    ties = ["apply", str(delta), str(models["delta"]), "--to", str(models["base"]), "--ties", "0.3", "--quiet"]
+    recs, text = _run([argv + ["-o", str(tmp_path / "a")], ties + ["-o", str(tmp_path / "t")]])
+    assert [(r["rc"], r["torch"], bool(r["numba"])) for r in recs] == [(0, False, True)] * 2, text
     from deltaport.cli.main import main
 
     monkeypatch.setenv("DELTAPORT_KERNEL", "torch")
     assert main(argv + ["-o", str(tmp_path / "fb")]) == 0
+    assert main(ties + ["-o", str(tmp_path / "tfb")]) == 0
     digest = lambda d: {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.glob("*.safetensors"))}  # noqa: E731
     assert digest(tmp_path / "a") == digest(tmp_path / "fb") != {}
+    assert digest(tmp_path / "t") == digest(tmp_path / "tfb") != {}
+    assert json.loads((tmp_path / "t" / "deltaport.json").read_text())["arithmetic"]["torch_fallback"] == 0

@@ -7,6 +7,8 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from deltaport.plan import TensorOp
 
 if TYPE_CHECKING:
@@ -37,44 +39,55 @@ class ComposeMixin:
         gathered and the rest is one selection (memory: a 65 536-bin histogram and those candidates).
         The passes read through the chunk buffers and residual cache of :meth:`_compose` (key ``d{i}``):
         the thresholds are found before the tensor's first chunk is composed, which then reads them again."""
-        import torch
-
         numel = op.numel
         k = max(1, math.ceil(op.ties_density * numel))
         if k >= numel:
             return 0.0
         rank = numel - k + 1  # 1-based, ascending: kthvalue's k
+        fused = self._ties_applies(op)  # numba, no torch (kernel_ties); else torch's abs, mask, shift and bincount
+        if fused:
+            from deltaport import kernel_ties
 
         def magnitudes():
             for e0, e1, rows in self._chunks(op):
-                v = self._part_values(op, i, part, e0, e1, rows, key=f"d{i}")
-                yield v.abs_().view(torch.int64)  # (v is this chunk's own buffer)
+                if fused:
+                    yield self._ties_values(op, i, part, e0, e1, rows)
+                else:
+                    import torch
+
+                    v = self._part_values(op, i, part, e0, e1, rows, key=f"d{i}")
+                    yield v.abs_().view(torch.int64)  # (v is this chunk's own buffer)
 
         prefix, shift = 0, 64
         while shift > 0:
             shift -= 16
-            hist = torch.zeros(1 << 16, dtype=torch.int64)
+            hist = np.zeros(1 << 16, dtype=np.int64)
             for bits in magnitudes():
+                if fused:
+                    kernel_ties.magnitude_histogram(bits, shift, prefix, hist)
+                    continue
                 if shift < 48:
                     bits = bits[(bits >> (shift + 16)) == prefix]
-                hist += torch.bincount(((bits >> shift) & 0xFFFF).reshape(-1), minlength=1 << 16)
+                hist += np.bincount(((bits >> shift) & 0xFFFF).reshape(-1).numpy(), minlength=1 << 16)
             cum = hist.cumsum(0)
-            b = int(torch.searchsorted(cum, torch.tensor([rank]))[0])
+            b = int(np.searchsorted(cum, rank))
             rank -= int(cum[b - 1]) if b else 0
             prefix = (prefix << 16) | b
             if int(hist[b]) <= TIES_GATHER:
                 break
         if shift > 0:  # the hist[b] candidates into one array, selected in place (kthvalue would copy them)
-            cand = torch.empty(int(hist[b]), dtype=torch.int64)
+            cand = np.empty(int(hist[b]), dtype=np.int64)
             j = 0
             for bits in magnitudes():
-                sel = bits[(bits >> shift) == prefix]
+                if fused:
+                    j = kernel_ties.magnitude_gather(bits, shift, prefix, cand, j)
+                    continue
+                sel = bits[(bits >> shift) == prefix].numpy()
                 cand[j:j + len(sel)] = sel
                 j += len(sel)
-            cand = cand.numpy()
             cand.partition(rank - 1)
             prefix = int(cand[rank - 1])
-        return float(torch.tensor([prefix], dtype=torch.int64).view(torch.float64)[0])
+        return float(np.array([prefix], dtype=np.int64).view(np.float64)[0])
 
     def _compose(self, op: TensorOp, e0: int, e1: int, row_elems: int) -> torch.Tensor:
         """d = Σ_i λ_i·Δ_i (or the TIES merge of the λ_i·Δ_i) for a composed apply, in float64

@@ -18,7 +18,7 @@ from deltaport import kernel
 from deltaport._memory import pin_mmap_threshold
 from deltaport.engine.checks import ChecksMixin
 from deltaport.engine.compose import ComposeMixin
-from deltaport.engine.fused import FusedMixin, is_sparse_part
+from deltaport.engine.fused import FusedMixin, is_sparse_part, plain_term
 from deltaport.engine.pipeline import Buffers, Prefetcher, Writer, torch_view
 from deltaport.engine.reads import ReadsMixin
 from deltaport.engine.stats import Stats, all_finite, all_finite_bytes
@@ -102,6 +102,10 @@ class Engine(ReadsMixin, FusedMixin, ComposeMixin, ChecksMixin, WorkersMixin):
         for op in self.plan.ops:
             if self._raw_copy(op) or (op.kind == "copy" and op.out_dtype_name not in FLOAT_DTYPE_NAMES
                                       and op.base.rowmap is None and op.base.ck.memory_tensor(op.base.spec.name) is None):
+                continue
+            if op.ties_density is not None and op.kind != "copy" and op.scale != 0.0:
+                if not (self._ties_applies(op) and plain_term(op.base, op.numel)):
+                    return False  # (kernel_ties reads the Δs and their residuals itself, with numpy)
                 continue
             if (op.kind == "copy" or op.scale == 0.0 or op.base is None or op.lora is not None or op.packed is not None
                     or not self._kernel_applies(op)):

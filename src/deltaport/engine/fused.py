@@ -28,6 +28,12 @@ def _count_before(bits: np.ndarray, e0: int) -> int:
     return int(np.count_nonzero(_mask_bits(bits, 0, e0))) if e0 else 0
 
 
+def plain_term(term: Term, numel: int) -> bool:
+    """A term the kernel reads as stored bytes: a file tensor of a kernel dtype, no row map, covering ``numel``."""
+    return (kernel.in_view(term.spec.dtype_name) is not None and term.rowmap is None and term.spec.numel >= numel
+            and term.ck.memory_tensor(term.spec.name) is None)
+
+
 class FusedMixin:
     """:class:`~deltaport.engine.core.Engine`'s use of the fused kernel."""
 
@@ -58,11 +64,49 @@ class FusedMixin:
                 and not (op.base is None and (op.minus is not None or op.check is not None))
                 and not getattr(op, "residual", None) and not any(getattr(p, "residual", None) for p in op.deltas))
 
+    def _ties_applies(self, op: TensorOp) -> bool:
+        """Whether :func:`deltaport.kernel_ties.ties_into` computes a TIES op's chunks (and its cut-offs): each Δ a
+        plain file tensor of a kernel dtype covering the output (with or without a sparse exact residual)."""
+        return (self.use_kernel and op.ties_density is not None and kernel.out_view(op.out_dtype_name) is not None
+                and op.base is not None and all(
+                    p.lora is None and p.packed is None and p.plus is not None and plain_term(p.plus, op.numel)
+                    and (p.residual is None or (p.residual.method == "sparse"
+                                                and kernel.in_view(p.residual.values.dtype_name) is not None))
+                    for p in op.deltas))
+
+    def _ties_values(self, op: TensorOp, i: int, part, e0: int, e1: int, row_elems: int) -> np.ndarray:
+        """Δ_i of a TIES op for elements [e0, e1) as float64 (its exact residual added, as the torch path's
+        :meth:`_part_values`), read without torch; the caller's until the next read of Δ_i."""
+        raw = self._kernel_input(f"d{i}", part.plus, e0, e1, row_elems)
+        v = self.bufs.get(f"d{i}:v", e1 - e0, np.float64)
+        v[:] = raw if raw.dtype.kind == "f" else kernel.widen(raw)
+        if part.residual is not None:
+            r = self._sparse_values(part.residual, op.name, e0, e1, key=f"d{i}:res")
+            if r is not None:
+                v += r  # (the torch path adds zeros elsewhere too: a −0 becomes +0, which no TIES step tells apart)
+        return v
+
+    def _ties_chunk(self, op: TensorOp, e0: int, e1: int, row_elems: int, obuf: np.ndarray) -> bool:
+        """A TIES chunk by :func:`deltaport.kernel_ties.ties_into`; False where it refuses (the torch path then)."""
+        from deltaport import kernel_ties
+
+        thresholds = self._ties_thresholds(op, row_elems)
+        target = self._kernel_input("base", op.base, e0, e1, row_elems)
+        vals = [self._ties_values(op, i, part, e0, e1, row_elems) for i, part in enumerate(op.deltas)]
+        got = kernel_ties.ties_into(obuf.view(kernel.out_view(op.out_dtype_name)), op.out_dtype_name, target, vals,
+                                    [part.scale for part in op.deltas], thresholds)
+        if got == kernel.KERNEL_REFUSED:
+            return False
+        self.stats.exact_fixups += got
+        return True
+
     def _kernel_chunk(self, op: TensorOp, e0: int, e1: int, row_elems: int, obuf: np.ndarray) -> bool:
-        """Compute a chunk with :func:`deltaport.kernel.fused_into` into the byte buffer ``obuf``; False where
-        the kernel does not apply (forced off, float32 math, TIES, a diff's round-trip check, a chunk it
-        refuses): the torch fallback then computes it."""
+        """Compute a chunk with :func:`deltaport.kernel.fused_into` (a TIES op: :meth:`_ties_chunk`) into the byte
+        buffer ``obuf``; False where the kernel does not apply (forced off, float32 math, a diff's round-trip
+        check, a chunk it refuses): the torch fallback then computes it."""
         out_name = op.out_dtype_name
+        if op.ties_density is not None:
+            return self._ties_applies(op) and self._ties_chunk(op, e0, e1, row_elems, obuf)
         if not self._kernel_applies(op):
             return False
         target = None if op.base is None else self._kernel_input("base", op.base, e0, e1, row_elems)

@@ -1,0 +1,224 @@
+"""The TIES merge through the fused kernel's machinery (:mod:`deltaport.kernel`): the magnitude cut-offs by a
+streamed radix select, and one chunk of ``t + merge(λ_i·Δ_i)`` rounded once, both in numba, without torch.
+
+:func:`ties_into` gives the bytes of the torch path (``deltaport.numerics.compose_deltas`` with thresholds,
+``transfer_into``, ``round_composed_exactly``; :func:`torch_ties_into` runs it with the same arguments), by
+doing its float64 arithmetic in its order for every element, then deciding exactly where it does:
+
+* trim: ``c_i = λ_i·v_i``, or +0 where ``|v_i| <`` the cut-off; ``total = Σ c_i``, ``mag = Σ |c_i|``;
+* elect: the sign of ``total`` (``torch.sign``: 0 for ±0 and NaN); the entries of that sign (and ≠ 0) agree;
+  ``d = Σ agreeing c_i / max(count, 1)``; ``s = t + d``;
+* round: ``s`` rounded, then (16- and 32-bit outputs) ``s ∓ E`` with ``E = (2m + 4)·2⁻⁵²·(mag + |t|)``: where both
+  round alike, that value; where they do not, or where the election's float64 total lies within its rounding
+  error of 0 (``|total| ≤ 2m·2⁻⁵²·mag``), the value nearest the exact merge (the election on the exact total,
+  the mean of the agreeing exact products), as ``round_fraction`` of the exact rational (an exact zero is +0,
+  a value that rounds to zero keeps its sign). Those elements (a few per cent at λ ≠ 1; the exact
+  cancellations of two Δs' kept entries) are decided from error-free products (FMA) and an error-free sum
+  (Ogita–Rump–Oishi Sum2, else a Shewchuk expansion), as in :func:`deltaport.kernel._decide`.
+
+Where it cannot decide (a product below 2⁻⁹⁶⁰, a non-finite input, a sum that overflows) it returns
+:data:`~deltaport.kernel.KERNEL_REFUSED` and the engine computes the chunk on the torch path.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from deltaport import kernel as K
+from deltaport.kernel import FORMATS, KERNEL_REFUSED
+
+if K.numba is not None:
+    from numba import njit
+
+    from deltaport.kernel import _bracket, _expansion_sign, _fma, _f64_bits, _load, _round_bits, _sum2
+
+    @njit(nogil=True, cache=True)
+    def _magnitude_histogram(values, shift, prefix, hist):
+        """hist[(bits >> shift) & 0xFFFF] += 1 over the float64 bits of |v| (v in ``values``) whose bits above
+        ``shift + 16`` equal ``prefix`` (all of them at shift 48): one level of the radix select."""
+        for i in range(values.shape[0]):
+            bits = np.int64(_f64_bits(abs(values[i])))
+            if shift >= 48 or (bits >> (shift + 16)) == prefix:
+                hist[(bits >> shift) & 0xFFFF] += 1
+
+    @njit(nogil=True, cache=True)
+    def _magnitude_gather(values, shift, prefix, out, j):
+        """Append to ``out`` from ``j`` the bits of |v| whose bits above ``shift`` equal ``prefix``; the new end."""
+        for i in range(values.shape[0]):
+            bits = np.int64(_f64_bits(abs(values[i])))
+            if (bits >> shift) == prefix:
+                out[j] = bits
+                j += 1
+        return j
+
+    @njit(inline="always", error_model="numpy")
+    def _trimmed(v, lam, th):
+        c = v * lam
+        return 0.0 if abs(v) < th else c  # (masked_fill(|v| < th, 0.0): NaN is kept)
+
+    @njit(inline="always", error_model="numpy")
+    def _sign(x):  # torch.sign: 0 for ±0 and NaN
+        return np.float64(x > 0.0) - np.float64(x < 0.0)
+
+    @njit(error_model="numpy")
+    def _decide_mean(terms, n, k, p, emin, bias, ebits, width, nanmode):
+        """Bits of the value nearest x = (exact sum of ``terms[:n]``) / k (k ≥ 1 a small integer), with
+        ``round_fraction``'s zeros (x = 0: +0; x ≠ 0 rounding to zero: x's sign); -1 where it cannot tell."""
+        est, bound = _sum2(terms, n)
+        if not np.isfinite(est):
+            return -1
+        if abs(est) <= bound:
+            sg = _expansion_sign(terms, n)
+            if sg == 0:
+                return _round_bits(0.0, p, emin, bias, ebits, width, nanmode)
+            if bound > 2.0 ** -200:
+                return -1
+            est = sg * bound
+        xe = est / k
+        lo, q = _bracket(xe, p, emin)
+        mid = lo + 0.5 * q
+        neg = xe < 0.0
+        terms[n] = (mid if neg else -mid) * k  # k·(x − M), M with x's sign (k·M exact: M has p + 1 bits)
+        r, b = _sum2(terms, n + 1)
+        sg = 0
+        if r > b:
+            sg = 1
+        elif r < -b:
+            sg = -1
+        else:
+            sg = _expansion_sign(terms, n + 1)
+        if neg:
+            sg = -sg  # the sign of |x| − |M|
+        kk = lo / q
+        up = sg > 0 or (sg == 0 and np.floor(kk * 0.5) * 2.0 != kk)
+        v = lo + q if up else lo
+        return _round_bits(-v if neg else v, p, emin, bias, ebits, width, nanmode)
+
+    @njit(error_model="numpy")
+    def _ties_exact(T, Ds, lams, ths, i, terms, kept, p, emin, bias, ebits, width, nanmode):
+        """The rounding of the exact TIES merge at element i (see the module), or -1."""
+        nd = len(Ds)
+        t = _load(T, i)
+        if not np.isfinite(t):
+            return -1
+        for j in range(nd):
+            v = Ds[j][i]
+            if not np.isfinite(v):
+                return -1
+            w = v if abs(v) >= ths[j] else 0.0
+            hi = lams[j] * w
+            if w != 0.0 and lams[j] != 0.0 and abs(hi) < 2.0 ** -960:
+                return -1  # the FMA's error term could underflow
+            terms[2 * j] = hi
+            terms[2 * j + 1] = _fma(lams[j], w, -hi)
+        tsg = _expansion_sign(terms, 2 * nd)  # the exact total's sign
+        m = 1
+        for j in range(nd):
+            hi = terms[2 * j]
+            if hi != 0.0 and tsg != 0 and (hi > 0.0) == (tsg > 0):  # agrees with the exact election
+                kept[m] = hi
+                kept[m + 1] = terms[2 * j + 1]
+                m += 2
+        k = (m - 1) // 2
+        if k == 0:
+            return _round_bits(t + 0.0, p, emin, bias, ebits, width, nanmode)  # x = t (−0 → +0, as a Fraction)
+        kept[0] = k * t  # exact: k ≤ the number of Δs
+        return _decide_mean(kept, m, np.float64(k), p, emin, bias, ebits, width, nanmode)
+
+    @njit(nogil=True, cache=True, error_model="numpy")
+    def _ties_kernel(out, T, Ds, lams, ths, fmt, fixup):
+        p, emin, bias, ebits, width, nanmode = fmt
+        nd = len(Ds)
+        n = out.shape[0]
+        k_err = (2 * nd + 4) * 2.0 ** -52
+        k_uns = 2 * nd * 2.0 ** -52
+        zero_mask = (np.int64(1) << (width - 1)) - 1
+        inf_mag = ((np.int64(1) << ebits) - 1) << (p - 1)
+        flags = np.zeros(n, dtype=np.uint8)
+        hard = 0
+        for i in range(n):
+            t = _load(T, i)
+            total = 0.0
+            mag = 0.0
+            for j in range(nd):
+                c = _trimmed(Ds[j][i], lams[j], ths[j])
+                mag += abs(c)
+                total += c
+            sg = _sign(total)
+            d = 0.0
+            cnt = 0.0
+            for j in range(nd):
+                c = _trimmed(Ds[j][i], lams[j], ths[j])
+                agree = (_sign(c) == sg) & (c != 0.0)
+                d += c if agree else 0.0
+                cnt += np.float64(agree)
+            d = d / max(cnt, 1.0)
+            s = t + d
+            r = _round_bits(s, p, emin, bias, ebits, width, nanmode)
+            if fixup and np.isfinite(s):
+                err = (mag + abs(t)) * k_err
+                lo = _round_bits(s - err, p, emin, bias, ebits, width, nanmode)
+                hi = _round_bits(s + err, p, emin, bias, ebits, width, nanmode)
+                r = lo
+                lo_nan = (lo & zero_mask) > inf_mag
+                same = ((lo == hi) | (((lo | hi) & zero_mask) == 0)) & ~lo_nan  # equal as values
+                unsure = (abs(total) <= mag * k_uns) & (mag > 0.0)
+                if unsure or not same:
+                    flags[i] = 1
+                    hard += 1
+            out[i] = r
+        if hard == 0:
+            return 0
+        terms = np.empty(2 * nd + 2)
+        kept = np.empty(2 * nd + 2)
+        for i in range(n):
+            if flags[i]:
+                r = _ties_exact(T, Ds, lams, ths, i, terms, kept, p, emin, bias, ebits, width, nanmode)
+                if r < 0:
+                    return KERNEL_REFUSED
+                out[i] = r
+        return hard
+
+
+def magnitude_histogram(values: np.ndarray, shift: int, prefix: int, hist: np.ndarray) -> None:
+    """One level of a TIES cut-off's radix select over float64 ``values`` (``hist``: 65 536 counts, added to)."""
+    _magnitude_histogram(values, shift, prefix, hist)
+
+
+def magnitude_gather(values: np.ndarray, shift: int, prefix: int, out: np.ndarray, j: int) -> int:
+    """The bits of |v| with ``prefix`` above ``shift`` appended to ``out`` from ``j``; returns the new end."""
+    return int(_magnitude_gather(values, shift, prefix, out, j))
+
+
+def ties_into(out: np.ndarray, out_dtype: str, target: np.ndarray, values: list[np.ndarray], scales: list[float],
+              thresholds: list[float]) -> int:
+    """``out ← round(t + TIES merge of the λ_i·Δ_i)``, the torch path's bytes (see the module).
+
+    ``out``: the chunk's output bytes viewed as :func:`deltaport.kernel.out_view`; ``target``: the stored
+    target viewed as :func:`deltaport.kernel.in_view`; ``values``: each Δ_i (with its exact residual) as float64;
+    ``thresholds``: their magnitude cut-offs (:func:`deltaport.numerics.ties_threshold`). Returns how many
+    elements were decided exactly, or :data:`~deltaport.kernel.KERNEL_REFUSED`."""
+    if K.numba is None:
+        return KERNEL_REFUSED
+    fmt = FORMATS[out_dtype]
+    return int(_ties_kernel(out, target, tuple(values), np.asarray(scales, dtype=np.float64),
+                            np.asarray(thresholds, dtype=np.float64), fmt, out_dtype != "float64"))
+
+
+def torch_ties_into(out: np.ndarray, out_dtype: str, target: np.ndarray, values: list[np.ndarray], scales: list[float],
+                    thresholds: list[float]) -> int:
+    """The torch path with :func:`ties_into`'s arguments (as the engine computes a TIES chunk without the
+    kernel). Returns the number of elements decided exactly."""
+    import torch
+
+    from deltaport.numerics import compose_deltas, round_composed_exactly, transfer_into
+
+    res = torch.from_numpy(out).view(getattr(torch, out_dtype))
+    t = torch.from_numpy(K.widen(target))
+    vals = [torch.from_numpy(np.array(v, dtype=np.float64)) for v in values]
+    d, mag, unsure = compose_deltas(vals, [float(s) for s in scales], [float(x) for x in thresholds])
+    transfer_into(res, t.clone(), d, None, 1.0)
+    if out_dtype == "float64":
+        return 0
+    return round_composed_exactly(res, t, d, mag, vals, [float(s) for s in scales], [float(x) for x in thresholds],
+                                  unsure)
