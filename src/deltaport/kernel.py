@@ -9,8 +9,9 @@ exact
 with λ its float64 value (docs/FORMAT.md, "What λ means"). :func:`torch_into` is the fallback with the
 same arguments (``deltaport.numerics``, element-wise torch operations, ~20 passes over the chunk); both
 give the same bytes (``tests/test_kernel.py``). ``DELTAPORT_KERNEL=torch`` forces the fallback; the
-engine also uses it where the kernel refuses (numba missing, TIES, a product of magnitude below 2⁻⁹⁶⁰:
-see :data:`KERNEL_REFUSED`) and ``deltaport.json`` records which path ran (``arithmetic``).
+engine also uses it where the kernel refuses (numba missing, a product of magnitude below 2⁻⁹⁶⁰: see
+:data:`KERNEL_REFUSED`) and ``deltaport.json`` records which path ran (``arithmetic``). TIES has its own
+kernel beside this one, :mod:`deltaport.kernel_ties` (same helpers, same fallback rule).
 
 How one element is computed (numba, ``@njit(nogil=True, cache=True, error_model="numpy")``): the inputs are
 read in their stored dtypes (bf16 and fp16 enter as 16-bit integers: numba has no bf16 type; the array's

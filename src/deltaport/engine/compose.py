@@ -1,6 +1,8 @@
-"""A composed apply (several Δs onto one target): the sum Σ λ_i·Δ_i or its TIES merge, per chunk in float64
-(the arithmetic is :func:`deltaport.numerics.compose_deltas`), the TIES magnitude cut-offs found by
-streaming each Δ (never held whole), and the exact rounding where float64 cannot decide."""
+"""A composed apply (several Δs onto one target) on the torch path: the sum Σ λ_i·Δ_i or its TIES merge, per
+chunk in float64 (the arithmetic is :func:`deltaport.numerics.compose_deltas`), and the exact rounding where
+float64 cannot decide; and the TIES magnitude cut-offs found by streaming each Δ (never held whole), with
+numba (:mod:`deltaport.kernel_ties`) where the kernel computes the merge, else with torch. (The kernels'
+chunks: :mod:`deltaport.engine.fused`.)"""
 
 from __future__ import annotations
 

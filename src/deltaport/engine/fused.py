@@ -57,9 +57,9 @@ class FusedMixin:
         return raw[:nbytes].view(view)
 
     def _kernel_applies(self, op: TensorOp) -> bool:
-        """Whether the kernel computes ``op``'s chunks (bar a chunk it refuses): not when forced off or with float32
-        math, nor for TIES, an output dtype it does not write, a diff's round-trip check or a Δ's exact residual
-        kept by a diff or added by TIES (#21b: the fallback sums those)."""
+        """Whether :func:`deltaport.kernel.fused_into` computes ``op``'s chunks (bar a chunk it refuses): not when
+        forced off or with float32 math, nor for TIES (:meth:`_ties_applies`), an output dtype it does not
+        write, a diff's round-trip check or a Δ's exact residual kept by a diff."""
         return (self.use_kernel and op.ties_density is None and kernel.out_view(op.out_dtype_name) is not None
                 and not (op.base is None and (op.minus is not None or op.check is not None))
                 and not getattr(op, "residual", None) and not any(getattr(p, "residual", None) for p in op.deltas))
