@@ -7,7 +7,8 @@ the compute share of a transfer; ``transfer_bench.py`` measures whole runs.
 
     python benchmarks/kernel_bench.py --repeat 40
 
-Rows: a transfer t + λ·(f − b) at λ = 1 and λ = 0.7, and a composed apply t + 0.7·Δ1 + 0.3·Δ2 (Δ float32),
+Rows: a transfer t + λ·(f − b) at λ = 1 and λ = 0.7, and a composed apply t + 0.7·Δ1 + 0.3·Δ2 (Δ float32:
+N(0, 10⁻³), and diffs of bf16 weights as ``diff`` stores them, ~3 % of whose sums need an exact decision),
 each by the kernel (``deltaport.kernel.fused_into``), the fallback (``torch_into``: deltaport.numerics,
 float64 torch ops), and float32 math (convert, subtract, [scale], add, convert to bf16, finiteness sum:
 what ``--compute-dtype float32`` does; not exact). The kernel's and the fallback's bytes are compared.
@@ -46,6 +47,9 @@ def main() -> int:
     g = torch.Generator().manual_seed(0)
     t, f, b = ((torch.randn(n, generator=g) * 0.02).to(torch.bfloat16) for _ in range(3))
     d1, d2 = (torch.randn(n, generator=g) * 1e-3 for _ in range(2))
+    # diffs of bf16 weights stored as float32 (what diff writes): at λ ≠ 1 ~3 % of sums lie near a bf16 midpoint
+    e1, e2 = (((b.double() + torch.randn(n, generator=g, dtype=torch.float64) * 5e-4).to(torch.bfloat16).double()
+               - b.double()).float() for _ in range(2))
     bits = lambda x: x.view(torch.int16).numpy().view(np.uint16)  # noqa: E731
     tv, fv, bv = bits(t), bits(f), bits(b)
     out_k, out_t = np.empty(n, np.uint16), np.empty(n, np.uint16)
@@ -59,7 +63,8 @@ def main() -> int:
     for label, target, terms, scales in (
             ("transfer λ = 1", tv, [(fv, bv)], [1.0]),
             ("transfer λ = 0.7", tv, [(fv, bv)], [0.7]),
-            ("composed 0.7·Δ1 + 0.3·Δ2", tv, [(d1.numpy(), None), (d2.numpy(), None)], [0.7, 0.3])):
+            ("composed 0.7·Δ1 + 0.3·Δ2", tv, [(d1.numpy(), None), (d2.numpy(), None)], [0.7, 0.3]),
+            ("composed, diffs of bf16", tv, [(e1.numpy(), None), (e2.numpy(), None)], [0.7, 0.3])):
         k = best(lambda: K.fused_into(out_k, "bfloat16", target, terms, scales), args.repeat)
         fb = best(lambda: K.torch_into(out_t, "bfloat16", target, terms, scales), max(5, args.repeat // 4))
         if len(terms) == 1:
@@ -72,9 +77,11 @@ def main() -> int:
                 out.copy_(d)
                 torch.isfinite(out.sum())
         else:
+            x1, x2 = (d1, d2) if label.startswith("composed 0.7") else (e1, e2)
+
             def f32():
-                d = d1 * 0.7
-                d.add_(d2 * 0.3)
+                d = x1 * 0.7
+                d.add_(x2 * 0.3)
                 d.add_(t.float())
                 out.copy_(d)
                 torch.isfinite(out.sum())

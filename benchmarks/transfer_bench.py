@@ -36,7 +36,7 @@ Methods:
   deltaport-l07  ``scale=0.7`` (λ not a power of two: the kernel's exact decisions near bf16 midpoints)
   apply1     ``deltaport.apply(D1, target_base)``; D1 = diff(source_base, source_finetuned), built once
   apply2     ``deltaport.apply([D1, D2], target_base, scale=[0.7, 0.3])``; D2 = diff(source_base, target_base)
-  apply2-ties  the same with ``ties=0.2`` (streamed thresholds; the torch fallback computes TIES)
+  apply2-ties  the same with ``ties=0.2`` (streamed thresholds and merge in numba: deltaport.kernel_ties)
   naive      three full state dicts in memory (safetensors ``load_file``), fp32 math per tensor, bf16
              result, ``save_file`` per shard - what the paper's official script does with ``from_pretrained``
   mergekit   ``task_arithmetic`` (base = source base, models = [source finetuned, target base] at weight 1,

@@ -138,7 +138,7 @@ def test_the_residual_is_read_in_one_pass_and_the_kernel_agrees_with_the_fallbac
     real, real_np = reads_mod.unpack_bits, fused_mod._mask_bits
     monkeypatch.setattr(reads_mod, "unpack_bits", lambda bits, start, n: unpacked.append(n) or real(bits, start, n))
     monkeypatch.setattr(fused_mod, "_mask_bits", lambda bits, e0, n: unpacked.append(n) or real_np(bits, e0, n))
-    monkeypatch.setattr(fused_mod, "_count_before", lambda bits, e0: recounts.append(e0))
+    monkeypatch.setattr(fused_mod, "_count_before", lambda bits, e0, cache: recounts.append(e0))
     fast = deltaport.apply(p["r1"].output, p["m"]["t"], p["root"] / "one-pass", scale=0.7, chunk_elems=CHUNK).output
     assert 0 < sum(unpacked) <= 2 * N and not recounts, unpacked  # each chunk's mask once, never a prefix recount
     unpacked.clear()

@@ -286,7 +286,9 @@ def test_composed_apply_and_ties_same_bytes_both_paths(family, tmp_path, monkeyp
 
 
 def test_streamed_ties_threshold_is_kthvalue_of_the_whole_tensor(family, tmp_path, monkeypatch):
-    """The radix select gives torch.kthvalue's value, with several 16-bit levels and the final gather."""
+    """The radix select gives torch.kthvalue's value, with several 16-bit levels and the final gather; so does
+    the numba path's sampled one-pass selection where its bracket holds the rank (and where it does not, the
+    radix select after it), and a tensor gathered whole."""
     from deltaport import engine as E
     from deltaport.numerics import ties_threshold
 
@@ -298,11 +300,19 @@ def test_streamed_ties_threshold_is_kthvalue_of_the_whole_tensor(family, tmp_pat
     ds = [load_sd(tmp_path / "d1"), load_sd(tmp_path / "d2")]
     import deltaport.engine.compose as compose_mod
 
-    real = E.Engine._streamed_threshold
-    # several 16-bit levels, then the gather (the default: test_compose's TIES test); numba's and torch's passes
-    for gather, path in ((3, "numba"), (3, "torch")):
+    real, real_sampled = E.Engine._streamed_threshold, E.Engine._sampled_threshold
+    sampled = []
+    monkeypatch.setattr(E.Engine, "_sampled_threshold",
+                        lambda self, *a: sampled.append(real_sampled(self, *a)) or sampled[-1])
+    # several 16-bit levels, then the gather (the default: test_compose's TIES test); numba's and torch's passes;
+    # numba: a gather buffer of 3 (every sampled bracket overflows: the radix select), of 700 (sampled brackets
+    # of 8 windows of 16 elements, most of which hold the rank), of 1 << 20 (every tensor gathered whole)
+    for gather, path in ((3, "numba"), (3, "torch"), (700, "numba"), (1 << 20, "numba")):
         monkeypatch.setattr(compose_mod, "TIES_GATHER", gather)
+        monkeypatch.setattr(compose_mod, "SAMPLE_WINDOWS", 8)
+        monkeypatch.setattr(compose_mod, "SAMPLE_WINDOW", 16)
         monkeypatch.setenv(K.ENV_SWITCH, path)
+        sampled.clear()
         seen = {}
 
         def spy(self, op, i, part):
@@ -316,6 +326,25 @@ def test_streamed_ties_threshold_is_kthvalue_of_the_whole_tensor(family, tmp_pat
         assert seen
         for (name, i), v in seen.items():
             assert v == ties_threshold(ds[i][name].double().abs().reshape(-1), 0.3), (name, i)
+        found = sum(s is not None for s in sampled)
+        if path == "torch" or gather == 3:
+            assert found == 0, sampled  # (torch: no sampled try; numba with 3: every bracket overflows)
+        else:
+            assert found == len(seen) if gather > 700 else len(seen) // 2 < found < len(seen), (found, len(seen))
+
+
+def test_kept_entries_before_an_element_from_block_counts():
+    """engine.fused._count_before (a sparse part's kept values before e0, for reads out of order such as a TIES
+    cut-off's sample): per-block counts plus the rest equal a plain count, at block and byte edges."""
+    from deltaport.engine import fused as F
+
+    rng = np.random.default_rng(0)
+    block = 8 * F._PREFIX_BYTES
+    for n in (0, 1, 7, 8, 9, block - 1, block, block + 3, 3 * block + 11):
+        m = rng.random(n) < 0.3
+        bits, cache = np.packbits(m, bitorder="little"), {}
+        for e0 in sorted({0, 1, n // 3, n // 2, max(n - 1, 0), n} | ({block, block + 1} if n > block else set())):
+            assert F._count_before(bits, e0, cache) == int(m[:e0].sum()), (n, e0)
 
 
 def _ties_exact(t, vs, lams, ths, dtype):

@@ -30,7 +30,8 @@ from deltaport.kernel import FORMATS, KERNEL_REFUSED
 if K.numba is not None:
     from numba import njit
 
-    from deltaport.kernel import _bracket, _expansion_sign, _fma, _f64_bits, _load, _round_bits, _sum2
+    from deltaport.kernel import (_bits_f64, _bracket, _expansion_sign, _f64_bits, _fma, _load, _midpoint_distance,
+                                  _round_bits, _sum2, _two_sum_err)
 
     @njit(nogil=True, cache=True)
     def _magnitude_histogram(values, shift, prefix, hist):
@@ -49,6 +50,22 @@ if K.numba is not None:
             if (bits >> shift) == prefix:
                 out[j] = bits
                 j += 1
+        return j
+
+    @njit(nogil=True, cache=True)
+    def _window_gather(values, lo, hi, out, j, counts):
+        """Over the float64 bits of |v|: count those below ``lo`` (counts[0]) and those in [lo, hi] (counts[1]),
+        appending the latter to ``out`` from ``j`` while it has room; returns the new end."""
+        cap = out.shape[0]
+        for i in range(values.shape[0]):
+            bits = np.int64(_f64_bits(abs(values[i])))
+            if bits < lo:
+                counts[0] += 1
+            elif bits <= hi:
+                counts[1] += 1
+                if j < cap:
+                    out[j] = bits
+                    j += 1
         return j
 
     @njit(inline="always", error_model="numpy")
@@ -94,6 +111,38 @@ if K.numba is not None:
         v = lo + q if up else lo
         return _round_bits(-v if neg else v, p, emin, bias, ebits, width, nanmode)
 
+    @njit(inline="always", error_model="numpy")
+    def _ties_float64_is_exact(Ds, lams, ths, i, t):
+        """(ok, s): the float64 merge's t + d at element i, and whether every step was exact (products by FMA,
+        sums by TwoSum, the mean by FMA): then s is the exact merge, election included."""
+        nd = len(Ds)
+        total = 0.0
+        ok = True
+        for j in range(nd):
+            v = Ds[j][i]
+            w = v if abs(v) >= ths[j] else 0.0
+            c = w * lams[j]
+            ok &= (_fma(w, lams[j], -c) == 0.0) & ~((c == 0.0) & (w != 0.0) & (lams[j] != 0.0)) \
+                & ~((c != 0.0) & (abs(c) < 2.0 ** -960))
+            a = total + c
+            ok &= _two_sum_err(total, c, a) == 0.0
+            total = a
+        sg = _sign(total)
+        d = 0.0
+        cnt = 0.0
+        for j in range(nd):
+            c = _trimmed(Ds[j][i], lams[j], ths[j])
+            if (_sign(c) == sg) & (c != 0.0):
+                a = d + c
+                ok &= _two_sum_err(d, c, a) == 0.0
+                d = a
+                cnt += 1.0
+        k = max(cnt, 1.0)
+        m = d / k
+        ok &= _fma(m, k, -d) == 0.0
+        s = t + m
+        return ok & (_two_sum_err(t, m, s) == 0.0), s
+
     @njit(error_model="numpy")
     def _ties_exact(T, Ds, lams, ths, i, terms, kept, p, emin, bias, ebits, width, nanmode):
         """The rounding of the exact TIES merge at element i (see the module), or -1."""
@@ -128,6 +177,7 @@ if K.numba is not None:
     @njit(nogil=True, cache=True, error_model="numpy")
     def _ties_kernel(out, T, Ds, lams, ths, fmt, fixup):
         p, emin, bias, ebits, width, nanmode = fmt
+        emax = 1 << (ebits - 1)
         nd = len(Ds)
         n = out.shape[0]
         k_err = (2 * nd + 4) * 2.0 ** -52
@@ -157,12 +207,18 @@ if K.numba is not None:
             r = _round_bits(s, p, emin, bias, ebits, width, nanmode)
             if fixup and np.isfinite(s):
                 err = (mag + abs(t)) * k_err
+                unsure = (abs(total) <= mag * k_uns) & (mag > 0.0)
+                dist = _midpoint_distance(s, p, emin, emax)
+                e64 = (np.int64(_f64_bits(s)) >> 52) & 0x7FF
+                q8 = _bits_f64(max(e64 - (p - 1) - 3, 1) << 52)  # an eighth of the format's spacing at s
+                if not unsure and dist > err * (1.0 + 2.0 ** -40) and err < q8:
+                    out[i] = r  # no midpoint within err of s (nor a binade edge): s ∓ err round as s does
+                    continue
                 lo = _round_bits(s - err, p, emin, bias, ebits, width, nanmode)
                 hi = _round_bits(s + err, p, emin, bias, ebits, width, nanmode)
                 r = lo
                 lo_nan = (lo & zero_mask) > inf_mag
                 same = ((lo == hi) | (((lo | hi) & zero_mask) == 0)) & ~lo_nan  # equal as values
-                unsure = (abs(total) <= mag * k_uns) & (mag > 0.0)
                 if unsure or not same:
                     flags[i] = 1
                     hard += 1
@@ -173,6 +229,10 @@ if K.numba is not None:
         kept = np.empty(2 * nd + 2)
         for i in range(n):
             if flags[i]:
+                exact, s = _ties_float64_is_exact(Ds, lams, ths, i, _load(T, i))
+                if exact:  # s is the exact merge: its rounding is round_fraction's value (an exact zero: +0, as s)
+                    out[i] = _round_bits(s, p, emin, bias, ebits, width, nanmode)
+                    continue
                 r = _ties_exact(T, Ds, lams, ths, i, terms, kept, p, emin, bias, ebits, width, nanmode)
                 if r < 0:
                     return KERNEL_REFUSED
@@ -188,6 +248,12 @@ def magnitude_histogram(values: np.ndarray, shift: int, prefix: int, hist: np.nd
 def magnitude_gather(values: np.ndarray, shift: int, prefix: int, out: np.ndarray, j: int) -> int:
     """The bits of |v| with ``prefix`` above ``shift`` appended to ``out`` from ``j``; returns the new end."""
     return int(_magnitude_gather(values, shift, prefix, out, j))
+
+
+def window_gather(values: np.ndarray, lo: int, hi: int, out: np.ndarray, j: int, counts: np.ndarray) -> int:
+    """One pass of a sampled selection: |v|'s bits below ``lo`` counted, those in [lo, hi] counted and gathered
+    into ``out`` (from ``j``, while it has room); returns the new end."""
+    return int(_window_gather(values, np.int64(lo), np.int64(hi), out, j, counts))
 
 
 def ties_into(out: np.ndarray, out_dtype: str, target: np.ndarray, values: list[np.ndarray], scales: list[float],

@@ -18,6 +18,8 @@ if TYPE_CHECKING:
 
 # TIES thresholds: candidates gathered for the final selection once this few remain (8 MB of float64 bits)
 TIES_GATHER = 1 << 20
+# the sampled first try (numba path): this many windows of this many elements, spread over the tensor
+SAMPLE_WINDOWS, SAMPLE_WINDOW = 32, 8192
 
 
 class ComposeMixin:
@@ -49,6 +51,10 @@ class ComposeMixin:
         fused = self._ties_applies(op)  # numba, no torch (kernel_ties); else torch's abs, mask, shift and bincount
         if fused:
             from deltaport import kernel_ties
+
+            got = self._sampled_threshold(op, i, part, rank)
+            if got is not None:
+                return got
 
         def magnitudes():
             for e0, e1, rows in self._chunks(op):
@@ -90,6 +96,44 @@ class ComposeMixin:
             cand.partition(rank - 1)
             prefix = int(cand[rank - 1])
         return float(np.array([prefix], dtype=np.int64).view(np.float64)[0])
+
+    def _sampled_threshold(self, op: TensorOp, i: int, part, rank: int) -> float | None:
+        """The rank-th smallest |Δ_i| in one pass over the tensor where a sample brackets it (else None: the
+        radix select then, two or more passes). A tensor of at most :data:`TIES_GATHER` elements is gathered
+        whole. Otherwise a sample (:data:`SAMPLE_WINDOWS` windows of :data:`SAMPLE_WINDOW` elements, evenly
+        spread, read apart from the stream) gives magnitudes lo ≤ hi around the rank's quantile (± 4 standard
+        deviations of a sample quantile, and no wider than half the gather buffer is expected to hold); the pass
+        counts the magnitudes below lo and gathers those in [lo, hi]: where the rank falls among them, it is
+        selected there, exactly (the sample only chooses the bracket)."""
+        from deltaport import kernel_ties
+
+        numel = op.numel
+        rows = op.shape[0] if op.shape else 1
+        row_elems = numel // rows if rows else 1
+        cap = TIES_GATHER
+        lo, hi = 0, np.iinfo(np.int64).max
+        if numel > cap:
+            win = min(SAMPLE_WINDOW, numel // SAMPLE_WINDOWS)
+            starts = [(numel - win) * w // (SAMPLE_WINDOWS - 1) for w in range(SAMPLE_WINDOWS)]
+            sample = np.sort(np.concatenate([np.abs(self._ties_values(op, i, part, s, s + win, row_elems)).view(np.int64)
+                                             for s in starts]))
+            n, q = len(sample), rank / numel
+            margin = min(int(4 * math.sqrt(n * q * (1 - q))) + 8, max(8, int(cap / 4 / numel * n)))
+            a, b = int(q * n) - margin, int(q * n) + margin
+            lo = int(sample[a]) if a > 0 else 0
+            hi = int(sample[b]) if b < n - 1 else hi
+        cand = np.empty(min(cap, numel), dtype=np.int64)
+        counts = np.zeros(2, dtype=np.int64)
+        j = 0
+        for e0, e1, rows_ in self._chunks(op):
+            j = kernel_ties.window_gather(self._ties_values(op, i, part, e0, e1, rows_), lo, hi, cand, j, counts)
+        below, inside = int(counts[0]), int(counts[1])
+        self.stats.ties_sampled[0 if (inside <= len(cand) and below < rank <= below + inside) else 1] += 1
+        if inside > len(cand) or not below < rank <= below + inside:
+            return None
+        cand = cand[:inside]
+        cand.partition(rank - below - 1)
+        return float(cand[rank - below - 1:rank - below].view(np.float64)[0])
 
     def _compose(self, op: TensorOp, e0: int, e1: int, row_elems: int) -> torch.Tensor:
         """d = Σ_i λ_i·Δ_i (or the TIES merge of the λ_i·Δ_i) for a composed apply, in float64

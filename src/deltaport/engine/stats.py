@@ -23,6 +23,7 @@ class Stats:
     exact_fixups: int = 0  # elements rounded from the exact value (composed apply; λ not a power of two)
     residuals: dict[str, list] = field(default_factory=dict)  # diff: (flat indices, r) where Δ != f − b (io/residual)
     arithmetic: dict[str, str] = field(default_factory=dict)  # tensor -> "numba" (the kernel) or "torch" (fallback)
+    ties_sampled: list[int] = field(default_factory=lambda: [0, 0])  # TIES cut-offs found in one pass / not (compose)
 
     def arithmetic_record(self) -> dict[str, int]:
         """What ``deltaport.json`` records of the path that computed the output: tensors per path."""
