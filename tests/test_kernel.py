@@ -399,6 +399,31 @@ def test_ties_kernel_equals_fallback_and_exact_rationals(dtype, lams):
     assert not bad, bad[:5]
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float64"])
+def test_window_gather_counts_and_gathers_stored_views(dtype):
+    """kernel_ties.window_gather on a chunk's stored view (blocks of 32, a ragged tail, ±0, a bracket holding
+    a handful) against numpy on the float64 magnitudes: the counts and the gathered bits; a full buffer keeps
+    what fit and still counts the rest."""
+    from deltaport import kernel_ties as KT
+
+    g = torch.Generator().manual_seed(7)
+    v = (torch.randn(1000 * 32 + 13, generator=g) * 1e-3).to(getattr(torch, dtype))
+    v[5], v[40] = 0.0, -0.0
+    view = v.view(torch.int16).numpy().view(np.uint16) if dtype == "bfloat16" else v.numpy()
+    mags = np.abs(v.double().numpy()).view(np.int64)
+    srt = np.sort(mags)
+    for a, b in ((0, len(srt) - 1), (len(srt) * 4 // 5 - 20, len(srt) * 4 // 5 + 20), (3, 3)):
+        lo, hi = int(srt[a]), int(srt[b])
+        inside = np.sort(mags[(mags >= lo) & (mags <= hi)])
+        for cap in (len(inside) + 3, max(1, len(inside) // 2)):
+            out, counts = np.zeros(cap, np.int64), np.zeros(2, np.int64)
+            j = KT.window_gather(view, lo, hi, out, 0, counts)
+            assert (counts[0], counts[1]) == (int((mags < lo).sum()), len(inside))
+            assert j == min(cap, len(inside))
+            got = np.sort(out[:j])
+            assert np.isin(got, inside).all() and (j < len(inside) or np.array_equal(got, inside))
+
+
 def test_ties_kernel_refuses_what_it_cannot_decide():
     """A flagged element with a product below 2⁻⁹⁶⁰ (its FMA error could underflow): the chunk is refused
     (the engine then computes it on the torch path)."""

@@ -458,12 +458,13 @@ if numba is not None:
         return s, err
 
     @njit(inline="always", error_model="numpy")
-    def _compose_fix(terms, n, s, err, p, emin, emax, bias, width):
-        """Bits of the rounding of the exact sum x of ``terms[:n]`` (t and the products' halves) for an element
-        whose float64 result s lies near a midpoint, the short way: the midpoint M next to s and its neighbours
-        are cut from s's bits (as in :func:`_transfer_fix_inline`), the sign of x − M comes from one Sum2 of the
-        terms and −M. -1 where that does not decide (a tie within Sum2's bound, t − M inexact, s outside the
-        normal range, errors above q/8): :func:`_decide` then does it all."""
+    def _compose_fix(terms, n, s, err, p, emin, emax, bias, width, k=1.0):
+        """Bits of the rounding of x = (exact sum of ``terms[:n]``)/k (t and the products' halves; k a small
+        integer: kernel_ties' mean of k kept entries, the terms holding k·t) for an element whose float64 result
+        s lies within err of x, near a midpoint, the short way: the midpoint M next to s and its neighbours are
+        cut from s's bits (as in :func:`_transfer_fix`), the sign of x − M comes from one Sum2 of the terms and
+        −k·M (exact: M has p + 1 bits, k ≤ 3). -1 where that does not decide (a tie within Sum2's bound, s
+        outside the normal range, errors above q/8): :func:`_decide` then does it all."""
         u = np.int64(_f64_bits(s))
         sign = (u >> 63) & 1
         mag = u & 0x7FFFFFFFFFFFFFFF
@@ -474,7 +475,7 @@ if numba is not None:
         q8 = _bits_f64(max(e64 - (p - 1) - 3, 1) << 52)
         if not ((err < q8) & (e64 >= 1023 + emin) & (e64 < 1023 + emax)):
             return -1
-        terms[n] = -m
+        terms[n] = -m * k
         r, b = _sum2(terms, n + 1)
         if abs(r) <= b:
             return -1

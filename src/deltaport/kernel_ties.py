@@ -30,15 +30,15 @@ from deltaport.kernel import FORMATS, KERNEL_REFUSED
 if K.numba is not None:
     from numba import njit
 
-    from deltaport.kernel import (_bits_f64, _bracket, _expansion_sign, _f64_bits, _fma, _load, _midpoint_distance,
-                                  _round_bits, _sum2, _two_sum_err)
+    from deltaport.kernel import (_bits_f64, _bracket, _compose_fix, _expansion_sign, _f64_bits, _flag_array,
+                                  _flagged_at, _fma, _load, _midpoint_distance, _round_bits, _sum2, _two_sum_err)
 
     @njit(nogil=True, cache=True)
     def _magnitude_histogram(values, shift, prefix, hist):
         """hist[(bits >> shift) & 0xFFFF] += 1 over the float64 bits of |v| (v in ``values``) whose bits above
         ``shift + 16`` equal ``prefix`` (all of them at shift 48): one level of the radix select."""
         for i in range(values.shape[0]):
-            bits = np.int64(_f64_bits(abs(values[i])))
+            bits = np.int64(_f64_bits(abs(_load(values, i))))
             if shift >= 48 or (bits >> (shift + 16)) == prefix:
                 hist[(bits >> shift) & 0xFFFF] += 1
 
@@ -46,7 +46,7 @@ if K.numba is not None:
     def _magnitude_gather(values, shift, prefix, out, j):
         """Append to ``out`` from ``j`` the bits of |v| whose bits above ``shift`` equal ``prefix``; the new end."""
         for i in range(values.shape[0]):
-            bits = np.int64(_f64_bits(abs(values[i])))
+            bits = np.int64(_f64_bits(abs(_load(values, i))))
             if (bits >> shift) == prefix:
                 out[j] = bits
                 j += 1
@@ -55,22 +55,42 @@ if K.numba is not None:
     @njit(nogil=True, cache=True)
     def _window_gather(values, lo, hi, out, j, counts):
         """Over the float64 bits of |v|: count those below ``lo`` (counts[0]) and those in [lo, hi] (counts[1]),
-        appending the latter to ``out`` from ``j`` while it has room; returns the new end."""
+        appending the latter to ``out`` from ``j`` while it has room; returns the new end. Counted by blocks of
+        32 without branches (vectorised: a magnitude's side of a cut-off is a coin toss a branch predictor
+        loses), a block gathered only where it holds one (the window is a fraction of a per cent)."""
         cap = out.shape[0]
-        for i in range(values.shape[0]):
-            bits = np.int64(_f64_bits(abs(values[i])))
-            if bits < lo:
-                counts[0] += 1
-            elif bits <= hi:
-                counts[1] += 1
-                if j < cap:
-                    out[j] = bits
-                    j += 1
+        n = values.shape[0]
+        nfull = n // 32
+        below = 0
+        inside = 0
+        for b in range(nfull + 1):
+            b0 = b * 32
+            m = 32 if b < nfull else n - b0
+            ni = 0
+            if m == 32:  # (a constant trip count: LLVM vectorises it)
+                for k in range(32):
+                    bits = np.int64(_f64_bits(abs(_load(values, b0 + k))))
+                    below += bits < lo
+                    ni += (bits >= lo) & (bits <= hi)
+            else:
+                for k in range(m):
+                    bits = np.int64(_f64_bits(abs(_load(values, b0 + k))))
+                    below += bits < lo
+                    ni += (bits >= lo) & (bits <= hi)
+            if ni:
+                inside += ni
+                for k in range(m):
+                    bits = np.int64(_f64_bits(abs(_load(values, b0 + k))))
+                    if (bits >= lo) & (bits <= hi) & (j < cap):
+                        out[j] = bits
+                        j += 1
+        counts[0] += below
+        counts[1] += inside
         return j
 
     @njit(inline="always", error_model="numpy")
     def _trimmed(v, lam, th):
-        c = v * lam
+        c = v * lam  # (v: a float64 value)
         return 0.0 if abs(v) < th else c  # (masked_fill(|v| < th, 0.0): NaN is kept)
 
     @njit(inline="always", error_model="numpy")
@@ -119,7 +139,7 @@ if K.numba is not None:
         total = 0.0
         ok = True
         for j in range(nd):
-            v = Ds[j][i]
+            v = _load(Ds[j], i)
             w = v if abs(v) >= ths[j] else 0.0
             c = w * lams[j]
             ok &= (_fma(w, lams[j], -c) == 0.0) & ~((c == 0.0) & (w != 0.0) & (lams[j] != 0.0)) \
@@ -131,7 +151,7 @@ if K.numba is not None:
         d = 0.0
         cnt = 0.0
         for j in range(nd):
-            c = _trimmed(Ds[j][i], lams[j], ths[j])
+            c = _trimmed(_load(Ds[j], i), lams[j], ths[j])
             if (_sign(c) == sg) & (c != 0.0):
                 a = d + c
                 ok &= _two_sum_err(d, c, a) == 0.0
@@ -143,6 +163,35 @@ if K.numba is not None:
         s = t + m
         return ok & (_two_sum_err(t, m, s) == 0.0), s
 
+    @njit(inline="always", error_model="numpy")
+    def _ties_fix(Ds, lams, ths, i, t, s, err, terms, p, emin, emax, bias, width):
+        """The short exact decision (:func:`deltaport.kernel._compose_fix`) for an element whose election is
+        certain (not unsure: the float64 total has the exact total's sign, so the float64 products' signs give
+        the agreeing entries): x = t + (Σ agreeing exact products)/k from k·t, the FMA-split products and −k·M.
+        -1 where it does not decide (no agreeing entry, a product below 2⁻⁹⁶⁰, a tie within Sum2's bound, s
+        outside the normal range, err above q/8)."""
+        nd = len(Ds)
+        total = 0.0
+        for j in range(nd):
+            total += _trimmed(_load(Ds[j], i), lams[j], ths[j])
+        sg = _sign(total)
+        m = 1
+        for j in range(nd):
+            v = _load(Ds[j], i)
+            w = v if abs(v) >= ths[j] else 0.0
+            hi = lams[j] * w
+            if (hi != 0.0) & (_sign(hi) == sg):
+                if abs(hi) < 2.0 ** -960:
+                    return -1  # the FMA's error term could underflow
+                terms[m] = hi
+                terms[m + 1] = _fma(lams[j], w, -hi)
+                m += 2
+        k = (m - 1) // 2
+        if k == 0:
+            return -1
+        terms[0] = k * t  # exact: k ≤ the number of Δs
+        return _compose_fix(terms, m, s, err, p, emin, emax, bias, width, np.float64(k))
+
     @njit(error_model="numpy")
     def _ties_exact(T, Ds, lams, ths, i, terms, kept, p, emin, bias, ebits, width, nanmode):
         """The rounding of the exact TIES merge at element i (see the module), or -1."""
@@ -151,7 +200,7 @@ if K.numba is not None:
         if not np.isfinite(t):
             return -1
         for j in range(nd):
-            v = Ds[j][i]
+            v = _load(Ds[j], i)
             if not np.isfinite(v):
                 return -1
             w = v if abs(v) >= ths[j] else 0.0
@@ -174,6 +223,28 @@ if K.numba is not None:
         kept[0] = k * t  # exact: k ≤ the number of Δs
         return _decide_mean(kept, m, np.float64(k), p, emin, bias, ebits, width, nanmode)
 
+    @njit(inline="always", error_model="numpy")
+    def _ties_plain(T, Ds, lams, ths, i, k_err, k_uns):
+        """The torch path's float64 merge at element i: (s, err, unsure) with s = t + d, err its error bound and
+        unsure whether the election's total lies within its rounding error of 0."""
+        t = _load(T, i)
+        total = 0.0
+        mag = 0.0
+        for j in range(len(Ds)):
+            c = _trimmed(_load(Ds[j], i), lams[j], ths[j])
+            mag += abs(c)
+            total += c
+        sg = _sign(total)
+        d = 0.0
+        cnt = 0.0
+        for j in range(len(Ds)):
+            c = _trimmed(_load(Ds[j], i), lams[j], ths[j])
+            agree = (_sign(c) == sg) & (c != 0.0)
+            d += c if agree else 0.0
+            cnt += np.float64(agree)
+        s = t + d / max(cnt, 1.0)
+        return s, (mag + abs(t)) * k_err, (abs(total) <= mag * k_uns) & (mag > 0.0)
+
     @njit(nogil=True, cache=True, error_model="numpy")
     def _ties_kernel(out, T, Ds, lams, ths, fmt, fixup):
         p, emin, bias, ebits, width, nanmode = fmt
@@ -184,55 +255,47 @@ if K.numba is not None:
         k_uns = 2 * nd * 2.0 ** -52
         zero_mask = (np.int64(1) << (width - 1)) - 1
         inf_mag = ((np.int64(1) << ebits) - 1) << (p - 1)
-        flags = np.zeros(n, dtype=np.uint8)
-        hard = 0
-        for i in range(n):
-            t = _load(T, i)
-            total = 0.0
-            mag = 0.0
-            for j in range(nd):
-                c = _trimmed(Ds[j][i], lams[j], ths[j])
-                mag += abs(c)
-                total += c
-            sg = _sign(total)
-            d = 0.0
-            cnt = 0.0
-            for j in range(nd):
-                c = _trimmed(Ds[j][i], lams[j], ths[j])
-                agree = (_sign(c) == sg) & (c != 0.0)
-                d += c if agree else 0.0
-                cnt += np.float64(agree)
-            d = d / max(cnt, 1.0)
-            s = t + d
-            r = _round_bits(s, p, emin, bias, ebits, width, nanmode)
-            if fixup and np.isfinite(s):
-                err = (mag + abs(t)) * k_err
-                unsure = (abs(total) <= mag * k_uns) & (mag > 0.0)
-                dist = _midpoint_distance(s, p, emin, emax)
-                e64 = (np.int64(_f64_bits(s)) >> 52) & 0x7FF
-                q8 = _bits_f64(max(e64 - (p - 1) - 3, 1) << 52)  # an eighth of the format's spacing at s
-                if not unsure and dist > err * (1.0 + 2.0 ** -40) and err < q8:
-                    out[i] = r  # no midpoint within err of s (nor a binade edge): s ∓ err round as s does
-                    continue
-                lo = _round_bits(s - err, p, emin, bias, ebits, width, nanmode)
-                hi = _round_bits(s + err, p, emin, bias, ebits, width, nanmode)
-                r = lo
-                lo_nan = (lo & zero_mask) > inf_mag
-                same = ((lo == hi) | (((lo | hi) & zero_mask) == 0)) & ~lo_nan  # equal as values
-                if unsure or not same:
-                    flags[i] = 1
-                    hard += 1
-            out[i] = r
-        if hard == 0:
+        flags, words = _flag_array(n)
+        near = 0
+        for i in range(n):  # pass 1, branch-free (vectorised): every output, and which ones may round otherwise
+            s, err, unsure = _ties_plain(T, Ds, lams, ths, i, k_err, k_uns)
+            out[i] = _round_bits(s, p, emin, bias, ebits, width, nanmode)
+            dist = _midpoint_distance(s, p, emin, emax)
+            e64 = (np.int64(_f64_bits(s)) >> 52) & 0x7FF
+            q8 = _bits_f64(max(e64 - (p - 1) - 3, 1) << 52)  # an eighth of the format's spacing at s
+            # not flagged: no midpoint within err of s (nor a binade edge), so s ∓ err round as s does
+            f = fixup & np.isfinite(s) & (unsure | (dist <= err * (1.0 + 2.0 ** -40)) | (err >= q8))
+            flags[i] = f
+            near += f
+        if near == 0:
             return 0
         terms = np.empty(2 * nd + 2)
         kept = np.empty(2 * nd + 2)
-        for i in range(n):
-            if flags[i]:
-                exact, s = _ties_float64_is_exact(Ds, lams, ths, i, _load(T, i))
-                if exact:  # s is the exact merge: its rounding is round_fraction's value (an exact zero: +0, as s)
-                    out[i] = _round_bits(s, p, emin, bias, ebits, width, nanmode)
+        hard = 0
+        for kw in range(words.shape[0]):  # pass 2: the flagged elements
+            w = words[kw]
+            while w != 0:
+                i = _flagged_at(w, kw)
+                w &= w - np.uint64(1)
+                s, err, unsure = _ties_plain(T, Ds, lams, ths, i, k_err, k_uns)
+                lo = _round_bits(s - err, p, emin, bias, ebits, width, nanmode)
+                hi = _round_bits(s + err, p, emin, bias, ebits, width, nanmode)
+                lo_nan = (lo & zero_mask) > inf_mag
+                same = ((lo == hi) | (((lo | hi) & zero_mask) == 0)) & ~lo_nan  # equal as values
+                if same and not unsure:
+                    out[i] = lo
                     continue
+                hard += 1
+                t = _load(T, i)
+                exact, s2 = _ties_float64_is_exact(Ds, lams, ths, i, t)
+                if exact:  # s is the exact merge: its rounding is round_fraction's value (an exact zero: +0, as s)
+                    out[i] = _round_bits(s2, p, emin, bias, ebits, width, nanmode)
+                    continue
+                if not unsure:
+                    r = _ties_fix(Ds, lams, ths, i, t, s, err, terms, p, emin, emax, bias, width)
+                    if r >= 0:
+                        out[i] = r
+                        continue
                 r = _ties_exact(T, Ds, lams, ths, i, terms, kept, p, emin, bias, ebits, width, nanmode)
                 if r < 0:
                     return KERNEL_REFUSED
@@ -252,7 +315,7 @@ def magnitude_gather(values: np.ndarray, shift: int, prefix: int, out: np.ndarra
 
 def window_gather(values: np.ndarray, lo: int, hi: int, out: np.ndarray, j: int, counts: np.ndarray) -> int:
     """One pass of a sampled selection: |v|'s bits below ``lo`` counted, those in [lo, hi] counted and gathered
-    into ``out`` (from ``j``, while it has room); returns the new end."""
+    into ``out`` (from ``j``, while it has room); returns the new end. ``values``: a Δ chunk as the kernel reads it (stored dtype view or float64)."""
     return int(_window_gather(values, np.int64(lo), np.int64(hi), out, j, counts))
 
 

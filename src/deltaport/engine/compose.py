@@ -115,7 +115,7 @@ class ComposeMixin:
         if numel > cap:
             win = min(SAMPLE_WINDOW, numel // SAMPLE_WINDOWS)
             starts = [(numel - win) * w // (SAMPLE_WINDOWS - 1) for w in range(SAMPLE_WINDOWS)]
-            sample = np.sort(np.concatenate([np.abs(self._ties_values(op, i, part, s, s + win, row_elems)).view(np.int64)
+            sample = np.sort(np.concatenate([np.abs(self._ties_f64(op, i, part, s, s + win, row_elems)).view(np.int64)
                                              for s in starts]))
             n, q = len(sample), rank / numel
             margin = min(int(4 * math.sqrt(n * q * (1 - q))) + 8, max(8, int(cap / 4 / numel * n)))

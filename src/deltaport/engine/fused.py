@@ -23,7 +23,8 @@ def _mask_bits(bits: np.ndarray, e0: int, n: int) -> np.ndarray:
     return np.unpackbits(bits[b0:(e0 + n + 7) // 8], bitorder="little")[e0 - 8 * b0:e0 - 8 * b0 + n].view(bool)
 
 
-_POPCOUNT = np.array([bin(b).count("1") for b in range(256)], dtype=np.uint8)  # (np.bitwise_count: numpy >= 2 only)
+_POPCOUNT = np.array([bin(b).count("1") for b in range(256)], dtype=np.uint8)
+_bitcount = getattr(np, "bitwise_count", None) or _POPCOUNT.__getitem__  # (np.bitwise_count: numpy >= 2)
 
 
 _PREFIX_BYTES = 1 << 12  # a packed mask's set bits are counted per this many bytes, once, for _count_before
@@ -33,13 +34,17 @@ def _count_before(bits: np.ndarray, e0: int, cache: dict) -> int:
     """How many bits of a packed mask are set before element e0: from per-block counts (made on first use
     and kept in ``cache``), then the block's bytes before e0 by popcount, then the bits of a partial byte.
     (Reads out of order, as a TIES cut-off's sample does, cost a block, not the mask up to e0.)"""
+    if e0 == 0:
+        return 0
     if "prefix" not in cache:
-        per = np.add.reduceat(_POPCOUNT[bits].astype(np.int64), np.arange(0, len(bits), _PREFIX_BYTES)) if len(bits) \
-            else np.zeros(0, np.int64)
+        nb = -(-len(bits) // _PREFIX_BYTES)
+        per = np.zeros(nb * _PREFIX_BYTES, dtype=np.uint8)
+        per[:len(bits)] = _bitcount(bits)
+        per = per.reshape(nb, _PREFIX_BYTES).sum(axis=1, dtype=np.int64)
         cache["prefix"] = np.concatenate([[0], np.cumsum(per)])
     whole = e0 // 8
     blk = whole // _PREFIX_BYTES
-    n = int(cache["prefix"][blk]) + int(_POPCOUNT[bits[blk * _PREFIX_BYTES:whole]].sum(dtype=np.int64))
+    n = int(cache["prefix"][blk]) + int(_bitcount(bits[blk * _PREFIX_BYTES:whole]).sum(dtype=np.int64))
     return n + (int(np.count_nonzero(_mask_bits(bits, 8 * whole, e0 - 8 * whole))) if e0 % 8 else 0)
 
 
@@ -90,16 +95,22 @@ class FusedMixin:
                     for p in op.deltas))
 
     def _ties_values(self, op: TensorOp, i: int, part, e0: int, e1: int, row_elems: int) -> np.ndarray:
-        """Δ_i of a TIES op for elements [e0, e1) as float64 (its exact residual added, as the torch path's
-        :meth:`_part_values`), read without torch; the caller's until the next read of Δ_i."""
+        """Δ_i of a TIES op for elements [e0, e1) as the kernel reads it: the stored bytes' view where its exact
+        residual has no entry there, else float64 with the residual added (as the torch path's
+        :meth:`_part_values`); read without torch; the caller's until the next read of Δ_i."""
         raw = self._kernel_input(f"d{i}", part.plus, e0, e1, row_elems)
+        r = None if part.residual is None else self._sparse_values(part.residual, op.name, e0, e1, key=f"d{i}:res")
+        if r is None:
+            return raw
         v = self.bufs.get(f"d{i}:v", e1 - e0, np.float64)
         v[:] = raw if raw.dtype.kind == "f" else kernel.widen(raw)
-        if part.residual is not None:
-            r = self._sparse_values(part.residual, op.name, e0, e1, key=f"d{i}:res")
-            if r is not None:
-                v += r  # (the torch path adds zeros elsewhere too: a −0 becomes +0, which no TIES step tells apart)
+        v += r  # (the torch path adds zeros elsewhere too: a −0 becomes +0, which no TIES step tells apart)
         return v
+
+    def _ties_f64(self, op: TensorOp, i: int, part, e0: int, e1: int, row_elems: int) -> np.ndarray:
+        """:meth:`_ties_values` as float64 values."""
+        v = self._ties_values(op, i, part, e0, e1, row_elems)
+        return v if v.dtype == np.float64 else kernel.widen(v)
 
     def _ties_chunk(self, op: TensorOp, e0: int, e1: int, row_elems: int, obuf: np.ndarray) -> bool:
         """A TIES chunk by :func:`deltaport.kernel_ties.ties_into`; False where it refuses (the torch path then)."""
@@ -108,6 +119,8 @@ class FusedMixin:
         thresholds = self._ties_thresholds(op, row_elems)
         target = self._kernel_input("base", op.base, e0, e1, row_elems)
         vals = [self._ties_values(op, i, part, e0, e1, row_elems) for i, part in enumerate(op.deltas)]
+        if len({v.dtype for v in vals}) > 1:  # one dtype per call (see _kernel_chunk): the others as float64
+            vals = [v if v.dtype == np.float64 else kernel.widen(v) for v in vals]
         got = kernel_ties.ties_into(obuf.view(kernel.out_view(op.out_dtype_name)), op.out_dtype_name, target, vals,
                                     [part.scale for part in op.deltas], thresholds)
         if got == kernel.KERNEL_REFUSED:
@@ -183,8 +196,12 @@ class FusedMixin:
                      "next": (0, 0)}
             self._sparse_cache[key] = cache
         bits, n = cache["bits"], e1 - e0
-        seg = _mask_bits(bits, e0, n)
         e_next, v_next = cache["next"]
+        if not bits[e0 // 8:(e1 + 7) // 8].any():  # no kept entry here (the common case: one cheap scan)
+            if e0 == e_next:
+                cache["next"] = (e1, v_next)
+            return None
+        seg = _mask_bits(bits, e0, n)
         if e0 != e_next:  # out of order: count the kept entries before e0
             v_next = _count_before(bits, e0, cache)
         k = int(np.count_nonzero(seg))
