@@ -164,19 +164,14 @@ if K.numba is not None:
         return ok & (_two_sum_err(t, m, s) == 0.0), s
 
     @njit(inline="always", error_model="numpy")
-    def _ties_fix(Ds, lams, ths, i, t, s, err, terms, p, emin, emax, bias, width):
+    def _ties_fix(Ds, lams, ths, i, t, s, err, sg, terms, p, emin, emax, bias, width):
         """The short exact decision (:func:`deltaport.kernel._compose_fix`) for an element whose election is
-        certain (not unsure: the float64 total has the exact total's sign, so the float64 products' signs give
-        the agreeing entries): x = t + (Σ agreeing exact products)/k from k·t, the FMA-split products and −k·M.
-        -1 where it does not decide (no agreeing entry, a product below 2⁻⁹⁶⁰, a tie within Sum2's bound, s
-        outside the normal range, err above q/8)."""
-        nd = len(Ds)
-        total = 0.0
-        for j in range(nd):
-            total += _trimmed(_load(Ds[j], i), lams[j], ths[j])
-        sg = _sign(total)
+        certain (not unsure: the float64 total's sign ``sg`` is the exact total's, so the float64 products' signs
+        give the agreeing entries): x = t + (Σ agreeing exact products)/k from k·t, the FMA-split products and
+        −k·M. -1 where it does not decide (no agreeing entry, a product below 2⁻⁹⁶⁰, a tie within Sum2's bound,
+        s outside the normal range, err above q/8)."""
         m = 1
-        for j in range(nd):
+        for j in range(len(Ds)):
             v = _load(Ds[j], i)
             w = v if abs(v) >= ths[j] else 0.0
             hi = lams[j] * w
@@ -225,8 +220,8 @@ if K.numba is not None:
 
     @njit(inline="always", error_model="numpy")
     def _ties_plain(T, Ds, lams, ths, i, k_err, k_uns):
-        """The torch path's float64 merge at element i: (s, err, unsure) with s = t + d, err its error bound and
-        unsure whether the election's total lies within its rounding error of 0."""
+        """The torch path's float64 merge at element i: (s, err, unsure, sg) with s = t + d, err its error bound,
+        unsure whether the election's total lies within its rounding error of 0 and sg the total's sign."""
         t = _load(T, i)
         total = 0.0
         mag = 0.0
@@ -243,7 +238,7 @@ if K.numba is not None:
             d += c if agree else 0.0
             cnt += np.float64(agree)
         s = t + d / max(cnt, 1.0)
-        return s, (mag + abs(t)) * k_err, (abs(total) <= mag * k_uns) & (mag > 0.0)
+        return s, (mag + abs(t)) * k_err, (abs(total) <= mag * k_uns) & (mag > 0.0), sg
 
     @njit(nogil=True, cache=True, error_model="numpy")
     def _ties_kernel(out, T, Ds, lams, ths, fmt, fixup):
@@ -258,7 +253,7 @@ if K.numba is not None:
         flags, words = _flag_array(n)
         near = 0
         for i in range(n):  # pass 1, branch-free (vectorised): every output, and which ones may round otherwise
-            s, err, unsure = _ties_plain(T, Ds, lams, ths, i, k_err, k_uns)
+            s, err, unsure, _ = _ties_plain(T, Ds, lams, ths, i, k_err, k_uns)
             out[i] = _round_bits(s, p, emin, bias, ebits, width, nanmode)
             dist = _midpoint_distance(s, p, emin, emax)
             e64 = (np.int64(_f64_bits(s)) >> 52) & 0x7FF
@@ -277,7 +272,7 @@ if K.numba is not None:
             while w != 0:
                 i = _flagged_at(w, kw)
                 w &= w - np.uint64(1)
-                s, err, unsure = _ties_plain(T, Ds, lams, ths, i, k_err, k_uns)
+                s, err, unsure, sg = _ties_plain(T, Ds, lams, ths, i, k_err, k_uns)
                 lo = _round_bits(s - err, p, emin, bias, ebits, width, nanmode)
                 hi = _round_bits(s + err, p, emin, bias, ebits, width, nanmode)
                 lo_nan = (lo & zero_mask) > inf_mag
@@ -292,7 +287,7 @@ if K.numba is not None:
                     out[i] = _round_bits(s2, p, emin, bias, ebits, width, nanmode)
                     continue
                 if not unsure:
-                    r = _ties_fix(Ds, lams, ths, i, t, s, err, terms, p, emin, emax, bias, width)
+                    r = _ties_fix(Ds, lams, ths, i, t, s, err, sg, terms, p, emin, emax, bias, width)
                     if r >= 0:
                         out[i] = r
                         continue
@@ -315,7 +310,8 @@ def magnitude_gather(values: np.ndarray, shift: int, prefix: int, out: np.ndarra
 
 def window_gather(values: np.ndarray, lo: int, hi: int, out: np.ndarray, j: int, counts: np.ndarray) -> int:
     """One pass of a sampled selection: |v|'s bits below ``lo`` counted, those in [lo, hi] counted and gathered
-    into ``out`` (from ``j``, while it has room); returns the new end. ``values``: a Δ chunk as the kernel reads it (stored dtype view or float64)."""
+    into ``out`` (from ``j``, while it has room); returns the new end. ``values``: a Δ chunk as the kernel
+    reads it (a stored dtype's view, or float64)."""
     return int(_window_gather(values, np.int64(lo), np.int64(hi), out, j, counts))
 
 
